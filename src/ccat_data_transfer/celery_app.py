@@ -1,0 +1,54 @@
+"""The Celery application: one task engine for both ways to run.
+
+Embedded mode (``EXECUTION_MODE = "embedded"``) runs every task in-process, eagerly, with
+no broker; distributed mode sends tasks to the broker (Redis, or RabbitMQ by URL) where
+workers consume the ``{site}_{location}_{operation}`` queues.  The task code is the same.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from ccat_data_transfer.config.config import settings
+
+TASK_MODULES = [
+    "ccat_data_transfer.raw_data_package_manager",
+    "ccat_data_transfer.data_transfer_package_manager",
+    "ccat_data_transfer.transfer_manager",
+    "ccat_data_transfer.archive_manager",
+    "ccat_data_transfer.deletion_manager",
+    "ccat_data_transfer.staging_manager",
+]
+
+app = Celery("ccat_data_transfer")
+
+
+def is_embedded() -> bool:
+    return str(settings.get("EXECUTION_MODE", "embedded")).lower() == "embedded"
+
+
+def configure_celery() -> Celery:
+    """(Re)apply the settings to the Celery app; call after changing settings."""
+    embedded = is_embedded()
+    app.conf.update(
+        broker_url=str(settings.BROKER_URL),
+        result_backend=str(settings.get("RESULT_BACKEND_URL", "") or "") or None,
+        task_always_eager=embedded,
+        task_eager_propagates=False,
+        task_store_eager_result=False,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_default_queue="ccat_default",
+        task_ignore_result=True,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        include=TASK_MODULES,
+    )
+    return app
+
+
+configure_celery()

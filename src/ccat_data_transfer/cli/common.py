@@ -1,0 +1,81 @@
+"""Shared pieces of the command line: the Typer app, consoles, global options."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from ccat_data_transfer import __version__
+from ccat_data_transfer.config.config import settings
+from ccat_data_transfer.database import DatabaseConnection
+from ccat_data_transfer.logging_utils import configure_logging
+
+app = typer.Typer(
+    name="ccat_data_transfer",
+    help="Observatory Data Transfer System: file, package, transfer, archive, stage and "
+    "safely delete raw telescope data.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+# Pipes and log files get wide, unwrapped tables; a terminal gets its own width.
+console = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"ccat_data_transfer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+    ),
+    data_dir: Path | None = typer.Option(
+        None, "--data-dir", help="Data folder of the embedded mode (setting DATA_DIR)."
+    ),
+    database_url: str | None = typer.Option(
+        None, "--database-url", help="Database URL (setting DATABASE_URL)."
+    ),
+    log_format: str | None = typer.Option(
+        None, "--log-format", help="Log format: auto, json or console."
+    ),
+) -> None:
+    if data_dir is not None:
+        settings.set("DATA_DIR", str(data_dir))
+    if database_url is not None:
+        settings.set("DATABASE_URL", database_url)
+    if log_format is not None:
+        settings.set("LOG_FORMAT", log_format)
+    configure_logging()
+
+
+def get_db() -> DatabaseConnection:
+    """A checked connection: a clear error if the DB is unreachable or not initialised."""
+    from ccat_data_transfer.exceptions import ConfigurationError
+
+    db = DatabaseConnection()
+    db.check()
+    if not db.has_schema():
+        raise ConfigurationError(
+            "the database has no schema yet; run `ccat_data_transfer init` first"
+        )
+    return db
+
+
+def human_bytes(n: int | float | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(value) < 1000 or unit == "PB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} PB"
