@@ -1,5 +1,6 @@
 """The loop every manager runs: one cycle, sleep, repeat, until told to stop.
 
+Looping managers report health (``health:manager:{name}``) while they run.
 A manager's work is a function ``cycle(session) -> result`` (its ``run_once``); tests and
 ``--once`` call it directly.  The loop commits after each cycle, logs failures without
 dying, and stops cleanly on SIGINT/SIGTERM between cycles.  ``sleep_seconds`` is asked
@@ -55,6 +56,11 @@ def run_manager(
     if once:
         return run_cycle(name, cycle, db)
     install_signal_handlers()
+    reporter = None
+    if heartbeat is None:
+        from ccat_data_transfer.health import HealthReporter
+
+        reporter = HealthReporter("manager", name).start()
     log.info("manager_started", manager=name)
     cycles = 0
     result = None
@@ -74,5 +80,7 @@ def run_manager(
             break
         elapsed = time.monotonic() - started
         stop_event.wait(max(0.0, float(sleep_seconds()) - elapsed))
+    if reporter is not None:
+        reporter.stop()
     log.info("manager_stopped", manager=name, cycles=cycles)
     return result
