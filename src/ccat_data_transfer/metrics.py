@@ -1,0 +1,365 @@
+"""Metrics for dashboards: a Prometheus endpoint and an InfluxDB line-protocol writer.
+
+Numbers are derived from the operations database at collection time (grouped counts and
+sums, one query per family), plus buffer use from the buffer-status store and queue
+lengths from the broker.  Deriving them from the DB means every process reports the same
+truth and no stage has to remember to count.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any
+
+import httpx
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from ccat_data_transfer.config.config import settings
+from ccat_data_transfer.logging_utils import get_logger
+from ccat_ops_db import models as m
+
+log = get_logger(__name__)
+
+
+def collect_snapshot(session: Session) -> dict[str, Any]:
+    """All dashboard numbers as a plain dict (also what the web dashboard shows)."""
+    snap: dict[str, Any] = {}
+    snap["raw_files"] = dict(
+        zip(
+            ("count", "bytes"),
+            session.execute(
+                select(func.count(m.RawDataFile.id), func.coalesce(func.sum(m.RawDataFile.size), 0))
+            ).one(),
+            strict=True,
+        )
+    )
+    snap["raw_files_unpackaged"] = session.scalar(
+        select(func.count(m.RawDataFile.id)).where(m.RawDataFile.raw_data_package_id.is_(None))
+    )
+    snap["raw_files_checksum_errors"] = session.scalar(
+        select(func.count(m.RawDataFile.id)).where(m.RawDataFile.checksum_error.is_not(None))
+    )
+    snap["package_states"] = {
+        state.name: {"count": count, "bytes": int(size or 0)}
+        for state, count, size in session.execute(
+            select(m.RawDataPackage.state, func.count(), func.sum(m.RawDataPackage.size)).group_by(
+                m.RawDataPackage.state
+            )
+        )
+    }
+    snap["transfer_package_status"] = {
+        status.name: {"count": count, "bytes": int(size or 0)}
+        for status, count, size in session.execute(
+            select(
+                m.DataTransferPackage.status, func.count(), func.sum(m.DataTransferPackage.size)
+            ).group_by(m.DataTransferPackage.status)
+        )
+    }
+    snap["transfers"] = {
+        f"{status.name}": {"count": count, "bytes": int(size or 0)}
+        for status, count, size in session.execute(
+            select(
+                m.DataTransfer.status, func.count(), func.sum(m.DataTransfer.bytes_transferred)
+            ).group_by(m.DataTransfer.status)
+        )
+    }
+    snap["unpacks"] = {
+        status.name: count
+        for status, count in session.execute(
+            select(m.DataTransfer.unpack_status, func.count()).group_by(m.DataTransfer.unpack_status)
+        )
+    }
+    hour_ago = m.utcnow() - timedelta(hours=1)
+    moved = session.execute(
+        select(
+            func.coalesce(func.sum(m.DataTransfer.bytes_transferred), 0),
+            func.coalesce(func.sum(m.DataTransfer.duration_seconds), 0.0),
+        ).where(m.DataTransfer.status == m.Status.COMPLETED, m.DataTransfer.end_time >= hour_ago)
+    ).one()
+    snap["transfer_bytes_last_hour"] = int(moved[0])
+    snap["transfer_rate_mb_per_s"] = (moved[0] / 1e6 / moved[1]) if moved[1] else 0.0
+    snap["archive_transfers"] = {
+        status.name: count
+        for status, count in session.execute(
+            select(m.LongTermArchiveTransfer.status, func.count()).group_by(
+                m.LongTermArchiveTransfer.status
+            )
+        )
+    }
+    snap["copies"] = [
+        {
+            "location": loc,
+            "type": ctype,
+            "status": status.name,
+            "count": count,
+            "bytes": int(size or 0),
+        }
+        for loc, ctype, status, count, size in session.execute(
+            select(
+                m.DataLocation.name,
+                m.PhysicalCopy.type,
+                m.PhysicalCopy.status,
+                func.count(),
+                func.sum(m.PhysicalCopy.size),
+            )
+            .join(m.DataLocation, m.DataLocation.id == m.PhysicalCopy.data_location_id)
+            .group_by(m.DataLocation.name, m.PhysicalCopy.type, m.PhysicalCopy.status)
+        )
+    ]
+    day_ago = m.utcnow() - timedelta(days=1)
+    deleted = session.execute(
+        select(func.count(m.PhysicalCopy.id), func.coalesce(func.sum(m.PhysicalCopy.size), 0)).where(
+            m.PhysicalCopy.status == m.PhysicalCopyStatus.DELETED,
+            m.PhysicalCopy.deleted_at >= day_ago,
+        )
+    ).one()
+    snap["deletions_last_day"] = {"count": deleted[0], "bytes": int(deleted[1])}
+    snap["deletion_failures"] = session.scalar(
+        select(func.count(m.PhysicalCopy.id)).where(
+            m.PhysicalCopy.status == m.PhysicalCopyStatus.DELETION_FAILED
+        )
+    )
+    snap["staging_jobs"] = {
+        status.name: count
+        for status, count in session.execute(
+            select(m.StagingJob.status, func.count()).group_by(m.StagingJob.status)
+        )
+    }
+    snap["buffers"] = _buffers(session)
+    snap["queues"] = _queue_lengths(session)
+    return snap
+
+
+def _buffers(session: Session) -> list[dict[str, Any]]:
+    from ccat_data_transfer.buffer_status import read_status, thresholds_for
+
+    out = []
+    for loc in session.scalars(select(m.DataLocation).where(m.DataLocation.active.is_(True))):
+        status = read_status(loc.name, session) or {}
+        th = thresholds_for(loc)
+        out.append(
+            {
+                "location": loc.name,
+                "site": loc.site.name,
+                "location_type": loc.location_type.value,
+                "disk_usage_percent": status.get("disk_usage_percent"),
+                "used_bytes": status.get("used_bytes"),
+                "total_bytes": status.get("total_bytes"),
+                "state": status.get("state", "unknown"),
+                "warning": th.warning,
+                "critical": th.critical,
+                "emergency": th.emergency,
+            }
+        )
+    return out
+
+
+def _queue_lengths(session: Session) -> dict[str, int]:
+    """Messages waiting per queue (distributed mode with a Redis broker only)."""
+    from ccat_data_transfer.celery_app import is_embedded
+
+    broker = str(settings.BROKER_URL)
+    if is_embedded() or not broker.startswith("redis"):
+        return {}
+    from ccat_data_transfer.queue_discovery import discover_queues
+
+    try:
+        import redis
+
+        client = redis.Redis.from_url(broker, socket_connect_timeout=2, socket_timeout=2)
+        return {q: int(client.llen(q)) for q in discover_queues(session)}
+    except Exception as exc:  # metrics must not break on a broker outage
+        log.warning("queue_length_unavailable", error=str(exc))
+        return {}
+
+
+# ---------------------------------------------------------------------------------------
+# Prometheus
+# ---------------------------------------------------------------------------------------
+
+
+class DatabaseCollector:
+    """A Prometheus collector that reads a fresh snapshot at every scrape."""
+
+    def __init__(self, session_factory: Any = None) -> None:
+        self._session_factory = session_factory
+
+    def _snapshot(self) -> dict[str, Any]:
+        if self._session_factory is not None:
+            session = self._session_factory()
+        else:
+            from ccat_data_transfer.database import DatabaseConnection
+
+            session, _ = DatabaseConnection().get_connection()
+        try:
+            return collect_snapshot(session)
+        finally:
+            session.close()
+
+    def collect(self) -> Any:
+        snap = self._snapshot()
+        yield from snapshot_to_prometheus(snap)
+
+
+def snapshot_to_prometheus(snap: dict[str, Any]) -> list[GaugeMetricFamily]:
+    families = []
+    g = GaugeMetricFamily("ccat_raw_files", "Filed raw data files")
+    g.add_metric([], snap["raw_files"]["count"])
+    families.append(g)
+    g = GaugeMetricFamily("ccat_raw_file_bytes", "Bytes of filed raw data files")
+    g.add_metric([], snap["raw_files"]["bytes"])
+    families.append(g)
+    g = GaugeMetricFamily("ccat_raw_files_unpackaged", "Filed files not yet in a package")
+    g.add_metric([], snap["raw_files_unpackaged"])
+    families.append(g)
+    g = GaugeMetricFamily(
+        "ccat_raw_data_packages", "RawDataPackages by state", labels=["state"]
+    )
+    b = GaugeMetricFamily(
+        "ccat_raw_data_package_bytes", "Bytes of RawDataPackages by state", labels=["state"]
+    )
+    for state, v in snap["package_states"].items():
+        g.add_metric([state], v["count"])
+        b.add_metric([state], v["bytes"])
+    families += [g, b]
+    g = GaugeMetricFamily("ccat_data_transfers", "DataTransfers by status", labels=["status"])
+    b = GaugeMetricFamily(
+        "ccat_data_transfer_bytes", "Bytes moved by DataTransfers by status", labels=["status"]
+    )
+    for status, v in snap["transfers"].items():
+        g.add_metric([status], v["count"])
+        b.add_metric([status], v["bytes"])
+    families += [g, b]
+    g = GaugeMetricFamily("ccat_transfer_rate_mb_per_s", "Mean transfer rate, last hour")
+    g.add_metric([], snap["transfer_rate_mb_per_s"])
+    families.append(g)
+    g = GaugeMetricFamily(
+        "ccat_physical_copies", "Physical copies", labels=["location", "type", "status"]
+    )
+    b = GaugeMetricFamily(
+        "ccat_physical_copy_bytes", "Bytes of physical copies", labels=["location", "type", "status"]
+    )
+    for row in snap["copies"]:
+        labels = [row["location"], row["type"], row["status"]]
+        g.add_metric(labels, row["count"])
+        b.add_metric(labels, row["bytes"])
+    families += [g, b]
+    g = GaugeMetricFamily("ccat_deletions_last_day", "Copies deleted in the last 24 h")
+    g.add_metric([], snap["deletions_last_day"]["count"])
+    families.append(g)
+    g = GaugeMetricFamily("ccat_deleted_bytes_last_day", "Bytes deleted in the last 24 h")
+    g.add_metric([], snap["deletions_last_day"]["bytes"])
+    families.append(g)
+    g = GaugeMetricFamily("ccat_deletion_failures", "Copies in DELETION_FAILED")
+    g.add_metric([], snap["deletion_failures"])
+    families.append(g)
+    g = GaugeMetricFamily(
+        "ccat_buffer_usage_percent", "Disk use of a location", labels=["location", "site", "state"]
+    )
+    for buf in snap["buffers"]:
+        if buf["disk_usage_percent"] is not None:
+            g.add_metric([buf["location"], buf["site"], buf["state"]], buf["disk_usage_percent"])
+    families.append(g)
+    g = GaugeMetricFamily("ccat_queue_length", "Tasks waiting in a queue", labels=["queue"])
+    for queue, length in snap["queues"].items():
+        g.add_metric([queue], length)
+    families.append(g)
+    g = GaugeMetricFamily("ccat_failures", "Work items in FAILED", labels=["kind"])
+    g.add_metric(["raw_data_package"], snap["package_states"].get("FAILED", {}).get("count", 0))
+    g.add_metric(["data_transfer"], snap["transfers"].get("FAILED", {}).get("count", 0))
+    g.add_metric(["archive_transfer"], snap["archive_transfers"].get("FAILED", 0))
+    g.add_metric(["staging_job"], snap["staging_jobs"].get("FAILED", 0))
+    families.append(g)
+    return families
+
+
+def prometheus_text(session_factory: Any = None) -> bytes:
+    """The Prometheus exposition text for one scrape."""
+    registry = CollectorRegistry()
+    registry.register(DatabaseCollector(session_factory))
+    return generate_latest(registry)
+
+
+# ---------------------------------------------------------------------------------------
+# InfluxDB
+# ---------------------------------------------------------------------------------------
+
+
+def _escape_tag(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
+
+
+def snapshot_to_line_protocol(snap: dict[str, Any], timestamp: int | None = None) -> list[str]:
+    """InfluxDB line protocol (precision: seconds) for a snapshot."""
+    ts = int(timestamp if timestamp is not None else time.time())
+    lines = [
+        f"raw_files count={snap['raw_files']['count']}i,bytes={snap['raw_files']['bytes']}i,"
+        f"unpackaged={snap['raw_files_unpackaged']}i {ts}"
+    ]
+    for state, v in snap["package_states"].items():
+        lines.append(
+            f"raw_data_packages,state={_escape_tag(state)} count={v['count']}i,bytes={v['bytes']}i {ts}"
+        )
+    for status, v in snap["transfers"].items():
+        lines.append(
+            f"data_transfers,status={_escape_tag(status)} count={v['count']}i,bytes={v['bytes']}i {ts}"
+        )
+    lines.append(f"transfer_rate mb_per_s={float(snap['transfer_rate_mb_per_s'])} {ts}")
+    lines.append(
+        f"deletions count_24h={snap['deletions_last_day']['count']}i,"
+        f"bytes_24h={snap['deletions_last_day']['bytes']}i,failed={snap['deletion_failures']}i {ts}"
+    )
+    for buf in snap["buffers"]:
+        if buf["disk_usage_percent"] is None:
+            continue
+        lines.append(
+            f"buffer_usage,location={_escape_tag(buf['location'])},site={_escape_tag(buf['site'])},"
+            f"state={_escape_tag(buf['state'])} percent={float(buf['disk_usage_percent'])},"
+            f"used_bytes={int(buf['used_bytes'] or 0)}i {ts}"
+        )
+    for queue, length in snap["queues"].items():
+        lines.append(f"queue_length,queue={_escape_tag(queue)} length={int(length)}i {ts}")
+    return lines
+
+
+class InfluxWriter:
+    """Writes line protocol to InfluxDB 2 (``/api/v2/write``), when INFLUXDB_ENABLED."""
+
+    def __init__(self, url: str | None = None, org: str | None = None, bucket: str | None = None,
+                 token: str | None = None) -> None:
+        self.url = (url or str(settings.INFLUXDB_URL)).rstrip("/")
+        self.org = org or str(settings.INFLUXDB_ORG)
+        self.bucket = bucket or str(settings.INFLUXDB_BUCKET)
+        self.token = token if token is not None else str(settings.get("INFLUXDB_TOKEN", "") or "")
+
+    def write(self, lines: list[str]) -> bool:
+        """Send the lines; returns False (and logs) on failure, never raises."""
+        headers = {"Content-Type": "text/plain; charset=utf-8"}
+        if self.token:
+            headers["Authorization"] = f"Token {self.token}"
+        try:
+            resp = httpx.post(
+                f"{self.url}/api/v2/write",
+                params={"org": self.org, "bucket": self.bucket, "precision": "s"},
+                content="\n".join(lines).encode(),
+                headers=headers,
+                timeout=5.0,
+            )
+            if resp.status_code >= 300:
+                log.warning("influxdb_write_refused", status=resp.status_code, body=resp.text[:200])
+                return False
+            return True
+        except httpx.HTTPError as exc:
+            log.warning("influxdb_write_failed", error=str(exc))
+            return False
+
+
+def push_metrics(session: Session) -> bool | None:
+    """One InfluxDB push of the current snapshot (None when InfluxDB is disabled)."""
+    if not settings.get("INFLUXDB_ENABLED", False):
+        return None
+    return InfluxWriter().write(snapshot_to_line_protocol(collect_snapshot(session)))
