@@ -81,3 +81,73 @@ def worker_command(
         "--without-mingle",
     ]
     celery_app.worker_main(argv=argv)
+
+
+# Demo settings: the lifecycle's clocks are shortened so that a whole run fits in a
+# couple of minutes.  Production keeps the documented defaults.
+DEMO_SETTINGS = {
+    "RETENTION_PERIOD_MINUTES": 0,
+    "RAW_DATA_PACKAGE_QUIET_PERIOD_SECONDS": 0,
+    "DATA_TRANSFER_PACKAGE_MAX_WAIT_SECONDS": 0,
+    "TRANSFER_RETRY_BASE_SECONDS": 0,
+}
+
+
+@app.command("run")
+def run_command(
+    simulate: bool = typer.Option(
+        False, "--simulate", help="Simulate the instruments and a scientist, and stop once "
+        "the whole lifecycle is done (the main job)."
+    ),
+    observations: int = typer.Option(4, "--observations", min=1, help="With --simulate."),
+    files_per_module: int = typer.Option(3, "--files-per-module", min=1, help="With --simulate."),
+    file_size_mb: float = typer.Option(2.0, "--file-size-mb", min=0.01, help="With --simulate."),
+    rate_mb_per_s: float = typer.Option(
+        0.0, "--rate-mb-per-s", min=0.0, help="Instrument write rate (0: as fast as possible)."
+    ),
+    timeout: float = typer.Option(600.0, "--timeout", help="Give up after this many seconds."),
+    once: bool = typer.Option(False, "--once", help="One round of every manager, then exit."),
+    init_first: bool = typer.Option(
+        True, "--init/--no-init", help="Create/migrate the DB and load the topology first."
+    ),
+) -> None:
+    """Run every manager in one process (tasks in-process in embedded mode)."""
+    from ccat_data_transfer.cli.core import initialise
+    from ccat_data_transfer.config.config import settings
+    from ccat_data_transfer.database import DatabaseConnection
+    from ccat_data_transfer.manager_loop import install_signal_handlers, stop_event
+    from ccat_data_transfer.orchestrator import Orchestrator, run_demo, summary_table
+
+    if init_first:
+        console.print(initialise(), highlight=False)
+    db = DatabaseConnection()
+    if simulate:
+        for key, value in DEMO_SETTINGS.items():
+            settings.set(key, value)
+        console.print(
+            "demo settings: " + ", ".join(f"{k}={v}" for k, v in DEMO_SETTINGS.items()),
+            highlight=False,
+        )
+        result = run_demo(
+            db=db,
+            observations=observations,
+            files_per_module=files_per_module,
+            file_size=int(file_size_mb * 1024 * 1024),
+            rate_mb_per_s=rate_mb_per_s,
+            timeout_seconds=timeout,
+        )
+        console.print(summary_table(result))
+        if not result.completed:
+            raise typer.Exit(1)
+        return
+    orchestrator = Orchestrator(db=db)
+    if once:
+        orchestrator.run_round()
+        return
+    install_signal_handlers()
+    sleep = float(settings.get("EMBEDDED_ROUND_SLEEP_SECONDS", 2))
+    console.print("running every manager; Ctrl-C stops cleanly", highlight=False)
+    while not stop_event.is_set():
+        orchestrator.run_round()
+        stop_event.wait(sleep)
+    console.print("stopped", highlight=False)
