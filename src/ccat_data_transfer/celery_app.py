@@ -47,8 +47,37 @@ def configure_celery() -> Celery:
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         include=TASK_MODULES,
+        # A task whose worker died is delivered again after this long (Redis broker).
+        broker_transport_options={
+            "visibility_timeout": int(settings.get("BROKER_VISIBILITY_TIMEOUT_SECONDS", 3600))
+        },
     )
     return app
 
 
 configure_celery()
+
+
+def _start_worker_health(sender: object = None, **_kwargs: object) -> None:
+    """A worker says it is alive (health:worker:{hostname}) for as long as it runs."""
+    from ccat_data_transfer.health import HealthReporter
+
+    hostname = getattr(sender, "hostname", None) or "worker"
+    reporter = HealthReporter("worker", str(hostname)).start()
+    app.conf.ccat_health_reporter = reporter
+
+
+def _stop_worker_health(**_kwargs: object) -> None:
+    reporter = app.conf.get("ccat_health_reporter")
+    if reporter is not None:
+        reporter.stop()
+
+
+def _connect_worker_signals() -> None:
+    from celery.signals import worker_ready, worker_shutdown
+
+    worker_ready.connect(_start_worker_health, weak=False)
+    worker_shutdown.connect(_stop_worker_health, weak=False)
+
+
+_connect_worker_signals()

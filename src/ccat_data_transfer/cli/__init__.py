@@ -32,7 +32,10 @@ for _name in COMMAND_MODULES:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     try:
-        app(args=argv, prog_name="ccat_data_transfer", standalone_mode=False)
+        # With standalone_mode=False click returns the code of typer.Exit instead of raising.
+        rc = app(args=argv, prog_name="ccat_data_transfer", standalone_mode=False)
+        if isinstance(rc, int):
+            return rc
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.Abort:

@@ -151,3 +151,48 @@ def run_command(
         orchestrator.run_round()
         stop_event.wait(sleep)
     console.print("stopped", highlight=False)
+
+
+@app.command("audit")
+def audit_command(
+    location: str | None = typer.Option(None, "--location", help="Audit one location only."),
+    full: bool = typer.Option(False, "--full", help="Checksum every copy (default: a sample)."),
+    sample: float | None = typer.Option(
+        None, "--sample", min=0.0, max=1.0, help="Fraction of copies to checksum."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Report only; mark nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Compare the DB with storage: lost files, dark data, size/checksum drift. Never deletes."""
+    import json
+
+    from ccat_data_transfer.audit import run_audit
+
+    db = get_db()
+    with db.session_scope() as session:
+        reports = run_audit(session, location, full=full, sample_fraction=sample,
+                            mark=not dry_run)
+    if as_json:
+        console.print_json(json.dumps([r.as_dict() for r in reports]))
+    else:
+        table = Table(title="Consistency audit")
+        for col in ("Location", "Expected", "Found", "Lost", "Dark", "Drift", "Checksummed",
+                    "Marked lost", "Note"):
+            table.add_column(col)
+        for r in reports:
+            table.add_row(r.location, str(r.expected), str(r.found), str(len(r.lost)),
+                          str(len(r.dark)), str(len(r.drift)), str(r.checksums_checked),
+                          str(r.marked_lost), r.error or r.aborted or "")
+        console.print(table)
+        for r in reports:
+            for item in r.lost[:20]:
+                console.print(f"[red]lost[/] {r.location}: {item['path']} "
+                              f"(copy {item['physical_copy_id']})", highlight=False)
+            for item in r.drift[:20]:
+                console.print(f"[red]drift[/] {r.location}: {item['path']}: {item['problem']}",
+                              highlight=False)
+            for item in r.dark[:20]:
+                console.print(f"[yellow]dark[/] {r.location}: {item['path']} ({item['size']} B)",
+                              highlight=False)
+    if any(r.discrepancies or r.error or r.aborted for r in reports):
+        raise typer.Exit(1)

@@ -1,0 +1,267 @@
+"""Consistency audit: does storage hold what the database says, and nothing else?
+
+For each location the audit compares the copies the DB says hold bytes there with a
+listing of the storage, and finds
+
+* lost files: the DB says the copy is there, storage has no such object;
+* dark data: storage has an object no live copy accounts for;
+* drift: the object's size differs, or (sampled, or ``full``) its checksum does.
+
+It reports and never deletes.  Copies found lost or corrupt get ``lost_at`` set, so the
+deletion rules stop counting them as safe copies; a copy marked lost that is found
+intact again is unmarked.  When the discrepancies exceed AUDIT_MAX_DISCREPANCY_FRACTION
+of what was expected, the audit stops with a warning and marks nothing: that pattern
+usually means an unmounted disk or a wrong bucket, not lost data.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from ccat_data_transfer.config.config import settings
+from ccat_data_transfer.exceptions import NotFoundError
+from ccat_data_transfer.logging_utils import get_logger
+from ccat_data_transfer.storage import StorageError, is_temp_name, storage_for_location
+from ccat_ops_db import models as m
+
+log = get_logger(__name__)
+
+# States in which a copy's bytes must be in storage.
+HOLDING = (
+    m.PhysicalCopyStatus.PRESENT,
+    m.PhysicalCopyStatus.DELETION_POSSIBLE,
+    m.PhysicalCopyStatus.DELETION_SCHEDULED,
+    m.PhysicalCopyStatus.DELETION_FAILED,
+)
+# States in which the bytes may or may not be there (work in flight, unpacked tars).
+UNCERTAIN = (m.PhysicalCopyStatus.DELETION_IN_PROGRESS, m.PhysicalCopyStatus.STAGED)
+
+
+@dataclass
+class Expected:
+    copy_id: int
+    copy_type: str
+    path: str
+    size: int | None
+    checksum: str | None
+    lost: bool
+
+
+@dataclass
+class LocationAudit:
+    location: str
+    expected: int = 0
+    found: int = 0
+    lost: list[dict[str, Any]] = field(default_factory=list)
+    dark: list[dict[str, Any]] = field(default_factory=list)
+    drift: list[dict[str, Any]] = field(default_factory=list)
+    checksums_checked: int = 0
+    marked_lost: int = 0
+    unmarked: int = 0
+    aborted: str | None = None
+    error: str | None = None
+
+    @property
+    def discrepancies(self) -> int:
+        return len(self.lost) + len(self.dark) + len(self.drift)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "location": self.location,
+            "expected": self.expected,
+            "found": self.found,
+            "lost": self.lost,
+            "dark": self.dark,
+            "drift": self.drift,
+            "checksums_checked": self.checksums_checked,
+            "marked_lost": self.marked_lost,
+            "unmarked": self.unmarked,
+            "aborted": self.aborted,
+            "error": self.error,
+        }
+
+
+def _expected_copies(session: Session, location: m.DataLocation) -> tuple[list[Expected], set[str]]:
+    """Copies that must have bytes at ``location`` and paths that may (in-flight work)."""
+    pc = m.PhysicalCopy
+    rows = session.execute(
+        select(
+            pc.id,
+            pc.type,
+            pc.status,
+            pc.relative_path,
+            pc.size,
+            pc.checksum,
+            pc.lost_at,
+            m.RawDataFile.relative_path,
+            m.RawDataFile.size,
+            m.RawDataFile.checksum,
+            m.RawDataPackage.relative_path,
+            m.RawDataPackage.size,
+            m.RawDataPackage.checksum,
+            m.DataTransferPackage.relative_path,
+            m.DataTransferPackage.size,
+            m.DataTransferPackage.checksum,
+        )
+        .outerjoin(m.RawDataFile, m.RawDataFile.id == pc.raw_data_file_id)
+        .outerjoin(m.RawDataPackage, m.RawDataPackage.id == pc.raw_data_package_id)
+        .outerjoin(m.DataTransferPackage, m.DataTransferPackage.id == pc.data_transfer_package_id)
+        .where(pc.data_location_id == location.id, pc.status.in_(HOLDING + UNCERTAIN))
+    ).all()
+    expected: list[Expected] = []
+    maybe: set[str] = set()
+    for row in rows:
+        (cid, ctype, status, path, size, checksum, lost_at, f_path, f_size, f_sum,
+         p_path, p_size, p_sum, d_path, d_size, d_sum) = row
+        item = {
+            "raw_data_file": (f_path, f_size, f_sum),
+            "raw_data_package": (p_path, p_size, p_sum),
+            "data_transfer_package": (d_path, d_size, d_sum),
+        }.get(ctype, (None, None, None))
+        path = path or item[0]
+        if not path:
+            continue
+        if status in UNCERTAIN:
+            maybe.add(path)
+            continue
+        expected.append(
+            Expected(
+                copy_id=cid,
+                copy_type=ctype,
+                path=path,
+                size=size if size is not None else item[1],
+                checksum=(checksum or item[2] or None),
+                lost=lost_at is not None,
+            )
+        )
+    return expected, maybe
+
+
+def audit_location(
+    session: Session,
+    location: m.DataLocation,
+    full: bool = False,
+    sample_fraction: float | None = None,
+    max_fraction: float | None = None,
+    mark: bool = True,
+    rng: random.Random | None = None,
+) -> LocationAudit:
+    """Audit one location; marks lost copies unless the discrepancies look systemic."""
+    report = LocationAudit(location=location.name)
+    sample_fraction = (
+        1.0 if full else float(sample_fraction if sample_fraction is not None
+                               else settings.get("AUDIT_CHECKSUM_SAMPLE_FRACTION", 0.01))
+    )
+    max_fraction = float(
+        max_fraction if max_fraction is not None
+        else settings.get("AUDIT_MAX_DISCREPANCY_FRACTION", 0.1)
+    )
+    rng = rng or random.Random()
+    try:
+        storage = storage_for_location(location)
+        listing = {
+            info.path: info.size
+            for info in storage.list("")
+            if not is_temp_name(info.path.rsplit("/", 1)[-1])
+        }
+    except StorageError as exc:
+        report.error = f"storage unreachable: {exc}"
+        log.error("audit_storage_unreachable", location=location.name, error=str(exc))
+        return report
+
+    expected, maybe = _expected_copies(session, location)
+    report.expected = len(expected)
+    known_paths = {e.path for e in expected} | maybe
+    # Metadata sidecars written next to archived packages are accounted for by them.
+    known_paths |= {f"{p}.json" for p in list(known_paths)}
+
+    lost_ids: list[int] = []
+    found_again: list[int] = []
+    for exp in expected:
+        size = listing.get(exp.path)
+        if size is None:
+            report.lost.append({"physical_copy_id": exp.copy_id, "copy_type": exp.copy_type,
+                                "path": exp.path})
+            lost_ids.append(exp.copy_id)
+            continue
+        report.found += 1
+        problem = None
+        if exp.size is not None and size != exp.size:
+            problem = f"size {size} != recorded {exp.size}"
+        elif exp.checksum and (exp.lost or rng.random() < sample_fraction):
+            report.checksums_checked += 1
+            actual = storage.sha256(exp.path)
+            if actual.lower() != exp.checksum.lower():
+                problem = f"sha256 {actual[:12]}... != recorded {exp.checksum[:12]}..."
+        if problem:
+            report.drift.append({"physical_copy_id": exp.copy_id, "copy_type": exp.copy_type,
+                                 "path": exp.path, "problem": problem})
+            lost_ids.append(exp.copy_id)
+        elif exp.lost:
+            found_again.append(exp.copy_id)
+
+    for path, size in sorted(listing.items()):
+        if path not in known_paths:
+            report.dark.append({"path": path, "size": size})
+
+    denominator = max(report.expected, 1)
+    if report.discrepancies and report.discrepancies / denominator > max_fraction:
+        report.aborted = (
+            f"{report.discrepancies} discrepancies for {report.expected} expected copies "
+            f"exceed AUDIT_MAX_DISCREPANCY_FRACTION={max_fraction}; is the storage mounted "
+            "and the location configured right?  Nothing was marked."
+        )
+        log.warning("audit_aborted", location=location.name, reason=report.aborted)
+        return report
+
+    if mark:
+        now = m.utcnow()
+        if lost_ids:
+            report.marked_lost = session.execute(
+                update(m.PhysicalCopy)
+                .where(m.PhysicalCopy.id.in_(lost_ids), m.PhysicalCopy.lost_at.is_(None))
+                .values(lost_at=now, last_error="audit: missing or corrupt in storage")
+            ).rowcount
+        if found_again:
+            report.unmarked = session.execute(
+                update(m.PhysicalCopy)
+                .where(m.PhysicalCopy.id.in_(found_again))
+                .values(lost_at=None)
+            ).rowcount
+    for item in report.lost:
+        log.error("audit_lost_copy", location=location.name, **item)
+    for item in report.drift:
+        log.error("audit_drift", location=location.name, **item)
+    for item in report.dark:
+        log.warning("audit_dark_data", location=location.name, path=item["path"],
+                    size_bytes=item["size"])
+    return report
+
+
+def run_audit(
+    session: Session,
+    location_name: str | None = None,
+    full: bool = False,
+    sample_fraction: float | None = None,
+    mark: bool = True,
+) -> list[LocationAudit]:
+    """Audit one named location or every active one."""
+    stmt = select(m.DataLocation).where(m.DataLocation.active.is_(True))
+    if location_name:
+        stmt = select(m.DataLocation).where(m.DataLocation.name == location_name)
+    locations = session.scalars(stmt.order_by(m.DataLocation.name)).all()
+    if not locations:
+        raise NotFoundError(f"no data location named {location_name!r}; see `list-locations`")
+    reports = []
+    for loc in locations:
+        if loc.storage_type == m.StorageType.TAPE:
+            reports.append(LocationAudit(location=loc.name, error="tape locations are not audited"))
+            continue
+        reports.append(audit_location(session, loc, full=full, sample_fraction=sample_fraction,
+                                      mark=mark))
+    return reports
