@@ -87,9 +87,7 @@ def warm_up(src: Path, files: list[dict]) -> None:
 
 
 def run_ours(src: Path, files: list[dict], out: Path, bufsize: int, layout: str) -> float:
-    members = [
-        TarMember(e["arcname"], src / e["arcname"], e["size"], e["sha256"]) for e in files
-    ]
+    members = [TarMember(e["arcname"], src / e["arcname"], e["size"], e["sha256"]) for e in files]
     t0 = time.perf_counter()
     with open(out, "wb") as f:
         result = write_tar_with_checksums(members, f, bufsize=bufsize, _layout=layout)

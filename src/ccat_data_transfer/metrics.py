@@ -80,8 +80,9 @@ def collect_snapshot(session: Session) -> dict[str, Any]:
             func.coalesce(func.sum(m.DataTransfer.duration_seconds), 0.0),
         ).where(m.DataTransfer.status == m.Status.COMPLETED, m.DataTransfer.end_time >= hour_ago)
     ).one()
+    # int()/float(): PostgreSQL sums BIGINT as NUMERIC, which arrives as Decimal.
     snap["transfer_bytes_last_hour"] = int(moved[0])
-    snap["transfer_rate_mb_per_s"] = (moved[0] / 1e6 / moved[1]) if moved[1] else 0.0
+    snap["transfer_rate_mb_per_s"] = (int(moved[0]) / 1e6 / float(moved[1])) if moved[1] else 0.0
     snap["archive_transfers"] = {
         status.name: count
         for status, count in session.execute(

@@ -25,6 +25,7 @@ import io
 import os
 import shutil
 import stat as stat_mod
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -489,12 +490,28 @@ _S3_PART_SIZE = 8 * 1024 * 1024
 _S3_MAX_PART_SIZE = 512 * 1024 * 1024
 
 
+_client_lock = threading.Lock()
+_client_cache: dict[tuple[Any, ...], Any] = {}
+_boto_session: Any = None
+
+
 def _s3_client(
     endpoint_url: str | None,
     access_key: str | None,
     secret_key: str | None,
     region: str | None,
 ) -> Any:
+    """A boto3 S3 client, shared per (process, endpoint, credentials, region).
+
+    Building a client loads botocore's service model (tens of milliseconds or more);
+    clients are thread-safe, so one per configuration is reused.  The process id is part
+    of the key so that forked Celery workers do not share connection pools.
+    """
+    global _boto_session
+    key = (os.getpid(), endpoint_url or None, access_key, secret_key, region)
+    client = _client_cache.get(key)
+    if client is not None:
+        return client
     import boto3
     from botocore.config import Config
 
@@ -505,15 +522,22 @@ def _s3_client(
         s3={"addressing_style": "path"},
         tcp_keepalive=True,
     )
-    session = boto3.session.Session()
-    return session.client(
-        "s3",
-        endpoint_url=endpoint_url or None,
-        aws_access_key_id=access_key or None,
-        aws_secret_access_key=secret_key or None,
-        region_name=region or None,
-        config=config,
-    )
+    # boto3 sessions are not thread-safe: create clients under a lock.
+    with _client_lock:
+        client = _client_cache.get(key)
+        if client is None:
+            if _boto_session is None or _boto_session[0] != os.getpid():
+                _boto_session = (os.getpid(), boto3.session.Session())
+            client = _boto_session[1].client(
+                "s3",
+                endpoint_url=endpoint_url or None,
+                aws_access_key_id=access_key or None,
+                aws_secret_access_key=secret_key or None,
+                region_name=region or None,
+                config=config,
+            )
+            _client_cache[key] = client
+    return client
 
 
 class S3Storage(Storage):

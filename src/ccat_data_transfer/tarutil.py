@@ -230,7 +230,8 @@ class _BufferPool:
         return release
 
     def release_now(self, idx: int) -> None:
-        self.releaser(idx)()
+        """Give a buffer back that no consumer has seen."""
+        self._free.put(idx)
 
 
 # --- writing ------------------------------------------------------------------------------
@@ -436,6 +437,17 @@ def _kind(info: tarfile.TarInfo) -> str:
     return "other"
 
 
+_KIND_WORDS = {
+    "symlink": "symbolic link",
+    "hardlink": "hard link",
+    "chardev": "character device",
+    "blockdev": "block device",
+    "fifo": "fifo (named pipe)",
+    "sparse": "sparse file",
+    "other": "special member",
+}
+
+
 def _read_infos(tar_path: Path) -> list[tarfile.TarInfo]:
     """All member headers, with checks ``tarfile`` leaves out.
 
@@ -506,8 +518,8 @@ def _validate(infos: list[tarfile.TarInfo], real_dest: str) -> list[tuple[str, t
         if kind not in ("file", "dir"):
             target = f" -> {info.linkname}" if info.linkname else ""
             raise UnsafeTarError(
-                f"refusing tar member {info.name!r}: it is a {kind}{target}; only regular "
-                "files and directories may be extracted"
+                f"refusing tar member {info.name!r}: it is a {_KIND_WORDS.get(kind, kind)}"
+                f"{target}; only regular files and directories may be extracted"
             )
         try:
             name = _normalize_arcname(info.name)

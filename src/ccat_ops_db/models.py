@@ -62,7 +62,7 @@ class StorageType(enum.Enum):
 
 
 class RouteType(enum.Enum):
-    DIRECT = "direct"  # skip the destination buffer
+    DIRECT = "direct"  # no intermediate site: lands in the destination site's best buffer
     RELAY = "relay"  # through an intermediate site
     CUSTOM = "custom"  # location-to-location override
 
@@ -554,6 +554,8 @@ class StagingJob(Base):
     packages_total: Mapped[int] = mapped_column(Integer, default=0)
     packages_done: Mapped[int] = mapped_column(Integer, default=0)
     retry_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Not claimed again before this time (backoff after a retryable failure).
+    next_attempt_at: Mapped[datetime | None]
     failure_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     start_time: Mapped[datetime | None]

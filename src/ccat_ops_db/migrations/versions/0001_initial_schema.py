@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-25 16:57:01.629192
+Create Date: 2026-11-25 17:09:20.864451
 """
 
 from collections.abc import Sequence
@@ -416,6 +416,7 @@ def upgrade() -> None:
         sa.Column("packages_total", sa.Integer(), nullable=False),
         sa.Column("packages_done", sa.Integer(), nullable=False),
         sa.Column("retry_count", sa.Integer(), nullable=False),
+        sa.Column("next_attempt_at", sa.DateTime(), nullable=True),
         sa.Column("failure_reason", sa.Text(), nullable=True),
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("start_time", sa.DateTime(), nullable=True),

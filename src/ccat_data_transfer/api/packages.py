@@ -1,0 +1,24 @@
+"""Package endpoints: the state of a RawDataPackage and everything attached to it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Path
+from sqlalchemy.orm import Session
+
+from ccat_data_transfer.api.auth import Principal, require_role
+from ccat_data_transfer.api.deps import get_session
+from ccat_data_transfer.raw_data_package_manager import describe_raw_data_package
+
+router = APIRouter(prefix="/api/v1", tags=["packages"])
+
+
+@router.get("/packages/{ident}", responses={401: {}, 403: {}, 404: {}})
+def get_package(
+    ident: str = Path(min_length=1, max_length=512, description="id or file name"),
+    session: Session = Depends(get_session),
+    _principal: Principal = Depends(require_role("viewer", "instrument", "scientist")),
+) -> dict[str, Any]:
+    """A RawDataPackage by id or file name: files, copies, transfer package, transfers."""
+    return describe_raw_data_package(session, ident)

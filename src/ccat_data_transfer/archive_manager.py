@@ -1,0 +1,349 @@
+"""Stage 5: move RawDataPackages from an LTA-site buffer into that site's long-term archive.
+
+For every RawDataPackage with a PRESENT copy at the BUFFER of a site that has a
+LONG_TERM_ARCHIVE location, the manager records one LongTermArchiveTransfer (unique per
+package and LTA location), claims it atomically and submits a task on the buffer's
+``long_term_archive_transfer`` queue.  The task copies the tar into the LTA (disk or S3;
+writes are atomic), checks the checksum of what landed, writes a JSON metadata sidecar at
+``<relative_path>.json``, records the LTA copy PRESENT (verified) and marks the package
+ARCHIVED.  The buffer copy is left alone: the deletion manager removes it by its rules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import exists, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, aliased
+
+from ccat_data_transfer.celery_app import app
+from ccat_data_transfer.config.config import settings
+from ccat_data_transfer.database import DatabaseConnection
+from ccat_data_transfer.exceptions import ConfigurationError, PermanentError
+from ccat_data_transfer.logging_utils import get_logger
+from ccat_data_transfer.operation_types import OperationType
+from ccat_data_transfer.queue_discovery import route_task_by_location
+from ccat_data_transfer.storage import storage_for_location
+from ccat_data_transfer.transfer_manager import _heartbeat, _worker_name, transfer_log_dir
+from ccat_data_transfer.transfer_methods import get_transfer_method, method_for_storages
+from ccat_ops_db import models as m
+
+log = get_logger(__name__)
+
+IN_FLIGHT = (m.Status.SCHEDULED, m.Status.IN_PROGRESS)
+
+__all__ = [
+    "archive_raw_data_package",
+    "build_metadata",
+    "dispatch_archive_transfers",
+    "execute_archive_transfer",
+    "plan_archive_transfers",
+    "reset_stalled_archive_transfers",
+    "run_once",
+    "sidecar_path",
+]
+
+
+def sidecar_path(relative_path: str) -> str:
+    """Where the metadata sidecar of a package lies in the LTA."""
+    return f"{relative_path}.json"
+
+
+def plan_archive_transfers(session: Session) -> list[int]:
+    """Create a PENDING LongTermArchiveTransfer for every RawDataPackage PRESENT at an
+    LTA-site buffer that has neither a transfer nor a PRESENT copy at that site's LTA.
+
+    One set-based query finds the candidates; each site archives into its active LTA
+    location of best priority.  Returns the new ids (committed)."""
+    buf = aliased(m.DataLocation)
+    lta = aliased(m.DataLocation)
+    copy = aliased(m.RawDataPackagePhysicalCopy)
+    lta_copy = aliased(m.RawDataPackagePhysicalCopy)
+    lta_t = m.LongTermArchiveTransfer
+    rows = session.execute(
+        select(copy.raw_data_package_id, buf.id, lta.id)
+        .join(buf, buf.id == copy.data_location_id)
+        .join(lta, lta.site_id == buf.site_id)
+        .where(
+            copy.status == m.PhysicalCopyStatus.PRESENT,
+            buf.location_type == m.LocationType.BUFFER,
+            lta.location_type == m.LocationType.LONG_TERM_ARCHIVE,
+            lta.active.is_(True),
+            ~exists().where(
+                lta_t.raw_data_package_id == copy.raw_data_package_id,
+                lta_t.destination_location_id == lta.id,
+            ),
+            ~exists().where(
+                lta_copy.raw_data_package_id == copy.raw_data_package_id,
+                lta_copy.data_location_id == lta.id,
+                lta_copy.status == m.PhysicalCopyStatus.PRESENT,
+            ),
+        )
+        .order_by(copy.raw_data_package_id, buf.priority, lta.priority, lta.name)
+    ).all()
+    if not rows:
+        return []
+    site_of = dict(
+        session.execute(
+            select(m.DataLocation.id, m.DataLocation.site_id).where(
+                m.DataLocation.id.in_({r[2] for r in rows})
+            )
+        ).all()
+    )
+    chosen: dict[tuple[int, int], tuple[int, int]] = {}
+    for rdp_id, buf_id, lta_id in rows:
+        chosen.setdefault((rdp_id, site_of[lta_id]), (buf_id, lta_id))
+    created: list[int] = []
+    for (rdp_id, _site), (buf_id, lta_id) in chosen.items():
+        row = m.LongTermArchiveTransfer(
+            raw_data_package_id=rdp_id,
+            origin_location_id=buf_id,
+            destination_location_id=lta_id,
+            status=m.Status.PENDING,
+        )
+        try:
+            with session.begin_nested():
+                session.add(row)
+        except IntegrityError:
+            continue  # another manager recorded it first
+        created.append(row.id)
+    session.commit()
+    return created
+
+
+def dispatch_archive_transfers(session: Session, submit: bool = True) -> list[int]:
+    """Claim due PENDING archive transfers (-> SCHEDULED), commit, submit their tasks on
+    the LTA-site buffer's queue.  Returns the claimed ids."""
+    now = m.utcnow()
+    t = m.LongTermArchiveTransfer
+    rows = session.execute(
+        select(t.id, t.origin_location_id)
+        .where(
+            t.status == m.Status.PENDING,
+            (t.next_attempt_at.is_(None)) | (t.next_attempt_at <= now),
+        )
+        .order_by(t.id)
+    ).all()
+    claimed: list[tuple[int, int]] = []
+    for lta_id, origin_id in rows:
+        rc = session.execute(
+            update(t)
+            .where(t.id == lta_id, t.status == m.Status.PENDING)
+            .values(status=m.Status.SCHEDULED)
+        ).rowcount
+        if rc == 1:
+            claimed.append((lta_id, origin_id))
+    session.commit()
+    if submit:
+        for lta_id, origin_id in claimed:
+            origin = session.get(m.DataLocation, origin_id)
+            queue = route_task_by_location(OperationType.LONG_TERM_ARCHIVE_TRANSFER, origin)
+            archive_raw_data_package.apply_async(args=[lta_id], queue=queue)
+        session.expire_all()
+    return [i for i, _ in claimed]
+
+
+def run_once(session: Session) -> dict[str, int]:
+    """One cycle of the archive manager: record new archive transfers and dispatch."""
+    planned = plan_archive_transfers(session)
+    dispatched = dispatch_archive_transfers(session)
+    return {"archive_planned": len(planned), "archive_dispatched": len(dispatched)}
+
+
+def _retry_values(retry_count: int, reason: str, now: Any, permanent: bool) -> dict[str, Any]:
+    if permanent or retry_count >= int(settings.TRANSFER_MAX_RETRIES):
+        return {"status": m.Status.FAILED, "failure_reason": reason, "end_time": now}
+    delay = float(settings.TRANSFER_RETRY_BASE_SECONDS) * (2**retry_count)
+    return {
+        "status": m.Status.PENDING,
+        "retry_count": retry_count + 1,
+        "next_attempt_at": now + timedelta(seconds=delay),
+        "failure_reason": reason,
+    }
+
+
+def reset_stalled_archive_transfers(session: Session, older_than: timedelta | float) -> int:
+    """SCHEDULED/IN_PROGRESS archive transfers untouched for ``older_than``: one failed
+    attempt each (back to PENDING with backoff, or FAILED).  For the recovery service."""
+    if not isinstance(older_than, timedelta):
+        older_than = timedelta(seconds=float(older_than))
+    now = m.utcnow()
+    cutoff = now - older_than
+    t = m.LongTermArchiveTransfer
+    reset = 0
+    for lta_id, status, retries in session.execute(
+        select(t.id, t.status, t.retry_count).where(t.status.in_(IN_FLIGHT), t.updated_at < cutoff)
+    ).all():
+        values = _retry_values(retries, f"stalled in {status.name}: worker lost", now, False)
+        reset += session.execute(
+            update(t).where(t.id == lta_id, t.status == status).values(**values)
+        ).rowcount
+    session.commit()
+    return reset
+
+
+def build_metadata(rdp: m.RawDataPackage, location: m.DataLocation) -> dict[str, Any]:
+    """The sidecar document: what a reader of the archive needs without the database."""
+    eou = rdp.executed_obs_unit
+    module = rdp.instrument_module
+    return {
+        "schema": "ccat_raw_data_package_metadata/1",
+        "raw_data_package": {
+            "id": rdp.id,
+            "file_name": rdp.file_name,
+            "relative_path": rdp.relative_path,
+            "size": rdp.size,
+            "checksum": rdp.checksum,
+            "checksum_algorithm": rdp.checksum_algorithm,
+            "part_number": rdp.part_number,
+            "created_at": rdp.created_at.isoformat() if rdp.created_at else None,
+        },
+        "obs_unit": {"id": eou.obs_unit.id, "name": eou.obs_unit.name},
+        "executed_obs_unit": {
+            "id": eou.id,
+            "name": eou.name,
+            "start_time": eou.start_time.isoformat() if eou.start_time else None,
+            "end_time": eou.end_time.isoformat() if eou.end_time else None,
+            "metadata": eou.obs_metadata,
+        },
+        "instrument": module.instrument.name,
+        "instrument_module": module.name,
+        "files": [
+            {
+                "relative_path": f.relative_path,
+                "size": f.size,
+                "checksum": f.checksum,
+                "checksum_algorithm": f.checksum_algorithm,
+                "metadata": f.file_metadata,
+            }
+            for f in sorted(rdp.raw_data_files, key=lambda f: f.relative_path)
+        ],
+        "archive_location": location.name,
+        "archived_at": m.utcnow().isoformat() + "Z",
+    }
+
+
+def execute_archive_transfer(archive_transfer_id: int) -> str:
+    """Copy one RawDataPackage into the LTA, verify it, write its sidecar and record the
+    archived copy.  Idempotent: only a SCHEDULED row is worked on."""
+    db = DatabaseConnection()
+    t = m.LongTermArchiveTransfer
+    with db.session_scope() as s:
+        rc = s.execute(
+            update(t)
+            .where(t.id == archive_transfer_id, t.status == m.Status.SCHEDULED)
+            .values(status=m.Status.IN_PROGRESS, start_time=m.utcnow(), worker=_worker_name())
+        ).rowcount
+        if rc != 1:
+            return "skipped"
+        row = s.get(t, archive_transfer_id)
+        rdp = row.raw_data_package
+        origin, dest = row.origin_location, row.destination_location
+        path, expected = rdp.relative_path, (rdp.checksum or "").lower()
+        metadata = build_metadata(rdp, dest)
+        rdp_id = rdp.id
+    fields = {
+        "archive_transfer_id": archive_transfer_id,
+        "raw_data_package_id": rdp_id,
+        "origin": origin.name,
+        "location": dest.name,
+    }
+    meta_path = sidecar_path(path)
+    try:
+        if not expected:
+            raise PermanentError(f"raw data package {rdp_id} has no checksum to verify against")
+        src_storage = storage_for_location(origin)
+        dst_storage = storage_for_location(dest)
+        method = get_transfer_method(method_for_storages(None, src_storage, dst_storage))
+        log_path = transfer_log_dir() / f"long_term_archive_transfer_{archive_transfer_id}.log"
+        with (
+            open(log_path, "a", encoding="utf-8") as lf,
+            _heartbeat(archive_transfer_id, m.LongTermArchiveTransfer),
+        ):
+            stats = method.transfer(src_storage, path, dst_storage, path, lf)
+            actual = dst_storage.sha256(path)
+        if actual != expected:
+            with contextlib.suppress(Exception):
+                dst_storage.delete(path)
+            log.warning(
+                "archive_checksum_mismatch",
+                **fields,
+                expected=expected,
+                actual=actual,
+                reason="LTA copy differs from RawDataPackage.checksum; removed, will retry",
+            )
+            raise RuntimeError(
+                f"checksum mismatch in {dest.name}: expected {expected}, got {actual}"
+            )
+        with dst_storage.open_write(meta_path) as f:
+            f.write(json.dumps(metadata, indent=2, sort_keys=True, default=str).encode())
+    except (ConfigurationError, PermanentError) as exc:
+        return _record_failure(archive_transfer_id, str(exc), True, fields)
+    except Exception as exc:
+        return _record_failure(archive_transfer_id, f"{type(exc).__name__}: {exc}", False, fields)
+
+    with db.session_scope() as s:
+        row = s.get(t, archive_transfer_id)
+        if row.status != m.Status.IN_PROGRESS:
+            return "skipped"
+        now = m.utcnow()
+        row.status = m.Status.COMPLETED
+        row.end_time = now
+        row.bytes_transferred = stats.bytes
+        row.duration_seconds = stats.seconds
+        row.metadata_path = meta_path
+        row.failure_reason = None
+        row.next_attempt_at = None
+        copy = s.scalars(
+            select(m.RawDataPackagePhysicalCopy).where(
+                m.RawDataPackagePhysicalCopy.raw_data_package_id == rdp_id,
+                m.RawDataPackagePhysicalCopy.data_location_id == dest.id,
+                m.RawDataPackagePhysicalCopy.status == m.PhysicalCopyStatus.PRESENT,
+            )
+        ).first()
+        if copy is None:
+            copy = m.RawDataPackagePhysicalCopy(
+                raw_data_package_id=rdp_id,
+                data_location_id=dest.id,
+                status=m.PhysicalCopyStatus.PRESENT,
+                relative_path=path,
+            )
+            s.add(copy)
+        copy.size = stats.bytes
+        copy.checksum = expected
+        copy.verified_at = now
+        pkg = s.get(m.RawDataPackage, rdp_id)
+        if pkg.state != m.PackageState.ARCHIVED:
+            pkg.state = m.PackageState.ARCHIVED
+            pkg.archived_at = now
+    log.info("raw_data_package_archived", **fields, size_bytes=stats.bytes)
+    return "completed"
+
+
+def _record_failure(lta_id: int, reason: str, permanent: bool, fields: dict[str, Any]) -> str:
+    with DatabaseConnection().session_scope() as s:
+        row = s.get(m.LongTermArchiveTransfer, lta_id)
+        if row is None or row.status != m.Status.IN_PROGRESS:
+            return "skipped"
+        for key, value in _retry_values(row.retry_count, reason, m.utcnow(), permanent).items():
+            setattr(row, key, value)
+        outcome = "failed" if row.status == m.Status.FAILED else "retry"
+    if outcome == "failed":
+        log.error("archive_transfer_failed", **fields, reason=reason)
+    else:
+        log.warning("archive_transfer_retry_scheduled", **fields, reason=reason)
+    return outcome
+
+
+@app.task(
+    bind=True,
+    acks_late=True,
+    name="ccat_data_transfer.archive_manager.archive_raw_data_package",
+)
+def archive_raw_data_package(self: Any, archive_transfer_id: int) -> str:
+    """Celery task: run :func:`execute_archive_transfer` on the LTA-site buffer's queue."""
+    return execute_archive_transfer(int(archive_transfer_id))
