@@ -37,7 +37,11 @@ pytest_plugins = ["fixtures_s3"] if (Path(__file__).parent / "fixtures_s3.py").e
 PG_ADMIN_URL = os.environ.get(
     "CCAT_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-BACKENDS = [b.strip() for b in os.environ.get("CCAT_TEST_BACKENDS", "sqlite,postgresql").split(",") if b.strip()]
+BACKENDS = [
+    b.strip()
+    for b in os.environ.get("CCAT_TEST_BACKENDS", "sqlite,postgresql").split(",")
+    if b.strip()
+]
 DEFAULT_TOPOLOGY = (
     Path(__file__).resolve().parent.parent
     / "src"

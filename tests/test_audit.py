@@ -19,18 +19,25 @@ def _files_at(system, location_name, n=10):
     with system.session() as s:
         loc = system.location(s, location_name)
         module = s.scalars(select(m.InstrumentModule)).first()
-        eou = m.ExecutedObsUnit(name=f"audit-{location_name}", obs_unit=m.ObsUnit(name=f"o-{location_name}"))
+        eou = m.ExecutedObsUnit(
+            name=f"audit-{location_name}", obs_unit=m.ObsUnit(name=f"o-{location_name}")
+        )
         for i in range(n):
             data = f"file {i} at {location_name}".encode() * 100
             rel = f"d/f{i:03d}.dat"
             (root / "d").mkdir(parents=True, exist_ok=True)
             (root / rel).write_bytes(data)
-            f = m.RawDataFile(relative_path=rel, size=len(data),
-                              checksum=hashlib.sha256(data).hexdigest(),
-                              instrument_module_id=module.id, executed_obs_unit=eou,
-                              source_location=loc)
-            copy = m.RawDataFilePhysicalCopy(raw_data_file=f, data_location=loc,
-                                             relative_path=rel, size=len(data))
+            f = m.RawDataFile(
+                relative_path=rel,
+                size=len(data),
+                checksum=hashlib.sha256(data).hexdigest(),
+                instrument_module_id=module.id,
+                executed_obs_unit=eou,
+                source_location=loc,
+            )
+            copy = m.RawDataFilePhysicalCopy(
+                raw_data_file=f, data_location=loc, relative_path=rel, size=len(data)
+            )
             s.add(copy)
             s.flush()
             ids.append(copy.id)
@@ -47,12 +54,12 @@ def test_clean_location_has_no_discrepancy(system):
 
 def test_finds_lost_dark_and_drift_and_marks_lost_copies(system):
     root, ids = _files_at(system, "primecam_raw_data", n=40)
-    (root / "d/f000.dat").unlink()                         # lost
-    (root / "d/f001.dat").write_bytes(b"x" * 5)            # size drift
+    (root / "d/f000.dat").unlink()  # lost
+    (root / "d/f001.dat").write_bytes(b"x" * 5)  # size drift
     data = bytearray((root / "d/f002.dat").read_bytes())
     data[10] ^= 0xFF
-    (root / "d/f002.dat").write_bytes(bytes(data))         # checksum drift, same size
-    (root / "stray.bin").write_bytes(b"dark")               # dark data
+    (root / "d/f002.dat").write_bytes(bytes(data))  # checksum drift, same size
+    (root / "stray.bin").write_bytes(b"dark")  # dark data
     with system.session() as s:
         (report,) = run_audit(s, "primecam_raw_data", full=True)
     assert [x["path"] for x in report.lost] == ["d/f000.dat"]
@@ -86,7 +93,9 @@ def test_too_many_discrepancies_stop_the_audit_and_mark_nothing(system):
     with system.session() as s:
         (report,) = run_audit(s, "chai_raw_data")
         assert report.aborted and "Nothing was marked" in report.aborted
-        assert s.scalars(select(m.PhysicalCopy).where(m.PhysicalCopy.lost_at.is_not(None))).all() == []
+        assert (
+            s.scalars(select(m.PhysicalCopy).where(m.PhysicalCopy.lost_at.is_not(None))).all() == []
+        )
 
 
 def test_sampled_checksums_check_about_the_fraction(system, override_settings):
@@ -94,8 +103,9 @@ def test_sampled_checksums_check_about_the_fraction(system, override_settings):
     with system.session() as s:
         from ccat_data_transfer.audit import audit_location
 
-        report = audit_location(s, system.location(s, "primecam_raw_data"),
-                                sample_fraction=0.25, rng=random.Random(1))
+        report = audit_location(
+            s, system.location(s, "primecam_raw_data"), sample_fraction=0.25, rng=random.Random(1)
+        )
     assert 2 <= report.checksums_checked <= 20
 
 

@@ -27,8 +27,15 @@ def test_init_then_list_locations_shows_default_topology(tmp_path):
     assert again.returncode == 0 and "0 created, 0 updated" in again.stdout
     listing = _run(["list-locations"], tmp_path)
     assert listing.returncode == 0, listing.stderr
-    for name in ("primecam_raw_data", "chai_raw_data", "ccat_telescope_buffer",
-                 "cologne_buffer", "us_buffer", "cologne_lta", "us_lta"):
+    for name in (
+        "primecam_raw_data",
+        "chai_raw_data",
+        "ccat_telescope_buffer",
+        "cologne_buffer",
+        "us_buffer",
+        "cologne_lta",
+        "us_lta",
+    ):
         assert name in listing.stdout
     as_json = json.loads(_run(["list-locations", "--json"], tmp_path).stdout)
     assert {row["site"] for row in as_json} >= {"ccat", "cologne", "us"}
@@ -52,7 +59,8 @@ def test_unknown_topology_file_is_a_clear_error(tmp_path):
 
 def test_unreachable_database_is_a_clear_error(tmp_path):
     result = _run(
-        ["list-locations"], tmp_path,
+        ["list-locations"],
+        tmp_path,
         CCAT_DATA_TRANSFER_DATABASE_URL="postgresql+psycopg://nobody@127.0.0.1:1/x",
     )
     assert result.returncode == 2

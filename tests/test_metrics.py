@@ -21,14 +21,26 @@ def _populate(system):
         module = s.scalars(select(m.InstrumentModule)).first()
         eou = m.ExecutedObsUnit(name="e1", obs_unit=m.ObsUnit(name="o1"))
         buf = system.location(s, "ccat_telescope_buffer")
-        for i, state in enumerate([m.PackageState.ARCHIVED, m.PackageState.ARCHIVED,
-                                   m.PackageState.WAITING]):
-            pkg = m.RawDataPackage(file_name=f"p{i}.tar", relative_path=f"p{i}.tar", size=100 * (i + 1),
-                                   state=state, executed_obs_unit=eou, instrument_module_id=module.id)
-            s.add(m.RawDataPackagePhysicalCopy(
-                raw_data_package=pkg, data_location=buf, size=pkg.size,
-                status=m.PhysicalCopyStatus.DELETED if i == 0 else m.PhysicalCopyStatus.PRESENT,
-                deleted_at=m.utcnow() if i == 0 else None))
+        for i, state in enumerate(
+            [m.PackageState.ARCHIVED, m.PackageState.ARCHIVED, m.PackageState.WAITING]
+        ):
+            pkg = m.RawDataPackage(
+                file_name=f"p{i}.tar",
+                relative_path=f"p{i}.tar",
+                size=100 * (i + 1),
+                state=state,
+                executed_obs_unit=eou,
+                instrument_module_id=module.id,
+            )
+            s.add(
+                m.RawDataPackagePhysicalCopy(
+                    raw_data_package=pkg,
+                    data_location=buf,
+                    size=pkg.size,
+                    status=m.PhysicalCopyStatus.DELETED if i == 0 else m.PhysicalCopyStatus.PRESENT,
+                    deleted_at=m.utcnow() if i == 0 else None,
+                )
+            )
 
 
 def test_snapshot_counts_match_the_database(system):
@@ -45,22 +57,39 @@ def test_prometheus_text_has_the_families(system):
     text = prometheus_text(system.db.session_factory()).decode()
     assert 'ccat_raw_data_packages{state="ARCHIVED"} 2.0' in text
     assert "ccat_deletions_last_day 1.0" in text
-    assert 'ccat_physical_copies{location="ccat_telescope_buffer",status="PRESENT",type="raw_data_package"} 2.0' in text
+    assert (
+        'ccat_physical_copies{location="ccat_telescope_buffer",status="PRESENT",'
+        'type="raw_data_package"} 2.0'
+        in text
+    )
 
 
 def test_line_protocol_escapes_and_types():
     snap = {
-        "raw_files": {"count": 3, "bytes": 30}, "raw_files_unpackaged": 1,
+        "raw_files": {"count": 3, "bytes": 30},
+        "raw_files_unpackaged": 1,
         "package_states": {"ARCHIVED": {"count": 2, "bytes": 20}},
-        "transfers": {}, "transfer_rate_mb_per_s": 1.5,
-        "deletions_last_day": {"count": 0, "bytes": 0}, "deletion_failures": 0,
-        "buffers": [{"location": "a b", "site": "s", "state": "normal",
-                     "disk_usage_percent": 12.5, "used_bytes": 10}],
+        "transfers": {},
+        "transfer_rate_mb_per_s": 1.5,
+        "deletions_last_day": {"count": 0, "bytes": 0},
+        "deletion_failures": 0,
+        "buffers": [
+            {
+                "location": "a b",
+                "site": "s",
+                "state": "normal",
+                "disk_usage_percent": 12.5,
+                "used_bytes": 10,
+            }
+        ],
         "queues": {},
     }
     lines = snapshot_to_line_protocol(snap, timestamp=1700000000)
     assert "raw_files count=3i,bytes=30i,unpackaged=1i 1700000000" in lines
-    assert "buffer_usage,location=a\\ b,site=s,state=normal percent=12.5,used_bytes=10i 1700000000" in lines
+    assert (
+        "buffer_usage,location=a\\ b,site=s,state=normal percent=12.5,used_bytes=10i 1700000000"
+        in lines
+    )
 
 
 def test_influx_push_posts_line_protocol(system, override_settings):
@@ -80,9 +109,11 @@ def test_influx_push_posts_line_protocol(system, override_settings):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        override_settings(INFLUXDB_ENABLED=True,
-                          INFLUXDB_URL=f"http://127.0.0.1:{server.server_port}",
-                          INFLUXDB_TOKEN="t0k")
+        override_settings(
+            INFLUXDB_ENABLED=True,
+            INFLUXDB_URL=f"http://127.0.0.1:{server.server_port}",
+            INFLUXDB_TOKEN="t0k",
+        )
         _populate(system)
         with system.session() as s:
             assert push_metrics(s) is True

@@ -33,9 +33,19 @@ def test_schema_has_the_tables_the_document_names(db_url):
     engine = create_engine(db_url)
     tables = set(inspect(engine).get_table_names())
     engine.dispose()
-    for name in ("data_location", "physical_copy", "raw_data_file", "raw_data_package",
-                 "data_transfer_package", "data_transfer", "long_term_archive_transfer",
-                 "staging_job", "deletion_log", "site", "data_transfer_route"):
+    for name in (
+        "data_location",
+        "physical_copy",
+        "raw_data_file",
+        "raw_data_package",
+        "data_transfer_package",
+        "data_transfer",
+        "long_term_archive_transfer",
+        "staging_job",
+        "deletion_log",
+        "site",
+        "data_transfer_route",
+    ):
         assert name in tables
 
 
@@ -45,8 +55,11 @@ def _one_package_copy(session, system, status, deleted_at=None):
     obs = m.ObsUnit(name="obs-1")
     eou = m.ExecutedObsUnit(name="obs-1-exec-1", obs_unit=obs)
     pkg = m.RawDataPackage(
-        file_name="p1.tar", relative_path="p1.tar", size=10,
-        executed_obs_unit=eou, instrument_module_id=module.id,
+        file_name="p1.tar",
+        relative_path="p1.tar",
+        size=10,
+        executed_obs_unit=eou,
+        instrument_module_id=module.id,
     )
     copy = m.RawDataPackagePhysicalCopy(
         raw_data_package=pkg, data_location=loc, status=status, deleted_at=deleted_at
@@ -86,8 +99,10 @@ def test_document_deletion_history_sql_runs_unchanged_on_postgresql(system):
         recent = _one_package_copy(s, system, m.PhysicalCopyStatus.DELETED, m.utcnow())
         loc = system.location(s, "ccat_telescope_buffer")
         old = m.RawDataPackagePhysicalCopy(
-            raw_data_package=recent.raw_data_package, data_location=loc,
-            status=m.PhysicalCopyStatus.DELETED, deleted_at=m.utcnow() - timedelta(days=3),
+            raw_data_package=recent.raw_data_package,
+            data_location=loc,
+            status=m.PhysicalCopyStatus.DELETED,
+            deleted_at=m.utcnow() - timedelta(days=3),
         )
         s.add(old)
     with system.session() as s:

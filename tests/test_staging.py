@@ -484,3 +484,23 @@ def test_progress_counts_staged_packages_when_a_later_one_fails(system):
     assert job.status == m.Status.FAILED and f"package {bad_id}" in job.failure_reason
     assert (job.packages_done, job.packages_total) == (1, 2)
     assert all(_files_on_disk(system, "processing_scratch", good).values())
+
+
+def test_a_package_locked_by_another_stager_waits_and_a_stale_lock_is_taken_over(system):
+    with system.session() as s:
+        pkg_id = make_archived_package(system, s).id
+        dest_id = system.location(s, "processing_scratch").id
+        s.add(m.ManagerState(key=f"staging_lock:{pkg_id}:{dest_id}", value="other"))
+    job_id = _stage(system, package_ids=[pkg_id])
+    job = _job(system, job_id)
+    assert job.status == m.Status.PENDING and "another job" in job.failure_reason
+    assert not any(_files_on_disk(system, "processing_scratch", pkg_id).values())
+
+    with system.session() as s:
+        lock = s.get(m.ManagerState, f"staging_lock:{pkg_id}:{dest_id}")
+        lock.updated_at = m.utcnow() - timedelta(days=2)  # its worker died long ago
+    with system.session() as s:
+        staging_manager.run_once(s)
+    assert _job(system, job_id).status == m.Status.COMPLETED
+    with system.session() as s:
+        assert s.get(m.ManagerState, f"staging_lock:{pkg_id}:{dest_id}") is None

@@ -15,8 +15,15 @@ from conftest import DEFAULT_TOPOLOGY
 def _counts(session):
     return {
         model.__tablename__: session.scalar(select(func.count()).select_from(model))
-        for model in (m.Site, m.DataLocation, m.DataTransferRoute, m.Instrument,
-                      m.InstrumentModule, m.Telescope, m.Observatory)
+        for model in (
+            m.Site,
+            m.DataLocation,
+            m.DataTransferRoute,
+            m.Instrument,
+            m.InstrumentModule,
+            m.Telescope,
+            m.Observatory,
+        )
     }
 
 
@@ -64,8 +71,10 @@ def test_edited_file_updates_rows_without_duplicating(system, tmp_path):
         'path = "cologne/cologne_buffer"\ncapacity = "2 TB"\npriority = 3\n'
         "critical_threshold_percent = 80",
     )
-    text += '\n[[locations]]\nname = "cologne_buffer_2"\nsite = "cologne"\ntype = "buffer"\n' \
-            'storage = "disk"\npath = "cologne/buffer2"\npriority = 5\n'
+    text += (
+        '\n[[locations]]\nname = "cologne_buffer_2"\nsite = "cologne"\ntype = "buffer"\n'
+        'storage = "disk"\npath = "cologne/buffer2"\npriority = 5\n'
+    )
     path = _write(tmp_path, text)
     with system.session() as s:
         before = _counts(s)
@@ -83,8 +92,12 @@ def _add_present_copy(session, location_name):
     loc = session.scalars(select(m.DataLocation).filter_by(name=location_name)).one()
     module = session.scalars(select(m.InstrumentModule)).first()
     eou = m.ExecutedObsUnit(name="e1", obs_unit=m.ObsUnit(name="o1"))
-    pkg = m.RawDataPackage(file_name="p.tar", relative_path="p.tar", executed_obs_unit=eou,
-                           instrument_module_id=module.id)
+    pkg = m.RawDataPackage(
+        file_name="p.tar",
+        relative_path="p.tar",
+        executed_obs_unit=eou,
+        instrument_module_id=module.id,
+    )
     session.add(m.RawDataPackagePhysicalCopy(raw_data_package=pkg, data_location=loc))
 
 
@@ -115,27 +128,36 @@ def test_removing_an_empty_location_deactivates_it(system, tmp_path):
 
 BAD_INPUTS = {
     "route to unknown site": (
-        lambda t: t + '\n[[routes]]\norigin = "ccat"\ndestination = "mars"\n'
-        'type = "direct"\nmethod = "copy"\n',
+        lambda t: (
+            t + '\n[[routes]]\norigin = "ccat"\ndestination = "mars"\n'
+            'type = "direct"\nmethod = "copy"\n'
+        ),
         "unknown destination site 'mars'",
     ),
     "duplicate location name": (
-        lambda t: t + '\n[[locations]]\nname = "us_lta"\nsite = "us"\ntype = "buffer"\n'
-        'storage = "disk"\npath = "x"\n',
+        lambda t: (
+            t + '\n[[locations]]\nname = "us_lta"\nsite = "us"\ntype = "buffer"\n'
+            'storage = "disk"\npath = "x"\n'
+        ),
         "duplicate location name 'us_lta'",
     ),
     "missing field": (
-        lambda t: t + '\n[[locations]]\nname = "nowhere"\nsite = "us"\nstorage = "disk"\n'
-        'path = "x"\n',
+        lambda t: (
+            t + '\n[[locations]]\nname = "nowhere"\nsite = "us"\nstorage = "disk"\npath = "x"\n'
+        ),
         "missing required field 'type'",
     ),
     "wrong enum value": (
-        lambda t: t + '\n[[locations]]\nname = "odd"\nsite = "us"\ntype = "attic"\n'
-        'storage = "disk"\npath = "x"\n',
+        lambda t: (
+            t + '\n[[locations]]\nname = "odd"\nsite = "us"\ntype = "attic"\n'
+            'storage = "disk"\npath = "x"\n'
+        ),
         "unknown value 'attic'",
     ),
     "wrong storage": (
-        lambda t: t.replace('storage = "disk"\npath = "us/us_lta"', 'storage = "floppy"\npath = "us/us_lta"'),
+        lambda t: t.replace(
+            'storage = "disk"\npath = "us/us_lta"', 'storage = "floppy"\npath = "us/us_lta"'
+        ),
         "unknown value 'floppy'",
     ),
     "bad capacity": (
@@ -144,8 +166,10 @@ BAD_INPUTS = {
     ),
     "not toml": (lambda t: t + "\n[[[broken\n", "not valid TOML"),
     "s3 without bucket": (
-        lambda t: t + '\n[[locations]]\nname = "s3x"\nsite = "us"\ntype = "long_term_archive"\n'
-        'storage = "s3"\n',
+        lambda t: (
+            t + '\n[[locations]]\nname = "s3x"\nsite = "us"\ntype = "long_term_archive"\n'
+            'storage = "s3"\n'
+        ),
         "needs a 'bucket'",
     ),
 }

@@ -116,8 +116,24 @@ def _expected_copies(session: Session, location: m.DataLocation) -> tuple[list[E
     expected: list[Expected] = []
     maybe: set[str] = set()
     for row in rows:
-        (cid, ctype, status, path, size, checksum, lost_at, f_path, f_size, f_sum,
-         p_path, p_size, p_sum, d_path, d_size, d_sum) = row
+        (
+            cid,
+            ctype,
+            status,
+            path,
+            size,
+            checksum,
+            lost_at,
+            f_path,
+            f_size,
+            f_sum,
+            p_path,
+            p_size,
+            p_sum,
+            d_path,
+            d_size,
+            d_sum,
+        ) = row
         item = {
             "raw_data_file": (f_path, f_size, f_sum),
             "raw_data_package": (p_path, p_size, p_sum),
@@ -154,11 +170,17 @@ def audit_location(
     """Audit one location; marks lost copies unless the discrepancies look systemic."""
     report = LocationAudit(location=location.name)
     sample_fraction = (
-        1.0 if full else float(sample_fraction if sample_fraction is not None
-                               else settings.get("AUDIT_CHECKSUM_SAMPLE_FRACTION", 0.01))
+        1.0
+        if full
+        else float(
+            sample_fraction
+            if sample_fraction is not None
+            else settings.get("AUDIT_CHECKSUM_SAMPLE_FRACTION", 0.01)
+        )
     )
     max_fraction = float(
-        max_fraction if max_fraction is not None
+        max_fraction
+        if max_fraction is not None
         else settings.get("AUDIT_MAX_DISCREPANCY_FRACTION", 0.1)
     )
     rng = rng or random.Random()
@@ -185,8 +207,9 @@ def audit_location(
     for exp in expected:
         size = listing.get(exp.path)
         if size is None:
-            report.lost.append({"physical_copy_id": exp.copy_id, "copy_type": exp.copy_type,
-                                "path": exp.path})
+            report.lost.append(
+                {"physical_copy_id": exp.copy_id, "copy_type": exp.copy_type, "path": exp.path}
+            )
             lost_ids.append(exp.copy_id)
             continue
         report.found += 1
@@ -199,8 +222,14 @@ def audit_location(
             if actual.lower() != exp.checksum.lower():
                 problem = f"sha256 {actual[:12]}... != recorded {exp.checksum[:12]}..."
         if problem:
-            report.drift.append({"physical_copy_id": exp.copy_id, "copy_type": exp.copy_type,
-                                 "path": exp.path, "problem": problem})
+            report.drift.append(
+                {
+                    "physical_copy_id": exp.copy_id,
+                    "copy_type": exp.copy_type,
+                    "path": exp.path,
+                    "problem": problem,
+                }
+            )
             lost_ids.append(exp.copy_id)
         elif exp.lost:
             found_again.append(exp.copy_id)
@@ -238,8 +267,9 @@ def audit_location(
     for item in report.drift:
         log.error("audit_drift", location=location.name, **item)
     for item in report.dark:
-        log.warning("audit_dark_data", location=location.name, path=item["path"],
-                    size_bytes=item["size"])
+        log.warning(
+            "audit_dark_data", location=location.name, path=item["path"], size_bytes=item["size"]
+        )
     return report
 
 
@@ -262,6 +292,7 @@ def run_audit(
         if loc.storage_type == m.StorageType.TAPE:
             reports.append(LocationAudit(location=loc.name, error="tape locations are not audited"))
             continue
-        reports.append(audit_location(session, loc, full=full, sample_fraction=sample_fraction,
-                                      mark=mark))
+        reports.append(
+            audit_location(session, loc, full=full, sample_fraction=sample_fraction, mark=mark)
+        )
     return reports

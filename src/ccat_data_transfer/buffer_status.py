@@ -27,7 +27,7 @@ log = get_logger(__name__)
 REDIS_KEY = "buffer_status:{location}"
 
 
-class BufferState(str, enum.Enum):
+class BufferState(enum.StrEnum):
     NORMAL = "normal"
     WARNING = "warning"
     CRITICAL = "critical"
@@ -117,7 +117,9 @@ def publish_status(status: dict[str, Any], session: Any = None) -> None:
     disk_usage_percent, state, measured_at)."""
     if _use_redis():
         redis_client().set(
-            REDIS_KEY.format(location=status["location"]), json.dumps(status, default=str), ex=_ttl()
+            REDIS_KEY.format(location=status["location"]),
+            json.dumps(status, default=str),
+            ex=_ttl(),
         )
         return
     _publish_db(status, session)

@@ -153,8 +153,13 @@ def list_services() -> list[dict[str, Any]]:
             _, service_type, service_name = key.split(":", 2)
             info = json.loads(raw) if raw else {}
             services.append(
-                {"key": key, "service_type": service_type, "service_name": service_name,
-                 "alive": raw is not None, **info}
+                {
+                    "key": key,
+                    "service_type": service_type,
+                    "service_name": service_name,
+                    "alive": raw is not None,
+                    **info,
+                }
             )
         return services
     from ccat_data_transfer.database import DatabaseConnection
@@ -168,8 +173,13 @@ def list_services() -> list[dict[str, Any]]:
         for row in rows:
             _, service_type, service_name = row.key.split(":", 2)
             services.append(
-                {"key": row.key, "service_type": service_type, "service_name": service_name,
-                 "alive": row.updated_at >= cutoff, **json.loads(row.value)}
+                {
+                    "key": row.key,
+                    "service_type": service_type,
+                    "service_name": service_name,
+                    "alive": row.updated_at >= cutoff,
+                    **json.loads(row.value),
+                }
             )
     finally:
         session.close()

@@ -35,7 +35,9 @@ def install_signal_handlers() -> None:
         signal.signal(signal.SIGINT, request_stop)
 
 
-def run_cycle(name: str, cycle: Callable[[Session], Any], db: DatabaseConnection | None = None) -> Any:
+def run_cycle(
+    name: str, cycle: Callable[[Session], Any], db: DatabaseConnection | None = None
+) -> Any:
     """Run one cycle in its own session; commit on success, roll back on error."""
     db = db or DatabaseConnection()
     with db.session_scope() as session:

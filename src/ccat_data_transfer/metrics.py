@@ -70,7 +70,9 @@ def collect_snapshot(session: Session) -> dict[str, Any]:
     snap["unpacks"] = {
         status.name: count
         for status, count in session.execute(
-            select(m.DataTransfer.unpack_status, func.count()).group_by(m.DataTransfer.unpack_status)
+            select(m.DataTransfer.unpack_status, func.count()).group_by(
+                m.DataTransfer.unpack_status
+            )
         )
     }
     hour_ago = m.utcnow() - timedelta(hours=1)
@@ -113,7 +115,9 @@ def collect_snapshot(session: Session) -> dict[str, Any]:
     ]
     day_ago = m.utcnow() - timedelta(days=1)
     deleted = session.execute(
-        select(func.count(m.PhysicalCopy.id), func.coalesce(func.sum(m.PhysicalCopy.size), 0)).where(
+        select(
+            func.count(m.PhysicalCopy.id), func.coalesce(func.sum(m.PhysicalCopy.size), 0)
+        ).where(
             m.PhysicalCopy.status == m.PhysicalCopyStatus.DELETED,
             m.PhysicalCopy.deleted_at >= day_ago,
         )
@@ -217,9 +221,7 @@ def snapshot_to_prometheus(snap: dict[str, Any]) -> list[GaugeMetricFamily]:
     g = GaugeMetricFamily("ccat_raw_files_unpackaged", "Filed files not yet in a package")
     g.add_metric([], snap["raw_files_unpackaged"])
     families.append(g)
-    g = GaugeMetricFamily(
-        "ccat_raw_data_packages", "RawDataPackages by state", labels=["state"]
-    )
+    g = GaugeMetricFamily("ccat_raw_data_packages", "RawDataPackages by state", labels=["state"])
     b = GaugeMetricFamily(
         "ccat_raw_data_package_bytes", "Bytes of RawDataPackages by state", labels=["state"]
     )
@@ -242,7 +244,9 @@ def snapshot_to_prometheus(snap: dict[str, Any]) -> list[GaugeMetricFamily]:
         "ccat_physical_copies", "Physical copies", labels=["location", "type", "status"]
     )
     b = GaugeMetricFamily(
-        "ccat_physical_copy_bytes", "Bytes of physical copies", labels=["location", "type", "status"]
+        "ccat_physical_copy_bytes",
+        "Bytes of physical copies",
+        labels=["location", "type", "status"],
     )
     for row in snap["copies"]:
         labels = [row["location"], row["type"], row["status"]]
@@ -291,7 +295,9 @@ def prometheus_text(session_factory: Any = None) -> bytes:
 
 
 def _escape_tag(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
+    return (
+        str(value).replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
+    )
 
 
 def snapshot_to_line_protocol(snap: dict[str, Any], timestamp: int | None = None) -> list[str]:
@@ -303,11 +309,13 @@ def snapshot_to_line_protocol(snap: dict[str, Any], timestamp: int | None = None
     ]
     for state, v in snap["package_states"].items():
         lines.append(
-            f"raw_data_packages,state={_escape_tag(state)} count={v['count']}i,bytes={v['bytes']}i {ts}"
+            f"raw_data_packages,state={_escape_tag(state)} "
+            f"count={v['count']}i,bytes={v['bytes']}i {ts}"
         )
     for status, v in snap["transfers"].items():
         lines.append(
-            f"data_transfers,status={_escape_tag(status)} count={v['count']}i,bytes={v['bytes']}i {ts}"
+            f"data_transfers,status={_escape_tag(status)} "
+            f"count={v['count']}i,bytes={v['bytes']}i {ts}"
         )
     lines.append(f"transfer_rate mb_per_s={float(snap['transfer_rate_mb_per_s'])} {ts}")
     lines.append(
@@ -330,8 +338,13 @@ def snapshot_to_line_protocol(snap: dict[str, Any], timestamp: int | None = None
 class InfluxWriter:
     """Writes line protocol to InfluxDB 2 (``/api/v2/write``), when INFLUXDB_ENABLED."""
 
-    def __init__(self, url: str | None = None, org: str | None = None, bucket: str | None = None,
-                 token: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str | None = None,
+        org: str | None = None,
+        bucket: str | None = None,
+        token: str | None = None,
+    ) -> None:
         self.url = (url or str(settings.INFLUXDB_URL)).rstrip("/")
         self.org = org or str(settings.INFLUXDB_ORG)
         self.bucket = bucket or str(settings.INFLUXDB_BUCKET)

@@ -257,8 +257,10 @@ def run_demo(
             with db.session_scope() as session:
                 counts = lifecycle_counts(session)
                 if expected_files is None:
-                    expected_files = simulator.observations * files_per_module * max(
-                        1, len(simulator._sources()) and simulator.modules_per_instrument
+                    expected_files = (
+                        simulator.observations
+                        * files_per_module
+                        * max(1, len(simulator._sources()) and simulator.modules_per_instrument)
                     )
                 if simulator.finished and staging_job_id is None and counts["archived_everywhere"]:
                     staging_job_id = _start_staging_job(session)
@@ -268,13 +270,29 @@ def run_demo(
                     staging_done_marked = True
                 staging_cleaned = staging_done_marked and _staging_cleaned(session, staging_job_id)
             progress.update(bars["filed"], completed=counts["files"], total=expected_files)
-            progress.update(bars["packaged"], completed=counts["packaged_files"], total=max(counts["files"], 1))
-            progress.update(bars["transferred"], completed=counts["transfers_done"], total=max(counts["transfers"], 1))
-            progress.update(bars["archived"], completed=counts["archived_everywhere"], total=max(counts["packages"], 1))
-            progress.update(bars["cleaned"], completed=counts["temporary_cleaned"], total=max(counts["temporary_copies"], 1))
+            progress.update(
+                bars["packaged"], completed=counts["packaged_files"], total=max(counts["files"], 1)
+            )
+            progress.update(
+                bars["transferred"],
+                completed=counts["transfers_done"],
+                total=max(counts["transfers"], 1),
+            )
+            progress.update(
+                bars["archived"],
+                completed=counts["archived_everywhere"],
+                total=max(counts["packages"], 1),
+            )
+            progress.update(
+                bars["cleaned"],
+                completed=counts["temporary_cleaned"],
+                total=max(counts["temporary_copies"], 1),
+            )
             progress.update(
                 bars["staged"],
-                completed=(staging_job_id is not None) + (staging_status == "COMPLETED") + bool(staging_cleaned),
+                completed=(staging_job_id is not None)
+                + (staging_status == "COMPLETED")
+                + bool(staging_cleaned),
             )
             if (
                 simulator.finished

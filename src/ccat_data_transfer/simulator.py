@@ -101,8 +101,12 @@ class InstrumentSimulator:
             for loc in rows:
                 modules = sorted(mod.name for mod in loc.instrument.modules if mod.active)
                 out.append(
-                    (loc.instrument.name, loc.name, Path(loc.path),
-                     modules[: self.modules_per_instrument])
+                    (
+                        loc.instrument.name,
+                        loc.name,
+                        Path(loc.path),
+                        modules[: self.modules_per_instrument],
+                    )
                 )
             return out
 
@@ -118,7 +122,9 @@ class InstrumentSimulator:
             counter = 0
             while remaining:
                 # Unique bytes per file: a salted first chunk, then the shared block.
-                chunk = (salt + counter.to_bytes(8, "big") + self._block)[: min(remaining, len(self._block))]
+                chunk = (salt + counter.to_bytes(8, "big") + self._block)[
+                    : min(remaining, len(self._block))
+                ]
                 fh.write(chunk)
                 digest.update(chunk)
                 remaining -= len(chunk)
@@ -149,7 +155,8 @@ class InstrumentSimulator:
         day = start.strftime("%Y%m%d")
         for module in modules:
             for n in range(self.files_per_module):
-                rel = f"{day}/{eou}/{module}/{'scan' if instrument != 'chai' else 'spec'}_{n:04d}.fits"
+                kind = "spec" if instrument == "chai" else "scan"
+                rel = f"{day}/{eou}/{module}/{kind}_{n:04d}.fits"
                 header = _fits_header(
                     {
                         "SIMPLE": True,
@@ -189,7 +196,12 @@ class InstrumentSimulator:
             eou_row.end_time = m.utcnow()
         with self.db.session_scope() as session:
             finish_executed_obs_unit(session, eou)
-        log.info("observation_simulated", executed_obs_unit=eou, files=obs.files,
-                 size_bytes=obs.bytes, location=location)
+        log.info(
+            "observation_simulated",
+            executed_obs_unit=eou,
+            files=obs.files,
+            size_bytes=obs.bytes,
+            location=location,
+        )
         self.done.append(obs)
         return obs

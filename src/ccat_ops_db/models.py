@@ -365,9 +365,7 @@ class RawDataFile(Base):
     instrument_module: Mapped[InstrumentModule] = relationship()
     executed_obs_unit: Mapped[ExecutedObsUnit] = relationship()
     source_location: Mapped[DataLocation] = relationship()
-    raw_data_package: Mapped[RawDataPackage | None] = relationship(
-        back_populates="raw_data_files"
-    )
+    raw_data_package: Mapped[RawDataPackage | None] = relationship(back_populates="raw_data_files")
     physical_copies: Mapped[list[RawDataFilePhysicalCopy]] = relationship(
         back_populates="raw_data_file"
     )
@@ -458,9 +456,7 @@ class DataTransfer(Base):
         ForeignKey("data_transfer_package.id"), index=True
     )
     origin_location_id: Mapped[int] = mapped_column(ForeignKey("data_location.id"), index=True)
-    destination_location_id: Mapped[int] = mapped_column(
-        ForeignKey("data_location.id"), index=True
-    )
+    destination_location_id: Mapped[int] = mapped_column(ForeignKey("data_location.id"), index=True)
     route_id: Mapped[int | None] = mapped_column(ForeignKey("data_transfer_route.id"))
     transfer_method: Mapped[TransferMethod] = mapped_column(
         _enum(TransferMethod), default=TransferMethod.COPY
@@ -501,13 +497,9 @@ class LongTermArchiveTransfer(Base):
     __table_args__ = (UniqueConstraint("raw_data_package_id", "destination_location_id"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    raw_data_package_id: Mapped[int] = mapped_column(
-        ForeignKey("raw_data_package.id"), index=True
-    )
+    raw_data_package_id: Mapped[int] = mapped_column(ForeignKey("raw_data_package.id"), index=True)
     origin_location_id: Mapped[int] = mapped_column(ForeignKey("data_location.id"))
-    destination_location_id: Mapped[int] = mapped_column(
-        ForeignKey("data_location.id"), index=True
-    )
+    destination_location_id: Mapped[int] = mapped_column(ForeignKey("data_location.id"), index=True)
     status: Mapped[Status] = mapped_column(_enum(Status), default=Status.PENDING, index=True)
     bytes_transferred: Mapped[int] = mapped_column(BigInteger, default=0)
     duration_seconds: Mapped[float | None] = mapped_column(Float)
@@ -544,9 +536,7 @@ class StagingJob(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str | None] = mapped_column(String(256))
     user_id: Mapped[int | None] = mapped_column(ForeignKey("user.id"))
-    destination_location_id: Mapped[int] = mapped_column(
-        ForeignKey("data_location.id"), index=True
-    )
+    destination_location_id: Mapped[int] = mapped_column(ForeignKey("data_location.id"), index=True)
     # False once the scientist is done or the retention expired: files may be cleaned up.
     active: Mapped[bool] = mapped_column(Boolean, default=True, index=True)
     retention_period_minutes: Mapped[int | None] = mapped_column(Integer)
@@ -647,9 +637,7 @@ class DeletionLog(Base):
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
-    physical_copy_id: Mapped[int | None] = mapped_column(
-        ForeignKey("physical_copy.id"), index=True
-    )
+    physical_copy_id: Mapped[int | None] = mapped_column(ForeignKey("physical_copy.id"), index=True)
     copy_type: Mapped[str | None] = mapped_column(String(32))
     data_location_id: Mapped[int | None] = mapped_column(ForeignKey("data_location.id"))
     location_name: Mapped[str | None] = mapped_column(String(128))

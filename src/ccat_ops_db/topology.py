@@ -402,7 +402,11 @@ def read_topology_file(path: Path, data_dir: Path) -> Topology:
 
 
 def _upsert(
-    session: Session, model: type, lookup: dict[str, Any], values: dict[str, Any], report: LoadReport
+    session: Session,
+    model: type,
+    lookup: dict[str, Any],
+    values: dict[str, Any],
+    report: LoadReport,
 ) -> Any:
     row = session.scalars(select(model).filter_by(**lookup)).one_or_none()
     label = f"{model.__tablename__} {'/'.join(str(v) for v in lookup.values())}"

@@ -39,8 +39,10 @@ def initialise(topology: Path | None = None) -> str:
 @app.command("init")
 def init_command(
     topology: Path | None = typer.Option(
-        None, "--topology", "-t", help="Topology TOML file (default: setting TOPOLOGY_FILE "
-        "or the shipped default)."
+        None,
+        "--topology",
+        "-t",
+        help="Topology TOML file (default: setting TOPOLOGY_FILE or the shipped default).",
     ),
 ) -> None:
     """Create or migrate the database and load the topology (idempotent)."""
@@ -85,11 +87,22 @@ def list_locations(
             )
             return
         table = Table(title="Data locations", show_lines=False)
-        for col in ("Site", "Location", "Type", "Storage", "Where", "Priority", "Capacity", "Active"):
+        for col in (
+            "Site",
+            "Location",
+            "Type",
+            "Storage",
+            "Where",
+            "Priority",
+            "Capacity",
+            "Active",
+        ):
             table.add_column(col)
         last_site = None
         for loc in rows:
-            site_cell = f"{loc.site.name} ({loc.site.short_name})" if loc.site.name != last_site else ""
+            site_cell = (
+                f"{loc.site.name} ({loc.site.short_name})" if loc.site.name != last_site else ""
+            )
             if loc.site.name != last_site and last_site is not None:
                 table.add_section()
             last_site = loc.site.name

@@ -96,8 +96,10 @@ DEMO_SETTINGS = {
 @app.command("run")
 def run_command(
     simulate: bool = typer.Option(
-        False, "--simulate", help="Simulate the instruments and a scientist, and stop once "
-        "the whole lifecycle is done (the main job)."
+        False,
+        "--simulate",
+        help="Simulate the instruments and a scientist, and stop once "
+        "the whole lifecycle is done (the main job).",
     ),
     observations: int = typer.Option(4, "--observations", min=1, help="With --simulate."),
     files_per_module: int = typer.Option(3, "--files-per-module", min=1, help="With --simulate."),
@@ -170,29 +172,51 @@ def audit_command(
 
     db = get_db()
     with db.session_scope() as session:
-        reports = run_audit(session, location, full=full, sample_fraction=sample,
-                            mark=not dry_run)
+        reports = run_audit(session, location, full=full, sample_fraction=sample, mark=not dry_run)
     if as_json:
         console.print_json(json.dumps([r.as_dict() for r in reports]))
     else:
         table = Table(title="Consistency audit")
-        for col in ("Location", "Expected", "Found", "Lost", "Dark", "Drift", "Checksummed",
-                    "Marked lost", "Note"):
+        for col in (
+            "Location",
+            "Expected",
+            "Found",
+            "Lost",
+            "Dark",
+            "Drift",
+            "Checksummed",
+            "Marked lost",
+            "Note",
+        ):
             table.add_column(col)
         for r in reports:
-            table.add_row(r.location, str(r.expected), str(r.found), str(len(r.lost)),
-                          str(len(r.dark)), str(len(r.drift)), str(r.checksums_checked),
-                          str(r.marked_lost), r.error or r.aborted or "")
+            table.add_row(
+                r.location,
+                str(r.expected),
+                str(r.found),
+                str(len(r.lost)),
+                str(len(r.dark)),
+                str(len(r.drift)),
+                str(r.checksums_checked),
+                str(r.marked_lost),
+                r.error or r.aborted or "",
+            )
         console.print(table)
         for r in reports:
             for item in r.lost[:20]:
-                console.print(f"[red]lost[/] {r.location}: {item['path']} "
-                              f"(copy {item['physical_copy_id']})", highlight=False)
+                console.print(
+                    f"[red]lost[/] {r.location}: {item['path']} (copy {item['physical_copy_id']})",
+                    highlight=False,
+                )
             for item in r.drift[:20]:
-                console.print(f"[red]drift[/] {r.location}: {item['path']}: {item['problem']}",
-                              highlight=False)
+                console.print(
+                    f"[red]drift[/] {r.location}: {item['path']}: {item['problem']}",
+                    highlight=False,
+                )
             for item in r.dark[:20]:
-                console.print(f"[yellow]dark[/] {r.location}: {item['path']} ({item['size']} B)",
-                              highlight=False)
+                console.print(
+                    f"[yellow]dark[/] {r.location}: {item['path']} ({item['size']} B)",
+                    highlight=False,
+                )
     if any(r.discrepancies or r.error or r.aborted for r in reports):
         raise typer.Exit(1)
