@@ -369,3 +369,25 @@ def test_processing_files_kept_when_no_lta_copy_remains(system):
         make_staging_job(s, [pkg.package_id], active=False)
     run_deletion_cycle(system)
     assert_kept(system, "processing_scratch", pkg.file_paths[0], ids[0])
+
+
+def test_processing_files_deleted_when_only_another_locations_job_is_active(system):
+    with system.session() as s:
+        from helpers_lifecycle import location
+
+        pkg = make_package_at(system, s, ["cologne_lta"], state=A, files=2)
+        ids = make_processing_files(s, pkg, package_copy_status=None)
+        make_staging_job(s, [pkg.package_id], active=False)
+        other = m.DiskDataLocation(
+            name="processing_other",
+            site_id=location(s, "processing_scratch").site_id,
+            location_type=m.LocationType.PROCESSING,
+            storage_type=m.StorageType.DISK,
+            path=str(system.data_dir / "processing_other"),
+        )
+        s.add(other)
+        s.flush()
+        make_staging_job(s, [pkg.package_id], destination="processing_other", active=True)
+    run_deletion_cycle(system)
+    for cid, rel in zip(ids, pkg.file_paths, strict=True):
+        assert_deleted(system, "processing_scratch", rel, cid)

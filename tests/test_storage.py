@@ -223,7 +223,16 @@ def test_list_skips_temp_files_of_unfinished_writes(tmp_path: Path) -> None:
     store = DiskStorage(tmp_path, create=True)
     _write(store, "d/real.dat", b"1")
     (tmp_path / "d" / ".real2.dat.tmp-0123abcd").write_bytes(b"partial")
+    (tmp_path / "d" / ".unpack.tmp-x1y2z3").mkdir()
+    (tmp_path / "d" / ".unpack.tmp-x1y2z3" / "inner.dat").write_bytes(b"partial")
     assert [i.path for i in store.list()] == ["d/real.dat"]
+
+
+def test_long_names_still_get_valid_temp_names(tmp_path: Path) -> None:
+    store = DiskStorage(tmp_path, create=True)
+    name = "n" * 250
+    _write(store, f"d/{name}", b"1")
+    assert [i.path for i in store.list()] == [f"d/{name}"]
 
 
 def test_delete_is_idempotent(store: Storage) -> None:

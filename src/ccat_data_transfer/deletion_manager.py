@@ -148,7 +148,7 @@ def _lta_present_exists(package_id_col: Any, same_site_id: Any = None) -> Any:
     ]
     if same_site_id is not None:
         conds.append(lloc.c.site_id == same_site_id)
-    return exists().where(*conds)
+    return exists().where(*conds).correlate_except(lpc, lloc)
 
 
 def _lta_copies_of_package(session: Session, package_id: int) -> list[m.RawDataPackagePhysicalCopy]:
@@ -427,12 +427,14 @@ def _raw_file_source_safe(file_pc: Any) -> Any:
     rdp = m.RawDataPackage.__table__.alias("safe_rdp")
     return and_(
         file_pc.c.deletion_possible_at.is_not(None),
-        exists().where(
+        exists()
+        .where(
             rdf.c.id == file_pc.c.raw_data_file_id,
             rdp.c.id == rdf.c.raw_data_package_id,
             rdp.c.state == m.PackageState.ARCHIVED,
             _lta_present_exists(rdp.c.id),
-        ),
+        )
+        .correlate_except(rdf, rdp),
     )
 
 
@@ -443,17 +445,25 @@ def _raw_file_processing_safe(file_pc: Any) -> Any:
     rdf = m.RawDataFile.__table__.alias("safe_rdf")
     sj = m.StagingJob.__table__
     link = m.staging_job_raw_data_package
-    active_job = exists().where(
-        link.c.raw_data_package_id == rdf.c.raw_data_package_id,
-        sj.c.id == link.c.staging_job_id,
-        sj.c.active.is_(True),
-        sj.c.destination_location_id == file_pc.c.data_location_id,
+    active_job = (
+        exists()
+        .where(
+            link.c.raw_data_package_id == rdf.c.raw_data_package_id,
+            sj.c.id == link.c.staging_job_id,
+            sj.c.active.is_(True),
+            sj.c.destination_location_id == file_pc.c.data_location_id,
+        )
+        .correlate_except(link, sj)
     )
-    return exists().where(
-        rdf.c.id == file_pc.c.raw_data_file_id,
-        rdf.c.raw_data_package_id.is_not(None),
-        ~active_job,
-        _lta_present_exists(rdf.c.raw_data_package_id),
+    return (
+        exists()
+        .where(
+            rdf.c.id == file_pc.c.raw_data_file_id,
+            rdf.c.raw_data_package_id.is_not(None),
+            ~active_job,
+            _lta_present_exists(rdf.c.raw_data_package_id),
+        )
+        .correlate_except(rdf)
     )
 
 
@@ -960,11 +970,15 @@ def _staged_package_copies(
     """STAGED package copies at a PROCESSING location whose staging jobs are all inactive."""
     sj = m.StagingJob.__table__
     link = m.staging_job_raw_data_package
-    active_job = exists().where(
-        link.c.raw_data_package_id == m.RawDataPackagePhysicalCopy.raw_data_package_id,
-        sj.c.id == link.c.staging_job_id,
-        sj.c.active.is_(True),
-        sj.c.destination_location_id == location.id,
+    active_job = (
+        exists()
+        .where(
+            link.c.raw_data_package_id == m.RawDataPackagePhysicalCopy.raw_data_package_id,
+            sj.c.id == link.c.staging_job_id,
+            sj.c.active.is_(True),
+            sj.c.destination_location_id == location.id,
+        )
+        .correlate_except(link, sj)
     )
     return list(
         session.scalars(
@@ -1287,16 +1301,24 @@ def mark_raw_data_files_for_deletion(
         sloc.c.site_id.in_(sorted(roles.source_site_ids)),
     ]
     left_source_site = and_(
-        exists().where(*at_source_site, spc.c.status == S.DELETED),
-        ~exists().where(*at_source_site, spc.c.status != S.DELETED),
+        exists().where(*at_source_site, spc.c.status == S.DELETED).correlate_except(spc, sloc),
+        ~exists().where(*at_source_site, spc.c.status != S.DELETED).correlate_except(spc, sloc),
     )
-    package_ok = exists().where(
-        rdf.c.id == PCT.c.raw_data_file_id,
-        rdp.c.id == rdf.c.raw_data_package_id,
-        rdp.c.state == m.PackageState.ARCHIVED,
-        _lta_present_exists(rdp.c.id),
-        left_source_site,
-        *([rdp.c.id.in_(list(raw_data_package_ids))] if raw_data_package_ids is not None else []),
+    package_ok = (
+        exists()
+        .where(
+            rdf.c.id == PCT.c.raw_data_file_id,
+            rdp.c.id == rdf.c.raw_data_package_id,
+            rdp.c.state == m.PackageState.ARCHIVED,
+            _lta_present_exists(rdp.c.id),
+            left_source_site,
+            *(
+                [rdp.c.id.in_(list(raw_data_package_ids))]
+                if raw_data_package_ids is not None
+                else []
+            ),
+        )
+        .correlate_except(rdf, rdp)
     )
     file_locations = select(DLT.c.id).where(DLT.c.location_type.in_([LT.SOURCE, LT.BUFFER]))
     now = m.utcnow()

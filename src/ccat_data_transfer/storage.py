@@ -137,7 +137,8 @@ def is_temp_name(name: str) -> bool:
 
 
 def _temp_name(final_name: str) -> str:
-    return f".{final_name}{_TEMP_MARK}{uuid.uuid4().hex}"
+    # Shortened so the temp name stays within NAME_MAX (255) for long final names.
+    return f".{final_name[:200]}{_TEMP_MARK}{uuid.uuid4().hex}"
 
 
 def _fadvise_sequential(fd: int) -> None:
@@ -269,7 +270,8 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """All objects whose relative path starts with ``prefix`` (recursive, string prefix
-        as in S3).  Temporary files of unfinished writes are skipped.  Order unspecified."""
+        as in S3).  Temporary files of unfinished writes (and, on disk, temporary work
+        directories such as ``.unpack.tmp-*``) are skipped.  Order unspecified."""
 
     @abc.abstractmethod
     def delete(self, path: str) -> bool:
@@ -421,6 +423,8 @@ class DiskStorage(Storage):
             for entry in entries:
                 rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
                 if entry.is_dir(follow_symlinks=False):
+                    if is_temp_name(entry.name):
+                        continue  # work area of an unfinished write or unpack
                     if rel.startswith(norm) or norm.startswith(rel + "/"):
                         stack.append((entry.path, rel))
                     continue
@@ -453,6 +457,8 @@ class DiskStorage(Storage):
         return self._full(path)
 
     def copy_in(self, local_file: str | os.PathLike[str], path: str) -> int:
+        if not hasattr(os, "copy_file_range"):
+            return super().copy_in(local_file, path)
         with open(local_file, "rb", buffering=0) as src:
             _fadvise_sequential(src.fileno())
             with self.open_write(path) as dst:

@@ -631,7 +631,7 @@ def safe_extract(
                 # Re-check right before writing: the tree may have changed meanwhile.
                 if not _within(os.path.realpath(parent), real_dest):
                     raise UnsafeTarError(f"refusing tar member {info.name!r}: parent escapes")
-                tmp = os.path.join(parent, f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex}")
+                tmp = os.path.join(parent, f".{os.path.basename(target)[:200]}.tmp-{uuid.uuid4().hex}")
                 fd = os.open(
                     tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
                 )
