@@ -220,3 +220,23 @@ def audit_command(
                 )
     if any(r.discrepancies or r.error or r.aborted for r in reports):
         raise typer.Exit(1)
+
+
+@app.command("api")
+def api_command(
+    host: str | None = typer.Option(None, "--host", help="Bind address (setting API_HOST)."),
+    port: int | None = typer.Option(None, "--port", help="Port (setting API_PORT)."),
+) -> None:
+    """Serve the REST API (filing, staging) and the web dashboard (/dashboard/)."""
+    import uvicorn
+
+    from ccat_data_transfer.api.app import create_app
+    from ccat_data_transfer.config.config import settings
+
+    get_db()
+    uvicorn.run(
+        create_app(),
+        host=host or str(settings.API_HOST),
+        port=int(port or settings.API_PORT),
+        log_config=None,
+    )
