@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 from ccat_data_transfer.tarutil import (
+    _DEFAULT_LAYOUT,
     _LAYOUTS,
     DEFAULT_BUFSIZE,
     TarMember,
@@ -86,12 +88,22 @@ def warm_up(src: Path, files: list[dict]) -> None:
                 pass
 
 
+CPU: dict[str, list[float]] = {}
+
+
+def _cpu(who: int) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
 def run_ours(src: Path, files: list[dict], out: Path, bufsize: int, layout: str) -> float:
     members = [TarMember(e["arcname"], src / e["arcname"], e["size"], e["sha256"]) for e in files]
+    c0 = _cpu(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     with open(out, "wb") as f:
         result = write_tar_with_checksums(members, f, bufsize=bufsize, _layout=layout)
     elapsed = time.perf_counter() - t0
+    CPU.setdefault(layout, []).append(_cpu(resource.RUSAGE_SELF) - c0)
     if result.mismatches or len(result.member_sha256) != len(files):
         raise SystemExit(f"checksum verification failed: {result.mismatches[:3]}")
     if result.size != out.stat().st_size:
@@ -101,9 +113,12 @@ def run_ours(src: Path, files: list[dict], out: Path, bufsize: int, layout: str)
 
 def run_baseline(src: Path, listfile: Path, out: Path) -> float:
     cmd = f"tar -cf - -C {src} -T {listfile} | tee {out} | openssl dgst -sha256 > /dev/null"
+    c0 = _cpu(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(["bash", "-o", "pipefail", "-c", cmd], check=True)
-    return time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
+    CPU.setdefault("baseline", []).append(_cpu(resource.RUSAGE_CHILDREN) - c0)
+    return elapsed
 
 
 def settle(out: Path) -> None:
@@ -138,7 +153,7 @@ def main() -> None:
     settle(out)
     ours, base = [], []
     for _ in range(args.runs):
-        ours.append(run_ours(src, files, out, bufsize, "file_thread"))
+        ours.append(run_ours(src, files, out, bufsize, _DEFAULT_LAYOUT))
         settle(out)
         base.append(run_baseline(src, listfile, out))
         settle(out)
@@ -150,18 +165,24 @@ def main() -> None:
         settle(out)
 
     gb = total / 1e9
-    print(f"{len(files)} files, {gb:.2f} GB, bufsize {args.bufsize_mb} MiB, {os.cpu_count()} cpus")
-    print(f"{'run':<34}{'best s':>8}{'GB/s':>8}   all runs")
+    load = open("/proc/loadavg").read().split()[:3]
+    print(
+        f"{len(files)} files, {gb:.2f} GB, bufsize {args.bufsize_mb} MiB, "
+        f"{os.cpu_count()} cpus, load {' '.join(load)}"
+    )
+    print(f"{'run':<40}{'best s':>8}{'GB/s':>7}{'cpu s':>7}   all runs (s)")
     rows = [
-        ("ours (tar + sha256 per file + tar)", ours),
-        ("baseline tar|tee|openssl sha256", base),
+        (f"ours ({_DEFAULT_LAYOUT}, verify every file)", ours, _DEFAULT_LAYOUT),
+        ("baseline tar|tee|openssl dgst -sha256", base, "baseline"),
     ]
-    for name, times in rows:
+    for name, times, key in rows:
         best = min(times)
         runs = " ".join(f"{t:.2f}" for t in times)
-        print(f"{name:<34}{best:>8.2f}{gb / best:>8.2f}   {runs}")
+        cpu = min(CPU[key])
+        print(f"{name:<40}{best:>8.2f}{gb / best:>7.2f}{cpu:>7.2f}   {runs}")
     for layout, t in extra.items():
-        print(f"{'  layout ' + layout:<34}{t:>8.2f}{gb / t:>8.2f}")
+        cpu = CPU[layout][-1]
+        print(f"{'  layout ' + layout + ' (1 run)':<40}{t:>8.2f}{gb / t:>7.2f}{cpu:>7.2f}")
     print(f"ratio {min(ours) / min(base):.2f}")
 
 

@@ -18,8 +18,19 @@ from ccat_data_transfer.config.config import settings
 _configured = False
 
 
-def configure_logging(verbose: bool = False, fmt: str | None = None, stream: Any = None) -> None:
-    """Set up structlog and the stdlib root logger.  Safe to call more than once."""
+def configure_logging(
+    verbose: bool = False,
+    fmt: str | None = None,
+    stream: Any = None,
+    log_file: str | None = None,
+    console_level: str | None = None,
+) -> None:
+    """Set up structlog and the stdlib root logger.  Safe to call more than once.
+
+    With ``log_file``, every record also goes to that file as JSON lines, and the
+    stream only shows records at ``console_level`` or above (the main job keeps its
+    terminal for progress bars).
+    """
     global _configured
     stream = stream or sys.stderr
     fmt = (fmt or str(settings.get("LOG_FORMAT", "auto"))).lower()
@@ -58,8 +69,23 @@ def configure_logging(verbose: bool = False, fmt: str | None = None, stream: Any
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
+    handlers: list[logging.Handler] = [handler]
+    if log_file:
+        from pathlib import Path
+
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(log_file, encoding="utf-8")
+        file_handler.setFormatter(
+            structlog.stdlib.ProcessorFormatter(
+                processor=structlog.processors.JSONRenderer(default=str),
+                foreign_pre_chain=[*shared, _uppercase_level],
+            )
+        )
+        file_handler.setLevel(level)
+        handlers.append(file_handler)
+        handler.setLevel(getattr(logging, (console_level or "WARNING").upper(), logging.WARNING))
     root = logging.getLogger()
-    root.handlers = [handler]
+    root.handlers = handlers
     root.setLevel(level)
     for noisy in ("sqlalchemy.engine", "botocore", "boto3", "urllib3", "alembic", "celery"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))

@@ -241,7 +241,7 @@ class _BufferPool:
 # main thread only does I/O and two workers hash.  "serial": no threads (reference).
 # bench/packaging.py measures them; the default is the fastest measured on 2 cores.
 _LAYOUTS = ("file_thread", "tar_thread", "both_threads", "serial")
-_DEFAULT_LAYOUT = "file_thread"
+_DEFAULT_LAYOUT = "both_threads"
 
 
 def _write_all(out: BinaryIO, data: memoryview | bytes) -> None:

@@ -101,9 +101,9 @@ def run_command(
         help="Simulate the instruments and a scientist, and stop once "
         "the whole lifecycle is done (the main job).",
     ),
-    observations: int = typer.Option(4, "--observations", min=1, help="With --simulate."),
-    files_per_module: int = typer.Option(3, "--files-per-module", min=1, help="With --simulate."),
-    file_size_mb: float = typer.Option(2.0, "--file-size-mb", min=0.01, help="With --simulate."),
+    observations: int = typer.Option(6, "--observations", min=1, help="With --simulate."),
+    files_per_module: int = typer.Option(4, "--files-per-module", min=1, help="With --simulate."),
+    file_size_mb: float = typer.Option(4.0, "--file-size-mb", min=0.01, help="With --simulate."),
     rate_mb_per_s: float = typer.Option(
         0.0, "--rate-mb-per-s", min=0.0, help="Instrument write rate (0: as fast as possible)."
     ),
@@ -112,8 +112,19 @@ def run_command(
     init_first: bool = typer.Option(
         True, "--init/--no-init", help="Create/migrate the DB and load the topology first."
     ),
+    log_file: str | None = typer.Option(
+        None,
+        "--log-file",
+        help="JSON log file (default: DATA_DIR/logs/run.jsonl); the "
+        "terminal then shows only warnings, progress and the summary.",
+    ),
 ) -> None:
     """Run every manager in one process (tasks in-process in embedded mode)."""
+    from ccat_data_transfer.config.config import data_dir
+    from ccat_data_transfer.logging_utils import configure_logging
+
+    log_path = log_file or str(data_dir() / "logs" / "run.jsonl")
+    configure_logging(log_file=log_path)
     from ccat_data_transfer.cli.core import initialise
     from ccat_data_transfer.config.config import settings
     from ccat_data_transfer.database import DatabaseConnection
@@ -139,6 +150,7 @@ def run_command(
             timeout_seconds=timeout,
         )
         console.print(summary_table(result))
+        console.print(f"JSON log: {log_path}", highlight=False)
         if not result.completed:
             raise typer.Exit(1)
         return
