@@ -252,3 +252,34 @@ def api_command(
         port=int(port or settings.API_PORT),
         log_config=None,
     )
+
+
+@app.command("recovery")
+def recovery_command(
+    once: bool = typer.Option(False, "--once", help="One pass, then exit."),
+    older_than: float | None = typer.Option(
+        None,
+        "--older-than",
+        help="Seconds without progress (default STALLED_WORK_TIMEOUT_SECONDS).",
+    ),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+) -> None:
+    """Reset work stuck IN_PROGRESS whose worker died (retries are counted)."""
+    from datetime import timedelta
+
+    from ccat_data_transfer import recovery
+    from ccat_data_transfer.config.config import settings
+    from ccat_data_transfer.logging_utils import configure_logging
+    from ccat_data_transfer.manager_loop import run_manager
+
+    configure_logging(verbose=verbose)
+    get_db()
+    delta = timedelta(seconds=older_than) if older_than is not None else None
+    result = run_manager(
+        "recovery",
+        lambda session: recovery.run_once(session, delta),
+        lambda: float(settings.RECOVERY_SERVICE_SLEEP_TIME),
+        once=once,
+    )
+    if once:
+        console.print_json(data=result)

@@ -1,0 +1,84 @@
+"""Recovery service: finds work whose worker died and puts it back in the queue.
+
+Every stage marks what it is doing (SCHEDULED / IN_PROGRESS rows) and, for long work,
+refreshes a heartbeat (``updated_at``) while it runs.  Work untouched for longer than
+STALLED_WORK_TIMEOUT_SECONDS has lost its worker: each stage's own reset function turns
+it into one failed attempt (retry counted, backoff), or FAILED when out of retries.
+Destination writes are atomic everywhere, so a reset never leaves a half-written file
+under a final name.  Deletions stuck in flight are handed back to the deletion manager,
+whose worker re-checks the rule before touching storage.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from ccat_data_transfer.config.config import settings
+from ccat_data_transfer.logging_utils import get_logger
+from ccat_ops_db import models as m
+
+log = get_logger(__name__)
+
+
+def stalled_timeout() -> timedelta:
+    return timedelta(seconds=float(settings.STALLED_WORK_TIMEOUT_SECONDS))
+
+
+def reset_stalled_staging_jobs(session: Session, older_than: timedelta) -> int:
+    """Staging jobs IN_PROGRESS since before ``older_than``: back to PENDING (staging is
+    idempotent: packages already STAGED are reused), or FAILED when out of retries."""
+    cutoff = m.utcnow() - older_than
+    job = m.StagingJob
+    max_retries = int(settings.get("STAGING_MAX_RETRIES", 5))
+    reset = 0
+    for job_id, retries in session.execute(
+        select(job.id, job.retry_count).where(
+            job.status == m.Status.IN_PROGRESS, job.start_time < cutoff
+        )
+    ).all():
+        if retries >= max_retries:
+            values: dict[str, Any] = {
+                "status": m.Status.FAILED,
+                "failure_reason": "stalled in IN_PROGRESS: worker lost, out of retries",
+            }
+        else:
+            values = {
+                "status": m.Status.PENDING,
+                "retry_count": retries + 1,
+                "failure_reason": "stalled in IN_PROGRESS: worker lost",
+                "next_attempt_at": m.utcnow(),
+            }
+        reset += session.execute(
+            update(job).where(job.id == job_id, job.status == m.Status.IN_PROGRESS).values(**values)
+        ).rowcount
+    session.commit()
+    return reset
+
+
+def run_once(session: Session, older_than: timedelta | None = None) -> dict[str, int]:
+    """One recovery pass over every stage.  Returns what was reset, per stage."""
+    from ccat_data_transfer import (
+        archive_manager,
+        data_transfer_package_manager,
+        deletion_manager,
+        raw_data_package_manager,
+        transfer_manager,
+    )
+
+    older_than = older_than or stalled_timeout()
+    summary = {
+        "raw_data_packages": raw_data_package_manager.release_stalled_claims(session),
+        "data_transfer_packages": data_transfer_package_manager.release_stalled_claims(session),
+        "transfers": transfer_manager.reset_stalled_transfers(session, older_than),
+        "archive_transfers": archive_manager.reset_stalled_archive_transfers(session, older_than),
+        "staging_jobs": reset_stalled_staging_jobs(session, older_than),
+        # The deletion manager also does this every cycle; the task re-checks the rule.
+        "deletions": deletion_manager.resubmit_stalled_deletions(session),
+    }
+    if any(summary.values()):
+        log.warning("stalled_work_reset", **summary)
+    return summary
