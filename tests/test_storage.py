@@ -356,7 +356,7 @@ def test_s3_unreachable_server_fails_fast_as_unavailable() -> None:
             f.write(b"abc")
     with pytest.raises(StorageUnavailableError):
         list(store.list())
-    assert time.monotonic() - t0 < 20
+    assert time.monotonic() - t0 < 10  # three calls, each refused at once, few retries
 
 
 def test_s3_missing_bucket_is_unavailable_not_missing_object(s3_server) -> None:

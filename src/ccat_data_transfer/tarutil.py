@@ -631,7 +631,8 @@ def safe_extract(
                 # Re-check right before writing: the tree may have changed meanwhile.
                 if not _within(os.path.realpath(parent), real_dest):
                     raise UnsafeTarError(f"refusing tar member {info.name!r}: parent escapes")
-                tmp = os.path.join(parent, f".{os.path.basename(target)[:200]}.tmp-{uuid.uuid4().hex}")
+                base = os.path.basename(target)[:200]  # temp name within NAME_MAX
+                tmp = os.path.join(parent, f".{base}.tmp-{uuid.uuid4().hex}")
                 fd = os.open(
                     tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
                 )
