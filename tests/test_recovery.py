@@ -70,3 +70,24 @@ def test_stalled_staging_job_goes_back_to_pending(system):
         assert recovery.run_once(s, timedelta(hours=1))["staging_jobs"] == 1
         job = s.get(m.StagingJob, job_id)
         assert job.status == m.Status.PENDING and job.retry_count == 1
+
+
+def test_transfer_package_in_transit_is_never_taken_for_a_stalled_bundle(system):
+    """Regression: a DTP is IN_PROGRESS again while it is transferred; a slow transfer
+    must not make the bundler release it (that would unlink its members)."""
+    from ccat_data_transfer import data_transfer_package_manager
+
+    tid = _claimed_transfer(system)
+    with system.session() as s:
+        t = s.get(m.DataTransfer, tid)
+        dtp_id = t.data_transfer_package_id
+        s.execute(
+            update(m.DataTransferPackage)
+            .where(m.DataTransferPackage.id == dtp_id)
+            .values(status=m.Status.IN_PROGRESS, created_at=m.utcnow() - timedelta(days=2))
+        )
+    with system.session() as s:
+        assert data_transfer_package_manager.release_stalled_claims(s) == 0
+        assert recovery.run_once(s, timedelta(hours=1))["data_transfer_packages"] == 0
+        members = s.get(m.DataTransferPackage, dtp_id).raw_data_packages
+        assert members and all(p.data_transfer_package_id == dtp_id for p in members)

@@ -178,10 +178,15 @@ def release_stalled_claims(session: Session) -> int:
     """Release bundles stuck SCHEDULED/IN_PROGRESS past STALLED_WORK_TIMEOUT_SECONDS (a
     worker died); their raw data packages can be bundled again.  Commits."""
     limit = m.utcnow() - timedelta(seconds=int(settings.STALLED_WORK_TIMEOUT_SECONDS))
+    # Only bundles that never got built: no copy and no transfer.  A built package is
+    # IN_PROGRESS again while it is being transferred, which is not a stalled bundle.
+    dtp = m.DataTransferPackage
     ids = session.scalars(
-        select(m.DataTransferPackage.id).where(
-            m.DataTransferPackage.status.in_([m.Status.SCHEDULED, m.Status.IN_PROGRESS]),
-            m.DataTransferPackage.created_at < limit,
+        select(dtp.id).where(
+            dtp.status.in_([m.Status.SCHEDULED, m.Status.IN_PROGRESS]),
+            dtp.created_at < limit,
+            ~exists().where(m.PhysicalCopy.data_transfer_package_id == dtp.id),
+            ~exists().where(m.DataTransfer.data_transfer_package_id == dtp.id),
         )
     ).all()
     released = 0

@@ -31,14 +31,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Task
-from sqlalchemy import and_, exists, func, insert, or_, select, update
+from sqlalchemy import and_, exists, func, insert, or_, select, text, true, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, joinedload
 
 from ccat_data_transfer import buffer_status as bs
 from ccat_data_transfer.celery_app import app
 from ccat_data_transfer.config.config import settings
-from ccat_data_transfer.database import DatabaseConnection
+from ccat_data_transfer.database import DatabaseConnection, is_postgresql
 from ccat_data_transfer.exceptions import RetryableError
 from ccat_data_transfer.logging_utils import configure_logging, get_logger
 from ccat_data_transfer.operation_types import OperationType
@@ -808,6 +808,83 @@ def claim_for_deletion(
     return sorted(session.execute(stmt).scalars().all())
 
 
+_CLAIM_AND_LOG_SQL = text(
+    """
+    WITH cand AS (
+        SELECT * FROM unnest(
+            CAST(:ids AS bigint[]), CAST(:types AS text[]), CAST(:sizes AS bigint[]),
+            CAST(:codes AS text[]), CAST(:reasons AS text[])
+        ) AS c(id, copy_type, size, code, reason)
+    ), claimed AS (
+        UPDATE physical_copy pc
+        SET status = :scheduled, deletion_scheduled_at = :now
+        WHERE pc.id = ANY(CAST(:ids AS bigint[]))
+          AND pc.status = ANY(CAST(:expected AS text[]))
+          AND pc.lost_at IS NULL
+          AND pc.data_location_id NOT IN (
+              SELECT id FROM data_location WHERE location_type = :lta)
+        RETURNING pc.id
+    ), logged AS (
+        INSERT INTO deletion_log (created_at, physical_copy_id, copy_type, data_location_id,
+            location_name, size_bytes, reason, outcome, actor, message)
+        SELECT :now, cand.id, cand.copy_type, :location_id, :location_name, cand.size,
+            left(cand.code, 128), :outcome, 'deletion_manager', cand.reason
+        FROM claimed JOIN cand ON cand.id = claimed.id
+        RETURNING physical_copy_id
+    )
+    SELECT physical_copy_id FROM logged
+    """
+)
+
+
+def _claim_and_log_bulk(
+    session: Session,
+    location: m.DataLocation,
+    chunk: list[_Candidate],
+    expected: tuple[m.PhysicalCopyStatus, ...],
+) -> list[int]:
+    """PostgreSQL: :func:`claim_for_deletion` and the per-copy SCHEDULED audit rows in one
+    statement (the same UPDATE ... WHERE status IN (expected) guard, the same rows in
+    ``deletion_log``), so that scheduling a million copies does not build a million rows
+    in Python.  One JSON log line per batch instead of one per copy; the audit table keeps
+    every copy."""
+    now = m.utcnow()
+    claimed = sorted(
+        session.execute(
+            _CLAIM_AND_LOG_SQL,
+            {
+                "ids": [c.copy_id for c in chunk],
+                "types": [c.copy_type for c in chunk],
+                "sizes": [c.size for c in chunk],
+                "codes": [c.code for c in chunk],
+                "reasons": [c.reason for c in chunk],
+                "expected": [st.name for st in expected],
+                "scheduled": S.DELETION_SCHEDULED.name,
+                "lta": LT.LONG_TERM_ARCHIVE.name,
+                "now": now,
+                "location_id": location.id,
+                "location_name": location.name,
+                "outcome": m.DeletionOutcome.SCHEDULED.name,
+            },
+        ).scalars()
+    )
+    if claimed:
+        by_id = {c.copy_id: c for c in chunk}
+        codes = sorted({by_id[i].code for i in claimed})
+        log.info(
+            _EVENTS[m.DeletionOutcome.SCHEDULED],
+            copies=len(claimed),
+            first_physical_copy_id=claimed[0],
+            last_physical_copy_id=claimed[-1],
+            copy_type=chunk[0].copy_type,
+            location=location.name,
+            size_bytes=sum(int(by_id[i].size or 0) for i in claimed),
+            reason=",".join(codes),
+            outcome=m.DeletionOutcome.SCHEDULED.name,
+        )
+    return claimed
+
+
 @dataclass
 class _Candidate:
     copy_id: int
@@ -829,23 +906,27 @@ def _schedule(
     scheduled = 0
     expected = tuple(expected)
     queue = route_task_by_location(OperationType.DELETION, location)
+    bulk = is_postgresql(session)
     for start in range(0, len(candidates), batch_size):
         chunk = candidates[start : start + batch_size]
-        by_id = {c.copy_id: c for c in chunk}
-        claimed = claim_for_deletion(session, list(by_id), expected)
-        rows = [
-            _log_row(
-                cid,
-                by_id[cid].copy_type,
-                location,
-                by_id[cid].size,
-                by_id[cid].code,
-                m.DeletionOutcome.SCHEDULED,
-                by_id[cid].reason,
-            )
-            for cid in claimed
-        ]
-        _write_log_rows(session, rows)
+        if bulk:
+            claimed = _claim_and_log_bulk(session, location, chunk, expected)
+        else:
+            by_id = {c.copy_id: c for c in chunk}
+            claimed = claim_for_deletion(session, list(by_id), expected)
+            rows = [
+                _log_row(
+                    cid,
+                    by_id[cid].copy_type,
+                    location,
+                    by_id[cid].size,
+                    by_id[cid].code,
+                    m.DeletionOutcome.SCHEDULED,
+                    by_id[cid].reason,
+                )
+                for cid in claimed
+            ]
+            _write_log_rows(session, rows)
         session.commit()  # before submitting: in embedded mode the task runs inline
         if claimed:
             task.apply_async(args=[claimed], kwargs={"queue_name": queue}, queue=queue)
@@ -881,6 +962,7 @@ def _deletable_package_copies(
             copy_cls.lost_at.is_(None),
             m.DataLocation.active.is_(True),
             m.DataLocation.location_type.in_([LT.SOURCE, LT.BUFFER]),
+            _package_copy_may_be_deletable(copy_cls),
         )
         .order_by(copy_cls.created_at, copy_cls.id)
     )
@@ -892,6 +974,30 @@ def _deletable_package_copies(
         if decision.deletable:
             result[copy.data_location].append((copy, decision))
     return dict(result)
+
+
+def _package_copy_may_be_deletable(copy_cls: type[m.PhysicalCopy]) -> Any:
+    """SQL for a condition every deletable package copy meets (each rule of the matrix
+    requires it), so that the per-copy rule runs only on the few copies that may pass it
+    instead of on every copy in the buffers.  It never admits a copy: the rule decides.
+
+    * RawDataPackage (source-site and LTA-site buffer rows): a PRESENT, not-lost copy at
+      an active LONG_TERM_ARCHIVE exists (the same-site LTA copy is one of them).
+    * DataTransferPackage (both rows): a DataTransfer of it is COMPLETED and unpacked."""
+    if copy_cls is m.RawDataPackagePhysicalCopy:
+        return _lta_present_exists(copy_cls.raw_data_package_id)
+    if copy_cls is m.DataTransferPackagePhysicalCopy:
+        dt = m.DataTransfer.__table__
+        return (
+            exists()
+            .where(
+                dt.c.data_transfer_package_id == copy_cls.data_transfer_package_id,
+                dt.c.status == m.Status.COMPLETED,
+                dt.c.unpack_status == m.Status.COMPLETED,
+            )
+            .correlate_except(dt)
+        )
+    return true()
 
 
 def _decide_rdp_copy(session: Session, copy: Any, roles: SiteRoles) -> Decision:
@@ -1043,7 +1149,10 @@ def _deletion_possible_selection(
     retention, then - under pressure - the oldest others until the bytes needed are freed."""
     pc = PCT.alias("f_pc")
     rdf = m.RawDataFile.__table__
-    since = func.coalesce(pc.c.deletion_possible_at, pc.c.created_at)
+    # _raw_file_source_safe requires deletion_possible_at to be set, so it is the start of
+    # the retention clock; comparing the bare column lets the partial index
+    # ix_physical_copy_deletion_possible find the expired copies without a scan.
+    since = pc.c.deletion_possible_at
     size = func.coalesce(pc.c.size, rdf.c.size)
     base = (
         select(pc.c.id, size.label("size"))
@@ -1331,36 +1440,62 @@ def mark_raw_data_files_for_deletion(
             package_ok,
         )
         .values(status=S.DELETION_POSSIBLE, deletion_possible_at=now)
-        .returning(PCT.c.id, PCT.c.raw_data_file_id, PCT.c.data_location_id, PCT.c.size)
     )
-    marked = session.execute(stmt).all()
-    if not marked:
-        return 0
     # One audit row per package and location, not per file: a package has thousands.
-    locations = {loc.id: loc for loc in session.scalars(select(m.DataLocation))}
-    file_pkg = dict(
-        session.execute(
-            select(rdf.c.id, rdf.c.raw_data_package_id).where(rdf.c.id.in_([r[1] for r in marked]))
-        ).all()
-    )
-    groups: dict[tuple[int, int], list[Any]] = defaultdict(list)
-    for r in marked:
-        groups[(file_pkg.get(r[1]), r[2])].append(r)
-    rows = []
-    for (pkg_id, loc_id), items in groups.items():
-        rows.append(
-            _log_row(
-                None,
-                COPY_TYPE_RAW_DATA_FILE,
-                locations.get(loc_id),
-                sum(int(r[3] or 0) for r in items),
-                "parent_package_archived",
-                m.DeletionOutcome.MARKED_POSSIBLE,
-                f"{len(items)} raw file copies of package {pkg_id} -> DELETION_POSSIBLE",
-            )
+    # groups: (package id, location id, copies marked, bytes)
+    if is_postgresql(session):
+        # The UPDATE and the grouping in one statement: a million marked copies need not
+        # travel to Python.
+        marked = stmt.returning(PCT.c.raw_data_file_id, PCT.c.data_location_id, PCT.c.size).cte(
+            "marked"
         )
+        groups = session.execute(
+            select(
+                rdf.c.raw_data_package_id,
+                marked.c.data_location_id,
+                func.count(),
+                func.coalesce(func.sum(marked.c.size), 0),
+            )
+            .select_from(marked.outerjoin(rdf, rdf.c.id == marked.c.raw_data_file_id))
+            .group_by(rdf.c.raw_data_package_id, marked.c.data_location_id)
+        ).all()
+    else:
+        returned = session.execute(
+            stmt.returning(PCT.c.raw_data_file_id, PCT.c.data_location_id, PCT.c.size)
+        ).all()
+        file_pkg: dict[Any, Any] = {}
+        file_ids = [r[0] for r in returned]
+        for start in range(0, len(file_ids), 10000):
+            file_pkg.update(
+                session.execute(
+                    select(rdf.c.id, rdf.c.raw_data_package_id).where(
+                        rdf.c.id.in_(file_ids[start : start + 10000])
+                    )
+                ).all()
+            )
+        acc: dict[tuple[Any, int], list[int]] = defaultdict(lambda: [0, 0])
+        for file_id, loc_id, size in returned:
+            a = acc[(file_pkg.get(file_id), loc_id)]
+            a[0] += 1
+            a[1] += int(size or 0)
+        groups = [(pkg, loc, n, size) for (pkg, loc), (n, size) in acc.items()]
+    if not groups:
+        return 0
+    locations = {loc.id: loc for loc in session.scalars(select(m.DataLocation))}
+    rows = [
+        _log_row(
+            None,
+            COPY_TYPE_RAW_DATA_FILE,
+            locations.get(loc_id),
+            int(size or 0),
+            "parent_package_archived",
+            m.DeletionOutcome.MARKED_POSSIBLE,
+            f"{n} raw file copies of package {pkg_id} -> DELETION_POSSIBLE",
+        )
+        for pkg_id, loc_id, n, size in groups
+    ]
     _write_log_rows(session, rows)
-    return len(marked)
+    return sum(int(g[2]) for g in groups)
 
 
 def process_deletion_possible_raw_data_files(
@@ -1372,14 +1507,10 @@ def process_deletion_possible_raw_data_files(
     are freed.  Safety (package ARCHIVED and PRESENT at an LTA) is part of the query."""
     statuses = statuses or _Statuses(session)
     total = 0
-    loc_ids = set(
-        session.scalars(
-            select(PCT.c.data_location_id).where(PCT.c.status == S.DELETION_POSSIBLE).distinct()
-        )
-    )
+    # Every location is asked (the partial index ix_physical_copy_deletion_possible answers
+    # an empty one at once); a DISTINCT over every DELETION_POSSIBLE row would grow with
+    # the history.
     for loc in _active_locations(session, [LT.SOURCE, LT.BUFFER]):
-        if loc.id not in loc_ids:
-            continue
         status = statuses.get(loc)
         state = _state_from(status)
         candidates = _deletion_possible_selection(session, loc, status, _cycle_limit(state))

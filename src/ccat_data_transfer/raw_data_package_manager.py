@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -302,6 +302,8 @@ def release_stalled_claims(session: Session) -> int:
         select(m.RawDataPackage.id).where(
             m.RawDataPackage.status.in_([m.Status.SCHEDULED, m.Status.IN_PROGRESS]),
             m.RawDataPackage.created_at < limit,
+            # A package with a copy was built: never un-claim it.
+            ~exists().where(m.PhysicalCopy.raw_data_package_id == m.RawDataPackage.id),
         )
     ).all()
     released = 0

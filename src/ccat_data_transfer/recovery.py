@@ -70,15 +70,28 @@ def run_once(session: Session, older_than: timedelta | None = None) -> dict[str,
     )
 
     older_than = older_than or stalled_timeout()
-    summary = {
-        "raw_data_packages": raw_data_package_manager.release_stalled_claims(session),
-        "data_transfer_packages": data_transfer_package_manager.release_stalled_claims(session),
-        "transfers": transfer_manager.reset_stalled_transfers(session, older_than),
-        "archive_transfers": archive_manager.reset_stalled_archive_transfers(session, older_than),
-        "staging_jobs": reset_stalled_staging_jobs(session, older_than),
+    steps = {
+        "raw_data_packages": lambda: raw_data_package_manager.release_stalled_claims(session),
+        "data_transfer_packages": lambda: data_transfer_package_manager.release_stalled_claims(
+            session
+        ),
+        "transfers": lambda: transfer_manager.reset_stalled_transfers(session, older_than),
+        "archive_transfers": lambda: archive_manager.reset_stalled_archive_transfers(
+            session, older_than
+        ),
+        "staging_jobs": lambda: reset_stalled_staging_jobs(session, older_than),
         # The deletion manager also does this every cycle; the task re-checks the rule.
-        "deletions": deletion_manager.resubmit_stalled_deletions(session),
+        "deletions": lambda: deletion_manager.resubmit_stalled_deletions(session),
     }
+    summary: dict[str, int] = {}
+    for name, step in steps.items():
+        # One stage's failure must not keep the others' stalled work stuck.
+        try:
+            summary[name] = int(step() or 0)
+        except Exception as exc:
+            session.rollback()
+            summary[name] = 0
+            log.exception("recovery_step_failed", step=name, error=str(exc))
     if any(summary.values()):
         log.warning("stalled_work_reset", **summary)
     return summary

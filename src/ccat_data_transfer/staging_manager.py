@@ -21,7 +21,8 @@ A job names its packages in one of three ways:
   ``RawDataPackage.created_at``.
 
 Every chosen package must be ARCHIVED with at least one usable LTA copy (PRESENT, not
-lost); otherwise nothing is written and :class:`ValidationError` names the packages.
+lost); otherwise nothing is written and
+:class:`~ccat_data_transfer.exceptions.ValidationError` names the packages.
 
 Retention
 ---------
@@ -337,8 +338,9 @@ def create_staging_job(
 ) -> m.StagingJob:
     """Record a staging request (PENDING, active) and return it (flushed, not committed).
 
-    Raises :class:`NotFoundError` for an unknown location, user, obs unit, instrument or
-    package, or when nothing matches; :class:`ValidationError` for a destination that is
+    Raises :class:`~ccat_data_transfer.exceptions.NotFoundError` for an unknown location,
+    user, obs unit, instrument or package, or when nothing matches;
+    :class:`~ccat_data_transfer.exceptions.ValidationError` for a destination that is
     not an active PROCESSING location, a bad retention or time range, or packages that
     are not ARCHIVED with a usable LTA copy.  Nothing is written when it raises.
     """
@@ -875,8 +877,10 @@ def stage_package(db: DatabaseConnection, package_id: int, location_id: int) -> 
     """Make one package available, unpacked, at one PROCESSING location.
 
     Returns ``"reused"`` (already STAGED there, files intact) or ``"staged"``.  Raises
-    :class:`StagingBusy` (retry soon), :class:`RetryableError` (every LTA unreachable,
-    destination full) or :class:`PermanentError` (no good copy, records inconsistent).
+    :class:`StagingBusy` (retry soon),
+    :class:`~ccat_data_transfer.exceptions.RetryableError` (every LTA unreachable,
+    destination full) or :class:`~ccat_data_transfer.exceptions.PermanentError` (no good
+    copy, records inconsistent).
     """
     with _package_lock(db, package_id, location_id):
         with db.session_scope() as s:

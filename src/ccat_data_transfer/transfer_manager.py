@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import exists, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from ccat_data_transfer.buffer_status import state_of, transfer_limit
@@ -269,8 +270,11 @@ def _new_transfer(
         status=m.Status.PENDING,
         unpack_status=m.Status.PENDING,
     )
-    session.add(transfer)
-    session.flush()
+    try:
+        with session.begin_nested():  # two managers may plan the same transfer at once
+            session.add(transfer)
+    except IntegrityError:
+        return None  # the other one recorded it first (unique per package and destination)
     log.info(
         "transfer_planned",
         transfer_id=transfer.id,

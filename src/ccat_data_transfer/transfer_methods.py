@@ -23,6 +23,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TextIO
 
+from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.exceptions import ConfigurationError, RetryableError
 from ccat_data_transfer.storage import CHUNK_SIZE, DiskStorage, S3Storage, Storage
 from ccat_ops_db import models as m
@@ -76,7 +77,8 @@ class TransferMethodBase:
 
         ``src_host``/``dst_host`` name a remote host for methods that reach one over ssh
         (rsync, bbcp); ``None`` means the storage is reachable from here.  Raises
-        :class:`RetryableError` for transient failures and :class:`ConfigurationError`
+        :class:`~ccat_data_transfer.exceptions.RetryableError` for transient failures and
+        :class:`~ccat_data_transfer.exceptions.ConfigurationError`
         when the method cannot work at all with this setup.
         """
         raise NotImplementedError
@@ -138,6 +140,9 @@ def _remote_sha256(host: str, path: str) -> str:
 
 
 def _stream_copy(src_storage: Storage, src_path: str, dst_storage: Storage, dst_path: str) -> int:
+    # TRANSFER_BANDWIDTH_LIMIT_MB_PER_S > 0 paces the copy, as a slow link would be.
+    limit = float(settings.get("TRANSFER_BANDWIDTH_LIMIT_MB_PER_S", 0) or 0) * 1e6
+    started = time.monotonic()
     total = 0
     with src_storage.open_read(src_path) as src, dst_storage.open_write(dst_path) as dst:
         while True:
@@ -146,6 +151,10 @@ def _stream_copy(src_storage: Storage, src_path: str, dst_storage: Storage, dst_
                 break
             dst.write(chunk)
             total += len(chunk)
+            if limit > 0:
+                ahead = total / limit - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
     return total
 
 

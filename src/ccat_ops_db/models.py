@@ -34,6 +34,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     Uuid,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -575,6 +576,15 @@ class PhysicalCopy(Base):
         Index("ix_physical_copy_raw_data_file", "raw_data_file_id", "status"),
         Index("ix_physical_copy_raw_data_package", "raw_data_package_id", "status"),
         Index("ix_physical_copy_data_transfer_package", "data_transfer_package_id", "status"),
+        # The deletion manager's stage 2: DELETION_POSSIBLE copies of a location past their
+        # retention, oldest first.  Partial: the millions of other copies are not in it.
+        Index(
+            "ix_physical_copy_deletion_possible",
+            "data_location_id",
+            "deletion_possible_at",
+            postgresql_where=text("status = 'DELETION_POSSIBLE'"),
+            sqlite_where=text("status = 'DELETION_POSSIBLE'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-25 17:09:20.864451
+Create Date: 2026-11-25 17:34:52.830013
 """
 
 from collections.abc import Sequence
@@ -834,6 +834,13 @@ def upgrade() -> None:
             unique=False,
         )
         batch_op.create_index(
+            "ix_physical_copy_deletion_possible",
+            ["data_location_id", "deletion_possible_at"],
+            unique=False,
+            postgresql_where=sa.text("status = 'DELETION_POSSIBLE'"),
+            sqlite_where=sa.text("status = 'DELETION_POSSIBLE'"),
+        )
+        batch_op.create_index(
             "ix_physical_copy_raw_data_file", ["raw_data_file_id", "status"], unique=False
         )
         batch_op.create_index(
@@ -915,6 +922,11 @@ def downgrade() -> None:
         batch_op.drop_index("ix_physical_copy_status_deleted_at")
         batch_op.drop_index("ix_physical_copy_raw_data_package")
         batch_op.drop_index("ix_physical_copy_raw_data_file")
+        batch_op.drop_index(
+            "ix_physical_copy_deletion_possible",
+            postgresql_where=sa.text("status = 'DELETION_POSSIBLE'"),
+            sqlite_where=sa.text("status = 'DELETION_POSSIBLE'"),
+        )
         batch_op.drop_index("ix_physical_copy_data_transfer_package")
 
     op.drop_table("physical_copy")

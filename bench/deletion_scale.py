@@ -1,0 +1,551 @@
+"""Benchmark: the deletion manager at observatory scale on PostgreSQL, against bare SQL.
+
+For each scale (default 1,000,000 and 100,000 raw files), a fresh PostgreSQL database is
+created, migrated, loaded with the default topology and filled with set-based SQL
+(``INSERT ... SELECT generate_series``): ``--packages`` RawDataPackages of equal size,
+their files, DataTransferPackages of 10 packages, DataTransfers, and physical copies at 7
+locations (two SOURCEs, the telescope buffer, the two LTA-site buffers and the two LTAs).
+The database is dropped at the end.
+
+The idle state is a realistic steady state in which nothing is eligible:
+
+* all but ``--inflight`` packages are ARCHIVED: PRESENT at both LTAs, DELETED from every
+  buffer and from SOURCE; their raw files at SOURCE are DELETION_POSSIBLE since one day
+  (retention, 30 days, has not passed);
+* ``--inflight`` packages (the same number at every scale: the backlog depends on the
+  data rate, not on the history) are in transfer: PRESENT at the telescope buffer, their
+  transfer package IN_PROGRESS, their raw files PRESENT at SOURCE.
+
+Measured, each against bare SQL on the same data (best of ``--runs``, alternating):
+
+(a) idle: ``deletion_manager.run_once`` against the lower bound = one hand-written SQL
+    statement per rule of the cycle, each returning the copies the rule would act on
+    (failed copies to retry, stalled deletions, transfer packages and raw packages
+    deletable at buffers, processing and staged raw files, raw files to mark
+    DELETION_POSSIBLE, DELETION_POSSIBLE files past retention) sent through the bare
+    DB-API cursor.  Target: at most 100 ms and at most 3x the lower bound.
+(b) mark: every package ready (ARCHIVED, left the source site) and all N raw-file copies
+    PRESENT; ``mark_raw_data_files_for_deletion(session)`` + commit (including its audit
+    rows) against one ``UPDATE physical_copy SET status='DELETION_POSSIBLE',
+    deletion_possible_at=now() WHERE <same rule>`` + commit.  Target: at most 1.5x.
+(c) schedule: all N copies DELETION_POSSIBLE past retention;
+    ``process_deletion_possible_raw_data_files(session)`` - selection, claim
+    ``DELETION_POSSIBLE -> DELETION_SCHEDULED``, per-copy SCHEDULED audit rows, commits,
+    and submission of one Celery task per batch to an in-memory broker (tasks are
+    published, not executed) - against one ``UPDATE ... SET status='DELETION_SCHEDULED'
+    WHERE status='DELETION_POSSIBLE' AND <same rule>`` + commit (no audit rows, no task).
+    DELETION_BATCH_SIZE is raised so that one call covers all N copies (the cycle limit
+    is 10 batches per location).  Target: at most 1.5x.
+
+Between measured runs, state is restored with one UPDATE (and deletion_log truncated),
+then ``VACUUM ANALYZE`` (not timed).
+
+    python bench/deletion_scale.py                    # 1M and 100k
+    python bench/deletion_scale.py --scales 100000    # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("CCAT_DATA_TRANSFER_EXECUTION_MODE", "embedded")
+
+from sqlalchemy import create_engine, text  # noqa: E402
+
+from ccat_data_transfer import deletion_manager as dm  # noqa: E402
+from ccat_data_transfer.celery_app import app as celery_app  # noqa: E402
+from ccat_data_transfer.config.config import settings  # noqa: E402
+from ccat_data_transfer.database import DatabaseConnection, dispose_engines  # noqa: E402
+from ccat_data_transfer.logging_utils import configure_logging  # noqa: E402
+from ccat_ops_db.migrate import upgrade  # noqa: E402
+from ccat_ops_db.topology import load_topology  # noqa: E402
+
+ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+TOPOLOGY = (
+    Path(__file__).resolve().parent.parent
+    / "src"
+    / "ccat_data_transfer"
+    / "topology"
+    / "default.toml"
+)
+LOCS = (
+    "primecam_raw_data",
+    "chai_raw_data",
+    "ccat_telescope_buffer",
+    "cologne_buffer",
+    "us_buffer",
+    "cologne_lta",
+    "us_lta",
+)
+PKGS_PER_DTP = 10
+MB = 1024 * 1024
+
+
+# ---------------------------------------------------------------------------------------
+# Fill
+# ---------------------------------------------------------------------------------------
+
+
+def fill(conn, n_files: int, n_pkgs: int, inflight: int) -> None:
+    """The idle state, set-based.  Package p (1..P) is in flight when p > P - inflight."""
+    loc = dict(conn.execute(text("SELECT name, id FROM data_location")).all())
+    ids = {k: loc[k] for k in LOCS}
+    im = conn.execute(text("SELECT min(id) FROM instrument_module")).scalar_one()
+    per = n_files // n_pkgs
+    n_dtp = (n_pkgs + PKGS_PER_DTP - 1) // PKGS_PER_DTP
+    first_inflight = n_pkgs - inflight + 1
+    first_inflight_dtp = (first_inflight - 1) // PKGS_PER_DTP + 1
+    p = dict(
+        P=n_pkgs,
+        N=n_files,
+        F=per,
+        D=n_dtp,
+        K=PKGS_PER_DTP,
+        fi=first_inflight,
+        fd=first_inflight_dtp,
+        im=im,
+        mb=MB,
+        **ids,
+    )
+    src = "CASE WHEN {g} % 2 = 0 THEN :primecam_raw_data ELSE :chai_raw_data END"
+    stmts = [
+        "INSERT INTO obs_unit (id, name, created_at) VALUES (1, 'bench', now())",
+        """INSERT INTO executed_obs_unit (id, name, obs_unit_id, status, created_at, finished_at)
+           SELECT g, 'eou_' || g, 1, 'COMPLETED', now(), now() FROM generate_series(1, :P) g""",
+        """INSERT INTO data_transfer_package (id, file_name, relative_path, size, checksum,
+               checksum_algorithm, status, origin_location_id, created_at)
+           SELECT d, 'dtp_' || d || '.tar', 'data_transfer_packages/dtp_' || d || '.tar',
+               :K * :F * :mb, md5(d::text), 'sha256',
+               CASE WHEN d >= :fd THEN 'IN_PROGRESS' ELSE 'COMPLETED' END,
+               :ccat_telescope_buffer, now() - interval '2 days'
+           FROM generate_series(1, :D) d""",
+        f"""INSERT INTO raw_data_package (id, file_name, relative_path, size, checksum,
+               checksum_algorithm, state, status, executed_obs_unit_id, instrument_module_id,
+               part_number, source_location_id, data_transfer_package_id, created_at,
+               archived_at)
+           SELECT g, 'pkg_' || g || '.tar', 'raw_data_packages/x/m/pkg_' || g || '.tar',
+               :F * :mb, md5(g::text), 'sha256',
+               CASE WHEN g >= :fi THEN 'TRANSFERRING' ELSE 'ARCHIVED' END,
+               CASE WHEN g >= :fi THEN 'IN_PROGRESS' ELSE 'COMPLETED' END,
+               g, :im, 1, {src.format(g="g")}, (g - 1) / :K + 1, now() - interval '2 days',
+               CASE WHEN g >= :fi THEN NULL ELSE now() - interval '1 day' END
+           FROM generate_series(1, :P) g""",
+        f"""INSERT INTO raw_data_file (id, relative_path, size, checksum, checksum_algorithm,
+               instrument_module_id, executed_obs_unit_id, source_location_id,
+               raw_data_package_id, created_at)
+           SELECT md5('f' || g)::uuid, 'obs/' || ((g - 1) / :F + 1) || '/f_' || g || '.dat',
+               :mb, md5(g::text), 'sha256', :im, (g - 1) / :F + 1,
+               {src.format(g="((g - 1) / :F + 1)")}, (g - 1) / :F + 1,
+               now() - interval '3 days'
+           FROM generate_series(1, :N) g""",
+        # transfers: primary telescope buffer -> cologne, secondary cologne -> us
+        """INSERT INTO data_transfer (data_transfer_package_id, origin_location_id,
+               destination_location_id, transfer_method, is_primary, status, unpack_status,
+               bytes_transferred, retry_count, unpack_retry_count, created_at, updated_at)
+           SELECT d, :ccat_telescope_buffer, :cologne_buffer, 'COPY', true,
+               CASE WHEN d >= :fd THEN 'IN_PROGRESS' ELSE 'COMPLETED' END,
+               CASE WHEN d >= :fd THEN 'PENDING' ELSE 'COMPLETED' END, 0, 0, 0, now(), now()
+           FROM generate_series(1, :D) d
+           UNION ALL
+           SELECT d, :cologne_buffer, :us_buffer, 'COPY', false, 'COMPLETED', 'COMPLETED',
+               0, 0, 0, now(), now()
+           FROM generate_series(1, :fd - 1) d""",
+        # transfer package copies: DELETED at the three buffers, or PRESENT at the
+        # telescope buffer while in flight
+        """INSERT INTO physical_copy (type, data_location_id, status, size, created_at,
+               deleted_at, deletion_retry_count, data_transfer_package_id)
+           SELECT 'data_transfer_package', l, 'DELETED', 0, now() - interval '2 days',
+               now() - interval '1 day', 0, d
+           FROM generate_series(1, :fd - 1) d,
+               unnest(ARRAY[:ccat_telescope_buffer, :cologne_buffer, :us_buffer]) l
+           UNION ALL
+           SELECT 'data_transfer_package', :ccat_telescope_buffer, 'PRESENT', 0,
+               now() - interval '2 days', NULL, 0, d
+           FROM generate_series(:fd, :D) d""",
+        # raw package copies: SOURCE tar DELETED (moved to the buffer); archived ones DELETED
+        # at the three buffers and PRESENT at both LTAs; in-flight ones PRESENT at the
+        # telescope buffer
+        f"""INSERT INTO physical_copy (type, data_location_id, status, size, created_at,
+               deleted_at, deletion_retry_count, raw_data_package_id)
+           SELECT 'raw_data_package', {src.format(g="g")}, 'DELETED', :F * :mb,
+               now() - interval '2 days', now() - interval '2 days', 0, g
+           FROM generate_series(1, :P) g
+           UNION ALL
+           SELECT 'raw_data_package', l, 'DELETED', :F * :mb, now() - interval '2 days',
+               now() - interval '1 day', 0, g
+           FROM generate_series(1, :fi - 1) g,
+               unnest(ARRAY[:ccat_telescope_buffer, :cologne_buffer, :us_buffer]) l
+           UNION ALL
+           SELECT 'raw_data_package', l, 'PRESENT', :F * :mb, now() - interval '1 day',
+               NULL, 0, g
+           FROM generate_series(1, :fi - 1) g, unnest(ARRAY[:cologne_lta, :us_lta]) l
+           UNION ALL
+           SELECT 'raw_data_package', :ccat_telescope_buffer, 'PRESENT', :F * :mb,
+               now() - interval '1 day', NULL, 0, g
+           FROM generate_series(:fi, :P) g""",
+        # raw file copies at SOURCE
+        f"""INSERT INTO physical_copy (type, data_location_id, status, size, created_at,
+               deletion_possible_at, deletion_retry_count, raw_data_file_id)
+           SELECT 'raw_data_file', {src.format(g="((g - 1) / :F + 1)")},
+               CASE WHEN (g - 1) / :F + 1 >= :fi THEN 'PRESENT' ELSE 'DELETION_POSSIBLE' END,
+               :mb, now() - interval '3 days',
+               CASE WHEN (g - 1) / :F + 1 >= :fi THEN NULL ELSE now() - interval '1 day' END,
+               0, md5('f' || g)::uuid
+           FROM generate_series(1, :N) g""",
+    ]
+
+    def literal(mo: re.Match) -> str:  # ints only: no int2/int8 ambiguity in binds
+        return str(int(p[mo.group(1)])) if mo.group(1) in p else mo.group(0)
+
+    for s in stmts:
+        conn.execute(text(re.sub(r"(?<!:):([A-Za-z_]\w*)", literal, s)))
+    for table in (
+        "obs_unit",
+        "executed_obs_unit",
+        "data_transfer_package",
+        "raw_data_package",
+    ):
+        conn.execute(
+            text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), max(id)) FROM {table}")
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Bare SQL
+# ---------------------------------------------------------------------------------------
+
+LTA_PRESENT = """EXISTS (SELECT 1 FROM physical_copy l JOIN data_location ll
+        ON ll.id = l.data_location_id
+    WHERE l.raw_data_package_id = {pkg} AND l.type = 'raw_data_package'
+      AND l.status = 'PRESENT' AND l.lost_at IS NULL
+      AND ll.location_type = 'LONG_TERM_ARCHIVE' AND ll.active)"""
+
+FILE_RULE = f"""pc.type = 'raw_data_file' AND pc.lost_at IS NULL
+  AND pc.data_location_id IN (SELECT id FROM data_location
+                              WHERE location_type IN ('SOURCE', 'BUFFER'))
+  AND EXISTS (SELECT 1 FROM raw_data_file f JOIN raw_data_package p
+                ON p.id = f.raw_data_package_id
+              WHERE f.id = pc.raw_data_file_id AND p.state = 'ARCHIVED'
+                AND {LTA_PRESENT.format(pkg="p.id")})"""
+
+LEFT_SOURCE = """NOT EXISTS (SELECT 1 FROM physical_copy s JOIN data_location sl
+        ON sl.id = s.data_location_id JOIN site ON site.id = sl.site_id
+    WHERE s.raw_data_package_id = f.raw_data_package_id AND s.type = 'raw_data_package'
+      AND s.status <> 'DELETED' AND sl.location_type IN ('SOURCE', 'BUFFER')
+      AND sl.site_id IN (SELECT site_id FROM data_location WHERE location_type = 'SOURCE'))"""
+
+MARK_RULE = (
+    FILE_RULE
+    + f"""
+  AND EXISTS (SELECT 1 FROM raw_data_file f WHERE f.id = pc.raw_data_file_id
+              AND {LEFT_SOURCE} AND {
+        LEFT_SOURCE.replace("NOT EXISTS", "EXISTS").replace("<> 'DELETED'", "= 'DELETED'")
+    })"""
+)
+
+BARE_MARK = f"""UPDATE physical_copy pc SET status = 'DELETION_POSSIBLE',
+    deletion_possible_at = now() AT TIME ZONE 'utc'
+WHERE pc.status = 'PRESENT' AND {MARK_RULE}"""
+
+BARE_SCHEDULE = f"""UPDATE physical_copy pc SET status = 'DELETION_SCHEDULED',
+    deletion_scheduled_at = now() AT TIME ZONE 'utc'
+WHERE pc.status = 'DELETION_POSSIBLE' AND pc.deletion_possible_at IS NOT NULL
+  AND pc.deletion_possible_at <= now() AT TIME ZONE 'utc' - interval '{{minutes}} minutes'
+  AND {FILE_RULE}"""
+
+# The idle lower bound: one statement per rule, each returning what it would act on.
+IDLE_LOWER_BOUND = [
+    # failed deletions to retry
+    """SELECT id FROM physical_copy WHERE status = 'DELETION_FAILED'
+         AND deletion_retry_count < 3""",
+    # stalled deletions
+    """SELECT id FROM physical_copy WHERE status IN ('DELETION_SCHEDULED',
+         'DELETION_IN_PROGRESS') AND deletion_scheduled_at < now() - interval '1 hour'""",
+    # transfer packages at buffers with a completed and unpacked transfer
+    """SELECT pc.id FROM physical_copy pc JOIN data_location dl ON dl.id = pc.data_location_id
+       WHERE pc.type = 'data_transfer_package' AND pc.status = 'PRESENT'
+         AND pc.lost_at IS NULL AND dl.active AND dl.location_type = 'BUFFER'
+         AND EXISTS (SELECT 1 FROM data_transfer t
+                     WHERE t.data_transfer_package_id = pc.data_transfer_package_id
+                       AND t.status = 'COMPLETED' AND t.unpack_status = 'COMPLETED')""",
+    # raw packages at buffers with a PRESENT copy at an LTA
+    f"""SELECT pc.id FROM physical_copy pc JOIN data_location dl ON dl.id = pc.data_location_id
+       WHERE pc.type = 'raw_data_package' AND pc.status = 'PRESENT'
+         AND pc.lost_at IS NULL AND dl.active AND dl.location_type IN ('SOURCE', 'BUFFER')
+         AND {LTA_PRESENT.format(pkg="pc.raw_data_package_id")}""",
+    # raw files at PROCESSING locations and STAGED packages there
+    """SELECT pc.id FROM physical_copy pc JOIN data_location dl ON dl.id = pc.data_location_id
+       WHERE pc.type = 'raw_data_file' AND pc.status IN ('PRESENT', 'STAGED')
+         AND dl.location_type = 'PROCESSING'""",
+    """SELECT pc.id FROM physical_copy pc JOIN data_location dl ON dl.id = pc.data_location_id
+       WHERE pc.type = 'raw_data_package' AND pc.status = 'STAGED'
+         AND dl.location_type = 'PROCESSING'""",
+    # raw files to mark DELETION_POSSIBLE
+    f"SELECT pc.id FROM physical_copy pc WHERE pc.status = 'PRESENT' AND {MARK_RULE}",
+    # DELETION_POSSIBLE raw files past retention
+    BARE_SCHEDULE.replace(
+        "UPDATE physical_copy pc SET status = 'DELETION_SCHEDULED',\n"
+        "    deletion_scheduled_at = now() AT TIME ZONE 'utc'\n",
+        "SELECT pc.id FROM physical_copy pc ",
+    ),
+]
+
+
+# ---------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------
+
+
+def best(
+    fn: Callable[[], object], reset: Callable[[], None] | None, runs: int
+) -> tuple[float, list]:
+    times = []
+    for _ in range(runs):
+        if reset:
+            reset()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), times
+
+
+def alternate(
+    ours: Callable[[], object],
+    bare: Callable[[], object],
+    reset: Callable[[], None] | None,
+    runs: int,
+) -> tuple[float, float]:
+    """Best of ``runs`` for each, interleaved so that noise hits both alike."""
+    to, tb = [], []
+    for _ in range(runs):
+        to.append(best(ours, reset, 1)[0])
+        tb.append(best(bare, reset, 1)[0])
+    return min(to), min(tb)
+
+
+def run_scale(n_files: int, n_pkgs: int, inflight: int, runs: int) -> list[dict]:
+    name = f"ccat_bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    url = ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    results: list[dict] = []
+    try:
+        upgrade(url)
+        settings.set("DATABASE_URL", url)
+        tmp = tempfile.mkdtemp(prefix="ccat-bench-del-")
+        settings.set("DATA_DIR", tmp)
+        db = DatabaseConnection(url)
+        with db.session_scope() as s:
+            load_topology(s, TOPOLOGY, Path(tmp))
+        engine = create_engine(url)
+        t0 = time.perf_counter()
+        with engine.begin() as conn:
+            fill(conn, n_files, n_pkgs, inflight)
+        vac = create_engine(url, isolation_level="AUTOCOMMIT")
+
+        def vacuum() -> None:
+            with vac.connect() as c:
+                c.execute(text("VACUUM ANALYZE"))
+
+        vacuum()
+        with engine.connect() as c:
+            rows = c.execute(text("SELECT count(*) FROM physical_copy")).scalar_one()
+        print(
+            f"[{n_files:,} files] filled in {time.perf_counter() - t0:.1f} s: "
+            f"{n_pkgs:,} packages, {rows:,} physical copies",
+            file=sys.stderr,
+        )
+        results += measure_idle(db, engine, n_files, runs)
+        results += measure_mark(db, engine, vacuum, n_files, runs)
+        results += measure_schedule(db, engine, vacuum, n_files, runs)
+        engine.dispose()
+        vac.dispose()
+    finally:
+        dispose_engines()
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+    return results
+
+
+def measure_idle(db: DatabaseConnection, engine, n: int, runs: int) -> list[dict]:
+    raw = engine.raw_connection()
+
+    def bare() -> None:
+        cur = raw.cursor()
+        for q in IDLE_LOWER_BOUND:
+            cur.execute(q.replace("{minutes}", str(int(settings.RETENTION_PERIOD_MINUTES))))
+            cur.fetchall()
+        raw.commit()
+
+    summary: dict = {}
+
+    def ours() -> None:
+        with db.session_scope() as s:
+            summary.update(dm.run_once(s))
+
+    ours()  # warm up: imports, compiled-statement cache, connection pool
+    bare()
+    t_ours, t_bare = alternate(ours, bare, None, max(runs, 5) * 2)
+    raw.close()
+    did = {k: v for k, v in summary.items() if k != "buffer_states" and v}
+    assert not did, f"the idle cycle did something: {did}"
+    return [row("idle deletion cycle (run_once)", n, t_ours, t_bare, 3.0, max_s=0.100)]
+
+
+def measure_mark(db: DatabaseConnection, engine, vacuum, n: int, runs: int) -> list[dict]:
+    # Every package ready: ARCHIVED, PRESENT at both LTAs, gone from the source site;
+    # every raw file copy PRESENT.
+    with engine.begin() as c:
+        c.execute(
+            text(
+                """UPDATE raw_data_package SET state = 'ARCHIVED', status = 'COMPLETED',
+                   archived_at = now() WHERE state <> 'ARCHIVED'"""
+            )
+        )
+        c.execute(
+            text(
+                """UPDATE physical_copy SET status = 'DELETED', deleted_at = now()
+                   WHERE type IN ('raw_data_package', 'data_transfer_package')
+                     AND status = 'PRESENT' AND data_location_id IN
+                       (SELECT id FROM data_location WHERE location_type = 'BUFFER')"""
+            )
+        )
+        c.execute(
+            text(
+                """INSERT INTO physical_copy (type, data_location_id, status, size, created_at,
+                       deletion_retry_count, raw_data_package_id)
+                   SELECT 'raw_data_package', l.id, 'PRESENT', p.size, now(), 0, p.id
+                   FROM raw_data_package p CROSS JOIN data_location l
+                   WHERE l.location_type = 'LONG_TERM_ARCHIVE' AND NOT EXISTS (
+                     SELECT 1 FROM physical_copy x WHERE x.raw_data_package_id = p.id
+                       AND x.data_location_id = l.id)"""
+            )
+        )
+
+    def reset() -> None:
+        with engine.begin() as c:
+            c.execute(
+                text(
+                    """UPDATE physical_copy SET status = 'PRESENT', deletion_possible_at = NULL
+                       WHERE type = 'raw_data_file' AND status <> 'PRESENT'"""
+                )
+            )
+            c.execute(text("TRUNCATE deletion_log"))
+        vacuum()
+
+    marked = {}
+
+    def ours() -> None:
+        with db.session_scope() as s:
+            marked["n"] = dm.mark_raw_data_files_for_deletion(s)
+
+    def bare() -> None:
+        with engine.begin() as c:
+            marked["bare"] = c.execute(text(BARE_MARK)).rowcount
+
+    t_ours, t_bare = alternate(ours, bare, reset, runs)
+    assert marked["n"] == n == marked["bare"], marked
+    return [row("mark N raw files DELETION_POSSIBLE", n, t_ours, t_bare, 1.5)]
+
+
+def measure_schedule(db: DatabaseConnection, engine, vacuum, n: int, runs: int) -> list[dict]:
+    minutes = int(settings.RETENTION_PERIOD_MINUTES)
+    n_src = 2
+    # One call schedules everything: the cycle limit is 10 batches per location.
+    settings.set("DELETION_BATCH_SIZE", max(1000, -(-n // (n_src * 10))))
+    # Tasks are published to an in-memory broker and never executed.
+    celery_app.conf.update(task_always_eager=False, broker_url="memory://")
+
+    def reset() -> None:
+        with engine.begin() as c:
+            c.execute(
+                text(
+                    f"""UPDATE physical_copy SET status = 'DELETION_POSSIBLE',
+                          deletion_possible_at = now() AT TIME ZONE 'utc'
+                              - interval '{minutes + 1440} minutes',
+                          deletion_scheduled_at = NULL
+                       WHERE type = 'raw_data_file'"""
+                )
+            )
+            c.execute(text("TRUNCATE deletion_log"))
+        vacuum()
+        _drain_memory_broker()
+
+    done = {}
+
+    def ours() -> None:
+        with db.session_scope() as s:
+            done["n"] = dm.process_deletion_possible_raw_data_files(s)
+
+    def bare() -> None:
+        with engine.begin() as c:
+            done["bare"] = c.execute(text(BARE_SCHEDULE.format(minutes=minutes))).rowcount
+
+    try:
+        t_ours, t_bare = alternate(ours, bare, reset, runs)
+    finally:
+        celery_app.conf.update(task_always_eager=True)
+        settings.unset("DELETION_BATCH_SIZE")
+    assert done["n"] == n == done["bare"], done
+    return [row("schedule bulk deletion of N raw files", n, t_ours, t_bare, 1.5)]
+
+
+def _drain_memory_broker() -> None:
+    """Forget the messages published by the previous run (kombu's memory transport)."""
+    try:
+        from kombu.transport import memory
+
+        memory.Channel.queues.clear()
+    except Exception:  # noqa: BLE001 - best effort: only memory use
+        pass
+
+
+def row(
+    what: str, n: int, ours: float, bare: float, max_ratio: float, max_s: float | None = None
+) -> dict:
+    ratio = ours / bare if bare else float("inf")
+    met = ratio <= max_ratio and (max_s is None or ours <= max_s)
+    target = f"<= {max_ratio:g}x" + (f", <= {max_s * 1000:.0f} ms" if max_s else "")
+    return dict(what=what, n=n, ours=ours, bare=bare, ratio=ratio, target=target, met=met)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--scales", default="1000000,100000", help="raw files per run")
+    ap.add_argument("--files-per-package", type=int, default=50)
+    ap.add_argument("--inflight", type=int, default=200, help="packages in transfer (idle)")
+    ap.add_argument("--runs", type=int, default=3, help="best of N (idle: 2*max(N,5))")
+    args = ap.parse_args()
+    # JSON log lines are rendered as in production, into /dev/null.
+    configure_logging(fmt="json", stream=open(os.devnull, "w"))  # noqa: SIM115
+    print(f"python {platform.python_version()}, {os.cpu_count()} cpus", file=sys.stderr)
+    results = []
+    for n in [int(x) for x in args.scales.split(",")]:
+        pkgs = n // args.files_per_package
+        results += run_scale(n, pkgs, min(args.inflight, pkgs // 2), args.runs)
+    print(f"{'measure':40} {'files':>9} {'ours':>10} {'bare SQL':>10} {'ratio':>6}  target")
+    for r in results:
+        print(
+            f"{r['what']:40} {r['n']:>9,} {_ms(r['ours']):>10} {_ms(r['bare']):>10} "
+            f"{r['ratio']:>6.2f}  {r['target']} {'met' if r['met'] else 'NOT MET'}"
+        )
+    return 0
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1000:.1f} ms" if s < 10 else f"{s:.2f} s"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

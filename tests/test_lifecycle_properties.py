@@ -1,0 +1,668 @@
+"""Safety invariants of the whole lifecycle over random histories with faults.
+
+A hypothesis ``RuleBasedStateMachine`` drives the real pipeline (SQLite, tasks in-process,
+real files) through random interleavings of:
+
+* filing tiny raw files at a SOURCE location (and finishing their obs units);
+* one cycle of one manager at a time, in any order (buffer, packaging, transfer
+  packaging, transfer + unpack, archive, staging, deletion, recovery);
+* task executions outside the managers (a duplicate delivery of a transfer, archive or
+  deletion task);
+* faults during a manager cycle: a transfer method that crashes, one that corrupts the
+  bytes in transit, a full disk (``StorageFullError``) at a location, a location whose
+  storage root is missing (renamed away, then back); a flipped byte in a copy at a buffer;
+* arbitrary disk use published for a location (up to 99 %, or unknown);
+* staging jobs created, deactivated and expired.
+
+After every step the invariants are checked against the DB *and the storage*:
+
+1. every filed file can still be read: its own copy at its SOURCE location is there with
+   the right checksum, or its package has a PRESENT copy at a LONG_TERM_ARCHIVE location
+   whose tar exists, matches the package checksum and holds the file with its checksum;
+2. no copy at a LONG_TERM_ARCHIVE location was deleted (or scheduled for deletion);
+3. source-site data (raw files at SOURCE, packages at the source-site buffer) is deleted
+   only when the package is ARCHIVED; a transfer package at the source buffer only after
+   a completed and unpacked transfer; an ARCHIVED package has a PRESENT LTA copy;
+4. no PhysicalCopy row was removed (the ids seen are all still there; the count never
+   drops);
+5. every DELETED copy has ``deleted_at`` and a DELETED entry in ``deletion_log``;
+6. no stage re-creates a storage root that is missing (it could fill the wrong disk).
+
+CI mode runs ``CCAT_PROPERTY_EXAMPLES`` examples (default 100) of up to
+``CCAT_PROPERTY_STEPS`` steps (default 25) on SQLite.  A long run, for example::
+
+    CCAT_PROPERTY_EXAMPLES=20000 .venv/bin/python -m pytest tests/test_lifecycle_properties.py -q
+
+The machine runs on SQLite only (whatever CCAT_TEST_BACKENDS says): each example gets a
+copy of a migrated template DB with the default topology already loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import os
+import shutil
+import tarfile
+import tempfile
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from sqlalchemy import delete, func, select
+
+from ccat_data_transfer import (
+    archive_manager,
+    buffer_manager,
+    buffer_status,
+    data_transfer_package_manager,
+    deletion_manager,
+    raw_data_package_manager,
+    recovery,
+    staging_manager,
+    transfer_manager,
+    transfer_methods,
+)
+from ccat_data_transfer import (
+    storage as storage_mod,
+)
+from ccat_data_transfer.config.config import settings
+from ccat_data_transfer.database import DatabaseConnection, dispose_engines
+from ccat_data_transfer.exceptions import CcatError
+from ccat_data_transfer.filing import file_raw_data_files, finish_executed_obs_unit
+from ccat_data_transfer.storage import StorageFullError
+from ccat_ops_db import models as m
+from ccat_ops_db.migrate import upgrade
+from ccat_ops_db.topology import load_topology
+
+EXAMPLES = int(os.environ.get("CCAT_PROPERTY_EXAMPLES", "100"))
+STEPS = int(os.environ.get("CCAT_PROPERTY_STEPS", "25"))
+TOPOLOGY = Path(__file__).resolve().parent.parent / "src/ccat_data_transfer/topology/default.toml"
+
+S = m.PhysicalCopyStatus
+LT = m.LocationType
+SOURCES = {"primecam_raw_data": "primecam/280GHz", "chai_raw_data": "chai/LFA"}
+BUFFERS = ["ccat_telescope_buffer", "cologne_buffer", "us_buffer"]
+LTAS = ["cologne_lta", "us_lta"]
+ALL_DISK = [*SOURCES, *BUFFERS, *LTAS, "processing_scratch"]
+MANAGERS = {
+    "buffer": buffer_manager.run_once,
+    "packaging": raw_data_package_manager.run_once,
+    "transfer_packaging": data_transfer_package_manager.run_once,
+    "transfer": transfer_manager.run_once,
+    "archive": archive_manager.run_once,
+    "staging": staging_manager.run_once,
+    "deletion": deletion_manager.run_once,
+    "recovery": recovery.run_once,
+}
+FAULTS = ["crash", "full", "corrupt", "disk_full", "unavailable"]
+DELETING = (S.DELETION_SCHEDULED, S.DELETION_IN_PROGRESS, S.DELETED)
+#: How far the examples got (printed by the test; see it with ``-s``).
+REACHED: Counter[str] = Counter()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class _Environment:
+    """One template DB (migrated, topology loaded) for a fixed data folder."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.data_dir = base / "data"
+        self.data_dir.mkdir()
+        self.template = base / "template.sqlite"
+        url = f"sqlite:///{self.template}"
+        upgrade(url)
+        with DatabaseConnection(url).session_scope() as session:
+            load_topology(session, TOPOLOGY, self.data_dir)
+        with DatabaseConnection(url).session_scope() as session:
+            self.paths = {
+                loc.name: Path(loc.path)
+                for loc in session.scalars(select(m.DataLocation))
+                if loc.path
+            }
+        dispose_engines()
+        self.counter = itertools.count()
+
+    def fresh(self) -> tuple[str, DatabaseConnection]:
+        dispose_engines()
+        for child in self.base.iterdir():
+            if child.suffix in (".sqlite", ".sqlite-wal", ".sqlite-shm") and child != self.template:
+                child.unlink()
+        shutil.rmtree(self.data_dir)
+        self.data_dir.mkdir()
+        for path in self.paths.values():
+            path.mkdir(parents=True, exist_ok=True)
+        db_file = self.base / f"example_{next(self.counter)}.sqlite"
+        shutil.copy(self.template, db_file)
+        url = f"sqlite:///{db_file}"
+        settings.set("DATABASE_URL", url)
+        return url, DatabaseConnection(url)
+
+
+class _CrashingMethod(transfer_methods.CopyMethod):
+    def transfer(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected crash in the transfer method")
+
+
+class _FullDiskMethod(transfer_methods.CopyMethod):
+    def transfer(self, *args: Any, **kwargs: Any) -> Any:
+        raise StorageFullError("injected: no space left on device")
+
+
+class _CorruptingMethod(transfer_methods.CopyMethod):
+    """Copies, then flips one byte of what landed (corruption in transit)."""
+
+    def transfer(self, src_storage, src_path, dst_storage, dst_path, log_file, **hosts):
+        stats = super().transfer(src_storage, src_path, dst_storage, dst_path, log_file, **hosts)
+        _flip_byte(dst_storage.local_path(dst_path))
+        return stats
+
+
+def _flip_byte(path: Path | None) -> bool:
+    if path is None or not path.is_file() or path.stat().st_size == 0:
+        return False
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2
+    data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return True
+
+
+@contextlib.contextmanager
+def _method(method: transfer_methods.TransferMethodBase) -> Iterator[None]:
+    previous = transfer_methods.register_transfer_method(m.TransferMethod.COPY, method)
+    try:
+        yield
+    finally:
+        transfer_methods.register_transfer_method(m.TransferMethod.COPY, previous)
+
+
+@contextlib.contextmanager
+def _disk_full(root: Path) -> Iterator[None]:
+    """Every atomic write under ``root`` fails with ENOSPC (as StorageFullError)."""
+    original = storage_mod.DiskStorage.open_write
+    root_s = str(root)
+
+    def open_write(self: Any, path: str) -> Any:
+        if str(self.root).startswith(root_s):
+            raise StorageFullError(f"injected: no space left under {root_s}")
+        return original(self, path)
+
+    storage_mod.DiskStorage.open_write = open_write  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        storage_mod.DiskStorage.open_write = original  # type: ignore[method-assign]
+
+
+class LifecycleMachine(RuleBasedStateMachine):
+    env: _Environment
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.url, self.db = self.env.fresh()
+        self.files: dict[str, dict[str, Any]] = {}  # RawDataFile id -> what was filed
+        self.open_obs: list[str] = []
+        self.copy_ids: set[int] = set()
+        self.copy_count = 0
+        self.lta_copy_ids: set[int] = set()
+        self.root_recreated: str | None = None
+        self.tag = uuid.uuid4().hex[:6]
+        self.seq = itertools.count()
+
+    # -- filing ---------------------------------------------------------------------------
+
+    @initialize(source=st.sampled_from(sorted(SOURCES)))
+    def first_observation(self, source: str) -> None:
+        self.file_observation(source, [100, 1500], True)
+
+    @rule(
+        source=st.sampled_from(sorted(SOURCES)),
+        sizes=st.lists(st.integers(min_value=1, max_value=2048), min_size=1, max_size=3),
+        finish=st.booleans(),
+    )
+    def file_observation(self, source: str, sizes: list[int], finish: bool) -> None:
+        obs = f"obs_{self.tag}_{next(self.seq)}"
+        module = SOURCES[source]
+        root = self.env.paths[source]
+        entries = []
+        blobs = {}
+        for i, size in enumerate(sizes):
+            rel = f"{obs}/{module.split('/')[1]}/f{i}.dat"
+            data = os.urandom(size)
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(data)
+            blobs[rel] = data
+            entries.append(
+                {
+                    "relative_path": rel,
+                    "size": size,
+                    "checksum": _sha(data),
+                    "checksum_algorithm": "sha256",
+                    "executed_obs_unit": obs,
+                    "instrument_module": module,
+                }
+            )
+        with self.db.session_scope() as session:
+            result = file_raw_data_files(session, source, entries)
+            if finish:
+                finish_executed_obs_unit(session, obs)
+            for f in result.files:
+                self.files[str(f.id)] = {
+                    "source": source,
+                    "relative_path": f.relative_path,
+                    "checksum": _sha(blobs[f.relative_path]),
+                }
+        if not finish:
+            self.open_obs.append(obs)
+
+    @precondition(lambda self: self.open_obs)
+    @rule(data=st.data())
+    def finish_observation(self, data: st.DataObject) -> None:
+        obs = data.draw(st.sampled_from(self.open_obs))
+        self.open_obs.remove(obs)
+        with self.db.session_scope() as session:
+            finish_executed_obs_unit(session, obs)
+
+    # -- managers and tasks ---------------------------------------------------------------
+
+    def _cycle(self, name: str) -> None:
+        with self.db.session_scope() as session:
+            MANAGERS[name](session)
+
+    @rule(name=st.sampled_from(sorted(MANAGERS)))
+    def manager_cycle(self, name: str) -> None:
+        self._cycle(name)
+
+    @rule(order=st.permutations(sorted(MANAGERS)))
+    def every_manager_once_in_random_order(self, order: list[str]) -> None:
+        for name in order:
+            self._cycle(name)
+
+    @rule(
+        order=st.permutations(sorted(MANAGERS)),
+        fault=st.sampled_from(FAULTS),
+        where=st.sampled_from(ALL_DISK),
+    )
+    def every_manager_once_during_a_fault(self, order: list[str], fault: str, where: str) -> None:
+        with self._fault(fault, where):
+            for name in order:
+                self._cycle(name)
+
+    @contextlib.contextmanager
+    def _fault(self, fault: str, where: str) -> Iterator[None]:
+        methods = {"crash": _CrashingMethod, "full": _FullDiskMethod, "corrupt": _CorruptingMethod}
+        if fault in methods:
+            with _method(methods[fault]()):
+                yield
+        elif fault == "disk_full":
+            with _disk_full(self.env.paths[where]):
+                yield
+        else:  # the location's storage root is missing (unmounted disk)
+            root = self.env.paths[where]
+            away = root.with_name(root.name + ".offline")
+            root.rename(away)
+            try:
+                yield
+            finally:
+                if root.exists():
+                    self.root_recreated = f"a stage re-created the missing root of {where}"
+                    for child in list(root.iterdir()):
+                        if not (away / child.name).exists():
+                            child.rename(away / child.name)
+                    shutil.rmtree(root)
+                away.rename(root)
+
+    @rule(kind=st.sampled_from(["transfer", "archive", "deletion"]), data=st.data())
+    def duplicate_task_delivery(self, kind: str, data: st.DataObject) -> None:
+        model = {
+            "transfer": m.DataTransfer,
+            "archive": m.LongTermArchiveTransfer,
+            "deletion": m.PhysicalCopy,
+        }[kind]
+        with self.db.session_scope() as session:
+            ids = sorted(session.scalars(select(model.id)))
+        if not ids:
+            return
+        target = data.draw(st.sampled_from(ids))
+        if kind == "transfer":
+            transfer_manager.execute_transfer(target)
+        elif kind == "archive":
+            archive_manager.execute_archive_transfer(target)
+        else:
+            deletion_manager._delete_physical_copies([target])
+
+    # -- storage faults and disk use --------------------------------------------------------
+
+    @rule(data=st.data())
+    def corrupt_a_buffer_copy(self, data: st.DataObject) -> None:
+        with self.db.session_scope() as session:
+            rows = session.execute(
+                select(m.DataLocation.name, m.PhysicalCopy.relative_path)
+                .join(m.DataLocation, m.DataLocation.id == m.PhysicalCopy.data_location_id)
+                .where(
+                    m.DataLocation.location_type == LT.BUFFER,
+                    m.PhysicalCopy.status == S.PRESENT,
+                )
+                .order_by(m.PhysicalCopy.id)
+            ).all()
+        if rows:
+            name, rel = data.draw(st.sampled_from(rows))
+            _flip_byte(self.env.paths[name] / rel)
+
+    @rule(
+        where=st.sampled_from([*SOURCES, *BUFFERS, "processing_scratch"]),
+        percent=st.one_of(st.none(), st.sampled_from([0.0, 50.0, 75.0, 90.0, 96.0, 99.0])),
+    )
+    def publish_disk_use(self, where: str, percent: float | None) -> None:
+        with self.db.session_scope() as session:
+            if percent is None:  # unknown: no fresh measurement
+                loc_id = session.scalar(select(m.DataLocation.id).filter_by(name=where))
+                session.execute(
+                    delete(m.BufferStatus).where(m.BufferStatus.data_location_id == loc_id)
+                )
+                return
+            total = 10_000_000
+            loc = session.scalars(select(m.DataLocation).filter_by(name=where)).one()
+            buffer_status.publish_status(
+                {
+                    "location": where,
+                    "used_bytes": int(total * percent / 100),
+                    "total_bytes": total,
+                    "disk_usage_percent": percent,
+                    "state": buffer_status.classify(
+                        percent, buffer_status.thresholds_for(loc)
+                    ).value,
+                    "measured_at": m.utcnow().isoformat(),
+                },
+                session,
+            )
+
+    # -- staging ------------------------------------------------------------------------------
+
+    @rule(data=st.data())
+    def create_staging_job(self, data: st.DataObject) -> None:
+        with self.db.session_scope() as session:
+            ids = sorted(
+                session.scalars(
+                    select(m.RawDataPackage.id).where(
+                        m.RawDataPackage.state == m.PackageState.ARCHIVED
+                    )
+                )
+            )
+        if not ids:
+            return
+        chosen = data.draw(st.lists(st.sampled_from(ids), min_size=1, max_size=2, unique=True))
+        try:
+            with self.db.session_scope() as session:
+                staging_manager.create_staging_job(
+                    session, package_ids=chosen, destination="processing_scratch"
+                )
+        except CcatError:
+            pass  # e.g. no usable LTA copy any more: refused, nothing written
+
+    @rule(data=st.data(), expire=st.booleans())
+    def end_staging_job(self, data: st.DataObject, expire: bool) -> None:
+        with self.db.session_scope() as session:
+            ids = sorted(
+                session.scalars(select(m.StagingJob.id).where(m.StagingJob.active.is_(True)))
+            )
+        if not ids:
+            return
+        job_id = data.draw(st.sampled_from(ids))
+        with self.db.session_scope() as session:
+            if expire:
+                session.get(m.StagingJob, job_id).expires_at = m.utcnow()
+                session.flush()
+                staging_manager.expire_staging_jobs(session)
+            else:
+                staging_manager.deactivate_staging_job(session, job_id)
+
+    # -- invariants ------------------------------------------------------------------------
+
+    @invariant()
+    def safety_invariants(self) -> None:
+        assert self.root_recreated is None, self.root_recreated
+        with self.db.session_scope() as session:
+            self._check_copies_never_removed(session)
+            self._check_lta_never_deleted(session)
+            self._check_deleted_copies_are_logged(session)
+            self._check_source_deleted_only_when_archived(session)
+            self._check_every_file_readable(session)
+
+    def _check_copies_never_removed(self, session: Any) -> None:
+        ids = set(session.scalars(select(m.PhysicalCopy.id)))
+        missing = self.copy_ids - ids
+        assert not missing, f"PhysicalCopy rows removed: {sorted(missing)}"
+        assert len(ids) >= self.copy_count
+        self.copy_ids, self.copy_count = ids, len(ids)
+
+    def _check_lta_never_deleted(self, session: Any) -> None:
+        rows = session.execute(
+            select(m.PhysicalCopy.id, m.PhysicalCopy.status, m.DataLocation.name)
+            .join(m.DataLocation, m.DataLocation.id == m.PhysicalCopy.data_location_id)
+            .where(m.DataLocation.location_type == LT.LONG_TERM_ARCHIVE)
+        ).all()
+        for cid, status, name in rows:
+            assert status not in DELETING, f"LTA copy {cid} at {name} is {status.name}"
+            if status == S.PRESENT:
+                self.lta_copy_ids.add(cid)
+        present = {cid for cid, status, _ in rows if status == S.PRESENT}
+        gone = self.lta_copy_ids - present
+        assert not gone, f"LTA copies no longer PRESENT: {sorted(gone)}"
+
+    def _check_deleted_copies_are_logged(self, session: Any) -> None:
+        logged = set(
+            session.scalars(
+                select(m.DeletionLog.physical_copy_id).where(
+                    m.DeletionLog.outcome == m.DeletionOutcome.DELETED
+                )
+            )
+        )
+        for copy in session.scalars(
+            select(m.PhysicalCopy).where(m.PhysicalCopy.status == S.DELETED)
+        ):
+            assert copy.deleted_at is not None, f"DELETED copy {copy.id} has no deleted_at"
+            assert copy.id in logged, f"DELETED copy {copy.id} has no deletion_log entry"
+
+    def _check_source_deleted_only_when_archived(self, session: Any) -> None:
+        src_site_ids = set(
+            session.scalars(
+                select(m.DataLocation.site_id).where(m.DataLocation.location_type == LT.SOURCE)
+            )
+        )
+        copies = session.scalars(
+            select(m.PhysicalCopy)
+            .join(m.DataLocation, m.DataLocation.id == m.PhysicalCopy.data_location_id)
+            .where(
+                m.DataLocation.site_id.in_(src_site_ids),
+                m.PhysicalCopy.status.in_(DELETING),
+            )
+        ).all()
+        for copy in copies:
+            if isinstance(copy, m.RawDataFilePhysicalCopy):
+                package = copy.raw_data_file.raw_data_package
+            elif isinstance(copy, m.RawDataPackagePhysicalCopy):
+                package = copy.raw_data_package
+            else:
+                transfers = session.scalars(
+                    select(m.DataTransfer).where(
+                        m.DataTransfer.data_transfer_package_id == copy.data_transfer_package_id,
+                        m.DataTransfer.status == m.Status.COMPLETED,
+                        m.DataTransfer.unpack_status == m.Status.COMPLETED,
+                    )
+                ).all()
+                assert transfers, (
+                    f"transfer package copy {copy.id} at {copy.data_location.name} is "
+                    f"{copy.status.name} without a completed and unpacked transfer"
+                )
+                continue
+            assert package is not None and package.state == m.PackageState.ARCHIVED, (
+                f"{copy.type} copy {copy.id} at {copy.data_location.name} is "
+                f"{copy.status.name} but its package is "
+                f"{package.state.name if package else 'missing'}"
+            )
+        for package in session.scalars(
+            select(m.RawDataPackage).where(m.RawDataPackage.state == m.PackageState.ARCHIVED)
+        ):
+            assert self._lta_copies(session, package.id), (
+                f"package {package.id} is ARCHIVED without a PRESENT LTA copy"
+            )
+
+    def _lta_copies(self, session: Any, package_id: int) -> list[m.PhysicalCopy]:
+        return list(
+            session.scalars(
+                select(m.RawDataPackagePhysicalCopy)
+                .join(
+                    m.DataLocation,
+                    m.DataLocation.id == m.RawDataPackagePhysicalCopy.data_location_id,
+                )
+                .where(
+                    m.RawDataPackagePhysicalCopy.raw_data_package_id == package_id,
+                    m.RawDataPackagePhysicalCopy.status == S.PRESENT,
+                    m.DataLocation.location_type == LT.LONG_TERM_ARCHIVE,
+                )
+            )
+        )
+
+    def _check_every_file_readable(self, session: Any) -> None:
+        if not self.files:
+            return
+        rows = session.execute(
+            select(m.RawDataFile.id, m.RawDataFile.raw_data_package_id, m.PhysicalCopy.status).join(
+                m.PhysicalCopy,
+                (m.PhysicalCopy.raw_data_file_id == m.RawDataFile.id)
+                & (m.PhysicalCopy.data_location_id == m.RawDataFile.source_location_id),
+            )
+        ).all()
+        by_file = {str(fid): (pkg, status) for fid, pkg, status in rows}
+        tar_cache: dict[int, dict[str, str]] = {}
+        for fid, info in self.files.items():
+            pkg_id, status = by_file.get(fid, (None, None))
+            path = self.env.paths[info["source"]] / info["relative_path"]
+            if status is not None and status != S.DELETED and path.is_file():
+                if _sha(path.read_bytes()) == info["checksum"]:
+                    continue
+            assert pkg_id is not None, (
+                f"file {info['relative_path']} is not readable at its source "
+                f"(copy {status.name if status else 'missing'}) and has no package"
+            )
+            if pkg_id not in tar_cache:
+                tar_cache[pkg_id] = self._verified_lta_members(session, pkg_id)
+            assert tar_cache[pkg_id].get(info["relative_path"]) == info["checksum"], (
+                f"file {info['relative_path']} is not readable at its source (copy "
+                f"{status.name if status else 'missing'}) and not in a verified LTA copy of "
+                f"package {pkg_id}"
+            )
+
+    def _verified_lta_members(self, session: Any, package_id: int) -> dict[str, str]:
+        """Member checksums of the first LTA copy whose bytes match the package checksum."""
+        package = session.get(m.RawDataPackage, package_id)
+        for copy in self._lta_copies(session, package_id):
+            path = Path(copy.data_location.path) / copy.relative_path
+            if not path.is_file() or _sha(path.read_bytes()) != package.checksum:
+                continue
+            with tarfile.open(path) as tar:
+                members = {}
+                for member in tar.getmembers():
+                    fh = tar.extractfile(member)
+                    if fh is not None:
+                        members[member.name] = _sha(fh.read())
+            return members
+        return {}
+
+    def teardown(self) -> None:
+        with self.db.session_scope() as session:
+            deleted = session.execute(
+                select(m.DataLocation.location_type, func.count())
+                .join(m.PhysicalCopy, m.PhysicalCopy.data_location_id == m.DataLocation.id)
+                .where(m.PhysicalCopy.status == S.DELETED)
+                .group_by(m.DataLocation.location_type)
+            ).all()
+            archived = session.scalar(
+                select(func.count(m.RawDataPackage.id)).where(
+                    m.RawDataPackage.state == m.PackageState.ARCHIVED
+                )
+            )
+            staged = session.scalar(select(func.count(m.StagingJob.id)))
+        REACHED["examples"] += 1
+        REACHED["with packages archived"] += bool(archived)
+        REACHED["with staging jobs"] += bool(staged)
+        for ltype, _ in deleted:
+            REACHED[f"with copies deleted at a {ltype.name}"] += 1
+        dispose_engines()
+
+
+@pytest.fixture
+def lifecycle_environment(override_settings: Any) -> Iterator[_Environment]:
+    shm = Path("/dev/shm")
+    parent = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+    base = Path(tempfile.mkdtemp(prefix="ccat_props_", dir=parent))
+    try:
+        override_settings(DATA_DIR=str(base / "data"), DATABASE_URL="", LOG_LEVEL="ERROR")
+        env = _Environment(base)
+        yield env
+    finally:
+        dispose_engines()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _machine_settings(examples: int) -> hsettings:
+    return hsettings(
+        max_examples=examples,
+        stateful_step_count=STEPS,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        print_blob=True,
+    )
+
+
+def test_lifecycle_invariants_hold_over_random_histories_with_faults(lifecycle_environment):
+    LifecycleMachine.env = lifecycle_environment
+    REACHED.clear()
+    run_state_machine_as_test(LifecycleMachine, settings=_machine_settings(EXAMPLES))
+    print("lifecycle property examples:", dict(REACHED))
+
+
+def test_the_machine_finds_a_broken_source_deletion_rule(lifecycle_environment, monkeypatch):
+    """The invariants can fail: with the rule "source data only when ARCHIVED in an LTA"
+    removed (finder and worker re-check), the machine finds a history that breaks them."""
+    from sqlalchemy import true
+
+    monkeypatch.setattr(deletion_manager, "_lta_present_exists", lambda *a, **k: true())
+    monkeypatch.setattr(
+        deletion_manager,
+        "_decide_rdp_source",
+        lambda *a, **k: deletion_manager._delete("rule broken on purpose", "broken"),
+    )
+    LifecycleMachine.env = lifecycle_environment
+    with pytest.raises(AssertionError, match="package is|not readable") as found:
+        run_state_machine_as_test(
+            LifecycleMachine,
+            settings=hsettings(_machine_settings(300), database=None, phases=_find_phases()),
+        )
+    assert "ccat_telescope_buffer" in str(found.value) or "not readable" in str(found.value)
+
+
+def _find_phases() -> tuple[Any, ...]:
+    from hypothesis import Phase
+
+    return (Phase.generate, Phase.target)  # finding is enough; no shrinking
