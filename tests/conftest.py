@@ -32,7 +32,7 @@ from ccat_ops_db import models as m  # noqa: E402
 from ccat_ops_db.migrate import upgrade  # noqa: E402
 from ccat_ops_db.topology import load_topology  # noqa: E402
 
-pytest_plugins = ["fixtures_s3"] if (Path(__file__).parent / "fixtures_s3.py").exists() else []
+pytest_plugins = ["fixtures_s3"]
 
 PG_ADMIN_URL = os.environ.get(
     "CCAT_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"

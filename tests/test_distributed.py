@@ -177,7 +177,9 @@ def _db_state(url: str) -> str:
                 f"next={t.next_attempt_at} reason={t.failure_reason}"
             )
         for p in s.scalars(select(m.RawDataPackage)):
-            out.append(f"package {p.id} {p.state.name} {p.status.name} dtp={p.data_transfer_package_id}")
+            out.append(
+                f"package {p.id} {p.state.name} {p.status.name} dtp={p.data_transfer_package_id}"
+            )
         for d in s.scalars(select(m.DataTransferPackage)):
             out.append(f"dtp {d.id} {d.status.name} {d.failure_reason}")
         for c in s.scalars(select(m.PhysicalCopy)):
