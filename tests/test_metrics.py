@@ -128,3 +128,33 @@ def test_influx_push_posts_line_protocol(system, override_settings):
 def test_influx_push_is_off_by_default(system):
     with system.session() as s:
         assert push_metrics(s) is None
+
+
+def test_run_round_pushes_to_influxdb_when_enabled(system, override_settings):
+    from ccat_data_transfer.orchestrator import Orchestrator
+
+    received = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            received.append(self.rfile.read(int(self.headers["Content-Length"])).decode())
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        override_settings(
+            INFLUXDB_ENABLED=True,
+            INFLUXDB_URL=f"http://127.0.0.1:{server.server_port}",
+            METRICS_PUSH_INTERVAL_SECONDS=3600,
+        )
+        orchestrator = Orchestrator(db=system.db)
+        orchestrator.run_round()
+        orchestrator.run_round()  # within the interval: no second push
+    finally:
+        server.shutdown()
+    assert len(received) == 1 and "raw_files count=0i" in received[0]

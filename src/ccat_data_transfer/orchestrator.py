@@ -68,6 +68,7 @@ def default_stages() -> list[Stage]:
 class Orchestrator:
     db: DatabaseConnection = field(default_factory=DatabaseConnection)
     stages: list[Stage] = field(default_factory=default_stages)
+    _last_push: float = field(default=float("-inf"), repr=False)
 
     def run_round(self) -> None:
         """One call of every stage, each in its own transaction."""
@@ -83,6 +84,24 @@ class Orchestrator:
                 log.exception("stage_failed", stage=stage.name, error=str(exc))
             stage.seconds += time.monotonic() - started
             stage.cycles += 1
+        self._push_metrics()
+
+    def _push_metrics(self) -> None:
+        """InfluxDB push once per METRICS_PUSH_INTERVAL_SECONDS, when enabled."""
+        from ccat_data_transfer.config.config import settings
+        from ccat_data_transfer.metrics import push_metrics
+
+        if not settings.get("INFLUXDB_ENABLED", False):
+            return
+        now = time.monotonic()
+        if now - self._last_push < float(settings.get("METRICS_PUSH_INTERVAL_SECONDS", 60)):
+            return
+        self._last_push = now
+        try:
+            with self.db.session_scope() as session:
+                push_metrics(session)
+        except Exception as exc:  # metrics never stop the pipeline
+            log.warning("metrics_push_failed", error=str(exc))
 
 
 # ---------------------------------------------------------------------------------------

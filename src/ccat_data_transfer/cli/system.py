@@ -283,3 +283,45 @@ def recovery_command(
     )
     if once:
         console.print_json(data=result)
+
+
+@app.command("metrics")
+def metrics_command(
+    serve: bool = typer.Option(
+        False, "--serve", help="Serve Prometheus metrics on PROMETHEUS_PORT until stopped."
+    ),
+    push: bool = typer.Option(False, "--push", help="Send one snapshot to InfluxDB."),
+) -> None:
+    """Print the metrics snapshot (JSON), serve it to Prometheus, or push it to InfluxDB."""
+    import json
+
+    from ccat_data_transfer.config.config import settings
+    from ccat_data_transfer.exceptions import ConfigurationError
+    from ccat_data_transfer.metrics import DatabaseCollector, collect_snapshot, push_metrics
+
+    db = get_db()
+    if serve:
+        if not settings.get("METRICS_ENABLED", True):
+            raise ConfigurationError("metrics are disabled (METRICS_ENABLED = false)")
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        from ccat_data_transfer.manager_loop import install_signal_handlers, stop_event
+
+        registry = CollectorRegistry()
+        registry.register(DatabaseCollector())
+        port = int(settings.PROMETHEUS_PORT)
+        start_http_server(port, addr=str(settings.API_HOST), registry=registry)
+        console.print(f"serving Prometheus metrics on {settings.API_HOST}:{port}/metrics")
+        install_signal_handlers()
+        stop_event.wait()
+        return
+    with db.session_scope() as session:
+        if push:
+            result = push_metrics(session)
+            if result is None:
+                raise ConfigurationError("InfluxDB is disabled (INFLUXDB_ENABLED = false)")
+            if not result:
+                raise typer.Exit(1)
+            console.print("pushed", highlight=False)
+            return
+        console.print_json(json.dumps(collect_snapshot(session), default=str))
