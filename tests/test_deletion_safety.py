@@ -194,7 +194,7 @@ def test_pressure_frees_exactly_the_bytes_needed_oldest_first(system, override_s
         if i < 2:
             assert log_rows(system, cid) == [
                 ("SCHEDULED", "buffer_pressure"),
-                ("DELETED", "deleted"),
+                ("DELETED", "parent_package_archived"),
             ]
     # A second cycle on the same (stale) measurement frees nothing more.
     run_deletion_cycle(system)

@@ -28,7 +28,7 @@ After every step the invariants are checked against the DB *and the storage*:
 5. every DELETED copy has ``deleted_at`` and a DELETED entry in ``deletion_log``;
 6. no stage re-creates a storage root that is missing (it could fill the wrong disk).
 
-CI mode runs ``CCAT_PROPERTY_EXAMPLES`` examples (default 100) of up to
+CI mode runs ``CCAT_PROPERTY_EXAMPLES`` examples (default 60) of up to
 ``CCAT_PROPERTY_STEPS`` steps (default 25) on SQLite.  A long run, for example::
 
     CCAT_PROPERTY_EXAMPLES=20000 .venv/bin/python -m pytest tests/test_lifecycle_properties.py -q
@@ -90,7 +90,7 @@ from ccat_ops_db import models as m
 from ccat_ops_db.migrate import upgrade
 from ccat_ops_db.topology import load_topology
 
-EXAMPLES = int(os.environ.get("CCAT_PROPERTY_EXAMPLES", "100"))
+EXAMPLES = int(os.environ.get("CCAT_PROPERTY_EXAMPLES", "60"))
 STEPS = int(os.environ.get("CCAT_PROPERTY_STEPS", "25"))
 TOPOLOGY = Path(__file__).resolve().parent.parent / "src/ccat_data_transfer/topology/default.toml"
 

@@ -1693,6 +1693,7 @@ def _delete_physical_copies(
             session, [c.id for c in copies if isinstance(c, m.RawDataFilePhysicalCopy)]
         )
         go: dict[int, m.PhysicalCopy] = {}
+        why: dict[int, str] = {}  # the rule that allows each deletion, for the audit trail
         logs: list[dict[str, Any]] = []
         for c in copies:
             loc = c.data_location
@@ -1704,7 +1705,12 @@ def _delete_physical_copies(
                 decision = _keep("the copy is marked lost", "lost")
             elif isinstance(c, m.RawDataFilePhysicalCopy):
                 decision = (
-                    _delete("rule re-checked by the worker", "recheck_ok")
+                    _delete(
+                        "rule re-checked by the worker",
+                        "no_active_staging_job"
+                        if loc.location_type == LT.PROCESSING
+                        else "parent_package_archived",
+                    )
                     if c.id in file_ok
                     else _keep("rule no longer holds at execution time", "rule_no_longer_holds")
                 )
@@ -1712,6 +1718,7 @@ def _delete_physical_copies(
                 decision = decide_copy(session, c, roles)
             if decision.deletable:
                 go[c.id] = c
+                why[c.id] = decision.code or "rule_holds"
                 continue
             back = _revert_status(c)
             session.execute(
@@ -1753,6 +1760,7 @@ def _delete_physical_copies(
                     "path": _copy_path(c),
                     "size": _copy_size(c),
                     "package_id": getattr(c, "raw_data_package_id", None),
+                    "reason": why.get(cid, "rule_holds"),
                 }
             )
         _write_log_rows(session, logs)
@@ -1796,7 +1804,7 @@ def _delete_physical_copies(
                         t["type"],
                         loc,
                         t["size"],
-                        "deleted",
+                        t.get("reason", "rule_holds"),
                         m.DeletionOutcome.DELETED,
                         message,
                         actor,
