@@ -21,14 +21,19 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from ccat_data_transfer.celery_app import app
-from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.database import DatabaseConnection
 from ccat_data_transfer.exceptions import ConfigurationError, PermanentError
 from ccat_data_transfer.logging_utils import get_logger
 from ccat_data_transfer.operation_types import OperationType
 from ccat_data_transfer.queue_discovery import route_task_by_location
+from ccat_data_transfer.stage_tasks import start_scheduled
 from ccat_data_transfer.storage import storage_for_location
-from ccat_data_transfer.transfer_manager import _heartbeat, _worker_name, transfer_log_dir
+from ccat_data_transfer.transfer_manager import (
+    _fail_or_retry_values,
+    _heartbeat,
+    _worker_name,
+    transfer_log_dir,
+)
 from ccat_data_transfer.transfer_methods import get_transfer_method, method_for_storages
 from ccat_ops_db import models as m
 
@@ -154,18 +159,6 @@ def run_once(session: Session) -> dict[str, int]:
     return {"archive_planned": len(planned), "archive_dispatched": len(dispatched)}
 
 
-def _retry_values(retry_count: int, reason: str, now: Any, permanent: bool) -> dict[str, Any]:
-    if permanent or retry_count >= int(settings.TRANSFER_MAX_RETRIES):
-        return {"status": m.Status.FAILED, "failure_reason": reason, "end_time": now}
-    delay = float(settings.TRANSFER_RETRY_BASE_SECONDS) * (2**retry_count)
-    return {
-        "status": m.Status.PENDING,
-        "retry_count": retry_count + 1,
-        "next_attempt_at": now + timedelta(seconds=delay),
-        "failure_reason": reason,
-    }
-
-
 def reset_stalled_archive_transfers(session: Session, older_than: timedelta | float) -> int:
     """SCHEDULED/IN_PROGRESS archive transfers untouched for ``older_than``: one failed
     attempt each (back to PENDING with backoff, or FAILED).  For the recovery service."""
@@ -178,7 +171,7 @@ def reset_stalled_archive_transfers(session: Session, older_than: timedelta | fl
     for lta_id, status, retries in session.execute(
         select(t.id, t.status, t.retry_count).where(t.status.in_(IN_FLIGHT), t.updated_at < cutoff)
     ).all():
-        values = _retry_values(retries, f"stalled in {status.name}: worker lost", now, False)
+        values = _fail_or_retry_values(retries, f"stalled in {status.name}: worker lost", now)
         reset += session.execute(
             update(t).where(t.id == lta_id, t.status == status).values(**values)
         ).rowcount
@@ -233,12 +226,9 @@ def execute_archive_transfer(archive_transfer_id: int) -> str:
     db = DatabaseConnection()
     t = m.LongTermArchiveTransfer
     with db.session_scope() as s:
-        rc = s.execute(
-            update(t)
-            .where(t.id == archive_transfer_id, t.status == m.Status.SCHEDULED)
-            .values(status=m.Status.IN_PROGRESS, start_time=m.utcnow(), worker=_worker_name())
-        ).rowcount
-        if rc != 1:
+        if not start_scheduled(
+            s, t, archive_transfer_id, start_time=m.utcnow(), worker=_worker_name()
+        ):
             return "skipped"
         row = s.get(t, archive_transfer_id)
         rdp = row.raw_data_package
@@ -329,7 +319,9 @@ def _record_failure(lta_id: int, reason: str, permanent: bool, fields: dict[str,
         row = s.get(m.LongTermArchiveTransfer, lta_id)
         if row is None or row.status != m.Status.IN_PROGRESS:
             return "skipped"
-        for key, value in _retry_values(row.retry_count, reason, m.utcnow(), permanent).items():
+        for key, value in _fail_or_retry_values(
+            row.retry_count, reason, m.utcnow(), permanent
+        ).items():
             setattr(row, key, value)
         outcome = "failed" if row.status == m.Status.FAILED else "retry"
     if outcome == "failed":

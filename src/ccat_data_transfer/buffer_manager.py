@@ -31,17 +31,9 @@ from ccat_data_transfer import buffer_status as bs
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.logging_utils import get_logger
 from ccat_ops_db import models as m
+from ccat_ops_db.topology import HOLDING_STATES
 
 log = get_logger(__name__)
-
-_NOT_DELETED = [
-    m.PhysicalCopyStatus.PRESENT,
-    m.PhysicalCopyStatus.STAGED,
-    m.PhysicalCopyStatus.DELETION_POSSIBLE,
-    m.PhysicalCopyStatus.DELETION_SCHEDULED,
-    m.PhysicalCopyStatus.DELETION_IN_PROGRESS,
-    m.PhysicalCopyStatus.DELETION_FAILED,
-]
 
 
 def send_alert(payload: dict[str, Any]) -> bool:
@@ -69,7 +61,7 @@ def measure_location(session: Session, location: m.DataLocation) -> dict[str, An
             session.scalar(
                 select(func.coalesce(func.sum(m.PhysicalCopy.size), 0)).where(
                     m.PhysicalCopy.data_location_id == location.id,
-                    m.PhysicalCopy.status.in_(_NOT_DELETED),
+                    m.PhysicalCopy.status.in_(HOLDING_STATES),
                     m.PhysicalCopy.lost_at.is_(None),
                 )
             )

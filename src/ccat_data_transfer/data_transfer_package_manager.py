@@ -45,6 +45,7 @@ from ccat_data_transfer.exceptions import NotFoundError
 from ccat_data_transfer.logging_utils import get_logger
 from ccat_data_transfer.operation_types import OperationType
 from ccat_data_transfer.queue_discovery import route_task_by_location
+from ccat_data_transfer.stage_tasks import merge_inline_package_result, start_scheduled
 from ccat_data_transfer.storage import StorageError, storage_for_location
 from ccat_data_transfer.tarutil import TarMember, write_tar_with_checksums
 from ccat_ops_db import models as m
@@ -232,18 +233,9 @@ def run_once(session: Session) -> dict[str, Any]:
 
 
 def _merge_eager(summary: dict[str, Any], outcome: Any) -> None:
-    from celery.result import EagerResult
-
-    if not isinstance(outcome, EagerResult) or not isinstance(outcome.result, dict):
-        return
-    result = outcome.result
-    if result.get("status") == "completed":
-        summary["packages_created"] += 1
-        summary["raw_data_packages_bundled"] += result.get("members", 0)
-        summary["bytes_bundled"] += result.get("size_bytes", 0)
-    elif result.get("status") == "failed":
-        summary["packages_failed"] += 1
-    summary["checksum_errors"].extend(result.get("checksum_errors", []))
+    merge_inline_package_result(
+        summary, outcome, {"raw_data_packages_bundled": "members", "bytes_bundled": "size_bytes"}
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -262,15 +254,7 @@ def create_data_transfer_package(self: Any, dtp_id: int) -> dict[str, Any]:
     """Build and record one claimed DataTransferPackage at its buffer (idempotent)."""
     db = DatabaseConnection()
     with db.session_scope() as session:
-        started = session.execute(
-            update(m.DataTransferPackage)
-            .where(
-                m.DataTransferPackage.id == dtp_id,
-                m.DataTransferPackage.status == m.Status.SCHEDULED,
-            )
-            .values(status=m.Status.IN_PROGRESS)
-            .execution_options(synchronize_session=False)
-        ).rowcount
+        started = start_scheduled(session, m.DataTransferPackage, dtp_id)
     if not started:
         return {"status": "skipped", "dtp_id": dtp_id}
     try:

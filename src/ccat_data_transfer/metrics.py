@@ -210,36 +210,56 @@ class DatabaseCollector:
         yield from snapshot_to_prometheus(snap)
 
 
+def _total(name: str, documentation: str, value: Any) -> GaugeMetricFamily:
+    """A gauge with a single unlabelled sample: one of the snapshot's totals."""
+    g = GaugeMetricFamily(name, documentation)
+    g.add_metric([], value)
+    return g
+
+
+def _counts_and_bytes(
+    label: str, by_label: dict[str, dict[str, Any]], count: tuple[str, str], size: tuple[str, str]
+) -> list[GaugeMetricFamily]:
+    """Two gauges from ``{label value: {"count": ..., "bytes": ...}}``: how many rows and
+    how many bytes per ``label`` value.  ``count`` and ``size`` are each gauge's
+    ``(name, documentation)``."""
+    g = GaugeMetricFamily(*count, labels=[label])
+    b = GaugeMetricFamily(*size, labels=[label])
+    for value, v in by_label.items():
+        g.add_metric([value], v["count"])
+        b.add_metric([value], v["bytes"])
+    return [g, b]
+
+
 def snapshot_to_prometheus(snap: dict[str, Any]) -> list[GaugeMetricFamily]:
-    families = []
-    g = GaugeMetricFamily("ccat_raw_files", "Filed raw data files")
-    g.add_metric([], snap["raw_files"]["count"])
-    families.append(g)
-    g = GaugeMetricFamily("ccat_raw_file_bytes", "Bytes of filed raw data files")
-    g.add_metric([], snap["raw_files"]["bytes"])
-    families.append(g)
-    g = GaugeMetricFamily("ccat_raw_files_unpackaged", "Filed files not yet in a package")
-    g.add_metric([], snap["raw_files_unpackaged"])
-    families.append(g)
-    g = GaugeMetricFamily("ccat_raw_data_packages", "RawDataPackages by state", labels=["state"])
-    b = GaugeMetricFamily(
-        "ccat_raw_data_package_bytes", "Bytes of RawDataPackages by state", labels=["state"]
+    families = [
+        _total("ccat_raw_files", "Filed raw data files", snap["raw_files"]["count"]),
+        _total("ccat_raw_file_bytes", "Bytes of filed raw data files", snap["raw_files"]["bytes"]),
+        _total(
+            "ccat_raw_files_unpackaged",
+            "Filed files not yet in a package",
+            snap["raw_files_unpackaged"],
+        ),
+    ]
+    families += _counts_and_bytes(
+        "state",
+        snap["package_states"],
+        ("ccat_raw_data_packages", "RawDataPackages by state"),
+        ("ccat_raw_data_package_bytes", "Bytes of RawDataPackages by state"),
     )
-    for state, v in snap["package_states"].items():
-        g.add_metric([state], v["count"])
-        b.add_metric([state], v["bytes"])
-    families += [g, b]
-    g = GaugeMetricFamily("ccat_data_transfers", "DataTransfers by status", labels=["status"])
-    b = GaugeMetricFamily(
-        "ccat_data_transfer_bytes", "Bytes moved by DataTransfers by status", labels=["status"]
+    families += _counts_and_bytes(
+        "status",
+        snap["transfers"],
+        ("ccat_data_transfers", "DataTransfers by status"),
+        ("ccat_data_transfer_bytes", "Bytes moved by DataTransfers by status"),
     )
-    for status, v in snap["transfers"].items():
-        g.add_metric([status], v["count"])
-        b.add_metric([status], v["bytes"])
-    families += [g, b]
-    g = GaugeMetricFamily("ccat_transfer_rate_mb_per_s", "Mean transfer rate, last hour")
-    g.add_metric([], snap["transfer_rate_mb_per_s"])
-    families.append(g)
+    families.append(
+        _total(
+            "ccat_transfer_rate_mb_per_s",
+            "Mean transfer rate, last hour",
+            snap["transfer_rate_mb_per_s"],
+        )
+    )
     g = GaugeMetricFamily(
         "ccat_physical_copies", "Physical copies", labels=["location", "type", "status"]
     )
@@ -253,15 +273,19 @@ def snapshot_to_prometheus(snap: dict[str, Any]) -> list[GaugeMetricFamily]:
         g.add_metric(labels, row["count"])
         b.add_metric(labels, row["bytes"])
     families += [g, b]
-    g = GaugeMetricFamily("ccat_deletions_last_day", "Copies deleted in the last 24 h")
-    g.add_metric([], snap["deletions_last_day"]["count"])
-    families.append(g)
-    g = GaugeMetricFamily("ccat_deleted_bytes_last_day", "Bytes deleted in the last 24 h")
-    g.add_metric([], snap["deletions_last_day"]["bytes"])
-    families.append(g)
-    g = GaugeMetricFamily("ccat_deletion_failures", "Copies in DELETION_FAILED")
-    g.add_metric([], snap["deletion_failures"])
-    families.append(g)
+    families += [
+        _total(
+            "ccat_deletions_last_day",
+            "Copies deleted in the last 24 h",
+            snap["deletions_last_day"]["count"],
+        ),
+        _total(
+            "ccat_deleted_bytes_last_day",
+            "Bytes deleted in the last 24 h",
+            snap["deletions_last_day"]["bytes"],
+        ),
+        _total("ccat_deletion_failures", "Copies in DELETION_FAILED", snap["deletion_failures"]),
+    ]
     g = GaugeMetricFamily(
         "ccat_buffer_usage_percent", "Disk use of a location", labels=["location", "site", "state"]
     )

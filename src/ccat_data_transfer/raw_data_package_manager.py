@@ -65,6 +65,7 @@ from ccat_data_transfer.exceptions import NotFoundError
 from ccat_data_transfer.logging_utils import get_logger
 from ccat_data_transfer.operation_types import OperationType
 from ccat_data_transfer.queue_discovery import route_task_by_location
+from ccat_data_transfer.stage_tasks import merge_inline_package_result, start_scheduled
 from ccat_data_transfer.storage import StorageError, storage_for_location
 from ccat_data_transfer.tarutil import TarMember, TarSourceChangedError, write_tar_with_checksums
 from ccat_ops_db import models as m
@@ -385,20 +386,9 @@ def run_once(session: Session) -> dict[str, Any]:
 
 def _merge_eager(summary: dict[str, Any], outcome: Any) -> None:
     """In embedded mode the task ran inline: fold its result into the summary."""
-    from celery.result import EagerResult
-
-    if not isinstance(outcome, EagerResult):
-        return
-    result = outcome.result
-    if not isinstance(result, dict):
-        return
-    if result.get("status") == "completed":
-        summary["packages_created"] += 1
-        summary["files_packaged"] += result.get("files", 0)
-        summary["bytes_packaged"] += result.get("size_bytes", 0)
-    elif result.get("status") == "failed":
-        summary["packages_failed"] += 1
-    summary["checksum_errors"].extend(result.get("checksum_errors", []))
+    merge_inline_package_result(
+        summary, outcome, {"files_packaged": "files", "bytes_packaged": "size_bytes"}
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -419,12 +409,7 @@ def create_raw_data_package(self: Any, package_id: int) -> dict[str, Any]:
     """Build, place and record one claimed RawDataPackage (idempotent)."""
     db = DatabaseConnection()
     with db.session_scope() as session:
-        started = session.execute(
-            update(m.RawDataPackage)
-            .where(m.RawDataPackage.id == package_id, m.RawDataPackage.status == m.Status.SCHEDULED)
-            .values(status=m.Status.IN_PROGRESS)
-            .execution_options(synchronize_session=False)
-        ).rowcount
+        started = start_scheduled(session, m.RawDataPackage, package_id)
     if not started:
         log.info("raw_data_package_task_skipped", package_id=package_id, reason="not scheduled")
         return {"status": "skipped", "package_id": package_id}

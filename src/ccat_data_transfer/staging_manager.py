@@ -177,15 +177,19 @@ def _naive_utc(value: datetime | str | None, what: str) -> datetime | None:
     return value
 
 
+def _by_id_or_name(session: Session, model: Any, ident: str | int, name_column: Any) -> Any:
+    """The row of ``model`` that ``ident`` names: by primary key when an int, else by
+    ``name_column`` (None when there is none).  Staging requests may name locations, users
+    and obs units either way."""
+    if isinstance(ident, int):
+        return session.get(model, ident)
+    return session.scalars(select(model).where(name_column == ident)).one_or_none()
+
+
 def _resolve_location(session: Session, destination: str | int | m.DataLocation) -> m.DataLocation:
     if isinstance(destination, m.DataLocation):
         return destination
-    if isinstance(destination, int):
-        loc = session.get(m.DataLocation, destination)
-    else:
-        loc = session.scalars(
-            select(m.DataLocation).where(m.DataLocation.name == destination)
-        ).one_or_none()
+    loc = _by_id_or_name(session, m.DataLocation, destination, m.DataLocation.name)
     if loc is None:
         raise NotFoundError(f"unknown data location {destination!r}; see `list-locations`")
     if loc.location_type != LT.PROCESSING:
@@ -201,10 +205,7 @@ def _resolve_location(session: Session, destination: str | int | m.DataLocation)
 def _resolve_user(session: Session, user: str | int | m.User | None) -> m.User | None:
     if user is None or isinstance(user, m.User):
         return user
-    if isinstance(user, int):
-        row = session.get(m.User, user)
-    else:
-        row = session.scalars(select(m.User).where(m.User.username == user)).one_or_none()
+    row = _by_id_or_name(session, m.User, user, m.User.username)
     if row is None:
         raise NotFoundError(f"unknown user {user!r}")
     return row
@@ -226,12 +227,7 @@ def _resolve_instrument(session: Session, instrument: str | int) -> m.Instrument
 def _resolve_obs_unit(session: Session, eou: str | int | m.ExecutedObsUnit) -> m.ExecutedObsUnit:
     if isinstance(eou, m.ExecutedObsUnit):
         return eou
-    if isinstance(eou, int):
-        row = session.get(m.ExecutedObsUnit, eou)
-    else:
-        row = session.scalars(
-            select(m.ExecutedObsUnit).where(m.ExecutedObsUnit.name == eou)
-        ).one_or_none()
+    row = _by_id_or_name(session, m.ExecutedObsUnit, eou, m.ExecutedObsUnit.name)
     if row is None:
         raise NotFoundError(f"unknown executed obs unit {eou!r}")
     return row

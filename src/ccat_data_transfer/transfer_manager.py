@@ -61,6 +61,7 @@ from ccat_data_transfer.exceptions import (
 from ccat_data_transfer.logging_utils import get_logger
 from ccat_data_transfer.operation_types import OperationType
 from ccat_data_transfer.queue_discovery import route_task_by_location
+from ccat_data_transfer.stage_tasks import start_scheduled
 from ccat_data_transfer.storage import DiskStorage, Storage, normalize_path, storage_for_location
 from ccat_data_transfer.tarutil import CorruptTarError, UnsafeTarError, safe_extract
 from ccat_data_transfer.transfer_methods import get_transfer_method, method_for_storages
@@ -634,14 +635,30 @@ def run_once(session: Session) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------
 
 
-def _fail_or_retry_values(retry_count: int, reason: str, now: datetime) -> dict[str, Any]:
+def _retry_due_at(retry_count: int, now: datetime) -> datetime | None:
+    """When the next attempt after a failure is due (exponential backoff from
+    TRANSFER_RETRY_BASE_SECONDS), or None once TRANSFER_MAX_RETRIES are used up.
+
+    The one retry policy of transfers, unpacks and archive transfers."""
     if retry_count >= int(settings.TRANSFER_MAX_RETRIES):
-        return {"status": m.Status.FAILED, "failure_reason": reason, "end_time": now}
+        return None
     delay = float(settings.TRANSFER_RETRY_BASE_SECONDS) * (2**retry_count)
+    return now + timedelta(seconds=delay)
+
+
+def _fail_or_retry_values(
+    retry_count: int, reason: str, now: datetime, permanent: bool = False
+) -> dict[str, Any]:
+    """Column values after a failed attempt of a row with ``status``/``retry_count``
+    columns (DataTransfer, LongTermArchiveTransfer): PENDING with backoff, or FAILED when
+    out of retries or the failure is ``permanent``."""
+    due = None if permanent else _retry_due_at(retry_count, now)
+    if due is None:
+        return {"status": m.Status.FAILED, "failure_reason": reason, "end_time": now}
     return {
         "status": m.Status.PENDING,
         "retry_count": retry_count + 1,
-        "next_attempt_at": now + timedelta(seconds=delay),
+        "next_attempt_at": due,
         "failure_reason": reason,
     }
 
@@ -703,17 +720,17 @@ def reset_stalled_transfers(session: Session, older_than: timedelta | float) -> 
 
 
 def _unpack_fail_or_retry_values(retry_count: int, reason: str, now: datetime) -> dict[str, Any]:
-    if retry_count >= int(settings.TRANSFER_MAX_RETRIES):
+    due = _retry_due_at(retry_count, now)
+    if due is None:
         return {
             "unpack_status": m.Status.FAILED,
             "unpack_failure_reason": reason,
             "unpack_end_time": now,
         }
-    delay = float(settings.TRANSFER_RETRY_BASE_SECONDS) * (2**retry_count)
     return {
         "unpack_status": m.Status.PENDING,
         "unpack_retry_count": retry_count + 1,
-        "next_attempt_at": now + timedelta(seconds=delay),
+        "next_attempt_at": due,
         "unpack_failure_reason": reason,
     }
 
@@ -806,12 +823,9 @@ def execute_transfer(transfer_id: int) -> str:
     db = DatabaseConnection()
     now = m.utcnow()
     with db.session_scope() as s:
-        rc = s.execute(
-            update(m.DataTransfer)
-            .where(m.DataTransfer.id == transfer_id, m.DataTransfer.status == m.Status.SCHEDULED)
-            .values(status=m.Status.IN_PROGRESS, start_time=now, worker=_worker_name())
-        ).rowcount
-        if rc != 1:
+        if not start_scheduled(
+            s, m.DataTransfer, transfer_id, start_time=now, worker=_worker_name()
+        ):
             return "skipped"
         t = s.get(m.DataTransfer, transfer_id)
         dtp = t.data_transfer_package
@@ -920,11 +934,7 @@ def _record_transfer_failure(
         t = s.get(m.DataTransfer, transfer_id)
         if t is None or t.status != m.Status.IN_PROGRESS:
             return "skipped"
-        now = m.utcnow()
-        if permanent:
-            values = {"status": m.Status.FAILED, "failure_reason": reason, "end_time": now}
-        else:
-            values = _fail_or_retry_values(t.retry_count, reason, now)
+        values = _fail_or_retry_values(t.retry_count, reason, m.utcnow(), permanent)
         for key, value in values.items():
             setattr(t, key, value)
         outcome = "failed" if t.status == m.Status.FAILED else "retry"

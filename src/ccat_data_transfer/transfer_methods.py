@@ -127,6 +127,31 @@ def _run(cmd: list[str], log_file: TextIO, what: str) -> None:
         raise RetryableError(f"{what} exited with status {proc.returncode} (see the transfer log)")
 
 
+def _run_into_place(command: list[str], dst: str, log_file: TextIO, what: str) -> None:
+    """Run a local copy ``command`` with a temporary sibling of ``dst`` appended as its
+    target, then rename that into place: readers never see a partial ``dst``, and the
+    temporary file is removed whatever happens.  Shared by the command-line methods."""
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = _tmp_sibling(dst)
+    try:
+        _run([*command, tmp], log_file, what)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def _command_stats(
+    what: str, src: str, src_host: str | None, start: float, log_file: TextIO
+) -> TransferStats:
+    """Stats of a command-line transfer started at ``start`` (``time.monotonic``), logged.
+    The size is that of the local source; 0 when the source is on a remote host."""
+    size = os.path.getsize(src) if _is_local_host(src_host) else 0
+    stats = TransferStats(size, time.monotonic() - start)
+    _log(log_file, f"{what} done: {size} bytes in {stats.seconds:.3f} s")
+    return stats
+
+
 def _remote_sha256(host: str, path: str) -> str:
     out = subprocess.run(
         ["ssh", "-o", "BatchMode=yes", host, "sha256sum", "--", shlex.quote(path)],
@@ -211,24 +236,16 @@ class RsyncMethod(TransferMethodBase):
         src_arg = src if _is_local_host(src_host) else f"{src_host}:{src}"
         start = time.monotonic()
         if _is_local_host(dst_host):
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            tmp = _tmp_sibling(dst)
-            try:
-                _run([exe, "-a", "--no-perms", "--chmod=F644", src_arg, tmp], log_file, "rsync")
-                os.replace(tmp, dst)
-            finally:
-                if os.path.lexists(tmp):
-                    os.unlink(tmp)
+            _run_into_place(
+                [exe, "-a", "--no-perms", "--chmod=F644", src_arg], dst, log_file, "rsync"
+            )
         else:
             _run(
                 [exe, "-a", "--mkpath", "-e", "ssh -o BatchMode=yes", src_arg, f"{dst_host}:{dst}"],
                 log_file,
                 "rsync",
             )
-        size = os.path.getsize(src) if _is_local_host(src_host) else 0
-        stats = TransferStats(size, time.monotonic() - start)
-        _log(log_file, f"rsync done: {size} bytes in {stats.seconds:.3f} s")
-        return stats
+        return _command_stats("rsync", src, src_host, start, log_file)
 
 
 class S3Method(TransferMethodBase):
@@ -290,18 +307,14 @@ class BbcpMethod(TransferMethodBase):
             )
         src = _local_root_path(src_storage, src_path, "bbcp")
         dst = _local_root_path(dst_storage, dst_path, "bbcp")
-        tmp = _tmp_sibling(dst)
         src_arg = src if _is_local_host(src_host) else f"{src_host}:{src}"
         start = time.monotonic()
         if _is_local_host(dst_host):
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            try:
-                _run([exe, "-P", "10", "-s", str(self.streams), src_arg, tmp], log_file, "bbcp")
-                os.replace(tmp, dst)
-            finally:
-                if os.path.lexists(tmp):
-                    os.unlink(tmp)
+            _run_into_place(
+                [exe, "-P", "10", "-s", str(self.streams), src_arg], dst, log_file, "bbcp"
+            )
         else:
+            tmp = _tmp_sibling(dst)
             ssh = ["ssh", "-o", "BatchMode=yes", dst_host]
             _run([*ssh, "mkdir", "-p", shlex.quote(os.path.dirname(dst))], log_file, "ssh mkdir")
             _run(
@@ -310,10 +323,7 @@ class BbcpMethod(TransferMethodBase):
                 "bbcp",
             )
             _run([*ssh, "mv", "-f", shlex.quote(tmp), shlex.quote(dst)], log_file, "ssh mv")
-        size = os.path.getsize(src) if _is_local_host(src_host) else 0
-        stats = TransferStats(size, time.monotonic() - start)
-        _log(log_file, f"bbcp done: {size} bytes in {stats.seconds:.3f} s")
-        return stats
+        return _command_stats("bbcp", src, src_host, start, log_file)
 
 
 _REGISTRY: dict[m.TransferMethod, TransferMethodBase] = {}

@@ -28,8 +28,10 @@ from ccat_data_transfer.api.deps import get_session
 from ccat_data_transfer.buffer_status import thresholds_for
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.database import is_postgresql
+from ccat_data_transfer.formatting import human_bytes
 from ccat_data_transfer.metrics import collect_snapshot
 from ccat_ops_db import models as m
+from ccat_ops_db.topology import HOLDING_STATES
 
 _HERE = Path(__file__).resolve().parent
 STATIC_DIR = _HERE / "static"
@@ -40,15 +42,6 @@ MAX_PER_PAGE = 500
 MAX_LIST_ROWS = 500
 MAX_WINDOW_HOURS = 24 * 366
 MAX_CHART_POINTS = 300
-
-LIVE_COPY_STATUSES = (
-    m.PhysicalCopyStatus.PRESENT,
-    m.PhysicalCopyStatus.STAGED,
-    m.PhysicalCopyStatus.DELETION_POSSIBLE,
-    m.PhysicalCopyStatus.DELETION_SCHEDULED,
-    m.PhysicalCopyStatus.DELETION_IN_PROGRESS,
-    m.PhysicalCopyStatus.DELETION_FAILED,
-)
 
 
 # ---------------------------------------------------------------------------------------
@@ -87,17 +80,6 @@ router = APIRouter(
 # ---------------------------------------------------------------------------------------
 # Formatting (templates and JSON alike)
 # ---------------------------------------------------------------------------------------
-
-
-def human_bytes(n: int | float | None) -> str:
-    if n is None:
-        return "—"
-    value = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
-        if abs(value) < 1000 or unit == "PB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{value:.1f} PB"
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -339,7 +321,7 @@ def package_list(
             .join(m.DataLocation, m.DataLocation.id == m.PhysicalCopy.data_location_id)
             .where(
                 m.PhysicalCopy.raw_data_package_id.in_(ids),
-                m.PhysicalCopy.status.in_(LIVE_COPY_STATUSES),
+                m.PhysicalCopy.status.in_(HOLDING_STATES),
             )
             .group_by(m.PhysicalCopy.raw_data_package_id, m.DataLocation.name)
             .order_by(m.DataLocation.name)

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from ccat_data_transfer import __version__
+from ccat_data_transfer import __version__, formatting
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.database import DatabaseConnection
 from ccat_data_transfer.logging_utils import configure_logging
@@ -70,12 +70,11 @@ def get_db() -> DatabaseConnection:
     return db
 
 
+#: The command line's byte labels: plain ASCII capitals for terminals and log files.
+_CLI_BYTE_UNITS = ("B", "KB", "MB", "GB", "TB", "PB")
+
+
 def human_bytes(n: int | float | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if abs(value) < 1000 or unit == "PB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{value:.1f} PB"
+    """A size for terminal output: :func:`ccat_data_transfer.formatting.human_bytes` with
+    ASCII labels (``KB``, ``-`` for an unknown size)."""
+    return formatting.human_bytes(n, missing="-", units=_CLI_BYTE_UNITS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,27 @@ def _print_summary(title: str, summary: dict[str, Any]) -> None:
         )
 
 
+def _run_packaging_manager(
+    name: str,
+    cycle: Callable[[Any], dict[str, Any]],
+    sleep_key: str,
+    title: str,
+    *,
+    once: bool,
+    verbose: bool,
+) -> None:
+    """Run a packaging manager's loop (sleeping ``settings[sleep_key]`` seconds, read each
+    cycle so a changed setting applies) and, with ``once``, print its summary as
+    ``title``.  The two packaging commands differ only in these values."""
+    from ccat_data_transfer.manager_loop import run_manager
+
+    configure_logging(verbose=verbose)
+    db = get_db()
+    result = run_manager(name, cycle, lambda: float(settings[sleep_key]), once=once, db=db)
+    if once and isinstance(result, dict):
+        _print_summary(title, result)
+
+
 @app.command("raw-data-package-manager")
 def raw_data_package_manager_command(
     once: bool = typer.Option(False, "--once", help="Run one cycle and exit."),
@@ -51,19 +73,15 @@ def raw_data_package_manager_command(
 ) -> None:
     """Package filed raw files into RawDataPackages and move them to the site buffer."""
     from ccat_data_transfer import raw_data_package_manager as rdpm
-    from ccat_data_transfer.manager_loop import run_manager
 
-    configure_logging(verbose=verbose)
-    db = get_db()
-    result = run_manager(
+    _run_packaging_manager(
         "raw_data_package_manager",
         rdpm.run_once,
-        lambda: float(settings.RAW_DATA_PACKAGE_MANAGER_SLEEP_TIME),
+        "RAW_DATA_PACKAGE_MANAGER_SLEEP_TIME",
+        "raw data packages",
         once=once,
-        db=db,
+        verbose=verbose,
     )
-    if once and isinstance(result, dict):
-        _print_summary("raw data packages", result)
 
 
 @app.command("data-transfer-package-manager")
@@ -73,19 +91,15 @@ def data_transfer_package_manager_command(
 ) -> None:
     """Bundle waiting RawDataPackages at source-site buffers into DataTransferPackages."""
     from ccat_data_transfer import data_transfer_package_manager as dtpm
-    from ccat_data_transfer.manager_loop import run_manager
 
-    configure_logging(verbose=verbose)
-    db = get_db()
-    result = run_manager(
+    _run_packaging_manager(
         "data_transfer_package_manager",
         dtpm.run_once,
-        lambda: float(settings.DATA_TRANSFER_PACKAGE_MANAGER_SLEEP_TIME),
+        "DATA_TRANSFER_PACKAGE_MANAGER_SLEEP_TIME",
+        "data transfer packages",
         once=once,
-        db=db,
+        verbose=verbose,
     )
-    if once and isinstance(result, dict):
-        _print_summary("data transfer packages", result)
 
 
 def _collect(paths: list[Path], root: Path) -> list[tuple[Path, str]]:
