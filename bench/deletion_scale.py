@@ -42,6 +42,7 @@ then ``VACUUM ANALYZE`` (not timed).
 
     python bench/deletion_scale.py                    # 1M and 100k
     python bench/deletion_scale.py --scales 100000    # quick
+    python bench/deletion_scale.py --scales 100000 --only idle   # (a) only
 """
 
 from __future__ import annotations
@@ -332,7 +333,13 @@ def alternate(
     return min(to), min(tb)
 
 
-def run_scale(n_files: int, n_pkgs: int, inflight: int, runs: int) -> list[dict]:
+def run_scale(
+    n_files: int,
+    n_pkgs: int,
+    inflight: int,
+    runs: int,
+    only: tuple[str, ...] = ("idle", "mark", "schedule"),
+) -> list[dict]:
     name = f"ccat_bench_{uuid.uuid4().hex[:10]}"
     admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as c:
@@ -365,9 +372,12 @@ def run_scale(n_files: int, n_pkgs: int, inflight: int, runs: int) -> list[dict]
             f"{n_pkgs:,} packages, {rows:,} physical copies",
             file=sys.stderr,
         )
-        results += measure_idle(db, engine, n_files, runs)
-        results += measure_mark(db, engine, vacuum, n_files, runs)
-        results += measure_schedule(db, engine, vacuum, n_files, runs)
+        if "idle" in only:
+            results += measure_idle(db, engine, n_files, runs)
+        if "mark" in only:
+            results += measure_mark(db, engine, vacuum, n_files, runs)
+        if "schedule" in only:
+            results += measure_schedule(db, engine, vacuum, n_files, runs)
         engine.dispose()
         vac.dispose()
     finally:
@@ -403,9 +413,9 @@ def measure_idle(db: DatabaseConnection, engine, n: int, runs: int) -> list[dict
     return [row("idle deletion cycle (run_once)", n, t_ours, t_bare, 3.0, max_s=0.100)]
 
 
-def measure_mark(db: DatabaseConnection, engine, vacuum, n: int, runs: int) -> list[dict]:
-    # Every package ready: ARCHIVED, PRESENT at both LTAs, gone from the source site;
-    # every raw file copy PRESENT.
+def make_all_ready(engine) -> None:
+    """Every package ready: ARCHIVED, PRESENT at both LTAs, gone from the source site
+    (idempotent; (b) and (c) start from here)."""
     with engine.begin() as c:
         c.execute(
             text(
@@ -432,6 +442,11 @@ def measure_mark(db: DatabaseConnection, engine, vacuum, n: int, runs: int) -> l
                        AND x.data_location_id = l.id)"""
             )
         )
+
+
+def measure_mark(db: DatabaseConnection, engine, vacuum, n: int, runs: int) -> list[dict]:
+    # Every package ready; every raw file copy PRESENT (reset below).
+    make_all_ready(engine)
 
     def reset() -> None:
         with engine.begin() as c:
@@ -460,6 +475,7 @@ def measure_mark(db: DatabaseConnection, engine, vacuum, n: int, runs: int) -> l
 
 
 def measure_schedule(db: DatabaseConnection, engine, vacuum, n: int, runs: int) -> list[dict]:
+    make_all_ready(engine)
     minutes = int(settings.RETENTION_PERIOD_MINUTES)
     n_src = 2
     # One call schedules everything: the cycle limit is 10 batches per location.
@@ -526,6 +542,11 @@ def main() -> int:
     ap.add_argument("--files-per-package", type=int, default=50)
     ap.add_argument("--inflight", type=int, default=200, help="packages in transfer (idle)")
     ap.add_argument("--runs", type=int, default=3, help="best of N (idle: 2*max(N,5))")
+    ap.add_argument(
+        "--only",
+        default="idle,mark,schedule",
+        help="comma-separated subset of the measures: idle (a), mark (b), schedule (c)",
+    )
     args = ap.parse_args()
     # JSON log lines are rendered as in production, into /dev/null.
     configure_logging(fmt="json", stream=open(os.devnull, "w"))  # noqa: SIM115
@@ -533,7 +554,8 @@ def main() -> int:
     results = []
     for n in [int(x) for x in args.scales.split(",")]:
         pkgs = n // args.files_per_package
-        results += run_scale(n, pkgs, min(args.inflight, pkgs // 2), args.runs)
+        only = tuple(x.strip() for x in args.only.split(",") if x.strip())
+        results += run_scale(n, pkgs, min(args.inflight, pkgs // 2), args.runs, only)
     print(f"{'measure':40} {'files':>9} {'ours':>10} {'bare SQL':>10} {'ratio':>6}  target")
     for r in results:
         print(

@@ -23,6 +23,7 @@ select such copies and the worker refuses them as a last guard.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -31,7 +32,22 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Task
-from sqlalchemy import and_, exists, func, insert, or_, select, text, true, update
+from sqlalchemy import (
+    BigInteger,
+    and_,
+    any_,
+    bindparam,
+    exists,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    text,
+    true,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, joinedload
 
@@ -51,6 +67,14 @@ S = m.PhysicalCopyStatus
 LT = m.LocationType
 PCT = m.PhysicalCopy.__table__
 DLT = m.DataLocation.__table__
+
+
+@functools.cache
+def _alias(table: Any, name: str) -> Any:
+    """A named alias of a table, built once: building an alias proxies every column, which
+    cost about as much as the SQL of an idle cycle when done anew in every query."""
+    return table.alias(name)
+
 
 #: Copy states that mean "a deletion is under way".
 IN_FLIGHT = (S.DELETION_SCHEDULED, S.DELETION_IN_PROGRESS)
@@ -135,8 +159,8 @@ def _is_lta_site_buffer(location: m.DataLocation, roles: SiteRoles) -> bool:
 def _lta_present_exists(package_id_col: Any, same_site_id: Any = None) -> Any:
     """SQL: the package has a PRESENT, not-lost copy at an active LONG_TERM_ARCHIVE location
     (optionally at a given site).  An LTA-site BUFFER does not count."""
-    lpc = PCT.alias("lta_pc")
-    lloc = DLT.alias("lta_loc")
+    lpc = _alias(PCT, "lta_pc")
+    lloc = _alias(DLT, "lta_loc")
     conds = [
         lpc.c.raw_data_package_id == package_id_col,
         lpc.c.type == COPY_TYPE_RAW_DATA_PACKAGE,
@@ -423,8 +447,8 @@ def can_delete_data_transfer_package_from_lta_buffer(
 def _raw_file_source_safe(file_pc: Any) -> Any:
     """SQL: the file copy's parent package is ARCHIVED and PRESENT at an LTA location, and
     the copy went through stage 1 (DELETION_POSSIBLE)."""
-    rdf = m.RawDataFile.__table__.alias("safe_rdf")
-    rdp = m.RawDataPackage.__table__.alias("safe_rdp")
+    rdf = _alias(m.RawDataFile.__table__, "safe_rdf")
+    rdp = _alias(m.RawDataPackage.__table__, "safe_rdp")
     return and_(
         file_pc.c.deletion_possible_at.is_not(None),
         exists()
@@ -442,7 +466,7 @@ def _raw_file_processing_safe(file_pc: Any) -> Any:
     """SQL: no active StagingJob for this PROCESSING location references the file's package,
     and the package still has a PRESENT copy at a LONG_TERM_ARCHIVE (so this copy is never
     the last one)."""
-    rdf = m.RawDataFile.__table__.alias("safe_rdf")
+    rdf = _alias(m.RawDataFile.__table__, "safe_rdf")
     sj = m.StagingJob.__table__
     link = m.staging_job_raw_data_package
     active_job = (
@@ -471,8 +495,8 @@ def _file_copies_still_deletable(session: Session, ids: Sequence[int]) -> set[in
     """Of these raw-file copy ids, those whose rule holds now (one query per rule)."""
     if not ids:
         return set()
-    pc = PCT.alias("f_pc")
-    loc = DLT.alias("f_loc")
+    pc = _alias(PCT, "f_pc")
+    loc = _alias(DLT, "f_loc")
     base = (
         select(pc.c.id)
         .join(loc, loc.c.id == pc.c.data_location_id)
@@ -1033,7 +1057,7 @@ def _processing_file_ids(
     statuses: Iterable[m.PhysicalCopyStatus],
     limit: int | None,
 ) -> list[tuple[int, int | None]]:
-    pc = PCT.alias("f_pc")
+    pc = _alias(PCT, "f_pc")
     rdf = m.RawDataFile.__table__
     stmt = (
         select(pc.c.id, func.coalesce(pc.c.size, rdf.c.size))
@@ -1102,7 +1126,7 @@ def _staged_file_ids(
 ) -> list[tuple[int, int | None]]:
     if not package_ids:
         return []
-    pc = PCT.alias("f_pc")
+    pc = _alias(PCT, "f_pc")
     rdf = m.RawDataFile.__table__
     stmt = (
         select(pc.c.id, func.coalesce(pc.c.size, rdf.c.size))
@@ -1142,21 +1166,23 @@ def find_deletable_staged_raw_data_files_by_location(
     return result
 
 
-def _deletion_possible_selection(
-    session: Session, location: m.DataLocation, status: dict[str, Any], limit: int | None
-) -> list[_Candidate]:
-    """DELETION_POSSIBLE raw-file copies at ``location`` to delete now: those past their
-    retention, then - under pressure - the oldest others until the bytes needed are freed."""
-    pc = PCT.alias("f_pc")
+def _deletion_possible_base(location: m.DataLocation) -> tuple[Any, Any, Any]:
+    """The DELETION_POSSIBLE raw-file copies at ``location`` that the stage-2 safety rule
+    allows, oldest first, as ``(copy alias, SELECT id, size, start of retention)``."""
+    pc = _alias(PCT, "f_pc")
     rdf = m.RawDataFile.__table__
     # _raw_file_source_safe requires deletion_possible_at to be set, so it is the start of
     # the retention clock; comparing the bare column lets the partial index
     # ix_physical_copy_deletion_possible find the expired copies without a scan.
     since = pc.c.deletion_possible_at
-    size = func.coalesce(pc.c.size, rdf.c.size)
+    # The file's size is looked up only for a copy without one (COALESCE stops at the
+    # first non-null); _raw_file_source_safe already requires the file row to exist.
+    size = func.coalesce(
+        pc.c.size,
+        select(rdf.c.size).where(rdf.c.id == pc.c.raw_data_file_id).scalar_subquery(),
+    )
     base = (
         select(pc.c.id, size.label("size"))
-        .join(rdf, rdf.c.id == pc.c.raw_data_file_id)
         .where(
             pc.c.type == COPY_TYPE_RAW_DATA_FILE,
             pc.c.data_location_id == location.id,
@@ -1166,6 +1192,15 @@ def _deletion_possible_selection(
         )
         .order_by(since, pc.c.created_at, pc.c.id)
     )
+    return pc, base, since
+
+
+def _deletion_possible_selection(
+    session: Session, location: m.DataLocation, status: dict[str, Any], limit: int | None
+) -> list[_Candidate]:
+    """DELETION_POSSIBLE raw-file copies at ``location`` to delete now: those past their
+    retention, then - under pressure - the oldest others until the bytes needed are freed."""
+    pc, base, since = _deletion_possible_base(location)
     cutoff = m.utcnow() - timedelta(minutes=_retention_minutes(location))
     expired_stmt = base.where(since <= cutoff)
     if limit is not None:
@@ -1199,6 +1234,142 @@ def _deletion_possible_selection(
         )
         needed -= r.size or 0
     return chosen
+
+
+def _schedule_deletion_possible_bulk(
+    session: Session,
+    location: m.DataLocation,
+    status: dict[str, Any],
+    limit: int | None,
+    batch_size: int,
+) -> int:
+    """PostgreSQL form of :func:`_deletion_possible_selection` + :func:`_schedule`, with
+    the same result: the expired copies are claimed straight from the selection (the same
+    safety rule, :func:`_raw_file_source_safe`, in the same statement), with one SCHEDULED
+    audit row per copy, without a Python object per copy.  Under pressure, the oldest
+    others follow through the Python path, which needs a running sum of bytes."""
+    cutoff = m.utcnow() - timedelta(minutes=_retention_minutes(location))
+    pressure = should_delete_based_on_buffer_status(location, status)
+    # Computed before the claim, as in the Python path: bytes_to_free subtracts what is
+    # already scheduled, and the expired copies are subtracted below.
+    needed = bytes_to_free(session, location, status) if pressure else 0
+    claimed = _claim_expired_and_log(session, location, cutoff, limit)
+    if claimed:
+        session.commit()  # before submitting: in embedded mode the task runs inline
+    sizes = dict(claimed)
+    ids = sorted(sizes)
+    queue = route_task_by_location(OperationType.DELETION, location)
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        log.info(
+            _EVENTS[m.DeletionOutcome.SCHEDULED],
+            copies=len(chunk),
+            first_physical_copy_id=chunk[0],
+            last_physical_copy_id=chunk[-1],
+            copy_type=COPY_TYPE_RAW_DATA_FILE,
+            location=location.name,
+            size_bytes=sum(int(sizes[i] or 0) for i in chunk),
+            reason="parent_package_archived",
+            outcome=m.DeletionOutcome.SCHEDULED.name,
+        )
+        delete_bulk_raw_data_files.apply_async(
+            args=[chunk], kwargs={"queue_name": queue}, queue=queue
+        )
+    if claimed:
+        session.expire_all()
+    scheduled = len(ids)
+    needed -= sum(int(size or 0) for size in sizes.values())
+    if not pressure or needed <= 0 or (limit is not None and scheduled >= limit):
+        return scheduled
+    _, base, since = _deletion_possible_base(location)
+    others: list[_Candidate] = []
+    for r in session.execute(base.where(since > cutoff)):
+        if needed <= 0 or (limit is not None and scheduled + len(others) >= limit):
+            break
+        others.append(
+            _Candidate(
+                r.id,
+                COPY_TYPE_RAW_DATA_FILE,
+                r.size,
+                f"buffer pressure at {location.name}: oldest DELETION_POSSIBLE first",
+                "buffer_pressure",
+            )
+        )
+        needed -= r.size or 0
+    return scheduled + _schedule(
+        session,
+        location,
+        others,
+        delete_bulk_raw_data_files,
+        (S.DELETION_POSSIBLE,),
+        batch_size,
+    )
+
+
+def _claim_expired_and_log(
+    session: Session, location: m.DataLocation, cutoff: datetime, limit: int | None
+) -> list[tuple[int, int | None]]:
+    """One statement: pick the expired DELETION_POSSIBLE copies that the safety rule
+    allows (oldest first, at most ``limit``, ``FOR UPDATE SKIP LOCKED``), claim them
+    (``DELETION_POSSIBLE -> DELETION_SCHEDULED``, the claim guard of
+    :func:`claim_for_deletion`), and write one SCHEDULED audit row per claimed copy.
+    Returns (copy id, size) of the claimed copies."""
+    pc, base, since = _deletion_possible_base(location)
+    picked = base.where(since <= cutoff)
+    if limit is not None:
+        picked = picked.limit(limit)
+    picked_cte = picked.with_for_update(of=pc, skip_locked=True).cte("picked")
+    now = m.utcnow()
+    claimed = (
+        update(PCT)
+        .where(
+            PCT.c.id == picked_cte.c.id,
+            PCT.c.status == S.DELETION_POSSIBLE,
+            PCT.c.lost_at.is_(None),
+        )
+        .values(status=S.DELETION_SCHEDULED, deletion_scheduled_at=now)
+        .returning(PCT.c.id, picked_cte.c.size)
+        .cte("claimed")
+    )
+    dl = m.DeletionLog.__table__
+    logged = (
+        insert(dl)
+        .from_select(
+            [
+                "created_at",
+                "physical_copy_id",
+                "copy_type",
+                "data_location_id",
+                "location_name",
+                "size_bytes",
+                "reason",
+                "outcome",
+                "actor",
+                "message",
+            ],
+            select(
+                literal(now, dl.c.created_at.type),
+                claimed.c.id,
+                literal(COPY_TYPE_RAW_DATA_FILE, dl.c.copy_type.type),
+                literal(location.id, dl.c.data_location_id.type),
+                literal(location.name, dl.c.location_name.type),
+                claimed.c.size,
+                literal("parent_package_archived", dl.c.reason.type),
+                literal(m.DeletionOutcome.SCHEDULED, dl.c.outcome.type),
+                literal("deletion_manager", dl.c.actor.type),
+                literal("parent package archived; retention expired", dl.c.message.type),
+            ),
+        )
+        .returning(dl.c.physical_copy_id, dl.c.size_bytes)
+        .cte("logged")
+    )
+    # The oldest-first sort of a large backlog should not spill to disk (4 MB default);
+    # SET LOCAL ends with this transaction, which the caller commits right after.
+    session.execute(text("SET LOCAL work_mem = '64MB'"))
+    return [
+        (int(r[0]), r[1])
+        for r in session.execute(select(logged.c.physical_copy_id, logged.c.size_bytes))
+    ]
 
 
 def bytes_to_free(session: Session, location: m.DataLocation, status: dict[str, Any]) -> int:
@@ -1400,8 +1571,8 @@ def mark_raw_data_files_for_deletion(
         return 0
     rdf = m.RawDataFile.__table__
     rdp = m.RawDataPackage.__table__
-    spc = PCT.alias("src_pc")
-    sloc = DLT.alias("src_loc")
+    spc = _alias(PCT, "src_pc")
+    sloc = _alias(DLT, "src_loc")
     at_source_site = [
         spc.c.raw_data_package_id == rdp.c.id,
         spc.c.type == COPY_TYPE_RAW_DATA_PACKAGE,
@@ -1413,32 +1584,68 @@ def mark_raw_data_files_for_deletion(
         exists().where(*at_source_site, spc.c.status == S.DELETED).correlate_except(spc, sloc),
         ~exists().where(*at_source_site, spc.c.status != S.DELETED).correlate_except(spc, sloc),
     )
+    # The package rule: ARCHIVED, PRESENT at an active LTA, and gone from the source site.
+    package_rule = [
+        rdp.c.state == m.PackageState.ARCHIVED,
+        _lta_present_exists(rdp.c.id),
+        left_source_site,
+        *([rdp.c.id.in_(list(raw_data_package_ids))] if raw_data_package_ids is not None else []),
+    ]
+    file_locations = select(DLT.c.id).where(DLT.c.location_type.in_([LT.SOURCE, LT.BUFFER]))
+    copy_rule = [
+        PCT.c.type == COPY_TYPE_RAW_DATA_FILE,
+        PCT.c.status == S.PRESENT,
+        PCT.c.data_location_id.in_(file_locations),
+    ]
+    if is_postgresql(session) and raw_data_package_ids is None:
+        # (With raw_data_package_ids given, the rule is already restricted to them.)
+        # Set-based from the few packages that qualify: the PRESENT file copies at SOURCE
+        # and BUFFER locations (the backlog, not the history) name their packages (one
+        # primary-key lookup each), and only those distinct packages are checked against
+        # the package rule.  With none, nothing is marked and the UPDATE is skipped: the
+        # idle cycle does not grow with the number of files already marked.
+        file_pkg = (
+            select(rdf.c.raw_data_package_id.label("pid"))
+            .where(rdf.c.id == PCT.c.raw_data_file_id)
+            .limit(1)
+            .lateral("file_pkg")
+        )
+        candidates = (
+            select(file_pkg.c.pid)
+            .select_from(PCT.join(file_pkg, true()))
+            .where(*copy_rule)
+            .distinct()
+            .subquery("candidates")
+        )
+        qualifying = list(
+            session.scalars(
+                select(rdp.c.id).where(rdp.c.id.in_(select(candidates.c.pid)), *package_rule)
+            )
+        )
+        if not qualifying:
+            return 0
+        pkg_ids = bindparam("qualifying_ids", value=qualifying, type_=ARRAY(BigInteger))
+        # The UPDATE keeps the whole rule (state may have moved since the SELECT) and is
+        # restricted to the qualifying packages' files.
+        copy_rule.append(
+            PCT.c.raw_data_file_id.in_(
+                select(rdf.c.id).where(rdf.c.raw_data_package_id == any_(pkg_ids))
+            )
+        )
+        package_rule.append(rdp.c.id == any_(pkg_ids))
     package_ok = (
         exists()
         .where(
             rdf.c.id == PCT.c.raw_data_file_id,
             rdp.c.id == rdf.c.raw_data_package_id,
-            rdp.c.state == m.PackageState.ARCHIVED,
-            _lta_present_exists(rdp.c.id),
-            left_source_site,
-            *(
-                [rdp.c.id.in_(list(raw_data_package_ids))]
-                if raw_data_package_ids is not None
-                else []
-            ),
+            *package_rule,
         )
         .correlate_except(rdf, rdp)
     )
-    file_locations = select(DLT.c.id).where(DLT.c.location_type.in_([LT.SOURCE, LT.BUFFER]))
     now = m.utcnow()
     stmt = (
         update(PCT)
-        .where(
-            PCT.c.type == COPY_TYPE_RAW_DATA_FILE,
-            PCT.c.status == S.PRESENT,
-            PCT.c.data_location_id.in_(file_locations),
-            package_ok,
-        )
+        .where(*copy_rule, package_ok)
         .values(status=S.DELETION_POSSIBLE, deletion_possible_at=now)
     )
     # One audit row per package and location, not per file: a package has thousands.
@@ -1510,9 +1717,15 @@ def process_deletion_possible_raw_data_files(
     # Every location is asked (the partial index ix_physical_copy_deletion_possible answers
     # an empty one at once); a DISTINCT over every DELETION_POSSIBLE row would grow with
     # the history.
+    bulk = is_postgresql(session)
     for loc in _active_locations(session, [LT.SOURCE, LT.BUFFER]):
         status = statuses.get(loc)
         state = _state_from(status)
+        if bulk:
+            total += _schedule_deletion_possible_bulk(
+                session, loc, status, _cycle_limit(state), _batch_size(state)
+            )
+            continue
         candidates = _deletion_possible_selection(session, loc, status, _cycle_limit(state))
         total += _schedule(
             session,
