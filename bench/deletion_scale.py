@@ -47,6 +47,14 @@ then ``VACUUM ANALYZE`` (not timed).
 
 from __future__ import annotations
 
+# `python bench/X.py` puts bench/ first on sys.path, where bench/packaging.py would shadow
+# the `packaging` distribution that kombu imports.  Drop it before importing anything.
+import sys as _sys  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
+
+_HERE = _Path(__file__).resolve().parent
+_sys.path[:] = [p for p in _sys.path if _Path(p or ".").resolve() != _HERE]
+
 import argparse
 import os
 import platform
