@@ -287,18 +287,28 @@ def decide_raw_data_package(
         )
     at_source = _is_source_site_location(location, roles)
     at_lta_site = _is_lta_site_buffer(location, roles)
-    if not at_source and not at_lta_site:
+    return _both_site_rules(
+        location,
+        at_source and (lambda: _decide_rdp_source(session, package, location, roles)),
+        at_lta_site and (lambda: _decide_rdp_lta_buffer(session, package, location, roles)),
+    )
+
+
+def _both_site_rules(location: m.DataLocation, source_rule: Any, lta_rule: Any) -> Decision:
+    """A location at a source site and/or an LTA site: every rule that applies must allow
+    the deletion; the first one that keeps the copy gives the reason.  A falsy rule does not
+    apply; a callable rule is evaluated only when it applies."""
+    rules = [rule for rule in (source_rule, lta_rule) if rule]
+    if not rules:
         return _keep(
             f"no rule deletes from {location.name} (neither a source-site nor an LTA-site buffer)"
         )
     decisions = []
-    if at_source:
-        decisions.append(_decide_rdp_source(session, package, location, roles))
-    if at_lta_site:
-        decisions.append(_decide_rdp_lta_buffer(session, package, location, roles))
-    for d in decisions:
+    for rule in rules:
+        d = rule()
         if not d.deletable:
             return d
+        decisions.append(d)
     return decisions[0]
 
 
@@ -410,19 +420,11 @@ def decide_data_transfer_package(
         )
     at_source = location.site_id in roles.source_site_ids
     at_lta = location.site_id in roles.lta_site_ids
-    if not at_source and not at_lta:
-        return _keep(
-            f"no rule deletes from {location.name} (neither a source-site nor an LTA-site buffer)"
-        )
-    decisions = []
-    if at_source:
-        decisions.append(_decide_dtp_source(session, dtp, location, roles))
-    if at_lta:
-        decisions.append(_decide_dtp_lta_buffer(session, dtp, location, roles))
-    for d in decisions:
-        if not d.deletable:
-            return d
-    return decisions[0]
+    return _both_site_rules(
+        location,
+        at_source and (lambda: _decide_dtp_source(session, dtp, location, roles)),
+        at_lta and (lambda: _decide_dtp_lta_buffer(session, dtp, location, roles)),
+    )
 
 
 def can_delete_data_transfer_package_from_source_buffer(
