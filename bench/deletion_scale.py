@@ -29,11 +29,12 @@ Measured, each against bare SQL on the same data (best of ``--runs``, alternatin
     rows) against one ``UPDATE physical_copy SET status='DELETION_POSSIBLE',
     deletion_possible_at=now() WHERE <same rule>`` + commit.  Target: at most 1.5x.
 (c) schedule: all N copies DELETION_POSSIBLE past retention;
-    ``process_deletion_possible_raw_data_files(session)`` - selection, claim
-    ``DELETION_POSSIBLE -> DELETION_SCHEDULED``, per-copy SCHEDULED audit rows, commits,
-    and submission of one Celery task per batch to an in-memory broker (tasks are
-    published, not executed) - against one ``UPDATE ... SET status='DELETION_SCHEDULED'
-    WHERE status='DELETION_POSSIBLE' AND <same rule>`` + commit (no audit rows, no task).
+    ``process_deletion_possible_raw_data_files(session)`` - per location: selection,
+    claim ``DELETION_POSSIBLE -> DELETION_SCHEDULED``, one SCHEDULED audit row per batch
+    listing its copies (the worker writes the per-copy DELETED rows), commit, and
+    submission of one Celery task per batch to an in-memory broker (tasks are published,
+    not executed) - against one ``UPDATE ... SET status='DELETION_SCHEDULED' WHERE
+    status='DELETION_POSSIBLE' AND <same rule>`` + commit (no audit rows, no task).
     DELETION_BATCH_SIZE is raised so that one call covers all N copies (the cycle limit
     is 10 batches per location).  Target: at most 1.5x.
 

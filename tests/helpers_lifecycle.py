@@ -355,14 +355,12 @@ def copy_row(system: Any, copy_id: int) -> m.PhysicalCopy:
 
 
 def log_rows(system: Any, copy_id: int) -> list[tuple[str, str]]:
-    """(outcome name, reason) of every deletion_log row of a copy, oldest first."""
+    """(outcome name, reason) of every deletion_log row about a copy, oldest first: its own
+    rows and the batch rows that list it."""
+    from ccat_data_transfer.deletion_manager import deletion_history
+
     with system.session() as s:
-        rows = s.scalars(
-            select(m.DeletionLog)
-            .where(m.DeletionLog.physical_copy_id == copy_id)
-            .order_by(m.DeletionLog.id)
-        ).all()
-        return [(r.outcome.name, r.reason) for r in rows]
+        return [(r.outcome.name, r.reason) for r in deletion_history(s, copy_id)]
 
 
 def run_deletion_cycle(system: Any) -> dict[str, Any]:

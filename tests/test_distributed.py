@@ -5,7 +5,9 @@ site: the telescope and the two LTA sites), the managers (``run --no-init``) and
 recovery service, each a separate process started like an operator would.  Data is
 filed, and the test waits until it is ARCHIVED at both LTA sites and the temporary
 copies are cleaned up.  Then a worker is killed (SIGKILL) in the middle of a transfer,
-and the work completes after the worker is restarted.
+and the work completes after the worker is restarted.  A second test runs the managers as
+one process per site (``run --no-init --site SITE``, or ``MANAGER_SITE`` from the
+environment) and shows that together they carry the data through the same lifecycle.
 """
 
 from __future__ import annotations
@@ -277,3 +279,32 @@ def test_distributed_lifecycle_survives_a_killed_worker(cluster: Cluster) -> Non
             t = s.get(m.DataTransfer, tid)
             assert t.status == m.Status.COMPLETED
             assert t.retry_count >= 1, "the interrupted attempt was not counted"
+
+
+def test_distributed_lifecycle_with_one_manager_process_per_site(cluster: Cluster) -> None:
+    db = DatabaseConnection(cluster.url)
+    sites = ("ccat", "cologne", "us", "processing")
+    for site in ("ccat", "cologne", "us"):
+        cluster.start_worker(site)
+    for site in sites[:-1]:
+        cluster.start(f"managers-{site}", ["run", "--no-init", "--site", site])
+    # The same scope from the setting, as a per-site deployment would set it.
+    cluster.start(
+        "managers-processing", ["run", "--no-init"], CCAT_DATA_TRANSFER_MANAGER_SITE="proc"
+    )
+
+    sim = InstrumentSimulator(
+        db=db, observations=2, files_per_module=2, file_size=256 * 1024, modules_per_instrument=1
+    )
+    while sim.step():
+        pass
+    _wait(
+        cluster,
+        "the data to be archived at both LTA sites and cleaned up by the site managers",
+        lambda: _packages(db) > 0 and _lifecycle_done(db, _packages(db)),
+        180,
+    )
+    client = redis.Redis.from_url(cluster.env["CCAT_DATA_TRANSFER_REDIS_URL"])
+    assert {k.decode() for k in client.smembers("health:known") if b"health:manager:" in k} == {
+        f"health:manager:run@{site}" for site in sites
+    }

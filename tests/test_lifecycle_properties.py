@@ -80,7 +80,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from sqlalchemy import delete, func, select
+from sqlalchemy import bindparam, delete, func, select
 
 from ccat_data_transfer import (
     archive_manager,
@@ -147,6 +147,57 @@ FAULTS = ["crash", "full", "corrupt", "disk_full", "unavailable"]
 DELETING = (S.DELETION_SCHEDULED, S.DELETION_IN_PROGRESS, S.DELETED)
 #: How far the examples got (printed by the test; see it with ``-s``).
 REACHED: Counter[str] = Counter()
+
+# The invariants' queries, built once (they run after every step).
+_PC, _LOC = m.PhysicalCopy, m.DataLocation
+_FILE_COPY = m.RawDataFilePhysicalCopy.__mapper__.polymorphic_identity
+_RDP_COPY = m.RawDataPackagePhysicalCopy.__mapper__.polymorphic_identity
+_DTP_COPY = m.DataTransferPackagePhysicalCopy.__mapper__.polymorphic_identity
+#: Every copy, with its location and (for a raw file) the file's package.
+_Q_COPIES = (
+    select(
+        _PC.id,
+        _PC.type,
+        _PC.status,
+        _PC.deleted_at,
+        _PC.raw_data_package_id,
+        _PC.data_transfer_package_id,
+        m.RawDataFile.raw_data_package_id.label("file_package_id"),
+        _LOC.name.label("location"),
+        _LOC.location_type,
+        _LOC.site_id,
+    )
+    .outerjoin(_LOC, _LOC.id == _PC.data_location_id)
+    .outerjoin(m.RawDataFile, m.RawDataFile.id == _PC.raw_data_file_id)
+)
+_Q_DELETED_LOGGED = select(m.DeletionLog.physical_copy_id).where(
+    m.DeletionLog.outcome == m.DeletionOutcome.DELETED
+)
+_Q_SOURCE_SITE_IDS = select(_LOC.site_id).where(_LOC.location_type == LT.SOURCE)
+_Q_PACKAGE_STATES = select(m.RawDataPackage.id, m.RawDataPackage.state)
+_Q_UNPACKED_DTPS = select(m.DataTransfer.data_transfer_package_id).where(
+    m.DataTransfer.status == m.Status.COMPLETED,
+    m.DataTransfer.unpack_status == m.Status.COMPLETED,
+)
+#: Each filed file with its package and the status of its own copy at its SOURCE.
+_Q_FILE_SOURCES = select(m.RawDataFile.id, m.RawDataFile.raw_data_package_id, _PC.status).join(
+    _PC,
+    (_PC.raw_data_file_id == m.RawDataFile.id)
+    & (_PC.data_location_id == m.RawDataFile.source_location_id),
+)
+#: The PRESENT LTA copies of a package: where its tar lies, and the package checksum.
+_Q_LTA_TARS = (
+    select(_PC.relative_path, _LOC.path, m.RawDataPackage.checksum)
+    .join(_LOC, _LOC.id == _PC.data_location_id)
+    .join(m.RawDataPackage, m.RawDataPackage.id == _PC.raw_data_package_id)
+    .where(
+        _PC.type == _RDP_COPY,
+        _PC.raw_data_package_id == bindparam("package_id"),
+        _PC.status == S.PRESENT,
+        _LOC.location_type == LT.LONG_TERM_ARCHIVE,
+    )
+    .order_by(_PC.id)
+)
 
 
 def _sha(data: bytes) -> str:
@@ -269,6 +320,8 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.copy_count = 0
         self.lta_copy_ids: set[int] = set()
         self.root_recreated: str | None = None
+        self.hashed: dict[tuple[Any, ...], str] = {}  # file (path, stat) -> its SHA-256
+        self.tar_members: dict[tuple[str, str], dict[str, str]] = {}  # verified LTA tars
         self.tag = uuid.uuid4().hex[:6]
         self.seq = itertools.count()
 
@@ -495,172 +548,130 @@ class LifecycleMachine(RuleBasedStateMachine):
     @invariant()
     def safety_invariants(self) -> None:
         assert self.root_recreated is None, self.root_recreated
-        with self.db.session_scope() as session:
-            self._check_copies_never_removed(session)
-            self._check_lta_never_deleted(session)
-            self._check_deleted_copies_are_logged(session)
-            self._check_source_deleted_only_when_archived(session)
-            self._check_every_file_readable(session)
+        # A plain connection and statements built once (``_Q_*``): this runs after every
+        # step, so it reads columns only (no Session, no ORM objects, no lazy loads).
+        with self.db.engine.connect() as conn:
+            copies = conn.execute(_Q_COPIES).all()
+            self._check_copies_never_removed(copies)
+            self._check_lta_never_deleted(copies)
+            self._check_deleted_copies_are_logged(conn, copies)
+            self._check_source_deleted_only_when_archived(conn, copies)
+            self._check_every_file_readable(conn)
 
-    def _check_copies_never_removed(self, session: Any) -> None:
-        ids = set(session.scalars(select(m.PhysicalCopy.id)))
+    def _check_copies_never_removed(self, copies: list[Any]) -> None:
+        ids = {c.id for c in copies}
         missing = self.copy_ids - ids
         assert not missing, f"PhysicalCopy rows removed: {sorted(missing)}"
         assert len(ids) >= self.copy_count
         self.copy_ids, self.copy_count = ids, len(ids)
 
-    def _check_lta_never_deleted(self, session: Any) -> None:
-        rows = session.execute(
-            select(m.PhysicalCopy.id, m.PhysicalCopy.status, m.DataLocation.name)
-            .join(m.DataLocation, m.DataLocation.id == m.PhysicalCopy.data_location_id)
-            .where(m.DataLocation.location_type == LT.LONG_TERM_ARCHIVE)
-        ).all()
-        for cid, status, name in rows:
-            assert status not in DELETING, f"LTA copy {cid} at {name} is {status.name}"
-            if status == S.PRESENT:
-                self.lta_copy_ids.add(cid)
-        present = {cid for cid, status, _ in rows if status == S.PRESENT}
+    def _check_lta_never_deleted(self, copies: list[Any]) -> None:
+        rows = [c for c in copies if c.location_type == LT.LONG_TERM_ARCHIVE]
+        for c in rows:
+            assert c.status not in DELETING, f"LTA copy {c.id} at {c.location} is {c.status.name}"
+            if c.status == S.PRESENT:
+                self.lta_copy_ids.add(c.id)
+        present = {c.id for c in rows if c.status == S.PRESENT}
         gone = self.lta_copy_ids - present
         assert not gone, f"LTA copies no longer PRESENT: {sorted(gone)}"
 
-    def _check_deleted_copies_are_logged(self, session: Any) -> None:
-        logged = set(
-            session.scalars(
-                select(m.DeletionLog.physical_copy_id).where(
-                    m.DeletionLog.outcome == m.DeletionOutcome.DELETED
-                )
-            )
-        )
-        for cid, deleted_at in session.execute(
-            select(m.PhysicalCopy.id, m.PhysicalCopy.deleted_at).where(
-                m.PhysicalCopy.status == S.DELETED
-            )
-        ):
-            assert deleted_at is not None, f"DELETED copy {cid} has no deleted_at"
-            assert cid in logged, f"DELETED copy {cid} has no deletion_log entry"
+    def _check_deleted_copies_are_logged(self, conn: Any, copies: list[Any]) -> None:
+        deleted = [c for c in copies if c.status == S.DELETED]
+        if not deleted:
+            return
+        logged = set(conn.scalars(_Q_DELETED_LOGGED))
+        for c in deleted:
+            assert c.deleted_at is not None, f"DELETED copy {c.id} has no deleted_at"
+            assert c.id in logged, f"DELETED copy {c.id} has no deletion_log entry"
 
-    def _check_source_deleted_only_when_archived(self, session: Any) -> None:
-        # Plain column queries (no ORM objects, no lazy loads): this runs after every step.
-        pc, loc = m.PhysicalCopy, m.DataLocation
-        src_site_ids = select(loc.site_id).where(loc.location_type == LT.SOURCE)
-        copies = session.execute(
-            select(
-                pc.id,
-                pc.type,
-                pc.status,
-                loc.name,
-                pc.raw_data_package_id,
-                m.RawDataFile.raw_data_package_id,
-                pc.data_transfer_package_id,
-            )
-            .join(loc, loc.id == pc.data_location_id)
-            .outerjoin(m.RawDataFile, m.RawDataFile.id == pc.raw_data_file_id)
-            .where(loc.site_id.in_(src_site_ids), pc.status.in_(DELETING))
-        ).all()
-        if copies:
-            packages = select(m.RawDataPackage.id, m.RawDataPackage.state)
-            states = dict(session.execute(packages).all())
-            unpacked = set(
-                session.scalars(
-                    select(m.DataTransfer.data_transfer_package_id).where(
-                        m.DataTransfer.status == m.Status.COMPLETED,
-                        m.DataTransfer.unpack_status == m.Status.COMPLETED,
-                    )
-                )
-            )
-        for cid, ctype, status, where, rdp_id, file_rdp_id, dtp_id in copies:
-            if ctype == m.RawDataFilePhysicalCopy.__mapper__.polymorphic_identity:
-                package_id = file_rdp_id
-            elif ctype == m.RawDataPackagePhysicalCopy.__mapper__.polymorphic_identity:
-                package_id = rdp_id
+    def _check_source_deleted_only_when_archived(self, conn: Any, copies: list[Any]) -> None:
+        src_site_ids = set(conn.scalars(_Q_SOURCE_SITE_IDS))
+        states = dict(conn.execute(_Q_PACKAGE_STATES).all())
+        deleting = [c for c in copies if c.site_id in src_site_ids and c.status in DELETING]
+        if any(c.type == _DTP_COPY for c in deleting):
+            unpacked = set(conn.scalars(_Q_UNPACKED_DTPS))
+        for c in deleting:
+            if c.type == _FILE_COPY:
+                package_id = c.file_package_id
+            elif c.type == _RDP_COPY:
+                package_id = c.raw_data_package_id
             else:
-                assert dtp_id in unpacked, (
-                    f"transfer package copy {cid} at {where} is "
-                    f"{status.name} without a completed and unpacked transfer"
+                assert c.data_transfer_package_id in unpacked, (
+                    f"transfer package copy {c.id} at {c.location} is "
+                    f"{c.status.name} without a completed and unpacked transfer"
                 )
                 continue
             state = states.get(package_id)
             assert state == m.PackageState.ARCHIVED, (
-                f"{ctype} copy {cid} at {where} is {status.name} but its package is "
+                f"{c.type} copy {c.id} at {c.location} is {c.status.name} but its package is "
                 f"{state.name if state else 'missing'}"
             )
-        lta_present = (
-            select(pc.raw_data_package_id)
-            .join(loc, loc.id == pc.data_location_id)
-            .where(
-                pc.type == m.RawDataPackagePhysicalCopy.__mapper__.polymorphic_identity,
-                pc.status == S.PRESENT,
-                loc.location_type == LT.LONG_TERM_ARCHIVE,
-            )
+        lta_present = {
+            c.raw_data_package_id
+            for c in copies
+            if c.type == _RDP_COPY
+            and c.status == S.PRESENT
+            and c.location_type == LT.LONG_TERM_ARCHIVE
+            and c.raw_data_package_id is not None
+        }
+        unbacked = sorted(
+            pid
+            for pid, state in states.items()
+            if state == m.PackageState.ARCHIVED and pid not in lta_present
         )
-        unbacked = session.scalars(
-            select(m.RawDataPackage.id).where(
-                m.RawDataPackage.state == m.PackageState.ARCHIVED,
-                m.RawDataPackage.id.not_in(lta_present.where(pc.raw_data_package_id.is_not(None))),
-            )
-        ).all()
         assert not unbacked, f"packages {unbacked} are ARCHIVED without a PRESENT LTA copy"
 
-    def _lta_copies(self, session: Any, package_id: int) -> list[m.PhysicalCopy]:
-        return list(
-            session.scalars(
-                select(m.RawDataPackagePhysicalCopy)
-                .join(
-                    m.DataLocation,
-                    m.DataLocation.id == m.RawDataPackagePhysicalCopy.data_location_id,
-                )
-                .where(
-                    m.RawDataPackagePhysicalCopy.raw_data_package_id == package_id,
-                    m.RawDataPackagePhysicalCopy.status == S.PRESENT,
-                    m.DataLocation.location_type == LT.LONG_TERM_ARCHIVE,
-                )
-            )
-        )
-
-    def _check_every_file_readable(self, session: Any) -> None:
+    def _check_every_file_readable(self, conn: Any) -> None:
         if not self.files:
             return
-        rows = session.execute(
-            select(m.RawDataFile.id, m.RawDataFile.raw_data_package_id, m.PhysicalCopy.status).join(
-                m.PhysicalCopy,
-                (m.PhysicalCopy.raw_data_file_id == m.RawDataFile.id)
-                & (m.PhysicalCopy.data_location_id == m.RawDataFile.source_location_id),
-            )
-        ).all()
-        by_file = {str(fid): (pkg, status) for fid, pkg, status in rows}
+        by_file = {str(fid): (pkg, status) for fid, pkg, status in conn.execute(_Q_FILE_SOURCES)}
         tar_cache: dict[int, dict[str, str]] = {}
         for fid, info in self.files.items():
             pkg_id, status = by_file.get(fid, (None, None))
             path = self.env.paths[info["source"]] / info["relative_path"]
             if status is not None and status != S.DELETED and path.is_file():
-                if _sha(path.read_bytes()) == info["checksum"]:
+                if self._sha_of(path) == info["checksum"]:
                     continue
             assert pkg_id is not None, (
                 f"file {info['relative_path']} is not readable at its source "
                 f"(copy {status.name if status else 'missing'}) and has no package"
             )
             if pkg_id not in tar_cache:
-                tar_cache[pkg_id] = self._verified_lta_members(session, pkg_id)
+                tar_cache[pkg_id] = self._verified_lta_members(conn, pkg_id)
             assert tar_cache[pkg_id].get(info["relative_path"]) == info["checksum"], (
                 f"file {info['relative_path']} is not readable at its source (copy "
                 f"{status.name if status else 'missing'}) and not in a verified LTA copy of "
                 f"package {pkg_id}"
             )
 
-    def _verified_lta_members(self, session: Any, package_id: int) -> dict[str, str]:
+    def _sha_of(self, path: Path) -> str | None:
+        """SHA-256 of a file's bytes; read again only when the file changed since it was
+        last hashed (any write changes its ctime, so the cached value is its bytes')."""
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if key not in self.hashed:
+            self.hashed[key] = _sha(path.read_bytes())
+        return self.hashed[key]
+
+    def _verified_lta_members(self, conn: Any, package_id: int) -> dict[str, str]:
         """Member checksums of the first LTA copy whose bytes match the package checksum."""
-        package = session.get(m.RawDataPackage, package_id)
-        for copy in self._lta_copies(session, package_id):
-            path = Path(copy.data_location.path) / copy.relative_path
-            if not path.is_file() or _sha(path.read_bytes()) != package.checksum:
+        for rel, root, checksum in conn.execute(_Q_LTA_TARS, {"package_id": package_id}):
+            path = Path(root) / rel
+            if not path.is_file() or self._sha_of(path) != checksum:
                 continue
-            with tarfile.open(path) as tar:
-                members = {}
-                for member in tar.getmembers():
-                    fh = tar.extractfile(member)
-                    if fh is not None:
-                        members[member.name] = _sha(fh.read())
-            return members
+            key = (str(path), checksum)
+            if key not in self.tar_members:
+                with tarfile.open(path) as tar:
+                    members = {}
+                    for member in tar.getmembers():
+                        fh = tar.extractfile(member)
+                        if fh is not None:
+                            members[member.name] = _sha(fh.read())
+                self.tar_members[key] = members
+            return self.tar_members[key]
         return {}
 
     def teardown(self) -> None:

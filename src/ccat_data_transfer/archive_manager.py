@@ -12,14 +12,16 @@ ARCHIVED.  The buffer copy is left alone: the deletion manager removes it by its
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import bindparam, exists, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
+from ccat_data_transfer import scope
 from ccat_data_transfer.celery_app import app
 from ccat_data_transfer.database import DatabaseConnection
 from ccat_data_transfer.exceptions import ConfigurationError, PermanentError
@@ -58,18 +60,17 @@ def sidecar_path(relative_path: str) -> str:
     return f"{relative_path}.json"
 
 
-def plan_archive_transfers(session: Session) -> list[int]:
-    """Create a PENDING LongTermArchiveTransfer for every RawDataPackage PRESENT at an
-    LTA-site buffer that has neither a transfer nor a PRESENT copy at that site's LTA.
-
-    One set-based query finds the candidates; each site archives into its active LTA
-    location of best priority.  Returns the new ids (committed)."""
+@functools.cache
+def _archive_candidates() -> tuple[Any, Any]:
+    """The candidates query of :func:`plan_archive_transfers` and its LTA id column,
+    built once: its aliases of a polymorphic class make building it cost more than
+    running it, every cycle."""
     buf = aliased(m.DataLocation)
     lta = aliased(m.DataLocation)
     copy = aliased(m.RawDataPackagePhysicalCopy)
     lta_copy = aliased(m.RawDataPackagePhysicalCopy)
     lta_t = m.LongTermArchiveTransfer
-    rows = session.execute(
+    candidates = (
         select(copy.raw_data_package_id, buf.id, lta.id)
         .join(buf, buf.id == copy.data_location_id)
         .join(lta, lta.site_id == buf.site_id)
@@ -89,7 +90,19 @@ def plan_archive_transfers(session: Session) -> list[int]:
             ),
         )
         .order_by(copy.raw_data_package_id, buf.priority, lta.priority, lta.name)
-    ).all()
+    )
+    return candidates, lta.id
+
+
+def plan_archive_transfers(session: Session, location_ids: list[int] | None = None) -> list[int]:
+    """Create a PENDING LongTermArchiveTransfer for every RawDataPackage PRESENT at an
+    LTA-site buffer that has neither a transfer nor a PRESENT copy at that site's LTA.
+
+    One set-based query finds the candidates; each site archives into its active LTA
+    location of best priority.  With ``location_ids`` only into LTA locations among them
+    (a site's scope).  Returns the new ids (committed)."""
+    candidates, lta_id = _archive_candidates()
+    rows = session.execute(scope.restrict(candidates, lta_id, location_ids)).all()
     if not rows:
         return []
     site_of = dict(
@@ -120,18 +133,28 @@ def plan_archive_transfers(session: Session) -> list[int]:
     return created
 
 
-def dispatch_archive_transfers(session: Session, submit: bool = True) -> list[int]:
+# Built once (a manager cycle runs it every time); ``now`` is bound at execution.
+_DUE_ARCHIVE_TRANSFERS = (
+    select(m.LongTermArchiveTransfer.id, m.LongTermArchiveTransfer.origin_location_id)
+    .where(
+        m.LongTermArchiveTransfer.status == m.Status.PENDING,
+        (m.LongTermArchiveTransfer.next_attempt_at.is_(None))
+        | (m.LongTermArchiveTransfer.next_attempt_at <= bindparam("now")),
+    )
+    .order_by(m.LongTermArchiveTransfer.id)
+)
+
+
+def dispatch_archive_transfers(
+    session: Session, submit: bool = True, location_ids: list[int] | None = None
+) -> list[int]:
     """Claim due PENDING archive transfers (-> SCHEDULED), commit, submit their tasks on
-    the LTA-site buffer's queue.  Returns the claimed ids."""
-    now = m.utcnow()
+    the LTA-site buffer's queue.  With ``location_ids`` only transfers into LTA
+    locations among them.  Returns the claimed ids."""
     t = m.LongTermArchiveTransfer
     rows = session.execute(
-        select(t.id, t.origin_location_id)
-        .where(
-            t.status == m.Status.PENDING,
-            (t.next_attempt_at.is_(None)) | (t.next_attempt_at <= now),
-        )
-        .order_by(t.id)
+        scope.restrict(_DUE_ARCHIVE_TRANSFERS, t.destination_location_id, location_ids),
+        {"now": m.utcnow()},
     ).all()
     claimed: list[tuple[int, int]] = []
     for lta_id, origin_id in rows:
@@ -152,24 +175,34 @@ def dispatch_archive_transfers(session: Session, submit: bool = True) -> list[in
     return [i for i, _ in claimed]
 
 
-def run_once(session: Session) -> dict[str, int]:
-    """One cycle of the archive manager: record new archive transfers and dispatch."""
-    planned = plan_archive_transfers(session)
-    dispatched = dispatch_archive_transfers(session)
+def run_once(session: Session, site: str | None = None) -> dict[str, int]:
+    """One cycle of the archive manager: record new archive transfers and dispatch.
+
+    ``site`` scopes the cycle to archive transfers into that site's LTA (default: the
+    setting ``MANAGER_SITE``; see :mod:`ccat_data_transfer.scope`)."""
+    ids = scope.location_ids(session, site)
+    planned = plan_archive_transfers(session, ids)
+    dispatched = dispatch_archive_transfers(session, location_ids=ids)
     return {"archive_planned": len(planned), "archive_dispatched": len(dispatched)}
 
 
-def reset_stalled_archive_transfers(session: Session, older_than: timedelta | float) -> int:
+def reset_stalled_archive_transfers(
+    session: Session, older_than: timedelta | float, location_ids: list[int] | None = None
+) -> int:
     """SCHEDULED/IN_PROGRESS archive transfers untouched for ``older_than``: one failed
-    attempt each (back to PENDING with backoff, or FAILED).  For the recovery service."""
+    attempt each (back to PENDING with backoff, or FAILED).  With ``location_ids`` only
+    transfers into LTA locations among them.  For the recovery service."""
     if not isinstance(older_than, timedelta):
         older_than = timedelta(seconds=float(older_than))
     now = m.utcnow()
     cutoff = now - older_than
     t = m.LongTermArchiveTransfer
     reset = 0
+    stalled = select(t.id, t.status, t.retry_count).where(
+        t.status.in_(IN_FLIGHT), t.updated_at < cutoff
+    )
     for lta_id, status, retries in session.execute(
-        select(t.id, t.status, t.retry_count).where(t.status.in_(IN_FLIGHT), t.updated_at < cutoff)
+        scope.restrict(stalled, t.destination_location_id, location_ids)
     ).all():
         values = _fail_or_retry_values(retries, f"stalled in {status.name}: worker lost", now)
         reset += session.execute(

@@ -28,6 +28,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer import buffer_status as bs
+from ccat_data_transfer import scope
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.logging_utils import get_logger
 from ccat_ops_db import models as m
@@ -146,27 +147,36 @@ class BufferManager:
                 send_alert(payload)
         return state
 
-    def run_once(self, session: Session) -> dict[str, Any]:
+    def run_once(self, session: Session, site: str | None = None) -> dict[str, Any]:
         """Measure, classify, publish and record every active location; returns
-        ``{location: status}`` (plus ``deletion`` when an emergency triggered a cycle)."""
+        ``{location: status}`` (plus ``deletion`` when an emergency triggered a cycle).
+
+        ``site`` scopes the cycle to that site's locations (default: the setting
+        ``MANAGER_SITE``); an emergency then runs a deletion cycle for the same site."""
+        ids = scope.location_ids(session, site)
         result: dict[str, Any] = {}
         emergency = False
         locations = session.scalars(
-            select(m.DataLocation)
-            .where(m.DataLocation.active.is_(True))
-            .order_by(m.DataLocation.name)
+            scope.restrict(
+                select(m.DataLocation)
+                .where(m.DataLocation.active.is_(True))
+                .order_by(m.DataLocation.name),
+                m.DataLocation.id,
+                ids,
+            )
         ).all()
+        # The previous states in one read, the new ones published in one write (not
+        # two queries per location).
+        previous_states = bs.states_of([loc.name for loc in locations], session)
+        measured: list[dict[str, Any]] = []
         for loc in locations:
             status = measure_location(session, loc)
             if status is None:
                 continue
-            previous = bs.state_of(loc.name, session)
+            previous = previous_states.get(loc.name, bs.BufferState.UNKNOWN)
             state = self._check_thresholds(loc, status, previous)
             status["state"] = state.value
-            try:
-                bs.publish_status(status, session)
-            except Exception as exc:  # Redis down: readers see UNKNOWN and act safely
-                log.error("buffer_status_publish_failed", location=loc.name, error=str(exc))
+            measured.append(status)
             session.add(
                 m.BufferUsageSample(
                     data_location_id=loc.id,
@@ -181,11 +191,17 @@ class BufferManager:
                 and loc.location_type != m.LocationType.LONG_TERM_ARCHIVE
             ):
                 emergency = True
+        try:
+            failures = bs.publish_statuses(measured, session)
+        except Exception as exc:  # the store failed as a whole: readers see UNKNOWN
+            failures = {status["location"]: exc for status in measured}
+        for name, exc in failures.items():  # Redis down: readers see UNKNOWN and act safely
+            log.error("buffer_status_publish_failed", location=name, error=str(exc))
         session.commit()
         if emergency and bool(settings.get("BUFFER_EMERGENCY_TRIGGERS_DELETION", True)):
             from ccat_data_transfer import deletion_manager
 
-            result["deletion"] = deletion_manager.run_once(session)
+            result["deletion"] = deletion_manager.run_once(session, site=site)
         return result
 
     def sleep_time(self) -> float:
@@ -204,11 +220,18 @@ class BufferManager:
             log.warning("buffer_states_unavailable", error=str(exc))
             return []
 
-    def run(self, once: bool = False) -> Any:
+    def run(self, once: bool = False, site: str | None = None) -> Any:
+        """The loop (or one cycle); ``site`` as in :meth:`run_once`.  A scoped manager
+        reports health as ``buffer_manager@<site>``."""
         from ccat_data_transfer.manager_loop import run_manager
 
-        return run_manager("buffer_manager", self.run_once, self.sleep_time, once=once)
+        return run_manager(
+            scope.scoped_name("buffer_manager", scope.resolve_site(site)),
+            lambda session: self.run_once(session, site=site),
+            self.sleep_time,
+            once=once,
+        )
 
 
-def run_once(session: Session) -> dict[str, Any]:
-    return BufferManager().run_once(session)
+def run_once(session: Session, site: str | None = None) -> dict[str, Any]:
+    return BufferManager().run_once(session, site=site)

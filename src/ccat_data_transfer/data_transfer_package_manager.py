@@ -38,6 +38,7 @@ from sqlalchemy import delete, exists, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ccat_data_transfer import scope
 from ccat_data_transfer.celery_app import app
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.database import DatabaseConnection
@@ -93,20 +94,21 @@ def bundle_packages(
     return bundles
 
 
-def _source_site_buffers(session: Session) -> list[m.DataLocation]:
+def _source_site_buffers(
+    session: Session, location_ids: list[int] | None = None
+) -> list[m.DataLocation]:
     source_sites = select(m.DataLocation.site_id).where(
         m.DataLocation.location_type == m.LocationType.SOURCE
     )
-    return list(
-        session.scalars(
-            select(m.DataLocation)
-            .where(
-                m.DataLocation.location_type == m.LocationType.BUFFER,
-                m.DataLocation.site_id.in_(source_sites),
-            )
-            .order_by(m.DataLocation.priority, m.DataLocation.id)
+    buffers = (
+        select(m.DataLocation)
+        .where(
+            m.DataLocation.location_type == m.LocationType.BUFFER,
+            m.DataLocation.site_id.in_(source_sites),
         )
+        .order_by(m.DataLocation.priority, m.DataLocation.id)
     )
+    return list(session.scalars(scope.restrict(buffers, m.DataLocation.id, location_ids)))
 
 
 def find_waiting_packages(
@@ -175,21 +177,21 @@ def claim_bundle(
     return dtp.id
 
 
-def release_stalled_claims(session: Session) -> int:
+def release_stalled_claims(session: Session, location_ids: list[int] | None = None) -> int:
     """Release bundles stuck SCHEDULED/IN_PROGRESS past STALLED_WORK_TIMEOUT_SECONDS (a
-    worker died); their raw data packages can be bundled again.  Commits."""
+    worker died); their raw data packages can be bundled again.  With ``location_ids``
+    only bundles whose origin buffer is one of them.  Commits."""
     limit = m.utcnow() - timedelta(seconds=int(settings.STALLED_WORK_TIMEOUT_SECONDS))
     # Only bundles that never got built: no copy and no transfer.  A built package is
     # IN_PROGRESS again while it is being transferred, which is not a stalled bundle.
     dtp = m.DataTransferPackage
-    ids = session.scalars(
-        select(dtp.id).where(
-            dtp.status.in_([m.Status.SCHEDULED, m.Status.IN_PROGRESS]),
-            dtp.created_at < limit,
-            ~exists().where(m.PhysicalCopy.data_transfer_package_id == dtp.id),
-            ~exists().where(m.DataTransfer.data_transfer_package_id == dtp.id),
-        )
-    ).all()
+    stalled = select(dtp.id).where(
+        dtp.status.in_([m.Status.SCHEDULED, m.Status.IN_PROGRESS]),
+        dtp.created_at < limit,
+        ~exists().where(m.PhysicalCopy.data_transfer_package_id == dtp.id),
+        ~exists().where(m.DataTransfer.data_transfer_package_id == dtp.id),
+    )
+    ids = session.scalars(scope.restrict(stalled, dtp.origin_location_id, location_ids)).all()
     released = 0
     for dtp_id in ids:
         if _release(session, dtp_id, expected=(m.Status.SCHEDULED, m.Status.IN_PROGRESS)):
@@ -199,8 +201,12 @@ def release_stalled_claims(session: Session) -> int:
     return released
 
 
-def run_once(session: Session) -> dict[str, Any]:
-    """One cycle: bundle waiting packages at every source-site buffer and submit tasks."""
+def run_once(session: Session, site: str | None = None) -> dict[str, Any]:
+    """One cycle: bundle waiting packages at every source-site buffer and submit tasks.
+
+    ``site`` scopes the cycle to the source-site buffers of that site (default: the
+    setting ``MANAGER_SITE``; see :mod:`ccat_data_transfer.scope`)."""
+    location_ids = scope.location_ids(session, site)
     target = int(settings.DATA_TRANSFER_PACKAGE_TARGET_SIZE_BYTES)
     max_wait = float(settings.DATA_TRANSFER_PACKAGE_MAX_WAIT_SECONDS)
     summary: dict[str, Any] = {
@@ -212,10 +218,10 @@ def run_once(session: Session) -> dict[str, Any]:
         "claims_lost": 0,
         "waiting_raw_data_packages": 0,
         "checksum_errors": [],
-        "released_stalled": release_stalled_claims(session),
+        "released_stalled": release_stalled_claims(session, location_ids),
     }
     now = m.utcnow()
-    for buffer in _source_site_buffers(session):
+    for buffer in _source_site_buffers(session, location_ids):
         waiting = find_waiting_packages(session, buffer)
         bundles = bundle_packages(waiting, target, max_wait, now)
         summary["waiting_raw_data_packages"] += len(waiting) - sum(len(b) for b in bundles)

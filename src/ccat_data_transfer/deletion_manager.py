@@ -24,6 +24,7 @@ select such copies and the worker refuses them as a last guard.
 from __future__ import annotations
 
 import functools
+import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -49,9 +50,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, joinedload
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from ccat_data_transfer import buffer_status as bs
+from ccat_data_transfer import scope
 from ccat_data_transfer.celery_app import app
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.database import DatabaseConnection, is_postgresql
@@ -446,22 +451,29 @@ def can_delete_data_transfer_package_from_lta_buffer(
 # --- raw data files: set-based predicates ---------------------------------------------------
 
 
-def _raw_file_source_safe(file_pc: Any) -> Any:
+def _raw_file_source_safe(file_pc: Any, per_row: bool = False) -> Any:
     """SQL: the file copy's parent package is ARCHIVED and PRESENT at an LTA location, and
-    the copy went through stage 1 (DELETION_POSSIBLE)."""
+    the copy went through stage 1 (DELETION_POSSIBLE).
+
+    ``per_row``: the same rule, written so that PostgreSQL checks it once per candidate
+    copy (four index probes) instead of flattening it into a join over every ARCHIVED
+    package and its files, which costs the whole history for every location asked, even
+    an empty one.  ``OFFSET 0`` is what keeps the sub-select from being flattened."""
     rdf = _alias(m.RawDataFile.__table__, "safe_rdf")
     rdp = _alias(m.RawDataPackage.__table__, "safe_rdp")
-    return and_(
-        file_pc.c.deletion_possible_at.is_not(None),
-        exists()
+    rule = (
+        select(literal(1))
         .where(
             rdf.c.id == file_pc.c.raw_data_file_id,
             rdp.c.id == rdf.c.raw_data_package_id,
             rdp.c.state == m.PackageState.ARCHIVED,
             _lta_present_exists(rdp.c.id),
         )
-        .correlate_except(rdf, rdp),
+        .correlate_except(rdf, rdp)
     )
+    if per_row:
+        rule = rule.offset(0)
+    return and_(file_pc.c.deletion_possible_at.is_not(None), rule.exists())
 
 
 def _raw_file_processing_safe(file_pc: Any) -> Any:
@@ -778,6 +790,69 @@ def _write_log_rows(session: Session, rows: list[dict[str, Any]]) -> None:
         session.execute(insert(m.DeletionLog), rows)
 
 
+def _batch_row(
+    location: m.DataLocation,
+    copy_type: str,
+    ids: list[int],
+    size: int,
+    code: str,
+    reason: str,
+    actor: str = "deletion_manager",
+) -> dict[str, Any]:
+    """One SCHEDULED audit row (and one JSON log line) for a batch of copies scheduled
+    together for the same reason; ``copy_ids`` lists them."""
+    log.info(
+        _EVENTS[m.DeletionOutcome.SCHEDULED],
+        copies=len(ids),
+        first_physical_copy_id=ids[0],
+        last_physical_copy_id=ids[-1],
+        copy_type=copy_type,
+        location=location.name,
+        size_bytes=size,
+        reason=code,
+        outcome=m.DeletionOutcome.SCHEDULED.name,
+    )
+    return {
+        "created_at": m.utcnow(),
+        "physical_copy_id": None,
+        "copy_type": copy_type,
+        "data_location_id": location.id,
+        "location_name": location.name,
+        "size_bytes": size,
+        "reason": code[:128],
+        "outcome": m.DeletionOutcome.SCHEDULED,
+        "actor": actor,
+        "message": f"{len(ids)} copies scheduled together: {reason}",
+        "copy_ids": json.dumps(ids, separators=(",", ":")),
+    }
+
+
+def _write_batch_rows(session: Session, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        session.execute(insert(m.DeletionLog), rows)
+
+
+def deletion_history(session: Session, copy_id: int) -> list[m.DeletionLog]:
+    """Every ``deletion_log`` row about one copy, oldest first: its own rows (decisions
+    per copy, and the worker's DELETED / SKIPPED / FAILED) and the batch rows of bulk
+    scheduling that list it in ``copy_ids``."""
+    dl = m.DeletionLog
+    rows = list(session.scalars(select(dl).where(dl.physical_copy_id == copy_id)))
+    copy = session.get(m.PhysicalCopy, copy_id)
+    if copy is not None:
+        batches = session.scalars(
+            select(dl).where(
+                dl.data_location_id == copy.data_location_id,
+                dl.created_at >= copy.created_at,
+                dl.physical_copy_id.is_(None),
+                dl.copy_ids.is_not(None),
+                dl.copy_ids.contains(str(copy_id)),  # a cheap pre-filter; exact below
+            )
+        )
+        rows += [r for r in batches if copy_id in json.loads(r.copy_ids or "[]")]
+    return sorted(rows, key=lambda r: r.id)
+
+
 def _add_deletion_log(
     session: Session,
     physical_copy: m.PhysicalCopy,
@@ -927,15 +1002,41 @@ def _schedule(
     task: Any,
     expected: Iterable[m.PhysicalCopyStatus],
     batch_size: int,
+    audit_per_batch: bool = False,
 ) -> int:
-    """Claim candidates in batches, log, commit, then submit one task per batch."""
+    """Claim candidates in batches, log, commit, then submit one task per batch.
+
+    The audit rows are SCHEDULED rows per copy, or with ``audit_per_batch`` (stage 2, raw
+    files by the million) one row per batch and reason that lists the copies it covers;
+    the worker writes the per-copy DELETED / SKIPPED / FAILED rows either way."""
     scheduled = 0
     expected = tuple(expected)
     queue = route_task_by_location(OperationType.DELETION, location)
     bulk = is_postgresql(session)
     for start in range(0, len(candidates), batch_size):
         chunk = candidates[start : start + batch_size]
-        if bulk:
+        if audit_per_batch:
+            by_id = {c.copy_id: c for c in chunk}
+            claimed = claim_for_deletion(session, list(by_id), expected)
+            groups: dict[tuple[str, str, str], list[int]] = defaultdict(list)
+            for cid in claimed:
+                c = by_id[cid]
+                groups[(c.copy_type, c.code, c.reason)].append(cid)
+            _write_batch_rows(
+                session,
+                [
+                    _batch_row(
+                        location,
+                        copy_type,
+                        ids,
+                        sum(int(by_id[i].size or 0) for i in ids),
+                        code,
+                        reason,
+                    )
+                    for (copy_type, code, reason), ids in groups.items()
+                ],
+            )
+        elif bulk:
             claimed = _claim_and_log_bulk(session, location, chunk, expected)
         else:
             by_id = {c.copy_id: c for c in chunk}
@@ -966,18 +1067,24 @@ def _schedule(
 # ---------------------------------------------------------------------------------------
 
 
-def _active_locations(session: Session, types: Iterable[m.LocationType]) -> list[m.DataLocation]:
-    return list(
-        session.scalars(
-            select(m.DataLocation)
-            .where(m.DataLocation.location_type.in_(list(types)), m.DataLocation.active.is_(True))
-            .order_by(m.DataLocation.id)
-        )
+def _active_locations(
+    session: Session, types: Iterable[m.LocationType], location_ids: list[int] | None = None
+) -> list[m.DataLocation]:
+    """Active locations of ``types``; with ``location_ids`` only those (a site's scope)."""
+    stmt = (
+        select(m.DataLocation)
+        .where(m.DataLocation.location_type.in_(list(types)), m.DataLocation.active.is_(True))
+        .order_by(m.DataLocation.id)
     )
+    return list(session.scalars(scope.restrict(stmt, m.DataLocation.id, location_ids)))
 
 
 def _deletable_package_copies(
-    session: Session, copy_cls: type[m.PhysicalCopy], decide: Any, location_name: str | None = None
+    session: Session,
+    copy_cls: type[m.PhysicalCopy],
+    decide: Any,
+    location_name: str | None = None,
+    location_ids: list[int] | None = None,
 ) -> dict[m.DataLocation, list[tuple[m.PhysicalCopy, Decision]]]:
     roles = site_roles(session)
     stmt = (
@@ -994,6 +1101,8 @@ def _deletable_package_copies(
     )
     if location_name is not None:
         stmt = stmt.where(m.DataLocation.name == location_name)
+    # A site's scope narrows the copies acted on; the rule still sees every site's copies.
+    stmt = scope.restrict(stmt, copy_cls.data_location_id, location_ids)
     result: dict[m.DataLocation, list[tuple[m.PhysicalCopy, Decision]]] = defaultdict(list)
     for copy in session.scalars(stmt).unique():
         decision = decide(session, copy, roles)
@@ -1168,9 +1277,12 @@ def find_deletable_staged_raw_data_files_by_location(
     return result
 
 
-def _deletion_possible_base(location: m.DataLocation) -> tuple[Any, Any, Any]:
+def _deletion_possible_base(
+    location: m.DataLocation, per_row: bool = False
+) -> tuple[Any, Any, Any]:
     """The DELETION_POSSIBLE raw-file copies at ``location`` that the stage-2 safety rule
-    allows, oldest first, as ``(copy alias, SELECT id, size, start of retention)``."""
+    allows, oldest first, as ``(copy alias, SELECT id, size, start of retention)``.
+    ``per_row``: see :func:`_raw_file_source_safe` (PostgreSQL bulk path)."""
     pc = _alias(PCT, "f_pc")
     rdf = m.RawDataFile.__table__
     # _raw_file_source_safe requires deletion_possible_at to be set, so it is the start of
@@ -1190,7 +1302,7 @@ def _deletion_possible_base(location: m.DataLocation) -> tuple[Any, Any, Any]:
             pc.c.data_location_id == location.id,
             pc.c.status == S.DELETION_POSSIBLE,
             pc.c.lost_at.is_(None),
-            _raw_file_source_safe(pc),
+            _raw_file_source_safe(pc, per_row=per_row),
         )
         .order_by(since, pc.c.created_at, pc.c.id)
     )
@@ -1247,37 +1359,41 @@ def _schedule_deletion_possible_bulk(
 ) -> int:
     """PostgreSQL form of :func:`_deletion_possible_selection` + :func:`_schedule`, with
     the same result: the expired copies are claimed straight from the selection (the same
-    safety rule, :func:`_raw_file_source_safe`, in the same statement), with one SCHEDULED
-    audit row per copy, without a Python object per copy.  Under pressure, the oldest
-    others follow through the Python path, which needs a running sum of bytes."""
+    safety rule, :func:`_raw_file_source_safe`, in the same statement), without a Python
+    object per copy, and audited with one SCHEDULED row per batch (as the Python path
+    does for stage 2).  Under pressure, the oldest others follow through the Python path,
+    which needs a running sum of bytes."""
     cutoff = m.utcnow() - timedelta(minutes=_retention_minutes(location))
     pressure = should_delete_based_on_buffer_status(location, status)
     # Computed before the claim, as in the Python path: bytes_to_free subtracts what is
     # already scheduled, and the expired copies are subtracted below.
     needed = bytes_to_free(session, location, status) if pressure else 0
-    claimed = _claim_expired_and_log(session, location, cutoff, limit)
-    if claimed:
-        session.commit()  # before submitting: in embedded mode the task runs inline
+    claimed = _claim_expired(session, location, cutoff, limit)
     sizes = dict(claimed)
     ids = sorted(sizes)
-    queue = route_task_by_location(OperationType.DELETION, location)
-    for start in range(0, len(ids), batch_size):
-        chunk = ids[start : start + batch_size]
-        log.info(
-            _EVENTS[m.DeletionOutcome.SCHEDULED],
-            copies=len(chunk),
-            first_physical_copy_id=chunk[0],
-            last_physical_copy_id=chunk[-1],
-            copy_type=COPY_TYPE_RAW_DATA_FILE,
-            location=location.name,
-            size_bytes=sum(int(sizes[i] or 0) for i in chunk),
-            reason="parent_package_archived",
-            outcome=m.DeletionOutcome.SCHEDULED.name,
+    chunks = [ids[start : start + batch_size] for start in range(0, len(ids), batch_size)]
+    if chunks:
+        _write_batch_rows(
+            session,
+            [
+                _batch_row(
+                    location,
+                    COPY_TYPE_RAW_DATA_FILE,
+                    chunk,
+                    sum(int(sizes[i] or 0) for i in chunk),
+                    "parent_package_archived",
+                    "parent package archived; retention expired",
+                )
+                for chunk in chunks
+            ],
         )
+        session.commit()  # before submitting: in embedded mode the task runs inline
+    queue = route_task_by_location(OperationType.DELETION, location)
+    for chunk in chunks:
         delete_bulk_raw_data_files.apply_async(
             args=[chunk], kwargs={"queue_name": queue}, queue=queue
         )
-    if claimed:
+    if chunks:
         session.expire_all()
     scheduled = len(ids)
     needed -= sum(int(size or 0) for size in sizes.values())
@@ -1305,73 +1421,66 @@ def _schedule_deletion_possible_bulk(
         delete_bulk_raw_data_files,
         (S.DELETION_POSSIBLE,),
         batch_size,
+        audit_per_batch=True,
     )
 
 
-def _claim_expired_and_log(
+class _ArrayOfSelect(ColumnElement[Any]):
+    """PostgreSQL ``ARRAY(SELECT ...)``: the rows a SELECT picks, as one array value.
+    ``id = ANY(ARRAY(SELECT ...))`` makes the claim a primary-key lookup per picked copy,
+    where a join with the same SELECT may scan the whole table."""
+
+    inherit_cache = True
+    _traverse_internals = [("stmt", InternalTraversal.dp_clauseelement)]
+
+    def __init__(self, stmt: Any) -> None:
+        self.stmt = stmt
+        self.type = ARRAY(BigInteger())
+
+
+@compiles(_ArrayOfSelect, "postgresql")
+def _compile_array_of_select(element: _ArrayOfSelect, compiler: Any, **kw: Any) -> str:
+    return f"ARRAY({compiler.process(element.stmt, **kw)})"
+
+
+def _claim_expired(
     session: Session, location: m.DataLocation, cutoff: datetime, limit: int | None
 ) -> list[tuple[int, int | None]]:
-    """One statement: pick the expired DELETION_POSSIBLE copies that the safety rule
-    allows (oldest first, at most ``limit``, ``FOR UPDATE SKIP LOCKED``), claim them
-    (``DELETION_POSSIBLE -> DELETION_SCHEDULED``, the claim guard of
-    :func:`claim_for_deletion`), and write one SCHEDULED audit row per claimed copy.
-    Returns (copy id, size) of the claimed copies."""
-    pc, base, since = _deletion_possible_base(location)
-    picked = base.where(since <= cutoff)
+    """PostgreSQL, one statement: claim (``DELETION_POSSIBLE -> DELETION_SCHEDULED``) the
+    expired DELETION_POSSIBLE copies at ``location`` that the stage-2 safety rule allows,
+    oldest first, at most ``limit``.  Returns (copy id, size) of the claimed copies.
+
+    The candidates are found through the partial index ix_physical_copy_deletion_possible
+    and the rule is checked per candidate (``per_row``), so the cost follows the copies at
+    this location.  The claim guard is the UPDATE's own ``WHERE status =
+    'DELETION_POSSIBLE'``: when two managers race, PostgreSQL re-checks it on every row
+    the other one changed first, so each copy is claimed once."""
+    if location.location_type == LT.LONG_TERM_ARCHIVE:  # never: callers pass SOURCE/BUFFER
+        raise ValueError(f"refusing to schedule deletions at LTA {location.name}")
+    pc, base, since = _deletion_possible_base(location, per_row=True)
+    picked = base.with_only_columns(pc.c.id).where(since <= cutoff)
     if limit is not None:
         picked = picked.limit(limit)
-    picked_cte = picked.with_for_update(of=pc, skip_locked=True).cte("picked")
-    now = m.utcnow()
-    claimed = (
+    rdf = m.RawDataFile.__table__
+    size = func.coalesce(
+        PCT.c.size,
+        select(rdf.c.size).where(rdf.c.id == PCT.c.raw_data_file_id).scalar_subquery(),
+    )
+    claim = (
         update(PCT)
         .where(
-            PCT.c.id == picked_cte.c.id,
+            PCT.c.id == any_(_ArrayOfSelect(picked)),
+            PCT.c.data_location_id == location.id,
             PCT.c.status == S.DELETION_POSSIBLE,
             PCT.c.lost_at.is_(None),
         )
-        .values(status=S.DELETION_SCHEDULED, deletion_scheduled_at=now)
-        .returning(PCT.c.id, picked_cte.c.size)
-        .cte("claimed")
-    )
-    dl = m.DeletionLog.__table__
-    logged = (
-        insert(dl)
-        .from_select(
-            [
-                "created_at",
-                "physical_copy_id",
-                "copy_type",
-                "data_location_id",
-                "location_name",
-                "size_bytes",
-                "reason",
-                "outcome",
-                "actor",
-                "message",
-            ],
-            select(
-                literal(now, dl.c.created_at.type),
-                claimed.c.id,
-                literal(COPY_TYPE_RAW_DATA_FILE, dl.c.copy_type.type),
-                literal(location.id, dl.c.data_location_id.type),
-                literal(location.name, dl.c.location_name.type),
-                claimed.c.size,
-                literal("parent_package_archived", dl.c.reason.type),
-                literal(m.DeletionOutcome.SCHEDULED, dl.c.outcome.type),
-                literal("deletion_manager", dl.c.actor.type),
-                literal("parent package archived; retention expired", dl.c.message.type),
-            ),
-        )
-        .returning(dl.c.physical_copy_id, dl.c.size_bytes)
-        .cte("logged")
+        .values(status=S.DELETION_SCHEDULED, deletion_scheduled_at=m.utcnow())
+        .returning(PCT.c.id, size)
     )
     # The oldest-first sort of a large backlog should not spill to disk (4 MB default);
     # SET LOCAL ends with this transaction, which the caller commits right after.
     session.execute(text("SET LOCAL work_mem = '64MB'"))
-    return [
-        (int(r[0]), r[1])
-        for r in session.execute(select(logged.c.physical_copy_id, logged.c.size_bytes))
-    ]
+    return [(int(r[0]), r[1]) for r in session.execute(claim)]
 
 
 def bytes_to_free(session: Session, location: m.DataLocation, status: dict[str, Any]) -> int:
@@ -1418,8 +1527,9 @@ def _schedule_package_copies(
     copy_type: str,
     task: Any,
     statuses: _Statuses,
+    location_ids: list[int] | None = None,
 ) -> int:
-    found = _deletable_package_copies(session, copy_cls, decide)
+    found = _deletable_package_copies(session, copy_cls, decide, location_ids=location_ids)
     total = 0
     for loc, items in found.items():
         state = statuses.state(loc)
@@ -1430,7 +1540,9 @@ def _schedule_package_copies(
     return total
 
 
-def delete_data_transfer_packages(session: Session, statuses: _Statuses | None = None) -> int:
+def delete_data_transfer_packages(
+    session: Session, statuses: _Statuses | None = None, location_ids: list[int] | None = None
+) -> int:
     """Step 1: schedule deletion of DataTransferPackages from buffers (matrix rows
     "DataTransferPackage / SOURCE buffer" and "/ LTA site buffer")."""
     statuses = statuses or _Statuses(session)
@@ -1441,10 +1553,13 @@ def delete_data_transfer_packages(session: Session, statuses: _Statuses | None =
         COPY_TYPE_DATA_TRANSFER_PACKAGE,
         delete_bulk_data_transfer_packages,
         statuses,
+        location_ids,
     )
 
 
-def delete_raw_data_packages_bulk(session: Session, statuses: _Statuses | None = None) -> int:
+def delete_raw_data_packages_bulk(
+    session: Session, statuses: _Statuses | None = None, location_ids: list[int] | None = None
+) -> int:
     """Step 2: schedule deletion of RawDataPackages from SOURCE-site and LTA-site buffers in
     bulk: find (rule per copy), claim PRESENT -> DELETION_SCHEDULED per batch with one
     UPDATE, commit, one task per batch per location.  When a copy leaves the source site
@@ -1457,15 +1572,18 @@ def delete_raw_data_packages_bulk(session: Session, statuses: _Statuses | None =
         COPY_TYPE_RAW_DATA_PACKAGE,
         delete_bulk_raw_data_packages,
         statuses,
+        location_ids,
     )
 
 
-def delete_processing_raw_data_files(session: Session, statuses: _Statuses | None = None) -> int:
+def delete_processing_raw_data_files(
+    session: Session, statuses: _Statuses | None = None, location_ids: list[int] | None = None
+) -> int:
     """Step 3: schedule deletion of PRESENT raw-file copies at PROCESSING locations that no
     active StagingJob references (all jobs using them have ``active=False``)."""
     statuses = statuses or _Statuses(session)
     total = 0
-    for loc in _active_locations(session, [LT.PROCESSING]):
+    for loc in _active_locations(session, [LT.PROCESSING], location_ids):
         state = statuses.state(loc)
         rows = _processing_file_ids(session, loc, [S.PRESENT], _cycle_limit(state))
         candidates = [
@@ -1485,14 +1603,14 @@ def delete_processing_raw_data_files(session: Session, statuses: _Statuses | Non
 
 
 def delete_staged_raw_data_files_from_processing(
-    session: Session, statuses: _Statuses | None = None
+    session: Session, statuses: _Statuses | None = None, location_ids: list[int] | None = None
 ) -> int:
     """Step 4: for STAGED package copies at PROCESSING locations whose staging jobs are all
     inactive, schedule bulk deletion of their raw-file copies; a package copy whose files
     are all gone becomes DELETED."""
     statuses = statuses or _Statuses(session)
     total = 0
-    for loc in _active_locations(session, [LT.PROCESSING]):
+    for loc in _active_locations(session, [LT.PROCESSING], location_ids):
         state = statuses.state(loc)
         staged = _staged_package_copies(session, loc)
         if not staged:
@@ -1561,13 +1679,16 @@ def _finish_staged_packages(session: Session, location: m.DataLocation) -> int:
 
 
 def mark_raw_data_files_for_deletion(
-    session: Session, raw_data_package_ids: Sequence[int] | None = None
+    session: Session,
+    raw_data_package_ids: Sequence[int] | None = None,
+    location_ids: list[int] | None = None,
 ) -> int:
     """Stage 1 of raw-file deletion, one bulk UPDATE: PRESENT raw-file copies at SOURCE and
     BUFFER locations become DELETION_POSSIBLE (``deletion_possible_at`` = now) once their
     parent package has left the source site (its copies there are all DELETED) and is
     ARCHIVED with a PRESENT copy at a LONG_TERM_ARCHIVE.  Restricted to the given packages
-    when ``raw_data_package_ids`` is set.  Returns the number of copies marked."""
+    when ``raw_data_package_ids`` is set, and to copies at ``location_ids`` when set (a
+    site's scope).  Returns the number of copies marked."""
     roles = site_roles(session)
     if not roles.source_site_ids:
         return 0
@@ -1593,7 +1714,11 @@ def mark_raw_data_files_for_deletion(
         left_source_site,
         *([rdp.c.id.in_(list(raw_data_package_ids))] if raw_data_package_ids is not None else []),
     ]
-    file_locations = select(DLT.c.id).where(DLT.c.location_type.in_([LT.SOURCE, LT.BUFFER]))
+    file_locations = scope.restrict(
+        select(DLT.c.id).where(DLT.c.location_type.in_([LT.SOURCE, LT.BUFFER])),
+        DLT.c.id,
+        location_ids,
+    )
     copy_rule = [
         PCT.c.type == COPY_TYPE_RAW_DATA_FILE,
         PCT.c.status == S.PRESENT,
@@ -1708,7 +1833,7 @@ def mark_raw_data_files_for_deletion(
 
 
 def process_deletion_possible_raw_data_files(
-    session: Session, statuses: _Statuses | None = None
+    session: Session, statuses: _Statuses | None = None, location_ids: list[int] | None = None
 ) -> int:
     """Stage 2 (step 5): DELETION_POSSIBLE raw-file copies whose retention has expired
     (``retention_period_minutes`` of the location, else RETENTION_PERIOD_MINUTES) are
@@ -1720,7 +1845,7 @@ def process_deletion_possible_raw_data_files(
     # an empty one at once); a DISTINCT over every DELETION_POSSIBLE row would grow with
     # the history.
     bulk = is_postgresql(session)
-    for loc in _active_locations(session, [LT.SOURCE, LT.BUFFER]):
+    for loc in _active_locations(session, [LT.SOURCE, LT.BUFFER], location_ids):
         status = statuses.get(loc)
         state = _state_from(status)
         if bulk:
@@ -1736,20 +1861,23 @@ def process_deletion_possible_raw_data_files(
             delete_bulk_raw_data_files,
             (S.DELETION_POSSIBLE,),
             _batch_size(state),
+            audit_per_batch=True,
         )
     return total
 
 
-def reschedule_failed_deletions(session: Session) -> int:
+def reschedule_failed_deletions(session: Session, location_ids: list[int] | None = None) -> int:
     """DELETION_FAILED copies below DELETION_MAX_RETRIES go back to where they came from
     (DELETION_POSSIBLE for stage-2 raw files, PRESENT otherwise) so this cycle's rules
-    re-evaluate and reschedule them.  At the cap they stay DELETION_FAILED for a person."""
+    re-evaluate and reschedule them.  At the cap they stay DELETION_FAILED for a person.
+    With ``location_ids`` only copies at those locations."""
     cap = int(settings.DELETION_MAX_RETRIES)
     lta_ids = select(DLT.c.id).where(DLT.c.location_type == LT.LONG_TERM_ARCHIVE)
     base = [
         PCT.c.status == S.DELETION_FAILED,
         PCT.c.deletion_retry_count < cap,
         PCT.c.data_location_id.not_in(lta_ids),
+        *([PCT.c.data_location_id.in_(location_ids)] if location_ids is not None else []),
     ]
     n1 = session.execute(
         update(PCT)
@@ -1769,15 +1897,15 @@ def reschedule_failed_deletions(session: Session) -> int:
     return int(n1 or 0) + int(n2 or 0)
 
 
-def resubmit_stalled_deletions(session: Session) -> int:
+def resubmit_stalled_deletions(session: Session, location_ids: list[int] | None = None) -> int:
     """Copies scheduled longer ago than DELETION_STALLED_SECONDS (lost task, dead worker)
-    are submitted again; the task is idempotent."""
+    are submitted again; the task is idempotent.  With ``location_ids`` only copies at
+    those locations."""
     cutoff = m.utcnow() - timedelta(seconds=int(settings.get("DELETION_STALLED_SECONDS", 3600)))
-    rows = session.execute(
-        select(PCT.c.id, PCT.c.data_location_id, PCT.c.type).where(
-            PCT.c.status.in_(list(IN_FLIGHT)), PCT.c.deletion_scheduled_at < cutoff
-        )
-    ).all()
+    stalled = select(PCT.c.id, PCT.c.data_location_id, PCT.c.type).where(
+        PCT.c.status.in_(list(IN_FLIGHT)), PCT.c.deletion_scheduled_at < cutoff
+    )
+    rows = session.execute(scope.restrict(stalled, PCT.c.data_location_id, location_ids)).all()
     if not rows:
         return 0
     session.execute(
@@ -1799,23 +1927,30 @@ def resubmit_stalled_deletions(session: Session) -> int:
     return len(rows)
 
 
-def run_once(session: Session) -> dict[str, Any]:
+def run_once(session: Session, site: str | None = None) -> dict[str, Any]:
     """One deletion cycle; returns what it did.  The five steps of the document, preceded
-    by retries of failed deletions and followed by the catch-up of stage-1 marking."""
+    by retries of failed deletions and followed by the catch-up of stage-1 marking.
+
+    ``site`` scopes the cycle to copies at that site's locations (default: the setting
+    ``MANAGER_SITE``); the rules still consult every site's copies
+    (:mod:`ccat_data_transfer.scope`)."""
+    ids = scope.location_ids(session, site)
     statuses = _Statuses(session)
     summary: dict[str, Any] = {}
-    summary["failed_rescheduled"] = reschedule_failed_deletions(session)
-    summary["stalled_resubmitted"] = resubmit_stalled_deletions(session)
-    summary["data_transfer_packages"] = delete_data_transfer_packages(session, statuses)
-    summary["raw_data_packages"] = delete_raw_data_packages_bulk(session, statuses)
-    summary["processing_raw_data_files"] = delete_processing_raw_data_files(session, statuses)
+    summary["failed_rescheduled"] = reschedule_failed_deletions(session, ids)
+    summary["stalled_resubmitted"] = resubmit_stalled_deletions(session, ids)
+    summary["data_transfer_packages"] = delete_data_transfer_packages(session, statuses, ids)
+    summary["raw_data_packages"] = delete_raw_data_packages_bulk(session, statuses, ids)
+    summary["processing_raw_data_files"] = delete_processing_raw_data_files(session, statuses, ids)
     summary["staged_raw_data_files"] = delete_staged_raw_data_files_from_processing(
-        session, statuses
+        session, statuses, ids
     )
-    summary["marked_deletion_possible"] = mark_raw_data_files_for_deletion(session)
+    summary["marked_deletion_possible"] = mark_raw_data_files_for_deletion(
+        session, location_ids=ids
+    )
     session.commit()
     summary["deletion_possible_raw_data_files"] = process_deletion_possible_raw_data_files(
-        session, statuses
+        session, statuses, ids
     )
     session.commit()
     summary["buffer_states"] = {name: _state_from(st).value for name, st in statuses._cache.items()}

@@ -1,6 +1,7 @@
 """The loop every manager runs: one cycle, sleep, repeat, until told to stop.
 
-Looping managers report health (``health:manager:{name}``) while they run.
+Looping managers report health (``health:manager:{name}``, ``{name}@{site}`` for a manager
+scoped to one site, see :mod:`ccat_data_transfer.scope`) while they run.
 A manager's work is a function ``cycle(session) -> result`` (its ``run_once``); tests and
 ``--once`` call it directly.  The loop commits after each cycle, logs failures without
 dying, and stops cleanly on SIGINT/SIGTERM between cycles.  ``sleep_seconds`` is asked

@@ -7,9 +7,13 @@ is logged and the others go on.  Stopping (Ctrl-C, SIGTERM) happens between stag
 writes are atomic (temporary name, fsync, rename), so no half-written file is left, and a
 restart resumes from the DB state.
 
+``Orchestrator(site="cologne")`` (``run --site cologne``) runs every manager for one site
+only (see :mod:`ccat_data_transfer.scope`): one such process per site does the work of
+one central process.  Without ``site`` the managers follow the setting ``MANAGER_SITE``.
+
 ``run_demo`` adds the instrument simulator and a scientist's staging job, and runs until
 the whole lifecycle is done: data archived at every LTA site, source and buffers cleaned
-by the rules, and a staging job served and cleaned up.
+by the rules, and a staging job served and cleaned up.  It always runs every site.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from sqlalchemy.orm import Session
 from ccat_data_transfer.database import DatabaseConnection
 from ccat_data_transfer.logging_utils import get_logger
 from ccat_data_transfer.manager_loop import install_signal_handlers, stop_event
+from ccat_data_transfer.scope import ALL_SITES
 from ccat_ops_db import models as m
 
 log = get_logger(__name__)
@@ -68,6 +73,8 @@ def default_stages() -> list[Stage]:
 class Orchestrator:
     db: DatabaseConnection = field(default_factory=DatabaseConnection)
     stages: list[Stage] = field(default_factory=default_stages)
+    #: The managers' site scope: None follows MANAGER_SITE, "" is every site.
+    site: str | None = None
     _last_push: float = field(default=float("-inf"), repr=False)
 
     def run_round(self) -> None:
@@ -78,7 +85,11 @@ class Orchestrator:
             started = time.monotonic()
             try:
                 with self.db.session_scope() as session:
-                    stage.callable()(session)
+                    cycle = stage.callable()
+                    if self.site is None:
+                        cycle(session)
+                    else:
+                        cycle(session, site=self.site)
             except Exception as exc:  # one stage failing must not stop the others
                 stage.failures += 1
                 log.exception("stage_failed", stage=stage.name, error=str(exc))
@@ -235,7 +246,7 @@ def run_demo(
     db = db or DatabaseConnection()
     console = console or Console(stderr=True)
     install_signal_handlers()
-    orchestrator = Orchestrator(db=db)
+    orchestrator = Orchestrator(db=db, site=ALL_SITES)
     simulator = InstrumentSimulator(
         db=db,
         observations=observations,

@@ -57,7 +57,7 @@ from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer import buffer_status
+from ccat_data_transfer import buffer_status, scope
 from ccat_data_transfer.celery_app import app
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.database import DatabaseConnection
@@ -171,14 +171,19 @@ class GroupPlan:
     parts: list[list[Any]] = field(default_factory=list)
 
 
-def plan_packages(session: Session, summary: dict[str, Any] | None = None) -> list[GroupPlan]:
-    """Groups with something to package now, and how to split them (no writes)."""
+def plan_packages(
+    session: Session,
+    summary: dict[str, Any] | None = None,
+    location_ids: list[int] | None = None,
+) -> list[GroupPlan]:
+    """Groups with something to package now, and how to split them (no writes).  With
+    ``location_ids`` only files whose SOURCE location is one of them (a site's scope)."""
     summary = summary if summary is not None else {}
     max_size = int(settings.RAW_DATA_PACKAGE_MAX_SIZE_BYTES)
     quiet = float(settings.RAW_DATA_PACKAGE_QUIET_PERIOD_SECONDS)
     now = m.utcnow()
     f = m.RawDataFile
-    rows = session.execute(
+    groups = (
         select(
             f.source_location_id,
             f.executed_obs_unit_id,
@@ -198,7 +203,8 @@ def plan_packages(session: Session, summary: dict[str, Any] | None = None) -> li
             m.ExecutedObsUnit.finished_at,
         )
         .order_by(func.min(f.created_at))
-    ).all()
+    )
+    rows = session.execute(scope.restrict(groups, f.source_location_id, location_ids)).all()
 
     paused_sites: dict[int, bool] = {}
     plans: list[GroupPlan] = []
@@ -295,17 +301,19 @@ def claim_package(session: Session, plan: GroupPlan, file_ids: Sequence[uuid.UUI
     return pkg.id
 
 
-def release_stalled_claims(session: Session) -> int:
+def release_stalled_claims(session: Session, location_ids: list[int] | None = None) -> int:
     """Release claims of packages stuck SCHEDULED/IN_PROGRESS past the stall timeout
-    (a worker died): their files become packageable again.  Commits."""
+    (a worker died): their files become packageable again.  With ``location_ids`` only
+    packages built at those SOURCE locations.  Commits."""
     limit = m.utcnow() - timedelta(seconds=int(settings.STALLED_WORK_TIMEOUT_SECONDS))
+    stalled = select(m.RawDataPackage.id).where(
+        m.RawDataPackage.status.in_([m.Status.SCHEDULED, m.Status.IN_PROGRESS]),
+        m.RawDataPackage.created_at < limit,
+        # A package with a copy was built: never un-claim it.
+        ~exists().where(m.PhysicalCopy.raw_data_package_id == m.RawDataPackage.id),
+    )
     ids = session.scalars(
-        select(m.RawDataPackage.id).where(
-            m.RawDataPackage.status.in_([m.Status.SCHEDULED, m.Status.IN_PROGRESS]),
-            m.RawDataPackage.created_at < limit,
-            # A package with a copy was built: never un-claim it.
-            ~exists().where(m.PhysicalCopy.raw_data_package_id == m.RawDataPackage.id),
-        )
+        scope.restrict(stalled, m.RawDataPackage.source_location_id, location_ids)
     ).all()
     released = 0
     for pkg_id in ids:
@@ -345,8 +353,12 @@ def _release_claim(session: Session, pkg_id: int, expected: Sequence[m.Status]) 
 # ---------------------------------------------------------------------------------------
 
 
-def run_once(session: Session) -> dict[str, Any]:
-    """One cycle: release stalled claims, plan, claim, submit.  Returns a summary."""
+def run_once(session: Session, site: str | None = None) -> dict[str, Any]:
+    """One cycle: release stalled claims, plan, claim, submit.  Returns a summary.
+
+    ``site`` scopes the cycle to raw files whose SOURCE location is at that site (default:
+    the setting ``MANAGER_SITE``; see :mod:`ccat_data_transfer.scope`)."""
+    location_ids = scope.location_ids(session, site)
     summary: dict[str, Any] = {
         "packages_submitted": 0,
         "packages_created": 0,
@@ -358,9 +370,9 @@ def run_once(session: Session) -> dict[str, Any]:
         "blocked_groups": 0,
         "paused_sites": [],
         "checksum_errors": [],
-        "released_stalled": release_stalled_claims(session),
+        "released_stalled": release_stalled_claims(session, location_ids),
     }
-    plans = plan_packages(session, summary)
+    plans = plan_packages(session, summary, location_ids)
     session.commit()
     for plan in plans:
         for part in plan.parts:

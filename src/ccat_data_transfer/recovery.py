@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from ccat_data_transfer import scope
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.logging_utils import get_logger
 from ccat_ops_db import models as m
@@ -28,17 +29,21 @@ def stalled_timeout() -> timedelta:
     return timedelta(seconds=float(settings.STALLED_WORK_TIMEOUT_SECONDS))
 
 
-def reset_stalled_staging_jobs(session: Session, older_than: timedelta) -> int:
+def reset_stalled_staging_jobs(
+    session: Session, older_than: timedelta, location_ids: list[int] | None = None
+) -> int:
     """Staging jobs IN_PROGRESS since before ``older_than``: back to PENDING (staging is
-    idempotent: packages already STAGED are reused), or FAILED when out of retries."""
+    idempotent: packages already STAGED are reused), or FAILED when out of retries.  With
+    ``location_ids`` only jobs whose destination is one of them."""
     cutoff = m.utcnow() - older_than
     job = m.StagingJob
     max_retries = int(settings.get("STAGING_MAX_RETRIES", 5))
     reset = 0
+    stalled = select(job.id, job.retry_count).where(
+        job.status == m.Status.IN_PROGRESS, job.start_time < cutoff
+    )
     for job_id, retries in session.execute(
-        select(job.id, job.retry_count).where(
-            job.status == m.Status.IN_PROGRESS, job.start_time < cutoff
-        )
+        scope.restrict(stalled, job.destination_location_id, location_ids)
     ).all():
         if retries >= max_retries:
             values: dict[str, Any] = {
@@ -59,8 +64,14 @@ def reset_stalled_staging_jobs(session: Session, older_than: timedelta) -> int:
     return reset
 
 
-def run_once(session: Session, older_than: timedelta | None = None) -> dict[str, int]:
-    """One recovery pass over every stage.  Returns what was reset, per stage."""
+def run_once(
+    session: Session, older_than: timedelta | None = None, site: str | None = None
+) -> dict[str, int]:
+    """One recovery pass over every stage.  Returns what was reset, per stage.
+
+    ``site`` scopes the pass to stalled work whose location is at that site, the owner
+    of each kind being the one of its manager (default: the setting ``MANAGER_SITE``;
+    see :mod:`ccat_data_transfer.scope`)."""
     from ccat_data_transfer import (
         archive_manager,
         data_transfer_package_manager,
@@ -70,18 +81,19 @@ def run_once(session: Session, older_than: timedelta | None = None) -> dict[str,
     )
 
     older_than = older_than or stalled_timeout()
+    ids = scope.location_ids(session, site)
     steps = {
-        "raw_data_packages": lambda: raw_data_package_manager.release_stalled_claims(session),
+        "raw_data_packages": lambda: raw_data_package_manager.release_stalled_claims(session, ids),
         "data_transfer_packages": lambda: data_transfer_package_manager.release_stalled_claims(
-            session
+            session, ids
         ),
-        "transfers": lambda: transfer_manager.reset_stalled_transfers(session, older_than),
+        "transfers": lambda: transfer_manager.reset_stalled_transfers(session, older_than, ids),
         "archive_transfers": lambda: archive_manager.reset_stalled_archive_transfers(
-            session, older_than
+            session, older_than, ids
         ),
-        "staging_jobs": lambda: reset_stalled_staging_jobs(session, older_than),
+        "staging_jobs": lambda: reset_stalled_staging_jobs(session, older_than, ids),
         # The deletion manager also does this every cycle; the task re-checks the rule.
-        "deletions": lambda: deletion_manager.resubmit_stalled_deletions(session),
+        "deletions": lambda: deletion_manager.resubmit_stalled_deletions(session, location_ids=ids),
     }
     summary: dict[str, int] = {}
     for name, step in steps.items():

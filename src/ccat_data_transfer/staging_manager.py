@@ -103,6 +103,7 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ccat_data_transfer import scope
 from ccat_data_transfer.celery_app import app
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.database import DatabaseConnection
@@ -460,12 +461,21 @@ def deactivate_staging_job(session: Session, job_id: int) -> m.StagingJob:
     return job
 
 
-def expire_staging_jobs(session: Session, now: datetime | None = None) -> int:
-    """Active jobs past ``expires_at`` become inactive (one bulk UPDATE); returns how many."""
+def expire_staging_jobs(
+    session: Session, now: datetime | None = None, location_ids: list[int] | None = None
+) -> int:
+    """Active jobs past ``expires_at`` become inactive (one bulk UPDATE); returns how many.
+    With ``location_ids`` only jobs whose destination is one of them."""
     now = now or m.utcnow()
     SJ = m.StagingJob
     expired = session.scalars(
-        select(SJ.id).where(SJ.active.is_(True), SJ.expires_at.is_not(None), SJ.expires_at <= now)
+        scope.restrict(
+            select(SJ.id).where(
+                SJ.active.is_(True), SJ.expires_at.is_not(None), SJ.expires_at <= now
+            ),
+            SJ.destination_location_id,
+            location_ids,
+        )
     ).all()
     if not expired:
         return 0
@@ -557,19 +567,27 @@ def sleep_time() -> float:
     return float(settings.get("STAGING_MANAGER_SLEEP_TIME", 5))
 
 
-def run_once(session: Session) -> dict[str, Any]:
-    """One cycle: expire jobs, claim due PENDING jobs, commit, submit their tasks."""
-    summary: dict[str, Any] = {"expired": expire_staging_jobs(session)}
+def run_once(session: Session, site: str | None = None) -> dict[str, Any]:
+    """One cycle: expire jobs, claim due PENDING jobs, commit, submit their tasks.
+
+    ``site`` scopes the cycle to jobs whose destination is at that site (default: the
+    setting ``MANAGER_SITE``; see :mod:`ccat_data_transfer.scope`)."""
+    ids = scope.location_ids(session, site)
+    summary: dict[str, Any] = {"expired": expire_staging_jobs(session, location_ids=ids)}
     now = m.utcnow()
     SJ = m.StagingJob
     due = session.execute(
-        select(SJ.id, SJ.destination_location_id)
-        .where(
-            SJ.status == m.Status.PENDING,
-            SJ.active.is_(True),
-            or_(SJ.next_attempt_at.is_(None), SJ.next_attempt_at <= now),
+        scope.restrict(
+            select(SJ.id, SJ.destination_location_id)
+            .where(
+                SJ.status == m.Status.PENDING,
+                SJ.active.is_(True),
+                or_(SJ.next_attempt_at.is_(None), SJ.next_attempt_at <= now),
+            )
+            .order_by(SJ.created_at, SJ.id),
+            SJ.destination_location_id,
+            ids,
         )
-        .order_by(SJ.created_at, SJ.id)
     ).all()
     claimed: list[tuple[int, str]] = []
     for job_id, dest_id in due:

@@ -158,9 +158,24 @@ def _is_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS
 
 
+def _buffer_size(f: Any, chunk: int) -> int:
+    """A read buffer for the rest of ``f``: ``chunk`` at most, but no bigger than what is
+    left of a regular file (in whole 64 KiB), so small files are not read through a
+    freshly zeroed 8 MiB buffer.  Streams of unknown size get ``chunk``."""
+    try:
+        st = os.fstat(f.fileno())
+        if not stat_mod.S_ISREG(st.st_mode):
+            return chunk
+        left = st.st_size - f.tell()
+    except (AttributeError, OSError, ValueError):
+        return chunk
+    step = 64 * 1024
+    return min(chunk, max(step, -(-left // step) * step))
+
+
 def _copy_stream(src: BinaryIO, dst: BinaryIO, chunk: int = CHUNK_SIZE) -> int:
     """Copy ``src`` to ``dst`` with one reused buffer; returns bytes copied."""
-    buf = bytearray(chunk)
+    buf = bytearray(_buffer_size(src, chunk))
     mv = memoryview(buf)
     total = 0
     readinto = getattr(src, "readinto", None)
@@ -312,9 +327,8 @@ class Storage(abc.ABC):
     def sha256(self, path: str) -> str:
         """Hex SHA-256 of an object, streamed in 8 MiB reads."""
         h = hashlib.sha256()
-        buf = bytearray(CHUNK_SIZE)
-        mv = memoryview(buf)
         with self.open_read(path) as f:
+            mv = memoryview(bytearray(_buffer_size(f, CHUNK_SIZE)))
             readinto = getattr(f, "readinto", None)
             while True:
                 if readinto is not None:

@@ -53,6 +53,9 @@ RECORDSIZE = tarfile.RECORDSIZE  # 10240: archives are padded to whole records, 
 DEFAULT_BUFSIZE = 8 * 1024 * 1024
 # Buffers in flight between the reader and the hashing thread.
 _POOL_SIZE = 4
+#: Smallest read buffer: buffers are sized to the data (up to the bufsize asked for), so
+#: small files do not cost the allocation and zeroing of several 8 MiB buffers each time.
+_MIN_BUFSIZE = 64 * 1024
 _ZERO_BLOCK = bytes(BLOCKSIZE)
 _FILE_MODE = 0o644
 
@@ -148,13 +151,30 @@ def _fadvise_sequential(fd: int) -> None:
 def sha256_file(path: str | os.PathLike[str], bufsize: int = DEFAULT_BUFSIZE) -> str:
     """Hex SHA-256 of a file, read with large reads into one reused buffer."""
     h = hashlib.sha256()
-    buf = bytearray(bufsize)
-    mv = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         _fadvise_sequential(f.fileno())
+        mv = memoryview(bytearray(_buffer_size(_file_size(f), bufsize)))
         while n := f.readinto(mv):
             h.update(mv[:n])
     return h.hexdigest()
+
+
+def _buffer_size(data_size: int | None, bufsize: int) -> int:
+    """A read buffer for ``data_size`` bytes (None: unknown): at most ``bufsize``, at
+    least ``_MIN_BUFSIZE`` (or ``bufsize`` when that is smaller), in whole 64 KiB."""
+    if data_size is None:
+        return bufsize
+    rounded = -(-max(data_size, 1) // _MIN_BUFSIZE) * _MIN_BUFSIZE
+    return min(bufsize, rounded)
+
+
+def _file_size(f: Any) -> int | None:
+    """Size of an open file (None for a stream without one)."""
+    try:
+        st = os.fstat(f.fileno())
+    except (AttributeError, OSError, ValueError):
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
 class _Hasher:
@@ -204,18 +224,26 @@ class _Hasher:
 
 
 class _BufferPool:
-    """Fixed set of reusable buffers; a buffer returns once every consumer released it."""
+    """At most ``count`` reusable buffers, allocated when first needed; a buffer returns
+    once every consumer released it."""
 
     def __init__(self, count: int, size: int) -> None:
-        self.views = [memoryview(bytearray(size)) for _ in range(count)]
+        self.views: list[memoryview] = []
+        self._count = count
+        self._size = size
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._refs = [0] * count
         self._lock = threading.Lock()
-        for i in range(count):
-            self._free.put(i)
 
     def acquire(self, consumers: int) -> int:
-        idx = self._free.get()
+        try:
+            idx = self._free.get_nowait()
+        except queue.Empty:
+            if len(self.views) < self._count:  # only the producer thread allocates
+                self.views.append(memoryview(bytearray(self._size)))
+                idx = len(self.views) - 1
+            else:
+                idx = self._free.get()
         self._refs[idx] = consumers
         return idx
 
@@ -306,6 +334,8 @@ def write_tar_with_checksums(
     seen: set[str] = set()
     total = 0
 
+    if isinstance(members, Sequence):  # buffers no larger than the largest member
+        bufsize = _buffer_size(max((mem.size for mem in members), default=0), bufsize)
     file_worker = _Hasher() if _layout in ("file_thread", "both_threads") else None
     tar_worker = _Hasher() if _layout in ("tar_thread", "both_threads") else None
     consumers = (file_worker is not None) + (tar_worker is not None)
@@ -620,6 +650,8 @@ def safe_extract(
 
         with open(tar_path, "rb", buffering=0) as src:
             _fadvise_sequential(src.fileno())
+            largest = max((info.size for _, info in plan if info.isreg()), default=0)
+            bufsize = _buffer_size(largest, bufsize)
             buf = memoryview(bytearray(bufsize))
             for name, info in plan:
                 target = os.path.join(real_dest, name)

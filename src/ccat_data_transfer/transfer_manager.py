@@ -33,6 +33,7 @@ second time.  Failures retry with exponential backoff up to TRANSFER_MAX_RETRIES
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -44,10 +45,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import exists, func, or_, select, update
+from sqlalchemy import bindparam, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session, aliased, selectinload
 
+from ccat_data_transfer import scope
 from ccat_data_transfer.buffer_status import state_of, transfer_limit
 from ccat_data_transfer.celery_app import app
 from ccat_data_transfer.config.config import data_dir, settings
@@ -104,29 +106,35 @@ class ChecksumMismatchError(Exception):
 # ---------------------------------------------------------------------------------------
 
 
+# Topology queries every manager cycle runs (several times): built once, since building
+# a statement and its cache key costs more than running it on the small topology tables.
+_LTA_SITES = (
+    select(m.Site)
+    .where(
+        m.Site.active.is_(True),
+        exists().where(
+            m.DataLocation.site_id == m.Site.id,
+            m.DataLocation.location_type == m.LocationType.LONG_TERM_ARCHIVE,
+            m.DataLocation.active.is_(True),
+        ),
+    )
+    .order_by(m.Site.name)
+)
+_SOURCE_SITE_IDS = (
+    select(m.DataLocation.site_id)
+    .where(m.DataLocation.location_type == m.LocationType.SOURCE)
+    .distinct()
+)
+
+
 def lta_sites(session: Session) -> list[m.Site]:
     """Active sites with an active LONG_TERM_ARCHIVE location, ordered by name."""
-    has_lta = exists().where(
-        m.DataLocation.site_id == m.Site.id,
-        m.DataLocation.location_type == m.LocationType.LONG_TERM_ARCHIVE,
-        m.DataLocation.active.is_(True),
-    )
-    return list(
-        session.scalars(
-            select(m.Site).where(m.Site.active.is_(True), has_lta).order_by(m.Site.name)
-        ).all()
-    )
+    return list(session.scalars(_LTA_SITES).all())
 
 
 def source_site_ids(session: Session) -> set[int]:
     """Sites with a SOURCE location (where data is born)."""
-    return set(
-        session.scalars(
-            select(m.DataLocation.site_id)
-            .where(m.DataLocation.location_type == m.LocationType.SOURCE)
-            .distinct()
-        ).all()
-    )
+    return set(session.scalars(_SOURCE_SITE_IDS).all())
 
 
 def best_buffer(session: Session, site_id: int) -> m.DataLocation | None:
@@ -233,16 +241,19 @@ def _rotation_last(row: m.ManagerState | None) -> str | None:
         return None
 
 
+_TRANSFER_DESTINATION = aliased(m.DataLocation)
+_TRANSFERS_TO_SITE = (
+    select(func.count(m.DataTransfer.id))
+    .join(_TRANSFER_DESTINATION, _TRANSFER_DESTINATION.id == m.DataTransfer.destination_location_id)
+    .where(
+        m.DataTransfer.data_transfer_package_id == bindparam("dtp_id"),
+        _TRANSFER_DESTINATION.site_id == bindparam("site_id"),
+    )
+)
+
+
 def _transfer_exists_to_site(session: Session, dtp_id: int, site_id: int) -> bool:
-    dest = aliased(m.DataLocation)
-    return (
-        session.scalar(
-            select(func.count(m.DataTransfer.id))
-            .join(dest, dest.id == m.DataTransfer.destination_location_id)
-            .where(m.DataTransfer.data_transfer_package_id == dtp_id, dest.site_id == site_id)
-        )
-        or 0
-    ) > 0
+    return (session.scalar(_TRANSFERS_TO_SITE, {"dtp_id": dtp_id, "site_id": site_id}) or 0) > 0
 
 
 def _new_transfer(
@@ -294,19 +305,13 @@ def _new_transfer(
 # ---------------------------------------------------------------------------------------
 
 
-def plan_primary_transfers(session: Session) -> list[int]:
-    """Give every PENDING DTP present at a source-site buffer its primary transfer.
-
-    The destination site rotates round-robin over the LTA sites reachable from the
-    origin site; the last chosen site is kept in ``manager_state`` so a restarted
-    manager continues the rotation.  Returns the new DataTransfer ids (committed).
-    """
-    sources = source_site_ids(session)
-    if not sources:
-        return []
+@functools.cache
+def _waiting_for_primary() -> tuple[Any, Any]:
+    """PENDING DTPs PRESENT at an active buffer of the source sites (bound as
+    ``sources``), with the buffer's id column; built once."""
     loc = aliased(m.DataLocation)
     copy = m.DataTransferPackagePhysicalCopy
-    rows = session.execute(
+    waiting = (
         select(m.DataTransferPackage.id, loc.id)
         .join(copy, copy.data_transfer_package_id == m.DataTransferPackage.id)
         .join(loc, loc.id == copy.data_location_id)
@@ -315,9 +320,27 @@ def plan_primary_transfers(session: Session) -> list[int]:
             copy.status == m.PhysicalCopyStatus.PRESENT,
             loc.location_type == m.LocationType.BUFFER,
             loc.active.is_(True),
-            loc.site_id.in_(sources),
+            loc.site_id.in_(bindparam("sources", expanding=True)),
         )
         .order_by(m.DataTransferPackage.id, loc.priority, loc.name)
+    )
+    return waiting, loc.id
+
+
+def plan_primary_transfers(session: Session, location_ids: list[int] | None = None) -> list[int]:
+    """Give every PENDING DTP present at a source-site buffer its primary transfer.
+
+    The destination site rotates round-robin over the LTA sites reachable from the
+    origin site; the last chosen site is kept in ``manager_state`` so a restarted
+    manager continues the rotation.  With ``location_ids`` only DTPs present at those
+    buffers (the origin site's scope).  Returns the new DataTransfer ids (committed).
+    """
+    sources = source_site_ids(session)
+    if not sources:
+        return []
+    waiting, loc_id = _waiting_for_primary()
+    rows = session.execute(
+        scope.restrict(waiting, loc_id, location_ids), {"sources": sorted(sources)}
     ).all()
     origins: dict[int, list[int]] = {}
     for dtp_id, loc_id in rows:
@@ -382,22 +405,40 @@ def _is_relay_hop(transfer: m.DataTransfer) -> bool:
     )
 
 
-def plan_onward_transfers(session: Session) -> list[int]:
+# The planning queries of plan_onward_transfers, built once.
+_ACTIVE_DTP = m.DataTransferPackage.status.in_((m.Status.IN_PROGRESS, m.Status.FAILED))
+_COMPLETED_RELAY_HOPS = (
+    select(m.DataTransfer)
+    .join(m.DataTransferPackage)
+    .join(m.DataTransferRoute, m.DataTransferRoute.id == m.DataTransfer.route_id)
+    .where(
+        _ACTIVE_DTP,
+        m.DataTransfer.status == m.Status.COMPLETED,
+        m.DataTransferRoute.route_type == m.RouteType.RELAY,
+    )
+)
+_UNPACKED_PRIMARIES = (
+    select(m.DataTransfer)
+    .join(m.DataTransferPackage)
+    .where(
+        _ACTIVE_DTP,
+        m.DataTransfer.is_primary.is_(True),
+        m.DataTransfer.status == m.Status.COMPLETED,
+        m.DataTransfer.unpack_status == m.Status.COMPLETED,
+    )
+)
+
+
+def plan_onward_transfers(session: Session, location_ids: list[int] | None = None) -> list[int]:
     """Second hops of RELAY routes, and secondary transfers to the other LTA sites once
-    the primary site has the package unpacked.  Returns new DataTransfer ids."""
-    active_dtp = m.DataTransferPackage.status.in_((m.Status.IN_PROGRESS, m.Status.FAILED))
+    the primary site has the package unpacked.  With ``location_ids`` only hops that
+    leave from those locations (where the previous hop landed).  Returns new
+    DataTransfer ids."""
     created: list[int] = []
 
     # Relay hops whose copy is verified: continue to the route's destination site.
     done = session.scalars(
-        select(m.DataTransfer)
-        .join(m.DataTransferPackage)
-        .join(m.DataTransferRoute, m.DataTransferRoute.id == m.DataTransfer.route_id)
-        .where(
-            active_dtp,
-            m.DataTransfer.status == m.Status.COMPLETED,
-            m.DataTransferRoute.route_type == m.RouteType.RELAY,
-        )
+        scope.restrict(_COMPLETED_RELAY_HOPS, m.DataTransfer.destination_location_id, location_ids)
     ).all()
     for hop in done:
         if not _is_relay_hop(hop):
@@ -426,14 +467,7 @@ def plan_onward_transfers(session: Session) -> list[int]:
     # Secondary transfers: from the primary LTA-site buffer to every other LTA site.
     sites = lta_sites(session)
     primaries = session.scalars(
-        select(m.DataTransfer)
-        .join(m.DataTransferPackage)
-        .where(
-            active_dtp,
-            m.DataTransfer.is_primary.is_(True),
-            m.DataTransfer.status == m.Status.COMPLETED,
-            m.DataTransfer.unpack_status == m.Status.COMPLETED,
-        )
+        scope.restrict(_UNPACKED_PRIMARIES, m.DataTransfer.destination_location_id, location_ids)
     ).all()
     lta_site_ids = {s.id for s in sites}
     for primary in primaries:
@@ -480,32 +514,45 @@ def plan_onward_transfers(session: Session) -> list[int]:
 # ---------------------------------------------------------------------------------------
 
 
-def _due(column: Any, now: datetime) -> Any:
+def _due(column: Any, now: Any) -> Any:
     return or_(column.is_(None), column <= now)
 
 
-def dispatch_transfers(session: Session, submit: bool = True) -> list[int]:
+# The dispatch queries, built once (``now`` bound at execution).
+_PENDING_TRANSFERS = (
+    select(m.DataTransfer.id, m.DataTransfer.origin_location_id)
+    .where(
+        m.DataTransfer.status == m.Status.PENDING,
+        _due(m.DataTransfer.next_attempt_at, bindparam("now")),
+    )
+    .order_by(m.DataTransfer.is_primary.desc(), m.DataTransfer.id)
+)
+_IN_FLIGHT_BY_ORIGIN = (
+    select(m.DataTransfer.origin_location_id, func.count(m.DataTransfer.id))
+    .where(m.DataTransfer.status.in_(IN_FLIGHT))
+    .group_by(m.DataTransfer.origin_location_id)
+)
+
+
+def dispatch_transfers(
+    session: Session, submit: bool = True, location_ids: list[int] | None = None
+) -> list[int]:
     """Claim due PENDING transfers (PENDING -> SCHEDULED) within each origin location's
     parallel-transfer limit, commit, then submit their tasks.  Returns the claimed ids.
+    With ``location_ids`` only transfers whose origin is one of them.
 
     The limit follows the origin buffer's state: ``transfer_limit(state_of(origin))``
     (normal/warning: MAX_NORMAL_TRANSFERS or the location's own cap; critical,
     emergency or unknown: MAX_CRITICAL_TRANSFERS), minus transfers already in flight.
     """
-    now = m.utcnow()
+    origin_col = m.DataTransfer.origin_location_id
     pending = session.execute(
-        select(m.DataTransfer.id, m.DataTransfer.origin_location_id)
-        .where(m.DataTransfer.status == m.Status.PENDING, _due(m.DataTransfer.next_attempt_at, now))
-        .order_by(m.DataTransfer.is_primary.desc(), m.DataTransfer.id)
+        scope.restrict(_PENDING_TRANSFERS, origin_col, location_ids), {"now": m.utcnow()}
     ).all()
     if not pending:
         return []
     in_flight = dict(
-        session.execute(
-            select(m.DataTransfer.origin_location_id, func.count(m.DataTransfer.id))
-            .where(m.DataTransfer.status.in_(IN_FLIGHT))
-            .group_by(m.DataTransfer.origin_location_id)
-        ).all()
+        session.execute(scope.restrict(_IN_FLIGHT_BY_ORIGIN, origin_col, location_ids)).all()
     )
     slots: dict[int, int] = {}
     claimed: list[tuple[int, int]] = []
@@ -534,24 +581,32 @@ def dispatch_transfers(session: Session, submit: bool = True) -> list[int]:
     return [t for t, _ in claimed]
 
 
-def dispatch_unpacks(session: Session, submit: bool = True) -> list[int]:
+_UNPACK_DESTINATION = aliased(m.DataLocation)
+_DUE_UNPACKS = (
+    select(m.DataTransfer.id, m.DataTransfer.destination_location_id)
+    .join(_UNPACK_DESTINATION, _UNPACK_DESTINATION.id == m.DataTransfer.destination_location_id)
+    .where(
+        m.DataTransfer.status == m.Status.COMPLETED,
+        m.DataTransfer.unpack_status == m.Status.PENDING,
+        _UNPACK_DESTINATION.site_id.in_(bindparam("lta_site_ids", expanding=True)),
+        _due(m.DataTransfer.next_attempt_at, bindparam("now")),
+    )
+    .order_by(m.DataTransfer.id)
+)
+
+
+def dispatch_unpacks(
+    session: Session, submit: bool = True, location_ids: list[int] | None = None
+) -> list[int]:
     """Claim verified transfers to LTA-site buffers whose unpack is due (unpack_status
-    PENDING -> SCHEDULED), commit, submit the unpack task on the destination's queue."""
-    now = m.utcnow()
-    dest = aliased(m.DataLocation)
+    PENDING -> SCHEDULED), commit, submit the unpack task on the destination's queue.
+    With ``location_ids`` only unpacks whose destination is one of them."""
     lta_ids = [s.id for s in lta_sites(session)]
     if not lta_ids:
         return []
     rows = session.execute(
-        select(m.DataTransfer.id, m.DataTransfer.destination_location_id)
-        .join(dest, dest.id == m.DataTransfer.destination_location_id)
-        .where(
-            m.DataTransfer.status == m.Status.COMPLETED,
-            m.DataTransfer.unpack_status == m.Status.PENDING,
-            dest.site_id.in_(lta_ids),
-            _due(m.DataTransfer.next_attempt_at, now),
-        )
-        .order_by(m.DataTransfer.id)
+        scope.restrict(_DUE_UNPACKS, m.DataTransfer.destination_location_id, location_ids),
+        {"now": m.utcnow(), "lta_site_ids": lta_ids},
     ).all()
     claimed: list[tuple[int, int]] = []
     for transfer_id, dest_id in rows:
@@ -576,15 +631,22 @@ def dispatch_unpacks(session: Session, submit: bool = True) -> list[int]:
     return [t for t, _ in claimed]
 
 
-def update_package_status(session: Session) -> int:
+# Built once; the transfers of every package come in one more query (not one each).
+_OPEN_DTPS = (
+    select(m.DataTransferPackage)
+    .where(m.DataTransferPackage.status.in_((m.Status.IN_PROGRESS, m.Status.FAILED)))
+    .options(selectinload(m.DataTransferPackage.transfers))
+)
+
+
+def update_package_status(session: Session, location_ids: list[int] | None = None) -> int:
     """DTP status from its transfers: COMPLETED once every LTA site (other than the
     origin's) holds it transferred and unpacked; FAILED while any transfer or unpack is
-    FAILED (``transfers retry`` brings it back).  Returns how many became COMPLETED."""
+    FAILED (``transfers retry`` brings it back).  With ``location_ids`` only DTPs whose
+    origin is one of them.  Returns how many became COMPLETED."""
     sites = {s.id for s in lta_sites(session)}
     dtps = session.scalars(
-        select(m.DataTransferPackage).where(
-            m.DataTransferPackage.status.in_((m.Status.IN_PROGRESS, m.Status.FAILED))
-        )
+        scope.restrict(_OPEN_DTPS, m.DataTransferPackage.origin_location_id, location_ids)
     ).all()
     completed = 0
     for dtp in dtps:
@@ -617,16 +679,21 @@ def update_package_status(session: Session) -> int:
     return completed
 
 
-def run_once(session: Session) -> dict[str, int]:
+def run_once(session: Session, site: str | None = None) -> dict[str, int]:
     """One cycle of the transfer manager: plan, dispatch transfers and unpacks, update
-    package statuses.  In embedded mode the tasks run inline during the dispatch."""
+    package statuses.  In embedded mode the tasks run inline during the dispatch.
+
+    ``site`` scopes the cycle (default: the setting ``MANAGER_SITE``): transfers whose
+    origin is at the site (they are pushed from there), unpacks whose destination is at
+    the site, and the status of transfer packages that originate there."""
+    ids = scope.location_ids(session, site)
     summary = {
-        "primary_planned": len(plan_primary_transfers(session)),
-        "onward_planned": len(plan_onward_transfers(session)),
-        "transfers_dispatched": len(dispatch_transfers(session)),
-        "unpacks_dispatched": len(dispatch_unpacks(session)),
+        "primary_planned": len(plan_primary_transfers(session, ids)),
+        "onward_planned": len(plan_onward_transfers(session, ids)),
+        "transfers_dispatched": len(dispatch_transfers(session, location_ids=ids)),
+        "unpacks_dispatched": len(dispatch_unpacks(session, location_ids=ids)),
     }
-    summary["packages_completed"] = update_package_status(session)
+    summary["packages_completed"] = update_package_status(session, ids)
     return summary
 
 
@@ -663,14 +730,17 @@ def _fail_or_retry_values(
     }
 
 
-def reset_stalled_transfers(session: Session, older_than: timedelta | float) -> int:
+def reset_stalled_transfers(
+    session: Session, older_than: timedelta | float, location_ids: list[int] | None = None
+) -> int:
     """Put transfers and unpacks whose worker vanished back in the queue.
 
     A row SCHEDULED or IN_PROGRESS (transfer or unpack) not touched for ``older_than``
     (running transfers refresh ``updated_at`` with a heartbeat) counts as one failed
     attempt: back to PENDING with backoff, or FAILED when out of retries.  Destination
     writes are atomic, so no partial object is left under its final name.  Returns the
-    number of rows reset.  Used by the recovery service.
+    number of rows reset.  With ``location_ids`` only transfers whose origin, and unpacks
+    whose destination, is one of them.  Used by the recovery service.
     """
     if not isinstance(older_than, timedelta):
         older_than = timedelta(seconds=float(older_than))
@@ -678,8 +748,12 @@ def reset_stalled_transfers(session: Session, older_than: timedelta | float) -> 
     cutoff = now - older_than
     reset = 0
     stalled = session.execute(
-        select(m.DataTransfer.id, m.DataTransfer.status, m.DataTransfer.retry_count).where(
-            m.DataTransfer.status.in_(IN_FLIGHT), m.DataTransfer.updated_at < cutoff
+        scope.restrict(
+            select(m.DataTransfer.id, m.DataTransfer.status, m.DataTransfer.retry_count).where(
+                m.DataTransfer.status.in_(IN_FLIGHT), m.DataTransfer.updated_at < cutoff
+            ),
+            m.DataTransfer.origin_location_id,
+            location_ids,
         )
     ).all()
     for transfer_id, status, retries in stalled:
@@ -694,12 +768,16 @@ def reset_stalled_transfers(session: Session, older_than: timedelta | float) -> 
             .values(**values)
         ).rowcount
     stalled_unpacks = session.execute(
-        select(
-            m.DataTransfer.id, m.DataTransfer.unpack_status, m.DataTransfer.unpack_retry_count
-        ).where(
-            m.DataTransfer.status == m.Status.COMPLETED,
-            m.DataTransfer.unpack_status.in_(IN_FLIGHT),
-            m.DataTransfer.updated_at < cutoff,
+        scope.restrict(
+            select(
+                m.DataTransfer.id, m.DataTransfer.unpack_status, m.DataTransfer.unpack_retry_count
+            ).where(
+                m.DataTransfer.status == m.Status.COMPLETED,
+                m.DataTransfer.unpack_status.in_(IN_FLIGHT),
+                m.DataTransfer.updated_at < cutoff,
+            ),
+            m.DataTransfer.destination_location_id,
+            location_ids,
         )
     ).all()
     for transfer_id, status, retries in stalled_unpacks:

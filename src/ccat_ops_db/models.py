@@ -656,6 +656,10 @@ class DeletionLog(Base):
     outcome: Mapped[DeletionOutcome] = mapped_column(_enum(DeletionOutcome))
     actor: Mapped[str] = mapped_column(String(128), default="deletion_manager")
     message: Mapped[str | None] = mapped_column(Text)
+    #: A row for a whole batch (bulk scheduling of raw-file copies) has no
+    #: ``physical_copy_id``; it lists the copies it covers here, as a JSON array of ids.
+    #: ``deletion_manager.deletion_history(session, copy_id)`` finds both kinds of row.
+    copy_ids: Mapped[str | None] = mapped_column(Text)
 
 
 # ---------------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -78,3 +80,28 @@ def human_bytes(n: int | float | None) -> str:
     """A size for terminal output: :func:`ccat_data_transfer.formatting.human_bytes` with
     ASCII labels (``KB``, ``-`` for an unknown size)."""
     return formatting.human_bytes(n, missing="-", units=_CLI_BYTE_UNITS)
+
+
+#: Help of the ``--site`` option of every manager command.
+SITE_HELP = (
+    "Only this site's work (site name or short name); one manager process per site. "
+    "Default: the setting MANAGER_SITE (empty: every site)."
+)
+
+
+def manager_site(db: DatabaseConnection, site: str | None) -> str | None:
+    """The checked site of a manager command: ``--site``, else the setting MANAGER_SITE;
+    its canonical name, or None for every site.  An unknown site is a clear error before
+    the manager starts (not a failure logged every cycle)."""
+    from ccat_data_transfer import scope
+
+    with db.session_scope() as session:
+        return scope.site_name(session, site)
+
+
+def scoped_cycle(cycle: Any, site: str | None) -> Any:
+    """``cycle(session)`` bound to the checked ``site`` (None: every site, whatever the
+    setting says, since :func:`manager_site` already read it)."""
+    from ccat_data_transfer import scope
+
+    return functools.partial(cycle, site=site if site else scope.ALL_SITES)

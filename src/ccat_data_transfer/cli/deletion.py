@@ -9,7 +9,15 @@ import typer
 from rich.table import Table
 from sqlalchemy import select
 
-from ccat_data_transfer.cli.common import app, console, get_db, human_bytes
+from ccat_data_transfer.cli.common import (
+    SITE_HELP,
+    app,
+    console,
+    get_db,
+    human_bytes,
+    manager_site,
+    scoped_cycle,
+)
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.exceptions import NotFoundError, ValidationError
 from ccat_data_transfer.logging_utils import configure_logging
@@ -28,16 +36,24 @@ _STATE_STYLE = {
 def deletion_manager_command(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Verbose (debug) logging."),
     once: bool = typer.Option(False, "--once", help="Run one cycle and exit."),
+    site: str | None = typer.Option(None, "--site", help=SITE_HELP),
 ) -> None:
     """Run the deletion manager (every DELETION_MANAGER_SLEEP_TIME seconds, shorter under
-    buffer pressure)."""
+    buffer pressure).  With ``--site``: copies at the site's locations only (the rules
+    still consult every site's copies)."""
     from ccat_data_transfer import deletion_manager
     from ccat_data_transfer.manager_loop import run_manager
+    from ccat_data_transfer.scope import scoped_name
 
     configure_logging(verbose=verbose)
     db = get_db()
+    site = manager_site(db, site)
     result = run_manager(
-        "deletion_manager", deletion_manager.run_once, deletion_manager.sleep_time, once=once, db=db
+        scoped_name("deletion_manager", site),
+        scoped_cycle(deletion_manager.run_once, site),
+        deletion_manager.sleep_time,
+        once=once,
+        db=db,
     )
     if once:
         console.print_json(json.dumps(result, default=str))
@@ -46,12 +62,15 @@ def deletion_manager_command(
 @app.command("buffer-manager")
 def buffer_manager_command(
     once: bool = typer.Option(False, "--once", help="Measure once and exit."),
+    site: str | None = typer.Option(None, "--site", help=SITE_HELP),
 ) -> None:
-    """Run the buffer manager: measure every active location, publish its state, escalate."""
+    """Run the buffer manager: measure every active location (of ``--site``), publish its
+    state, escalate."""
     from ccat_data_transfer.buffer_manager import BufferManager
+    from ccat_data_transfer.scope import ALL_SITES
 
-    get_db()
-    result = BufferManager().run(once=once)
+    site = manager_site(get_db(), site)
+    result = BufferManager().run(once=once, site=site or ALL_SITES)
     if once:
         console.print_json(json.dumps(result, default=str))
 
@@ -186,12 +205,18 @@ def deletion_plan_command(
 
 @app.command("explain")
 def explain_command(copy_id: int = typer.Argument(..., help="A physical copy id.")) -> None:
-    """Why one physical copy would or would not be deleted now."""
-    from ccat_data_transfer.deletion_manager import explain_copy
+    """Why one physical copy would or would not be deleted now, and its deletion history."""
+    from rich.table import Table
+
+    from ccat_data_transfer.deletion_manager import deletion_history, explain_copy
 
     db = get_db()
     with db.session_scope() as session:
         item = explain_copy(session, copy_id)
+        history = [
+            (str(r.created_at)[:19], r.outcome.name, r.reason, r.actor, r.message or "")
+            for r in deletion_history(session, copy_id)
+        ]
         session.rollback()
     if item is None:
         raise NotFoundError(f"no physical copy with id {copy_id}")
@@ -200,3 +225,10 @@ def explain_command(copy_id: int = typer.Argument(..., help="A physical copy id.
         f"[{item.status}]: {item.reason}",
         highlight=False,
     )
+    if history:
+        table = Table(title="Deletion history")
+        for col in ("Time (UTC)", "Outcome", "Reason", "Actor", "Message"):
+            table.add_column(col)
+        for row in history:
+            table.add_row(*row)
+        console.print(table)

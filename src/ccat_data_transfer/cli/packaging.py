@@ -20,7 +20,16 @@ from rich.progress import (
 from rich.table import Table
 from sqlalchemy import select
 
-from ccat_data_transfer.cli.common import app, console, err_console, get_db, human_bytes
+from ccat_data_transfer.cli.common import (
+    SITE_HELP,
+    app,
+    console,
+    err_console,
+    get_db,
+    human_bytes,
+    manager_site,
+    scoped_cycle,
+)
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.exceptions import NotFoundError, ValidationError
 from ccat_data_transfer.logging_utils import configure_logging
@@ -53,15 +62,24 @@ def _run_packaging_manager(
     *,
     once: bool,
     verbose: bool,
+    site: str | None,
 ) -> None:
     """Run a packaging manager's loop (sleeping ``settings[sleep_key]`` seconds, read each
     cycle so a changed setting applies) and, with ``once``, print its summary as
     ``title``.  The two packaging commands differ only in these values."""
     from ccat_data_transfer.manager_loop import run_manager
+    from ccat_data_transfer.scope import scoped_name
 
     configure_logging(verbose=verbose)
     db = get_db()
-    result = run_manager(name, cycle, lambda: float(settings[sleep_key]), once=once, db=db)
+    site = manager_site(db, site)
+    result = run_manager(
+        scoped_name(name, site),
+        scoped_cycle(cycle, site),
+        lambda: float(settings[sleep_key]),
+        once=once,
+        db=db,
+    )
     if once and isinstance(result, dict):
         _print_summary(title, result)
 
@@ -70,6 +88,7 @@ def _run_packaging_manager(
 def raw_data_package_manager_command(
     once: bool = typer.Option(False, "--once", help="Run one cycle and exit."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging."),
+    site: str | None = typer.Option(None, "--site", help=SITE_HELP),
 ) -> None:
     """Package filed raw files into RawDataPackages and move them to the site buffer."""
     from ccat_data_transfer import raw_data_package_manager as rdpm
@@ -81,6 +100,7 @@ def raw_data_package_manager_command(
         "raw data packages",
         once=once,
         verbose=verbose,
+        site=site,
     )
 
 
@@ -88,6 +108,7 @@ def raw_data_package_manager_command(
 def data_transfer_package_manager_command(
     once: bool = typer.Option(False, "--once", help="Run one cycle and exit."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging."),
+    site: str | None = typer.Option(None, "--site", help=SITE_HELP),
 ) -> None:
     """Bundle waiting RawDataPackages at source-site buffers into DataTransferPackages."""
     from ccat_data_transfer import data_transfer_package_manager as dtpm
@@ -99,6 +120,7 @@ def data_transfer_package_manager_command(
         "data transfer packages",
         once=once,
         verbose=verbose,
+        site=site,
     )
 
 

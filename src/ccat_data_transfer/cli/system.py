@@ -7,7 +7,7 @@ import socket
 import typer
 from rich.table import Table
 
-from ccat_data_transfer.cli.common import app, console, get_db
+from ccat_data_transfer.cli.common import SITE_HELP, app, console, get_db, manager_site
 from ccat_data_transfer.health import list_services
 
 
@@ -118,11 +118,21 @@ def run_command(
         help="JSON log file (default: DATA_DIR/logs/run.jsonl); the "
         "terminal then shows only warnings, progress and the summary.",
     ),
+    site: str | None = typer.Option(
+        None, "--site", help=SITE_HELP + " Not with --simulate (it runs every site)."
+    ),
 ) -> None:
-    """Run every manager in one process (tasks in-process in embedded mode)."""
+    """Run every manager in one process (tasks in-process in embedded mode); with
+    ``--site``, every manager for that site only (one such process per site)."""
     from ccat_data_transfer.config.config import data_dir
+    from ccat_data_transfer.exceptions import ValidationError
     from ccat_data_transfer.logging_utils import configure_logging
 
+    if simulate and site:
+        raise ValidationError(
+            "--site cannot be used with --simulate: the simulation runs the whole "
+            "observatory in one process; run `run --site SITE` without --simulate per site"
+        )
     log_path = log_file or str(data_dir() / "logs" / "run.jsonl")
     configure_logging(log_file=log_path)
     from ccat_data_transfer.cli.core import initialise
@@ -154,16 +164,27 @@ def run_command(
         if not result.completed:
             raise typer.Exit(1)
         return
-    orchestrator = Orchestrator(db=db)
+    from ccat_data_transfer.health import HealthReporter
+    from ccat_data_transfer.scope import ALL_SITES, scoped_name
+
+    site = manager_site(db, site)
+    orchestrator = Orchestrator(db=db, site=site or ALL_SITES)
     if once:
         orchestrator.run_round()
         return
     install_signal_handlers()
     sleep = float(settings.get("EMBEDDED_ROUND_SLEEP_SECONDS", 2))
-    console.print("running every manager; Ctrl-C stops cleanly", highlight=False)
-    while not stop_event.is_set():
-        orchestrator.run_round()
-        stop_event.wait(sleep)
+    reporter = HealthReporter("manager", scoped_name("run", site)).start()
+    console.print(
+        "running every manager" + (f" for site {site}" if site else "") + "; Ctrl-C stops cleanly",
+        highlight=False,
+    )
+    try:
+        while not stop_event.is_set():
+            orchestrator.run_round()
+            stop_event.wait(sleep)
+    finally:
+        reporter.stop()
     console.print("stopped", highlight=False)
 
 
@@ -263,21 +284,24 @@ def recovery_command(
         help="Seconds without progress (default STALLED_WORK_TIMEOUT_SECONDS).",
     ),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
+    site: str | None = typer.Option(None, "--site", help=SITE_HELP),
 ) -> None:
-    """Reset work stuck IN_PROGRESS whose worker died (retries are counted)."""
+    """Reset work stuck IN_PROGRESS whose worker died (retries are counted); with
+    ``--site``, stalled work whose location is at the site."""
     from datetime import timedelta
 
     from ccat_data_transfer import recovery
     from ccat_data_transfer.config.config import settings
     from ccat_data_transfer.logging_utils import configure_logging
     from ccat_data_transfer.manager_loop import run_manager
+    from ccat_data_transfer.scope import ALL_SITES, scoped_name
 
     configure_logging(verbose=verbose)
-    get_db()
+    site = manager_site(get_db(), site)
     delta = timedelta(seconds=older_than) if older_than is not None else None
     result = run_manager(
-        "recovery",
-        lambda session: recovery.run_once(session, delta),
+        scoped_name("recovery", site),
+        lambda session: recovery.run_once(session, delta, site=site or ALL_SITES),
         lambda: float(settings.RECOVERY_SERVICE_SLEEP_TIME),
         once=once,
     )

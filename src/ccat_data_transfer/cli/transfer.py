@@ -8,7 +8,15 @@ import typer
 from rich.table import Table
 from sqlalchemy import select
 
-from ccat_data_transfer.cli.common import app, console, get_db, human_bytes
+from ccat_data_transfer.cli.common import (
+    SITE_HELP,
+    app,
+    console,
+    get_db,
+    human_bytes,
+    manager_site,
+    scoped_cycle,
+)
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.exceptions import ValidationError
 from ccat_data_transfer.logging_utils import configure_logging
@@ -41,16 +49,20 @@ def _sleep_time(base_key: str) -> float:
     return manager_sleep_time(base, states)
 
 
-def _run(name: str, cycle: Any, sleep_key: str, once: bool, verbose: bool) -> None:
+def _run(
+    name: str, cycle: Any, sleep_key: str, once: bool, verbose: bool, site: str | None
+) -> None:
     from ccat_data_transfer.health import HealthReporter
     from ccat_data_transfer.manager_loop import run_manager
+    from ccat_data_transfer.scope import scoped_name
 
     configure_logging(verbose=verbose)
     db = get_db()
-    reporter = HealthReporter("manager", name)
+    site = manager_site(db, site)
+    reporter = HealthReporter("manager", scoped_name(name, site))
     result = run_manager(
-        name,
-        cycle,
+        scoped_name(name, site),
+        scoped_cycle(cycle, site),
         lambda: _sleep_time(sleep_key),
         once=once,
         db=db,
@@ -67,13 +79,20 @@ def _run(name: str, cycle: Any, sleep_key: str, once: bool, verbose: bool) -> No
 def transfer_manager_command(
     once: bool = typer.Option(False, "--once", help="Run one cycle and exit."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging."),
+    site: str | None = typer.Option(None, "--site", help=SITE_HELP),
 ) -> None:
     """Send DataTransferPackages to the LTA sites (round-robin primary, then secondary),
-    verify them at the destination and unpack them."""
+    verify them at the destination and unpack them.  With ``--site``: transfers leaving
+    the site and unpacks arriving there."""
     from ccat_data_transfer import transfer_manager
 
     _run(
-        "transfer_manager", transfer_manager.run_once, "TRANSFER_MANAGER_SLEEP_TIME", once, verbose
+        "transfer_manager",
+        transfer_manager.run_once,
+        "TRANSFER_MANAGER_SLEEP_TIME",
+        once,
+        verbose,
+        site,
     )
 
 
@@ -81,11 +100,19 @@ def transfer_manager_command(
 def archive_manager_command(
     once: bool = typer.Option(False, "--once", help="Run one cycle and exit."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging."),
+    site: str | None = typer.Option(None, "--site", help=SITE_HELP),
 ) -> None:
     """Move RawDataPackages from LTA-site buffers into the long-term archives."""
     from ccat_data_transfer import archive_manager
 
-    _run("archive_manager", archive_manager.run_once, "ARCHIVE_MANAGER_SLEEP_TIME", once, verbose)
+    _run(
+        "archive_manager",
+        archive_manager.run_once,
+        "ARCHIVE_MANAGER_SLEEP_TIME",
+        once,
+        verbose,
+        site,
+    )
 
 
 def _parse_status(value: str | None) -> m.Status | None:

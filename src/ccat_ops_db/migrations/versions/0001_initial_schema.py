@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-25 17:34:52.830013
+Create Date: 2026-12-01 14:10:45.159596
 """
 
 from collections.abc import Sequence
@@ -883,6 +883,7 @@ def upgrade() -> None:
         ),
         sa.Column("actor", sa.String(length=128), nullable=False),
         sa.Column("message", sa.Text(), nullable=True),
+        sa.Column("copy_ids", sa.Text(), nullable=True),
         sa.ForeignKeyConstraint(
             ["data_location_id"],
             ["data_location.id"],
