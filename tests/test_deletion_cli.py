@@ -49,6 +49,16 @@ def test_explain_prints_the_rule_for_one_copy(system, capsys):
     assert main(["explain", "999999"]) == 2
 
 
+def test_explain_shows_the_deletion_history_of_a_copy(system, capsys):
+    ok, _kept = _setup(system)
+    assert main(["deletion-manager", "--once"]) == 0
+    capsys.readouterr()
+    assert main(["explain", str(ok.copy_ids["ccat_telescope_buffer"])]) == 0
+    out = capsys.readouterr().out
+    assert "Deletion history" in out
+    assert "SCHEDULED" in out and "DELETED" in out
+
+
 def test_deletion_manager_once_runs_a_cycle(system, capsys):
     ok, kept = _setup(system)
     assert main(["deletion-manager", "--once"]) == 0

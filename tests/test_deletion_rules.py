@@ -391,3 +391,50 @@ def test_processing_files_deleted_when_only_another_locations_job_is_active(syst
     run_deletion_cycle(system)
     for cid, rel in zip(ids, pkg.file_paths, strict=True):
         assert_deleted(system, "processing_scratch", rel, cid)
+
+
+def test_stage_two_scheduling_writes_one_audit_row_per_batch_listing_its_copies(
+    system, override_settings
+):
+    """Stage 2 (raw files, by the million) audits one SCHEDULED row per batch with the ids
+    it covers; the worker still writes one DELETED row per copy, and deletion_history
+    finds both for a copy."""
+    import json
+
+    from sqlalchemy import select
+
+    override_settings(RETENTION_PERIOD_MINUTES=60, DELETION_BATCH_SIZE=2)
+    old = m.utcnow() - timedelta(minutes=61)
+    with system.session() as s:
+        pkg = make_package_at(
+            system,
+            s,
+            {"ccat_telescope_buffer": S.DELETED, "cologne_lta": S.PRESENT},
+            files=5,
+            file_status=S.DELETION_POSSIBLE,
+            deletion_possible_at=old,
+        )
+    run_deletion_cycle(system)
+    with system.session() as s:
+        batches = s.scalars(
+            select(m.DeletionLog)
+            .where(
+                m.DeletionLog.outcome == m.DeletionOutcome.SCHEDULED,
+                m.DeletionLog.physical_copy_id.is_(None),
+            )
+            .order_by(m.DeletionLog.id)
+        ).all()
+        listed = [json.loads(b.copy_ids) for b in batches]
+        assert [len(ids) for ids in listed] == [2, 2, 1]  # DELETION_BATCH_SIZE = 2
+        assert sorted(i for ids in listed for i in ids) == sorted(pkg.file_copy_ids)
+        assert all(b.location_name == "primecam_raw_data" for b in batches)
+        assert all(b.reason == "parent_package_archived" for b in batches)
+        assert [b.size_bytes for b in batches] == [200, 200, 100]
+        for cid in pkg.file_copy_ids:
+            history = dm.deletion_history(s, cid)
+            assert [r.outcome.name for r in history] == ["SCHEDULED", "DELETED"]
+            assert history[1].physical_copy_id == cid
+        # A copy of another package is not in these batches' history.
+        other = make_package_at(system, s, ["ccat_telescope_buffer"], files=1)
+        s.commit()
+        assert dm.deletion_history(s, other.file_copy_ids[0]) == []
