@@ -576,3 +576,51 @@ def test_two_managers_of_each_kind_at_once_do_every_piece_of_work_once(system, m
     assert counting.sent and max(counting.sent.values()) == 1, counting.sent
     assert deleted and max(deleted.values()) == 1, deleted
     assert staged_runs[job_id] == 1
+
+
+def test_two_deletion_managers_schedule_each_expired_raw_file_once(system, override_settings):
+    """Stage 2 claims by ``UPDATE ... WHERE status = 'DELETION_POSSIBLE'`` alone (no row
+    locks taken first): two managers racing over the same expired copies schedule and
+    delete each of them exactly once, and the batch audit rows do not overlap."""
+    import json
+    from datetime import timedelta
+
+    from helpers_lifecycle import make_package_at
+
+    override_settings(RETENTION_PERIOD_MINUTES=60, DELETION_BATCH_SIZE=3)
+    S = m.PhysicalCopyStatus
+    ids: list[int] = []
+    with system.session() as s:
+        for _ in range(4):
+            pkg = make_package_at(
+                system,
+                s,
+                {"ccat_telescope_buffer": S.DELETED, "cologne_lta": S.PRESENT},
+                files=5,
+                file_status=S.DELETION_POSSIBLE,
+                deletion_possible_at=m.utcnow() - timedelta(minutes=61),
+            )
+            ids += pkg.file_copy_ids
+    errors = _twice_at_once(system, deletion_manager.process_deletion_possible_raw_data_files)
+    assert errors == [], errors
+    with system.session() as s:
+        statuses = Counter(
+            s.scalars(select(m.PhysicalCopy.status).where(m.PhysicalCopy.id.in_(ids)))
+        )
+        assert statuses == Counter({S.DELETED: len(ids)})
+        batches = s.scalars(
+            select(m.DeletionLog.copy_ids).where(
+                m.DeletionLog.outcome == m.DeletionOutcome.SCHEDULED,
+                m.DeletionLog.copy_ids.is_not(None),
+            )
+        ).all()
+        listed = [i for b in batches for i in json.loads(b)]
+        assert sorted(listed) == sorted(ids)  # every copy in exactly one batch row
+        deleted = Counter(
+            s.scalars(
+                select(m.DeletionLog.physical_copy_id).where(
+                    m.DeletionLog.outcome == m.DeletionOutcome.DELETED
+                )
+            )
+        )
+        assert set(deleted) == set(ids) and max(deleted.values()) == 1
