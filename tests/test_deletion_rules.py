@@ -438,3 +438,31 @@ def test_stage_two_scheduling_writes_one_audit_row_per_batch_listing_its_copies(
         other = make_package_at(system, s, ["ccat_telescope_buffer"], files=1)
         s.commit()
         assert dm.deletion_history(s, other.file_copy_ids[0]) == []
+
+
+def test_stage_one_catch_up_runs_at_most_once_per_interval(system, override_settings):
+    """Files of a package that already left the source site (state made by hand, so no
+    deletion marked them) are marked by the catch-up: at once in the first cycle, then
+    not again until DELETION_MARK_CATCHUP_SECONDS have passed."""
+    from datetime import timedelta
+
+    override_settings(DELETION_MARK_CATCHUP_SECONDS=300)
+    left = {"ccat_telescope_buffer": S.DELETED, "cologne_lta": S.PRESENT}
+    with system.session() as s:
+        first = make_package_at(system, s, left, state=A)
+    assert run_deletion_cycle(system)["marked_deletion_possible"] == 2
+    assert copy_row(system, first.file_copy_ids[0]).status == S.DELETION_POSSIBLE
+    with system.session() as s:
+        second = make_package_at(system, s, left, state=A)
+    assert run_deletion_cycle(system)["marked_deletion_possible"] == 0  # within the interval
+    assert copy_row(system, second.file_copy_ids[0]).status == S.PRESENT
+    with system.session() as s:  # the interval has passed
+        for row in s.query(m.ManagerState).filter(m.ManagerState.key.like("deletion:mark%")):
+            row.updated_at = m.utcnow() - timedelta(seconds=301)
+    assert run_deletion_cycle(system)["marked_deletion_possible"] == 2
+    assert copy_row(system, second.file_copy_ids[0]).status == S.DELETION_POSSIBLE
+    override_settings(DELETION_MARK_CATCHUP_SECONDS=0)  # 0: every cycle
+    with system.session() as s:
+        third = make_package_at(system, s, left, state=A)
+    assert run_deletion_cycle(system)["marked_deletion_possible"] == 2
+    assert copy_row(system, third.file_copy_ids[0]).status == S.DELETION_POSSIBLE

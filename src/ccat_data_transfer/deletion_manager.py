@@ -161,9 +161,23 @@ def _is_lta_site_buffer(location: m.DataLocation, roles: SiteRoles) -> bool:
     return location.location_type == LT.BUFFER and location.site_id in roles.lta_site_ids
 
 
-def _lta_present_exists(package_id_col: Any, same_site_id: Any = None) -> Any:
+def _per_row(conds: list[Any], *own: Any, per_row: bool = False) -> Any:
+    """``EXISTS (SELECT 1 WHERE conds)``, correlated to everything but ``own``.  With
+    ``per_row``, ``OFFSET 0`` keeps PostgreSQL from flattening it into a join that starts
+    from the other side (every LTA copy, every transfer: the history); it is then checked
+    once per outer row, by index, so its cost follows the rows asked about."""
+    sub = select(literal(1)).where(*conds).correlate_except(*own)
+    if per_row:
+        sub = sub.offset(0)
+    return sub.exists()
+
+
+def _lta_present_exists(
+    package_id_col: Any, same_site_id: Any = None, per_row: bool = False
+) -> Any:
     """SQL: the package has a PRESENT, not-lost copy at an active LONG_TERM_ARCHIVE location
-    (optionally at a given site).  An LTA-site BUFFER does not count."""
+    (optionally at a given site).  An LTA-site BUFFER does not count.  ``per_row``: see
+    :func:`_per_row`."""
     lpc = _alias(PCT, "lta_pc")
     lloc = _alias(DLT, "lta_loc")
     conds = [
@@ -177,7 +191,7 @@ def _lta_present_exists(package_id_col: Any, same_site_id: Any = None) -> Any:
     ]
     if same_site_id is not None:
         conds.append(lloc.c.site_id == same_site_id)
-    return exists().where(*conds).correlate_except(lpc, lloc)
+    return _per_row(conds, lpc, lloc, per_row=per_row)
 
 
 def _lta_copies_of_package(session: Session, package_id: int) -> list[m.RawDataPackagePhysicalCopy]:
@@ -1118,19 +1132,23 @@ def _package_copy_may_be_deletable(copy_cls: type[m.PhysicalCopy]) -> Any:
 
     * RawDataPackage (source-site and LTA-site buffer rows): a PRESENT, not-lost copy at
       an active LONG_TERM_ARCHIVE exists (the same-site LTA copy is one of them).
-    * DataTransferPackage (both rows): a DataTransfer of it is COMPLETED and unpacked."""
+    * DataTransferPackage (both rows): a DataTransfer of it is COMPLETED and unpacked.
+
+    Both are checked per candidate copy (``per_row``): the copies at buffers are the
+    backlog, while the LTA copies and transfers they are checked against are the history.
+    """
     if copy_cls is m.RawDataPackagePhysicalCopy:
-        return _lta_present_exists(copy_cls.raw_data_package_id)
+        return _lta_present_exists(copy_cls.raw_data_package_id, per_row=True)
     if copy_cls is m.DataTransferPackagePhysicalCopy:
         dt = m.DataTransfer.__table__
-        return (
-            exists()
-            .where(
+        return _per_row(
+            [
                 dt.c.data_transfer_package_id == copy_cls.data_transfer_package_id,
                 dt.c.status == m.Status.COMPLETED,
                 dt.c.unpack_status == m.Status.COMPLETED,
-            )
-            .correlate_except(dt)
+            ],
+            dt,
+            per_row=True,
         )
     return true()
 
@@ -1945,9 +1963,7 @@ def run_once(session: Session, site: str | None = None) -> dict[str, Any]:
     summary["staged_raw_data_files"] = delete_staged_raw_data_files_from_processing(
         session, statuses, ids
     )
-    summary["marked_deletion_possible"] = mark_raw_data_files_for_deletion(
-        session, location_ids=ids
-    )
+    summary["marked_deletion_possible"] = mark_catch_up(session, ids)
     session.commit()
     summary["deletion_possible_raw_data_files"] = process_deletion_possible_raw_data_files(
         session, statuses, ids
@@ -1955,6 +1971,33 @@ def run_once(session: Session, site: str | None = None) -> dict[str, Any]:
     session.commit()
     summary["buffer_states"] = {name: _state_from(st).value for name, st in statuses._cache.items()}
     return summary
+
+
+def mark_catch_up(session: Session, location_ids: list[int] | None = None) -> int:
+    """The catch-up of stage 1 (:func:`mark_raw_data_files_for_deletion` over every
+    package), at most once per ``DELETION_MARK_CATCHUP_SECONDS`` (0: every cycle).
+
+    It is a safety net: stage 1 normally happens in the same transaction in which the
+    deletion worker records that a package's last copy at the source site is DELETED.  It
+    finds what that did not mark (data changed by hand, a restored LTA copy), at a cost
+    that follows the backlog of PRESENT raw files, so it need not run in every cycle.  The
+    time of the last run is kept in ``manager_state`` per scope, so that every process of
+    the same scope shares it."""
+    interval = float(settings.get("DELETION_MARK_CATCHUP_SECONDS", 0) or 0)
+    key = "deletion:mark_catch_up" + (
+        "" if location_ids is None else "@" + ",".join(str(i) for i in sorted(location_ids))
+    )[:100]
+    now = m.utcnow()
+    row = session.get(m.ManagerState, key) if interval > 0 else None
+    if row is not None and row.updated_at > now - timedelta(seconds=interval):
+        return 0
+    marked = mark_raw_data_files_for_deletion(session, location_ids=location_ids)
+    if interval > 0:
+        if row is None:
+            session.add(m.ManagerState(key=key, value=str(marked), updated_at=now))
+        else:
+            row.value, row.updated_at = str(marked), now
+    return marked
 
 
 def delete_data_packages(verbose: bool = False) -> dict[str, Any]:
