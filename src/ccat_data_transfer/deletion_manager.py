@@ -465,29 +465,23 @@ def can_delete_data_transfer_package_from_lta_buffer(
 # --- raw data files: set-based predicates ---------------------------------------------------
 
 
-def _raw_file_source_safe(file_pc: Any, per_row: bool = False) -> Any:
+def _raw_file_source_safe(file_pc: Any) -> Any:
     """SQL: the file copy's parent package is ARCHIVED and PRESENT at an LTA location, and
-    the copy went through stage 1 (DELETION_POSSIBLE).
-
-    ``per_row``: the same rule, written so that PostgreSQL checks it once per candidate
-    copy (four index probes) instead of flattening it into a join over every ARCHIVED
-    package and its files, which costs the whole history for every location asked, even
-    an empty one.  ``OFFSET 0`` is what keeps the sub-select from being flattened."""
+    the copy went through stage 1 (DELETION_POSSIBLE).  (:func:`_claim_expired` states
+    the same rule as joins, for PostgreSQL at scale.)"""
     rdf = _alias(m.RawDataFile.__table__, "safe_rdf")
     rdp = _alias(m.RawDataPackage.__table__, "safe_rdp")
-    rule = (
-        select(literal(1))
+    return and_(
+        file_pc.c.deletion_possible_at.is_not(None),
+        exists()
         .where(
             rdf.c.id == file_pc.c.raw_data_file_id,
             rdp.c.id == rdf.c.raw_data_package_id,
             rdp.c.state == m.PackageState.ARCHIVED,
             _lta_present_exists(rdp.c.id),
         )
-        .correlate_except(rdf, rdp)
+        .correlate_except(rdf, rdp),
     )
-    if per_row:
-        rule = rule.offset(0)
-    return and_(file_pc.c.deletion_possible_at.is_not(None), rule.exists())
 
 
 def _raw_file_processing_safe(file_pc: Any) -> Any:
@@ -1295,12 +1289,9 @@ def find_deletable_staged_raw_data_files_by_location(
     return result
 
 
-def _deletion_possible_base(
-    location: m.DataLocation, per_row: bool = False
-) -> tuple[Any, Any, Any]:
+def _deletion_possible_base(location: m.DataLocation) -> tuple[Any, Any, Any]:
     """The DELETION_POSSIBLE raw-file copies at ``location`` that the stage-2 safety rule
-    allows, oldest first, as ``(copy alias, SELECT id, size, start of retention)``.
-    ``per_row``: see :func:`_raw_file_source_safe` (PostgreSQL bulk path)."""
+    allows, oldest first, as ``(copy alias, SELECT id, size, start of retention)``."""
     pc = _alias(PCT, "f_pc")
     rdf = m.RawDataFile.__table__
     # _raw_file_source_safe requires deletion_possible_at to be set, so it is the start of
@@ -1320,7 +1311,7 @@ def _deletion_possible_base(
             pc.c.data_location_id == location.id,
             pc.c.status == S.DELETION_POSSIBLE,
             pc.c.lost_at.is_(None),
-            _raw_file_source_safe(pc, per_row=per_row),
+            _raw_file_source_safe(pc),
         )
         .order_by(since, pc.c.created_at, pc.c.id)
     )
@@ -1468,21 +1459,61 @@ def _claim_expired(
     expired DELETION_POSSIBLE copies at ``location`` that the stage-2 safety rule allows,
     oldest first, at most ``limit``.  Returns (copy id, size) of the claimed copies.
 
-    The candidates are found through the partial index ix_physical_copy_deletion_possible
-    and the rule is checked per candidate (``per_row``), so the cost follows the copies at
-    this location.  The claim guard is the UPDATE's own ``WHERE status =
-    'DELETION_POSSIBLE'``: when two managers race, PostgreSQL re-checks it on every row
-    the other one changed first, so each copy is claimed once."""
+    The rule is that of :func:`_raw_file_source_safe` (the file's package is ARCHIVED and
+    PRESENT at an active LTA; ``deletion_possible_at`` is set), stated so that its cost
+    follows the copies at this location: ``cand`` = the expired copies (partial index
+    ix_physical_copy_deletion_possible) with their package; ``ok`` = those of their
+    packages that pass the package rule, each checked once, not once per file.  An empty
+    location costs one index probe.  The claim guard is the UPDATE's own ``WHERE status =
+    'DELETION_POSSIBLE'``: when two managers race, PostgreSQL re-checks it on every row the
+    other one changed first, so each copy is claimed once."""
     if location.location_type == LT.LONG_TERM_ARCHIVE:  # never: callers pass SOURCE/BUFFER
         raise ValueError(f"refusing to schedule deletions at LTA {location.name}")
-    pc, base, since = _deletion_possible_base(location, per_row=True)
-    picked = base.with_only_columns(pc.c.id).where(since <= cutoff)
+    pc = _alias(PCT, "f_pc")
+    rdf = _alias(m.RawDataFile.__table__, "safe_rdf")
+    rdp = _alias(m.RawDataPackage.__table__, "safe_rdp")
+    cand = (
+        select(
+            pc.c.id,
+            pc.c.deletion_possible_at.label("since"),
+            pc.c.created_at,
+            rdf.c.raw_data_package_id.label("pkg"),
+        )
+        .join_from(pc, rdf, rdf.c.id == pc.c.raw_data_file_id)
+        .where(
+            pc.c.type == COPY_TYPE_RAW_DATA_FILE,
+            pc.c.data_location_id == location.id,
+            pc.c.status == S.DELETION_POSSIBLE,
+            pc.c.lost_at.is_(None),
+            pc.c.deletion_possible_at.is_not(None),
+            pc.c.deletion_possible_at <= cutoff,
+        )
+        .cte("cand")
+        .prefix_with("MATERIALIZED")
+    )
+    ok = (
+        select(rdp.c.id)
+        .where(
+            rdp.c.id.in_(select(cand.c.pkg)),
+            rdp.c.state == m.PackageState.ARCHIVED,
+            _lta_present_exists(rdp.c.id),
+        )
+        .cte("ok")
+        .prefix_with("MATERIALIZED")
+    )
+    picked = (
+        select(cand.c.id)
+        .where(cand.c.pkg.in_(select(ok.c.id)))
+        .order_by(cand.c.since, cand.c.created_at, cand.c.id)
+    )
     if limit is not None:
         picked = picked.limit(limit)
-    rdf = m.RawDataFile.__table__
+    file_size = m.RawDataFile.__table__.c.size
     size = func.coalesce(
         PCT.c.size,
-        select(rdf.c.size).where(rdf.c.id == PCT.c.raw_data_file_id).scalar_subquery(),
+        select(file_size)
+        .where(m.RawDataFile.__table__.c.id == PCT.c.raw_data_file_id)
+        .scalar_subquery(),
     )
     claim = (
         update(PCT)
