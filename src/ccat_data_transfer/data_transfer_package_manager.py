@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, exists, select, update
+from sqlalchemy import bindparam, delete, exists, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -94,48 +94,56 @@ def bundle_packages(
     return bundles
 
 
+# The per-cycle queries, built once (``buffer_id`` and ``limit`` bound at execution).
+_SOURCE_SITE_BUFFERS = (
+    select(m.DataLocation)
+    .where(
+        m.DataLocation.location_type == m.LocationType.BUFFER,
+        m.DataLocation.site_id.in_(
+            select(m.DataLocation.site_id).where(
+                m.DataLocation.location_type == m.LocationType.SOURCE
+            )
+        ),
+    )
+    .order_by(m.DataLocation.priority, m.DataLocation.id)
+)
+_WAITING_PACKAGES = (
+    select(m.RawDataPackage.id, m.RawDataPackage.size, m.RawDataPackage.created_at)
+    .where(
+        m.RawDataPackage.state == m.PackageState.WAITING,
+        m.RawDataPackage.status == m.Status.COMPLETED,
+        m.RawDataPackage.data_transfer_package_id.is_(None),
+        exists()
+        .where(
+            m.RawDataPackagePhysicalCopy.raw_data_package_id == m.RawDataPackage.id,
+            m.RawDataPackagePhysicalCopy.data_location_id == bindparam("buffer_id"),
+            m.RawDataPackagePhysicalCopy.status == m.PhysicalCopyStatus.PRESENT,
+        )
+        .correlate(m.RawDataPackage),
+    )
+    .order_by(m.RawDataPackage.created_at, m.RawDataPackage.id)
+)
+_STALLED_BUNDLES = select(m.DataTransferPackage.id).where(
+    m.DataTransferPackage.status.in_([m.Status.SCHEDULED, m.Status.IN_PROGRESS]),
+    m.DataTransferPackage.created_at < bindparam("limit"),
+    ~exists().where(m.PhysicalCopy.data_transfer_package_id == m.DataTransferPackage.id),
+    ~exists().where(m.DataTransfer.data_transfer_package_id == m.DataTransferPackage.id),
+)
+
+
 def _source_site_buffers(
     session: Session, location_ids: list[int] | None = None
 ) -> list[m.DataLocation]:
-    source_sites = select(m.DataLocation.site_id).where(
-        m.DataLocation.location_type == m.LocationType.SOURCE
+    return list(
+        session.scalars(scope.restrict(_SOURCE_SITE_BUFFERS, m.DataLocation.id, location_ids))
     )
-    buffers = (
-        select(m.DataLocation)
-        .where(
-            m.DataLocation.location_type == m.LocationType.BUFFER,
-            m.DataLocation.site_id.in_(source_sites),
-        )
-        .order_by(m.DataLocation.priority, m.DataLocation.id)
-    )
-    return list(session.scalars(scope.restrict(buffers, m.DataLocation.id, location_ids)))
 
 
 def find_waiting_packages(
     session: Session, buffer: m.DataLocation
 ) -> list[tuple[int, int, datetime]]:
     """(id, size, created_at) of packages ready to bundle at ``buffer``, oldest first."""
-    pc = m.RawDataPackagePhysicalCopy
-    p = m.RawDataPackage
-    present = (
-        exists()
-        .where(
-            pc.raw_data_package_id == p.id,
-            pc.data_location_id == buffer.id,
-            pc.status == m.PhysicalCopyStatus.PRESENT,
-        )
-        .correlate(p)
-    )
-    rows = session.execute(
-        select(p.id, p.size, p.created_at)
-        .where(
-            p.state == m.PackageState.WAITING,
-            p.status == m.Status.COMPLETED,
-            p.data_transfer_package_id.is_(None),
-            present,
-        )
-        .order_by(p.created_at, p.id)
-    ).all()
+    rows = session.execute(_WAITING_PACKAGES, {"buffer_id": buffer.id}).all()
     return [(r[0], int(r[1]), r[2]) for r in rows]
 
 
@@ -182,16 +190,12 @@ def release_stalled_claims(session: Session, location_ids: list[int] | None = No
     worker died); their raw data packages can be bundled again.  With ``location_ids``
     only bundles whose origin buffer is one of them.  Commits."""
     limit = m.utcnow() - timedelta(seconds=int(settings.STALLED_WORK_TIMEOUT_SECONDS))
-    # Only bundles that never got built: no copy and no transfer.  A built package is
-    # IN_PROGRESS again while it is being transferred, which is not a stalled bundle.
-    dtp = m.DataTransferPackage
-    stalled = select(dtp.id).where(
-        dtp.status.in_([m.Status.SCHEDULED, m.Status.IN_PROGRESS]),
-        dtp.created_at < limit,
-        ~exists().where(m.PhysicalCopy.data_transfer_package_id == dtp.id),
-        ~exists().where(m.DataTransfer.data_transfer_package_id == dtp.id),
-    )
-    ids = session.scalars(scope.restrict(stalled, dtp.origin_location_id, location_ids)).all()
+    # Only bundles that never got built: no copy and no transfer (_STALLED_BUNDLES).  A
+    # built package is IN_PROGRESS again while it is being transferred: not stalled.
+    ids = session.scalars(
+        scope.restrict(_STALLED_BUNDLES, m.DataTransferPackage.origin_location_id, location_ids),
+        {"limit": limit},
+    ).all()
     released = 0
     for dtp_id in ids:
         if _release(session, dtp_id, expected=(m.Status.SCHEDULED, m.Status.IN_PROGRESS)):

@@ -8,6 +8,7 @@ document shows.  Engines are cached per URL.  SQLite runs with WAL and foreign k
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,9 @@ from ccat_data_transfer.exceptions import DatabaseUnavailableError
 
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
+#: One sessionmaker per engine: each sessionmaker makes a new Session subclass, whose
+#: event dispatch SQLAlchemy builds on its first session, a cost every session paid.
+_factories: weakref.WeakKeyDictionary[Engine, sessionmaker[Session]] = weakref.WeakKeyDictionary()
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -96,7 +100,13 @@ class DatabaseConnection:
         return get_engine(self.url)
 
     def session_factory(self) -> sessionmaker[Session]:
-        return sessionmaker(bind=self.engine, expire_on_commit=False, future=True)
+        engine = self.engine
+        with _lock:
+            factory = _factories.get(engine)
+            if factory is None:
+                factory = sessionmaker(bind=engine, expire_on_commit=False, future=True)
+                _factories[engine] = factory
+        return factory
 
     def get_connection(self) -> tuple[Session, Engine]:
         """A new session and its engine; the caller closes the session."""

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic import ValidationError as PydanticValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, contains_eager
 
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.exceptions import NotFoundError, ValidationError
@@ -283,7 +283,11 @@ def file_raw_data_files(
     # Instrument modules (a small table: read it whole).
     modules: dict[tuple[str, str], m.InstrumentModule] = {
         (mod.instrument.name, mod.name): mod
-        for mod in session.scalars(select(m.InstrumentModule).join(m.Instrument))
+        for mod in session.scalars(
+            select(m.InstrumentModule)
+            .join(m.Instrument)
+            .options(contains_eager(m.InstrumentModule.instrument))
+        )
     }
     for index, entry in unique.values():
         key = parse_instrument_module(entry.instrument_module)

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, exists, func, select, update
+from sqlalchemy import bindparam, delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -149,8 +149,9 @@ def usable_buffers(session: Session, site_id: int) -> list[m.DataLocation]:
         .order_by(m.DataLocation.priority, m.DataLocation.id)
     ).all()
     usable = []
+    states = buffer_status.states_of([buf.name for buf in buffers], session)
     for buf in buffers:
-        state = buffer_status.state_of(buf.name, session)
+        state = states[buf.name]
         if state == buffer_status.BufferState.EMERGENCY:
             log.warning(
                 "buffer_skipped_emergency", location=buf.name, reason="buffer in emergency state"
@@ -301,19 +302,23 @@ def claim_package(session: Session, plan: GroupPlan, file_ids: Sequence[uuid.UUI
     return pkg.id
 
 
+# Built once (every cycle of this manager and of recovery runs it); ``limit`` is bound.
+_STALLED_PACKAGES = select(m.RawDataPackage.id).where(
+    m.RawDataPackage.status.in_([m.Status.SCHEDULED, m.Status.IN_PROGRESS]),
+    m.RawDataPackage.created_at < bindparam("limit"),
+    # A package with a copy was built: never un-claim it.
+    ~exists().where(m.PhysicalCopy.raw_data_package_id == m.RawDataPackage.id),
+)
+
+
 def release_stalled_claims(session: Session, location_ids: list[int] | None = None) -> int:
     """Release claims of packages stuck SCHEDULED/IN_PROGRESS past the stall timeout
     (a worker died): their files become packageable again.  With ``location_ids`` only
     packages built at those SOURCE locations.  Commits."""
     limit = m.utcnow() - timedelta(seconds=int(settings.STALLED_WORK_TIMEOUT_SECONDS))
-    stalled = select(m.RawDataPackage.id).where(
-        m.RawDataPackage.status.in_([m.Status.SCHEDULED, m.Status.IN_PROGRESS]),
-        m.RawDataPackage.created_at < limit,
-        # A package with a copy was built: never un-claim it.
-        ~exists().where(m.PhysicalCopy.raw_data_package_id == m.RawDataPackage.id),
-    )
     ids = session.scalars(
-        scope.restrict(stalled, m.RawDataPackage.source_location_id, location_ids)
+        scope.restrict(_STALLED_PACKAGES, m.RawDataPackage.source_location_id, location_ids),
+        {"limit": limit},
     ).all()
     released = 0
     for pkg_id in ids:

@@ -631,11 +631,17 @@ def dispatch_unpacks(
     return [t for t, _ in claimed]
 
 
-# Built once; the transfers of every package come in one more query (not one each).
+# Built once; the transfers of every package, their destinations and the packages'
+# origins come in a few more queries (not one each, after the dispatch expired them).
 _OPEN_DTPS = (
     select(m.DataTransferPackage)
     .where(m.DataTransferPackage.status.in_((m.Status.IN_PROGRESS, m.Status.FAILED)))
-    .options(selectinload(m.DataTransferPackage.transfers))
+    .options(
+        selectinload(m.DataTransferPackage.transfers).selectinload(
+            m.DataTransfer.destination_location
+        ),
+        selectinload(m.DataTransferPackage.origin_location),
+    )
 )
 
 
