@@ -189,6 +189,17 @@ def _db_state(url: str) -> str:
     return "\n".join(out)
 
 
+def _file_and_wait_until_done(cluster: Cluster, db: DatabaseConnection, what: str) -> None:
+    """The instruments file two small observations; wait until they are archived at both
+    LTA sites and cleaned up at the source site."""
+    sim = InstrumentSimulator(
+        db=db, observations=2, files_per_module=2, file_size=256 * 1024, modules_per_instrument=1
+    )
+    while sim.step():
+        pass
+    _wait(cluster, what, lambda: _packages(db) > 0 and _lifecycle_done(db, _packages(db)), 180)
+
+
 def _packages(db: DatabaseConnection) -> int:
     with db.session_scope() as s:
         return s.scalar(select(func.count(m.RawDataPackage.id))) or 0
@@ -207,17 +218,7 @@ def test_distributed_lifecycle_survives_a_killed_worker(cluster: Cluster) -> Non
     cluster.start("recovery", ["recovery"])
 
     # Phase 1: instruments file data; it must reach both LTA sites and leave the buffers.
-    sim = InstrumentSimulator(
-        db=db, observations=2, files_per_module=2, file_size=256 * 1024, modules_per_instrument=1
-    )
-    while sim.step():
-        pass
-    _wait(
-        cluster,
-        "the first data to be archived and cleaned up",
-        lambda: _packages(db) > 0 and _lifecycle_done(db, _packages(db)),
-        180,
-    )
+    _file_and_wait_until_done(cluster, db, "the first data to be archived and cleaned up")
     _wait(cluster, "worker health keys", lambda: _service_alive(cluster, "ccat@test"), 30)
 
     # Phase 2: a slow link from the telescope; kill its worker in the middle of a transfer.
@@ -293,16 +294,8 @@ def test_distributed_lifecycle_with_one_manager_process_per_site(cluster: Cluste
         "managers-processing", ["run", "--no-init"], CCAT_DATA_TRANSFER_MANAGER_SITE="proc"
     )
 
-    sim = InstrumentSimulator(
-        db=db, observations=2, files_per_module=2, file_size=256 * 1024, modules_per_instrument=1
-    )
-    while sim.step():
-        pass
-    _wait(
-        cluster,
-        "the data to be archived at both LTA sites and cleaned up by the site managers",
-        lambda: _packages(db) > 0 and _lifecycle_done(db, _packages(db)),
-        180,
+    _file_and_wait_until_done(
+        cluster, db, "the data to be archived at both LTA sites and cleaned up by the site managers"
     )
     client = redis.Redis.from_url(cluster.env["CCAT_DATA_TRANSFER_REDIS_URL"])
     assert {k.decode() for k in client.smembers("health:known") if b"health:manager:" in k} == {

@@ -283,6 +283,20 @@ def test_transfer_manager_pushes_from_the_origin_site_and_unpacks_at_the_destina
         assert s.get(m.DataTransferPackage, dtp_id).status == m.Status.COMPLETED
 
 
+def _present_lta_copies(s: Any) -> dict[str, int]:
+    """PRESENT raw data package copies per LONG_TERM_ARCHIVE location."""
+    rows = s.execute(
+        select(m.DataLocation.name, func.count())
+        .join(m.RawDataPackagePhysicalCopy)
+        .where(
+            m.DataLocation.location_type == m.LocationType.LONG_TERM_ARCHIVE,
+            m.RawDataPackagePhysicalCopy.status == PRESENT,
+        )
+        .group_by(m.DataLocation.name)
+    ).all()
+    return dict(rows)
+
+
 def test_archive_manager_archives_only_into_its_sites_lta(system):
     with system.session() as s:
         make_dtp_at_source_buffer(system, s, n_packages=2)
@@ -291,16 +305,7 @@ def test_archive_manager_archives_only_into_its_sites_lta(system):
 
     def lta_copies() -> dict[str, int]:
         with system.session() as s:
-            rows = s.execute(
-                select(m.DataLocation.name, func.count())
-                .join(m.RawDataPackagePhysicalCopy)
-                .where(
-                    m.DataLocation.location_type == m.LocationType.LONG_TERM_ARCHIVE,
-                    m.RawDataPackagePhysicalCopy.status == PRESENT,
-                )
-                .group_by(m.DataLocation.name)
-            ).all()
-            return dict(rows)
+            return _present_lta_copies(s)
 
     assert _cycle(system, "archive_manager", "ccat") == {
         "archive_planned": 0,
@@ -456,17 +461,8 @@ def test_whole_lifecycle_completes_with_every_manager_scoped_once_per_site(
 
     _rounds_until(system, archived_and_cleaned)
     with system.session() as s:
-        lta = s.execute(
-            select(m.DataLocation.name, func.count())
-            .join(m.RawDataPackagePhysicalCopy)
-            .where(
-                m.DataLocation.location_type == m.LocationType.LONG_TERM_ARCHIVE,
-                m.RawDataPackagePhysicalCopy.status == PRESENT,
-            )
-            .group_by(m.DataLocation.name)
-        ).all()
         packages = counts()["packages"]
-        assert dict(lta) == {"cologne_lta": packages, "us_lta": packages}
+        assert _present_lta_copies(s) == {"cologne_lta": packages, "us_lta": packages}
         source_files_left = s.scalar(
             select(func.count(m.RawDataFilePhysicalCopy.id))
             .join(m.DataLocation)
