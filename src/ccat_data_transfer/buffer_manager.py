@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer import buffer_status as bs
@@ -169,6 +169,7 @@ class BufferManager:
         # two queries per location).
         previous_states = bs.states_of([loc.name for loc in locations], session)
         measured: list[dict[str, Any]] = []
+        samples: list[dict[str, Any]] = []
         for loc in locations:
             status = measure_location(session, loc)
             if status is None:
@@ -177,13 +178,13 @@ class BufferManager:
             state = self._check_thresholds(loc, status, previous)
             status["state"] = state.value
             measured.append(status)
-            session.add(
-                m.BufferUsageSample(
-                    data_location_id=loc.id,
-                    used_bytes=status["used_bytes"],
-                    total_bytes=status["total_bytes"],
-                    disk_usage_percent=status["disk_usage_percent"],
-                )
+            samples.append(
+                {
+                    "data_location_id": loc.id,
+                    "used_bytes": status["used_bytes"],
+                    "total_bytes": status["total_bytes"],
+                    "disk_usage_percent": status["disk_usage_percent"],
+                }
             )
             result[loc.name] = status
             if (
@@ -191,6 +192,8 @@ class BufferManager:
                 and loc.location_type != m.LocationType.LONG_TERM_ARCHIVE
             ):
                 emergency = True
+        if samples:  # one INSERT for all (ORM objects would be inserted one by one)
+            session.execute(insert(m.BufferUsageSample), samples)
         try:
             failures = bs.publish_statuses(measured, session)
         except Exception as exc:  # the store failed as a whole: readers see UNKNOWN
