@@ -39,11 +39,11 @@ is published first).  The test prints how many examples reached ARCHIVED, deleti
 BUFFER and at SOURCE, and staging (``scripts/property-test`` adds them up over its
 processes); over 2,000 examples about 50 %, 50 %, 7 % and 12 % (the same seeds reach the
 same states as before the speed-up of the managers; 300 examples varied between about
-55 % and 70 % reaching ARCHIVED from run to run).  Measured on a 2-core machine shared
-with other work: about 0.3 s per example early in a run, 0.4 s of CPU per example over
-2,000 (later examples are longer); 2,000 examples take about 13 minutes in 2 processes
-on that machine.  A quick local run: ``CCAT_PROPERTY_EXAMPLES=100``; a long run, on
-every core::
+55 % and 70 % reaching ARCHIVED from run to run).  Measured on a 2-core machine: about
+0.25 s per example early in a run (0.45-0.5 s before the speed-up), 0.36 s of CPU per
+example over 2,000 (later examples are longer); 2,000 examples take about 8 minutes in 2
+processes, 13 when the machine is shared with other work.  A quick local run:
+``CCAT_PROPERTY_EXAMPLES=100``; a long run, on every core::
 
     CCAT_PROPERTY_EXAMPLES=20000 CCAT_PROPERTY_STEPS=25 scripts/property-test
 
