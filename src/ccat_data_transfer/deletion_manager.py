@@ -835,11 +835,6 @@ def _batch_row(
     }
 
 
-def _write_batch_rows(session: Session, rows: list[dict[str, Any]]) -> None:
-    if rows:
-        session.execute(insert(m.DeletionLog), rows)
-
-
 def deletion_history(session: Session, copy_id: int) -> list[m.DeletionLog]:
     """Every ``deletion_log`` row about one copy, oldest first: its own rows (decisions
     per copy, and the worker's DELETED / SKIPPED / FAILED) and the batch rows of bulk
@@ -1030,7 +1025,7 @@ def _schedule(
             for cid in claimed:
                 c = by_id[cid]
                 groups[(c.copy_type, c.code, c.reason)].append(cid)
-            _write_batch_rows(
+            _write_log_rows(
                 session,
                 [
                     _batch_row(
@@ -1382,7 +1377,7 @@ def _schedule_deletion_possible_bulk(
     ids = sorted(sizes)
     chunks = [ids[start : start + batch_size] for start in range(0, len(ids), batch_size)]
     if chunks:
-        _write_batch_rows(
+        _write_log_rows(
             session,
             [
                 _batch_row(
