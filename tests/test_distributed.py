@@ -64,10 +64,10 @@ class Cluster:
             self.kill(name, signal.SIGTERM)
 
     def start_worker(self, site: str, **extra_env: str) -> None:
+        # The worker's default concurrency (a prefork pool of 2), as deployed: the
+        # children must not share the parent's DB connection.
         self.start(
-            f"worker-{site}",
-            ["worker", "--site", site, "--concurrency", "1", "--name", f"{site}@test"],
-            **extra_env,
+            f"worker-{site}", ["worker", "--site", site, "--name", f"{site}@test"], **extra_env
         )
 
     def tail(self, lines: int = 30) -> str:

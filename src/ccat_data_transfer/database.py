@@ -3,10 +3,18 @@
 ``DatabaseConnection().get_connection()`` returns ``(session, engine)`` as the user's
 document shows.  Engines are cached per URL.  SQLite runs with WAL and foreign keys on
 (the embedded default); PostgreSQL sessions run in UTC.
+
+Engines are per process.  A process that forks (Celery's prefork pool, a forking server)
+must not let its children use the parent's pooled connections: two processes on one
+PostgreSQL socket interleave their protocol messages (duplicate prepared statements,
+"connection in transaction status", lost commits).  ``os.register_at_fork`` makes every
+child drop the inherited pools without closing the parent's sockets, so the first session
+in the child opens its own connection.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Iterator
@@ -78,6 +86,24 @@ def dispose_engines() -> None:
         for engine in _engines.values():
             engine.dispose()
         _engines.clear()
+
+
+def _forget_engines_in_child() -> None:
+    """In a freshly forked child: drop the inherited pools, leave the parent's sockets open.
+
+    ``dispose(close=False)`` discards the pool without sending anything on its connections
+    (closing them here would end the parent's sessions); the cache is emptied so the child
+    makes its own engines.  The lock is replaced because a fork can happen while another
+    thread of the parent holds it.
+    """
+    global _lock
+    _lock = threading.Lock()
+    for engine in list(_engines.values()):
+        engine.dispose(close=False)
+    _engines.clear()
+
+
+os.register_at_fork(after_in_child=_forget_engines_in_child)
 
 
 def is_postgresql(session_or_engine: Session | Engine) -> bool:
