@@ -105,13 +105,10 @@ class HealthReporter:
 def _beat_db(key: str, payload: dict[str, Any]) -> None:
     from ccat_data_transfer.database import DatabaseConnection
 
+    from ccat_data_transfer.manager_state import put_state
+
     with DatabaseConnection().session_scope() as s:
-        row = s.get(m.ManagerState, key)
-        if row is None:
-            s.add(m.ManagerState(key=key, value=json.dumps(payload)))
-        else:
-            row.value = json.dumps(payload)
-            row.updated_at = m.utcnow()
+        put_state(s, key, json.dumps(payload))
 
 
 def _delete_db(key: str) -> None:
