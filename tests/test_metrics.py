@@ -59,8 +59,7 @@ def test_prometheus_text_has_the_families(system):
     assert "ccat_deletions_last_day 1.0" in text
     assert (
         'ccat_physical_copies{location="ccat_telescope_buffer",status="PRESENT",'
-        'type="raw_data_package"} 2.0'
-        in text
+        'type="raw_data_package"} 2.0' in text
     )
 
 
@@ -158,3 +157,124 @@ def test_run_round_pushes_to_influxdb_when_enabled(system, override_settings):
     finally:
         server.shutdown()
     assert len(received) == 1 and "raw_files count=0i" in received[0]
+
+
+def _flag_a_checksum_error(system) -> None:
+    """Two unpackaged files of one group, one of them flagged: one blocked group."""
+    from helpers_lifecycle import location, make_executed_obs_unit
+
+    with system.session() as s:
+        module = s.scalars(select(m.InstrumentModule)).first()
+        eou = make_executed_obs_unit(s)
+        source = s.scalars(
+            select(m.DataLocation).where(m.DataLocation.location_type == m.LocationType.SOURCE)
+        ).first()
+        for i in range(2):
+            s.add(
+                m.RawDataFile(
+                    relative_path=f"bad/{i}.fits",
+                    size=10,
+                    checksum="0" * 64,
+                    instrument_module_id=module.id,
+                    executed_obs_unit_id=eou.id,
+                    source_location_id=source.id,
+                    checksum_error="sha256 mismatch at filing" if i == 0 else None,
+                )
+            )
+        assert location(s, "ccat_telescope_buffer") is not None
+
+
+def _stale_buffer_with_a_sample(system, name: str = "ccat_telescope_buffer") -> None:
+    """The buffer manager measured ``name`` an hour ago and then stopped."""
+    from datetime import timedelta
+
+    from helpers_lifecycle import location, set_buffer_status
+
+    with system.session() as s:
+        set_buffer_status(s, name, 40, 100)
+        loc = location(s, name)
+        then = m.utcnow() - timedelta(hours=1)
+        s.add(
+            m.BufferUsageSample(
+                data_location_id=loc.id,
+                used_bytes=40,
+                total_bytes=100,
+                disk_usage_percent=40.0,
+                measured_at=then,
+            )
+        )
+        status = s.scalars(
+            select(m.BufferStatus).where(m.BufferStatus.data_location_id == loc.id)
+        ).one()
+        status.measured_at = then
+
+
+def test_metrics_pass_promtool_check(system, tmp_path):
+    """Prometheus's own linter accepts the exposition text (names, units, types, help)."""
+    import os
+    import shutil
+    import subprocess
+
+    import pytest
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is required in CI (.ci/run installs Debian's prometheus)")
+        pytest.skip("promtool not installed (apt-get install prometheus)")
+    _populate(system)
+    _flag_a_checksum_error(system)
+    _stale_buffer_with_a_sample(system)
+    text = prometheus_text(system.db.session_factory())
+    check = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, timeout=60
+    )
+    assert check.returncode == 0, (check.stdout + check.stderr).decode()
+
+
+def test_checksum_errors_and_blocked_groups_are_metrics(system):
+    _flag_a_checksum_error(system)
+    text = prometheus_text(system.db.session_factory()).decode()
+    assert "ccat_raw_files_checksum_errors 1.0" in text
+    assert "ccat_blocked_groups 1.0" in text
+
+
+def test_buffer_state_is_its_own_gauge_with_a_fixed_set_of_series(system):
+    from helpers_lifecycle import set_buffer_status
+
+    with system.session() as s:
+        set_buffer_status(s, "ccat_telescope_buffer", 50, 100, state="warning")
+    text = prometheus_text(system.db.session_factory()).decode()
+    lines = [ln for ln in text.splitlines() if ln.startswith("ccat_buffer_state{")]
+    mine = [ln for ln in lines if 'location="ccat_telescope_buffer"' in ln]
+    assert len(mine) == 5  # normal, warning, critical, emergency, unknown
+    assert any('state="warning"' in ln and ln.endswith(" 1.0") for ln in mine)
+    assert sum(ln.endswith(" 1.0") for ln in mine) == 1
+    usage = [ln for ln in text.splitlines() if ln.startswith("ccat_buffer_usage_percent{")]
+    assert usage and all("state=" not in ln for ln in usage)
+
+
+def test_buffer_metrics_outlive_the_buffer_manager(system):
+    """An expired live status leaves the last measured use (from the DB's samples), its
+    age, and the state ``unknown``: the series does not vanish with one manager."""
+    _stale_buffer_with_a_sample(system)
+    text = prometheus_text(system.db.session_factory()).decode()
+    usage = [
+        ln
+        for ln in text.splitlines()
+        if ln.startswith("ccat_buffer_usage_percent{") and 'location="ccat_telescope_buffer"' in ln
+    ]
+    assert len(usage) == 1 and usage[0].endswith(" 40.0")
+    state = [
+        ln
+        for ln in text.splitlines()
+        if ln.startswith("ccat_buffer_state{") and 'location="ccat_telescope_buffer"' in ln
+    ]
+    assert any('state="unknown"' in ln and ln.endswith(" 1.0") for ln in state)
+    age = [
+        ln
+        for ln in text.splitlines()
+        if ln.startswith("ccat_buffer_status_age_seconds{")
+        and 'location="ccat_telescope_buffer"' in ln
+    ]
+    assert age and float(age[0].rsplit(" ", 1)[1]) >= 3500

@@ -9,7 +9,7 @@ truth and no stage has to remember to count.
 from __future__ import annotations
 
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -18,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from ccat_data_transfer.buffer_status import BufferState, read_statuses, thresholds_for
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.logging_utils import get_logger
 from ccat_ops_db import models as m
@@ -43,6 +44,7 @@ def collect_snapshot(session: Session) -> dict[str, Any]:
     snap["raw_files_checksum_errors"] = session.scalar(
         select(func.count(m.RawDataFile.id)).where(m.RawDataFile.checksum_error.is_not(None))
     )
+    snap["blocked_groups"] = _blocked_groups(session)
     snap["package_states"] = {
         state.name: {"count": count, "bytes": int(size or 0)}
         for state, count, size in session.execute(
@@ -84,7 +86,9 @@ def collect_snapshot(session: Session) -> dict[str, Any]:
     ).one()
     # int()/float(): PostgreSQL sums BIGINT as NUMERIC, which arrives as Decimal.
     snap["transfer_bytes_last_hour"] = int(moved[0])
-    snap["transfer_rate_mb_per_s"] = (int(moved[0]) / 1e6 / float(moved[1])) if moved[1] else 0.0
+    rate = (int(moved[0]) / float(moved[1])) if moved[1] else 0.0
+    snap["transfer_rate_bytes_per_second"] = rate
+    snap["transfer_rate_mb_per_s"] = rate / 1e6  # the dashboard's and the JSON's unit
     snap["archive_transfers"] = {
         status.name: count
         for status, count in session.execute(
@@ -139,28 +143,85 @@ def collect_snapshot(session: Session) -> dict[str, Any]:
     return snap
 
 
-def _buffers(session: Session) -> list[dict[str, Any]]:
-    from ccat_data_transfer.buffer_status import read_status, thresholds_for
+def _blocked_groups(session: Session) -> int:
+    """Groups (source location, observation, instrument module) held back from packaging
+    because one of their unpackaged files is flagged with a checksum error."""
+    f = m.RawDataFile
+    groups = (
+        select(f.source_location_id, f.executed_obs_unit_id, f.instrument_module_id)
+        .where(f.raw_data_package_id.is_(None), f.checksum_error.is_not(None))
+        .distinct()
+        .subquery()
+    )
+    return int(session.scalar(select(func.count()).select_from(groups)) or 0)
 
+
+def _last_samples(session: Session) -> dict[int, m.BufferUsageSample]:
+    """The latest usage sample of every location (one query, by the (location, time)
+    index): what was last measured, kept in the DB after a live status expires."""
+    s = m.BufferUsageSample
+    latest = (
+        select(s.data_location_id, func.max(s.measured_at).label("at"))
+        .group_by(s.data_location_id)
+        .subquery()
+    )
+    rows = session.scalars(
+        select(s).join(
+            latest,
+            (latest.c.data_location_id == s.data_location_id) & (latest.c.at == s.measured_at),
+        )
+    )
+    return {row.data_location_id: row for row in rows}
+
+
+def _buffers(session: Session) -> list[dict[str, Any]]:
+    """Every active location's use and state.
+
+    The state comes from the live status (Redis or the DB, with its TTL); when that has
+    expired (no buffer manager measured it lately) the state is ``unknown`` but the last
+    measured use is still reported from the DB's samples, with its age, so a dashboard or
+    an alert sees "stale since ..." instead of the location disappearing.
+    """
+    locations = list(session.scalars(select(m.DataLocation).where(m.DataLocation.active.is_(True))))
+    live = read_statuses([loc.name for loc in locations], session)
+    samples = _last_samples(session)
+    now = m.utcnow()
     out = []
-    for loc in session.scalars(select(m.DataLocation).where(m.DataLocation.active.is_(True))):
-        status = read_status(loc.name, session) or {}
+    for loc in locations:
+        status = live.get(loc.name) or {}
+        sample = samples.get(loc.id)
+        measured_at = _parse_time(status.get("measured_at")) or (sample and sample.measured_at)
         th = thresholds_for(loc)
         out.append(
             {
                 "location": loc.name,
                 "site": loc.site.name,
                 "location_type": loc.location_type.value,
-                "disk_usage_percent": status.get("disk_usage_percent"),
-                "used_bytes": status.get("used_bytes"),
-                "total_bytes": status.get("total_bytes"),
+                "disk_usage_percent": status.get(
+                    "disk_usage_percent", sample.disk_usage_percent if sample else None
+                ),
+                "used_bytes": status.get("used_bytes", sample.used_bytes if sample else None),
+                "total_bytes": status.get("total_bytes", sample.total_bytes if sample else None),
                 "state": status.get("state", "unknown"),
+                "stale": not status,
+                "age_seconds": (now - measured_at).total_seconds() if measured_at else None,
                 "warning": th.warning,
                 "critical": th.critical,
                 "emergency": th.emergency,
             }
         )
     return out
+
+
+def _parse_time(value: Any) -> Any:
+    """A status's ``measured_at`` (ISO text from Redis or a datetime) as a naive UTC
+    datetime comparable with the DB's, or None."""
+    if value is None:
+        return None
+    when = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    if when.tzinfo is not None:
+        when = when.astimezone(UTC).replace(tzinfo=None)
+    return when
 
 
 def _queue_lengths(session: Session) -> dict[str, int]:
@@ -255,11 +316,23 @@ def snapshot_to_prometheus(snap: dict[str, Any]) -> list[GaugeMetricFamily]:
     )
     families.append(
         _total(
-            "ccat_transfer_rate_mb_per_s",
-            "Mean transfer rate, last hour",
-            snap["transfer_rate_mb_per_s"],
+            "ccat_transfer_rate_bytes_per_second",
+            "Mean transfer rate of the transfers completed in the last hour",
+            snap["transfer_rate_bytes_per_second"],
         )
     )
+    families += [
+        _total(
+            "ccat_raw_files_checksum_errors",
+            "Filed raw data files flagged with a checksum error (need a person)",
+            snap["raw_files_checksum_errors"],
+        ),
+        _total(
+            "ccat_blocked_groups",
+            "Groups held back from packaging by a file with a checksum error",
+            snap["blocked_groups"],
+        ),
+    ]
     g = GaugeMetricFamily(
         "ccat_physical_copies", "Physical copies", labels=["location", "type", "status"]
     )
@@ -286,13 +359,7 @@ def snapshot_to_prometheus(snap: dict[str, Any]) -> list[GaugeMetricFamily]:
         ),
         _total("ccat_deletion_failures", "Copies in DELETION_FAILED", snap["deletion_failures"]),
     ]
-    g = GaugeMetricFamily(
-        "ccat_buffer_usage_percent", "Disk use of a location", labels=["location", "site", "state"]
-    )
-    for buf in snap["buffers"]:
-        if buf["disk_usage_percent"] is not None:
-            g.add_metric([buf["location"], buf["site"], buf["state"]], buf["disk_usage_percent"])
-    families.append(g)
+    families += _buffer_families(snap["buffers"])
     g = GaugeMetricFamily("ccat_queue_length", "Tasks waiting in a queue", labels=["queue"])
     for queue, length in snap["queues"].items():
         g.add_metric([queue], length)
@@ -304,6 +371,42 @@ def snapshot_to_prometheus(snap: dict[str, Any]) -> list[GaugeMetricFamily]:
     g.add_metric(["staging_job"], snap["staging_jobs"].get("FAILED", 0))
     families.append(g)
     return families
+
+
+#: Every state a buffer can be in, so that ``ccat_buffer_state`` has a fixed set of series
+#: per location (1 for the current state, 0 for the others) that alerts can rely on.
+BUFFER_STATES = tuple(state.value for state in BufferState)
+
+
+def _buffer_families(buffers: list[dict[str, Any]]) -> list[GaugeMetricFamily]:
+    """Use, state and age of every location's last measurement.  The state is its own
+    gauge: as a label of the usage gauge, a change of state would end one series and
+    start another."""
+    usage = GaugeMetricFamily(
+        "ccat_buffer_usage_percent",
+        "Disk use of a location at its last measurement",
+        labels=["location", "site"],
+    )
+    state = GaugeMetricFamily(
+        "ccat_buffer_state",
+        "Buffer state of a location (1 for the current state; unknown when not measured lately)",
+        labels=["location", "site", "state"],
+    )
+    age = GaugeMetricFamily(
+        "ccat_buffer_status_age_seconds",
+        "Seconds since the location's use was last measured",
+        labels=["location", "site"],
+    )
+    for buf in buffers:
+        where = [buf["location"], buf["site"]]
+        if buf["disk_usage_percent"] is not None:
+            usage.add_metric(where, buf["disk_usage_percent"])
+        current = buf["state"] if buf["state"] in BUFFER_STATES else "unknown"
+        for name in BUFFER_STATES:
+            state.add_metric([*where, name], 1.0 if name == current else 0.0)
+        if buf.get("age_seconds") is not None:
+            age.add_metric(where, buf["age_seconds"])
+    return [usage, state, age]
 
 
 def prometheus_text(session_factory: Any = None) -> bytes:
