@@ -300,24 +300,13 @@ def run_demo(
                     staging_done_marked = True
                 staging_cleaned = staging_done_marked and _staging_cleaned(session, staging_job_id)
             progress.update(bars["filed"], completed=counts["files"], total=expected_files)
-            progress.update(
-                bars["packaged"], completed=counts["packaged_files"], total=max(counts["files"], 1)
-            )
-            progress.update(
-                bars["transferred"],
-                completed=counts["transfers_done"],
-                total=max(counts["transfers"], 1),
-            )
-            progress.update(
-                bars["archived"],
-                completed=counts["archived_everywhere"],
-                total=max(counts["packages"], 1),
-            )
-            progress.update(
-                bars["cleaned"],
-                completed=counts["temporary_cleaned"],
-                total=max(counts["temporary_copies"], 1),
-            )
+            for bar, done, of in (
+                ("packaged", "packaged_files", "files"),
+                ("transferred", "transfers_done", "transfers"),
+                ("archived", "archived_everywhere", "packages"),
+                ("cleaned", "temporary_cleaned", "temporary_copies"),
+            ):
+                progress.update(bars[bar], completed=counts[done], total=max(counts[of], 1))
             progress.update(
                 bars["staged"],
                 completed=(staging_job_id is not None)

@@ -372,17 +372,24 @@ class RawDataFile(Base):
     )
 
 
-class RawDataPackage(Base):
+class _PackageFile:
+    """The columns of a package file (a tar): its name, where it lies below a location's
+    root, its size and checksum.  Shared by RawDataPackage and DataTransferPackage;
+    ``sort_order`` keeps them the table's first columns, as in the migration."""
+
+    id: Mapped[int] = mapped_column(primary_key=True, sort_order=-1)
+    file_name: Mapped[str] = mapped_column(String(512), unique=True, sort_order=-1)
+    relative_path: Mapped[str] = mapped_column(Text, sort_order=-1)
+    size: Mapped[int] = mapped_column(BigInteger, default=0, sort_order=-1)
+    checksum: Mapped[str | None] = mapped_column(String(128), sort_order=-1)
+    checksum_algorithm: Mapped[str] = mapped_column(String(16), default="sha256", sort_order=-1)
+
+
+class RawDataPackage(_PackageFile, Base):
     """The tar of all files of one ExecutedObsUnit x InstrumentModule (maybe split in parts)."""
 
     __tablename__ = "raw_data_package"
 
-    id: Mapped[int] = mapped_column(primary_key=True)
-    file_name: Mapped[str] = mapped_column(String(512), unique=True)
-    relative_path: Mapped[str] = mapped_column(Text)
-    size: Mapped[int] = mapped_column(BigInteger, default=0)
-    checksum: Mapped[str | None] = mapped_column(String(128))
-    checksum_algorithm: Mapped[str] = mapped_column(String(16), default="sha256")
     state: Mapped[PackageState] = mapped_column(
         _enum(PackageState), default=PackageState.WAITING, index=True
     )
@@ -412,17 +419,11 @@ class RawDataPackage(Base):
     )
 
 
-class DataTransferPackage(Base):
+class DataTransferPackage(_PackageFile, Base):
     """A tar of RawDataPackages, the unit sent over the network."""
 
     __tablename__ = "data_transfer_package"
 
-    id: Mapped[int] = mapped_column(primary_key=True)
-    file_name: Mapped[str] = mapped_column(String(512), unique=True)
-    relative_path: Mapped[str] = mapped_column(Text)
-    size: Mapped[int] = mapped_column(BigInteger, default=0)
-    checksum: Mapped[str | None] = mapped_column(String(128))
-    checksum_algorithm: Mapped[str] = mapped_column(String(16), default="sha256")
     status: Mapped[Status] = mapped_column(_enum(Status), default=Status.PENDING, index=True)
     origin_location_id: Mapped[int | None] = mapped_column(ForeignKey("data_location.id"))
     failure_reason: Mapped[str | None] = mapped_column(Text)

@@ -172,6 +172,21 @@ def _require(entry: dict[str, Any], keys: tuple[str, ...], what: str, problems: 
     return ok
 
 
+def _check_fields(
+    entry: dict[str, Any],
+    allowed: set[str],
+    required: tuple[str, ...],
+    what: str,
+    problems: list[str],
+) -> bool:
+    """Report the fields not ``allowed`` and the ``required`` ones missing; True when
+    every required field is there."""
+    for key in entry:
+        if key not in allowed:
+            problems.append(f"{what}: unknown field '{key}'")
+    return _require(entry, required, what, problems)
+
+
 def _check_unique(entries: list[dict[str, Any]], key: str, kind: str, problems: list[str]) -> None:
     seen: set[Any] = set()
     for entry in entries:
@@ -249,10 +264,9 @@ def parse_topology(raw: dict[str, Any], data_dir: Path, source: str = "topology"
     parsed_locations: list[dict[str, Any]] = []
     for i, loc in enumerate(locations):
         what = f"location #{i + 1} ({loc.get('name', '?')})"
-        for key in loc:
-            if key not in LOCATION_KEYS:
-                problems.append(f"{what}: unknown field '{key}'")
-        if not _require(loc, ("name", "site", "type", "storage"), what, problems):
+        if not _check_fields(
+            loc, LOCATION_KEYS, ("name", "site", "type", "storage"), what, problems
+        ):
             continue
         if not NAME_RE.match(str(loc["name"])):
             problems.append(f"{what}: name must be lower case letters, digits and _")
@@ -330,10 +344,9 @@ def parse_topology(raw: dict[str, Any], data_dir: Path, source: str = "topology"
     parsed_routes: list[dict[str, Any]] = []
     for i, route in enumerate(routes):
         what = f"route #{i + 1} ({route.get('origin', '?')} -> {route.get('destination', '?')})"
-        for key in route:
-            if key not in ROUTE_KEYS:
-                problems.append(f"{what}: unknown field '{key}'")
-        if not _require(route, ("origin", "destination", "type", "method"), what, problems):
+        if not _check_fields(
+            route, ROUTE_KEYS, ("origin", "destination", "type", "method"), what, problems
+        ):
             continue
         for key in ("origin", "destination", "relay"):
             if route.get(key) is not None and route[key] not in site_names:

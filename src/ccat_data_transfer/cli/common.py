@@ -1,10 +1,19 @@
-"""Shared pieces of the command line: the Typer app, consoles, global options."""
+"""Shared pieces of the command line: the Typer app, consoles, global options, and the
+one body every manager command runs.
+
+Room in the house: CLI layer (thin: parse, call, print).  May import managers (lazily,
+inside commands, so that ``--help`` stays fast), core and ccat_ops_db.
+"""
 
 from __future__ import annotations
 
 import functools
+import importlib
+import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import typer
@@ -105,3 +114,85 @@ def scoped_cycle(cycle: Any, site: str | None) -> Any:
     from ccat_data_transfer import scope
 
     return functools.partial(cycle, site=site if site else scope.ALL_SITES)
+
+
+#: The options of a manager command: one cycle, debug logging, one site.
+ONCE_OPTION = typer.Option(False, "--once", help="Run one cycle and exit.")
+VERBOSE_OPTION = typer.Option(False, "-v", "--verbose", help="Debug logging.")
+SITE_OPTION = typer.Option(None, "--site", help=SITE_HELP)
+
+
+def run_manager_command(
+    name: str,
+    cycle: Callable[..., Any],
+    sleep_seconds: Callable[[], float],
+    *,
+    once: bool,
+    verbose: bool,
+    site: str | None,
+    beat_each_cycle: bool = False,
+) -> Any:
+    """What every manager command does: set up logging, check the database and the site,
+    then run ``cycle`` (scoped to the site) in the manager loop as ``name[@site]``; the
+    cycle's result with ``once``.  ``beat_each_cycle``: the health heartbeat is sent after
+    each cycle (not by a background thread)."""
+    from ccat_data_transfer.manager_loop import run_manager
+    from ccat_data_transfer.scope import scoped_name
+
+    configure_logging(verbose=verbose)
+    db = get_db()
+    site = manager_site(db, site)
+    heartbeat = None
+    if beat_each_cycle:
+        from ccat_data_transfer.health import HealthReporter
+
+        heartbeat = HealthReporter("manager", scoped_name(name, site)).beat
+    return run_manager(
+        scoped_name(name, site),
+        scoped_cycle(cycle, site),
+        sleep_seconds,
+        once=once,
+        db=db,
+        heartbeat=heartbeat,
+    )
+
+
+def print_result_json(result: Any) -> None:
+    """A cycle's result as JSON (``--once`` of the deletion and staging managers)."""
+    console.print_json(json.dumps(result, default=str))
+
+
+def add_manager_command(
+    command: str,
+    doc: str,
+    sleep_seconds: Callable[[ModuleType], float],
+    report: Callable[[Any], None],
+    *,
+    beat_each_cycle: bool = False,
+) -> Callable[..., None]:
+    """Register ``command`` (``transfer-manager``; options ``--once``, ``-v``, ``--site``;
+    help ``doc``): it runs ``ccat_data_transfer.transfer_manager.run_once`` in the manager
+    loop, ``sleep_seconds(module)`` between cycles, and with ``--once`` hands the result to
+    ``report``.  The manager module is imported when the command runs, not at start-up."""
+    manager = command.replace("-", "_")
+
+    def manager_command(
+        once: bool = ONCE_OPTION, verbose: bool = VERBOSE_OPTION, site: str | None = SITE_OPTION
+    ) -> None:
+        module = importlib.import_module(f"ccat_data_transfer.{manager}")
+        result = run_manager_command(
+            manager,
+            module.run_once,
+            lambda: sleep_seconds(module),
+            once=once,
+            verbose=verbose,
+            site=site,
+            beat_each_cycle=beat_each_cycle,
+        )
+        if once:
+            report(result)
+
+    manager_command.__name__ = f"{manager}_command"
+    manager_command.__doc__ = doc
+    app.command(command)(manager_command)
+    return manager_command

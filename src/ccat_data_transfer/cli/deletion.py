@@ -10,17 +10,18 @@ from rich.table import Table
 from sqlalchemy import select
 
 from ccat_data_transfer.cli.common import (
-    SITE_HELP,
+    ONCE_OPTION,
+    SITE_OPTION,
     app,
     console,
     get_db,
     human_bytes,
     manager_site,
-    scoped_cycle,
+    print_result_json,
+    run_manager_command,
 )
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.exceptions import NotFoundError, ValidationError
-from ccat_data_transfer.logging_utils import configure_logging
 from ccat_ops_db import models as m
 
 _STATE_STYLE = {
@@ -35,34 +36,30 @@ _STATE_STYLE = {
 @app.command("deletion-manager")
 def deletion_manager_command(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Verbose (debug) logging."),
-    once: bool = typer.Option(False, "--once", help="Run one cycle and exit."),
-    site: str | None = typer.Option(None, "--site", help=SITE_HELP),
+    once: bool = ONCE_OPTION,
+    site: str | None = SITE_OPTION,
 ) -> None:
     """Run the deletion manager (every DELETION_MANAGER_SLEEP_TIME seconds, shorter under
     buffer pressure).  With ``--site``: copies at the site's locations only (the rules
     still consult every site's copies)."""
     from ccat_data_transfer import deletion_manager
-    from ccat_data_transfer.manager_loop import run_manager
-    from ccat_data_transfer.scope import scoped_name
 
-    configure_logging(verbose=verbose)
-    db = get_db()
-    site = manager_site(db, site)
-    result = run_manager(
-        scoped_name("deletion_manager", site),
-        scoped_cycle(deletion_manager.run_once, site),
+    result = run_manager_command(
+        "deletion_manager",
+        deletion_manager.run_once,
         deletion_manager.sleep_time,
         once=once,
-        db=db,
+        verbose=verbose,
+        site=site,
     )
     if once:
-        console.print_json(json.dumps(result, default=str))
+        print_result_json(result)
 
 
 @app.command("buffer-manager")
 def buffer_manager_command(
     once: bool = typer.Option(False, "--once", help="Measure once and exit."),
-    site: str | None = typer.Option(None, "--site", help=SITE_HELP),
+    site: str | None = SITE_OPTION,
 ) -> None:
     """Run the buffer manager: measure every active location (of ``--site``), publish its
     state, escalate."""
@@ -72,7 +69,7 @@ def buffer_manager_command(
     site = manager_site(get_db(), site)
     result = BufferManager().run(once=once, site=site or ALL_SITES)
     if once:
-        console.print_json(json.dumps(result, default=str))
+        print_result_json(result)
 
 
 @app.command("disk-monitor")

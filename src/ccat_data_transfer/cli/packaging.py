@@ -21,18 +21,15 @@ from rich.table import Table
 from sqlalchemy import select
 
 from ccat_data_transfer.cli.common import (
-    SITE_HELP,
+    add_manager_command,
     app,
     console,
     err_console,
     get_db,
     human_bytes,
-    manager_site,
-    scoped_cycle,
 )
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.exceptions import NotFoundError, ValidationError
-from ccat_data_transfer.logging_utils import configure_logging
 from ccat_data_transfer.storage import is_temp_name, storage_for_location
 from ccat_ops_db import models as m
 
@@ -54,73 +51,38 @@ def _print_summary(title: str, summary: dict[str, Any]) -> None:
         )
 
 
-def _run_packaging_manager(
-    name: str,
-    cycle: Callable[[Any], dict[str, Any]],
-    sleep_key: str,
-    title: str,
-    *,
-    once: bool,
-    verbose: bool,
-    site: str | None,
-) -> None:
-    """Run a packaging manager's loop (sleeping ``settings[sleep_key]`` seconds, read each
-    cycle so a changed setting applies) and, with ``once``, print its summary as
-    ``title``.  The two packaging commands differ only in these values."""
-    from ccat_data_transfer.manager_loop import run_manager
-    from ccat_data_transfer.scope import scoped_name
+def _summary(title: str) -> Callable[[Any], None]:
+    """``--once`` of a packaging manager: its summary as ``title``."""
 
-    configure_logging(verbose=verbose)
-    db = get_db()
-    site = manager_site(db, site)
-    result = run_manager(
-        scoped_name(name, site),
-        scoped_cycle(cycle, site),
-        lambda: float(settings[sleep_key]),
-        once=once,
-        db=db,
-    )
-    if once and isinstance(result, dict):
-        _print_summary(title, result)
+    def report(result: Any) -> None:
+        if isinstance(result, dict):
+            _print_summary(title, result)
+
+    return report
 
 
-@app.command("raw-data-package-manager")
-def raw_data_package_manager_command(
-    once: bool = typer.Option(False, "--once", help="Run one cycle and exit."),
-    verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging."),
-    site: str | None = typer.Option(None, "--site", help=SITE_HELP),
-) -> None:
-    """Package filed raw files into RawDataPackages and move them to the site buffer."""
-    from ccat_data_transfer import raw_data_package_manager as rdpm
+def _setting(key: str) -> Callable[[Any], float]:
+    # Read each cycle, so that a changed setting applies.
+    return lambda _module: float(settings[key])
 
-    _run_packaging_manager(
-        "raw_data_package_manager",
-        rdpm.run_once,
-        "RAW_DATA_PACKAGE_MANAGER_SLEEP_TIME",
+
+for _command, _title, _doc in (
+    (
+        "raw-data-package-manager",
         "raw data packages",
-        once=once,
-        verbose=verbose,
-        site=site,
-    )
-
-
-@app.command("data-transfer-package-manager")
-def data_transfer_package_manager_command(
-    once: bool = typer.Option(False, "--once", help="Run one cycle and exit."),
-    verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging."),
-    site: str | None = typer.Option(None, "--site", help=SITE_HELP),
-) -> None:
-    """Bundle waiting RawDataPackages at source-site buffers into DataTransferPackages."""
-    from ccat_data_transfer import data_transfer_package_manager as dtpm
-
-    _run_packaging_manager(
-        "data_transfer_package_manager",
-        dtpm.run_once,
-        "DATA_TRANSFER_PACKAGE_MANAGER_SLEEP_TIME",
+        "Package filed raw files into RawDataPackages and move them to the site buffer.",
+    ),
+    (
+        "data-transfer-package-manager",
         "data transfer packages",
-        once=once,
-        verbose=verbose,
-        site=site,
+        "Bundle waiting RawDataPackages at source-site buffers into DataTransferPackages.",
+    ),
+):
+    add_manager_command(
+        _command,
+        _doc,
+        _setting(f"{_command.replace('-', '_').upper()}_SLEEP_TIME"),
+        _summary(_title),
     )
 
 

@@ -15,16 +15,14 @@ from rich.table import Table
 
 from ccat_data_transfer import staging_manager
 from ccat_data_transfer.cli.common import (
-    SITE_HELP,
+    add_manager_command,
     app,
     console,
     get_db,
-    manager_site,
-    scoped_cycle,
+    print_result_json,
 )
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.exceptions import ValidationError
-from ccat_data_transfer.logging_utils import configure_logging
 
 stage_app = typer.Typer(
     help="Stage archived data to a PROCESSING location; list jobs; mark a job done.",
@@ -182,28 +180,11 @@ def stage_done(job_id: int = typer.Argument(..., help="Staging job ID.")) -> Non
     )
 
 
-@app.command("staging-manager")
-def staging_manager_command(
-    once: bool = typer.Option(False, "--once", help="Run one cycle and exit."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
-    site: str | None = typer.Option(None, "--site", help=SITE_HELP),
-) -> None:
+add_manager_command(
+    "staging-manager",
     """Run the staging manager: expire jobs, stage pending jobs from the archives
     (every STAGING_MANAGER_SLEEP_TIME seconds).  With ``--site``: jobs whose destination
-    is at the site."""
-    from ccat_data_transfer.manager_loop import run_manager
-    from ccat_data_transfer.scope import scoped_name
-
-    if verbose:
-        configure_logging(verbose=True)
-    db = get_db()
-    site = manager_site(db, site)
-    result = run_manager(
-        scoped_name("staging_manager", site),
-        scoped_cycle(staging_manager.run_once, site),
-        lambda: float(settings.get("STAGING_MANAGER_SLEEP_TIME", 5)),
-        once=once,
-        db=db,
-    )
-    if once:
-        console.print_json(json.dumps(result, default=str))
+    is at the site.""",
+    lambda _module: float(settings.get("STAGING_MANAGER_SLEEP_TIME", 5)),
+    print_result_json,
+)

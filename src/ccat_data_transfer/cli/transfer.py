@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import typer
 from rich.table import Table
 from sqlalchemy import select
 
-from ccat_data_transfer.cli.common import (
-    SITE_HELP,
-    app,
-    console,
-    get_db,
-    human_bytes,
-    manager_site,
-    scoped_cycle,
-)
+from ccat_data_transfer.cli.common import add_manager_command, app, console, get_db, human_bytes
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.exceptions import ValidationError
-from ccat_data_transfer.logging_utils import configure_logging
 from ccat_ops_db import models as m
 
 transfers_app = typer.Typer(help="Inspect and retry data transfers.", no_args_is_help=True)
@@ -49,69 +41,37 @@ def _sleep_time(base_key: str) -> float:
     return manager_sleep_time(base, states)
 
 
-def _run(
-    name: str, cycle: Any, sleep_key: str, once: bool, verbose: bool, site: str | None
-) -> None:
-    from ccat_data_transfer.health import HealthReporter
-    from ccat_data_transfer.manager_loop import run_manager
-    from ccat_data_transfer.scope import scoped_name
-
-    configure_logging(verbose=verbose)
-    db = get_db()
-    site = manager_site(db, site)
-    reporter = HealthReporter("manager", scoped_name(name, site))
-    result = run_manager(
-        scoped_name(name, site),
-        scoped_cycle(cycle, site),
-        lambda: _sleep_time(sleep_key),
-        once=once,
-        db=db,
-        heartbeat=reporter.beat,
-    )
-    if once and isinstance(result, dict):
-        console.print(
-            f"{name.replace('_', ' ')}: " + ", ".join(f"{k}={v}" for k, v in result.items()),
-            highlight=False,
-        )
+def _paced(key: str) -> Callable[[Any], float]:
+    return lambda _module: _sleep_time(key)
 
 
-@app.command("transfer-manager")
-def transfer_manager_command(
-    once: bool = typer.Option(False, "--once", help="Run one cycle and exit."),
-    verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging."),
-    site: str | None = typer.Option(None, "--site", help=SITE_HELP),
-) -> None:
-    """Send DataTransferPackages to the LTA sites (round-robin primary, then secondary),
-    verify them at the destination and unpack them.  With ``--site``: transfers leaving
-    the site and unpacks arriving there."""
-    from ccat_data_transfer import transfer_manager
+def _report_as(name: str) -> Callable[[Any], None]:
+    """``--once`` of the transfer and archive managers: ``name: key=value, ...``."""
 
-    _run(
-        "transfer_manager",
-        transfer_manager.run_once,
-        "TRANSFER_MANAGER_SLEEP_TIME",
-        once,
-        verbose,
-        site,
-    )
+    def report(result: Any) -> None:
+        if isinstance(result, dict):
+            console.print(
+                f"{name}: " + ", ".join(f"{k}={v}" for k, v in result.items()), highlight=False
+            )
+
+    return report
 
 
-@app.command("archive-manager")
-def archive_manager_command(
-    once: bool = typer.Option(False, "--once", help="Run one cycle and exit."),
-    verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging."),
-    site: str | None = typer.Option(None, "--site", help=SITE_HELP),
-) -> None:
-    """Move RawDataPackages from LTA-site buffers into the long-term archives."""
-    from ccat_data_transfer import archive_manager
-
-    _run(
-        "archive_manager",
-        archive_manager.run_once,
-        "ARCHIVE_MANAGER_SLEEP_TIME",
-        once,
-        verbose,
-        site,
+for _command, _doc in (
+    (
+        "transfer-manager",
+        """Send DataTransferPackages to the LTA sites (round-robin primary, then secondary),
+        verify them at the destination and unpack them.  With ``--site``: transfers leaving
+        the site and unpacks arriving there.""",
+    ),
+    ("archive-manager", "Move RawDataPackages from LTA-site buffers into the long-term archives."),
+):
+    add_manager_command(
+        _command,
+        _doc,
+        _paced(f"{_command.replace('-', '_').upper()}_SLEEP_TIME"),
+        _report_as(_command.replace("-", " ")),
+        beat_each_cycle=True,
     )
 
 

@@ -19,38 +19,28 @@ def _url() -> str:
     return config.attributes.get("url") or config.get_main_option("sqlalchemy.url")
 
 
-def run_migrations_offline() -> None:
+def _migrate(**how: object) -> None:
+    """Run the migrations, offline (``url``, ``literal_binds``) or on a ``connection``."""
     context.configure(
-        url=_url(),
-        target_metadata=target_metadata,
-        literal_binds=True,
-        render_as_batch=True,
-        compare_type=True,
+        target_metadata=target_metadata, render_as_batch=True, compare_type=True, **how
     )
     with context.begin_transaction():
         context.run_migrations()
+
+
+def run_migrations_offline() -> None:
+    _migrate(url=_url(), literal_binds=True)
 
 
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if connection is not None:
-        _run(connection)
+        _migrate(connection=connection)
         return
     engine = create_engine(_url(), poolclass=pool.NullPool)
     with engine.connect() as conn:
-        _run(conn)
+        _migrate(connection=conn)
     engine.dispose()
-
-
-def _run(connection) -> None:
-    context.configure(
-        connection=connection,
-        target_metadata=target_metadata,
-        render_as_batch=True,
-        compare_type=True,
-    )
-    with context.begin_transaction():
-        context.run_migrations()
 
 
 if context.is_offline_mode():

@@ -43,18 +43,30 @@
     area.appendChild(p);
   }
 
-  function drawLines(fig, data) {
+  // The figure's chart area, with the item count on the figure (the tests read it); null
+  // (and a line saying so) when there is nothing to draw.
+  function chartArea(fig, countKey, items, emptyText) {
     var area = fig.querySelector(".chart-area");
+    fig.dataset[countKey] = String(items.length);
+    if (!items.length) { noData(area, emptyText); return null; }
+    return area;
+  }
+
+  // A fresh W x H drawing in the chart area, labelled for screen readers.
+  function newSvg(area, W, H, label) {
+    area.innerHTML = "";
+    return el("svg", { viewBox: "0 0 " + W + " " + H, role: "img", "aria-label": label }, area);
+  }
+
+  function drawLines(fig, data) {
     var series = data.series || [];
-    fig.dataset.series = String(series.length);
-    if (!series.length) { noData(area, "No buffer sample in this window."); return; }
+    var area = chartArea(fig, "series", series, "No buffer sample in this window.");
+    if (!area) return;
     var W = 1000, H = 320, L = 48, R = 16, T = 12, B = 30;
     var end = Date.now(), start = parseUtc(data.since).getTime();
     var x = function (t) { return L + (t - start) / (end - start) * (W - L - R); };
     var y = function (p) { return T + (1 - Math.min(p, 100) / 100) * (H - T - B); };
-    area.innerHTML = "";
-    var svg = el("svg", { viewBox: "0 0 " + W + " " + H, role: "img",
-      "aria-label": "Buffer use over time, percent" }, area);
+    var svg = newSvg(area, W, H, "Buffer use over time, percent");
     [0, 25, 50, 75, 100].forEach(function (p) {
       el("line", { x1: L, x2: W - R, y1: y(p), y2: y(p), "class": "grid" }, svg);
       el("text", { x: L - 8, y: y(p) + 4, "text-anchor": "end" }, svg, p + "%");
@@ -96,17 +108,14 @@
   }
 
   function drawBars(fig, data) {
-    var area = fig.querySelector(".chart-area");
     var days = data.days || [];
-    fig.dataset.bars = String(days.length);
-    if (!days.length) { noData(area, "No day in range."); return; }
+    var area = chartArea(fig, "bars", days, "No day in range.");
+    if (!area) return;
     var W = 1000, H = 280, L = 70, R = 16, T = 14, B = 30;
     var max = niceMax(Math.max.apply(null, days.map(function (d) { return d.bytes; })));
     var slot = (W - L - R) / days.length, bw = Math.max(2, slot * 0.7);
     var y = function (v) { return T + (1 - v / max) * (H - T - B); };
-    area.innerHTML = "";
-    var svg = el("svg", { viewBox: "0 0 " + W + " " + H, role: "img",
-      "aria-label": "Bytes transferred per day" }, area);
+    var svg = newSvg(area, W, H, "Bytes transferred per day");
     for (var i = 0; i <= 4; i++) {
       var v = max * i / 4;
       el("line", { x1: L, x2: W - R, y1: y(v), y2: y(v), "class": "grid" }, svg);
