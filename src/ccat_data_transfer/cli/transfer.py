@@ -84,7 +84,7 @@ def transfer_manager_command(
     """Send DataTransferPackages to the LTA sites (round-robin primary, then secondary),
     verify them at the destination and unpack them.  With ``--site``: transfers leaving
     the site and unpacks arriving there."""
-    from ccat_data_transfer import transfer_manager
+    from ccat_data_transfer.transfer import cycle as transfer_manager
 
     _run(
         "transfer_manager",
@@ -181,7 +181,7 @@ def transfers_list(
 @transfers_app.command("retry")
 def transfers_retry(transfer_id: int = typer.Argument(..., help="DataTransfer id.")) -> None:
     """Reset a FAILED transfer (or its FAILED unpack) to PENDING; the manager picks it up."""
-    from ccat_data_transfer.transfer_manager import retry_transfer
+    from ccat_data_transfer.transfer.recovery import retry_transfer
 
     db = get_db()
     with db.session_scope() as session:
