@@ -32,6 +32,7 @@ from ccat_data_transfer.transfer.claims import claim, submit_claimed
 from ccat_data_transfer.transfer.recovery import StalledWork, reset_stalled
 from ccat_data_transfer.transfer.worker import (
     heartbeat,
+    mark_completed,
     record_failed_attempt,
     record_present_copy,
     row_task,
@@ -307,13 +308,8 @@ def execute_archive_transfer(archive_transfer_id: int) -> str:
         if row.status != m.Status.IN_PROGRESS:
             return "skipped"
         now = m.utcnow()
-        row.status = m.Status.COMPLETED
-        row.end_time = now
-        row.bytes_transferred = stats.bytes
-        row.duration_seconds = stats.seconds
+        mark_completed(row, stats, now)
         row.metadata_path = meta_path
-        row.failure_reason = None
-        row.next_attempt_at = None
         record_present_copy(
             s,
             m.RawDataPackagePhysicalCopy,

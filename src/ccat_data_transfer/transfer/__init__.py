@@ -27,5 +27,5 @@ One file per concern (imports point down the list only, and to core and ``ccat_o
   the operator's retry.
 
 ``ccat_data_transfer.transfer_manager`` re-exports the public names under the old module
-name (the Celery task names keep it too).
+name; the Celery task names and the log records (logger name) keep that name too.
 """

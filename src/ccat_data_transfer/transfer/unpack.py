@@ -8,7 +8,7 @@ verified PRESENT copy of each RawDataPackage there.  Retryable without sending a
 
 Room in the house: tasks side; runs on the destination buffer's queue.  Imports
 :mod:`~ccat_data_transfer.transfer.worker`, :mod:`~ccat_data_transfer.transfer.claims`,
-core (storage, tar, database, logging, Celery app) and ``ccat_ops_db``.
+core (storage, tar, database, logging) and ``ccat_ops_db``.
 """
 
 from __future__ import annotations

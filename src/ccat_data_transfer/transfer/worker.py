@@ -7,7 +7,7 @@ dead work), keep a per-row command log, and end by recording either a verified P
 copy or a failed attempt (retry with backoff, or FAILED).
 
 Room in the house: tasks side.  Imports :mod:`~ccat_data_transfer.transfer.recovery`
-(the retry policy), core (config, database, logging) and ``ccat_ops_db``.
+(the retry policy), core (Celery app, config, database, logging) and ``ccat_ops_db``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ log = get_logger("ccat_data_transfer.transfer_manager")
 
 __all__ = [
     "heartbeat",
+    "mark_completed",
     "record_failed_attempt",
     "record_present_copy",
     "remote_host",
@@ -52,7 +53,10 @@ def row_task(name: str, execute: Callable[[int], str], doc: str) -> Any:
     def run(self: Any, row_id: int) -> str:
         return execute(int(row_id))
 
+    # The task belongs to the module of ``execute`` (where it is found and documented).
     run.__doc__ = doc
+    run.__module__ = execute.__module__
+    run.__name__ = run.__qualname__ = name.rsplit(".", 1)[-1]
     return app.task(bind=True, acks_late=True, name=name)(run)
 
 
@@ -102,6 +106,18 @@ def remote_host(location: m.DataLocation) -> str | None:
     if not host or host in (socket.gethostname(), socket.getfqdn()):
         return None
     return host
+
+
+def mark_completed(row: Any, stats: Any, now: datetime) -> None:
+    """A transfer row (DataTransfer, LongTermArchiveTransfer) whose bytes landed and
+    verified: COMPLETED at ``now`` with what ``stats`` (a TransferStats) measured, no
+    failure and no next attempt."""
+    row.status = m.Status.COMPLETED
+    row.end_time = now
+    row.bytes_transferred = stats.bytes
+    row.duration_seconds = stats.seconds
+    row.failure_reason = None
+    row.next_attempt_at = None
 
 
 def record_present_copy(
