@@ -17,31 +17,46 @@ import json
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, exists, select, update
+from sqlalchemy import bindparam, exists, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from ccat_data_transfer import scope
-from ccat_data_transfer.celery_app import app
 from ccat_data_transfer.database import DatabaseConnection
 from ccat_data_transfer.exceptions import ConfigurationError, PermanentError
 from ccat_data_transfer.logging_utils import get_logger
 from ccat_data_transfer.operation_types import OperationType
-from ccat_data_transfer.queue_discovery import route_task_by_location
 from ccat_data_transfer.stage_tasks import start_scheduled
 from ccat_data_transfer.storage import storage_for_location
-from ccat_data_transfer.transfer_manager import (
-    _fail_or_retry_values,
-    _heartbeat,
-    _worker_name,
+from ccat_data_transfer.transfer.claims import claim, submit_claimed
+from ccat_data_transfer.transfer.recovery import StalledWork, reset_stalled
+from ccat_data_transfer.transfer.worker import (
+    heartbeat,
+    mark_completed,
+    record_failed_attempt,
+    record_present_copy,
+    row_task,
     transfer_log_dir,
+    worker_name,
 )
 from ccat_data_transfer.transfer_methods import get_transfer_method, method_for_storages
 from ccat_ops_db import models as m
 
 log = get_logger(__name__)
 
-IN_FLIGHT = (m.Status.SCHEDULED, m.Status.IN_PROGRESS)
+# (archive_transfer_id, reason, permanent, fields) -> "failed" / "retry" / "skipped"
+_record_failure = functools.partial(
+    record_failed_attempt, m.LongTermArchiveTransfer, logger=log, event="archive_transfer"
+)
+
+#: Archive transfers in flight, reset by the site of the LTA they go into.  (Unlike
+#: transfers, the reset does not check again that the row is still untouched.)
+STALLED_ARCHIVE_TRANSFERS = StalledWork(
+    m.LongTermArchiveTransfer,
+    m.LongTermArchiveTransfer.destination_location_id,
+    "stalled in {status}: worker lost",
+    recheck_cutoff=False,
+)
 
 __all__ = [
     "archive_raw_data_package",
@@ -158,21 +173,15 @@ def dispatch_archive_transfers(
     ).all()
     claimed: list[tuple[int, int]] = []
     for lta_id, origin_id in rows:
-        rc = session.execute(
-            update(t)
-            .where(t.id == lta_id, t.status == m.Status.PENDING)
-            .values(status=m.Status.SCHEDULED)
-        ).rowcount
-        if rc == 1:
+        if claim(session, t, lta_id, t.status == m.Status.PENDING, status=m.Status.SCHEDULED):
             claimed.append((lta_id, origin_id))
-    session.commit()
-    if submit:
-        for lta_id, origin_id in claimed:
-            origin = session.get(m.DataLocation, origin_id)
-            queue = route_task_by_location(OperationType.LONG_TERM_ARCHIVE_TRANSFER, origin)
-            archive_raw_data_package.apply_async(args=[lta_id], queue=queue)
-        session.expire_all()
-    return [i for i, _ in claimed]
+    return submit_claimed(
+        session,
+        claimed,
+        archive_raw_data_package,
+        OperationType.LONG_TERM_ARCHIVE_TRANSFER,
+        submit,
+    )
 
 
 def run_once(session: Session, site: str | None = None) -> dict[str, int]:
@@ -192,22 +201,7 @@ def reset_stalled_archive_transfers(
     """SCHEDULED/IN_PROGRESS archive transfers untouched for ``older_than``: one failed
     attempt each (back to PENDING with backoff, or FAILED).  With ``location_ids`` only
     transfers into LTA locations among them.  For the recovery service."""
-    if not isinstance(older_than, timedelta):
-        older_than = timedelta(seconds=float(older_than))
-    now = m.utcnow()
-    cutoff = now - older_than
-    t = m.LongTermArchiveTransfer
-    reset = 0
-    stalled = select(t.id, t.status, t.retry_count).where(
-        t.status.in_(IN_FLIGHT), t.updated_at < cutoff
-    )
-    for lta_id, status, retries in session.execute(
-        scope.restrict(stalled, t.destination_location_id, location_ids)
-    ).all():
-        values = _fail_or_retry_values(retries, f"stalled in {status.name}: worker lost", now)
-        reset += session.execute(
-            update(t).where(t.id == lta_id, t.status == status).values(**values)
-        ).rowcount
+    reset = reset_stalled(session, (STALLED_ARCHIVE_TRANSFERS,), older_than, location_ids)
     session.commit()
     return reset
 
@@ -260,7 +254,7 @@ def execute_archive_transfer(archive_transfer_id: int) -> str:
     t = m.LongTermArchiveTransfer
     with db.session_scope() as s:
         if not start_scheduled(
-            s, t, archive_transfer_id, start_time=m.utcnow(), worker=_worker_name()
+            s, t, archive_transfer_id, start_time=m.utcnow(), worker=worker_name()
         ):
             return "skipped"
         row = s.get(t, archive_transfer_id)
@@ -285,7 +279,7 @@ def execute_archive_transfer(archive_transfer_id: int) -> str:
         log_path = transfer_log_dir() / f"long_term_archive_transfer_{archive_transfer_id}.log"
         with (
             open(log_path, "a", encoding="utf-8") as lf,
-            _heartbeat(archive_transfer_id, m.LongTermArchiveTransfer),
+            heartbeat(archive_transfer_id, m.LongTermArchiveTransfer),
         ):
             stats = method.transfer(src_storage, path, dst_storage, path, lf)
             actual = dst_storage.sha256(path)
@@ -314,31 +308,19 @@ def execute_archive_transfer(archive_transfer_id: int) -> str:
         if row.status != m.Status.IN_PROGRESS:
             return "skipped"
         now = m.utcnow()
-        row.status = m.Status.COMPLETED
-        row.end_time = now
-        row.bytes_transferred = stats.bytes
-        row.duration_seconds = stats.seconds
+        mark_completed(row, stats, now)
         row.metadata_path = meta_path
-        row.failure_reason = None
-        row.next_attempt_at = None
-        copy = s.scalars(
-            select(m.RawDataPackagePhysicalCopy).where(
-                m.RawDataPackagePhysicalCopy.raw_data_package_id == rdp_id,
-                m.RawDataPackagePhysicalCopy.data_location_id == dest.id,
-                m.RawDataPackagePhysicalCopy.status == m.PhysicalCopyStatus.PRESENT,
-            )
-        ).first()
-        if copy is None:
-            copy = m.RawDataPackagePhysicalCopy(
-                raw_data_package_id=rdp_id,
-                data_location_id=dest.id,
-                status=m.PhysicalCopyStatus.PRESENT,
-                relative_path=path,
-            )
-            s.add(copy)
-        copy.size = stats.bytes
-        copy.checksum = expected
-        copy.verified_at = now
+        record_present_copy(
+            s,
+            m.RawDataPackagePhysicalCopy,
+            "raw_data_package_id",
+            rdp_id,
+            dest.id,
+            path,
+            size=stats.bytes,
+            checksum=expected,
+            verified_at=now,
+        )
         pkg = s.get(m.RawDataPackage, rdp_id)
         if pkg.state != m.PackageState.ARCHIVED:
             pkg.state = m.PackageState.ARCHIVED
@@ -347,28 +329,8 @@ def execute_archive_transfer(archive_transfer_id: int) -> str:
     return "completed"
 
 
-def _record_failure(lta_id: int, reason: str, permanent: bool, fields: dict[str, Any]) -> str:
-    with DatabaseConnection().session_scope() as s:
-        row = s.get(m.LongTermArchiveTransfer, lta_id)
-        if row is None or row.status != m.Status.IN_PROGRESS:
-            return "skipped"
-        for key, value in _fail_or_retry_values(
-            row.retry_count, reason, m.utcnow(), permanent
-        ).items():
-            setattr(row, key, value)
-        outcome = "failed" if row.status == m.Status.FAILED else "retry"
-    if outcome == "failed":
-        log.error("archive_transfer_failed", **fields, reason=reason)
-    else:
-        log.warning("archive_transfer_retry_scheduled", **fields, reason=reason)
-    return outcome
-
-
-@app.task(
-    bind=True,
-    acks_late=True,
-    name="ccat_data_transfer.archive_manager.archive_raw_data_package",
+archive_raw_data_package = row_task(
+    "ccat_data_transfer.archive_manager.archive_raw_data_package",
+    execute_archive_transfer,
+    "Celery task: run :func:`execute_archive_transfer` on the LTA-site buffer's queue.",
 )
-def archive_raw_data_package(self: Any, archive_transfer_id: int) -> str:
-    """Celery task: run :func:`execute_archive_transfer` on the LTA-site buffer's queue."""
-    return execute_archive_transfer(int(archive_transfer_id))

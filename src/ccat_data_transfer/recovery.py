@@ -77,8 +77,8 @@ def run_once(
         data_transfer_package_manager,
         deletion_manager,
         raw_data_package_manager,
-        transfer_manager,
     )
+    from ccat_data_transfer.transfer import recovery as transfer_manager
 
     older_than = older_than or stalled_timeout()
     ids = scope.location_ids(session, site)

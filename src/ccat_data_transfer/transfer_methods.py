@@ -8,7 +8,7 @@ name the method a transfer uses.
 Every method writes the destination atomically: the bytes land under a temporary name and
 are renamed into place only when complete, so a transfer killed midway never leaves an
 object under its final name.  Verification (checksum of what landed) is the caller's job
-(:mod:`ccat_data_transfer.transfer_manager`); methods only move bytes and log the commands
+(:mod:`ccat_data_transfer.transfer.execution`); methods only move bytes and log the commands
 they ran into the per-transfer log file.
 """
 
@@ -30,6 +30,7 @@ from ccat_ops_db import models as m
 
 __all__ = [
     "BbcpMethod",
+    "CommandLineMethod",
     "CopyMethod",
     "RsyncMethod",
     "S3Method",
@@ -204,16 +205,18 @@ class CopyMethod(TransferMethodBase):
         return stats
 
 
-class RsyncMethod(TransferMethodBase):
-    """rsync between disk locations, locally or over ssh (``host:path``).
+class CommandLineMethod(TransferMethodBase):
+    """A method that runs a command-line tool between disk locations, locally or with a
+    remote end over ssh (``host:path``).  Subclasses name the tool (``binary``), say what
+    to tell a person when it is missing, and build its commands.
 
-    Locally the target is a temporary sibling renamed into place.  Over ssh rsync itself
-    writes to a temporary file in the target directory and renames it when complete
-    (we never pass ``--inplace``), which is the same guarantee.
+    Locally the target is a temporary sibling renamed into place; towards a remote host
+    the subclass's :meth:`send_to_host` keeps the same guarantee.
     """
 
-    kind = m.TransferMethod.RSYNC
-    binary = "rsync"
+    binary: str
+    #: The configuration error's message when ``binary`` is not on PATH.
+    missing_binary: str
 
     def transfer(
         self,
@@ -228,24 +231,51 @@ class RsyncMethod(TransferMethodBase):
     ):
         exe = shutil.which(self.binary)
         if exe is None:
-            raise ConfigurationError(
-                "rsync is not installed on this worker; install it or use 'copy'"
-            )
-        src = _local_root_path(src_storage, src_path, "rsync")
-        dst = _local_root_path(dst_storage, dst_path, "rsync")
+            raise ConfigurationError(self.missing_binary)
+        src = _local_root_path(src_storage, src_path, self.binary)
+        dst = _local_root_path(dst_storage, dst_path, self.binary)
         src_arg = src if _is_local_host(src_host) else f"{src_host}:{src}"
         start = time.monotonic()
         if _is_local_host(dst_host):
-            _run_into_place(
-                [exe, "-a", "--no-perms", "--chmod=F644", src_arg], dst, log_file, "rsync"
-            )
+            _run_into_place(self.local_command(exe, src_arg), dst, log_file, self.binary)
         else:
-            _run(
-                [exe, "-a", "--mkpath", "-e", "ssh -o BatchMode=yes", src_arg, f"{dst_host}:{dst}"],
-                log_file,
-                "rsync",
-            )
-        return _command_stats("rsync", src, src_host, start, log_file)
+            self.send_to_host(exe, src_arg, dst_host, dst, log_file)
+        return _command_stats(self.binary, src, src_host, start, log_file)
+
+    def local_command(self, exe: str, src_arg: str) -> list[str]:
+        """The command copying ``src_arg`` to a local target appended to it."""
+        raise NotImplementedError
+
+    def send_to_host(
+        self, exe: str, src_arg: str, dst_host: str, dst: str, log_file: TextIO
+    ) -> None:
+        """Copy ``src_arg`` to ``dst`` on ``dst_host``, never partial under ``dst``."""
+        raise NotImplementedError
+
+
+class RsyncMethod(CommandLineMethod):
+    """rsync between disk locations, locally or over ssh (``host:path``).
+
+    Locally the target is a temporary sibling renamed into place.  Over ssh rsync itself
+    writes to a temporary file in the target directory and renames it when complete
+    (we never pass ``--inplace``), which is the same guarantee.
+    """
+
+    kind = m.TransferMethod.RSYNC
+    binary = "rsync"
+    missing_binary = "rsync is not installed on this worker; install it or use 'copy'"
+
+    def local_command(self, exe: str, src_arg: str) -> list[str]:
+        return [exe, "-a", "--no-perms", "--chmod=F644", src_arg]
+
+    def send_to_host(
+        self, exe: str, src_arg: str, dst_host: str, dst: str, log_file: TextIO
+    ) -> None:
+        _run(
+            [exe, "-a", "--mkpath", "-e", "ssh -o BatchMode=yes", src_arg, f"{dst_host}:{dst}"],
+            log_file,
+            "rsync",
+        )
 
 
 class S3Method(TransferMethodBase):
@@ -280,50 +310,29 @@ class S3Method(TransferMethodBase):
         return stats
 
 
-class BbcpMethod(TransferMethodBase):
+class BbcpMethod(CommandLineMethod):
     """bbcp (parallel streams) where the binary is installed; a clear configuration error
     otherwise.  The target is a temporary name renamed into place on success."""
 
     kind = m.TransferMethod.BBCP
     binary = "bbcp"
+    missing_binary = (
+        "transfer method 'bbcp' is configured but the bbcp binary is not installed on "
+        "this worker (not on PATH); install bbcp or change the route's method"
+    )
     streams = 4
 
-    def transfer(
-        self,
-        src_storage,
-        src_path,
-        dst_storage,
-        dst_path,
-        log_file,
-        *,
-        src_host=None,
-        dst_host=None,
-    ):
-        exe = shutil.which(self.binary)
-        if exe is None:
-            raise ConfigurationError(
-                "transfer method 'bbcp' is configured but the bbcp binary is not installed on "
-                "this worker (not on PATH); install bbcp or change the route's method"
-            )
-        src = _local_root_path(src_storage, src_path, "bbcp")
-        dst = _local_root_path(dst_storage, dst_path, "bbcp")
-        src_arg = src if _is_local_host(src_host) else f"{src_host}:{src}"
-        start = time.monotonic()
-        if _is_local_host(dst_host):
-            _run_into_place(
-                [exe, "-P", "10", "-s", str(self.streams), src_arg], dst, log_file, "bbcp"
-            )
-        else:
-            tmp = _tmp_sibling(dst)
-            ssh = ["ssh", "-o", "BatchMode=yes", dst_host]
-            _run([*ssh, "mkdir", "-p", shlex.quote(os.path.dirname(dst))], log_file, "ssh mkdir")
-            _run(
-                [exe, "-P", "10", "-s", str(self.streams), src_arg, f"{dst_host}:{tmp}"],
-                log_file,
-                "bbcp",
-            )
-            _run([*ssh, "mv", "-f", shlex.quote(tmp), shlex.quote(dst)], log_file, "ssh mv")
-        return _command_stats("bbcp", src, src_host, start, log_file)
+    def local_command(self, exe: str, src_arg: str) -> list[str]:
+        return [exe, "-P", "10", "-s", str(self.streams), src_arg]
+
+    def send_to_host(
+        self, exe: str, src_arg: str, dst_host: str, dst: str, log_file: TextIO
+    ) -> None:
+        tmp = _tmp_sibling(dst)
+        ssh = ["ssh", "-o", "BatchMode=yes", dst_host]
+        _run([*ssh, "mkdir", "-p", shlex.quote(os.path.dirname(dst))], log_file, "ssh mkdir")
+        _run([*self.local_command(exe, src_arg), f"{dst_host}:{tmp}"], log_file, "bbcp")
+        _run([*ssh, "mv", "-f", shlex.quote(tmp), shlex.quote(dst)], log_file, "ssh mv")
 
 
 _REGISTRY: dict[m.TransferMethod, TransferMethodBase] = {}

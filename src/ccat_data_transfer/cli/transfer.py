@@ -141,7 +141,7 @@ def transfers_list(
 @transfers_app.command("retry")
 def transfers_retry(transfer_id: int = typer.Argument(..., help="DataTransfer id.")) -> None:
     """Reset a FAILED transfer (or its FAILED unpack) to PENDING; the manager picks it up."""
-    from ccat_data_transfer.transfer_manager import retry_transfer
+    from ccat_data_transfer.transfer.recovery import retry_transfer
 
     db = get_db()
     with db.session_scope() as session:

@@ -1,0 +1,167 @@
+"""Unpacking of one transferred DataTransferPackage at an LTA-site buffer.
+
+The task takes the verified transfer (unpack SCHEDULED -> IN_PROGRESS), extracts the
+DTP safely into a work folder beside the buffer, checks every RawDataPackage inside
+against its recorded checksum and only then puts each tar in place at its
+``relative_path`` (nothing is placed unless every package verifies), and records a
+verified PRESENT copy of each RawDataPackage there.  Retryable without sending again.
+
+Room in the house: tasks side; runs on the destination buffer's queue.  Imports
+:mod:`~ccat_data_transfer.transfer.worker`, :mod:`~ccat_data_transfer.transfer.claims`,
+core (storage, tar, database, logging) and ``ccat_ops_db``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ccat_data_transfer.database import DatabaseConnection
+from ccat_data_transfer.exceptions import ConfigurationError, PermanentError
+from ccat_data_transfer.logging_utils import get_logger
+from ccat_data_transfer.storage import DiskStorage, Storage, normalize_path, storage_for_location
+from ccat_data_transfer.tarutil import CorruptTarError, UnsafeTarError, safe_extract
+from ccat_data_transfer.transfer.claims import claim
+from ccat_data_transfer.transfer.worker import (
+    heartbeat,
+    record_failed_attempt,
+    record_present_copy,
+    row_task,
+)
+from ccat_ops_db import models as m
+
+log = get_logger("ccat_data_transfer.transfer_manager")
+
+# (transfer_id, reason, permanent, fields) -> "failed" / "retry" / "skipped"
+_record_failure = functools.partial(
+    record_failed_attempt, m.DataTransfer, logger=log, event="unpack", prefix="unpack_"
+)
+
+__all__ = [
+    "UnpackVerificationError",
+    "execute_unpack",
+    "unpack_data_transfer_package",
+]
+
+
+class UnpackVerificationError(Exception):
+    """A RawDataPackage inside the DTP is missing or does not match its checksum."""
+
+
+def _unpack_root(storage: Storage) -> Path | None:
+    return storage.root if isinstance(storage, DiskStorage) else None
+
+
+def _unpack_into(
+    storage: Storage, dtp_path: str, packages: list[tuple[int, str, str | None]]
+) -> dict[int, tuple[int, str]]:
+    """Extract the DTP safely, verify each RawDataPackage, then put each tar in place at
+    its ``relative_path``.  Nothing is placed unless every package verifies."""
+    root = _unpack_root(storage)
+    if root is not None:
+        work = Path(tempfile.mkdtemp(prefix=".unpack.tmp-", dir=root))
+        local_tar = storage.local_path(dtp_path)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="ccat-unpack-"))
+        local_tar = work / "package.tar"
+        storage.copy_out(dtp_path, local_tar)
+    try:
+        target = work / "x"
+        members = {mem.arcname: mem for mem in safe_extract(local_tar, target)}
+        results: dict[int, tuple[int, str]] = {}
+        for rdp_id, rel, checksum in packages:
+            name = normalize_path(rel)
+            mem = members.get(name)
+            if mem is None:
+                raise UnpackVerificationError(f"raw data package {rel} is missing from the tar")
+            if checksum is None or mem.sha256 != checksum.lower():
+                raise UnpackVerificationError(
+                    f"checksum mismatch for raw data package {rel}: expected {checksum}, "
+                    f"got {mem.sha256}"
+                )
+            results[rdp_id] = (mem.size, mem.sha256)
+        for _rdp_id, rel, _ in packages:
+            mem = members[normalize_path(rel)]
+            final = storage.local_path(rel) if root is not None else None
+            if final is not None:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(mem.path, final)  # same filesystem: atomic
+            else:
+                storage.copy_in(mem.path, rel)
+        return results
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def execute_unpack(transfer_id: int) -> str:
+    """Unpack a verified DTP at its destination buffer and record a PRESENT copy of each
+    RawDataPackage there.  Retryable without sending again."""
+    db = DatabaseConnection()
+    with db.session_scope() as s:
+        if not claim(
+            s,
+            m.DataTransfer,
+            transfer_id,
+            m.DataTransfer.status == m.Status.COMPLETED,
+            m.DataTransfer.unpack_status == m.Status.SCHEDULED,
+            unpack_status=m.Status.IN_PROGRESS,
+            unpack_start_time=m.utcnow(),
+        ):
+            return "skipped"
+        t = s.get(m.DataTransfer, transfer_id)
+        dtp = t.data_transfer_package
+        dest = t.destination_location
+        dtp_path = dtp.relative_path
+        packages = [(p.id, p.relative_path, p.checksum) for p in dtp.raw_data_packages]
+        paths = {p.id: p.relative_path for p in dtp.raw_data_packages}
+        fields = {
+            "transfer_id": transfer_id,
+            "data_transfer_package_id": dtp.id,
+            "location": dest.name,
+        }
+    try:
+        if not packages:
+            raise PermanentError("the data transfer package lists no raw data packages")
+        with heartbeat(transfer_id):
+            results = _unpack_into(storage_for_location(dest), dtp_path, packages)
+    except (UnsafeTarError, PermanentError, ConfigurationError) as exc:
+        return _record_failure(transfer_id, f"{type(exc).__name__}: {exc}", True, fields)
+    except (UnpackVerificationError, CorruptTarError) as exc:
+        log.warning("unpack_checksum_mismatch", **fields, reason=str(exc))
+        return _record_failure(transfer_id, str(exc), False, fields)
+    except Exception as exc:
+        return _record_failure(transfer_id, f"{type(exc).__name__}: {exc}", False, fields)
+
+    with db.session_scope() as s:
+        t = s.get(m.DataTransfer, transfer_id)
+        if t.unpack_status != m.Status.IN_PROGRESS:
+            return "skipped"
+        now = m.utcnow()
+        for rdp_id, (size, sha) in results.items():
+            record_present_copy(
+                s,
+                m.RawDataPackagePhysicalCopy,
+                "raw_data_package_id",
+                rdp_id,
+                dest.id,
+                paths[rdp_id],
+                size=size,
+                checksum=sha,
+                verified_at=now,
+            )
+        t.unpack_status = m.Status.COMPLETED
+        t.unpack_end_time = now
+        t.unpack_failure_reason = None
+        t.next_attempt_at = None
+    log.info("transfer_unpacked", **fields, packages=len(results))
+    return "completed"
+
+
+unpack_data_transfer_package = row_task(
+    "ccat_data_transfer.transfer_manager.unpack_data_transfer_package",
+    execute_unpack,
+    "Celery task: run :func:`execute_unpack` on the destination buffer's queue.",
+)

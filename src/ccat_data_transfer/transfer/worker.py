@@ -1,0 +1,194 @@
+"""What the worker tasks of the transfer and archive stages share.
+
+The transfer task, the unpack task and the archive task (each a :func:`row_task`) take a
+row, run long
+storage work under a heartbeat (so the recovery service does not take slow work for
+dead work), keep a per-row command log, and end by recording either a verified PRESENT
+copy or a failed attempt (retry with backoff, or FAILED).
+
+Room in the house: tasks side.  Imports :mod:`~ccat_data_transfer.transfer.recovery`
+(the retry policy), core (Celery app, config, database, logging) and ``ccat_ops_db``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from ccat_data_transfer.celery_app import app
+from ccat_data_transfer.config.config import data_dir, settings
+from ccat_data_transfer.database import DatabaseConnection
+from ccat_data_transfer.logging_utils import get_logger
+from ccat_data_transfer.transfer.recovery import fail_or_retry_values
+from ccat_ops_db import models as m
+
+log = get_logger("ccat_data_transfer.transfer_manager")
+
+__all__ = [
+    "heartbeat",
+    "mark_completed",
+    "record_failed_attempt",
+    "record_present_copy",
+    "remote_host",
+    "row_task",
+    "transfer_log_dir",
+    "worker_name",
+]
+
+
+def row_task(name: str, execute: Callable[[int], str], doc: str) -> Any:
+    """The Celery task ``name`` (late acknowledgement: a worker lost midway leaves it
+    queued) that runs ``execute`` on one row id; ``execute`` takes the row itself, so a
+    duplicate delivery does nothing."""
+
+    def run(self: Any, row_id: int) -> str:
+        return execute(int(row_id))
+
+    # The task belongs to the module of ``execute`` (where it is found and documented).
+    run.__doc__ = doc
+    run.__module__ = execute.__module__
+    run.__name__ = run.__qualname__ = name.rsplit(".", 1)[-1]
+    return app.task(bind=True, acks_late=True, name=name)(run)
+
+
+def transfer_log_dir() -> Path:
+    """Folder of the kept per-transfer command logs (TRANSFER_LOG_DIR or
+    <DATA_DIR>/logs/transfers)."""
+    configured = str(settings.get("TRANSFER_LOG_DIR", "") or "")
+    path = Path(configured).expanduser() if configured else data_dir() / "logs" / "transfers"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def worker_name() -> str:
+    """``host:pid`` of this worker, recorded on the row it starts."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@contextlib.contextmanager
+def heartbeat(transfer_id: int, model: Any = m.DataTransfer) -> Iterator[None]:
+    """Refresh the row's ``updated_at`` while long work runs, so the recovery service
+    does not take a slow transfer for a dead one."""
+    interval = max(5.0, float(settings.get("STALLED_WORK_TIMEOUT_SECONDS", 3600)) / 4)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            try:
+                with DatabaseConnection().session_scope() as s:
+                    s.execute(
+                        update(model).where(model.id == transfer_id).values(updated_at=m.utcnow())
+                    )
+            except Exception as exc:  # the heartbeat must never break the transfer
+                log.warning("transfer_heartbeat_failed", transfer_id=transfer_id, error=str(exc))
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{transfer_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def remote_host(location: m.DataLocation) -> str | None:
+    """The location's host when it is another machine than this one, else None."""
+    host = location.host
+    if not host or host in (socket.gethostname(), socket.getfqdn()):
+        return None
+    return host
+
+
+def mark_completed(row: Any, stats: Any, now: datetime) -> None:
+    """A transfer row (DataTransfer, LongTermArchiveTransfer) whose bytes landed and
+    verified: COMPLETED at ``now`` with what ``stats`` (a TransferStats) measured, no
+    failure and no next attempt."""
+    row.status = m.Status.COMPLETED
+    row.end_time = now
+    row.bytes_transferred = stats.bytes
+    row.duration_seconds = stats.seconds
+    row.failure_reason = None
+    row.next_attempt_at = None
+
+
+def record_present_copy(
+    session: Session,
+    model: Any,
+    package_key: str,
+    package_id: int,
+    location_id: int,
+    relative_path: str,
+    *,
+    size: int,
+    checksum: str,
+    verified_at: datetime,
+) -> Any:
+    """The PRESENT copy (``model``: DataTransferPackagePhysicalCopy or
+    RawDataPackagePhysicalCopy) of package ``package_id`` (its ``package_key`` column) at
+    a location, created if missing, stamped with what was verified there."""
+    owner = getattr(model, package_key)
+    copy = session.scalars(
+        select(model).where(
+            owner == package_id,
+            model.data_location_id == location_id,
+            model.status == m.PhysicalCopyStatus.PRESENT,
+        )
+    ).first()
+    if copy is None:
+        copy = model(
+            **{package_key: package_id},
+            data_location_id=location_id,
+            status=m.PhysicalCopyStatus.PRESENT,
+            relative_path=relative_path,
+        )
+        session.add(copy)
+    copy.size = size
+    copy.checksum = checksum
+    copy.verified_at = verified_at
+    return copy
+
+
+def record_failed_attempt(
+    model: Any,
+    row_id: int,
+    reason: str,
+    permanent: bool,
+    fields: dict[str, Any],
+    *,
+    logger: Any,
+    event: str,
+    prefix: str = "",
+    log_retry_count: bool = False,
+) -> str:
+    """Record a failed attempt of the IN_PROGRESS work of row ``row_id`` (its ``status``,
+    or ``<prefix>status``) in its own transaction: retry with backoff, or FAILED when out
+    of retries or ``permanent``; then log ``<event>_failed`` or
+    ``<event>_retry_scheduled`` with ``fields`` (and the retry count with
+    ``log_retry_count``).  Returns the outcome: "failed", "retry", or "skipped" (nothing
+    logged) when the row is no longer IN_PROGRESS."""
+    with DatabaseConnection().session_scope() as s:
+        row = s.get(model, row_id)
+        if row is None or getattr(row, f"{prefix}status") != m.Status.IN_PROGRESS:
+            return "skipped"
+        values = fail_or_retry_values(
+            getattr(row, f"{prefix}retry_count"), reason, m.utcnow(), permanent, prefix
+        )
+        for key, value in values.items():
+            setattr(row, key, value)
+        failed = getattr(row, f"{prefix}status") == m.Status.FAILED
+        retries = getattr(row, f"{prefix}retry_count")
+    extra = {"retry_count": retries} if log_retry_count else {}
+    if failed:
+        logger.error(f"{event}_failed", **fields, reason=reason, **extra)
+        return "failed"
+    logger.warning(f"{event}_retry_scheduled", **fields, reason=reason, **extra)
+    return "retry"
