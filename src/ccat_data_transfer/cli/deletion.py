@@ -41,7 +41,7 @@ def deletion_manager_command(
     """Run the deletion manager (every DELETION_MANAGER_SLEEP_TIME seconds, shorter under
     buffer pressure).  With ``--site``: copies at the site's locations only (the rules
     still consult every site's copies)."""
-    from ccat_data_transfer import deletion_manager
+    from ccat_data_transfer.deletion import cycle
     from ccat_data_transfer.manager_loop import run_manager
     from ccat_data_transfer.scope import scoped_name
 
@@ -50,8 +50,8 @@ def deletion_manager_command(
     site = manager_site(db, site)
     result = run_manager(
         scoped_name("deletion_manager", site),
-        scoped_cycle(deletion_manager.run_once, site),
-        deletion_manager.sleep_time,
+        scoped_cycle(cycle.run_once, site),
+        cycle.sleep_time,
         once=once,
         db=db,
     )
@@ -166,7 +166,7 @@ def deletion_plan_command(
 ) -> None:
     """Dry run: what the deletion manager would delete now and, for each copy kept, the
     rule that keeps it.  Nothing is changed."""
-    from ccat_data_transfer.deletion_manager import deletion_plan
+    from ccat_data_transfer.deletion.plan import deletion_plan
 
     db = get_db()
     with db.session_scope() as session:
@@ -208,7 +208,8 @@ def explain_command(copy_id: int = typer.Argument(..., help="A physical copy id.
     """Why one physical copy would or would not be deleted now, and its deletion history."""
     from rich.table import Table
 
-    from ccat_data_transfer.deletion_manager import deletion_history, explain_copy
+    from ccat_data_transfer.deletion.plan import explain_copy
+    from ccat_data_transfer.deletion.trail import deletion_history
 
     db = get_db()
     with db.session_scope() as session:
