@@ -1,6 +1,6 @@
 """Deletion manager: the name the user's lifecycle document uses for the deletion stage.
 
-A thin re-export, no logic: the code lives in the package :mod:`ccat_data_transfer.deletion`
+A thin re-export, no logic: the code lives in the package ``ccat_data_transfer.deletion``
 (rules, their SQL, candidates, pressure, claims, steps, cycle, worker, trail, dry run).
 Importing this module also registers the deletion tasks with Celery
 (``celery_app.TASK_MODULES`` lists it); their names stay
