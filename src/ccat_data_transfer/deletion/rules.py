@@ -54,6 +54,13 @@ def _delete(reason: str, code: str) -> Decision:
     return Decision(True, f"deletable: {reason}", code)
 
 
+def _keep_archive(
+    location: m.DataLocation, why: str = "permanent storage, never deleted automatically"
+) -> Decision:
+    """The first rule of every row: nothing is deleted automatically from an LTA."""
+    return _keep(f"{location.name} is a LONG_TERM_ARCHIVE: {why}", "long_term_archive")
+
+
 @dataclass
 class SiteRoles:
     """Which sites are source sites and which are LTA sites (from the topology in the DB)."""
@@ -198,11 +205,7 @@ def decide_raw_data_package(
     roles = roles or site_roles(session)
     ltype = location.location_type
     if ltype == LT.LONG_TERM_ARCHIVE:
-        return _keep(
-            f"{location.name} is a LONG_TERM_ARCHIVE: permanent storage, never deleted "
-            "automatically",
-            "long_term_archive",
-        )
+        return _keep_archive(location)
     if ltype == LT.PROCESSING:
         return _keep(
             "RawDataPackages at a PROCESSING location are cleaned up through the STAGED rule",
@@ -332,10 +335,9 @@ def decide_data_transfer_package(
     """The deletion rule for a DataTransferPackage copy at ``location``."""
     roles = roles or site_roles(session)
     if location.location_type == LT.LONG_TERM_ARCHIVE:
-        return _keep(
-            f"{location.name} is a LONG_TERM_ARCHIVE: DataTransferPackages are not stored "
-            "there and nothing is deleted automatically",
-            "long_term_archive",
+        return _keep_archive(
+            location,
+            "DataTransferPackages are not stored there and nothing is deleted automatically",
         )
     if location.location_type != LT.BUFFER:
         return _keep(
@@ -378,9 +380,7 @@ def decide_raw_data_file_copy(
     """The rule for one raw file copy (plan and explain; the cycle uses the set-based form)."""
     loc = copy.data_location
     if loc.location_type == LT.LONG_TERM_ARCHIVE:
-        return _keep(
-            f"{loc.name} is a LONG_TERM_ARCHIVE: never deleted automatically", "long_term_archive"
-        )
+        return _keep_archive(loc, "never deleted automatically")
     rdf = copy.raw_data_file
     package = rdf.raw_data_package
     if loc.location_type == LT.PROCESSING:
@@ -447,11 +447,7 @@ def decide_copy(
 ) -> Decision:
     """The rule for any physical copy (used by the worker's double-check, plan and explain)."""
     if copy.data_location.location_type == LT.LONG_TERM_ARCHIVE:
-        return _keep(
-            f"{copy.data_location.name} is a LONG_TERM_ARCHIVE: permanent storage, "
-            "never deleted automatically",
-            "long_term_archive",
-        )
+        return _keep_archive(copy.data_location)
     if copy.lost_at is not None:
         return _keep("the copy is marked lost (nothing to delete)", "lost")
     if isinstance(copy, m.RawDataPackagePhysicalCopy):
