@@ -106,6 +106,7 @@ from ccat_data_transfer import (
 )
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.database import DatabaseConnection, dispose_engines
+from ccat_data_transfer.deletion import rule_sql, rules, worker
 from ccat_data_transfer.exceptions import CcatError
 from ccat_data_transfer.filing import file_raw_data_files, finish_executed_obs_unit
 from ccat_data_transfer.storage import StorageFullError
@@ -462,7 +463,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         elif kind == "archive":
             archive_manager.execute_archive_transfer(target)
         else:
-            deletion_manager._delete_physical_copies([target])
+            worker._delete_physical_copies([target])
 
     # -- storage faults and disk use --------------------------------------------------------
 
@@ -757,11 +758,11 @@ def test_the_machine_finds_a_broken_source_deletion_rule(lifecycle_environment, 
     removed (finder and worker re-check), the machine finds a history that breaks them."""
     from sqlalchemy import true
 
-    monkeypatch.setattr(deletion_manager, "_lta_present_exists", lambda *a, **k: true())
+    monkeypatch.setattr(rule_sql, "_lta_present_exists", lambda *a, **k: true())
     monkeypatch.setattr(
-        deletion_manager,
+        rules,
         "_decide_rdp_source",
-        lambda *a, **k: deletion_manager._delete("rule broken on purpose", "broken"),
+        lambda *a, **k: rules._delete("rule broken on purpose", "broken"),
     )
     LifecycleMachine.env = lifecycle_environment
     with pytest.raises(AssertionError, match="package is|not readable") as found:

@@ -202,9 +202,9 @@ class BufferManager:
             log.error("buffer_status_publish_failed", location=name, error=str(exc))
         session.commit()
         if emergency and bool(settings.get("BUFFER_EMERGENCY_TRIGGERS_DELETION", True)):
-            from ccat_data_transfer import deletion_manager
+            from ccat_data_transfer.deletion.cycle import run_once
 
-            result["deletion"] = deletion_manager.run_once(session, site=site)
+            result["deletion"] = run_once(session, site=site)
         return result
 
     def sleep_time(self) -> float:

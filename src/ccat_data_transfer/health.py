@@ -104,7 +104,6 @@ class HealthReporter:
 
 def _beat_db(key: str, payload: dict[str, Any]) -> None:
     from ccat_data_transfer.database import DatabaseConnection
-
     from ccat_data_transfer.manager_state import put_state
 
     with DatabaseConnection().session_scope() as s:

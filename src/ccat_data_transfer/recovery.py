@@ -75,9 +75,9 @@ def run_once(
     from ccat_data_transfer import (
         archive_manager,
         data_transfer_package_manager,
-        deletion_manager,
         raw_data_package_manager,
     )
+    from ccat_data_transfer.deletion.cycle import resubmit_stalled_deletions
     from ccat_data_transfer.transfer import recovery as transfer_manager
 
     older_than = older_than or stalled_timeout()
@@ -93,7 +93,7 @@ def run_once(
         ),
         "staging_jobs": lambda: reset_stalled_staging_jobs(session, older_than, ids),
         # The deletion manager also does this every cycle; the task re-checks the rule.
-        "deletions": lambda: deletion_manager.resubmit_stalled_deletions(session, location_ids=ids),
+        "deletions": lambda: resubmit_stalled_deletions(session, location_ids=ids),
     }
     summary: dict[str, int] = {}
     for name, step in steps.items():

@@ -42,12 +42,12 @@ def deletion_manager_command(
     """Run the deletion manager (every DELETION_MANAGER_SLEEP_TIME seconds, shorter under
     buffer pressure).  With ``--site``: copies at the site's locations only (the rules
     still consult every site's copies)."""
-    from ccat_data_transfer import deletion_manager
+    from ccat_data_transfer.deletion import cycle
 
     result = run_manager_command(
         "deletion_manager",
-        deletion_manager.run_once,
-        deletion_manager.sleep_time,
+        cycle.run_once,
+        cycle.sleep_time,
         once=once,
         verbose=verbose,
         site=site,
@@ -163,7 +163,7 @@ def deletion_plan_command(
 ) -> None:
     """Dry run: what the deletion manager would delete now and, for each copy kept, the
     rule that keeps it.  Nothing is changed."""
-    from ccat_data_transfer.deletion_manager import deletion_plan
+    from ccat_data_transfer.deletion.plan import deletion_plan
 
     db = get_db()
     with db.session_scope() as session:
@@ -205,7 +205,8 @@ def explain_command(copy_id: int = typer.Argument(..., help="A physical copy id.
     """Why one physical copy would or would not be deleted now, and its deletion history."""
     from rich.table import Table
 
-    from ccat_data_transfer.deletion_manager import deletion_history, explain_copy
+    from ccat_data_transfer.deletion.plan import explain_copy
+    from ccat_data_transfer.deletion.trail import deletion_history
 
     db = get_db()
     with db.session_scope() as session:

@@ -1,0 +1,41 @@
+"""Names every room of the deletion stage shares: the copy states and location types by
+short name, the physical-copy and location tables, the copy-type discriminators and the
+per-cycle batch cap, the stage's logger.  No logic.
+
+Room in the house: core of the deletion stage (``ccat_data_transfer.deletion``); imports
+only ``logging_utils`` and ``ccat_ops_db``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from ccat_data_transfer.logging_utils import get_logger
+from ccat_ops_db import models as m
+
+#: One logger for the whole stage, under the name its JSON lines have always carried.
+log = get_logger("ccat_data_transfer.deletion_manager")
+
+S = m.PhysicalCopyStatus
+LT = m.LocationType
+PCT = m.PhysicalCopy.__table__
+DLT = m.DataLocation.__table__
+
+
+@functools.cache
+def _alias(table: Any, name: str) -> Any:
+    """A named alias of a table, built once: building an alias proxies every column, which
+    cost about as much as the SQL of an idle cycle when done anew in every query."""
+    return table.alias(name)
+
+
+#: Copy states that mean "a deletion is under way".
+IN_FLIGHT = (S.DELETION_SCHEDULED, S.DELETION_IN_PROGRESS)
+#: States the worker accepts: scheduled (normal), in progress (redelivered after a crash).
+WORKER_ACCEPTS = (S.DELETION_SCHEDULED, S.DELETION_IN_PROGRESS)
+_MAX_BATCHES_PER_CYCLE = 10
+
+COPY_TYPE_RAW_DATA_FILE = "raw_data_file"
+COPY_TYPE_RAW_DATA_PACKAGE = "raw_data_package"
+COPY_TYPE_DATA_TRANSFER_PACKAGE = "data_transfer_package"

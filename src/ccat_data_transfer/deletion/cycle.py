@@ -1,0 +1,195 @@
+"""One deletion cycle: :func:`run_once` (the entry used by tests, the CLI's ``--once``
+and the long-running loop alike), :func:`delete_data_packages` (the document's name for a
+cycle) and :func:`sleep_time` (the pause between cycles, shorter under pressure).
+
+Around the five steps of ``deletion.steps`` a cycle retries failed deletions
+(:func:`reschedule_failed_deletions`), resubmits lost tasks
+(:func:`resubmit_stalled_deletions`) and catches up on stage 1 (:func:`mark_catch_up`).
+
+Room in the house: the deletion manager; imports the other ``deletion`` modules, ``scope``,
+``buffer_status``, config, ``database``, logging and ``ccat_ops_db``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from ccat_data_transfer import buffer_status as bs
+from ccat_data_transfer import scope
+from ccat_data_transfer.config.config import settings
+from ccat_data_transfer.database import DatabaseConnection
+from ccat_data_transfer.deletion.base import (
+    COPY_TYPE_RAW_DATA_FILE,
+    DLT,
+    IN_FLIGHT,
+    LT,
+    PCT,
+    S,
+    log,
+)
+from ccat_data_transfer.deletion.candidates import _active_locations
+from ccat_data_transfer.deletion.claims import _submit
+from ccat_data_transfer.deletion.marking import mark_raw_data_files_for_deletion
+from ccat_data_transfer.deletion.pressure import (
+    _state_from,
+    _Statuses,
+    get_buffer_status_for_location,
+)
+from ccat_data_transfer.deletion.steps import (
+    delete_data_transfer_packages,
+    delete_processing_raw_data_files,
+    delete_raw_data_packages_bulk,
+    delete_staged_raw_data_files_from_processing,
+    process_deletion_possible_raw_data_files,
+)
+from ccat_data_transfer.deletion.worker import delete_bulk_raw_data_files
+from ccat_data_transfer.logging_utils import configure_logging
+from ccat_ops_db import models as m
+
+
+def reschedule_failed_deletions(session: Session, location_ids: list[int] | None = None) -> int:
+    """DELETION_FAILED copies below DELETION_MAX_RETRIES go back to where they came from
+    (DELETION_POSSIBLE for stage-2 raw files, PRESENT otherwise) so this cycle's rules
+    re-evaluate and reschedule them.  At the cap they stay DELETION_FAILED for a person.
+    With ``location_ids`` only copies at those locations."""
+    cap = int(settings.DELETION_MAX_RETRIES)
+    lta_ids = select(DLT.c.id).where(DLT.c.location_type == LT.LONG_TERM_ARCHIVE)
+    base = [
+        PCT.c.status == S.DELETION_FAILED,
+        PCT.c.deletion_retry_count < cap,
+        PCT.c.data_location_id.not_in(lta_ids),
+        *([PCT.c.data_location_id.in_(location_ids)] if location_ids is not None else []),
+    ]
+    n1 = session.execute(
+        update(PCT)
+        .where(
+            *base, PCT.c.type == COPY_TYPE_RAW_DATA_FILE, PCT.c.deletion_possible_at.is_not(None)
+        )
+        .values(status=S.DELETION_POSSIBLE)
+    ).rowcount
+    n2 = session.execute(
+        update(PCT)
+        .where(
+            *base, or_(PCT.c.type != COPY_TYPE_RAW_DATA_FILE, PCT.c.deletion_possible_at.is_(None))
+        )
+        .values(status=S.PRESENT)
+    ).rowcount
+    session.commit()
+    return int(n1 or 0) + int(n2 or 0)
+
+
+def resubmit_stalled_deletions(session: Session, location_ids: list[int] | None = None) -> int:
+    """Copies scheduled longer ago than DELETION_STALLED_SECONDS (lost task, dead worker)
+    are submitted again; the task is idempotent.  With ``location_ids`` only copies at
+    those locations."""
+    cutoff = m.utcnow() - timedelta(seconds=int(settings.get("DELETION_STALLED_SECONDS", 3600)))
+    stalled = select(PCT.c.id, PCT.c.data_location_id, PCT.c.type).where(
+        PCT.c.status.in_(list(IN_FLIGHT)), PCT.c.deletion_scheduled_at < cutoff
+    )
+    rows = session.execute(scope.restrict(stalled, PCT.c.data_location_id, location_ids)).all()
+    if not rows:
+        return 0
+    session.execute(
+        update(PCT)
+        .where(PCT.c.id.in_([r[0] for r in rows]))
+        .values(deletion_scheduled_at=m.utcnow())
+    )
+    session.commit()
+    by_loc: dict[int, list[int]] = defaultdict(list)
+    for cid, loc_id, _ in rows:
+        by_loc[loc_id].append(cid)
+    for loc_id, ids in by_loc.items():
+        _submit(delete_bulk_raw_data_files, session.get(m.DataLocation, loc_id), [ids])
+    session.expire_all()
+    return len(rows)
+
+
+def run_once(session: Session, site: str | None = None) -> dict[str, Any]:
+    """One deletion cycle; returns what it did.  The five steps of the document, preceded
+    by retries of failed deletions and followed by the catch-up of stage-1 marking.
+
+    ``site`` scopes the cycle to copies at that site's locations (default: the setting
+    ``MANAGER_SITE``); the rules still consult every site's copies
+    (:mod:`ccat_data_transfer.scope`)."""
+    ids = scope.location_ids(session, site)
+    statuses = _Statuses(session)
+    summary: dict[str, Any] = {}
+    summary["failed_rescheduled"] = reschedule_failed_deletions(session, ids)
+    summary["stalled_resubmitted"] = resubmit_stalled_deletions(session, ids)
+    summary["data_transfer_packages"] = delete_data_transfer_packages(session, statuses, ids)
+    summary["raw_data_packages"] = delete_raw_data_packages_bulk(session, statuses, ids)
+    summary["processing_raw_data_files"] = delete_processing_raw_data_files(session, statuses, ids)
+    summary["staged_raw_data_files"] = delete_staged_raw_data_files_from_processing(
+        session, statuses, ids
+    )
+    summary["marked_deletion_possible"] = mark_catch_up(session, ids)
+    session.commit()
+    summary["deletion_possible_raw_data_files"] = process_deletion_possible_raw_data_files(
+        session, statuses, ids
+    )
+    session.commit()
+    summary["buffer_states"] = {name: _state_from(st).value for name, st in statuses._cache.items()}
+    return summary
+
+
+def mark_catch_up(session: Session, location_ids: list[int] | None = None) -> int:
+    """The catch-up of stage 1 (:func:`mark_raw_data_files_for_deletion` over every
+    package), at most once per ``DELETION_MARK_CATCHUP_SECONDS`` (0: every cycle).
+
+    It is a safety net: stage 1 normally happens in the same transaction in which the
+    deletion worker records that a package's last copy at the source site is DELETED.  It
+    finds what that did not mark (data changed by hand, a restored LTA copy), at a cost
+    that follows the backlog of PRESENT raw files, so it need not run in every cycle.  The
+    time of the last run is kept in ``manager_state`` per scope, so that every process of
+    the same scope shares it."""
+    interval = float(settings.get("DELETION_MARK_CATCHUP_SECONDS", 0) or 0)
+    key = (
+        "deletion:mark_catch_up"
+        + ("" if location_ids is None else "@" + ",".join(str(i) for i in sorted(location_ids)))[
+            :100
+        ]
+    )
+    now = m.utcnow()
+    row = session.get(m.ManagerState, key) if interval > 0 else None
+    if row is not None and row.updated_at > now - timedelta(seconds=interval):
+        return 0
+    marked = mark_raw_data_files_for_deletion(session, location_ids=location_ids)
+    if interval > 0:
+        if row is None:
+            session.add(m.ManagerState(key=key, value=str(marked), updated_at=now))
+        else:
+            row.value, row.updated_at = str(marked), now
+    return marked
+
+
+def delete_data_packages(verbose: bool = False) -> dict[str, Any]:
+    """Run one deletion cycle: 1. DataTransferPackages from buffers, 2. RawDataPackages
+    from SOURCE and LTA buffers, 3. raw files from processing locations, 4. staged files
+    from processing locations, 5. raw files marked DELETION_POSSIBLE."""
+    if verbose:
+        configure_logging(verbose=True)
+    db = DatabaseConnection()
+    with db.session_scope() as session:
+        summary = run_once(session)
+    log.info(
+        "deletion_cycle_completed", **{k: v for k, v in summary.items() if k != "buffer_states"}
+    )
+    return summary
+
+
+def sleep_time() -> float:
+    """DELETION_MANAGER_SLEEP_TIME, shortened while any location is under pressure."""
+    states = []
+    try:
+        db = DatabaseConnection()
+        with db.session_scope() as session:
+            for loc in _active_locations(session, [LT.SOURCE, LT.BUFFER, LT.PROCESSING]):
+                states.append(_state_from(get_buffer_status_for_location(loc.name, session)))
+    except Exception as exc:  # the loop must go on even if the DB hiccups
+        log.warning("sleep_time_status_unavailable", error=str(exc))
+    return bs.manager_sleep_time(float(settings.DELETION_MANAGER_SLEEP_TIME), states)

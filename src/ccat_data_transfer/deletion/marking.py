@@ -1,0 +1,187 @@
+"""Stage 1 of raw-file deletion at the source site: once a package has left the source
+site (its copies there are all DELETED) and is ARCHIVED with a PRESENT archive copy, the
+PRESENT copies of its files at SOURCE and BUFFER locations become DELETION_POSSIBLE (one
+bulk UPDATE), and the retention clock of stage 2 starts.
+
+The worker calls :func:`mark_raw_data_files_for_deletion` in the transaction that records a
+package's last source-site copy DELETED; the cycle's catch-up calls it over every package.
+The rule's SQL is ``deletion.rule_sql._archived_in_lta`` and ``_left_source_site``.
+
+Room in the house: core of the deletion stage (used by the worker and the cycle); imports
+``deletion.base``, ``deletion.rule_sql``, ``deletion.rules`` (site roles),
+``deletion.trail``, ``scope``, ``database`` and ``ccat_ops_db``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import BigInteger, any_, bindparam, exists, func, select, true, update
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.orm import Session
+
+from ccat_data_transfer import scope
+from ccat_data_transfer.database import is_postgresql
+from ccat_data_transfer.deletion.base import COPY_TYPE_RAW_DATA_FILE, DLT, LT, PCT, S
+from ccat_data_transfer.deletion.rule_sql import _archived_in_lta, _left_source_site
+from ccat_data_transfer.deletion.rules import site_roles
+from ccat_data_transfer.deletion.trail import _log_row, _write_log_rows
+from ccat_ops_db import models as m
+
+RDF = m.RawDataFile.__table__
+RDP = m.RawDataPackage.__table__
+
+
+def mark_raw_data_files_for_deletion(
+    session: Session,
+    raw_data_package_ids: Sequence[int] | None = None,
+    location_ids: list[int] | None = None,
+) -> int:
+    """Stage 1 of raw-file deletion, one bulk UPDATE: PRESENT raw-file copies at SOURCE and
+    BUFFER locations become DELETION_POSSIBLE (``deletion_possible_at`` = now) once their
+    parent package has left the source site (its copies there are all DELETED) and is
+    ARCHIVED with a PRESENT copy at a LONG_TERM_ARCHIVE.  Restricted to the given packages
+    when ``raw_data_package_ids`` is set, and to copies at ``location_ids`` when set (a
+    site's scope).  Returns the number of copies marked."""
+    roles = site_roles(session)
+    if not roles.source_site_ids:
+        return 0
+    # The package rule: ARCHIVED, PRESENT at an active LTA, and gone from the source site.
+    package_rule = [
+        *_archived_in_lta(RDP),
+        _left_source_site(RDP, roles.source_site_ids),
+        *([RDP.c.id.in_(list(raw_data_package_ids))] if raw_data_package_ids is not None else []),
+    ]
+    file_locations = scope.restrict(
+        select(DLT.c.id).where(DLT.c.location_type.in_([LT.SOURCE, LT.BUFFER])),
+        DLT.c.id,
+        location_ids,
+    )
+    copy_rule = [
+        PCT.c.type == COPY_TYPE_RAW_DATA_FILE,
+        PCT.c.status == S.PRESENT,
+        PCT.c.data_location_id.in_(file_locations),
+    ]
+    if is_postgresql(session) and raw_data_package_ids is None:
+        # (With raw_data_package_ids given, the rule is already restricted to them.)
+        if not _restrict_to_qualifying_packages(session, copy_rule, package_rule):
+            return 0
+    package_ok = (
+        exists()
+        .where(
+            RDF.c.id == PCT.c.raw_data_file_id,
+            RDP.c.id == RDF.c.raw_data_package_id,
+            *package_rule,
+        )
+        .correlate_except(RDF, RDP)
+    )
+    stmt = (
+        update(PCT)
+        .where(*copy_rule, package_ok)
+        .values(status=S.DELETION_POSSIBLE, deletion_possible_at=m.utcnow())
+    )
+    groups = _mark_and_group(session, stmt)
+    if not groups:
+        return 0
+    _audit_marked(session, groups)
+    return sum(int(g[2]) for g in groups)
+
+
+def _restrict_to_qualifying_packages(
+    session: Session, copy_rule: list[Any], package_rule: list[Any]
+) -> bool:
+    """PostgreSQL: narrow both rules to the packages that qualify now; False when none does.
+
+    Set-based from the few packages that qualify: the PRESENT file copies at SOURCE and
+    BUFFER locations (the backlog, not the history) name their packages (one primary-key
+    lookup each), and only those distinct packages are checked against the package rule.
+    With none, nothing is marked and the UPDATE is skipped: the idle cycle does not grow
+    with the number of files already marked."""
+    file_pkg = (
+        select(RDF.c.raw_data_package_id.label("pid"))
+        .where(RDF.c.id == PCT.c.raw_data_file_id)
+        .limit(1)
+        .lateral("file_pkg")
+    )
+    candidates = (
+        select(file_pkg.c.pid)
+        .select_from(PCT.join(file_pkg, true()))
+        .where(*copy_rule)
+        .distinct()
+        .subquery("candidates")
+    )
+    qualifying = list(
+        session.scalars(
+            select(RDP.c.id).where(RDP.c.id.in_(select(candidates.c.pid)), *package_rule)
+        )
+    )
+    if not qualifying:
+        return False
+    pkg_ids = bindparam("qualifying_ids", value=qualifying, type_=ARRAY(BigInteger))
+    # The UPDATE keeps the whole rule (state may have moved since the SELECT) and is
+    # restricted to the qualifying packages' files.
+    copy_rule.append(
+        PCT.c.raw_data_file_id.in_(
+            select(RDF.c.id).where(RDF.c.raw_data_package_id == any_(pkg_ids))
+        )
+    )
+    package_rule.append(RDP.c.id == any_(pkg_ids))
+    return True
+
+
+def _mark_and_group(session: Session, stmt: Any) -> list[tuple[Any, Any, Any, Any]]:
+    """Run the marking UPDATE; returns (package id, location id, copies marked, bytes) per
+    package and location, for one audit row each, not one per file (a package has
+    thousands)."""
+    returning = stmt.returning(PCT.c.raw_data_file_id, PCT.c.data_location_id, PCT.c.size)
+    if is_postgresql(session):
+        # The UPDATE and the grouping in one statement: a million marked copies need not
+        # travel to Python.
+        marked = returning.cte("marked")
+        return session.execute(
+            select(
+                RDF.c.raw_data_package_id,
+                marked.c.data_location_id,
+                func.count(),
+                func.coalesce(func.sum(marked.c.size), 0),
+            )
+            .select_from(marked.outerjoin(RDF, RDF.c.id == marked.c.raw_data_file_id))
+            .group_by(RDF.c.raw_data_package_id, marked.c.data_location_id)
+        ).all()
+    returned = session.execute(returning).all()
+    file_pkg: dict[Any, Any] = {}
+    file_ids = [r[0] for r in returned]
+    for start in range(0, len(file_ids), 10000):
+        file_pkg.update(
+            session.execute(
+                select(RDF.c.id, RDF.c.raw_data_package_id).where(
+                    RDF.c.id.in_(file_ids[start : start + 10000])
+                )
+            ).all()
+        )
+    acc: dict[tuple[Any, int], list[int]] = defaultdict(lambda: [0, 0])
+    for file_id, loc_id, size in returned:
+        a = acc[(file_pkg.get(file_id), loc_id)]
+        a[0] += 1
+        a[1] += int(size or 0)
+    return [(pkg, loc, n, size) for (pkg, loc), (n, size) in acc.items()]
+
+
+def _audit_marked(session: Session, groups: list[tuple[Any, Any, Any, Any]]) -> None:
+    """One MARKED_POSSIBLE row per package and location."""
+    locations = {loc.id: loc for loc in session.scalars(select(m.DataLocation))}
+    rows = [
+        _log_row(
+            None,
+            COPY_TYPE_RAW_DATA_FILE,
+            locations.get(loc_id),
+            int(size or 0),
+            "parent_package_archived",
+            m.DeletionOutcome.MARKED_POSSIBLE,
+            f"{n} raw file copies of package {pkg_id} -> DELETION_POSSIBLE",
+        )
+        for pkg_id, loc_id, n, size in groups
+    ]
+    _write_log_rows(session, rows)

@@ -1,0 +1,315 @@
+"""The five scheduling steps of a deletion cycle, in the document's order:
+
+1. :func:`delete_data_transfer_packages` - DataTransferPackages from buffers;
+2. :func:`delete_raw_data_packages_bulk` - RawDataPackages from SOURCE-site and LTA-site
+   buffers;
+3. :func:`delete_processing_raw_data_files` - raw files at PROCESSING locations;
+4. :func:`delete_staged_raw_data_files_from_processing` - files of STAGED packages;
+5. :func:`process_deletion_possible_raw_data_files` - stage 2 of source-site raw files.
+
+Each step finds candidates (``deletion.candidates``), claims them in batches and submits
+one task per batch (``deletion.claims``, ``deletion.worker``).
+
+Room in the house: the deletion manager; imports the other ``deletion`` modules below it,
+``database`` and ``ccat_ops_db``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from ccat_data_transfer.database import is_postgresql
+from ccat_data_transfer.deletion.base import (
+    COPY_TYPE_DATA_TRANSFER_PACKAGE,
+    COPY_TYPE_RAW_DATA_FILE,
+    COPY_TYPE_RAW_DATA_PACKAGE,
+    LT,
+    PCT,
+    S,
+)
+from ccat_data_transfer.deletion.candidates import (
+    EXPIRED,
+    _active_locations,
+    _deletable_package_copies,
+    _deletion_possible_selection,
+    _oldest_under_pressure,
+    _processing_file_ids,
+    _retention_cutoff,
+    _staged_file_ids,
+    _staged_package_copies,
+)
+from ccat_data_transfer.deletion.claims import (
+    _Candidate,
+    _claim_expired,
+    _schedule,
+    _submit,
+)
+from ccat_data_transfer.deletion.pressure import (
+    _batch_size,
+    _cycle_limit,
+    _state_from,
+    _Statuses,
+    bytes_to_free,
+    should_delete_based_on_buffer_status,
+)
+from ccat_data_transfer.deletion.rules import _decide_dtp_copy, _decide_rdp_copy
+from ccat_data_transfer.deletion.trail import (
+    _add_deletion_log,
+    _batch_row,
+    _copy_size,
+    _write_log_rows,
+)
+from ccat_data_transfer.deletion.worker import (
+    delete_bulk_data_transfer_packages,
+    delete_bulk_raw_data_files,
+    delete_bulk_raw_data_packages,
+)
+from ccat_ops_db import models as m
+
+
+def _schedule_package_copies(
+    session: Session,
+    copy_cls: type[m.PhysicalCopy],
+    decide: Any,
+    copy_type: str,
+    task: Any,
+    statuses: _Statuses,
+    location_ids: list[int] | None = None,
+) -> int:
+    found = _deletable_package_copies(session, copy_cls, decide, location_ids=location_ids)
+    total = 0
+    for loc, items in found.items():
+        state = statuses.state(loc)
+        candidates = [
+            _Candidate(c.id, copy_type, _copy_size(c), d.reason, d.code) for c, d in items
+        ]
+        total += _schedule(session, loc, candidates, task, (S.PRESENT,), _batch_size(state))
+    return total
+
+
+def delete_data_transfer_packages(
+    session: Session, statuses: _Statuses | None = None, location_ids: list[int] | None = None
+) -> int:
+    """Step 1: schedule deletion of DataTransferPackages from buffers (matrix rows
+    "DataTransferPackage / SOURCE buffer" and "/ LTA site buffer")."""
+    statuses = statuses or _Statuses(session)
+    return _schedule_package_copies(
+        session,
+        m.DataTransferPackagePhysicalCopy,
+        _decide_dtp_copy,
+        COPY_TYPE_DATA_TRANSFER_PACKAGE,
+        delete_bulk_data_transfer_packages,
+        statuses,
+        location_ids,
+    )
+
+
+def delete_raw_data_packages_bulk(
+    session: Session, statuses: _Statuses | None = None, location_ids: list[int] | None = None
+) -> int:
+    """Step 2: schedule deletion of RawDataPackages from SOURCE-site and LTA-site buffers in
+    bulk: find (rule per copy), claim PRESENT -> DELETION_SCHEDULED per batch with one
+    UPDATE, commit, one task per batch per location.  When a copy leaves the source site
+    the worker marks the package's raw files DELETION_POSSIBLE."""
+    statuses = statuses or _Statuses(session)
+    return _schedule_package_copies(
+        session,
+        m.RawDataPackagePhysicalCopy,
+        _decide_rdp_copy,
+        COPY_TYPE_RAW_DATA_PACKAGE,
+        delete_bulk_raw_data_packages,
+        statuses,
+        location_ids,
+    )
+
+
+def delete_processing_raw_data_files(
+    session: Session, statuses: _Statuses | None = None, location_ids: list[int] | None = None
+) -> int:
+    """Step 3: schedule deletion of PRESENT raw-file copies at PROCESSING locations that no
+    active StagingJob references (all jobs using them have ``active=False``)."""
+    statuses = statuses or _Statuses(session)
+    total = 0
+    for loc in _active_locations(session, [LT.PROCESSING], location_ids):
+        state = statuses.state(loc)
+        rows = _processing_file_ids(session, loc, [S.PRESENT], _cycle_limit(state))
+        candidates = [
+            _Candidate(
+                i,
+                COPY_TYPE_RAW_DATA_FILE,
+                size,
+                "no active StagingJob references it",
+                "no_active_staging_job",
+            )
+            for i, size in rows
+        ]
+        total += _schedule(
+            session, loc, candidates, delete_bulk_raw_data_files, (S.PRESENT,), _batch_size(state)
+        )
+    return total
+
+
+def delete_staged_raw_data_files_from_processing(
+    session: Session, statuses: _Statuses | None = None, location_ids: list[int] | None = None
+) -> int:
+    """Step 4: for STAGED package copies at PROCESSING locations whose staging jobs are all
+    inactive, schedule bulk deletion of their raw-file copies; a package copy whose files
+    are all gone becomes DELETED."""
+    statuses = statuses or _Statuses(session)
+    total = 0
+    for loc in _active_locations(session, [LT.PROCESSING], location_ids):
+        state = statuses.state(loc)
+        staged = _staged_package_copies(session, loc)
+        if not staged:
+            continue
+        rows = _staged_file_ids(
+            session, loc, [c.raw_data_package_id for c in staged], _cycle_limit(state)
+        )
+        candidates = [
+            _Candidate(
+                i,
+                COPY_TYPE_RAW_DATA_FILE,
+                size,
+                "staging jobs inactive (STAGED package cleanup)",
+                "staging_job_inactive",
+            )
+            for i, size in rows
+        ]
+        total += _schedule(
+            session,
+            loc,
+            candidates,
+            delete_bulk_raw_data_files,
+            (S.PRESENT, S.STAGED),
+            _batch_size(state),
+        )
+        _finish_staged_packages(session, loc)
+    return total
+
+
+def _finish_staged_packages(session: Session, location: m.DataLocation) -> int:
+    """STAGED package copies (jobs inactive) with no raw-file copy left at the location
+    -> DELETED (the tar was already removed when staging finished)."""
+    done = 0
+    rdf = m.RawDataFile.__table__
+    for copy in _staged_package_copies(session, location):
+        remaining = session.scalar(
+            select(func.count())
+            .select_from(PCT)
+            .join(rdf, rdf.c.id == PCT.c.raw_data_file_id)
+            .where(
+                PCT.c.type == COPY_TYPE_RAW_DATA_FILE,
+                PCT.c.data_location_id == location.id,
+                PCT.c.status != S.DELETED,
+                rdf.c.raw_data_package_id == copy.raw_data_package_id,
+            )
+        )
+        if remaining:
+            continue
+        res = session.execute(
+            update(PCT)
+            .where(PCT.c.id == copy.id, PCT.c.status == S.STAGED)
+            .values(status=S.DELETED, deleted_at=m.utcnow())
+        )
+        if res.rowcount:
+            _add_deletion_log(
+                session,
+                copy,
+                "all raw files of the STAGED package deleted; staging jobs inactive",
+                reason="staging_job_inactive",
+                outcome=m.DeletionOutcome.DELETED,
+            )
+            done += 1
+    session.commit()
+    session.expire_all()
+    return done
+
+
+def _schedule_deletion_possible_bulk(
+    session: Session,
+    location: m.DataLocation,
+    status: dict[str, Any],
+    limit: int | None,
+    batch_size: int,
+) -> int:
+    """PostgreSQL form of :func:`_deletion_possible_selection` + :func:`_schedule`, with
+    the same result: the expired copies are claimed straight from the rule's selectable
+    (:func:`_claim_expired`), without a Python object per copy, and audited with one
+    SCHEDULED row per batch (as the other path does for stage 2).  Under pressure, the
+    oldest others follow through :func:`_schedule`, which needs a running sum of bytes."""
+    cutoff = _retention_cutoff(location)
+    pressure = should_delete_based_on_buffer_status(location, status)
+    # Computed before the claim, as in the other path: bytes_to_free subtracts what is
+    # already scheduled, and the expired copies are subtracted below.
+    needed = bytes_to_free(session, location, status) if pressure else 0
+    sizes = dict(_claim_expired(session, location, cutoff, limit))
+    ids = sorted(sizes)
+    chunks = [ids[start : start + batch_size] for start in range(0, len(ids), batch_size)]
+    if chunks:
+        rows = [
+            _batch_row(
+                location,
+                COPY_TYPE_RAW_DATA_FILE,
+                chunk,
+                sum(int(sizes[i] or 0) for i in chunk),
+                EXPIRED[1],
+                EXPIRED[0],
+            )
+            for chunk in chunks
+        ]
+        _write_log_rows(session, rows)
+        session.commit()  # before submitting: in embedded mode the task runs inline
+        _submit(delete_bulk_raw_data_files, location, chunks)
+        session.expire_all()
+    scheduled = len(ids)
+    if not pressure:
+        return scheduled
+    needed -= sum(int(size or 0) for size in sizes.values())
+    room = None if limit is None else limit - scheduled
+    others = _oldest_under_pressure(session, location, cutoff, needed, room)
+    return scheduled + _schedule(
+        session,
+        location,
+        others,
+        delete_bulk_raw_data_files,
+        (S.DELETION_POSSIBLE,),
+        batch_size,
+        audit_per_batch=True,
+    )
+
+
+def process_deletion_possible_raw_data_files(
+    session: Session, statuses: _Statuses | None = None, location_ids: list[int] | None = None
+) -> int:
+    """Stage 2 (step 5): DELETION_POSSIBLE raw-file copies whose retention has expired
+    (``retention_period_minutes`` of the location, else RETENTION_PERIOD_MINUTES) are
+    scheduled; under disk pressure the oldest others too, until exactly the bytes needed
+    are freed.  Safety (package ARCHIVED and PRESENT at an LTA) is part of the query."""
+    statuses = statuses or _Statuses(session)
+    total = 0
+    # Every location is asked (the partial index ix_physical_copy_deletion_possible answers
+    # an empty one at once); a DISTINCT over every DELETION_POSSIBLE row would grow with
+    # the history.
+    bulk = is_postgresql(session)
+    for loc in _active_locations(session, [LT.SOURCE, LT.BUFFER], location_ids):
+        status = statuses.get(loc)
+        state = _state_from(status)
+        if bulk:
+            total += _schedule_deletion_possible_bulk(
+                session, loc, status, _cycle_limit(state), _batch_size(state)
+            )
+            continue
+        candidates = _deletion_possible_selection(session, loc, status, _cycle_limit(state))
+        total += _schedule(
+            session,
+            loc,
+            candidates,
+            delete_bulk_raw_data_files,
+            (S.DELETION_POSSIBLE,),
+            _batch_size(state),
+            audit_per_batch=True,
+        )
+    return total

@@ -1,0 +1,185 @@
+"""The deletion audit trail: every decision, as a ``deletion_log`` row (time, copy id and
+type, location, size, reason code, outcome, actor, message) and a JSON log line.
+
+Rows are written per copy (decisions, the worker's DELETED / SKIPPED / FAILED), per batch
+(bulk scheduling: one row lists its copies in ``copy_ids``) or per package and location
+(stage 1); :func:`deletion_history` gathers both kinds for one copy.
+
+Room in the house: core of the deletion stage; imports ``deletion.base`` and
+``ccat_ops_db``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session
+
+from ccat_data_transfer.deletion.base import log
+from ccat_ops_db import models as m
+
+
+def _copy_size(copy: m.PhysicalCopy) -> int | None:
+    if copy.size is not None:
+        return int(copy.size)
+    thing = _thing_of(copy)
+    return int(thing.size) if thing is not None and thing.size is not None else None
+
+
+def _thing_of(copy: m.PhysicalCopy) -> Any:
+    if isinstance(copy, m.RawDataFilePhysicalCopy):
+        return copy.raw_data_file
+    if isinstance(copy, m.RawDataPackagePhysicalCopy):
+        return copy.raw_data_package
+    if isinstance(copy, m.DataTransferPackagePhysicalCopy):
+        return copy.data_transfer_package
+    return None
+
+
+def _copy_path(copy: m.PhysicalCopy) -> str | None:
+    if copy.relative_path:
+        return copy.relative_path
+    thing = _thing_of(copy)
+    return getattr(thing, "relative_path", None)
+
+
+_EVENTS = {
+    m.DeletionOutcome.SCHEDULED: "physical_copy_deletion_scheduled",
+    m.DeletionOutcome.DELETED: "physical_copy_deleted",
+    m.DeletionOutcome.FAILED: "physical_copy_deletion_failed",
+    m.DeletionOutcome.SKIPPED: "physical_copy_deletion_skipped",
+    m.DeletionOutcome.MARKED_POSSIBLE: "physical_copy_deletion_possible",
+}
+
+
+def _log_row(
+    copy_id: int | None,
+    copy_type: str | None,
+    location: m.DataLocation | None,
+    size: int | None,
+    reason: str,
+    outcome: m.DeletionOutcome,
+    message: str | None,
+    actor: str = "deletion_manager",
+) -> dict[str, Any]:
+    fields = {
+        "physical_copy_id": copy_id,
+        "copy_type": copy_type,
+        "location": location.name if location is not None else None,
+        "size_bytes": size,
+        "reason": reason,
+        "outcome": outcome.name,
+    }
+    logger = log.warning if outcome in (m.DeletionOutcome.FAILED,) else log.info
+    logger(_EVENTS[outcome], message=message, **fields)
+    return {
+        "created_at": m.utcnow(),
+        "physical_copy_id": copy_id,
+        "copy_type": copy_type,
+        "data_location_id": location.id if location is not None else None,
+        "location_name": location.name if location is not None else None,
+        "size_bytes": size,
+        "reason": reason[:128],
+        "outcome": outcome,
+        "actor": actor,
+        "message": message,
+    }
+
+
+def _write_log_rows(session: Session, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        session.execute(insert(m.DeletionLog), rows)
+
+
+def _log_batch_scheduled(
+    location: m.DataLocation, copy_type: str, ids: Sequence[int], size: int, code: str
+) -> None:
+    """The one JSON log line for copies scheduled together (the ``deletion_log`` rows are
+    written per batch by :func:`_batch_row`, or per copy by the PostgreSQL claim)."""
+    log.info(
+        _EVENTS[m.DeletionOutcome.SCHEDULED],
+        copies=len(ids),
+        first_physical_copy_id=ids[0],
+        last_physical_copy_id=ids[-1],
+        copy_type=copy_type,
+        location=location.name,
+        size_bytes=size,
+        reason=code,
+        outcome=m.DeletionOutcome.SCHEDULED.name,
+    )
+
+
+def _batch_row(
+    location: m.DataLocation,
+    copy_type: str,
+    ids: list[int],
+    size: int,
+    code: str,
+    reason: str,
+    actor: str = "deletion_manager",
+) -> dict[str, Any]:
+    """One SCHEDULED audit row (and one JSON log line) for a batch of copies scheduled
+    together for the same reason; ``copy_ids`` lists them."""
+    _log_batch_scheduled(location, copy_type, ids, size, code)
+    return {
+        "created_at": m.utcnow(),
+        "physical_copy_id": None,
+        "copy_type": copy_type,
+        "data_location_id": location.id,
+        "location_name": location.name,
+        "size_bytes": size,
+        "reason": code[:128],
+        "outcome": m.DeletionOutcome.SCHEDULED,
+        "actor": actor,
+        "message": f"{len(ids)} copies scheduled together: {reason}",
+        "copy_ids": json.dumps(ids, separators=(",", ":")),
+    }
+
+
+def deletion_history(session: Session, copy_id: int) -> list[m.DeletionLog]:
+    """Every ``deletion_log`` row about one copy, oldest first: its own rows (decisions
+    per copy, and the worker's DELETED / SKIPPED / FAILED) and the batch rows of bulk
+    scheduling that list it in ``copy_ids``."""
+    dl = m.DeletionLog
+    rows = list(session.scalars(select(dl).where(dl.physical_copy_id == copy_id)))
+    copy = session.get(m.PhysicalCopy, copy_id)
+    if copy is not None:
+        batches = session.scalars(
+            select(dl).where(
+                dl.data_location_id == copy.data_location_id,
+                dl.created_at >= copy.created_at,
+                dl.physical_copy_id.is_(None),
+                dl.copy_ids.is_not(None),
+                dl.copy_ids.contains(str(copy_id)),  # a cheap pre-filter; exact below
+            )
+        )
+        rows += [r for r in batches if copy_id in json.loads(r.copy_ids or "[]")]
+    return sorted(rows, key=lambda r: r.id)
+
+
+def _add_deletion_log(
+    session: Session,
+    physical_copy: m.PhysicalCopy,
+    message: str,
+    *,
+    reason: str | None = None,
+    outcome: m.DeletionOutcome = m.DeletionOutcome.DELETED,
+    actor: str = "deletion_manager",
+) -> None:
+    """Add deletion log entry for audit trail: a ``deletion_log`` row (time, copy id and
+    type, location, size, reason, outcome, actor, message) and one JSON log line with the
+    fields of the document's example."""
+    row = _log_row(
+        physical_copy.id,
+        physical_copy.type,
+        physical_copy.data_location,
+        _copy_size(physical_copy),
+        reason or message,
+        outcome,
+        message,
+        actor,
+    )
+    _write_log_rows(session, [row])

@@ -1,0 +1,322 @@
+"""The deletion worker: the Celery tasks that delete copies where the data is.
+
+Every task runs :func:`_delete_physical_copies` in three phases:
+
+1. :func:`_recheck_and_claim` (DB): the rule is checked again against the database
+   (``deletion.rules``, ``deletion.rule_sql``); a copy whose rule no longer holds goes
+   back to PRESENT / DELETION_POSSIBLE with a SKIPPED row, the rest move to
+   DELETION_IN_PROGRESS;
+2. :func:`_delete_from_storage` (storage): delete each claimed copy's bytes; a
+   LONG_TERM_ARCHIVE is refused as a last guard;
+3. :func:`_record_outcomes` (DB): DELETED with ``deleted_at``, or DELETION_FAILED (retry
+   count + 1, error kept) for a later cycle to retry, and the audit rows; a package gone
+   from the source site starts stage 1 for its raw files (``deletion.marking``).
+
+Task names are explicit strings under ``ccat_data_transfer.deletion_manager`` (the names
+workers and queued messages know).
+
+Room in the house: tasks; imports ``celery_app``, ``storage`` (at run time), ``database``,
+``exceptions`` and the ``deletion`` core modules (base, rules, rule_sql, trail, marking,
+candidates for loading copies), never the manager's steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from celery import Task
+from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from ccat_data_transfer.celery_app import app
+from ccat_data_transfer.database import DatabaseConnection
+from ccat_data_transfer.deletion.base import (
+    COPY_TYPE_RAW_DATA_PACKAGE,
+    LT,
+    PCT,
+    WORKER_ACCEPTS,
+    S,
+    log,
+)
+from ccat_data_transfer.deletion.candidates import _load_copies
+from ccat_data_transfer.deletion.marking import mark_raw_data_files_for_deletion
+from ccat_data_transfer.deletion.rule_sql import _file_copies_still_deletable
+from ccat_data_transfer.deletion.rules import (
+    Decision,
+    SiteRoles,
+    _delete,
+    _is_source_site_location,
+    _keep,
+    decide_copy,
+    site_roles,
+)
+from ccat_data_transfer.deletion.trail import _copy_path, _copy_size, _log_row, _write_log_rows
+from ccat_data_transfer.exceptions import RetryableError
+from ccat_ops_db import models as m
+
+
+class DeletionTask(Task):
+    """Base class of deletion tasks: late acknowledgement (a crashed worker's task is
+    redelivered; the body is idempotent), automatic retry with exponential backoff for
+    transient errors (database unreachable), and a log line on final failure.  Storage
+    errors are not retried here: the copy goes DELETION_FAILED and a later cycle
+    reschedules it, up to DELETION_MAX_RETRIES."""
+
+    abstract = True
+    acks_late = True
+    autoretry_for = (OperationalError, RetryableError)
+    retry_backoff = True
+    retry_backoff_max = 600
+    retry_jitter = True
+    max_retries = 3
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        log.error(
+            "deletion_task_failed", task=self.name, task_id=task_id, args=args, error=str(exc)
+        )
+
+
+def _revert_status(copy: m.PhysicalCopy) -> m.PhysicalCopyStatus:
+    if (
+        isinstance(copy, m.RawDataFilePhysicalCopy)
+        and copy.deletion_possible_at is not None
+        and copy.data_location.location_type in (LT.SOURCE, LT.BUFFER)
+    ):
+        return S.DELETION_POSSIBLE
+    return S.PRESENT
+
+
+def _recheck(
+    session: Session, copy: m.PhysicalCopy, roles: SiteRoles, file_ok: set[int]
+) -> Decision:
+    """The rule, checked again at execution time (``file_ok``: the raw-file copies whose
+    set-based rule holds now)."""
+    loc = copy.data_location
+    if loc.location_type == LT.LONG_TERM_ARCHIVE:
+        return _keep("never delete from a LONG_TERM_ARCHIVE (worker guard)", "long_term_archive")
+    if copy.lost_at is not None:
+        return _keep("the copy is marked lost", "lost")
+    if isinstance(copy, m.RawDataFilePhysicalCopy):
+        if copy.id not in file_ok:
+            return _keep("rule no longer holds at execution time", "rule_no_longer_holds")
+        return _delete(
+            "rule re-checked by the worker",
+            "no_active_staging_job"
+            if loc.location_type == LT.PROCESSING
+            else "parent_package_archived",
+        )
+    return decide_copy(session, copy, roles)
+
+
+def _recheck_and_claim(
+    session: Session, ids: list[int], actor: str, summary: dict[str, int]
+) -> list[dict[str, Any]]:
+    """Phase 1 (DB): re-check every copy; skip (and revert) those whose rule no longer
+    holds; move the rest to DELETION_IN_PROGRESS.  Returns what to delete, as plain data."""
+    copies = [c for c in _load_copies(session, ids) if c.status in WORKER_ACCEPTS]
+    roles = site_roles(session)
+    file_ok = _file_copies_still_deletable(
+        session, [c.id for c in copies if isinstance(c, m.RawDataFilePhysicalCopy)]
+    )
+    go: dict[int, m.PhysicalCopy] = {}
+    why: dict[int, str] = {}  # the rule that allows each deletion, for the audit trail
+    logs: list[dict[str, Any]] = []
+    for c in copies:
+        decision = _recheck(session, c, roles, file_ok)
+        if decision.deletable:
+            go[c.id] = c
+            why[c.id] = decision.code or "rule_holds"
+            continue
+        back = _revert_status(c)
+        session.execute(
+            update(PCT)
+            .where(PCT.c.id == c.id, PCT.c.status.in_(list(WORKER_ACCEPTS)))
+            .values(status=back, deletion_scheduled_at=None)
+        )
+        logs.append(
+            _log_row(
+                c.id,
+                c.type,
+                c.data_location,
+                _copy_size(c),
+                decision.code or "rule_no_longer_holds",
+                m.DeletionOutcome.SKIPPED,
+                f"{decision.reason}; back to {back.name}",
+                actor,
+            )
+        )
+        summary["skipped"] += 1
+    claimed: set[int] = set()
+    if go:
+        claimed = set(
+            session.execute(
+                update(PCT)
+                .where(PCT.c.id.in_(list(go)), PCT.c.status.in_(list(WORKER_ACCEPTS)))
+                .values(status=S.DELETION_IN_PROGRESS)
+                .returning(PCT.c.id)
+            ).scalars()
+        )
+    targets = [
+        {
+            "id": cid,
+            "type": go[cid].type,
+            "location_id": go[cid].data_location_id,
+            "location": go[cid].data_location,
+            "path": _copy_path(go[cid]),
+            "size": _copy_size(go[cid]),
+            "package_id": getattr(go[cid], "raw_data_package_id", None),
+            "reason": why.get(cid, "rule_holds"),
+        }
+        for cid in sorted(claimed)
+    ]
+    _write_log_rows(session, logs)
+    return targets
+
+
+def _delete_from_storage(
+    targets: list[dict[str, Any]],
+) -> list[tuple[dict[str, Any], bool, str]]:
+    """Phase 2 (storage): delete each target's bytes; (target, ok, message) each."""
+    from ccat_data_transfer.storage import storage_for_location
+
+    storages: dict[int, Any] = {}
+    outcomes: list[tuple[dict[str, Any], bool, str]] = []
+    for t in targets:
+        try:
+            if not t["path"]:
+                raise ValueError("copy has no relative path")
+            if t["location"].location_type == LT.LONG_TERM_ARCHIVE:  # unreachable; last guard
+                raise PermissionError("refusing to delete from a LONG_TERM_ARCHIVE")
+            if t["location_id"] not in storages:
+                storages[t["location_id"]] = storage_for_location(t["location"])
+            existed = storages[t["location_id"]].delete(t["path"])
+            outcomes.append((t, True, "deleted" if existed else "object was already absent"))
+        except Exception as exc:  # any storage failure: record, a later cycle retries
+            outcomes.append((t, False, f"{type(exc).__name__}: {exc}"))
+    return outcomes
+
+
+def _record_outcomes(
+    session: Session,
+    outcomes: list[tuple[dict[str, Any], bool, str]],
+    actor: str,
+    summary: dict[str, int],
+) -> None:
+    """Phase 3 (DB): DELETED or DELETION_FAILED, the audit rows, and stage 1 for packages
+    gone from the source site."""
+    ok_ids = [t["id"] for t, ok, _ in outcomes if ok]
+    if ok_ids:
+        session.execute(
+            update(PCT)
+            .where(PCT.c.id.in_(ok_ids), PCT.c.status == S.DELETION_IN_PROGRESS)
+            .values(status=S.DELETED, deleted_at=m.utcnow(), last_error=None)
+        )
+    logs = []
+    source_packages: list[int] = []
+    roles = site_roles(session)
+    for t, ok, message in outcomes:
+        loc = t["location"]
+        if ok:
+            summary["deleted"] += 1
+            reason, outcome = t.get("reason", "rule_holds"), m.DeletionOutcome.DELETED
+            if t["type"] == COPY_TYPE_RAW_DATA_PACKAGE and _is_source_site_location(loc, roles):
+                source_packages.append(t["package_id"])
+        else:
+            summary["failed"] += 1
+            reason, outcome = "storage_error", m.DeletionOutcome.FAILED
+            session.execute(
+                update(PCT)
+                .where(PCT.c.id == t["id"], PCT.c.status == S.DELETION_IN_PROGRESS)
+                .values(
+                    status=S.DELETION_FAILED,
+                    deletion_retry_count=PCT.c.deletion_retry_count + 1,
+                    last_error=message[:2000],
+                )
+            )
+        logs.append(_log_row(t["id"], t["type"], loc, t["size"], reason, outcome, message, actor))
+    _write_log_rows(session, logs)
+    if source_packages:
+        # Side effect of the document: a package gone from the source site makes its
+        # raw files DELETION_POSSIBLE (stage 1), in one bulk UPDATE.
+        mark_raw_data_files_for_deletion(session, source_packages)
+
+
+def _delete_physical_copies(
+    physical_copy_ids: Sequence[int], actor: str = "deletion_worker"
+) -> dict[str, int]:
+    """Body of every deletion task: double-check, delete from storage, record."""
+    summary = {"deleted": 0, "skipped": 0, "failed": 0}
+    ids = [int(i) for i in physical_copy_ids]
+    if not ids:
+        return summary
+    db = DatabaseConnection()
+    with db.session_scope() as session:
+        targets = _recheck_and_claim(session, ids, actor, summary)
+    if not targets:
+        return summary
+    outcomes = _delete_from_storage(targets)
+    with db.session_scope() as session:
+        _record_outcomes(session, outcomes, actor, summary)
+    return summary
+
+
+def _delete_bulk_raw_data_files_internal(
+    physical_copy_ids: Sequence[int], queue_name: str | None = None
+) -> dict[str, int]:
+    """The actual work of a bulk deletion: load the batch, re-check every rule against the
+    DB in one query per rule (copies whose rule no longer holds go back to
+    PRESENT / DELETION_POSSIBLE with a SKIPPED log), move the rest to
+    DELETION_IN_PROGRESS, delete from storage, then mark DELETED (``deleted_at``) or
+    DELETION_FAILED (retry count + 1, error kept) and write the audit trail."""
+    return _delete_physical_copies(physical_copy_ids)
+
+
+@app.task(
+    bind=True, base=DeletionTask, name="ccat_data_transfer.deletion_manager.delete_physical_copy"
+)
+def delete_physical_copy(
+    self: Task, physical_copy_id: int, queue_name: str | None = None
+) -> dict[str, int]:
+    """Delete one physical copy that is DELETION_SCHEDULED (the rule is checked again here
+    before storage is touched; nothing happens if it no longer holds)."""
+    return _delete_physical_copies([physical_copy_id])
+
+
+@app.task(
+    bind=True,
+    base=DeletionTask,
+    name="ccat_data_transfer.deletion_manager.delete_bulk_raw_data_files",
+)
+def delete_bulk_raw_data_files(
+    self: Task, physical_copy_ids: list[int], queue_name: str | None = None
+) -> dict[str, int]:
+    """Delete a batch of raw-file copies at one location (one task per batch)."""
+    return _delete_bulk_raw_data_files_internal(physical_copy_ids, queue_name)
+
+
+@app.task(
+    bind=True,
+    base=DeletionTask,
+    name="ccat_data_transfer.deletion_manager.delete_bulk_raw_data_packages",
+)
+def delete_bulk_raw_data_packages(
+    self: Task, physical_copy_ids: list[int], queue_name: str | None = None
+) -> dict[str, int]:
+    """Delete a batch of RawDataPackage copies at one location."""
+    return _delete_physical_copies(physical_copy_ids)
+
+
+@app.task(
+    bind=True,
+    base=DeletionTask,
+    name="ccat_data_transfer.deletion_manager.delete_bulk_data_transfer_packages",
+)
+def delete_bulk_data_transfer_packages(
+    self: Task, physical_copy_ids: list[int], queue_name: str | None = None
+) -> dict[str, int]:
+    """Delete a batch of DataTransferPackage copies at one location."""
+    return _delete_physical_copies(physical_copy_ids)
