@@ -49,6 +49,7 @@ from ccat_data_transfer.deletion.steps import (
 )
 from ccat_data_transfer.deletion.worker import delete_bulk_raw_data_files
 from ccat_data_transfer.logging_utils import configure_logging
+from ccat_data_transfer.manager_state import get_state, put_state
 from ccat_ops_db import models as m
 
 
@@ -155,15 +156,13 @@ def mark_catch_up(session: Session, location_ids: list[int] | None = None) -> in
         ]
     )
     now = m.utcnow()
-    row = session.get(m.ManagerState, key) if interval > 0 else None
+    row = get_state(session, key) if interval > 0 else None
     if row is not None and row.updated_at > now - timedelta(seconds=interval):
         return 0
     marked = mark_raw_data_files_for_deletion(session, location_ids=location_ids)
     if interval > 0:
-        if row is None:
-            session.add(m.ManagerState(key=key, value=str(marked), updated_at=now))
-        else:
-            row.value, row.updated_at = str(marked), now
+        # An upsert: another manager of the same scope may have written the row since.
+        put_state(session, key, str(marked), now)
     return marked
 
 
