@@ -31,8 +31,8 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import timedelta
+from typing import NamedTuple
 
 from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
@@ -133,8 +133,7 @@ def _staged_copy_intact(
     return True
 
 
-@dataclass(frozen=True)
-class _PackagePlan:
+class _PackagePlan(NamedTuple):
     """What staging one package needs, read from the database in one session."""
 
     files: list[FileRecord]
@@ -218,19 +217,12 @@ def stage_package(db: DatabaseConnection, package_id: int, location_id: int) -> 
         plan = _plan_package(db, package_id, location_id)
         if plan is None:
             return "reused"
-        dest_storage, tar_path = plan.dest_storage, plan.tar_path
+        files, dest_storage, dest_name, sources, tar_path, checksum, size = plan
         source = copy_from_best_lta(
-            db,
-            package_id,
-            plan.sources,
-            dest_storage,
-            tar_path,
-            plan.checksum,
-            plan.size,
-            plan.dest_name,
+            db, package_id, sources, dest_storage, tar_path, checksum, size, dest_name
         )
         try:
-            extracted = extract_and_verify(dest_storage, tar_path, plan.files, package_id)
+            extracted = extract_and_verify(dest_storage, tar_path, files, package_id)
         except BaseException:
             dest_storage.delete(tar_path)
             raise
@@ -245,9 +237,9 @@ def stage_package(db: DatabaseConnection, package_id: int, location_id: int) -> 
         log.info(
             "package_staged",
             raw_data_package_id=package_id,
-            location=plan.dest_name,
+            location=dest_name,
             source_location=source.location_name,
-            size_bytes=plan.size,
+            size_bytes=size,
             files=len(extracted),
         )
         return "staged"

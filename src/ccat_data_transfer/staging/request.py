@@ -66,22 +66,28 @@ def naive_utc(value: datetime | str | None, what: str) -> datetime | None:
     return value
 
 
-def _by_id_or_name(session: Session, model: Any, ident: str | int, name_column: Any) -> Any:
-    """The row of ``model`` that ``ident`` names: by primary key when an int, else by
-    ``name_column`` (None when there is none).  Staging requests may name locations, users
-    and obs units either way."""
+def _find(session: Session, model: Any, ident: Any, name_column: Any, unknown: str) -> Any:
+    """The row of ``model`` that ``ident`` is or names: the row itself, by primary key when
+    an int, else by ``name_column``; NotFoundError(``unknown``) when there is none.
+    Staging requests may name locations, users and obs units either way."""
+    if isinstance(ident, model):
+        return ident
     if isinstance(ident, int):
-        return session.get(model, ident)
-    return session.scalars(select(model).where(name_column == ident)).one_or_none()
+        row = session.get(model, ident)
+    else:
+        row = session.scalars(select(model).where(name_column == ident)).one_or_none()
+    if row is None:
+        raise NotFoundError(unknown)
+    return row
 
 
 def resolve_location(session: Session, destination: str | int | m.DataLocation) -> m.DataLocation:
-    """The destination: an active PROCESSING location."""
+    """The destination: an active PROCESSING location (a DataLocation passed in is taken
+    as it is)."""
     if isinstance(destination, m.DataLocation):
         return destination
-    loc = _by_id_or_name(session, m.DataLocation, destination, m.DataLocation.name)
-    if loc is None:
-        raise NotFoundError(f"unknown data location {destination!r}; see `list-locations`")
+    unknown = f"unknown data location {destination!r}; see `list-locations`"
+    loc = _find(session, m.DataLocation, destination, m.DataLocation.name, unknown)
     if loc.location_type != LT.PROCESSING:
         raise ValidationError(
             f"destination {loc.name!r} is a {loc.location_type.value} location; "
@@ -93,12 +99,9 @@ def resolve_location(session: Session, destination: str | int | m.DataLocation) 
 
 
 def resolve_user(session: Session, user: str | int | m.User | None) -> m.User | None:
-    if user is None or isinstance(user, m.User):
-        return user
-    row = _by_id_or_name(session, m.User, user, m.User.username)
-    if row is None:
-        raise NotFoundError(f"unknown user {user!r}")
-    return row
+    if user is None:
+        return None
+    return _find(session, m.User, user, m.User.username, f"unknown user {user!r}")
 
 
 def _resolve_instrument(session: Session, instrument: str | int) -> m.Instrument:
@@ -115,12 +118,8 @@ def _resolve_instrument(session: Session, instrument: str | int) -> m.Instrument
 
 
 def _resolve_obs_unit(session: Session, eou: str | int | m.ExecutedObsUnit) -> m.ExecutedObsUnit:
-    if isinstance(eou, m.ExecutedObsUnit):
-        return eou
-    row = _by_id_or_name(session, m.ExecutedObsUnit, eou, m.ExecutedObsUnit.name)
-    if row is None:
-        raise NotFoundError(f"unknown executed obs unit {eou!r}")
-    return row
+    E = m.ExecutedObsUnit
+    return _find(session, E, eou, E.name, f"unknown executed obs unit {eou!r}")
 
 
 def select_packages(

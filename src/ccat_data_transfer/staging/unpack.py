@@ -94,18 +94,11 @@ def _verified_copy(
     """A new physical copy row of ``model`` for ``owner`` (the file or package):
     ``content`` is its (relative path, size, checksum), ``at`` the (location id, time) where
     and when it is created and verified."""
-    relative_path, size, checksum = content
     location_id, now = at
-    return model(
-        **owner,
-        data_location_id=location_id,
-        status=status,
-        relative_path=relative_path,
-        size=size,
-        checksum=checksum,
-        created_at=now,
-        verified_at=now,
-    )
+    values = dict(zip(("relative_path", "size", "checksum"), content, strict=True))
+    row = model(**owner, **values, status=status, data_location_id=location_id)
+    row.created_at = row.verified_at = now
+    return row
 
 
 def _mark_package_as_staged_and_cleanup(
