@@ -52,7 +52,7 @@ __all__ = [
 
 
 def in_chunks(items: Sequence[_T]) -> Iterator[Sequence[_T]]:
-    """``items`` in slices of :data:`IN_CHUNK` (one ``IN (...)`` list each)."""
+    """``items`` in slices of ``IN_CHUNK`` (one ``IN (...)`` list each)."""
     for i in range(0, len(items), IN_CHUNK):
         yield items[i : i + IN_CHUNK]
 

@@ -1,6 +1,6 @@
 """Staging one package at one PROCESSING location: the body of the staging task.
 
-Room in the house: :func:`stage_package` in three named phases - :func:`_plan_package`
+Room in the house: :func:`stage_package` in three named phases - ``_plan_package``
 (read the database: is the package already here, is it being deleted, where can it come
 from), fetch and unpack (:mod:`~ccat_data_transfer.staging.sources`,
 :mod:`~ccat_data_transfer.staging.unpack`), and record it as STAGED.  May import: the
