@@ -1,4 +1,5 @@
-"""Stage 6, staging: the name the user's document, the README and the CLI use.
+"""Stage 6, staging: the old module name, which the user's document, the docs, the tests and
+the CLI use.
 
 Room in the house: a thin re-export of the :mod:`ccat_data_transfer.staging` package (no
 logic here); importing it also registers the staging task with Celery (it is listed in
