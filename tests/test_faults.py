@@ -36,6 +36,7 @@ from ccat_data_transfer.audit import run_audit
 from ccat_data_transfer.celery_app import app
 from ccat_data_transfer.database import dispose_engines
 from ccat_data_transfer.filing import finish_executed_obs_unit
+from ccat_data_transfer.staging import task as staging_task
 from ccat_data_transfer.storage import S3Storage
 from ccat_ops_db import models as m
 from ccat_ops_db.topology import load_topology
@@ -517,14 +518,14 @@ def test_two_managers_of_each_kind_at_once_do_every_piece_of_work_once(system, m
 
     monkeypatch.setattr(storage_mod.DiskStorage, "delete", counting_delete)
     staged_runs: Counter[int] = Counter()
-    original_run_job = staging_manager._run_job
+    original_run_job = staging_task._run_job
 
     def counting_run_job(db: Any, job_id: int) -> Any:
         with lock:
             staged_runs[job_id] += 1
         return original_run_job(db, job_id)
 
-    monkeypatch.setattr(staging_manager, "_run_job", counting_run_job)
+    monkeypatch.setattr(staging_task, "_run_job", counting_run_job)
     errors: list[BaseException] = []
     try:
         kinds = [

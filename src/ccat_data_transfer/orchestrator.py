@@ -339,7 +339,7 @@ def run_demo(
 
 def _start_staging_job(session: Session) -> int | None:
     """A scientist asks for the first archived observation at the processing site."""
-    from ccat_data_transfer.staging_manager import create_staging_job
+    from ccat_data_transfer.staging.jobs import create_staging_job
 
     pkg = session.scalars(
         select(m.RawDataPackage)
@@ -369,7 +369,7 @@ def _staging_progress(session: Session, job_id: int | None) -> str | None:
 
 
 def _finish_staging_job(session: Session, job_id: int | None) -> None:
-    from ccat_data_transfer.staging_manager import deactivate_staging_job
+    from ccat_data_transfer.staging.retention import deactivate_staging_job
 
     if job_id is not None:
         deactivate_staging_job(session, job_id)

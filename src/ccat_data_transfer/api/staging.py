@@ -8,21 +8,24 @@ unknown things 404, refused requests 400, someone else's job 403.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer import staging_manager
 from ccat_data_transfer.api.auth import Principal, require_role
 from ccat_data_transfer.api.deps import get_session
 from ccat_data_transfer.exceptions import CcatError, NotFoundError
+from ccat_data_transfer.staging import jobs, retention
 
 router = APIRouter(prefix="/api/v1/staging-jobs", tags=["staging"])
 
-_scientist = require_role("scientist")
+SessionDep = Annotated[Session, Depends(get_session)]
+Scientist = Annotated[Principal, Depends(require_role("scientist"))]
 
 
 class StagingJobRequest(BaseModel):
@@ -39,76 +42,57 @@ class StagingJobRequest(BaseModel):
     name: str | None = Field(default=None, max_length=256)
 
 
-def _http(exc: CcatError) -> HTTPException:
-    code = status.HTTP_404_NOT_FOUND if isinstance(exc, NotFoundError) else 400
-    return HTTPException(status_code=code, detail=str(exc))
+@contextmanager
+def _http_errors() -> Iterator[None]:
+    """Our errors as a 4xx with the reason: unknown things 404, refused requests 400."""
+    try:
+        yield
+    except CcatError as exc:
+        code = status.HTTP_404_NOT_FOUND if isinstance(exc, NotFoundError) else 400
+        raise HTTPException(status_code=code, detail=str(exc)) from None
 
 
 @router.post(
     "", status_code=status.HTTP_201_CREATED, responses={400: {}, 401: {}, 403: {}, 404: {}}
 )
 def create_job(
-    request: StagingJobRequest,
-    session: Session = Depends(get_session),
-    principal: Principal = Depends(_scientist),
+    request: StagingJobRequest, session: SessionDep, principal: Scientist
 ) -> dict[str, Any]:
     """Create a staging job; the staging manager picks it up on its next cycle."""
-    try:
-        job = staging_manager.create_staging_job(
-            session,
-            package_ids=request.package_ids,
-            executed_obs_unit=request.executed_obs_unit,
-            instrument=request.instrument,
-            start=request.start,
-            end=request.end,
-            destination=request.destination,
-            retention_minutes=request.retention_minutes,
-            name=request.name,
-            user=principal.user_id,
-        )
-    except CcatError as exc:
-        raise _http(exc) from None
-    return staging_manager.job_as_dict(job)
+    with _http_errors():
+        # The request's fields are create_staging_job's keyword arguments, one for one.
+        job = jobs.create_staging_job(session, **request.model_dump(), user=principal.user_id)
+    return jobs.job_as_dict(job)
 
 
 @router.get("", responses={401: {}, 403: {}})
 def list_jobs(
+    session: SessionDep,
+    principal: Scientist,
     active: bool | None = Query(default=None, description="only (in)active jobs"),
     mine: bool = Query(default=False, description="only my jobs"),
     limit: int = Query(default=100, ge=1, le=1000),
-    session: Session = Depends(get_session),
-    principal: Principal = Depends(_scientist),
 ) -> list[dict[str, Any]]:
     """Staging jobs, newest first, with their progress."""
-    jobs = staging_manager.list_staging_jobs(
+    found = jobs.list_staging_jobs(
         session, active=active, user=principal.username if mine else None, limit=limit
     )
-    return [staging_manager.job_as_dict(j) for j in jobs]
+    return [jobs.job_as_dict(j) for j in found]
 
 
 @router.get("/{job_id}", responses={401: {}, 403: {}, 404: {}})
-def get_job(
-    job_id: int,
-    session: Session = Depends(get_session),
-    _principal: Principal = Depends(_scientist),
-) -> dict[str, Any]:
+def get_job(job_id: int, session: SessionDep, _principal: Scientist) -> dict[str, Any]:
     """One staging job: status, progress, packages, expiry."""
-    try:
-        return staging_manager.job_as_dict(staging_manager.get_staging_job(session, job_id))
-    except CcatError as exc:
-        raise _http(exc) from None
+    with _http_errors():
+        return jobs.job_as_dict(jobs.get_staging_job(session, job_id))
 
 
 @router.post("/{job_id}/done", responses={401: {}, 403: {}, 404: {}})
-def job_done(
-    job_id: int,
-    session: Session = Depends(get_session),
-    principal: Principal = Depends(_scientist),
-) -> dict[str, Any]:
+def job_done(job_id: int, session: SessionDep, principal: Scientist) -> dict[str, Any]:
     """Mark the job done (inactive): its files are cleaned up once no other active job
     at that location needs them.  Idempotent."""
-    try:
-        job = staging_manager.get_staging_job(session, job_id)
+    with _http_errors():
+        job = jobs.get_staging_job(session, job_id)
         if (
             job.user_id is not None
             and job.user_id != principal.user_id
@@ -118,7 +102,5 @@ def job_done(
                 status_code=status.HTTP_403_FORBIDDEN,
                 detail=f"staging job {job_id} belongs to another user",
             )
-        job = staging_manager.deactivate_staging_job(session, job_id)
-    except CcatError as exc:
-        raise _http(exc) from None
-    return staging_manager.job_as_dict(job)
+        job = retention.deactivate_staging_job(session, job_id)
+    return jobs.job_as_dict(job)

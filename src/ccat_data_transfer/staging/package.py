@@ -1,0 +1,245 @@
+"""Staging one package at one PROCESSING location: the body of the staging task.
+
+Room in the house: :func:`stage_package` in three named phases - ``_plan_package``
+(read the database: is the package already here, is it being deleted, where can it come
+from), fetch and unpack (:mod:`~ccat_data_transfer.staging.sources`,
+:mod:`~ccat_data_transfer.staging.unpack`), and record it as STAGED.  May import: the
+staging finders, sources and unpack modules, storage, config, database, exceptions,
+logging, ``ccat_ops_db``.
+
+For one package at one location the task holds a small lock row (``manager_state`` key
+``staging_lock:<package>:<location>``) so that two jobs never stage the same package into
+the same place at once, and:
+
+1. reuses a STAGED copy already at the location if every file is still on disk with its
+   size (files shared by jobs at one location are one set of copies); a copy whose files
+   vanished behind the database's back is staged again (recovery);
+2. waits (:class:`StagingBusy`, retry later) while the deletion manager is deleting that
+   package's files there;
+3. otherwise picks the LTA copies in the order of
+   :func:`~ccat_data_transfer.staging.sources.select_lta_copies` and copies the tar from
+   the first that works, verifying its checksum;
+4. unpacks and verifies every file, and records the package as STAGED.
+
+A PROCESSING location must be a disk location (files are unpacked into a filesystem).
+Two different files with the same relative path (from two SOURCE locations) cannot both
+be staged to one location: the second is refused with a clear reason.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import NamedTuple
+
+from sqlalchemy import delete, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ccat_data_transfer.config.config import settings
+from ccat_data_transfer.database import DatabaseConnection
+from ccat_data_transfer.exceptions import PermanentError, RetryableError
+from ccat_data_transfer.logging_utils import get_logger
+from ccat_data_transfer.staging.finders import (
+    DELETING,
+    FileRecord,
+    file_copies_at,
+    package_copies_at,
+    package_files,
+    path_conflicts,
+)
+from ccat_data_transfer.staging.sources import Source, copy_from_best_lta, select_lta_copies
+from ccat_data_transfer.staging.unpack import (
+    _mark_package_as_staged_and_cleanup,
+    extract_and_verify,
+)
+from ccat_data_transfer.storage import (
+    DiskStorage,
+    Storage,
+    StorageUnavailableError,
+    storage_for_location,
+)
+from ccat_ops_db import models as m
+
+log = get_logger(__name__)
+
+S = m.PhysicalCopyStatus
+
+__all__ = ["StagingBusy", "stage_package"]
+
+
+class StagingBusy(RetryableError):
+    """Someone else is staging or deleting this package at this location: try later."""
+
+
+@contextmanager
+def _package_lock(db: DatabaseConnection, package_id: int, location_id: int) -> Iterator[None]:
+    """Exclusive right to stage one package into one location (a ``manager_state`` row).
+
+    A lock older than ``STALLED_WORK_TIMEOUT_SECONDS`` (a killed worker) is taken over."""
+    key = f"staging_lock:{package_id}:{location_id}"
+    token = uuid.uuid4().hex
+    now = m.utcnow()
+    acquired = False
+    try:
+        with db.session_scope() as s:
+            s.add(m.ManagerState(key=key, value=token, updated_at=now))
+            s.flush()
+        acquired = True
+    except IntegrityError:
+        stale = now - timedelta(seconds=float(settings.get("STALLED_WORK_TIMEOUT_SECONDS", 3600)))
+        with db.session_scope() as s:
+            acquired = (
+                s.execute(
+                    update(m.ManagerState)
+                    .where(m.ManagerState.key == key, m.ManagerState.updated_at < stale)
+                    .values(value=token, updated_at=now)
+                    .execution_options(synchronize_session=False)
+                ).rowcount
+                == 1
+            )
+    if not acquired:
+        raise StagingBusy(f"package {package_id} is being staged to this location by another job")
+    try:
+        yield
+    finally:
+        with db.session_scope() as s:
+            s.execute(
+                delete(m.ManagerState).where(
+                    m.ManagerState.key == key, m.ManagerState.value == token
+                )
+            )
+
+
+def _staged_copy_intact(
+    session: Session, package_id: int, location_id: int, files: list[FileRecord], storage: Storage
+) -> bool:
+    """A STAGED copy is recorded here and every file is on disk with its size."""
+    if not package_copies_at(session, package_id, location_id, [S.STAGED]):
+        return False
+    present = {
+        c.raw_data_file_id: c
+        for c in file_copies_at(session, [f.id for f in files], location_id, [S.PRESENT])
+    }
+    for f in files:
+        copy = present.get(f.id)
+        if copy is None:
+            return False
+        info = storage.stat(copy.relative_path or f.relative_path)
+        if info is None or info.size != f.size:
+            return False
+    return True
+
+
+class _PackagePlan(NamedTuple):
+    """What staging one package needs, read from the database in one session."""
+
+    files: list[FileRecord]
+    dest_storage: DiskStorage
+    dest_name: str
+    sources: list[Source]
+    tar_path: str
+    checksum: str
+    size: int
+
+
+def _plan_package(db: DatabaseConnection, package_id: int, location_id: int) -> _PackagePlan | None:
+    """The database phase: None when an intact STAGED copy is already there (reuse);
+    raises :class:`StagingBusy` while the deletion manager removes the package there,
+    PermanentError when it cannot be staged there at all."""
+    with db.session_scope() as s:
+        package = s.get(m.RawDataPackage, package_id)
+        dest = s.get(m.DataLocation, location_id)
+        if package is None or dest is None:
+            raise PermanentError(f"package {package_id} or location {location_id} vanished")
+        files = package_files(s, package_id)
+        dest_storage = storage_for_location(dest)
+        deleting = package_copies_at(s, package_id, location_id, DELETING) or (
+            file_copies_at(s, [f.id for f in files], location_id, DELETING)
+        )
+        if deleting:
+            raise StagingBusy(
+                f"the deletion manager is removing package {package_id} from {dest.name}"
+            )
+        try:
+            if _staged_copy_intact(s, package_id, location_id, files, dest_storage):
+                log.info(
+                    "package_staging_reused",
+                    raw_data_package_id=package_id,
+                    location=dest.name,
+                )
+                return None
+        except StorageUnavailableError as exc:
+            raise RetryableError(f"PROCESSING location {dest.name} unavailable: {exc}") from exc
+        conflicts = path_conflicts(s, files, location_id)
+        if conflicts:
+            raise PermanentError(
+                f"cannot stage package {package_id} to {dest.name}: path(s) already used "
+                f"there by other files: {', '.join(conflicts[:5])}"
+            )
+        sources = [
+            Source(
+                c.id,
+                c.data_location_id,
+                c.data_location.name,
+                c.relative_path or package.relative_path,
+            )
+            for c in select_lta_copies(s, package, dest)
+        ]
+        tar_path = package.relative_path
+        checksum = (package.checksum or "").lower()
+        size = package.size
+        dest_name = dest.name
+    if not isinstance(dest_storage, DiskStorage):
+        raise PermanentError(
+            f"PROCESSING location {dest_name} is not a disk location; staging unpacks files "
+            "into a filesystem"
+        )
+    if not sources:
+        raise PermanentError(f"package {package_id} has no usable long-term archive copy")
+    if not checksum:
+        raise PermanentError(f"package {package_id} has no recorded checksum to verify against")
+    return _PackagePlan(files, dest_storage, dest_name, sources, tar_path, checksum, size)
+
+
+def stage_package(db: DatabaseConnection, package_id: int, location_id: int) -> str:
+    """Make one package available, unpacked, at one PROCESSING location.
+
+    Returns ``"reused"`` (already STAGED there, files intact) or ``"staged"``.  Raises
+    :class:`StagingBusy` (retry soon),
+    :class:`~ccat_data_transfer.exceptions.RetryableError` (every LTA unreachable,
+    destination full) or :class:`~ccat_data_transfer.exceptions.PermanentError` (no good
+    copy, records inconsistent).
+    """
+    with _package_lock(db, package_id, location_id):
+        plan = _plan_package(db, package_id, location_id)
+        if plan is None:
+            return "reused"
+        files, dest_storage, dest_name, sources, tar_path, checksum, size = plan
+        source = copy_from_best_lta(
+            db, package_id, sources, dest_storage, tar_path, checksum, size, dest_name
+        )
+        try:
+            extracted = extract_and_verify(dest_storage, tar_path, files, package_id)
+        except BaseException:
+            dest_storage.delete(tar_path)
+            raise
+        with db.session_scope() as s:
+            _mark_package_as_staged_and_cleanup(
+                s,
+                package=s.get(m.RawDataPackage, package_id),
+                location=s.get(m.DataLocation, location_id),
+                storage=dest_storage,
+                extracted=extracted,
+            )
+        log.info(
+            "package_staged",
+            raw_data_package_id=package_id,
+            location=dest_name,
+            source_location=source.location_name,
+            size_bytes=size,
+            files=len(extracted),
+        )
+        return "staged"

@@ -1,0 +1,195 @@
+"""Fetching a package from a long-term archive: which LTA copy, and a verified copy.
+
+Room in the house: the storage side of staging's first step.  :func:`select_lta_copies`
+orders the candidates; :func:`copy_from_best_lta` streams the tar from the first that
+works into the PROCESSING location while hashing it, and moves on when one is down,
+lacks the object or is corrupt.  May import: the staging finders, storage, config,
+database, exceptions, logging, ``ccat_ops_db``.
+
+LTA copy selection order
+------------------------
+Only PRESENT, not lost copies at active LONG_TERM_ARCHIVE locations are candidates,
+ordered by: 1. the destination's own site first, 2. the order of the setting
+``STAGING_PREFERRED_SITES`` (site names or short names; unlisted sites after),
+3. ``DataLocation.priority`` (lower first), 4. location name.  Reachability is found out by
+trying: the next candidate is used when one is down, lacks the object or is corrupt.
+
+A checksum mismatch is logged as ``staging_source_corrupt`` and noted on the copy's
+``last_error``; a missing object likewise (``staging_source_missing``).  Every candidate
+unreachable is retryable; every candidate missing or corrupt is permanent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from ccat_data_transfer.config.config import settings
+from ccat_data_transfer.database import DatabaseConnection
+from ccat_data_transfer.exceptions import PermanentError, RetryableError
+from ccat_data_transfer.logging_utils import get_logger
+from ccat_data_transfer.staging.finders import usable_lta_copy
+from ccat_data_transfer.storage import (
+    CHUNK_SIZE,
+    ObjectNotFound,
+    Storage,
+    StorageError,
+    StorageFullError,
+    StorageUnavailableError,
+    storage_for_location,
+)
+from ccat_ops_db import models as m
+
+log = get_logger(__name__)
+
+__all__ = ["CorruptCopy", "Source", "copy_from_best_lta", "copy_verified", "select_lta_copies"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """One candidate LTA copy of a package, as plain data (read in one session, used
+    after it)."""
+
+    copy_id: int
+    location_id: int
+    location_name: str
+    relative_path: str
+
+
+class CorruptCopy(Exception):
+    """The bytes copied do not match the package's checksum or size."""
+
+
+def _preferred_sites() -> list[str]:
+    value = settings.get("STAGING_PREFERRED_SITES", []) or []
+    if isinstance(value, str):
+        value = [v for v in value.split(",")]
+    return [str(v).strip().lower() for v in value if str(v).strip()]
+
+
+def select_lta_copies(
+    session: Session, package: m.RawDataPackage, destination: m.DataLocation | None = None
+) -> list[m.RawDataPackagePhysicalCopy]:
+    """The usable LTA copies of ``package``, best first (see the module's selection order)."""
+    PC = m.RawDataPackagePhysicalCopy
+    copies = session.scalars(
+        select(PC)
+        .join(m.DataLocation, m.DataLocation.id == PC.data_location_id)
+        .where(PC.raw_data_package_id == package.id, *usable_lta_copy(PC, m.DataLocation))
+    ).all()
+    preferred = _preferred_sites()
+
+    def rank(copy: m.RawDataPackagePhysicalCopy) -> tuple[int, int, int, str, int]:
+        loc = copy.data_location
+        own = 0 if destination is not None and loc.site_id == destination.site_id else 1
+        names = (loc.site.name.lower(), loc.site.short_name.lower())
+        pref = next((i for i, s in enumerate(preferred) if s in names), len(preferred))
+        return (own, pref, loc.priority or 0, loc.name, copy.id)
+
+    return sorted(copies, key=rank)
+
+
+def copy_from_best_lta(
+    db: DatabaseConnection,
+    package_id: int,
+    sources: list[Source],
+    dest_storage: Storage,
+    tar_path: str,
+    checksum: str,
+    size: int,
+    dest_name: str,
+) -> Source:
+    """Copy the tar from the first LTA copy that is reachable, present and correct."""
+    unreachable: list[str] = []
+    bad: list[str] = []
+    for src in sources:
+        try:
+            with db.session_scope() as s:
+                src_storage = storage_for_location(s.get(m.DataLocation, src.location_id))
+            copy_verified(src_storage, src.relative_path, dest_storage, tar_path, checksum, size)
+            return src
+        except StorageFullError as exc:
+            raise RetryableError(f"PROCESSING location {dest_name} is full: {exc}") from exc
+        except ObjectNotFound as exc:
+            bad.append(f"{src.location_name}: missing")
+            _source_problem(db, package_id, src, "staging_source_missing", "missing", exc)
+        except CorruptCopy as exc:
+            bad.append(f"{src.location_name}: {exc}")
+            _source_problem(db, package_id, src, "staging_source_corrupt", "corrupt", exc)
+        except (StorageUnavailableError, StorageError, OSError) as exc:
+            unreachable.append(f"{src.location_name}: {exc}")
+            _source_problem(db, package_id, src, "staging_source_unavailable", None, exc)
+    if unreachable:
+        raise RetryableError(
+            f"package {package_id}: no long-term archive copy could be read "
+            f"({'; '.join(unreachable + bad)})"
+        )
+    raise PermanentError(
+        f"package {package_id}: every long-term archive copy is missing or corrupt "
+        f"({'; '.join(bad)})"
+    )
+
+
+def _source_problem(
+    db: DatabaseConnection,
+    package_id: int,
+    src: Source,
+    event: str,
+    noted_as: str | None,
+    exc: BaseException,
+) -> None:
+    """Log why ``src`` could not serve (an error for a corrupt copy, else a warning) and,
+    for a copy that is ``missing`` or ``corrupt`` (``noted_as``), note it on the copy's
+    ``last_error``.  An unreachable archive says nothing about the copy itself."""
+    level = log.error if noted_as == "corrupt" else log.warning
+    level(
+        event,
+        raw_data_package_id=package_id,
+        physical_copy_id=src.copy_id,
+        location=src.location_name,
+        reason=str(exc),
+    )
+    if noted_as is None:
+        return
+    with db.session_scope() as s:
+        s.execute(
+            update(m.PhysicalCopy)
+            .where(m.PhysicalCopy.id == src.copy_id)
+            .values(last_error=f"{m.utcnow().isoformat()} {noted_as} when staging: {exc}"[:2000])
+            .execution_options(synchronize_session=False)
+        )
+
+
+def copy_verified(
+    src: Storage, src_path: str, dst: Storage, dst_path: str, checksum: str, size: int
+) -> None:
+    """Stream ``src_path`` to ``dst_path`` while hashing; a mismatch removes the copy."""
+    h = hashlib.sha256()
+    written = 0
+    buf = bytearray(CHUNK_SIZE)
+    mv = memoryview(buf)
+    with src.open_read(src_path) as r, dst.open_write(dst_path) as w:
+        readinto = getattr(r, "readinto", None)
+        while True:
+            if readinto is not None:
+                n = readinto(mv)
+                data: Any = mv[:n]
+            else:
+                data = r.read(CHUNK_SIZE)
+                n = len(data)
+            if not n:
+                break
+            h.update(data)
+            w.write(data)
+            written += n
+    digest = h.hexdigest()
+    if digest != checksum or (size and written != size):
+        dst.delete(dst_path)
+        raise CorruptCopy(
+            f"checksum mismatch after copying ({written} bytes, sha256 {digest[:16]}..., "
+            f"expected {checksum[:16]}... / {size} bytes)"
+        )

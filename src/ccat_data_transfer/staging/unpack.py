@@ -1,0 +1,163 @@
+"""Unpacking a fetched package at a PROCESSING location, and recording it as STAGED.
+
+Room in the house: staging's last two steps for one package.  :func:`extract_and_verify`
+unpacks the tar with :func:`~ccat_data_transfer.tarutil.safe_extract` and checks every
+file's SHA-256 and size against its RawDataFile;
+:func:`_mark_package_as_staged_and_cleanup` then writes one RawDataFilePhysicalCopy
+PRESENT per file, deletes the tar and marks the RawDataPackagePhysicalCopy at the
+location STAGED.  Physical copy rows are never deleted; re-staging after a deletion adds
+new rows.  May import: the staging finders, storage, tarutil, exceptions, logging,
+``ccat_ops_db``.
+
+Path layout at PROCESSING
+-------------------------
+Files lie at ``<RawDataFile.relative_path>`` under the location root (the tar's members
+are exactly these paths).  The tar is placed temporarily at
+``<RawDataPackage.relative_path>`` (``raw_data_packages/<instrument>/<module>/<file>``)
+and removed once unpacked; the STAGED package copy records that path.
+"""
+
+from __future__ import annotations
+
+import errno
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from ccat_data_transfer.exceptions import PermanentError, RetryableError
+from ccat_data_transfer.logging_utils import get_logger
+from ccat_data_transfer.staging.finders import FileRecord, file_copies_at, package_copies_at
+from ccat_data_transfer.storage import DiskStorage, Storage
+from ccat_data_transfer.tarutil import ExtractedMember, TarUtilError, safe_extract
+from ccat_ops_db import models as m
+
+log = get_logger(__name__)
+
+S = m.PhysicalCopyStatus
+
+__all__ = ["_mark_package_as_staged_and_cleanup", "extract_and_verify"]
+
+
+def extract_and_verify(
+    storage: DiskStorage, tar_path: str, files: list[FileRecord], package_id: int
+) -> list[tuple[FileRecord, ExtractedMember]]:
+    """Unpack the tar at the location root; every recorded file must come out intact."""
+    local_tar = storage.local_path(tar_path)
+    assert local_tar is not None
+    try:
+        members = safe_extract(local_tar, storage.root, overwrite=True)
+    except TarUtilError as exc:
+        raise PermanentError(f"package {package_id}: cannot unpack: {exc}") from exc
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RetryableError(f"no space left unpacking package {package_id}: {exc}") from exc
+        raise
+    by_name = {mem.arcname: mem for mem in members}
+    problems: list[str] = []
+    pairs: list[tuple[FileRecord, ExtractedMember]] = []
+    for f in files:
+        mem = by_name.pop(f.relative_path, None)
+        if mem is None:
+            problems.append(f"{f.relative_path}: not in the package")
+        elif mem.sha256 != f.checksum or mem.size != f.size:
+            problems.append(f"{f.relative_path}: sha256/size differ from the record")
+        else:
+            pairs.append((f, mem))
+    extra = sorted(by_name)
+    if extra:
+        problems.append(f"unrecorded member(s) {', '.join(extra[:5])}")
+    if problems:
+        for mem in members:
+            rel = Path(mem.path).relative_to(storage.root).as_posix()
+            storage.delete(rel)
+        log.error(
+            "staging_files_mismatch",
+            raw_data_package_id=package_id,
+            reason="; ".join(problems[:10]),
+        )
+        raise PermanentError(
+            f"package {package_id}: unpacked files do not match their records: "
+            + "; ".join(problems[:5])
+        )
+    return pairs
+
+
+def _verified_copy(
+    model: Any,
+    status: m.PhysicalCopyStatus,
+    content: tuple[str, int | None, str | None],
+    at: tuple[int, datetime],
+    **owner: Any,
+) -> Any:
+    """A new physical copy row of ``model`` for ``owner`` (the file or package):
+    ``content`` is its (relative path, size, checksum), ``at`` the (location id, time) where
+    and when it is created and verified."""
+    location_id, now = at
+    values = dict(zip(("relative_path", "size", "checksum"), content, strict=True))
+    row = model(**owner, **values, status=status, data_location_id=location_id)
+    row.created_at = row.verified_at = now
+    return row
+
+
+def _mark_package_as_staged_and_cleanup(
+    session: Session,
+    package: m.RawDataPackage,
+    location: m.DataLocation,
+    storage: Storage,
+    extracted: list[tuple[FileRecord, ExtractedMember]],
+) -> m.RawDataPackagePhysicalCopy:
+    """Record the unpacked files, delete the tar, mark the package copy STAGED.
+
+    STAGED means "unpacked and archive removed": every RawDataFile of the package has a
+    PRESENT RawDataFilePhysicalCopy at ``location`` (one per file and location, shared by
+    every job that uses it), and the tar that was copied in is gone.  Existing rows are
+    refreshed, missing ones added; rows are never deleted.
+    """
+    now = m.utcnow()
+    at = (location.id, now)
+    # The tar goes first: if the DB write then fails, a retry copies it again.
+    storage.delete(package.relative_path)
+
+    existing = {
+        c.raw_data_file_id: c
+        for c in file_copies_at(session, [f.id for f, _ in extracted], location.id, [S.PRESENT])
+    }
+    new_rows = []
+    for record, member in extracted:
+        copy = existing.get(record.id)
+        if copy is not None:
+            copy.verified_at = now
+            continue
+        content = (record.relative_path, member.size, member.sha256)
+        new_rows.append(
+            _verified_copy(
+                m.RawDataFilePhysicalCopy, S.PRESENT, content, at, raw_data_file_id=record.id
+            )
+        )
+    session.add_all(new_rows)
+
+    staged = package_copies_at(session, package.id, location.id, [S.STAGED, S.PRESENT])
+    if staged:
+        package_copy = staged[0]
+        package_copy.status = S.STAGED
+        package_copy.verified_at = now
+    else:
+        content = (package.relative_path, package.size, package.checksum)
+        package_copy = _verified_copy(
+            m.RawDataPackagePhysicalCopy, S.STAGED, content, at, raw_data_package_id=package.id
+        )
+        session.add(package_copy)
+    session.flush()
+    log.info(
+        "package_marked_staged",
+        physical_copy_id=package_copy.id,
+        copy_type="raw_data_package",
+        raw_data_package_id=package.id,
+        location=location.name,
+        size_bytes=package.size,
+        files_recorded=len(new_rows),
+        files_reused=len(existing),
+    )
+    return package_copy
