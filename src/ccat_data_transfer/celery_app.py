@@ -18,6 +18,7 @@ TASK_MODULES = [
     "ccat_data_transfer.archive_manager",
     "ccat_data_transfer.deletion_manager",
     "ccat_data_transfer.staging_manager",
+    "ccat_data_transfer.archive_proof",
 ]
 
 app = Celery("ccat_data_transfer")

@@ -11,6 +11,8 @@ class OperationType(enum.Enum):
     DATA_TRANSFER = "data_transfer"
     DATA_TRANSFER_UNPACKING = "data_transfer_unpacking"
     LONG_TERM_ARCHIVE_TRANSFER = "long_term_archive_transfer"
+    # Proof and fixity of archive copies, run by a worker at the archive's site.
+    ARCHIVE_VERIFICATION = "archive_verification"
     STAGING = "staging"
     DELETION = "deletion"
     BUFFER_MONITORING = "buffer_monitoring"

@@ -31,6 +31,7 @@ OPERATIONS_BY_LOCATION_TYPE: dict[m.LocationType, tuple[OperationType, ...]] = {
     m.LocationType.LONG_TERM_ARCHIVE: (
         OperationType.LONG_TERM_ARCHIVE_TRANSFER,
         OperationType.STAGING,
+        OperationType.ARCHIVE_VERIFICATION,
     ),
     m.LocationType.PROCESSING: (
         OperationType.STAGING,

@@ -268,6 +268,14 @@ class DataLocation(Base):
     critical_threshold_percent: Mapped[float | None] = mapped_column(Float)
     emergency_threshold_percent: Mapped[float | None] = mapped_column(Float)
     max_parallel_transfers: Mapped[int | None] = mapped_column(Integer)
+    # How many verified LTA copies a copy here needs before it may go (None: the setting
+    # MIN_VERIFIED_LTA_COPIES); read for SOURCE and BUFFER locations.
+    min_verified_lta_copies: Mapped[int | None] = mapped_column(Integer)
+    # Audit hold: set when an audit of this location found more discrepancies than
+    # AUDIT_MAX_DISCREPANCY_FRACTION.  While set, no deletion relies on copies here and no
+    # deletion runs here, until an operator clears it (`audit hold clear`).
+    audit_hold_at: Mapped[datetime | None]
+    audit_hold_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -406,6 +414,10 @@ class RawDataPackage(_PackageFile, Base):
     failure_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     archived_at: Mapped[datetime | None]
+    # Frozen: no good copy of the package is known anywhere (every archive copy corrupt or
+    # missing and nothing to repair from).  No copy of a frozen package is deleted.
+    frozen_at: Mapped[datetime | None]
+    frozen_reason: Mapped[str | None] = mapped_column(Text)
 
     executed_obs_unit: Mapped[ExecutedObsUnit] = relationship()
     instrument_module: Mapped[InstrumentModule] = relationship()
@@ -599,7 +611,14 @@ class PhysicalCopy(Base):
     size: Mapped[int | None] = mapped_column(BigInteger)
     checksum: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Last proof, taken where the bytes are (a worker at the copy's site): the object
+    # exists with the recorded size (and, when fixity_checked_at is set at the same time,
+    # its checksum was re-read).
     verified_at: Mapped[datetime | None]
+    # Last full re-read of the bytes with the checksum (the fixity scan).
+    fixity_checked_at: Mapped[datetime | None]
+    # A verification was queued at the copy's site and has not answered yet.
+    verification_requested_at: Mapped[datetime | None]
     # When the copy became DELETION_POSSIBLE (start of its retention clock).
     deletion_possible_at: Mapped[datetime | None]
     deletion_scheduled_at: Mapped[datetime | None]
@@ -661,6 +680,25 @@ class DeletionLog(Base):
     #: ``physical_copy_id``; it lists the copies it covers here, as a JSON array of ids.
     #: ``deletion_manager.deletion_history(session, copy_id)`` finds both kinds of row.
     copy_ids: Mapped[str | None] = mapped_column(Text)
+
+
+class ArchiveEvent(Base):
+    """Trail of what was learnt about archive copies and done about it: verifications,
+    fixity results, corruption or loss found, repairs (each step), freezes, audit holds."""
+
+    __tablename__ = "archive_event"
+    __table_args__ = (Index("ix_archive_event_package_time", "raw_data_package_id", "created_at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    #: What happened, e.g. VERIFIED, FIXITY_OK, CORRUPT, MISSING, REPAIR_STARTED, REPAIRED,
+    #: REPAIR_FAILED, FROZEN, HOLD_SET, HOLD_CLEARED.
+    event: Mapped[str] = mapped_column(String(32))
+    physical_copy_id: Mapped[int | None] = mapped_column(ForeignKey("physical_copy.id"), index=True)
+    raw_data_package_id: Mapped[int | None] = mapped_column(ForeignKey("raw_data_package.id"))
+    data_location_id: Mapped[int | None] = mapped_column(ForeignKey("data_location.id"))
+    actor: Mapped[str] = mapped_column(String(128), default="system")
+    message: Mapped[str | None] = mapped_column(Text)
 
 
 # ---------------------------------------------------------------------------------------

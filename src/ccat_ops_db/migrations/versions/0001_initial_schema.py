@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-12-01 14:10:45.159596
+Create Date: 2026-12-02 05:30:56.449440
 """
 
 from collections.abc import Sequence
@@ -178,6 +178,9 @@ def upgrade() -> None:
         sa.Column("critical_threshold_percent", sa.Float(), nullable=True),
         sa.Column("emergency_threshold_percent", sa.Float(), nullable=True),
         sa.Column("max_parallel_transfers", sa.Integer(), nullable=True),
+        sa.Column("min_verified_lta_copies", sa.Integer(), nullable=True),
+        sa.Column("audit_hold_at", sa.DateTime(), nullable=True),
+        sa.Column("audit_hold_reason", sa.Text(), nullable=True),
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("updated_at", sa.DateTime(), nullable=False),
         sa.Column("host", sa.String(length=256), nullable=True),
@@ -585,6 +588,8 @@ def upgrade() -> None:
         sa.Column("failure_reason", sa.Text(), nullable=True),
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("archived_at", sa.DateTime(), nullable=True),
+        sa.Column("frozen_at", sa.DateTime(), nullable=True),
+        sa.Column("frozen_reason", sa.Text(), nullable=True),
         sa.ForeignKeyConstraint(
             ["data_transfer_package_id"],
             ["data_transfer_package.id"],
@@ -796,6 +801,8 @@ def upgrade() -> None:
         sa.Column("checksum", sa.String(length=128), nullable=True),
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("verified_at", sa.DateTime(), nullable=True),
+        sa.Column("fixity_checked_at", sa.DateTime(), nullable=True),
+        sa.Column("verification_requested_at", sa.DateTime(), nullable=True),
         sa.Column("deletion_possible_at", sa.DateTime(), nullable=True),
         sa.Column("deletion_scheduled_at", sa.DateTime(), nullable=True),
         sa.Column("deleted_at", sa.DateTime(), nullable=True),
@@ -853,6 +860,46 @@ def upgrade() -> None:
             "ix_physical_copy_type_status_location",
             ["type", "status", "data_location_id"],
             unique=False,
+        )
+
+    op.create_table(
+        "archive_event",
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.Column("event", sa.String(length=32), nullable=False),
+        sa.Column(
+            "physical_copy_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True
+        ),
+        sa.Column("raw_data_package_id", sa.Integer(), nullable=True),
+        sa.Column("data_location_id", sa.Integer(), nullable=True),
+        sa.Column("actor", sa.String(length=128), nullable=False),
+        sa.Column("message", sa.Text(), nullable=True),
+        sa.ForeignKeyConstraint(
+            ["data_location_id"],
+            ["data_location.id"],
+            name=op.f("fk_archive_event_data_location_id_data_location"),
+        ),
+        sa.ForeignKeyConstraint(
+            ["physical_copy_id"],
+            ["physical_copy.id"],
+            name=op.f("fk_archive_event_physical_copy_id_physical_copy"),
+        ),
+        sa.ForeignKeyConstraint(
+            ["raw_data_package_id"],
+            ["raw_data_package.id"],
+            name=op.f("fk_archive_event_raw_data_package_id_raw_data_package"),
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_archive_event")),
+    )
+    with op.batch_alter_table("archive_event", schema=None) as batch_op:
+        batch_op.create_index(
+            batch_op.f("ix_archive_event_created_at"), ["created_at"], unique=False
+        )
+        batch_op.create_index(
+            "ix_archive_event_package_time", ["raw_data_package_id", "created_at"], unique=False
+        )
+        batch_op.create_index(
+            batch_op.f("ix_archive_event_physical_copy_id"), ["physical_copy_id"], unique=False
         )
 
     op.create_table(
@@ -918,6 +965,12 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_deletion_log_created_at"))
 
     op.drop_table("deletion_log")
+    with op.batch_alter_table("archive_event", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_archive_event_physical_copy_id"))
+        batch_op.drop_index("ix_archive_event_package_time")
+        batch_op.drop_index(batch_op.f("ix_archive_event_created_at"))
+
+    op.drop_table("archive_event")
     with op.batch_alter_table("physical_copy", schema=None) as batch_op:
         batch_op.drop_index("ix_physical_copy_type_status_location")
         batch_op.drop_index("ix_physical_copy_status_deleted_at")
