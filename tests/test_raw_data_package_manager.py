@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 from ccat_data_transfer import buffer_status, filing, tarutil
 from ccat_data_transfer import raw_data_package_manager as rdpm
 from ccat_data_transfer.database import DatabaseConnection
+from ccat_data_transfer.tarutil import writing as tar_writing
 from ccat_ops_db import models as m
 from helpers_pipeline import make_raw_files
 
@@ -186,7 +187,7 @@ def test_file_that_changes_while_being_read_leaves_no_package(system, monkeypatc
                 g.write(b"more")
         return f
 
-    monkeypatch.setattr(tarutil, "open", growing_open, raising=False)
+    monkeypatch.setattr(tar_writing, "open", growing_open, raising=False)
     summary = _run(system)
     assert summary["packages_created"] == 0 and summary["packages_failed"] == 1
     assert _packages(system) == []
