@@ -16,18 +16,20 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ccat_data_transfer.fileio import fadvise_sequential
-from ccat_data_transfer.storage.interface import (
-    CHUNK_SIZE,
-    ObjectInfo,
+from ccat_data_transfer.storage.errors import (
     ObjectNotFound,
-    Storage,
     StorageError,
     StorageFullError,
     StorageUnavailableError,
+    is_full,
+)
+from ccat_data_transfer.storage.interface import (
+    CHUNK_SIZE,
+    ObjectInfo,
+    Storage,
     Usage,
     _atomic_file,
     _copy_stream,
-    _is_full,
     is_temp_name,
     normalize_path,
 )
@@ -87,7 +89,7 @@ class DiskStorage(Storage):
         try:
             full.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            if _is_full(exc):
+            if is_full(exc):
                 raise StorageFullError(f"no space left creating {full.parent}: {exc}") from exc
             raise
         # Re-check after mkdir: a directory component could be a symlink created meanwhile.
@@ -180,7 +182,7 @@ class DiskStorage(Storage):
                             break
                         n += done
                 except OSError as exc:
-                    if _is_full(exc):
+                    if is_full(exc):
                         raise
                     if n:
                         raise

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from ccat_data_transfer.storage.disk import DiskStorage
-from ccat_data_transfer.storage.interface import Storage, StorageError
+from ccat_data_transfer.storage.errors import StorageError
+from ccat_data_transfer.storage.interface import Storage
 from ccat_data_transfer.storage.s3 import S3Storage
 
 __all__ = ["storage_for_location"]

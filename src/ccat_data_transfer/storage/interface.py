@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import errno
 import hashlib
 import io
 import os
@@ -42,15 +41,12 @@ from ccat_data_transfer.fileio import (
     file_size,
     fsync_dir,
 )
+from ccat_data_transfer.storage.errors import StorageFullError, is_full
 
 __all__ = [
     "CHUNK_SIZE",
     "ObjectInfo",
-    "ObjectNotFound",
     "Storage",
-    "StorageError",
-    "StorageFullError",
-    "StorageUnavailableError",
     "Usage",
     "is_temp_name",
     "normalize_path",
@@ -60,25 +56,6 @@ __all__ = [
 CHUNK_SIZE = 8 * 1024 * 1024
 
 _TEMP_MARK = ".tmp-"
-
-# errno values that mean "no room left": a full filesystem or an exhausted quota.
-_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-
-
-class StorageError(Exception):
-    """A storage operation failed."""
-
-
-class StorageFullError(StorageError):
-    """The storage has no space left (ENOSPC, quota exceeded, S3 storage full)."""
-
-
-class StorageUnavailableError(StorageError):
-    """The storage cannot be reached: S3 server down, bucket or root directory missing."""
-
-
-class ObjectNotFound(StorageError):
-    """The requested object does not exist."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,10 +124,6 @@ def _temp_name(final_name: str) -> str:
     return f".{final_name[:200]}{_TEMP_MARK}{uuid.uuid4().hex}"
 
 
-def _is_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS
-
-
 def _buffer_size(f: Any, chunk: int) -> int:
     """A read buffer for the rest of ``f``: ``chunk`` at most, but no bigger than what is
     left of a regular file (in whole 64 KiB), so small files are not read through a
@@ -214,7 +187,7 @@ def _atomic_file(directory: Path, name: str) -> Iterator[BinaryIO]:
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if _is_full(exc):
+        if is_full(exc):
             raise StorageFullError(f"no space left writing {directory / name}: {exc}") from exc
         raise
 

@@ -19,16 +19,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ccat_data_transfer.config.config import settings
+from ccat_data_transfer.storage import errors
 from ccat_data_transfer.storage.interface import (
     CHUNK_SIZE,
     ObjectInfo,
-    ObjectNotFound,
     Storage,
-    StorageError,
-    StorageFullError,
-    StorageUnavailableError,
     Usage,
-    _is_full,
     is_temp_name,
     normalize_path,
 )
@@ -102,7 +98,7 @@ class S3Storage(Storage):
     Credentials default to the settings ``S3_ACCESS_KEY_ID``, ``S3_SECRET_ACCESS_KEY`` and
     ``S3_REGION`` (set from the environment, never stored in the database).  The client
     gives up quickly (5 s connect timeout, 3 attempts) so an unreachable server surfaces as
-    :class:`StorageUnavailableError` instead of hanging a worker.
+    :class:`~ccat_data_transfer.storage.errors.StorageUnavailableError` instead of hanging a worker.
     """
 
     kind = "s3"
@@ -140,7 +136,7 @@ class S3Storage(Storage):
     def _where(self, key: str = "") -> str:
         return f"s3://{self.bucket}/{key} at {self.endpoint_url or 'AWS'}"
 
-    def _map_error(self, exc: Exception, key: str = "") -> StorageError:
+    def _map_error(self, exc: Exception, key: str = "") -> errors.StorageError:
         """Translate a botocore exception into our hierarchy."""
         from botocore.exceptions import (
             BotoCoreError,
@@ -157,27 +153,33 @@ class S3Storage(Storage):
             exc,
             EndpointConnectionError | ConnectionError | ConnectionClosedError | ReadTimeoutError,
         ):
-            return StorageUnavailableError(f"S3 server unreachable for {where}: {exc}")
+            return errors.StorageUnavailableError(f"S3 server unreachable for {where}: {exc}")
         if isinstance(exc, NoCredentialsError):
-            return StorageError(f"no S3 credentials configured for {where}")
+            return errors.StorageError(f"no S3 credentials configured for {where}")
         if isinstance(exc, ClientError):
             err = exc.response.get("Error", {})
             code = str(err.get("Code", ""))
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code in _S3_MISSING_BUCKET:
-                return StorageUnavailableError(f"bucket {self.bucket!r} does not exist ({where})")
+                return errors.StorageUnavailableError(
+                    f"bucket {self.bucket!r} does not exist ({where})"
+                )
             if code in _S3_NOT_FOUND or status == 404:
-                return ObjectNotFound(f"{where} not found")
+                return errors.ObjectNotFound(f"{where} not found")
             if code in _S3_FULL_CODES or status == 507:
-                return StorageFullError(f"S3 storage full writing {where}: {code}")
+                return errors.StorageFullError(f"S3 storage full writing {where}: {code}")
             if status is not None and status >= 500:
-                return StorageUnavailableError(f"S3 server error {status} {code} for {where}")
-            return StorageError(f"S3 error {code or status} for {where}: {err.get('Message', '')}")
+                return errors.StorageUnavailableError(
+                    f"S3 server error {status} {code} for {where}"
+                )
+            return errors.StorageError(
+                f"S3 error {code or status} for {where}: {err.get('Message', '')}"
+            )
         if isinstance(exc, BotoCoreError):
-            return StorageError(f"S3 client error for {where}: {exc}")
-        if isinstance(exc, OSError) and _is_full(exc):
-            return StorageFullError(f"no space left for {where}: {exc}")
-        return StorageError(f"S3 operation failed for {where}: {exc}")
+            return errors.StorageError(f"S3 client error for {where}: {exc}")
+        if isinstance(exc, OSError) and errors.is_full(exc):
+            return errors.StorageFullError(f"no space left for {where}: {exc}")
+        return errors.StorageError(f"S3 operation failed for {where}: {exc}")
 
     @contextlib.contextmanager
     def _errors(self, key: str = "") -> Iterator[None]:
@@ -204,14 +206,14 @@ class S3Storage(Storage):
             writer.finish()
         except BaseException as exc:
             writer.abort()
-            if isinstance(exc, StorageError):
+            if isinstance(exc, errors.StorageError):
                 raise
             from botocore.exceptions import BotoCoreError, ClientError
 
             if isinstance(exc, BotoCoreError | ClientError):
                 raise self._map_error(exc, key) from exc
-            if _is_full(exc):
-                raise StorageFullError(f"no space left writing {self._where(key)}") from exc
+            if errors.is_full(exc):
+                raise errors.StorageFullError(f"no space left writing {self._where(key)}") from exc
             raise
 
     def stat(self, path: str) -> ObjectInfo | None:
@@ -219,7 +221,7 @@ class S3Storage(Storage):
         try:
             with self._errors(key):
                 resp = self.client.head_object(Bucket=self.bucket, Key=key)
-        except ObjectNotFound:
+        except errors.ObjectNotFound:
             # HEAD has no error body, so a missing bucket is a bare 404 too; a vanished
             # bucket must not look like a lost object.
             self._check_bucket()
@@ -232,8 +234,8 @@ class S3Storage(Storage):
         try:
             with self._errors():
                 self.client.head_bucket(Bucket=self.bucket)
-        except ObjectNotFound as exc:
-            raise StorageUnavailableError(
+        except errors.ObjectNotFound as exc:
+            raise errors.StorageUnavailableError(
                 f"bucket {self.bucket!r} does not exist at {self.endpoint_url or 'AWS'}"
             ) from exc
 

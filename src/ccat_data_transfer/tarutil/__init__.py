@@ -11,35 +11,9 @@ A thin public face (imports only); the code lives in
 Room in the house: core.  Imported by the packaging, transfer and staging stages.
 """
 
-from ccat_data_transfer.tarutil.common import (
-    BLOCKSIZE,
-    DEFAULT_BUFSIZE,
-    CorruptTarError,
-    ExtractedMember,
-    TarEntry,
-    TarMember,
-    TarResult,
-    TarSourceChangedError,
-    TarUtilError,
-    UnsafeTarError,
-    sha256_file,
-)
-from ccat_data_transfer.tarutil.extraction import list_tar_members, safe_extract
-from ccat_data_transfer.tarutil.writing import write_tar_with_checksums
+from ccat_data_transfer.tarutil import common, extraction, writing
+from ccat_data_transfer.tarutil.common import *  # noqa: F403
+from ccat_data_transfer.tarutil.extraction import *  # noqa: F403
+from ccat_data_transfer.tarutil.writing import *  # noqa: F403
 
-__all__ = [
-    "BLOCKSIZE",
-    "CorruptTarError",
-    "DEFAULT_BUFSIZE",
-    "ExtractedMember",
-    "TarEntry",
-    "TarMember",
-    "TarResult",
-    "TarSourceChangedError",
-    "TarUtilError",
-    "UnsafeTarError",
-    "list_tar_members",
-    "safe_extract",
-    "sha256_file",
-    "write_tar_with_checksums",
-]
+__all__ = [*common.__all__, *writing.__all__, *extraction.__all__]
