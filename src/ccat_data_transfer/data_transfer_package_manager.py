@@ -287,21 +287,7 @@ def _build(db: DatabaseConnection, dtp_id: int) -> dict[str, Any]:
     except BaseException:
         storage.delete(work.relative_path)
         raise
-    log.info(
-        "data_transfer_package_created",
-        dtp_id=dtp_id,
-        file_name=work.file_name,
-        location=buffer.name,
-        size_bytes=result.size,
-        members=len(work.members),
-    )
-    return {
-        "status": "completed",
-        "dtp_id": dtp_id,
-        "members": len(work.members),
-        "size_bytes": result.size,
-        "location": buffer.name,
-    }
+    return skeleton.report_built(DATA_TRANSFER_PACKAGE, dtp_id, work, buffer.name, result)
 
 
 def _fail_member(

@@ -264,21 +264,7 @@ def _build_package(db: DatabaseConnection, package_id: int) -> dict[str, Any]:
             src_storage.delete(work.relative_path)
         except Exception as exc:
             log.warning("source_tar_cleanup_failed", location=work.location.name, reason=str(exc))
-    log.info(
-        "raw_data_package_created",
-        package_id=package_id,
-        file_name=work.file_name,
-        location=placed.name,
-        size_bytes=result.size,
-        files=len(work.members),
-    )
-    return {
-        "status": "completed",
-        "package_id": package_id,
-        "files": len(work.members),
-        "size_bytes": result.size,
-        "location": placed.name,
-    }
+    return skeleton.report_built(RAW_DATA_PACKAGE, package_id, work, placed.name, result)
 
 
 def _place(src_storage: Any, work: skeleton.Work, package_id: int, size: int) -> m.DataLocation:

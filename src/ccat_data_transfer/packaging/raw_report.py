@@ -8,7 +8,7 @@ Room in the house: managers (reporting).  Reads the database only; imports
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import select
@@ -63,6 +63,10 @@ def _transfer_row(transfer: Any, fields: tuple[str, ...]) -> dict[str, Any]:
     return {name: _TRANSFER_VALUES[name](transfer) for name in fields}
 
 
+def _rows(session: Session, model: Any, where: Any, order: Any) -> Sequence[Any]:
+    return session.scalars(select(model).where(where).order_by(order)).all()
+
+
 def describe_raw_data_package(session: Session, ident: int | str) -> dict[str, Any]:
     """Everything about one RawDataPackage (by id or file_name) as plain data: its files,
     all its physical copies, its DataTransferPackage with copies and transfers, and its
@@ -77,16 +81,18 @@ def describe_raw_data_package(session: Session, ident: int | str) -> dict[str, A
         ).one_or_none()
     if pkg is None:
         raise NotFoundError(f"no raw data package with id or file name {text!r}")
-    files = session.scalars(
-        select(m.RawDataFile)
-        .where(m.RawDataFile.raw_data_package_id == pkg.id)
-        .order_by(m.RawDataFile.relative_path)
-    ).all()
-    copies = session.scalars(
-        select(m.RawDataPackagePhysicalCopy)
-        .where(m.RawDataPackagePhysicalCopy.raw_data_package_id == pkg.id)
-        .order_by(m.PhysicalCopy.id)
-    ).all()
+    files = _rows(
+        session,
+        m.RawDataFile,
+        m.RawDataFile.raw_data_package_id == pkg.id,
+        m.RawDataFile.relative_path,
+    )
+    copies = _rows(
+        session,
+        m.RawDataPackagePhysicalCopy,
+        m.RawDataPackagePhysicalCopy.raw_data_package_id == pkg.id,
+        m.PhysicalCopy.id,
+    )
     module = pkg.instrument_module
     out: dict[str, Any] = {
         "id": pkg.id,
@@ -120,16 +126,18 @@ def describe_raw_data_package(session: Session, ident: int | str) -> dict[str, A
     }
     dtp = pkg.data_transfer_package
     if dtp is not None:
-        dtp_copies = session.scalars(
-            select(m.DataTransferPackagePhysicalCopy)
-            .where(m.DataTransferPackagePhysicalCopy.data_transfer_package_id == dtp.id)
-            .order_by(m.PhysicalCopy.id)
-        ).all()
-        transfers = session.scalars(
-            select(m.DataTransfer)
-            .where(m.DataTransfer.data_transfer_package_id == dtp.id)
-            .order_by(m.DataTransfer.id)
-        ).all()
+        dtp_copies = _rows(
+            session,
+            m.DataTransferPackagePhysicalCopy,
+            m.DataTransferPackagePhysicalCopy.data_transfer_package_id == dtp.id,
+            m.PhysicalCopy.id,
+        )
+        transfers = _rows(
+            session,
+            m.DataTransfer,
+            m.DataTransfer.data_transfer_package_id == dtp.id,
+            m.DataTransfer.id,
+        )
         out["data_transfer_package"] = {
             "id": dtp.id,
             "file_name": dtp.file_name,
@@ -142,10 +150,11 @@ def describe_raw_data_package(session: Session, ident: int | str) -> dict[str, A
             "physical_copies": [_copy_row(pc) for pc in dtp_copies],
             "transfers": [_transfer_row(t, _TRANSFER_FIELDS) for t in transfers],
         }
-    ltas = session.scalars(
-        select(m.LongTermArchiveTransfer)
-        .where(m.LongTermArchiveTransfer.raw_data_package_id == pkg.id)
-        .order_by(m.LongTermArchiveTransfer.id)
-    ).all()
+    ltas = _rows(
+        session,
+        m.LongTermArchiveTransfer,
+        m.LongTermArchiveTransfer.raw_data_package_id == pkg.id,
+        m.LongTermArchiveTransfer.id,
+    )
     out["long_term_archive_transfers"] = [_transfer_row(t, _LTA_FIELDS) for t in ltas]
     return out

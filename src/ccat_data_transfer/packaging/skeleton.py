@@ -66,6 +66,7 @@ __all__ = [
     "record_built",
     "release_claim",
     "release_stalled_claims",
+    "report_built",
     "run_task",
     "submit",
     "write_tar",
@@ -373,6 +374,28 @@ def record_built(
             **{kind.copy_fk: package_id},
         )
     )
+
+
+def report_built(
+    kind: PackageKind, package_id: int, work: Work, location: str, result: TarResult
+) -> dict[str, Any]:
+    """Log a built package (``<event>_created``) and return the task's result for it."""
+    count = {kind.members_word: len(work.members)}
+    kind.log.info(
+        f"{kind.event}_created",
+        **{kind.id_key: package_id},
+        file_name=work.file_name,
+        location=location,
+        size_bytes=result.size,
+        **count,
+    )
+    return {
+        "status": "completed",
+        kind.id_key: package_id,
+        **count,
+        "size_bytes": result.size,
+        "location": location,
+    }
 
 
 def fail_members(
