@@ -55,7 +55,7 @@ def clean_relative_path(path: str, errors: PathErrors) -> str:
 
 def buffer_size(data_size: int | None, bufsize: int) -> int:
     """A read buffer for ``data_size`` bytes (None: unknown): at most ``bufsize``, at
-    least :data:`MIN_BUFSIZE` (or ``bufsize`` when that is smaller), in whole 64 KiB."""
+    least ``MIN_BUFSIZE`` (or ``bufsize`` when that is smaller), in whole 64 KiB."""
     if data_size is None:
         return bufsize
     rounded = -(-max(data_size, 1) // MIN_BUFSIZE) * MIN_BUFSIZE

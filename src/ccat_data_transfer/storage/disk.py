@@ -42,8 +42,9 @@ class DiskStorage(Storage):
 
     The root must exist (``create=True`` makes it): a missing root usually means an
     unmounted disk, and writing into the mount point would fill the wrong filesystem, so
-    every operation raises :class:`StorageUnavailableError` instead.  Objects are regular
-    files; :meth:`list` does not follow symlinks, and no path may resolve outside the root.
+    every operation raises :class:`~ccat_data_transfer.storage.StorageUnavailableError`
+    instead.  Objects are regular files; :meth:`list` does not follow symlinks, and no path
+    may resolve outside the root.
     """
 
     kind = "disk"

@@ -26,7 +26,8 @@ def _storage_type_name(location: Any) -> str:
 
 
 def storage_for_location(location: Any) -> Storage:
-    """The :class:`Storage` for a DataLocation (duck-typed: any object with the same
+    """The :class:`~ccat_data_transfer.storage.Storage` for a DataLocation (duck-typed: any
+    object with the same
     attributes works).
 
     DISK locations use ``path`` (a relative path is taken relative to the configured

@@ -1,17 +1,18 @@
 """The storage interface every pipeline stage uses to touch data, and its atomic writes.
 
-Stages never call ``open()``, ``os.remove()`` or boto3 directly on a data location; they
-ask :func:`~ccat_data_transfer.storage.storage_for_location` for a :class:`Storage` and
-use its methods: read, write (always atomic: a reader never sees a half-written object
-under its final name), stat, list, delete (idempotent), usage and checksums.  The
-backends are :class:`~ccat_data_transfer.storage.disk.DiskStorage` and
+Stages never call ``open()``, ``os.remove()`` or boto3 directly on a data location; they ask
+:func:`~ccat_data_transfer.storage.storage_for_location` for a
+:class:`~ccat_data_transfer.storage.Storage` and use its methods: read, write (always
+atomic: a reader never sees a half-written object under its final name), stat, list, delete
+(idempotent), usage and checksums.  The backends are
+:class:`~ccat_data_transfer.storage.disk.DiskStorage` and
 :class:`~ccat_data_transfer.storage.s3.S3Storage`.
 
 Paths are always relative POSIX strings (``"primecam/2024/obs1/file.fits"``).  Absolute
-paths and ``..`` components are refused with :class:`ValueError`, so a path can never
-escape the location's root.  Errors are mapped onto a small hierarchy
-(:class:`StorageError` and its subclasses) so callers can tell "disk full" or "server
-unreachable" (retry later, maybe elsewhere) from "object missing".
+paths and ``..`` components are refused with :class:`ValueError`, so a path can never escape
+the location's root.  Errors are mapped onto a small hierarchy
+(:class:`~ccat_data_transfer.storage.StorageError` and its subclasses) so callers can tell
+"disk full" or "server unreachable" (retry later, maybe elsewhere) from "object missing".
 
 This module also holds the local atomic write (temporary name in the same directory,
 fsync, rename, fsync of the directory) that the disk backend and ``copy_out`` use.
@@ -71,11 +72,11 @@ class ObjectInfo:
 class Usage:
     """Space used by a storage.
 
-    For :class:`DiskStorage` these are the figures of the whole *filesystem* holding the
-    root (what ``df`` shows), which is what buffer thresholds are about; use
-    :meth:`Storage.tree_bytes` for the bytes stored under the root itself.  For
-    :class:`S3Storage`, ``used_bytes`` is the sum of object sizes under the prefix and
-    ``total_bytes`` is ``None`` (S3 has no capacity to report).
+    For :class:`~ccat_data_transfer.storage.DiskStorage` these are the figures of the whole
+    *filesystem* holding the root (what ``df`` shows), which is what buffer thresholds are
+    about; use :meth:`Storage.tree_bytes` for the bytes stored under the root itself.  For
+    :class:`~ccat_data_transfer.storage.S3Storage`, ``used_bytes`` is the sum of object
+    sizes under the prefix and ``total_bytes`` is ``None`` (S3 has no capacity to report).
     """
 
     used_bytes: int
@@ -233,7 +234,7 @@ class Storage(abc.ABC):
     def open_read(self, path: str) -> BinaryIO:
         """Open an object for reading; use as a context manager.
 
-        Raises :class:`ObjectNotFound` when it does not exist.
+        Raises :class:`~ccat_data_transfer.storage.ObjectNotFound` when it does not exist.
         """
 
     @abc.abstractmethod
@@ -241,7 +242,7 @@ class Storage(abc.ABC):
         """Context manager yielding a writable binary stream; the object appears under
         ``path`` only when the block ends without an exception (atomic replace of any old
         object).  On an exception nothing is left behind and the exception propagates
-        (``ENOSPC`` as :class:`StorageFullError`)."""
+        (``ENOSPC`` as :class:`~ccat_data_transfer.storage.StorageFullError`)."""
 
     @abc.abstractmethod
     def stat(self, path: str) -> ObjectInfo | None:
@@ -259,7 +260,8 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def usage(self) -> Usage:
-        """Space used (see :class:`Usage` for what the numbers mean per backend)."""
+        """Space used (see :class:`~ccat_data_transfer.storage.Usage` for what the numbers
+        mean per backend)."""
 
     @abc.abstractmethod
     def local_path(self, path: str) -> Path | None:

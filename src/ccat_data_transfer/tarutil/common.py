@@ -1,5 +1,5 @@
 """What the tar code shares: the member and result types, its errors, member-name checks
-and :func:`sha256_file`.
+and :func:`~ccat_data_transfer.tarutil.sha256_file`.
 
 Raw data packages and data transfer packages are plain (uncompressed) POSIX tar files,
 written by :mod:`~ccat_data_transfer.tarutil.writing` and read back by
@@ -76,7 +76,7 @@ class TarMember:
 
 @dataclass(slots=True)
 class TarResult:
-    """Outcome of :func:`write_tar_with_checksums`."""
+    """Outcome of :func:`~ccat_data_transfer.tarutil.write_tar_with_checksums`."""
 
     sha256: str
     size: int
@@ -91,7 +91,7 @@ class TarResult:
 
 @dataclass(frozen=True, slots=True)
 class ExtractedMember:
-    """A regular file written by :func:`safe_extract`."""
+    """A regular file written by :func:`~ccat_data_transfer.tarutil.safe_extract`."""
 
     arcname: str
     path: Path
@@ -101,7 +101,7 @@ class ExtractedMember:
 
 @dataclass(frozen=True, slots=True)
 class TarEntry:
-    """One member as listed by :func:`list_tar_members`."""
+    """One member as listed by :func:`~ccat_data_transfer.tarutil.list_tar_members`."""
 
     arcname: str
     size: int

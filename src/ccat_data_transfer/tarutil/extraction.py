@@ -1,11 +1,13 @@
-"""Reading tars back: :func:`list_tar_members` and :func:`safe_extract`, the only way the
+"""Reading tars back: :func:`~ccat_data_transfer.tarutil.list_tar_members` and
+:func:`~ccat_data_transfer.tarutil.safe_extract`, the only way the
 pipeline unpacks a tar.
 
-:func:`safe_extract` validates every member first (no absolute paths, no ``..``, no
-links or devices, nothing that resolves outside the destination), writes each file
-atomically while hashing it, and removes what it wrote if anything goes wrong.  A
-truncated or damaged archive is :class:`~ccat_data_transfer.tarutil.common.CorruptTarError`
-(``tarfile`` alone would read it as a shorter valid one).
+:func:`~ccat_data_transfer.tarutil.safe_extract` validates every member first (no absolute
+paths, no ``..``, no links or devices, nothing that resolves outside the destination),
+writes each file atomically while hashing it, and removes what it wrote if anything goes
+wrong.  A truncated or damaged archive is
+:class:`~ccat_data_transfer.tarutil.common.CorruptTarError` (``tarfile`` alone would read it
+as a shorter valid one).
 
 Room in the house: core.  Imports :mod:`ccat_data_transfer.tarutil.common` and
 :mod:`ccat_data_transfer.fileio` only.
@@ -103,8 +105,9 @@ def _read_infos(tar_path: Path) -> list[tarfile.TarInfo]:
 
 
 def list_tar_members(tar_path: str | os.PathLike[str]) -> list[TarEntry]:
-    """Every member of a tar as :class:`TarEntry`, in archive order (no validation of
-    names; raises :class:`CorruptTarError` for a damaged archive)."""
+    """Every member of a tar as :class:`~ccat_data_transfer.tarutil.TarEntry`, in archive
+    order (no validation of
+    names; raises :class:`~ccat_data_transfer.tarutil.CorruptTarError` for a damaged archive)."""
     return [
         TarEntry(
             arcname=info.name,
@@ -182,15 +185,16 @@ def safe_extract(
 ) -> list[ExtractedMember]:
     """Extract a tar into ``dest_dir`` after validating every member; returns the files.
 
-    Refused with :class:`UnsafeTarError` before anything is written: absolute names,
-    ``..`` components, symlinks, hardlinks, devices, fifos, sparse files, duplicate names
-    and members that would resolve outside ``dest_dir`` (also through symlinks already
-    in it).  Each file is first written under a temporary name (hashing it as it is
-    written) and fsynced; only when every file is complete are they renamed into place.
-    On any error the files and directories this call created are removed.  Existing files
-    under the same names are replaced, unless ``overwrite=False`` (``FileExistsError``).
+    Refused with :class:`~ccat_data_transfer.tarutil.UnsafeTarError` before anything is
+    written: absolute names, ``..`` components, symlinks, hardlinks, devices, fifos, sparse
+    files, duplicate names and members that would resolve outside ``dest_dir`` (also through
+    symlinks already in it).  Each file is first written under a temporary name (hashing it
+    as it is written) and fsynced; only when every file is complete are they renamed into
+    place. On any error the files and directories this call created are removed.  Existing
+    files under the same names are replaced, unless ``overwrite=False``
+    (``FileExistsError``).
 
-    A damaged or truncated archive raises :class:`CorruptTarError`.
+    A damaged or truncated archive raises :class:`~ccat_data_transfer.tarutil.CorruptTarError`.
     """
     tar_path = Path(tar_path)
     dest = Path(dest_dir).absolute()

@@ -1,4 +1,5 @@
-"""Writing a tar with checksums in one pass: :func:`write_tar_with_checksums`.
+"""Writing a tar with checksums in one pass:
+:func:`~ccat_data_transfer.tarutil.write_tar_with_checksums`.
 
 Every source file is read exactly once: the bytes go to the tar stream while the SHA-256
 of each file and of the whole tar are computed, the hashing spread over two threads
@@ -183,10 +184,11 @@ def write_tar_with_checksums(
     (arcname to hex digest) or else from ``TarMember.expected_sha256``; differences are
     reported in ``TarResult.mismatches`` (the tar is still complete: the caller decides).
 
-    Raises :class:`TarSourceChangedError` if a file's size differs from ``TarMember.size``
-    or it changes while being read, ``ValueError`` for unsafe or duplicate arcnames,
-    ``OSError`` for read/write errors.  ``out`` is then left partially written: write to
-    an atomic target (``Storage.open_write``) so a failure leaves nothing behind.
+    Raises :class:`~ccat_data_transfer.tarutil.TarSourceChangedError` if a file's size
+    differs from ``TarMember.size`` or it changes while being read, ``ValueError`` for
+    unsafe or duplicate arcnames, ``OSError`` for read/write errors.  ``out`` is then left
+    partially written: write to an atomic target (``Storage.open_write``) so a failure
+    leaves nothing behind.
     """
     if _layout not in _LAYOUTS:
         raise ValueError(f"unknown layout {_layout!r}")
