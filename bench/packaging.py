@@ -29,13 +29,12 @@ import time
 from pathlib import Path
 
 from ccat_data_transfer.tarutil import (
-    _DEFAULT_LAYOUT,
-    _LAYOUTS,
     DEFAULT_BUFSIZE,
     TarMember,
     sha256_file,
     write_tar_with_checksums,
 )
+from ccat_data_transfer.tarutil.writing import _DEFAULT_LAYOUT, _LAYOUTS
 
 MB = 1024 * 1024
 MANIFEST = "manifest.json"

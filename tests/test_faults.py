@@ -38,6 +38,7 @@ from ccat_data_transfer.database import dispose_engines
 from ccat_data_transfer.filing import finish_executed_obs_unit
 from ccat_data_transfer.staging import task as staging_task
 from ccat_data_transfer.storage import S3Storage
+from ccat_data_transfer.storage import interface as storage_interface
 from ccat_ops_db import models as m
 from ccat_ops_db.topology import load_topology
 from helpers_lifecycle import make_package_at, make_transfer, set_buffer_status
@@ -255,7 +256,7 @@ def _enospc_under(monkeypatch: Any, root: Path) -> list[str]:
     """Writes to files under ``root`` put half of the bytes on disk, then fail with ENOSPC
     (what a full filesystem does).  Returns the list of paths that hit it."""
     hits: list[str] = []
-    original = storage_mod._FdWriter.write
+    original = storage_interface._FdWriter.write
     prefix = os.path.realpath(root) + os.sep
 
     def write(self: Any, b: Any) -> int:
@@ -267,7 +268,7 @@ def _enospc_under(monkeypatch: Any, root: Path) -> list[str]:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return original(self, b)
 
-    monkeypatch.setattr(storage_mod._FdWriter, "write", write)
+    monkeypatch.setattr(storage_interface._FdWriter, "write", write)
     return hits
 
 

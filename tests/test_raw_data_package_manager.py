@@ -12,6 +12,8 @@ from sqlalchemy import func, select
 from ccat_data_transfer import buffer_status, filing, tarutil
 from ccat_data_transfer import raw_data_package_manager as rdpm
 from ccat_data_transfer.database import DatabaseConnection
+from ccat_data_transfer.packaging import skeleton
+from ccat_data_transfer.tarutil import writing as tar_writing
 from ccat_ops_db import models as m
 from helpers_pipeline import make_raw_files
 
@@ -141,7 +143,7 @@ def test_file_missing_at_source_is_flagged(system):
 
 def test_crash_in_the_middle_of_writing_leaves_nothing(system, monkeypatch):
     entries = make_raw_files(system, SRC, "eou-crash", "primecam/280GHz", 3, 5000)
-    real = rdpm.write_tar_with_checksums
+    real = skeleton.write_tar_with_checksums
     calls = {"n": 0}
 
     class Exploding:
@@ -155,7 +157,7 @@ def test_crash_in_the_middle_of_writing_leaves_nothing(system, monkeypatch):
             return self.out.write(data)
 
     monkeypatch.setattr(
-        rdpm, "write_tar_with_checksums", lambda members, out: real(members, Exploding(out))
+        skeleton, "write_tar_with_checksums", lambda members, out: real(members, Exploding(out))
     )
     summary = _run(system)
     assert summary["packages_failed"] == 1 and calls["n"] > 3
@@ -169,7 +171,7 @@ def test_crash_in_the_middle_of_writing_leaves_nothing(system, monkeypatch):
             select(func.count()).where(m.RawDataFile.raw_data_package_id.is_not(None))
         )
         assert claimed == 0
-    monkeypatch.setattr(rdpm, "write_tar_with_checksums", real)
+    monkeypatch.setattr(skeleton, "write_tar_with_checksums", real)
     assert _run(system)["packages_created"] == 1
     assert _tar_names(system, _packages(system)[0]) == sorted(e["relative_path"] for e in entries)
 
@@ -186,7 +188,7 @@ def test_file_that_changes_while_being_read_leaves_no_package(system, monkeypatc
                 g.write(b"more")
         return f
 
-    monkeypatch.setattr(tarutil, "open", growing_open, raising=False)
+    monkeypatch.setattr(tar_writing, "open", growing_open, raising=False)
     summary = _run(system)
     assert summary["packages_created"] == 0 and summary["packages_failed"] == 1
     assert _packages(system) == []

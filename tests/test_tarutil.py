@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from ccat_data_transfer.tarutil import (
-    _LAYOUTS,
     CorruptTarError,
     TarMember,
     TarSourceChangedError,
@@ -22,6 +21,7 @@ from ccat_data_transfer.tarutil import (
     sha256_file,
     write_tar_with_checksums,
 )
+from ccat_data_transfer.tarutil.writing import _LAYOUTS
 
 SIZES = {
     "obs1/module0/empty.dat": 0,

@@ -24,6 +24,13 @@ writes it atomically, and records the package PENDING (ready for the transfer ma
 with a DataTransferPackagePhysicalCopy PRESENT at the buffer; the members go to
 TRANSFERRING.  A member whose bytes no longer match its checksum is marked FAILED (with
 the reason; its files are still at SOURCE) and the others return to the pool.
+
+The claim / build / release steps are shared with stage 1
+(:mod:`ccat_data_transfer.packaging.skeleton`); what is this stage's own is here: the
+aggregation rule, the bundle row, members going to TRANSFERRING, failing a member.
+
+Room in the house: managers (cycle) and tasks (``create_data_transfer_package``).
+Imports the packaging skeleton, core and :mod:`ccat_ops_db`.
 """
 
 from __future__ import annotations
@@ -31,24 +38,21 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, delete, exists, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import bindparam, exists, select, update
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer import scope
 from ccat_data_transfer.celery_app import app
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.database import DatabaseConnection
-from ccat_data_transfer.exceptions import NotFoundError
 from ccat_data_transfer.logging_utils import get_logger
 from ccat_data_transfer.operation_types import OperationType
+from ccat_data_transfer.packaging import skeleton
 from ccat_data_transfer.queue_discovery import route_task_by_location
-from ccat_data_transfer.stage_tasks import merge_inline_package_result, start_scheduled
-from ccat_data_transfer.storage import StorageError, storage_for_location
-from ccat_data_transfer.tarutil import TarMember, write_tar_with_checksums
+from ccat_data_transfer.storage import storage_for_location
 from ccat_ops_db import models as m
 
 log = get_logger(__name__)
@@ -147,6 +151,33 @@ def find_waiting_packages(
     return [(r[0], int(r[1]), r[2]) for r in rows]
 
 
+DATA_TRANSFER_PACKAGE = skeleton.PackageKind(
+    package_model=m.DataTransferPackage,
+    member_model=m.RawDataPackage,
+    member_fk="data_transfer_package_id",
+    member_order=(m.RawDataPackage.created_at, m.RawDataPackage.id),
+    copy_model=m.DataTransferPackagePhysicalCopy,
+    copy_fk="data_transfer_package_id",
+    location_attr="origin_location",
+    label="data transfer package",
+    members_word="members",
+    id_key="dtp_id",
+    event="data_transfer_package",
+    log=log,
+    # Only bundles that never got built: no copy and no transfer (_STALLED_BUNDLES).  A
+    # built package is IN_PROGRESS again while it is being transferred: not stalled.
+    stalled=_STALLED_BUNDLES,
+    stalled_scope=m.DataTransferPackage.origin_location_id,
+    not_local=(
+        "buffer {location} is not a local filesystem; data transfer packages are built on "
+        "disk buffers"
+    ),
+    missing="missing at buffer {location}",
+    wrong_size="{actual} bytes at {location}, recorded {recorded}",
+    bad_checksum="sha256 at {location} is {actual}, recorded {expected}",
+)
+
+
 def claim_bundle(
     session: Session, buffer: m.DataLocation, package_ids: Sequence[int]
 ) -> int | None:
@@ -154,55 +185,30 @@ def claim_bundle(
     another manager claimed any of them first."""
     stamp = m.utcnow().strftime("%Y%m%dT%H%M%S")
     file_name = f"{buffer.site.short_name}_{stamp}_{uuid.uuid4().hex[:12]}.tar"
-    try:
-        dtp = m.DataTransferPackage(
-            file_name=file_name,
-            relative_path=f"data_transfer_packages/{file_name}",
-            size=0,
-            status=m.Status.SCHEDULED,
-            origin_location_id=buffer.id,
-        )
-        session.add(dtp)
-        session.flush()
-        claimed = session.execute(
-            update(m.RawDataPackage)
-            .where(
-                m.RawDataPackage.id.in_(list(package_ids)),
-                m.RawDataPackage.data_transfer_package_id.is_(None),
-                m.RawDataPackage.state == m.PackageState.WAITING,
-            )
-            .values(data_transfer_package_id=dtp.id)
-            .execution_options(synchronize_session=False)
-        ).rowcount
-        if claimed != len(package_ids):
-            session.rollback()
-            log.info("data_transfer_package_claim_lost", location=buffer.name)
-            return None
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        return None
-    return dtp.id
+    dtp = m.DataTransferPackage(
+        file_name=file_name,
+        relative_path=f"data_transfer_packages/{file_name}",
+        size=0,
+        status=m.Status.SCHEDULED,
+        origin_location_id=buffer.id,
+    )
+    claimed = skeleton.claim_members(
+        session,
+        DATA_TRANSFER_PACKAGE,
+        dtp,
+        package_ids,
+        m.RawDataPackage.state == m.PackageState.WAITING,
+    )
+    if claimed is skeleton.ClaimLost.MEMBERS_TAKEN:
+        log.info("data_transfer_package_claim_lost", location=buffer.name)
+    return None if isinstance(claimed, skeleton.ClaimLost) else claimed
 
 
 def release_stalled_claims(session: Session, location_ids: list[int] | None = None) -> int:
     """Release bundles stuck SCHEDULED/IN_PROGRESS past STALLED_WORK_TIMEOUT_SECONDS (a
     worker died); their raw data packages can be bundled again.  With ``location_ids``
     only bundles whose origin buffer is one of them.  Commits."""
-    limit = m.utcnow() - timedelta(seconds=int(settings.STALLED_WORK_TIMEOUT_SECONDS))
-    # Only bundles that never got built: no copy and no transfer (_STALLED_BUNDLES).  A
-    # built package is IN_PROGRESS again while it is being transferred: not stalled.
-    ids = session.scalars(
-        scope.restrict(_STALLED_BUNDLES, m.DataTransferPackage.origin_location_id, location_ids),
-        {"limit": limit},
-    ).all()
-    released = 0
-    for dtp_id in ids:
-        if _release(session, dtp_id, expected=(m.Status.SCHEDULED, m.Status.IN_PROGRESS)):
-            released += 1
-            log.warning("data_transfer_package_claim_released", dtp_id=dtp_id, reason="stalled")
-    session.commit()
-    return released
+    return skeleton.release_stalled_claims(session, DATA_TRANSFER_PACKAGE, location_ids)
 
 
 def run_once(session: Session, site: str | None = None) -> dict[str, Any]:
@@ -236,16 +242,12 @@ def run_once(session: Session, site: str | None = None) -> dict[str, Any]:
                 summary["claims_lost"] += 1
                 continue
             queue = route_task_by_location(OperationType.DATA_TRANSFER_PACKAGE_CREATION, buffer)
-            outcome = create_data_transfer_package.apply_async(args=[dtp_id], queue=queue)
-            summary["packages_submitted"] += 1
-            _merge_eager(summary, outcome)
+            skeleton.submit(summary, create_data_transfer_package, dtp_id, queue, _TOTALS)
     return summary
 
 
-def _merge_eager(summary: dict[str, Any], outcome: Any) -> None:
-    merge_inline_package_result(
-        summary, outcome, {"raw_data_packages_bundled": "members", "bytes_bundled": "size_bytes"}
-    )
+# Cycle summary key -> result key of a package built inline (embedded mode).
+_TOTALS = {"raw_data_packages_bundled": "members", "bytes_bundled": "size_bytes"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -253,108 +255,28 @@ def _merge_eager(summary: dict[str, Any], outcome: Any) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-class _MemberMismatch(Exception):
-    def __init__(self, bad: list[tuple[str, str]]) -> None:
-        super().__init__(f"{len(bad)} raw data packages do not match their checksum")
-        self.bad = bad
-
-
 @app.task(bind=True, acks_late=True, name="ccat_data_transfer.create_data_transfer_package")
 def create_data_transfer_package(self: Any, dtp_id: int) -> dict[str, Any]:
     """Build and record one claimed DataTransferPackage at its buffer (idempotent)."""
-    db = DatabaseConnection()
-    with db.session_scope() as session:
-        started = start_scheduled(session, m.DataTransferPackage, dtp_id)
-    if not started:
-        return {"status": "skipped", "dtp_id": dtp_id}
-    try:
-        return _build(db, dtp_id)
-    except _MemberMismatch as exc:
-        errors = _fail_members(db, dtp_id, exc.bad)
-        return {"status": "failed", "dtp_id": dtp_id, "checksum_errors": errors}
-    except Exception as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-        log.error("data_transfer_package_failed", dtp_id=dtp_id, reason=reason)
-        with db.session_scope() as session:
-            _release(session, dtp_id)
-        return {"status": "failed", "dtp_id": dtp_id, "reason": reason}
+    return skeleton.run_task(DATA_TRANSFER_PACKAGE, dtp_id, _build, _fail_member)
 
 
 def _build(db: DatabaseConnection, dtp_id: int) -> dict[str, Any]:
-    with db.session_scope() as session:
-        dtp = session.get(m.DataTransferPackage, dtp_id)
-        if dtp is None or dtp.origin_location is None:
-            raise NotFoundError(f"data transfer package {dtp_id} vanished")
-        buffer = dtp.origin_location
-        storage = storage_for_location(buffer)
-        pkgs = session.scalars(
-            select(m.RawDataPackage)
-            .where(m.RawDataPackage.data_transfer_package_id == dtp_id)
-            .order_by(m.RawDataPackage.created_at, m.RawDataPackage.id)
-        ).all()
-        if not pkgs:
-            raise NotFoundError(f"data transfer package {dtp_id} has no members")
-        members: list[TarMember] = []
-        missing: list[tuple[str, str]] = []
-        for p in pkgs:
-            local = storage.local_path(p.relative_path)
-            if local is None:
-                raise StorageError(
-                    f"buffer {buffer.name} is not a local filesystem; data transfer packages "
-                    "are built on disk buffers"
-                )
-            info = storage.stat(p.relative_path)
-            if info is None:
-                missing.append((p.relative_path, f"missing at buffer {buffer.name}"))
-            elif info.size != p.size:
-                missing.append(
-                    (p.relative_path, f"{info.size} bytes at {buffer.name}, recorded {p.size}")
-                )
-            members.append(TarMember(p.relative_path, local, p.size, (p.checksum or "").lower()))
-        relative_path = dtp.relative_path
-        file_name = dtp.file_name
-        session.expunge_all()
-    if missing:
-        raise _MemberMismatch(missing)
-
-    with storage.open_write(relative_path) as out:
-        result = write_tar_with_checksums(members, out)
-        if result.mismatches:
-            raise _MemberMismatch(
-                [
-                    (path, f"sha256 at {buffer.name} is {actual}, recorded {expected}")
-                    for path, expected, actual in result.mismatches
-                ]
-            )
+    """Tar at the buffer and record; the members go to TRANSFERRING."""
+    work = skeleton.load_work(db, DATA_TRANSFER_PACKAGE, dtp_id)
+    buffer = work.location
+    storage = storage_for_location(buffer)
+    result = skeleton.write_tar(DATA_TRANSFER_PACKAGE, storage, work)
     try:
         with db.session_scope() as session:
-            done = session.execute(
-                update(m.DataTransferPackage)
-                .where(
-                    m.DataTransferPackage.id == dtp_id,
-                    m.DataTransferPackage.status == m.Status.IN_PROGRESS,
-                )
-                .values(
-                    status=m.Status.PENDING,
-                    size=result.size,
-                    checksum=result.sha256,
-                    checksum_algorithm="sha256",
-                    failure_reason=None,
-                )
-                .execution_options(synchronize_session=False)
-            ).rowcount
-            if not done:
-                raise StorageError("the claim was released while the package was built")
-            session.add(
-                m.DataTransferPackagePhysicalCopy(
-                    data_transfer_package_id=dtp_id,
-                    data_location_id=buffer.id,
-                    status=m.PhysicalCopyStatus.PRESENT,
-                    relative_path=relative_path,
-                    size=result.size,
-                    checksum=result.sha256,
-                    verified_at=m.utcnow(),
-                )
+            skeleton.record_built(
+                session,
+                DATA_TRANSFER_PACKAGE,
+                dtp_id,
+                buffer.id,
+                work.relative_path,
+                result,
+                status=m.Status.PENDING,
             )
             session.execute(
                 update(m.RawDataPackage)
@@ -363,82 +285,34 @@ def _build(db: DatabaseConnection, dtp_id: int) -> dict[str, Any]:
                 .execution_options(synchronize_session=False)
             )
     except BaseException:
-        storage.delete(relative_path)
+        storage.delete(work.relative_path)
         raise
-    log.info(
-        "data_transfer_package_created",
-        dtp_id=dtp_id,
-        file_name=file_name,
-        location=buffer.name,
-        size_bytes=result.size,
-        members=len(members),
-    )
-    return {
-        "status": "completed",
-        "dtp_id": dtp_id,
-        "members": len(members),
-        "size_bytes": result.size,
-        "location": buffer.name,
-    }
+    return skeleton.report_built(DATA_TRANSFER_PACKAGE, dtp_id, work, buffer.name, result)
 
 
-def _release(
-    session: Session, dtp_id: int, expected: Sequence[m.Status] = (m.Status.IN_PROGRESS,)
-) -> bool:
-    """Give the members of an unfinished DataTransferPackage back and remove its row."""
-    gone = session.execute(
-        update(m.DataTransferPackage)
-        .where(
-            m.DataTransferPackage.id == dtp_id,
-            m.DataTransferPackage.status.in_(list(expected)),
+def _fail_member(
+    session: Session, dtp_id: int, dtp: m.DataTransferPackage | None, path: str, reason: str
+) -> dict[str, Any] | None:
+    """Mark the raw data package at ``path`` FAILED (its files are still at SOURCE), with
+    the reason on its copy at the buffer."""
+    buffer_id = dtp.origin_location_id if dtp is not None else None
+    pkg = session.scalars(
+        select(m.RawDataPackage).where(
+            m.RawDataPackage.data_transfer_package_id == dtp_id,
+            m.RawDataPackage.relative_path == path,
         )
-        .values(status=m.Status.FAILED)
-        .execution_options(synchronize_session=False)
-    ).rowcount
-    if not gone:
-        return False
-    session.execute(
-        update(m.RawDataPackage)
-        .where(m.RawDataPackage.data_transfer_package_id == dtp_id)
-        .values(data_transfer_package_id=None)
-        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    if pkg is None:
+        return None
+    pkg.state = m.PackageState.FAILED
+    pkg.failure_reason = reason
+    for pc in pkg.physical_copies:
+        if pc.data_location_id == buffer_id:
+            pc.last_error = reason
+    log.error(
+        "raw_data_package_checksum_mismatch",
+        raw_data_package_id=pkg.id,
+        relative_path=path,
+        reason=reason,
     )
-    session.execute(
-        delete(m.DataTransferPackage)
-        .where(m.DataTransferPackage.id == dtp_id)
-        .execution_options(synchronize_session=False)
-    )
-    return True
-
-
-def _fail_members(
-    db: DatabaseConnection, dtp_id: int, bad: list[tuple[str, str]]
-) -> list[dict[str, Any]]:
-    errors = []
-    with db.session_scope() as session:
-        dtp = session.get(m.DataTransferPackage, dtp_id)
-        buffer_id = dtp.origin_location_id if dtp is not None else None
-        for path, reason in bad:
-            pkg = session.scalars(
-                select(m.RawDataPackage).where(
-                    m.RawDataPackage.data_transfer_package_id == dtp_id,
-                    m.RawDataPackage.relative_path == path,
-                )
-            ).one_or_none()
-            if pkg is None:
-                continue
-            pkg.state = m.PackageState.FAILED
-            pkg.failure_reason = reason
-            for pc in pkg.physical_copies:
-                if pc.data_location_id == buffer_id:
-                    pc.last_error = reason
-            errors.append({"raw_data_package_id": pkg.id, "relative_path": path, "reason": reason})
-            log.error(
-                "raw_data_package_checksum_mismatch",
-                raw_data_package_id=pkg.id,
-                relative_path=path,
-                reason=reason,
-            )
-        session.flush()
-        _release(session, dtp_id)
-    return errors
+    return {"raw_data_package_id": pkg.id, "relative_path": path, "reason": reason}

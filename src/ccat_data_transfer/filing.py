@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session, contains_eager
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.exceptions import NotFoundError, ValidationError
 from ccat_data_transfer.logging_utils import get_logger
+from ccat_data_transfer.shared_rows import present_copy
 from ccat_data_transfer.storage import (
     StorageError,
     is_temp_name,
@@ -416,10 +417,10 @@ def file_raw_data_files(
         )
         session.add(rdf)
         session.add(
-            m.RawDataFilePhysicalCopy(
+            present_copy(
+                m.RawDataFilePhysicalCopy,
                 raw_data_file=rdf,
                 data_location_id=location.id,
-                status=m.PhysicalCopyStatus.PRESENT,
                 relative_path=entry.relative_path,
                 size=entry.size,
                 checksum=entry.checksum,

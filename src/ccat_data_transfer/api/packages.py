@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from ccat_data_transfer.api.auth import Principal, require_role
 from ccat_data_transfer.api.deps import get_session
-from ccat_data_transfer.raw_data_package_manager import describe_raw_data_package
+from ccat_data_transfer.packaging.raw_report import describe_raw_data_package
 
 router = APIRouter(prefix="/api/v1", tags=["packages"])
 

@@ -234,7 +234,7 @@ def package_show(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Everything about one RawDataPackage: files, copies, transfer package, transfers."""
-    from ccat_data_transfer.raw_data_package_manager import describe_raw_data_package
+    from ccat_data_transfer.packaging.raw_report import describe_raw_data_package
 
     with get_db().session_scope() as session:
         info = describe_raw_data_package(session, ident)

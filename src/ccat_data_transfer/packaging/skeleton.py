@@ -1,0 +1,420 @@
+"""The claim / build / release skeleton both packaging stages share.
+
+Stage 1 (:mod:`ccat_data_transfer.raw_data_package_manager`) tars raw files into a
+RawDataPackage; stage 2 (:mod:`ccat_data_transfer.data_transfer_package_manager`) tars
+RawDataPackages into a DataTransferPackage.  Both follow the same steps, stated once here
+and described for each stage by a :class:`PackageKind`:
+
+1. **claim** (manager, :func:`claim_members`): insert the package row SCHEDULED, then
+   ``UPDATE <member> SET <fk> = :package WHERE id IN (...) AND <fk> IS NULL``; a short row
+   count means another manager got there first, and the claim is rolled back;
+2. **start** (task, :func:`run_task`): SCHEDULED -> IN_PROGRESS in one conditional
+   UPDATE, so a second delivery of the task does nothing;
+3. **build** (:func:`load_work`, :func:`write_tar`): check every member where the package
+   is built, write the tar in one read pass through the atomic ``Storage.open_write``,
+   every member's checksum verified on the way; a mismatch writes nothing;
+4. **record** (:func:`record_built`): the package row becomes built (only if still
+   IN_PROGRESS) and gets a PRESENT physical copy;
+5. **release** (:func:`release_claim`): on a mismatch the bad members are flagged
+   (:func:`fail_members`, what "flagged" means is the stage's), on any other failure, and
+   for claims stalled past ``STALLED_WORK_TIMEOUT_SECONDS``
+   (:func:`release_stalled_claims`), the members are un-claimed and the row removed, so
+   nothing half-done is recorded.
+
+What is the stage's own stays in its module: the rule that forms packages, the package
+row's fields, where the built tar goes, and how a bad member is flagged.
+
+Room in the house: tasks/core.  Imports core (storage, tarutil, config, scope) and
+:mod:`ccat_ops_db`; imported by the two packaging managers only.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, delete, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ccat_data_transfer import scope
+from ccat_data_transfer.config.config import settings
+from ccat_data_transfer.database import DatabaseConnection
+from ccat_data_transfer.exceptions import NotFoundError
+from ccat_data_transfer.shared_rows import present_copy
+from ccat_data_transfer.stage_tasks import merge_inline_package_result, start_scheduled
+from ccat_data_transfer.storage import Storage, StorageError, storage_for_location
+from ccat_data_transfer.tarutil import (
+    TarMember,
+    TarResult,
+    TarSourceChangedError,
+    write_tar_with_checksums,
+)
+from ccat_ops_db import models as m
+
+__all__ = [
+    "ClaimLost",
+    "MemberMismatch",
+    "PackageKind",
+    "Work",
+    "claim_members",
+    "fail_members",
+    "load_work",
+    "record_built",
+    "release_claim",
+    "release_stalled_claims",
+    "report_built",
+    "run_task",
+    "submit",
+    "write_tar",
+]
+
+
+@dataclass(frozen=True)
+class PackageKind:
+    """What the skeleton needs to know about one kind of package."""
+
+    package_model: Any  # the package row (RawDataPackage, DataTransferPackage)
+    member_model: Any  # what goes into it (RawDataFile, RawDataPackage)
+    member_fk: str  # the member column naming its package
+    member_order: tuple[Any, ...]  # order of the members in the tar
+    copy_model: Any  # the physical copy row of a built package
+    copy_fk: str  # the copy column naming its package
+    location_attr: str  # the package's relationship to the location it is built at
+    label: str  # "raw data package", in messages
+    members_word: str  # "files", in "... has no files"
+    id_key: str  # key of the package id in task results and log events
+    event: str  # prefix of the log events ("raw_data_package")
+    log: Any  # the stage's logger
+    stalled: Select[Any]  # ids of claims that may be stalled (binds ``limit``)
+    stalled_scope: Any  # location column that scopes ``stalled`` to a site
+    # Messages, format strings over {location} (and {actual}, {recorded}, {expected}):
+    not_local: str
+    missing: str
+    wrong_size: str
+    bad_checksum: str
+    # A member changing while read fails the task as StorageError with this message
+    # (over {exc}); None lets TarSourceChangedError itself fail it.
+    source_changed: str | None = None
+    log_skips: bool = False  # log a task delivery that finds its package not SCHEDULED
+
+    def member_fk_column(self) -> Any:
+        return getattr(self.member_model, self.member_fk)
+
+
+class MemberMismatch(Exception):
+    """Members whose bytes do not match their record: ``(relative_path, reason)``."""
+
+    def __init__(self, mismatches: list[tuple[str, str]]) -> None:
+        super().__init__(f"{len(mismatches)} members do not match their recorded checksum")
+        self.mismatches = mismatches
+
+
+class ClaimLost(enum.Enum):
+    """Why :func:`claim_members` claimed nothing."""
+
+    MEMBERS_TAKEN = "members claimed by another manager"
+    NAME_TAKEN = "package name taken by another manager"
+
+
+# ---------------------------------------------------------------------------------------
+# Claim and release (manager side)
+# ---------------------------------------------------------------------------------------
+
+
+def claim_members(
+    session: Session,
+    kind: PackageKind,
+    package: Any,
+    member_ids: Sequence[Any],
+    *conditions: ColumnElement[bool],
+) -> int | ClaimLost:
+    """Insert ``package`` (a new SCHEDULED row) owning ``member_ids`` and COMMIT; returns
+    its id, or why nothing changed.  ``conditions`` further restrict the members."""
+    members = kind.member_model
+    fk = kind.member_fk_column()
+    try:
+        session.add(package)
+        session.flush()
+        claimed = session.execute(
+            update(members)
+            .where(members.id.in_(list(member_ids)), fk.is_(None), *conditions)
+            .values({kind.member_fk: package.id})
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if claimed != len(member_ids):
+            session.rollback()
+            return ClaimLost.MEMBERS_TAKEN
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        return ClaimLost.NAME_TAKEN
+    return package.id
+
+
+def release_claim(
+    session: Session,
+    kind: PackageKind,
+    package_id: int,
+    expected: Sequence[m.Status] = (m.Status.IN_PROGRESS,),
+) -> bool:
+    """Un-claim the members of an unfinished package (status in ``expected``) and remove
+    its row; False if it is in another state.  Does not commit."""
+    model = kind.package_model
+    gone = session.execute(
+        update(model)
+        .where(model.id == package_id, model.status.in_(list(expected)))
+        .values(status=m.Status.FAILED)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if not gone:
+        return False
+    session.execute(
+        update(kind.member_model)
+        .where(kind.member_fk_column() == package_id)
+        .values({kind.member_fk: None})
+        .execution_options(synchronize_session=False)
+    )
+    session.execute(
+        delete(model).where(model.id == package_id).execution_options(synchronize_session=False)
+    )
+    return True
+
+
+def release_stalled_claims(
+    session: Session, kind: PackageKind, location_ids: list[int] | None = None
+) -> int:
+    """Release the claims of ``kind.stalled`` older than STALLED_WORK_TIMEOUT_SECONDS (a
+    worker died), within ``location_ids`` if given.  Commits; returns how many."""
+    limit = m.utcnow() - timedelta(seconds=int(settings.STALLED_WORK_TIMEOUT_SECONDS))
+    ids = session.scalars(
+        scope.restrict(kind.stalled, kind.stalled_scope, location_ids), {"limit": limit}
+    ).all()
+    released = 0
+    for package_id in ids:
+        if release_claim(session, kind, package_id, (m.Status.SCHEDULED, m.Status.IN_PROGRESS)):
+            released += 1
+            kind.log.warning(
+                f"{kind.event}_claim_released", **{kind.id_key: package_id}, reason="stalled"
+            )
+    session.commit()
+    return released
+
+
+def submit(
+    summary: dict[str, Any], task: Any, package_id: int, queue: str, totals: dict[str, str]
+) -> None:
+    """Submit the build task of a claimed package and count it; in embedded mode the
+    task ran inline and its result is folded into ``summary`` (``totals``: summary key
+    to result key)."""
+    outcome = task.apply_async(args=[package_id], queue=queue)
+    summary["packages_submitted"] += 1
+    merge_inline_package_result(summary, outcome, totals)
+
+
+# ---------------------------------------------------------------------------------------
+# The task
+# ---------------------------------------------------------------------------------------
+
+
+def run_task(
+    kind: PackageKind,
+    package_id: int,
+    build: Callable[[DatabaseConnection, int], dict[str, Any]],
+    flag_member: Callable[[Session, int, Any, str, str], dict[str, Any] | None],
+) -> dict[str, Any]:
+    """The body of a packaging task: start the claimed package, ``build`` it, and on
+    failure flag mismatching members (``flag_member``, see :func:`fail_members`) or
+    release the claim.  Returns the task result."""
+    db = DatabaseConnection()
+    with db.session_scope() as session:
+        started = start_scheduled(session, kind.package_model, package_id)
+    if not started:
+        if kind.log_skips:
+            kind.log.info(
+                f"{kind.event}_task_skipped", **{kind.id_key: package_id}, reason="not scheduled"
+            )
+        return {"status": "skipped", kind.id_key: package_id}
+    try:
+        return build(db, package_id)
+    except MemberMismatch as exc:
+        errors = fail_members(db, kind, package_id, exc.mismatches, flag_member)
+        return {"status": "failed", kind.id_key: package_id, "checksum_errors": errors}
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        kind.log.error(f"{kind.event}_failed", **{kind.id_key: package_id}, reason=reason)
+        with db.session_scope() as session:
+            release_claim(session, kind, package_id)
+        return {"status": "failed", kind.id_key: package_id, "reason": reason}
+
+
+@dataclass
+class Work:
+    """A started package, read from the database: what to tar and where (detached rows)."""
+
+    file_name: str
+    relative_path: str
+    location: m.DataLocation
+    members: list[TarMember]
+    extra: Any = None
+
+
+def load_work(
+    db: DatabaseConnection,
+    kind: PackageKind,
+    package_id: int,
+    extra: Callable[[Session, m.DataLocation], Any] | None = None,
+) -> Work:
+    """The package's members, each checked where the package is built (a local file of
+    the recorded size).  ``extra(session, location)`` adds what the stage needs from the
+    same session.  Raises :class:`MemberMismatch` for missing or resized members,
+    NotFoundError / StorageError when the package cannot be built at all."""
+    with db.session_scope() as session:
+        pkg = session.get(kind.package_model, package_id)
+        location = getattr(pkg, kind.location_attr) if pkg is not None else None
+        if pkg is None or location is None:
+            raise NotFoundError(f"{kind.label} {package_id} vanished")
+        storage = storage_for_location(location)
+        rows = session.scalars(
+            select(kind.member_model)
+            .where(kind.member_fk_column() == package_id)
+            .order_by(*kind.member_order)
+        ).all()
+        if not rows:
+            raise NotFoundError(f"{kind.label} {package_id} has no {kind.members_word}")
+        members: list[TarMember] = []
+        missing: list[tuple[str, str]] = []
+        for row in rows:
+            local = storage.local_path(row.relative_path)
+            if local is None:
+                raise StorageError(kind.not_local.format(location=location.name))
+            info = storage.stat(row.relative_path)
+            if info is None:
+                missing.append((row.relative_path, kind.missing.format(location=location.name)))
+            elif info.size != row.size:
+                reason = kind.wrong_size.format(
+                    location=location.name, actual=info.size, recorded=row.size
+                )
+                missing.append((row.relative_path, reason))
+            members.append(
+                TarMember(row.relative_path, local, row.size, (row.checksum or "").lower())
+            )
+        more = extra(session, location) if extra is not None else None
+        session.expunge_all()
+        work = Work(pkg.file_name, pkg.relative_path, location, members, more)
+    if missing:
+        raise MemberMismatch(missing)
+    return work
+
+
+def write_tar(kind: PackageKind, storage: Storage, work: Work) -> TarResult:
+    """Write the tar of ``work`` atomically at ``work.relative_path`` of ``storage``;
+    on a checksum mismatch nothing appears and :class:`MemberMismatch` is raised."""
+    try:
+        with storage.open_write(work.relative_path) as out:
+            result = write_tar_with_checksums(work.members, out)
+            if result.mismatches:
+                # Raising inside the block discards the temporary file: nothing appears.
+                raise MemberMismatch(
+                    [
+                        (
+                            path,
+                            kind.bad_checksum.format(
+                                location=work.location.name, actual=actual, expected=expected
+                            ),
+                        )
+                        for path, expected, actual in result.mismatches
+                    ]
+                )
+    except TarSourceChangedError as exc:
+        if kind.source_changed is None:
+            raise
+        raise StorageError(kind.source_changed.format(exc=exc)) from exc
+    return result
+
+
+def record_built(
+    session: Session,
+    kind: PackageKind,
+    package_id: int,
+    location_id: int,
+    relative_path: str,
+    result: TarResult,
+    **values: Any,
+) -> None:
+    """Record the built package (its row gets ``values``, size and checksum, only if it is
+    still IN_PROGRESS) and its PRESENT copy at ``location_id``.  StorageError if the
+    claim was released meanwhile.  Does not commit."""
+    model = kind.package_model
+    done = session.execute(
+        update(model)
+        .where(model.id == package_id, model.status == m.Status.IN_PROGRESS)
+        .values(
+            **values,
+            size=result.size,
+            checksum=result.sha256,
+            checksum_algorithm="sha256",
+            failure_reason=None,
+        )
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if not done:
+        raise StorageError("the claim was released while the package was built")
+    session.add(
+        present_copy(
+            kind.copy_model,
+            data_location_id=location_id,
+            relative_path=relative_path,
+            size=result.size,
+            checksum=result.sha256,
+            verified_at=m.utcnow(),
+            **{kind.copy_fk: package_id},
+        )
+    )
+
+
+def report_built(
+    kind: PackageKind, package_id: int, work: Work, location: str, result: TarResult
+) -> dict[str, Any]:
+    """Log a built package (``<event>_created``) and return the task's result for it."""
+    count = {kind.members_word: len(work.members)}
+    kind.log.info(
+        f"{kind.event}_created",
+        **{kind.id_key: package_id},
+        file_name=work.file_name,
+        location=location,
+        size_bytes=result.size,
+        **count,
+    )
+    return {
+        "status": "completed",
+        kind.id_key: package_id,
+        **count,
+        "size_bytes": result.size,
+        "location": location,
+    }
+
+
+def fail_members(
+    db: DatabaseConnection,
+    kind: PackageKind,
+    package_id: int,
+    mismatches: list[tuple[str, str]],
+    flag_member: Callable[[Session, int, Any, str, str], dict[str, Any] | None],
+) -> list[dict[str, Any]]:
+    """Flag every mismatching member and release the claim, in one transaction.
+    ``flag_member(session, package_id, package, path, reason)`` flags one and returns
+    the error to report, or None if there is no such member.  Returns the errors."""
+    errors: list[dict[str, Any]] = []
+    with db.session_scope() as session:
+        pkg = session.get(kind.package_model, package_id)
+        for path, reason in mismatches:
+            error = flag_member(session, package_id, pkg, path, reason)
+            if error is not None:
+                errors.append(error)
+        session.flush()
+        release_claim(session, kind, package_id)
+    return errors

@@ -1,0 +1,192 @@
+"""The disk backend: a :class:`~ccat_data_transfer.storage.interface.Storage` on a
+directory tree of a local or mounted filesystem.
+
+Room in the house: core.  Imports :mod:`ccat_data_transfer.storage.interface` and
+:mod:`ccat_data_transfer.fileio` only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat as stat_mod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from ccat_data_transfer.fileio import fadvise_sequential
+from ccat_data_transfer.storage.errors import (
+    ObjectNotFound,
+    StorageError,
+    StorageFullError,
+    StorageUnavailableError,
+    is_full,
+)
+from ccat_data_transfer.storage.interface import (
+    CHUNK_SIZE,
+    ObjectInfo,
+    Storage,
+    Usage,
+    _atomic_file,
+    _copy_stream,
+    is_temp_name,
+    normalize_path,
+)
+
+__all__ = ["DiskStorage"]
+
+
+class DiskStorage(Storage):
+    """A directory tree on a local or mounted filesystem.
+
+    The root must exist (``create=True`` makes it): a missing root usually means an
+    unmounted disk, and writing into the mount point would fill the wrong filesystem, so
+    every operation raises :class:`~ccat_data_transfer.storage.StorageUnavailableError`
+    instead.  Objects are regular files; :meth:`list` does not follow symlinks, and no path
+    may resolve outside the root.
+    """
+
+    kind = "disk"
+
+    def __init__(self, root: str | os.PathLike[str], *, create: bool = False) -> None:
+        self.root = Path(root).expanduser().absolute()
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"DiskStorage({str(self.root)!r})"
+
+    def _check_root(self) -> str:
+        real = os.path.realpath(self.root)
+        if not os.path.isdir(real):
+            raise StorageUnavailableError(f"storage root {self.root} does not exist")
+        return real
+
+    def _full(self, path: str) -> Path:
+        """Absolute path for ``path``, checked to stay inside the root (also via symlinks)."""
+        rel = normalize_path(path)
+        real_root = self._check_root()
+        full = os.path.join(real_root, rel)
+        resolved = os.path.realpath(full)
+        if resolved != real_root and not resolved.startswith(real_root + os.sep):
+            raise ValueError(f"storage path {path!r} resolves outside the root {self.root}")
+        return Path(full)
+
+    def open_read(self, path: str) -> BinaryIO:
+        full = self._full(path)
+        try:
+            f = open(full, "rb", buffering=CHUNK_SIZE)  # noqa: SIM115 - returned to caller
+        except FileNotFoundError as exc:
+            raise ObjectNotFound(f"{path} not found in {self.root}") from exc
+        except IsADirectoryError as exc:
+            raise ObjectNotFound(f"{path} is a directory in {self.root}") from exc
+        fadvise_sequential(f.fileno())
+        return f
+
+    @contextlib.contextmanager
+    def open_write(self, path: str) -> Iterator[BinaryIO]:
+        full = self._full(path)
+        try:
+            full.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            if is_full(exc):
+                raise StorageFullError(f"no space left creating {full.parent}: {exc}") from exc
+            raise
+        # Re-check after mkdir: a directory component could be a symlink created meanwhile.
+        self._full(path)
+        with _atomic_file(full.parent, full.name) as f:
+            yield f
+
+    def stat(self, path: str) -> ObjectInfo | None:
+        full = self._full(path)
+        try:
+            st = os.stat(full)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not stat_mod.S_ISREG(st.st_mode):
+            return None
+        return ObjectInfo(normalize_path(path), st.st_size, st.st_mtime)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        norm = normalize_path(prefix, allow_empty=True)
+        # Keep a trailing "/" meaningful ("a/" must not match "ab").
+        if prefix.endswith("/") and norm:
+            norm += "/"
+        real_root = self._check_root()
+        # Walk only the deepest directory the prefix pins down, then filter by string.
+        start_rel = norm.rsplit("/", 1)[0] if "/" in norm else ""
+        start = os.path.join(real_root, start_rel) if start_rel else real_root
+        real_start = os.path.realpath(start)
+        if real_start != start or not os.path.isdir(start):
+            # Missing, or reached through a symlink (which could lead out of the root).
+            return
+        stack = [(start, start_rel)]
+        while stack:
+            directory, rel_dir = stack.pop()
+            try:
+                with os.scandir(directory) as it:
+                    entries = sorted(it, key=lambda e: e.name, reverse=True)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for entry in entries:
+                rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    if is_temp_name(entry.name):
+                        continue  # work area of an unfinished write or unpack
+                    if rel.startswith(norm) or norm.startswith(rel + "/"):
+                        stack.append((entry.path, rel))
+                    continue
+                if not entry.is_file(follow_symlinks=False) or is_temp_name(entry.name):
+                    continue
+                if not rel.startswith(norm):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                yield ObjectInfo(rel, st.st_size, st.st_mtime)
+
+    def delete(self, path: str) -> bool:
+        full = self._full(path)
+        try:
+            os.unlink(full)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except IsADirectoryError as exc:
+            raise StorageError(f"{path} is a directory, not an object") from exc
+        return True
+
+    def usage(self) -> Usage:
+        real_root = self._check_root()
+        du = shutil.disk_usage(real_root)
+        return Usage(used_bytes=du.used, total_bytes=du.total, free_bytes=du.free)
+
+    def local_path(self, path: str) -> Path | None:
+        return self._full(path)
+
+    def copy_in(self, local_file: str | os.PathLike[str], path: str) -> int:
+        if not hasattr(os, "copy_file_range"):
+            return super().copy_in(local_file, path)
+        with open(local_file, "rb", buffering=0) as src:
+            fadvise_sequential(src.fileno())
+            with self.open_write(path) as dst:
+                n = 0
+                size = os.fstat(src.fileno()).st_size
+                # copy_file_range keeps the bytes in the kernel (and lets filesystems
+                # that can, share extents); falls back to a read/write loop.
+                dst.flush()
+                try:
+                    while n < size:
+                        done = os.copy_file_range(src.fileno(), dst.fileno(), size - n)
+                        if done == 0:
+                            break
+                        n += done
+                except OSError as exc:
+                    if is_full(exc):
+                        raise
+                    if n:
+                        raise
+                    return _copy_stream(src, dst)  # type: ignore[arg-type]
+                # The file may have grown since fstat: copy whatever remains.
+                return n + _copy_stream(src, dst)  # type: ignore[arg-type]
