@@ -29,6 +29,7 @@ from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer.exceptions import ConfigurationError
+from ccat_data_transfer.shared_rows import active_site_buffers
 from ccat_ops_db import models as m
 
 __all__ = [
@@ -76,14 +77,7 @@ def source_site_ids(session: Session) -> set[int]:
 def best_buffer(session: Session, site_id: int) -> m.DataLocation | None:
     """The site's active BUFFER of best (lowest) priority; the next one is the failover."""
     return session.scalars(
-        select(m.DataLocation)
-        .where(
-            m.DataLocation.site_id == site_id,
-            m.DataLocation.location_type == m.LocationType.BUFFER,
-            m.DataLocation.active.is_(True),
-        )
-        .order_by(m.DataLocation.priority, m.DataLocation.name)
-        .limit(1)
+        active_site_buffers(site_id).order_by(m.DataLocation.name).limit(1)
     ).first()
 
 
