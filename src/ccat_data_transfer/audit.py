@@ -18,7 +18,7 @@ HOLD_SET, an error log line and an alert) stays until an operator lifts it
 (:func:`clear_hold`, ``ccat_data_transfer audit hold clear``); the deletion rules read it.
 
 Room in the house: core (called by the ``audit`` command).  Imports config, storage,
-alerts, the archive trail of :mod:`ccat_data_transfer.archive_proof` and ccat_ops_db.
+alerts, the archive trail of ``ccat_data_transfer.archive_proof`` and ccat_ops_db.
 """
 
 from __future__ import annotations
