@@ -245,3 +245,26 @@ def test_fixity_commands(system, capsys):
     assert main(["archive-events", str(fx.package_id)]) == 0
     assert "FIXITY_OK" in capsys.readouterr().out
     assert main(["archive-events", "999999"]) == 2
+
+
+def test_locations_on_audit_hold_are_neither_scanned_repaired_nor_used_as_sources(system):
+    fx, data = _archived(system, "held")
+    _flip(system, "us_lta", fx.relative_path)
+    with system.session() as s:
+        location(s, "cologne_lta").audit_hold_at = m.utcnow()
+    _give_credit(system, "cologne_lta", 10 * SIZE)
+    _give_credit(system, "us_lta", 10 * SIZE)
+    result = _scan(system)
+    [cologne] = [r for r in result["locations"] if r["location"] == "cologne_lta"]
+    assert cologne["held"] and cologne["requested"] == 0
+    bad = fx.copy_ids["us_lta"]
+    # The only good copy is at a held location: not used, no repair, and no freeze.
+    assert _events(system, copy_id=bad) == [CORRUPT, REPAIR_FAILED]
+    with system.session() as s:
+        assert s.get(m.RawDataPackage, fx.package_id).frozen_at is None  # not known bad
+        location(s, "cologne_lta").audit_hold_at = None
+    _give_credit(system, "us_lta", 0)
+    with system.session() as s:
+        s.execute(m.ArchiveEvent.__table__.delete())  # as if the retry interval had passed
+    assert _scan(system)["repairs_queued"] == 1
+    assert _path(system, "us_lta", fx.relative_path).read_bytes() == data

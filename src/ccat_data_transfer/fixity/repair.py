@@ -24,6 +24,9 @@ site and the next source is tried.  A failure at the destination (unwritable, or
 written bytes differ) ends the attempt: a good copy exists, so nothing is frozen, and
 the fixity manager queues the repair again later.
 
+Locations on audit hold take no part: a copy there is neither repaired (until the hold
+is cleared) nor used as a source, and, not being known bad, it prevents a freeze.
+
 When every source was shown bad (or there is none), no good copy of the package exists
 anywhere: the package is frozen (``frozen_at``/``frozen_reason``, archive_event FROZEN,
 an error log line and an alert); the deletion rules then keep every copy of it.
@@ -49,7 +52,12 @@ from ccat_data_transfer.database import DatabaseConnection
 from ccat_data_transfer.logging_utils import get_logger
 from ccat_data_transfer.operation_types import OperationType
 from ccat_data_transfer.queue_discovery import route_task_by_location
-from ccat_data_transfer.storage import CHUNK_SIZE, StorageError, storage_for_location
+from ccat_data_transfer.storage import (
+    CHUNK_SIZE,
+    ObjectNotFound,
+    StorageError,
+    storage_for_location,
+)
 from ccat_ops_db import models as m
 
 log = get_logger(__name__)
@@ -84,7 +92,11 @@ class _Target:
 
 
 class _SourceBad(Exception):
-    """The source's bytes are not the package's."""
+    """The source's bytes are not the package's (or it has none)."""
+
+
+class _SourceUnreachable(Exception):
+    """The source could not be read now (storage error): not known bad."""
 
 
 class _DestinationBad(Exception):
@@ -170,6 +182,7 @@ def _next_source(session: Session, target: _Target, tried: set[int]) -> _Copy | 
             pc.data_location_id != target.copy.location.id,
             pc.status == m.PhysicalCopyStatus.PRESENT,
             pc.lost_at.is_(None),
+            loc.audit_hold_at.is_(None),
         )
     )
     lta = session.scalars(
@@ -202,8 +215,10 @@ def _copy_bytes(source: _Copy, target: _Target) -> None:
     source's bytes hash to the package checksum.  Then re-read what was written."""
     try:
         reader = storage_for_location(source.location).open_read(source.path)
+    except ObjectNotFound as exc:
+        raise _SourceBad(f"no object {source.path} at {source.location.name}") from exc
     except StorageError as exc:
-        raise _SourceBad(f"cannot read {source.path} at {source.location.name}: {exc}") from exc
+        raise _SourceUnreachable(f"cannot read {source.location.name}: {exc}") from exc
     destination = storage_for_location(target.copy.location)
     h = hashlib.sha256()
     size = 0
@@ -213,7 +228,7 @@ def _copy_bytes(source: _Copy, target: _Target) -> None:
                 try:
                     chunk = reader.read(CHUNK_SIZE)
                 except (OSError, StorageError) as exc:
-                    raise _SourceBad(f"reading {source.location.name}: {exc}") from exc
+                    raise _SourceUnreachable(f"reading {source.location.name}: {exc}") from exc
                 if not chunk:
                     break
                 h.update(chunk)
@@ -241,17 +256,22 @@ def _copy_bytes(source: _Copy, target: _Target) -> None:
         )
 
 
+def _record(session: Session, event: str, target: _Target, message: str) -> None:
+    """One step of the target's repair in the archive trail (caller's transaction)."""
+    record_event(
+        session,
+        event,
+        copy_id=target.copy.copy_id,
+        package_id=target.package_id,
+        location_id=target.copy.location.id,
+        actor=ACTOR,
+        message=message,
+    )
+
+
 def _event(db: DatabaseConnection, event: str, target: _Target, message: str) -> None:
     with db.session_scope() as session:
-        record_event(
-            session,
-            event,
-            copy_id=target.copy.copy_id,
-            package_id=target.package_id,
-            location_id=target.copy.location.id,
-            actor=ACTOR,
-            message=message,
-        )
+        _record(session, event, target, message)
 
 
 def _usable(source: _Copy) -> bool:
@@ -284,14 +304,11 @@ def _mark_repaired(db: DatabaseConnection, target: _Target, source: _Copy) -> No
                 verification_requested_at=None,
             )
         )
-        record_event(
+        _record(
             session,
             REPAIRED,
-            copy_id=target.copy.copy_id,
-            package_id=target.package_id,
-            location_id=target.copy.location.id,
-            actor=ACTOR,
-            message=f"from copy {source.copy_id} at {source.location.name}; sha256 verified",
+            target,
+            f"from copy {source.copy_id} at {source.location.name}; sha256 verified",
         )
     log.warning(
         "archive_copy_repaired",
@@ -302,7 +319,8 @@ def _mark_repaired(db: DatabaseConnection, target: _Target, source: _Copy) -> No
 
 
 def repair_copy(copy_id: int) -> str:
-    """Repair one bad archive copy; returns ``repaired``, ``failed``, ``frozen`` or
+    """Repair one bad archive copy; returns ``repaired``, ``failed``, ``frozen``,
+    ``held`` (its location is on audit hold: repaired once the hold is cleared) or
     ``not_needed``.  Every step is an archive_event; no transaction stays open while
     bytes move."""
     db = DatabaseConnection()
@@ -314,8 +332,12 @@ def repair_copy(copy_id: int) -> str:
         session.expunge_all()
     if target is None:
         return "not_needed"
+    if target.copy.location.audit_hold_at is not None:
+        log.warning("archive_repair_waits_for_hold", copy_id=copy_id)
+        return "held"
     tried: set[int] = set()
-    unreachable = False
+    # Copies at held locations are not used, but not known bad either: no freeze.
+    unreachable = _held_copies_exist(db, target)
     while True:
         with db.session_scope() as session:
             source = _next_source(session, target, tried)
@@ -337,6 +359,10 @@ def repair_copy(copy_id: int) -> str:
                 with db.session_scope() as session:
                     archive_proof.request_verification(session, [source.copy_id], full=True)
             continue
+        except _SourceUnreachable as exc:
+            _event(db, REPAIR_FAILED, target, f"source {where} unreachable: {exc}")
+            unreachable = True
+            continue
         except _DestinationBad as exc:
             _event(db, REPAIR_FAILED, target, str(exc))
             log.error("archive_repair_failed", copy_id=copy_id, reason=str(exc))
@@ -344,10 +370,37 @@ def repair_copy(copy_id: int) -> str:
         _mark_repaired(db, target, source)
         return "repaired"
     if unreachable:
-        _event(db, REPAIR_FAILED, target, "no reachable good copy now; tried again later")
+        _event(
+            db,
+            REPAIR_FAILED,
+            target,
+            "no good copy reachable now (storage unreachable, or only at locations on audit "
+            "hold); tried again later",
+        )
         return "failed"
     freeze_package(db, target.package_id, f"no good copy left to repair copy {copy_id} from")
     return "frozen"
+
+
+def _held_copies_exist(db: DatabaseConnection, target: _Target) -> bool:
+    """Unmarked PRESENT copies of the package at locations on audit hold."""
+    pc, loc = m.PhysicalCopy, m.DataLocation
+    with db.session_scope() as session:
+        return (
+            session.scalar(
+                select(pc.id)
+                .join(loc, loc.id == pc.data_location_id)
+                .where(
+                    pc.raw_data_package_id == target.package_id,
+                    pc.id != target.copy.copy_id,
+                    pc.status == m.PhysicalCopyStatus.PRESENT,
+                    pc.lost_at.is_(None),
+                    loc.audit_hold_at.is_not(None),
+                )
+                .limit(1)
+            )
+            is not None
+        )
 
 
 def _is_present_and_unmarked(db: DatabaseConnection, copy_id: int) -> bool:

@@ -16,7 +16,8 @@ warning when the budget is too small).
 
 Each cycle also re-queues the repair of archive copies still marked lost whose package is
 not frozen and that had no repair step within FIXITY_REPAIR_RETRY_SECONDS (copies the
-audit marked, repairs that failed on the destination or found no reachable source).
+audit marked, repairs that failed on the destination or found no reachable source);
+never into a location on audit hold (its repairs wait until the hold is cleared).
 
 Room in the house: manager.  Imports core (config, manager_state, scope, archive_proof)
 and the repair task.
@@ -184,7 +185,12 @@ def scan_location(session: Session, location: m.DataLocation, now: datetime) -> 
     """One cycle's fixity work at one LTA location."""
     budget = budget_bytes_per_day()
     credit = earned_credit(_read_credit(session, location), now, budget)
-    ids, spent = pick_copies(session, location, credit, budget, now) if budget > 0 else ([], 0)
+    # A location on audit hold is not scanned: a systematic fault (an unmounted disk)
+    # would mark every copy there lost, which is what the hold's audit refused to do.
+    held = location.audit_hold_at is not None
+    ids, spent = (
+        ([], 0) if held or budget <= 0 else pick_copies(session, location, credit, budget, now)
+    )
     put_state(
         session,
         _state_key(location),
@@ -194,7 +200,9 @@ def scan_location(session: Session, location: m.DataLocation, now: datetime) -> 
     session.commit()
     requested = request_verification(session, ids, full=True, now=now) if ids else 0
     status = location_fixity(session, location)
-    status.update(requested=requested, requested_bytes=spent, credit_bytes=int(credit - spent))
+    status.update(
+        requested=requested, requested_bytes=spent, credit_bytes=int(credit - spent), held=held
+    )
     fields = {k: v for k, v in status.items() if k != "oldest_fixity_check"}
     if status["meets_period"]:
         log.info("fixity_scan", **fields)
@@ -222,7 +230,9 @@ def requeue_repairs(session: Session, location_ids: list[int], now: datetime) ->
     ids = session.scalars(
         select(PC.id)
         .join(m.RawDataPackage, m.RawDataPackage.id == PC.raw_data_package_id)
+        .join(m.DataLocation, m.DataLocation.id == PC.data_location_id)
         .where(
+            m.DataLocation.audit_hold_at.is_(None),
             PC.data_location_id.in_(location_ids),
             PC.status == m.PhysicalCopyStatus.PRESENT,
             PC.lost_at.is_not(None),
