@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import select
 
+from ccat_data_transfer import archive_proof
 from ccat_data_transfer.archive_proof import (
     CORRUPT,
     FIXITY_OK,
@@ -20,6 +22,15 @@ from ccat_ops_db import models as m
 from helpers_lifecycle import make_package_at, write_object
 
 CONTENT = b"archived package bytes " * 40
+
+
+@pytest.fixture(autouse=True)
+def _verification_alone(monkeypatch):
+    """These tests look at the verification alone: no repair runs after a bad finding
+    (repair and freeze are tests/test_fixity.py's)."""
+    import ccat_data_transfer.fixity.repair  # noqa: F401 - its hook, registered first
+
+    monkeypatch.setattr(archive_proof, "on_bad_copies", [])
 
 
 def _archived(system, locations=("cologne_lta", "us_lta")):

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
-
-import pytest
 from sqlalchemy import select
 
 from ccat_data_transfer import buffer_status as bs
@@ -14,6 +9,7 @@ from ccat_data_transfer import deletion_manager as dm
 from ccat_data_transfer.buffer_manager import BufferManager, measure_location, send_alert
 from ccat_ops_db import models as m
 from helpers_lifecycle import location, make_package_at, write_object
+from helpers_webhook import webhook_fixture  # noqa: F401 - the webhook fixture
 
 
 def _fill(system, name, capacity, used):
@@ -102,30 +98,6 @@ def test_critical_state_limits_transfers_and_shortens_sleep(system, override_set
     assert state == bs.BufferState.CRITICAL
     assert bs.transfer_limit(state) == 1
     assert dm.sleep_time() == 1.0
-
-
-class _Hook(BaseHTTPRequestHandler):
-    received: list[dict] = []
-
-    def do_POST(self):  # noqa: N802 - http.server's naming
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        _Hook.received.append(json.loads(body))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def webhook():
-    _Hook.received = []
-    server = HTTPServer(("127.0.0.1", 0), _Hook)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/alert", _Hook.received
-    server.shutdown()
-    server.server_close()
 
 
 def test_emergency_sends_one_alert_to_the_webhook(system, override_settings, webhook):

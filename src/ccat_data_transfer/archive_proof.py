@@ -27,6 +27,7 @@ queue routing and ``ccat_ops_db``; never a manager.
 
 from __future__ import annotations
 
+import importlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -291,8 +292,13 @@ def _record(session: Session, findings: list[Finding], actor: str, now: datetime
 
 
 #: Called with the bad findings after they are recorded (repair or freeze); set by
-#: :mod:`ccat_data_transfer.fixity` when it is imported.
+#: :mod:`ccat_data_transfer.fixity.repair` when it is imported.
 on_bad_copies: list[Callable[[list[Finding]], None]] = []
+
+#: The module whose import registers the repair hook; imported before the hooks run, so
+#: that every process that finds a bad copy (a worker, a manager, the embedded mode)
+#: repairs it, not only one that happened to import it.
+REPAIR_HOOK_MODULE = "ccat_data_transfer.fixity.repair"
 
 
 def verify_copies(
@@ -308,7 +314,8 @@ def verify_copies(
         _record(session, findings, actor, now)
     bad = [f for f in findings if f.outcome in (MISSING, CORRUPT)]
     if bad:
-        for hook in on_bad_copies:
+        importlib.import_module(REPAIR_HOOK_MODULE)
+        for hook in list(on_bad_copies):
             hook(bad)
     return findings
 

@@ -10,8 +10,15 @@ listing of the storage, and finds
 It reports and never deletes.  Copies found lost or corrupt get ``lost_at`` set, so the
 deletion rules stop counting them as safe copies; a copy marked lost that is found
 intact again is unmarked.  When the discrepancies exceed AUDIT_MAX_DISCREPANCY_FRACTION
-of what was expected, the audit stops with a warning and marks nothing: that pattern
-usually means an unmounted disk or a wrong bucket, not lost data.
+of what was expected, the audit marks nothing (that pattern usually means an unmounted
+disk or a wrong bucket, not lost data) but puts the location on *hold*: a systematic
+fault is exactly when no copy elsewhere may be deleted on the strength of this location.
+The hold (``data_location.audit_hold_at`` / ``audit_hold_reason``, an ``archive_event``
+HOLD_SET, an error log line and an alert) stays until an operator lifts it
+(:func:`clear_hold`, ``ccat_data_transfer audit hold clear``); the deletion rules read it.
+
+Room in the house: core (called by the ``audit`` command).  Imports config, storage,
+alerts, the archive trail of ``ccat_data_transfer.archive_proof`` and ccat_ops_db.
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from ccat_data_transfer.alerts import send_alert
+from ccat_data_transfer.archive_proof import record_event
 from ccat_data_transfer.config.config import settings
-from ccat_data_transfer.exceptions import NotFoundError
+from ccat_data_transfer.exceptions import NotFoundError, ValidationError
 from ccat_data_transfer.logging_utils import get_logger
 from ccat_data_transfer.storage import StorageError, is_temp_name, storage_for_location
 from ccat_ops_db import models as m
@@ -65,6 +74,7 @@ class LocationAudit:
     unmarked: int = 0
     aborted: str | None = None
     error: str | None = None
+    held: bool = False
 
     @property
     def discrepancies(self) -> int:
@@ -83,6 +93,7 @@ class LocationAudit:
             "unmarked": self.unmarked,
             "aborted": self.aborted,
             "error": self.error,
+            "held": self.held,
         }
 
 
@@ -243,9 +254,17 @@ def audit_location(
         report.aborted = (
             f"{report.discrepancies} discrepancies for {report.expected} expected copies "
             f"exceed AUDIT_MAX_DISCREPANCY_FRACTION={max_fraction}; is the storage mounted "
-            "and the location configured right?  Nothing was marked."
+            "and the location configured right?  Nothing was marked; the location is on "
+            "hold until an operator clears it."
         )
         log.warning("audit_aborted", location=location.name, reason=report.aborted)
+        report.held = set_hold(
+            session,
+            location,
+            f"audit: {len(report.lost)} lost, {len(report.drift)} drift, "
+            f"{len(report.dark)} dark of {report.expected} expected copies "
+            f"(over AUDIT_MAX_DISCREPANCY_FRACTION={max_fraction})",
+        )
         return report
 
     if mark:
@@ -296,3 +315,77 @@ def run_audit(
             audit_location(session, loc, full=full, sample_fraction=sample_fraction, mark=mark)
         )
     return reports
+
+
+# ---------------------------------------------------------------------------------------
+# Holds: a location whose audit found a systematic fault
+# ---------------------------------------------------------------------------------------
+
+
+def set_hold(session: Session, location: m.DataLocation, reason: str, actor: str = "audit") -> bool:
+    """Put ``location`` on hold (in the caller's transaction): no deletion may rely on its
+    copies until an operator clears it.  A location already held keeps its first hold
+    (and its time); True only when the hold is new, which is when the HOLD_SET event is
+    written and the alert sent."""
+    log.error("audit_hold", location=location.name, reason=reason)
+    new = session.execute(
+        update(m.DataLocation)
+        .where(m.DataLocation.id == location.id, m.DataLocation.audit_hold_at.is_(None))
+        .values(audit_hold_at=m.utcnow(), audit_hold_reason=reason)
+    ).rowcount
+    if not new:
+        return False
+    record_event(session, "HOLD_SET", location_id=location.id, actor=actor, message=reason)
+    send_alert(
+        {
+            "event": "audit_hold",
+            "location": location.name,
+            "site": location.site.name if location.site else None,
+            "reason": reason,
+        }
+    )
+    return True
+
+
+def list_holds(session: Session) -> list[dict[str, Any]]:
+    """Every location on hold: name, site, since, reason (oldest first)."""
+    rows = session.scalars(
+        select(m.DataLocation)
+        .where(m.DataLocation.audit_hold_at.is_not(None))
+        .order_by(m.DataLocation.audit_hold_at, m.DataLocation.name)
+    ).all()
+    return [
+        {
+            "location": loc.name,
+            "site": loc.site.name if loc.site else None,
+            "since": loc.audit_hold_at,
+            "reason": loc.audit_hold_reason,
+        }
+        for loc in rows
+    ]
+
+
+def clear_hold(
+    session: Session, location_name: str, reason: str | None = None, actor: str = "operator"
+) -> dict[str, Any]:
+    """Lift the hold of ``location_name`` (an operator's decision, with its reason in the
+    HOLD_CLEARED event); NotFoundError for an unknown location, ValidationError for one
+    not on hold.  Returns what was cleared."""
+    location = session.scalars(
+        select(m.DataLocation).where(m.DataLocation.name == location_name)
+    ).first()
+    if location is None:
+        raise NotFoundError(f"no data location named {location_name!r}; see `list-locations`")
+    if location.audit_hold_at is None:
+        raise ValidationError(f"location {location_name!r} is not on hold")
+    held = {
+        "location": location.name,
+        "since": location.audit_hold_at,
+        "reason": location.audit_hold_reason,
+    }
+    location.audit_hold_at = None
+    location.audit_hold_reason = None
+    message = f"cleared: {reason or 'no reason given'} (hold was: {held['reason']})"
+    record_event(session, "HOLD_CLEARED", location_id=location.id, actor=actor, message=message)
+    log.warning("audit_hold_cleared", location=location.name, actor=actor, reason=reason)
+    return held

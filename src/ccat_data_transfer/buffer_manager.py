@@ -23,34 +23,18 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer import buffer_status as bs
 from ccat_data_transfer import scope
+from ccat_data_transfer.alerts import send_alert
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.logging_utils import get_logger
 from ccat_ops_db import models as m
 from ccat_ops_db.topology import HOLDING_STATES
 
 log = get_logger(__name__)
-
-
-def send_alert(payload: dict[str, Any]) -> bool:
-    """POST an alert as JSON to ALERT_WEBHOOK_URL; False (and a log line) on any failure."""
-    url = str(settings.get("ALERT_WEBHOOK_URL", "") or "")
-    if not url:
-        return False
-    try:
-        response = httpx.post(
-            url, json=payload, timeout=float(settings.get("ALERT_WEBHOOK_TIMEOUT_SECONDS", 5))
-        )
-        response.raise_for_status()
-    except Exception as exc:  # an alert must never stop the buffer manager
-        log.error("alert_webhook_failed", url=url, error=str(exc), location=payload.get("location"))
-        return False
-    return True
 
 
 def measure_location(session: Session, location: m.DataLocation) -> dict[str, Any] | None:

@@ -19,6 +19,7 @@ TASK_MODULES = [
     "ccat_data_transfer.deletion_manager",
     "ccat_data_transfer.staging_manager",
     "ccat_data_transfer.archive_proof",
+    "ccat_data_transfer.fixity.repair",
 ]
 
 app = Celery("ccat_data_transfer")

@@ -140,6 +140,22 @@ def collect_snapshot(session: Session) -> dict[str, Any]:
     }
     snap["buffers"] = _buffers(session)
     snap["queues"] = _queue_lengths(session)
+    snap["audit_holds"] = [
+        {
+            "location": loc.name,
+            "site": loc.site.name,
+            "since": loc.audit_hold_at.isoformat(timespec="seconds"),
+            "reason": loc.audit_hold_reason,
+        }
+        for loc in session.scalars(
+            select(m.DataLocation)
+            .where(m.DataLocation.audit_hold_at.is_not(None))
+            .order_by(m.DataLocation.name)
+        )
+    ]
+    snap["frozen_packages"] = session.scalar(
+        select(func.count(m.RawDataPackage.id)).where(m.RawDataPackage.frozen_at.is_not(None))
+    )
     return snap
 
 
@@ -360,6 +376,7 @@ def snapshot_to_prometheus(snap: dict[str, Any]) -> list[GaugeMetricFamily]:
         _total("ccat_deletion_failures", "Copies in DELETION_FAILED", snap["deletion_failures"]),
     ]
     families += _buffer_families(snap["buffers"])
+    families += _archive_truth_families(snap)
     g = GaugeMetricFamily("ccat_queue_length", "Tasks waiting in a queue", labels=["queue"])
     for queue, length in snap["queues"].items():
         g.add_metric([queue], length)
@@ -407,6 +424,29 @@ def _buffer_families(buffers: list[dict[str, Any]]) -> list[GaugeMetricFamily]:
         if buf.get("age_seconds") is not None:
             age.add_metric(where, buf["age_seconds"])
     return [usage, state, age]
+
+
+def _archive_truth_families(snap: dict[str, Any]) -> list[GaugeMetricFamily]:
+    """Audit holds (1/0 for every active location, and any held inactive one) and frozen
+    packages: both need a person."""
+    hold = GaugeMetricFamily(
+        "ccat_audit_hold",
+        "1 while an audit hold is on the location (no deletion relies on it)",
+        labels=["location", "site"],
+    )
+    held = {h["location"]: h for h in snap["audit_holds"]}
+    for buf in snap["buffers"]:
+        hold.add_metric([buf["location"], buf["site"]], 1.0 if buf["location"] in held else 0.0)
+    active = {buf["location"] for buf in snap["buffers"]}
+    for name, h in held.items():
+        if name not in active:
+            hold.add_metric([name, h["site"]], 1.0)
+    frozen = _total(
+        "ccat_frozen_packages",
+        "Packages frozen because no good copy was left to repair from",
+        snap["frozen_packages"],
+    )
+    return [hold, frozen]
 
 
 def prometheus_text(session_factory: Any = None) -> bytes:

@@ -65,6 +65,7 @@ def default_stages() -> list[Stage]:
         Stage("transfer + unpack", "ccat_data_transfer.transfer_manager"),
         Stage("archive", "ccat_data_transfer.archive_manager"),
         Stage("staging", "ccat_data_transfer.staging_manager"),
+        Stage("fixity", "ccat_data_transfer.fixity.scan"),
         Stage("deletion", "ccat_data_transfer.deletion.cycle"),
     ]
 

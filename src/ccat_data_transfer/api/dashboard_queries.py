@@ -75,6 +75,7 @@ def overview_data(session: Session) -> dict[str, Any]:
                     "critical": th.critical,
                     "emergency": th.emergency,
                     "copies": held.get(loc.name, {"count": 0, "bytes": 0}),
+                    "audit_hold": loc.audit_hold_reason if loc.audit_hold_at else None,
                 }
             )
         sites.append(
@@ -93,7 +94,22 @@ def overview_data(session: Session) -> dict[str, Any]:
     transfers = {s.name: snap["transfers"].get(s.name, {"count": 0, "bytes": 0}) for s in m.Status}
     staging = {s.name: snap["staging_jobs"].get(s.name, 0) for s in m.Status}
 
-    attention: list[dict[str, str]] = []
+    attention: list[dict[str, str]] = [
+        {
+            "level": "critical",
+            "text": f"{h['location']} is ON HOLD since {h['since']}: "
+            f"{h['reason']} (`audit hold clear` once mended)",
+        }
+        for h in snap["audit_holds"]
+    ]
+    if snap["frozen_packages"]:
+        attention.append(
+            {
+                "level": "critical",
+                "text": f"{snap['frozen_packages']} package(s) FROZEN: "
+                "no good copy left (see `archive-events`)",
+            }
+        )
     for site in sites:
         for loc in site["locations"]:
             if loc["state"] in ("critical", "emergency"):
@@ -132,6 +148,7 @@ def overview_data(session: Session) -> dict[str, Any]:
         "deletion_failures": snap["deletion_failures"],
         "transfer_bytes_last_hour": snap["transfer_bytes_last_hour"],
         "transfer_rate_mb_per_s": snap["transfer_rate_mb_per_s"],
+        "audit_holds": snap["audit_holds"],
         "attention": attention,
     }
 

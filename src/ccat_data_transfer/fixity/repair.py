@@ -1,0 +1,430 @@
+"""Repair of a bad archive copy from a good copy elsewhere; a freeze when none is left.
+
+A verification that finds an archive copy MISSING or CORRUPT marks it lost and calls the
+hooks of ``archive_proof.on_bad_copies``; :func:`on_bad_copies` (registered when this
+module is imported) queues :func:`repair_archive_copy` on the bad copy's own LTA
+``archive_verification`` queue, so the repair runs at the site that writes the bytes.
+
+The repair (:func:`repair_copy`) tries the good sources of the same package in turn:
+
+1. a copy at another LTA location: PRESENT, not lost, with the package's checksum; when
+   its last full check is older than LTA_PROOF_MAX_AGE_SECONDS it is first re-read in
+   full (:func:`~ccat_data_transfer.archive_proof.verify_copies` with ``full=True``), and
+   one that fails that check is marked lost there (and is itself repaired or frozen);
+2. a PRESENT, not lost copy at a BUFFER location.
+
+For each it writes ``archive_event`` REPAIR_STARTED (naming the source), streams the
+source's bytes through SHA-256 into the bad copy's path (``open_write``: atomic, the old
+bytes stay until the new ones are complete), and commits the write only when the
+source's bytes hash to the package checksum.  Then it re-reads what was written; only
+when that, too, hashes to the package checksum does the copy become PRESENT again, not
+lost, with fresh ``verified_at`` / ``fixity_checked_at`` (REPAIRED).  Any failure is a
+REPAIR_FAILED with its reason; a source found bad is sent for a verification at its own
+site and the next source is tried.  A failure at the destination (unwritable, or the
+written bytes differ) ends the attempt: a good copy exists, so nothing is frozen, and
+the fixity manager queues the repair again later.
+
+Locations on audit hold take no part: a copy there is neither repaired (until the hold
+is cleared) nor used as a source, and, not being known bad, it prevents a freeze.
+
+When every source was shown bad (or there is none), no good copy of the package exists
+anywhere: the package is frozen (``frozen_at``/``frozen_reason``, archive_event FROZEN,
+an error log line and an alert); the deletion rules then keep every copy of it.
+
+Room in the house: tasks.  Imports the Celery app, core (config, database, storage,
+alerts, queue routing, archive_proof) and ccat_ops_db; never a manager.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from ccat_data_transfer import archive_proof
+from ccat_data_transfer.alerts import send_alert
+from ccat_data_transfer.archive_proof import FIXITY_OK, Finding, proof_cutoff, record_event
+from ccat_data_transfer.celery_app import app
+from ccat_data_transfer.database import DatabaseConnection
+from ccat_data_transfer.logging_utils import get_logger
+from ccat_data_transfer.operation_types import OperationType
+from ccat_data_transfer.queue_discovery import route_task_by_location
+from ccat_data_transfer.storage import (
+    CHUNK_SIZE,
+    ObjectNotFound,
+    StorageError,
+    storage_for_location,
+)
+from ccat_ops_db import models as m
+
+log = get_logger(__name__)
+
+REPAIR_STARTED = "REPAIR_STARTED"
+REPAIRED = "REPAIRED"
+REPAIR_FAILED = "REPAIR_FAILED"
+FROZEN = "FROZEN"
+#: The events of a repair attempt (the fixity manager waits after one before retrying).
+REPAIR_STEPS = (REPAIR_STARTED, REPAIRED, REPAIR_FAILED)
+
+ACTOR = "repair"
+
+
+@dataclass
+class _Copy:
+    """What a repair needs to know of one copy (plain values: no session stays open)."""
+
+    copy_id: int
+    location: m.DataLocation
+    path: str
+    kind: str  # "lta" or "buffer"
+    fixity_checked_at: Any = None
+
+
+@dataclass
+class _Target:
+    copy: _Copy
+    package_id: int
+    checksum: str
+    size: int | None
+
+
+class _SourceBad(Exception):
+    """The source's bytes are not the package's (or it has none)."""
+
+
+class _SourceUnreachable(Exception):
+    """The source could not be read now (storage error): not known bad."""
+
+
+class _DestinationBad(Exception):
+    """The destination could not be written, or holds other bytes after the write."""
+
+
+# ---------------------------------------------------------------------------------------
+# Hook and task
+# ---------------------------------------------------------------------------------------
+
+
+def queue_repair(session: Session, copy_id: int) -> None:
+    """Queue the repair of ``copy_id`` on its LTA's archive_verification queue."""
+    copy = session.get(m.PhysicalCopy, copy_id)
+    if copy is None:
+        return
+    queue = route_task_by_location(OperationType.ARCHIVE_VERIFICATION, copy.data_location)
+    repair_archive_copy.apply_async(args=[copy_id], queue=queue)
+
+
+def on_bad_copies(findings: list[Finding]) -> None:
+    """``archive_proof.on_bad_copies`` hook: queue a repair of every bad archive copy."""
+    db = DatabaseConnection()
+    with db.session_scope() as session:
+        lta_ids = [
+            f.copy_id
+            for f in findings
+            if f.package_id is not None
+            and session.get(m.DataLocation, f.location_id).location_type
+            == m.LocationType.LONG_TERM_ARCHIVE
+        ]
+    for copy_id in lta_ids:
+        with db.session_scope() as session:
+            queue_repair(session, copy_id)
+
+
+if on_bad_copies not in archive_proof.on_bad_copies:
+    archive_proof.on_bad_copies.append(on_bad_copies)
+
+
+@app.task(bind=True, acks_late=True, name="ccat_data_transfer.repair_archive_copy")
+def repair_archive_copy(self: Any, copy_id: int) -> str:
+    """Celery task: :func:`repair_copy` at the bad copy's site.  Idempotent: a copy that
+    is no longer lost is left alone."""
+    return repair_copy(copy_id)
+
+
+# ---------------------------------------------------------------------------------------
+# The repair
+# ---------------------------------------------------------------------------------------
+
+
+def _target(session: Session, copy_id: int) -> _Target | None:
+    """The bad copy, if it still needs a repair (PRESENT, lost, of a package)."""
+    copy = session.get(m.PhysicalCopy, copy_id)
+    if (
+        copy is None
+        or copy.raw_data_package_id is None
+        or copy.status != m.PhysicalCopyStatus.PRESENT
+        or copy.lost_at is None
+    ):
+        return None
+    package = session.get(m.RawDataPackage, copy.raw_data_package_id)
+    path = copy.relative_path or package.relative_path
+    return _Target(
+        _Copy(copy.id, copy.data_location, path, "lta"),
+        package.id,
+        package.checksum,
+        package.size or copy.size,
+    )
+
+
+def _next_source(session: Session, target: _Target, tried: set[int]) -> _Copy | None:
+    """The best untried good-looking copy of the package: another LTA location's (most
+    recent full check first), else a buffer's."""
+    pc, loc = m.PhysicalCopy, m.DataLocation
+    base = (
+        select(pc)
+        .join(loc, loc.id == pc.data_location_id)
+        .where(
+            pc.raw_data_package_id == target.package_id,
+            pc.id.not_in(tried | {target.copy.copy_id}),
+            pc.data_location_id != target.copy.location.id,
+            pc.status == m.PhysicalCopyStatus.PRESENT,
+            pc.lost_at.is_(None),
+            loc.audit_hold_at.is_(None),
+        )
+    )
+    lta = session.scalars(
+        base.where(
+            loc.location_type == m.LocationType.LONG_TERM_ARCHIVE,
+            pc.checksum == target.checksum,
+        ).order_by(pc.fixity_checked_at.desc().nulls_last(), pc.id)
+    ).first()
+    kind = "lta"
+    copy = lta
+    if copy is None:
+        kind = "buffer"
+        copy = session.scalars(
+            base.where(loc.location_type == m.LocationType.BUFFER).order_by(pc.id)
+        ).first()
+    if copy is None:
+        return None
+    package = session.get(m.RawDataPackage, target.package_id)
+    return _Copy(
+        copy.id,
+        copy.data_location,
+        copy.relative_path or package.relative_path,
+        kind,
+        copy.fixity_checked_at,
+    )
+
+
+def _copy_bytes(source: _Copy, target: _Target) -> None:
+    """Stream the source over the target (atomic); the write is committed only when the
+    source's bytes hash to the package checksum.  Then re-read what was written."""
+    try:
+        reader = storage_for_location(source.location).open_read(source.path)
+    except ObjectNotFound as exc:
+        raise _SourceBad(f"no object {source.path} at {source.location.name}") from exc
+    except StorageError as exc:
+        raise _SourceUnreachable(f"cannot read {source.location.name}: {exc}") from exc
+    destination = storage_for_location(target.copy.location)
+    h = hashlib.sha256()
+    size = 0
+    try:
+        with reader, destination.open_write(target.copy.path) as out:
+            while True:
+                try:
+                    chunk = reader.read(CHUNK_SIZE)
+                except (OSError, StorageError) as exc:
+                    raise _SourceUnreachable(f"reading {source.location.name}: {exc}") from exc
+                if not chunk:
+                    break
+                h.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+            if h.hexdigest() != target.checksum:
+                raise _SourceBad(
+                    f"source at {source.location.name} hashes to {h.hexdigest()}, "
+                    f"expected {target.checksum}"
+                )
+            if target.size is not None and size != target.size:
+                raise _SourceBad(
+                    f"source at {source.location.name} has {size} bytes, expected {target.size}"
+                )
+    except (OSError, StorageError) as exc:
+        raise _DestinationBad(f"writing {target.copy.location.name}: {exc}") from exc
+    try:
+        written = destination.sha256(target.copy.path)
+    except StorageError as exc:
+        raise _DestinationBad(f"re-reading {target.copy.location.name}: {exc}") from exc
+    if written != target.checksum:
+        raise _DestinationBad(
+            f"after the copy {target.copy.location.name} hashes to {written}, "
+            f"expected {target.checksum}"
+        )
+
+
+def _record(session: Session, event: str, target: _Target, message: str) -> None:
+    """One step of the target's repair in the archive trail (caller's transaction)."""
+    record_event(
+        session,
+        event,
+        copy_id=target.copy.copy_id,
+        package_id=target.package_id,
+        location_id=target.copy.location.id,
+        actor=ACTOR,
+        message=message,
+    )
+
+
+def _event(db: DatabaseConnection, event: str, target: _Target, message: str) -> None:
+    with db.session_scope() as session:
+        _record(session, event, target, message)
+
+
+def _usable(source: _Copy) -> bool:
+    """An LTA source with no recent full check is re-read in full first (marked lost,
+    and repaired or frozen in turn, if that fails)."""
+    if source.kind != "lta":
+        return True
+    checked = source.fixity_checked_at
+    if checked is not None and checked >= proof_cutoff():
+        return True
+    findings = archive_proof.verify_copies([source.copy_id], full=True, actor=ACTOR)
+    return bool(findings) and findings[0].outcome == FIXITY_OK
+
+
+def _mark_repaired(db: DatabaseConnection, target: _Target, source: _Copy) -> None:
+    now = m.utcnow()
+    with db.session_scope() as session:
+        session.execute(
+            update(m.PhysicalCopy)
+            .where(
+                m.PhysicalCopy.id == target.copy.copy_id,
+                m.PhysicalCopy.status == m.PhysicalCopyStatus.PRESENT,
+            )
+            .values(
+                lost_at=None,
+                last_error=None,
+                checksum=target.checksum,
+                verified_at=now,
+                fixity_checked_at=now,
+                verification_requested_at=None,
+            )
+        )
+        _record(
+            session,
+            REPAIRED,
+            target,
+            f"from copy {source.copy_id} at {source.location.name}; sha256 verified",
+        )
+    log.warning(
+        "archive_copy_repaired",
+        copy_id=target.copy.copy_id,
+        location=target.copy.location.name,
+        source=source.location.name,
+    )
+
+
+def repair_copy(copy_id: int) -> str:
+    """Repair one bad archive copy; returns ``repaired``, ``failed``, ``frozen``,
+    ``held`` (its location is on audit hold: repaired once the hold is cleared) or
+    ``not_needed``.  Every step is an archive_event; no transaction stays open while
+    bytes move."""
+    db = DatabaseConnection()
+    with db.session_scope() as session:
+        target = _target(session, copy_id)
+        if target is not None and not target.checksum:
+            target = None
+            log.error("archive_repair_impossible", copy_id=copy_id, reason="no package checksum")
+        session.expunge_all()
+    if target is None:
+        return "not_needed"
+    if target.copy.location.audit_hold_at is not None:
+        log.warning("archive_repair_waits_for_hold", copy_id=copy_id)
+        return "held"
+    tried: set[int] = set()
+    # Copies at held locations are not used, but not known bad either: no freeze.
+    unreachable = _held_copies_exist(db, target)
+    while True:
+        with db.session_scope() as session:
+            source = _next_source(session, target, tried)
+            session.expunge_all()
+        if source is None:
+            break
+        tried.add(source.copy_id)
+        if not _usable(source):
+            unreachable = unreachable or _is_present_and_unmarked(db, source.copy_id)
+            continue
+        where = f"copy {source.copy_id} at {source.location.name} ({source.kind})"
+        _event(db, REPAIR_STARTED, target, f"source: {where}")
+        try:
+            _copy_bytes(source, target)
+        except _SourceBad as exc:
+            _event(db, REPAIR_FAILED, target, f"source {where} is bad: {exc}")
+            log.error("archive_repair_source_bad", copy_id=copy_id, source=where, reason=str(exc))
+            if source.kind == "lta":
+                with db.session_scope() as session:
+                    archive_proof.request_verification(session, [source.copy_id], full=True)
+            continue
+        except _SourceUnreachable as exc:
+            _event(db, REPAIR_FAILED, target, f"source {where} unreachable: {exc}")
+            unreachable = True
+            continue
+        except _DestinationBad as exc:
+            _event(db, REPAIR_FAILED, target, str(exc))
+            log.error("archive_repair_failed", copy_id=copy_id, reason=str(exc))
+            return "failed"
+        _mark_repaired(db, target, source)
+        return "repaired"
+    if unreachable:
+        _event(
+            db,
+            REPAIR_FAILED,
+            target,
+            "no good copy reachable now (storage unreachable, or only at locations on audit "
+            "hold); tried again later",
+        )
+        return "failed"
+    freeze_package(db, target.package_id, f"no good copy left to repair copy {copy_id} from")
+    return "frozen"
+
+
+def _held_copies_exist(db: DatabaseConnection, target: _Target) -> bool:
+    """Unmarked PRESENT copies of the package at locations on audit hold."""
+    pc, loc = m.PhysicalCopy, m.DataLocation
+    with db.session_scope() as session:
+        return (
+            session.scalar(
+                select(pc.id)
+                .join(loc, loc.id == pc.data_location_id)
+                .where(
+                    pc.raw_data_package_id == target.package_id,
+                    pc.id != target.copy.copy_id,
+                    pc.status == m.PhysicalCopyStatus.PRESENT,
+                    pc.lost_at.is_(None),
+                    loc.audit_hold_at.is_not(None),
+                )
+                .limit(1)
+            )
+            is not None
+        )
+
+
+def _is_present_and_unmarked(db: DatabaseConnection, copy_id: int) -> bool:
+    """A source that could not be checked (storage unreachable) but is not known bad."""
+    with db.session_scope() as session:
+        copy = session.get(m.PhysicalCopy, copy_id)
+        return copy is not None and copy.lost_at is None
+
+
+def freeze_package(db: DatabaseConnection, package_id: int, reason: str) -> bool:
+    """Freeze a package no good copy of which is left: every remaining copy is kept.
+    True when newly frozen (then the event, the error line and the alert)."""
+    with db.session_scope() as session:
+        frozen = session.execute(
+            update(m.RawDataPackage)
+            .where(m.RawDataPackage.id == package_id, m.RawDataPackage.frozen_at.is_(None))
+            .values(frozen_at=m.utcnow(), frozen_reason=reason)
+        ).rowcount
+        if not frozen:
+            return False
+        name = session.get(m.RawDataPackage, package_id).file_name
+        record_event(session, FROZEN, package_id=package_id, actor=ACTOR, message=reason)
+    log.error("package_frozen", package_id=package_id, package=name, reason=reason)
+    send_alert(
+        {"event": "package_frozen", "package_id": package_id, "package": name, "reason": reason}
+    )
+    return True
