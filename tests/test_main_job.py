@@ -91,7 +91,15 @@ def test_ctrl_c_stops_cleanly_and_the_work_resumes_on_restart(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(6)
+    # Interrupt once the run is under way (files filed and logged), however slow the
+    # machine is to start it; a fixed sleep interrupted a loaded machine's start-up.
+    log = tmp_path / "data" / "logs" / "run.jsonl"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.exists() and b"raw_data_files_filed" in log.read_bytes():
+            break
+        time.sleep(0.2)
+    time.sleep(1)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, out + err  # stopped before the lifecycle was complete
