@@ -116,7 +116,7 @@ def room_from_status(
     ``state``), less ``on_the_way`` bytes; unknown when the status has no total."""
     if not status:
         return Room(location.name, None, None, bs.BufferState.UNKNOWN, "unknown")
-    total = location.capacity_bytes or status.get("total_bytes")
+    total = status.get("total_bytes") or location.capacity_bytes
     used = status.get("used_bytes")
     free = int(total) - int(used) - int(on_the_way) if total and used is not None else None
     state = bs._state(status)

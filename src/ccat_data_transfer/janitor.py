@@ -37,7 +37,7 @@ __all__ = ["leftovers", "min_age_seconds", "sweep", "sweep_location"]
 
 
 def min_age_seconds() -> float:
-    return float(settings.get("JANITOR_MIN_AGE_SECONDS", 3600))
+    return float(settings.get("JANITOR_MIN_AGE_SECONDS", 21600))
 
 
 def leftovers(storage: Any, now: float | None = None) -> list[dict[str, Any]]:
