@@ -81,9 +81,7 @@ def test_round_robin_skips_a_site_without_room_for_package_plus_margin_and_retur
         ]
 
 
-def test_packages_routed_in_one_cycle_count_against_the_room_of_their_buffer(
-    system, small_margin
-):
+def test_packages_routed_in_one_cycle_count_against_the_room_of_their_buffer(system, small_margin):
     with system.session() as s:
         _publish(s, "cologne_buffer", 0, 1_000_000)  # room for one package, not two
         _publish(s, "us_buffer", 0, 10_000_000)

@@ -33,7 +33,7 @@ from ccat_ops_db import models as m
 
 log = get_logger(__name__)
 
-__all__ = ["leftovers", "min_age_seconds", "sweep", "sweep_location"]
+__all__ = ["leftovers", "min_age_seconds", "sweep", "sweep_location", "sweep_storage"]
 
 
 def min_age_seconds() -> float:
@@ -63,12 +63,21 @@ def leftovers(storage: Any, now: float | None = None) -> list[dict[str, Any]]:
 def sweep_location(location: m.DataLocation, now: float | None = None) -> dict[str, Any]:
     """Remove the location's temporary leftovers older than the limit; returns
     ``{"removed": n, "bytes_freed": b, "kept_young": k}`` (or ``error``)."""
-    result: dict[str, Any] = {"removed": 0, "bytes_freed": 0, "kept_young": 0}
     try:
         storage = storage_for_location(location)
-        found = leftovers(storage, now)
     except StorageError as exc:
         log.warning("janitor_storage_unreachable", location=location.name, error=str(exc))
+        return {"removed": 0, "bytes_freed": 0, "kept_young": 0, "error": str(exc)}
+    return sweep_storage(location.name, storage, now)
+
+
+def sweep_storage(location_name: str, storage: Any, now: float | None = None) -> dict[str, Any]:
+    """:func:`sweep_location` on an opened storage (logged under ``location_name``)."""
+    result: dict[str, Any] = {"removed": 0, "bytes_freed": 0, "kept_young": 0}
+    try:
+        found = leftovers(storage, now)
+    except StorageError as exc:
+        log.warning("janitor_storage_unreachable", location=location_name, error=str(exc))
         return {**result, "error": str(exc)}
     for item in found:
         if not item["removable"]:
@@ -78,20 +87,20 @@ def sweep_location(location: m.DataLocation, now: float | None = None) -> dict[s
             freed = storage.remove_temporary(item["path"])
         except (StorageError, OSError) as exc:
             log.error(
-                "janitor_remove_failed", location=location.name, path=item["path"], error=str(exc)
+                "janitor_remove_failed", location=location_name, path=item["path"], error=str(exc)
             )
             continue
         result["removed"] += 1
         result["bytes_freed"] += freed
         log.info(
             "janitor_removed",
-            location=location.name,
+            location=location_name,
             path=item["path"],
             size_bytes=freed,
             age_seconds=item["age_seconds"],
         )
     if result["removed"]:
-        log.info("janitor_swept", location=location.name, **result)
+        log.info("janitor_swept", location=location_name, **result)
     return result
 
 
