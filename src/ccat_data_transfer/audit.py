@@ -5,7 +5,9 @@ listing of the storage, and finds
 
 * lost files: the DB says the copy is there, storage has no such object;
 * dark data: storage has an object no live copy accounts for;
-* drift: the object's size differs, or (sampled, or ``full``) its checksum does.
+* drift: the object's size differs, or (sampled, or ``full``) its checksum does;
+* temporary: leftovers of unfinished writes (temporary names, unpack work folders,
+  unfinished S3 uploads) with their size and age; the janitor removes the old ones.
 
 It reports and never deletes.  Copies found lost or corrupt get ``lost_at`` set, so the
 deletion rules stop counting them as safe copies; a copy marked lost that is found
@@ -69,6 +71,7 @@ class LocationAudit:
     lost: list[dict[str, Any]] = field(default_factory=list)
     dark: list[dict[str, Any]] = field(default_factory=list)
     drift: list[dict[str, Any]] = field(default_factory=list)
+    temporary: list[dict[str, Any]] = field(default_factory=list)
     checksums_checked: int = 0
     marked_lost: int = 0
     unmarked: int = 0
@@ -88,6 +91,7 @@ class LocationAudit:
             "lost": self.lost,
             "dark": self.dark,
             "drift": self.drift,
+            "temporary": self.temporary,
             "checksums_checked": self.checksums_checked,
             "marked_lost": self.marked_lost,
             "unmarked": self.unmarked,
@@ -169,6 +173,16 @@ def _expected_copies(session: Session, location: m.DataLocation) -> tuple[list[E
     return expected, maybe
 
 
+def _temporary_leftovers(location_name: str, storage: Any) -> list[dict[str, Any]]:
+    """The storage's temporary names (not dark data: no write finished there), logged."""
+    from ccat_data_transfer.janitor import leftovers
+
+    found = leftovers(storage)
+    for item in found:
+        log.warning("audit_temporary_leftover", location=location_name, **item)
+    return found
+
+
 def audit_location(
     session: Session,
     location: m.DataLocation,
@@ -202,6 +216,7 @@ def audit_location(
             for info in storage.list("")
             if not is_temp_name(info.path.rsplit("/", 1)[-1])
         }
+        report.temporary = _temporary_leftovers(location.name, storage)
     except StorageError as exc:
         report.error = f"storage unreachable: {exc}"
         log.error("audit_storage_unreachable", location=location.name, error=str(exc))

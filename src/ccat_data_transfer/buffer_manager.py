@@ -17,17 +17,23 @@ warning (transfer limits, shorter sleeps and faster deletion follow from the pub
 state); emergency -> an error log line, an alert POSTed to ALERT_WEBHOOK_URL when set
 (failures are logged, never raised) and, when BUFFER_EMERGENCY_TRIGGERS_DELETION, a
 deletion cycle at once.
+
+Before measuring, the cycle runs the janitor (:func:`ccat_data_transfer.janitor.sweep`) on
+the same locations: temporary names of killed writes, unchanged for
+JANITOR_MIN_AGE_SECONDS, are removed (in the loop at most every JANITOR_MIN_AGE_SECONDS / 6,
+since it walks the trees); the result carries ``janitor`` when anything was removed.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer import buffer_status as bs
-from ccat_data_transfer import scope
+from ccat_data_transfer import janitor, scope
 from ccat_data_transfer.alerts import send_alert
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.logging_utils import get_logger
@@ -83,6 +89,18 @@ class BufferManager:
 
     def __init__(self) -> None:
         self.alerts_sent: list[dict[str, Any]] = []
+        self._last_sweep: float | None = None
+
+    def _sweep_if_due(self, locations: list[m.DataLocation]) -> dict[str, Any]:
+        """The janitor on ``locations`` if it has not run for JANITOR_MIN_AGE_SECONDS / 6."""
+        now = time.monotonic()
+        if self._last_sweep is not None and now - self._last_sweep < (
+            janitor.min_age_seconds() / 6
+        ):
+            return {}
+        self._last_sweep = now
+        swept = janitor.sweep(locations)
+        return {name: r for name, r in swept.items() if r["removed"]}
 
     def _check_thresholds(
         self,
@@ -149,6 +167,9 @@ class BufferManager:
                 ids,
             )
         ).all()
+        swept = self._sweep_if_due(list(locations))
+        if swept:
+            result["janitor"] = swept
         # The previous states in one read, the new ones published in one write (not
         # two queries per location).
         previous_states = bs.states_of([loc.name for loc in locations], session)

@@ -14,6 +14,12 @@ bundle is packaged only once its oldest member has waited
 Creation is not paused by buffer pressure: bundling is what lets the transfer manager
 empty the buffer.
 
+No package is built larger than the largest LTA-site buffer can ever take (its capacity
+less the routing margin, :func:`~ccat_data_transfer.buffer_room.largest_landing_capacity`):
+a bundle closes before it would pass that size, and a RawDataPackage larger than it on its
+own is refused before anything is built: it is marked FAILED with a ``failure_reason``
+naming both sizes, and its bytes stay at the source-site buffer (and its files at SOURCE).
+
 The cycle claims each bundle atomically (insert a DataTransferPackage SCHEDULED, then
 ``UPDATE raw_data_package SET data_transfer_package_id = :d WHERE id IN (...) AND
 data_transfer_package_id IS NULL``, checking the row count), commits, and submits
@@ -45,6 +51,7 @@ from sqlalchemy import bindparam, exists, select, update
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer import scope
+from ccat_data_transfer.buffer_room import largest_landing_capacity
 from ccat_data_transfer.celery_app import app
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.database import DatabaseConnection
@@ -63,6 +70,7 @@ __all__ = [
     "claim_bundle",
     "create_data_transfer_package",
     "find_waiting_packages",
+    "refuse_too_large",
     "release_stalled_claims",
     "run_once",
 ]
@@ -80,13 +88,20 @@ def bundle_packages(
     target: int,
     max_wait_seconds: float,
     now: datetime,
+    max_size: int | None = None,
 ) -> list[list[int]]:
-    """The aggregation rule on ``(id, size, created_at)`` tuples sorted oldest first."""
+    """The aggregation rule on ``(id, size, created_at)`` tuples sorted oldest first.
+
+    With ``max_size`` a bundle also closes before the next package would take it past
+    that size (the largest package an LTA-site buffer can take)."""
     bundles: list[list[int]] = []
     current: list[int] = []
     size = 0
     oldest: datetime | None = None
     for pkg_id, pkg_size, created in packages:
+        if current and max_size is not None and size + pkg_size > max_size:
+            bundles.append(current)
+            current, size, oldest = [], 0, None
         current.append(pkg_id)
         size += pkg_size
         oldest = created if oldest is None else min(oldest, created)
@@ -211,6 +226,53 @@ def release_stalled_claims(session: Session, location_ids: list[int] | None = No
     return skeleton.release_stalled_claims(session, DATA_TRANSFER_PACKAGE, location_ids)
 
 
+def refuse_too_large(
+    session: Session,
+    buffer: m.DataLocation,
+    waiting: list[tuple[int, int, datetime]],
+    limit: tuple[int, str] | None,
+) -> tuple[list[tuple[int, int, datetime]], list[int]]:
+    """Mark FAILED the waiting packages larger than ``limit`` (``(bytes, location)``, the
+    largest package any LTA-site buffer can take), with the reason; returns the others
+    and the ids refused.  Nothing is built or moved: the refused stay at ``buffer``."""
+    if limit is None:
+        return waiting, []
+    fits, where = limit
+    kept, refused = [], []
+    for item in waiting:
+        if item[1] <= fits:
+            kept.append(item)
+            continue
+        reason = (
+            f"{item[1]} bytes is larger than any LTA-site buffer can take ({fits} bytes at "
+            f"{where}: its capacity less the routing margin); not packaged, it stays at "
+            f"{buffer.name}"
+        )
+        done = session.execute(
+            update(m.RawDataPackage)
+            .where(
+                m.RawDataPackage.id == item[0],
+                m.RawDataPackage.state == m.PackageState.WAITING,
+                m.RawDataPackage.data_transfer_package_id.is_(None),
+            )
+            .values(state=m.PackageState.FAILED, failure_reason=reason)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if done:
+            refused.append(item[0])
+            log.error(
+                "data_transfer_package_refused",
+                raw_data_package_id=item[0],
+                size_bytes=item[1],
+                largest_acceptable_bytes=fits,
+                location=buffer.name,
+                largest_buffer=where,
+                reason=reason,
+            )
+    session.commit()
+    return kept, refused
+
+
 def run_once(session: Session, site: str | None = None) -> dict[str, Any]:
     """One cycle: bundle waiting packages at every source-site buffer and submit tasks.
 
@@ -229,11 +291,16 @@ def run_once(session: Session, site: str | None = None) -> dict[str, Any]:
         "waiting_raw_data_packages": 0,
         "checksum_errors": [],
         "released_stalled": release_stalled_claims(session, location_ids),
+        "refused_too_large": [],
     }
     now = m.utcnow()
+    limit = largest_landing_capacity(session)
     for buffer in _source_site_buffers(session, location_ids):
-        waiting = find_waiting_packages(session, buffer)
-        bundles = bundle_packages(waiting, target, max_wait, now)
+        waiting, refused = refuse_too_large(
+            session, buffer, find_waiting_packages(session, buffer), limit
+        )
+        summary["refused_too_large"] += refused
+        bundles = bundle_packages(waiting, target, max_wait, now, limit[0] if limit else None)
         summary["waiting_raw_data_packages"] += len(waiting) - sum(len(b) for b in bundles)
         session.commit()
         for ids in bundles:

@@ -20,6 +20,7 @@ from fastapi import HTTPException
 from sqlalchemy import Date, Integer, cast, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
+from ccat_data_transfer.buffer_room import next_package_verdicts
 from ccat_data_transfer.buffer_status import thresholds_for
 from ccat_data_transfer.database import is_postgresql
 from ccat_data_transfer.metrics import collect_snapshot
@@ -52,6 +53,8 @@ def overview_data(session: Session) -> dict[str, Any]:
         h["bytes"] += row["bytes"]
 
     type_order = {t: i for i, t in enumerate(m.LocationType)}
+    # Whether each LTA-site buffer can take the next package waiting to be sent.
+    next_package = next_package_verdicts(session, session.scalars(select(m.DataLocation)))
     sites = []
     for site in session.scalars(select(m.Site).order_by(m.Site.name)):
         locations = []
@@ -76,6 +79,7 @@ def overview_data(session: Session) -> dict[str, Any]:
                     "emergency": th.emergency,
                     "copies": held.get(loc.name, {"count": 0, "bytes": 0}),
                     "audit_hold": loc.audit_hold_reason if loc.audit_hold_at else None,
+                    "next_package": next_package.get(loc.name),
                 }
             )
         sites.append(
@@ -120,6 +124,9 @@ def overview_data(session: Session) -> dict[str, Any]:
                         f"{loc['disk_usage_percent']:.1f} % full",
                     }
                 )
+    for verdict in next_package.values():
+        if not verdict["can_take"]:
+            attention.append({"level": "warning", "text": verdict["reason"]})
     if package_states["FAILED"]["count"]:
         attention.append(
             {"level": "critical", "text": f"{package_states['FAILED']['count']} package(s) FAILED"}

@@ -118,6 +118,12 @@ def audit_command(
                     f"[yellow]dark[/] {r.location}: {item['path']} ({item['size']} B)",
                     highlight=False,
                 )
+            for item in r.temporary[:20]:
+                console.print(
+                    f"[yellow]temporary[/] {r.location}: {item['path']} ({item['size']} B, "
+                    f"unchanged for {item['age_seconds']:.0f} s)",
+                    highlight=False,
+                )
     if any(r.discrepancies or r.error or r.aborted for r in reports):
         raise typer.Exit(1)
 

@@ -79,9 +79,12 @@ def disk_monitor_command(
     site: str | None = typer.Option(None, "--site", help="Every active location of a site."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """Measure disk use now and show use, state and thresholds."""
+    """Measure disk use now and show use, state and thresholds; for an LTA-site buffer,
+    whether it can take the next package waiting to be sent (else it says "cannot take
+    next package (X needed, Y free)" and the round-robin skips it)."""
     from ccat_data_transfer import buffer_status as bs
     from ccat_data_transfer.buffer_manager import measure_location
+    from ccat_data_transfer.buffer_room import next_package_verdicts
 
     if sum(bool(x) for x in (all_locations, location_name, site)) != 1:
         raise ValidationError("give exactly one of --all, --location-name NAME, --site SITE")
@@ -103,8 +106,13 @@ def disk_monitor_command(
             )
             raise NotFoundError(f"no active data location for {what}; see `list-locations`")
         rows = []
+        measured = {loc.name: measure_location(session, loc) or {} for loc in locations}
+        # Can each LTA-site buffer take the next package waiting to be sent?
+        verdicts = next_package_verdicts(
+            session, locations, {n: st for n, st in measured.items() if st}
+        )
         for loc in locations:
-            status = measure_location(session, loc) or {}
+            status = measured[loc.name]
             t = bs.thresholds_for(loc)
             rows.append(
                 {
@@ -116,6 +124,7 @@ def disk_monitor_command(
                     "total_bytes": status.get("total_bytes"),
                     "disk_usage_percent": status.get("disk_usage_percent"),
                     "state": status.get("state", "unknown"),
+                    "next_package": verdicts.get(loc.name),
                     "thresholds": {
                         "warning": t.warning,
                         "critical": t.critical,
@@ -153,6 +162,14 @@ def disk_monitor_command(
             f"{th['warning']:g}/{th['critical']:g}/{th['emergency']:g}",
         )
     console.print(table)
+    for r in rows:
+        nxt = r["next_package"]
+        if nxt and not nxt["can_take"]:
+            console.print(
+                f"[red]{nxt['reason']}[/] (next package: data transfer package "
+                f"{nxt['data_transfer_package_id']})",
+                highlight=False,
+            )
 
 
 @app.command("deletion-plan")

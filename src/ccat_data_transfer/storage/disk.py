@@ -147,6 +147,51 @@ class DiskStorage(Storage):
                     continue
                 yield ObjectInfo(rel, st.st_size, st.st_mtime)
 
+    def list_temporary(self) -> Iterator[ObjectInfo]:
+        """The temporary names of unfinished writes that :meth:`list` skips: files
+        ``.name.tmp-*`` and work directories such as ``.unpack.tmp-*`` (not entered).  A
+        directory's size is that of the files in it; ``mtime`` is the last change of the
+        name or anything in it (newest mtime or ctime), so a write in progress looks young.
+        Symlinks are never reported."""
+        real_root = self._check_root()
+        for dirpath, dirnames, filenames in os.walk(real_root):
+            rel_dir = os.path.relpath(dirpath, real_root)
+            rel_dir = "" if rel_dir == "." else rel_dir + "/"
+            for name in sorted(d for d in dirnames if is_temp_name(d)):
+                dirnames.remove(name)
+                full = os.path.join(dirpath, name)
+                if os.path.islink(full):
+                    continue
+                size, changed = _tree_size_and_change(full)
+                yield ObjectInfo(rel_dir + name, size, changed)
+            for name in sorted(f for f in filenames if is_temp_name(f)):
+                try:
+                    st = os.lstat(os.path.join(dirpath, name))
+                except FileNotFoundError:
+                    continue  # the write finished (renamed) meanwhile
+                if stat_mod.S_ISREG(st.st_mode):
+                    yield ObjectInfo(rel_dir + name, st.st_size, max(st.st_mtime, st.st_ctime))
+
+    def remove_temporary(self, path: str) -> int:
+        """Remove one temporary name found by :meth:`list_temporary` (a file, or a work
+        directory with everything in it); returns the bytes freed (0 if already gone).
+        Refuses any name that is not temporary."""
+        if not is_temp_name(path):
+            raise ValueError(f"{path!r} is not a temporary name; the janitor never removes it")
+        full = self._full(path)
+        try:
+            st = os.lstat(full)
+        except FileNotFoundError:
+            return 0
+        if stat_mod.S_ISDIR(st.st_mode):
+            size, _ = _tree_size_and_change(str(full))
+            shutil.rmtree(full)
+            return size
+        if not stat_mod.S_ISREG(st.st_mode):
+            raise ValueError(f"{path!r} is neither a file nor a directory")
+        os.unlink(full)
+        return st.st_size
+
     def delete(self, path: str) -> bool:
         full = self._full(path)
         try:
@@ -190,3 +235,20 @@ class DiskStorage(Storage):
                     return _copy_stream(src, dst)  # type: ignore[arg-type]
                 # The file may have grown since fstat: copy whatever remains.
                 return n + _copy_stream(src, dst)  # type: ignore[arg-type]
+
+
+def _tree_size_and_change(top: str) -> tuple[int, float]:
+    """Bytes of the regular files under ``top`` and the newest mtime/ctime of anything
+    there (``top`` included); symlinks are not followed."""
+    st = os.lstat(top)
+    size, changed = 0, max(st.st_mtime, st.st_ctime)
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except FileNotFoundError:
+                continue
+            changed = max(changed, st.st_mtime, st.st_ctime)
+            if stat_mod.S_ISREG(st.st_mode):
+                size += st.st_size
+    return size, changed

@@ -36,6 +36,8 @@ _S3_FULL_CODES = {"XMinioStorageFull", "QuotaExceeded", "StorageFull", "Insuffic
 _S3_MISSING_BUCKET = {"NoSuchBucket"}
 _S3_NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
 
+# How list_temporary names an unfinished multipart upload: ``<path>#upload=<id>``.
+_UPLOAD_MARK = "#upload="
 # First multipart part size; it doubles every 1000 parts so that an object of any size up
 # to several TB fits in S3's 10,000 part limit while small objects use little memory.
 _S3_PART_SIZE = 8 * 1024 * 1024
@@ -252,6 +254,42 @@ class S3Storage(Storage):
                     if not rel or rel.endswith("/") or is_temp_name(rel):
                         continue
                     yield ObjectInfo(rel, int(obj["Size"]), obj["LastModified"].timestamp())
+
+    def list_temporary(self) -> Iterator[ObjectInfo]:
+        """Multipart uploads never completed nor aborted (a killed writer's leftovers):
+        ``path`` is ``<key>#upload=<upload id>``, ``size`` the bytes of its parts and
+        ``mtime`` its last activity (newest part, else its start)."""
+        base = f"{self.prefix}/" if self.prefix else ""
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        with self._errors(base):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=base):
+                for up in page.get("Uploads", ()):
+                    key, upload_id = up["Key"], up["UploadId"]
+                    parts = self._upload_parts(key, upload_id)
+                    changed = max(
+                        [up["Initiated"].timestamp()]
+                        + [p["LastModified"].timestamp() for p in parts]
+                    )
+                    size = sum(int(p["Size"]) for p in parts)
+                    yield ObjectInfo(f"{key[len(base) :]}{_UPLOAD_MARK}{upload_id}", size, changed)
+
+    def remove_temporary(self, path: str) -> int:
+        """Abort one multipart upload found by :meth:`list_temporary`; returns the bytes
+        of its parts.  Refuses a path that names no upload (an object is never touched)."""
+        rel, mark, upload_id = path.partition(_UPLOAD_MARK)
+        if not mark or not upload_id:
+            raise ValueError(f"{path!r} names no multipart upload; the janitor never removes it")
+        key = self._key(rel)
+        with self._errors(key):
+            parts = self._upload_parts(key, upload_id)
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        return sum(int(p["Size"]) for p in parts)
+
+    def _upload_parts(self, key: str, upload_id: str) -> list[dict[str, Any]]:
+        pages = self.client.get_paginator("list_parts").paginate(
+            Bucket=self.bucket, Key=key, UploadId=upload_id
+        )
+        return [part for page in pages for part in page.get("Parts", ())]
 
     def delete(self, path: str) -> bool:
         key = self._key(path)

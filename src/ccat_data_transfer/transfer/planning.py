@@ -1,13 +1,18 @@
 """Planning of the transfer stage: which DataTransfer rows to create.
 
 Primary transfers send each new DataTransferPackage from its source-site buffer to one
-LTA site chosen round-robin (the rotation survives restarts in ``manager_state``);
+LTA site chosen round-robin (the rotation survives restarts in ``manager_state``),
+skipping a site whose landing buffer cannot take the package now
+(:mod:`~ccat_data_transfer.buffer_room`: critical or emergency, or less free space than
+the package plus a margin); with no site able, the package waits PENDING (no retry
+charged) and the cycle logs why;
 onward transfers continue a RELAY route's second hop, and send secondaries from the
 primary LTA-site buffer to every other LTA site once the primary copy is unpacked.
 Route rules (where a hop lands) are in :mod:`~ccat_data_transfer.transfer.routes`.
 
 Room in the house: manager side, database only (no storage, no tasks).  Imports
-:mod:`~ccat_data_transfer.transfer.routes`, core (scope, logging) and ``ccat_ops_db``.
+:mod:`~ccat_data_transfer.transfer.routes`, core (scope, logging, buffer_room) and
+``ccat_ops_db``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from ccat_data_transfer import scope
+from ccat_data_transfer.buffer_room import Room, Verdict, rooms_of
 from ccat_data_transfer.exceptions import ConfigurationError
 from ccat_data_transfer.logging_utils import get_logger
 from ccat_data_transfer.transfer.claims import claim
@@ -40,6 +46,7 @@ ROUND_ROBIN_KEY = "transfer_manager:primary_round_robin"
 __all__ = [
     "ROUND_ROBIN_KEY",
     "next_round_robin_site",
+    "round_robin_order",
     "plan_onward_transfers",
     "plan_primary_transfers",
 ]
@@ -55,6 +62,14 @@ def next_round_robin_site(candidates: list[str], last: str | None) -> str:
             if name > last:
                 return name
     return ordered[0]
+
+
+def round_robin_order(candidates: list[str], last: str | None) -> list[str]:
+    """Every candidate once, starting with :func:`next_round_robin_site` and wrapping: the
+    order in which sites are tried when the next one cannot take a package."""
+    ordered = sorted(candidates)
+    i = ordered.index(next_round_robin_site(ordered, last))
+    return ordered[i:] + ordered[:i]
 
 
 def _load_rotation(session: Session) -> m.ManagerState | None:
@@ -157,11 +172,11 @@ def _new_transfer(
 @functools.cache
 def _waiting_for_primary() -> tuple[Any, Any]:
     """PENDING DTPs PRESENT at an active buffer of the source sites (bound as
-    ``sources``), with the buffer's id column; built once."""
+    ``sources``), with the buffer's id and the package's size; built once."""
     loc = aliased(m.DataLocation)
     copy = m.DataTransferPackagePhysicalCopy
     waiting = (
-        select(m.DataTransferPackage.id, loc.id)
+        select(m.DataTransferPackage.id, loc.id, m.DataTransferPackage.size)
         .join(copy, copy.data_transfer_package_id == m.DataTransferPackage.id)
         .join(loc, loc.id == copy.data_location_id)
         .where(
@@ -181,8 +196,11 @@ def plan_primary_transfers(session: Session, location_ids: list[int] | None = No
 
     The destination site rotates round-robin over the LTA sites reachable from the
     origin site; the last chosen site is kept in ``manager_state`` so a restarted
-    manager continues the rotation.  With ``location_ids`` only DTPs present at those
-    buffers (the origin site's scope).  Returns the new DataTransfer ids (committed).
+    manager continues the rotation.  A site whose landing buffer cannot take the package
+    now is skipped for the next one (it is back in the rotation once it has room); a
+    package no site can take stays PENDING, with one log line per cycle saying why.
+    With ``location_ids`` only DTPs present at those buffers (the origin site's scope).
+    Returns the new DataTransfer ids (committed).
     """
     sources = source_site_ids(session)
     if not sources:
@@ -192,8 +210,10 @@ def plan_primary_transfers(session: Session, location_ids: list[int] | None = No
         scope.restrict(waiting, loc_id, location_ids), {"sources": sorted(sources)}
     ).all()
     origins: dict[int, list[int]] = {}
-    for dtp_id, loc_id in rows:
+    sizes: dict[int, int] = {}
+    for dtp_id, loc_id, size in rows:
         origins.setdefault(dtp_id, []).append(loc_id)
+        sizes[dtp_id] = int(size or 0)
     if not origins:
         return []
 
@@ -201,6 +221,9 @@ def plan_primary_transfers(session: Session, location_ids: list[int] | None = No
     rotation = _load_rotation(session)
     last = _rotation_last(rotation)
     created: list[int] = []
+    rooms: dict[int, Room] = {}  # landing buffer id -> room left, this cycle
+    unable: dict[int, list[str]] = {}  # DTP id -> why no site took it
+    skipped: dict[str, tuple[int, Verdict]] = {}  # site -> first package it refused
     for dtp_id, loc_ids in origins.items():
         origin = session.get(m.DataLocation, loc_ids[0])
         routes = {
@@ -216,15 +239,13 @@ def plan_primary_transfers(session: Session, location_ids: list[int] | None = No
                 reason="no active route from this site to any LTA site",
             )
             continue
-        site_name = next_round_robin_site(list(routes), last)
-        route = routes[site_name]
+        chosen = _first_site_with_room(session, dtp_id, sizes[dtp_id], routes, last, rooms, skipped)
+        if isinstance(chosen, list):
+            unable[dtp_id] = chosen
+            continue
+        site_name, route, destination = chosen
         if route.origin_location_id in loc_ids:
             origin = route.origin_location
-        destination = _landing(
-            session, route, first_hop_destination, data_transfer_package_id=dtp_id
-        )
-        if destination is None:
-            continue
         if not claim(
             session,
             m.DataTransferPackage,
@@ -237,10 +258,61 @@ def plan_primary_transfers(session: Session, location_ids: list[int] | None = No
         transfer = _new_transfer(session, dtp_id, origin, destination, route, is_primary=True)
         last = site_name
         rotation = _save_rotation(session, rotation, site_name)
+        rooms[destination.id] = rooms[destination.id].take(sizes[dtp_id])
         if transfer is not None:
             created.append(transfer.id)
     session.commit()
+    for site_name, (dtp_id, verdict) in sorted(skipped.items()):
+        log.info(  # once per site and cycle, not once per package
+            "routing_skipped_site",
+            site=site_name,
+            location=verdict.location,
+            data_transfer_package_id=dtp_id,
+            needed_bytes=verdict.needed_bytes,
+            free_bytes=verdict.free_bytes,
+            reason=verdict.reason,
+        )
+    if unable:
+        log.warning(
+            "primary_transfers_waiting",
+            packages=len(unable),
+            data_transfer_package_ids=sorted(unable)[:20],
+            reasons=sorted({r for reasons in unable.values() for r in reasons}),
+            reason="no LTA site's landing buffer can take these packages now; they stay "
+            "PENDING (no retry charged) until one has room",
+        )
     return created
+
+
+def _first_site_with_room(
+    session: Session,
+    dtp_id: int,
+    size: int,
+    routes: dict[str, m.DataTransferRoute],
+    last: str | None,
+    rooms: dict[int, Room],
+    skipped: dict[str, tuple[int, Verdict]],
+) -> tuple[str, m.DataTransferRoute, m.DataLocation] | list[str]:
+    """The first site in round-robin order whose landing buffer takes ``size`` bytes now,
+    with its route and landing location; else the reasons each site gave.  A skipped
+    site is noted in ``skipped`` (the first package it refused, and why)."""
+    reasons: list[str] = []
+    for site_name in round_robin_order(list(routes), last):
+        route = routes[site_name]
+        destination = _landing(
+            session, route, first_hop_destination, data_transfer_package_id=dtp_id
+        )
+        if destination is None:
+            reasons.append(f"{site_name}: route configuration error")
+            continue
+        if destination.id not in rooms:
+            rooms.update(rooms_of(session, [destination]))
+        verdict = rooms[destination.id].verdict(size)
+        if verdict.ok:
+            return site_name, route, destination
+        skipped.setdefault(site_name, (dtp_id, verdict))
+        reasons.append(verdict.reason)
+    return reasons
 
 
 def _is_relay_hop(transfer: m.DataTransfer) -> bool:
