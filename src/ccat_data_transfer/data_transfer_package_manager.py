@@ -129,7 +129,6 @@ _WAITING_PACKAGES = (
 )
 _STALLED_BUNDLES = select(m.DataTransferPackage.id).where(
     m.DataTransferPackage.status.in_([m.Status.SCHEDULED, m.Status.IN_PROGRESS]),
-    m.DataTransferPackage.created_at < bindparam("limit"),
     ~exists().where(m.PhysicalCopy.data_transfer_package_id == m.DataTransferPackage.id),
     ~exists().where(m.DataTransfer.data_transfer_package_id == m.DataTransferPackage.id),
 )
@@ -164,6 +163,8 @@ DATA_TRANSFER_PACKAGE = skeleton.PackageKind(
     id_key="dtp_id",
     event="data_transfer_package",
     log=log,
+    task="ccat_data_transfer.create_data_transfer_package",
+    operation=OperationType.DATA_TRANSFER_PACKAGE_CREATION,
     # Only bundles that never got built: no copy and no transfer (_STALLED_BUNDLES).  A
     # built package is IN_PROGRESS again while it is being transferred: not stalled.
     stalled=_STALLED_BUNDLES,

@@ -40,7 +40,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, exists, func, select
+from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer import scope
@@ -79,10 +79,9 @@ __all__ = [
     "usable_buffers",
 ]
 
-# Built once (every cycle of this manager and of recovery runs it); ``limit`` is bound.
+# Built once (every cycle of this manager and of recovery runs it).
 _STALLED_PACKAGES = select(m.RawDataPackage.id).where(
     m.RawDataPackage.status.in_([m.Status.SCHEDULED, m.Status.IN_PROGRESS]),
-    m.RawDataPackage.created_at < bindparam("limit"),
     # A package with a copy was built: never un-claim it.
     ~exists().where(m.PhysicalCopy.raw_data_package_id == m.RawDataPackage.id),
 )
@@ -100,6 +99,8 @@ RAW_DATA_PACKAGE = skeleton.PackageKind(
     id_key="package_id",
     event="raw_data_package",
     log=log,
+    task="ccat_data_transfer.create_raw_data_package",
+    operation=OperationType.RAW_DATA_PACKAGE_CREATION,
     stalled=_STALLED_PACKAGES,
     stalled_scope=m.RawDataPackage.source_location_id,
     not_local=(
