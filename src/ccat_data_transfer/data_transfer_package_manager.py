@@ -206,8 +206,8 @@ def claim_bundle(
 
 
 def release_stalled_claims(session: Session, location_ids: list[int] | None = None) -> int:
-    """Release bundles stuck SCHEDULED/IN_PROGRESS past STALLED_WORK_TIMEOUT_SECONDS (a
-    worker died); their raw data packages can be bundled again.  With ``location_ids``
+    """Release bundles whose build started and whose heartbeat stopped (a worker died);
+    their raw data packages can be bundled again; queued ones are sent again.  With ``location_ids``
     only bundles whose origin buffer is one of them.  Commits."""
     return skeleton.release_stalled_claims(session, DATA_TRANSFER_PACKAGE, location_ids)
 

@@ -27,8 +27,9 @@ error the next one), removes the SOURCE tar, and records the package (COMPLETED,
 WAITING) and its RawDataPackagePhysicalCopy PRESENT at the buffer.  On a checksum
 mismatch nothing is written: the bad file gets ``checksum_error`` (and blocks its group),
 the claim is released.  On any other failure the claim is released and the package row
-removed, so nothing half-done is recorded; the next cycle tries again.  Claims stuck for
-``STALLED_WORK_TIMEOUT_SECONDS`` (a killed worker) are released by the manager.
+removed, so nothing half-done is recorded; the next cycle tries again.  Claims whose build
+started and whose heartbeat stopped (a killed worker, :mod:`ccat_data_transfer.liveness`)
+are released by the manager.
 
 Room in the house: managers (cycle) and tasks (``create_raw_data_package``).  Imports the
 packaging modules, core and :mod:`ccat_ops_db`.
@@ -161,8 +162,8 @@ def claim_package(session: Session, plan: GroupPlan, file_ids: Sequence[uuid.UUI
 
 
 def release_stalled_claims(session: Session, location_ids: list[int] | None = None) -> int:
-    """Release claims of packages stuck SCHEDULED/IN_PROGRESS past the stall timeout
-    (a worker died): their files become packageable again.  With ``location_ids`` only
+    """Release claims of packages whose build started and whose heartbeat stopped (a
+    worker died): their files become packageable again; queued ones are sent again.  With ``location_ids`` only
     packages built at those SOURCE locations.  Commits."""
     return skeleton.release_stalled_claims(session, RAW_DATA_PACKAGE, location_ids)
 
