@@ -163,8 +163,8 @@ def claim_package(session: Session, plan: GroupPlan, file_ids: Sequence[uuid.UUI
 
 def release_stalled_claims(session: Session, location_ids: list[int] | None = None) -> int:
     """Release claims of packages whose build started and whose heartbeat stopped (a
-    worker died): their files become packageable again; queued ones are sent again.  With ``location_ids`` only
-    packages built at those SOURCE locations.  Commits."""
+    worker died): their files become packageable again; queued ones are sent again.
+    With ``location_ids`` only packages built at those SOURCE locations.  Commits."""
     return skeleton.release_stalled_claims(session, RAW_DATA_PACKAGE, location_ids)
 
 
