@@ -91,27 +91,29 @@ def _queued_transfer(system) -> int:
     return tid
 
 
+def _wait_in_queue_then_recover(system, model, row_id, stage):
+    """Age the queued row past the old timeout, run recovery: it never resets the row
+    (``stage`` count 0).  Returns (how many were sent again, status, retry count)."""
+    _set(system, model, row_id, updated_at=m.utcnow() - LONG_AGO)
+    with system.session() as s:
+        summary = recovery.run_once(s)
+    assert summary[stage] == 0
+    with system.session() as s:
+        row = s.get(model, row_id)
+        return summary["queued_resent"], row.status, row.retry_count
+
+
 def test_queued_transfer_is_never_reset_nor_charged_while_it_waits(system, override_settings):
     override_settings(QUEUED_RESEND_SECONDS=86400)  # the broker still holds it
     tid = _queued_transfer(system)
-    _set(system, m.DataTransfer, tid, updated_at=m.utcnow() - LONG_AGO)
-    with system.session() as s:
-        summary = recovery.run_once(s)
-    assert summary["transfers"] == 0 and summary["queued_resent"] == 0
-    with system.session() as s:
-        t = s.get(m.DataTransfer, tid)
-        assert (t.status, t.retry_count) == (m.Status.SCHEDULED, 0)
+    outcome = _wait_in_queue_then_recover(system, m.DataTransfer, tid, "transfers")
+    assert outcome == (0, m.Status.SCHEDULED, 0)
 
 
 def test_lost_transfer_message_is_sent_again_without_a_retry_and_completes(system):
     tid = _queued_transfer(system)
-    _set(system, m.DataTransfer, tid, updated_at=m.utcnow() - LONG_AGO)
-    with system.session() as s:
-        summary = recovery.run_once(s)
-    assert summary["transfers"] == 0 and summary["queued_resent"] == 1
-    with system.session() as s:
-        t = s.get(m.DataTransfer, tid)
-        assert (t.status, t.retry_count) == (m.Status.COMPLETED, 0)
+    outcome = _wait_in_queue_then_recover(system, m.DataTransfer, tid, "transfers")
+    assert outcome == (1, m.Status.COMPLETED, 0)
 
 
 def test_lost_archive_message_is_sent_again_without_a_retry_and_completes(system):
@@ -121,13 +123,9 @@ def test_lost_archive_message_is_sent_again_without_a_retry_and_completes(system
     with system.session() as s:
         archive_manager.plan_archive_transfers(s)
         (aid,) = archive_manager.dispatch_archive_transfers(s, submit=False)
-    _set(system, m.LongTermArchiveTransfer, aid, updated_at=m.utcnow() - LONG_AGO)
-    with system.session() as s:
-        summary = recovery.run_once(s)
-    assert summary["archive_transfers"] == 0 and summary["queued_resent"] == 1
-    with system.session() as s:
-        row = s.get(m.LongTermArchiveTransfer, aid)
-        assert (row.status, row.retry_count) == (m.Status.COMPLETED, 0)
+    model = m.LongTermArchiveTransfer
+    outcome = _wait_in_queue_then_recover(system, model, aid, "archive_transfers")
+    assert outcome == (1, m.Status.COMPLETED, 0)
 
 
 def test_started_transfer_whose_heartbeat_stopped_is_reset_within_minutes(system):
@@ -175,40 +173,32 @@ def test_second_delivery_of_a_started_staging_job_does_nothing(system):
         assert s.get(m.StagingJob, job_id).status == m.Status.IN_PROGRESS
 
 
-def test_lost_deletion_batch_is_sent_again_without_a_retry(system):
+def _copy_in_deletion(system, status, age: timedelta) -> int:
+    """A package copy whose deletion is ``status``, last sent or beaten ``age`` ago."""
     with system.session() as s:
         make_dtp_at_source_buffer(system, s)
     with system.session() as s:
         copy_id = s.scalars(select(m.DataTransferPackagePhysicalCopy.id)).first()
+    since = m.utcnow() - age
+    _set(system, m.PhysicalCopy, copy_id, status=status, deletion_scheduled_at=since)
+    return copy_id
+
+
+def test_lost_deletion_batch_is_sent_again_without_a_retry(system):
     # Queued for 10 minutes (longer than QUEUED_RESEND_SECONDS, less than the old hour).
-    _set(
-        system,
-        m.PhysicalCopy,
-        copy_id,
-        status=m.PhysicalCopyStatus.DELETION_SCHEDULED,
-        deletion_scheduled_at=m.utcnow() - timedelta(minutes=10),
-    )
+    scheduled = m.PhysicalCopyStatus.DELETION_SCHEDULED
+    copy_id = _copy_in_deletion(system, scheduled, timedelta(minutes=10))
     with system.session() as s:
         assert resubmit_stalled_deletions(s) == 1
     with system.session() as s:
         copy = s.get(m.PhysicalCopy, copy_id)
         # The task ran again: it re-checked the rule (not deletable yet: back to PRESENT).
-        assert copy.status != m.PhysicalCopyStatus.DELETION_SCHEDULED
-        assert copy.deletion_retry_count == 0
+        assert copy.status != scheduled and copy.deletion_retry_count == 0
 
 
-def test_running_deletion_batch_with_a_fresh_heartbeat_is_left_alone(system):
-    with system.session() as s:
-        make_dtp_at_source_buffer(system, s)
-    with system.session() as s:
-        copy_id = s.scalars(select(m.DataTransferPackagePhysicalCopy.id)).first()
-    _set(
-        system,
-        m.PhysicalCopy,
-        copy_id,
-        status=m.PhysicalCopyStatus.DELETION_IN_PROGRESS,
-        deletion_scheduled_at=m.utcnow(),
-    )
+def test_running_deletion_batch_is_left_alone_until_its_heartbeat_stops(system):
+    running = m.PhysicalCopyStatus.DELETION_IN_PROGRESS
+    copy_id = _copy_in_deletion(system, running, timedelta(0))
     with system.session() as s:
         assert resubmit_stalled_deletions(s) == 0
     _set(system, m.PhysicalCopy, copy_id, deletion_scheduled_at=m.utcnow() - timedelta(minutes=10))
