@@ -20,9 +20,13 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import update
+
 from ccat_data_transfer.filing import file_raw_data_files
+from ccat_ops_db import models as m
 
 
 def make_raw_files(
@@ -75,3 +79,14 @@ def package_everything(system: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     with system.session() as session:
         dtp = dtpm.run_once(session)
     return raw, dtp
+
+
+def build_started_and_died(system, model, package_id):
+    """A package build that started (IN_PROGRESS, a heartbeat) and whose worker died an
+    hour ago."""
+    with system.session() as s:
+        s.execute(
+            update(model)
+            .where(model.id == package_id)
+            .values(status=m.Status.IN_PROGRESS, heartbeat_at=m.utcnow() - timedelta(hours=1))
+        )

@@ -11,7 +11,7 @@ from ccat_data_transfer import data_transfer_package_manager as dtpm
 from ccat_data_transfer import raw_data_package_manager as rdpm
 from ccat_data_transfer.tarutil import sha256_file
 from ccat_ops_db import models as m
-from helpers_pipeline import make_raw_files
+from helpers_pipeline import build_started_and_died, make_raw_files
 
 SRC = "primecam_raw_data"
 BUF = "ccat_telescope_buffer"
@@ -129,7 +129,7 @@ def test_stalled_bundle_is_released_and_rebundled(system, override_settings):
     raws = _raw_packages(system, 2)
     with system.session() as s:
         assert dtpm.claim_bundle(s, system.location(s, BUF), [r.id for r in raws]) is not None
-    override_settings(STALLED_WORK_TIMEOUT_SECONDS=-1)
+    build_started_and_died(system, m.DataTransferPackage, _dtps(system)[0].id)
     summary = _run(system)
     assert summary["released_stalled"] == 1 and summary["packages_created"] == 1
     assert [d.status for d in _dtps(system)] == [m.Status.PENDING]

@@ -15,7 +15,7 @@ from ccat_data_transfer.database import DatabaseConnection
 from ccat_data_transfer.packaging import skeleton
 from ccat_data_transfer.tarutil import writing as tar_writing
 from ccat_ops_db import models as m
-from helpers_pipeline import make_raw_files
+from helpers_pipeline import build_started_and_died, make_raw_files
 
 SRC = "primecam_raw_data"
 BUF = "ccat_telescope_buffer"
@@ -330,7 +330,7 @@ def test_stalled_claim_is_released_and_repackaged(system, override_settings):
         plan = rdpm.plan_packages(s)[0]
         pkg_id = rdpm.claim_package(s, plan, plan.parts[0])
     assert pkg_id is not None
-    override_settings(STALLED_WORK_TIMEOUT_SECONDS=-1)
+    build_started_and_died(system, m.RawDataPackage, pkg_id)
     summary = _run(system)
     assert summary["released_stalled"] == 1 and summary["packages_created"] == 1
     assert [p.part_number for p in _packages(system)] == [1]

@@ -48,7 +48,8 @@ def test_recent_in_progress_work_is_left_alone(system):
     tid = _claimed_transfer(system)
     with system.session() as s:
         s.execute(
-            update(m.DataTransfer).where(m.DataTransfer.id == tid)
+            update(m.DataTransfer)
+            .where(m.DataTransfer.id == tid)
             .values(status=m.Status.IN_PROGRESS)
         )
     with system.session() as s:
@@ -65,6 +66,7 @@ def test_stalled_staging_job_goes_back_to_pending(system):
         s.flush()
         job.status = m.Status.IN_PROGRESS
         job.start_time = m.utcnow() - timedelta(hours=3)
+        job.heartbeat_at = m.utcnow() - timedelta(hours=3)  # started; its worker died
         job_id = job.id
     with system.session() as s:
         assert recovery.run_once(s, timedelta(hours=1))["staging_jobs"] == 1

@@ -416,7 +416,8 @@ def test_recovery_resets_only_stalled_work_at_its_site(system):
         s.execute(
             update(m.StagingJob)
             .where(m.StagingJob.id == job)
-            .values(status=m.Status.IN_PROGRESS, start_time=long_ago)
+            # started (a heartbeat), then its worker died
+            .values(status=m.Status.IN_PROGRESS, start_time=long_ago, heartbeat_at=long_ago)
         )
 
     def recover(site: str) -> dict[str, int]:

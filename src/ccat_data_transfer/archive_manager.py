@@ -49,13 +49,15 @@ _record_failure = functools.partial(
     record_failed_attempt, m.LongTermArchiveTransfer, logger=log, event="archive_transfer"
 )
 
-#: Archive transfers in flight, reset by the site of the LTA they go into.  (Unlike
-#: transfers, the reset does not check again that the row is still untouched.)
+#: Archive transfers in flight, reset (or their task sent again) by the site of the LTA
+#: they go into; the task runs on the queue of the LTA-site buffer they come from.
 STALLED_ARCHIVE_TRANSFERS = StalledWork(
     m.LongTermArchiveTransfer,
     m.LongTermArchiveTransfer.destination_location_id,
     "stalled in {status}: worker lost",
-    recheck_cutoff=False,
+    "ccat_data_transfer.archive_manager.archive_raw_data_package",
+    OperationType.LONG_TERM_ARCHIVE_TRANSFER,
+    "origin_location",
 )
 
 __all__ = [
@@ -196,10 +198,13 @@ def run_once(session: Session, site: str | None = None) -> dict[str, int]:
 
 
 def reset_stalled_archive_transfers(
-    session: Session, older_than: timedelta | float, location_ids: list[int] | None = None
+    session: Session,
+    older_than: timedelta | float | None = None,
+    location_ids: list[int] | None = None,
 ) -> int:
-    """SCHEDULED/IN_PROGRESS archive transfers untouched for ``older_than``: one failed
-    attempt each (back to PENDING with backoff, or FAILED).  With ``location_ids`` only
+    """Started (IN_PROGRESS) archive transfers whose heartbeat stopped (``older_than``:
+    default HEARTBEAT_SECONDS x HEARTBEAT_MISSED_BEATS): one failed attempt each (back to
+    PENDING with backoff, or FAILED); queued ones are never reset.  With ``location_ids`` only
     transfers into LTA locations among them.  For the recovery service."""
     reset = reset_stalled(session, (STALLED_ARCHIVE_TRANSFERS,), older_than, location_ids)
     session.commit()

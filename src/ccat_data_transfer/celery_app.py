@@ -51,7 +51,7 @@ def configure_celery() -> Celery:
         include=TASK_MODULES,
         # A task whose worker died is delivered again after this long (Redis broker).
         broker_transport_options={
-            "visibility_timeout": int(settings.get("BROKER_VISIBILITY_TIMEOUT_SECONDS", 3600))
+            "visibility_timeout": int(settings.get("BROKER_VISIBILITY_TIMEOUT_SECONDS", 300))
         },
     )
     return app

@@ -144,7 +144,6 @@ _WAITING_PACKAGES = (
 )
 _STALLED_BUNDLES = select(m.DataTransferPackage.id).where(
     m.DataTransferPackage.status.in_([m.Status.SCHEDULED, m.Status.IN_PROGRESS]),
-    m.DataTransferPackage.created_at < bindparam("limit"),
     ~exists().where(m.PhysicalCopy.data_transfer_package_id == m.DataTransferPackage.id),
     ~exists().where(m.DataTransfer.data_transfer_package_id == m.DataTransferPackage.id),
 )
@@ -179,6 +178,8 @@ DATA_TRANSFER_PACKAGE = skeleton.PackageKind(
     id_key="dtp_id",
     event="data_transfer_package",
     log=log,
+    task="ccat_data_transfer.create_data_transfer_package",
+    operation=OperationType.DATA_TRANSFER_PACKAGE_CREATION,
     # Only bundles that never got built: no copy and no transfer (_STALLED_BUNDLES).  A
     # built package is IN_PROGRESS again while it is being transferred: not stalled.
     stalled=_STALLED_BUNDLES,
@@ -220,8 +221,8 @@ def claim_bundle(
 
 
 def release_stalled_claims(session: Session, location_ids: list[int] | None = None) -> int:
-    """Release bundles stuck SCHEDULED/IN_PROGRESS past STALLED_WORK_TIMEOUT_SECONDS (a
-    worker died); their raw data packages can be bundled again.  With ``location_ids``
+    """Release bundles whose build started and whose heartbeat stopped (a worker died);
+    their raw data packages can be bundled again; queued ones are sent again.  With ``location_ids``
     only bundles whose origin buffer is one of them.  Commits."""
     return skeleton.release_stalled_claims(session, DATA_TRANSFER_PACKAGE, location_ids)
 

@@ -27,8 +27,9 @@ error the next one), removes the SOURCE tar, and records the package (COMPLETED,
 WAITING) and its RawDataPackagePhysicalCopy PRESENT at the buffer.  On a checksum
 mismatch nothing is written: the bad file gets ``checksum_error`` (and blocks its group),
 the claim is released.  On any other failure the claim is released and the package row
-removed, so nothing half-done is recorded; the next cycle tries again.  Claims stuck for
-``STALLED_WORK_TIMEOUT_SECONDS`` (a killed worker) are released by the manager.
+removed, so nothing half-done is recorded; the next cycle tries again.  Claims whose build
+started and whose heartbeat stopped (a killed worker, :mod:`ccat_data_transfer.liveness`)
+are released by the manager.
 
 Room in the house: managers (cycle) and tasks (``create_raw_data_package``).  Imports the
 packaging modules, core and :mod:`ccat_ops_db`.
@@ -40,7 +41,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, exists, func, select
+from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer import scope
@@ -79,10 +80,9 @@ __all__ = [
     "usable_buffers",
 ]
 
-# Built once (every cycle of this manager and of recovery runs it); ``limit`` is bound.
+# Built once (every cycle of this manager and of recovery runs it).
 _STALLED_PACKAGES = select(m.RawDataPackage.id).where(
     m.RawDataPackage.status.in_([m.Status.SCHEDULED, m.Status.IN_PROGRESS]),
-    m.RawDataPackage.created_at < bindparam("limit"),
     # A package with a copy was built: never un-claim it.
     ~exists().where(m.PhysicalCopy.raw_data_package_id == m.RawDataPackage.id),
 )
@@ -100,6 +100,8 @@ RAW_DATA_PACKAGE = skeleton.PackageKind(
     id_key="package_id",
     event="raw_data_package",
     log=log,
+    task="ccat_data_transfer.create_raw_data_package",
+    operation=OperationType.RAW_DATA_PACKAGE_CREATION,
     stalled=_STALLED_PACKAGES,
     stalled_scope=m.RawDataPackage.source_location_id,
     not_local=(
@@ -160,9 +162,9 @@ def claim_package(session: Session, plan: GroupPlan, file_ids: Sequence[uuid.UUI
 
 
 def release_stalled_claims(session: Session, location_ids: list[int] | None = None) -> int:
-    """Release claims of packages stuck SCHEDULED/IN_PROGRESS past the stall timeout
-    (a worker died): their files become packageable again.  With ``location_ids`` only
-    packages built at those SOURCE locations.  Commits."""
+    """Release claims of packages whose build started and whose heartbeat stopped (a
+    worker died): their files become packageable again; queued ones are sent again.
+    With ``location_ids`` only packages built at those SOURCE locations.  Commits."""
     return skeleton.release_stalled_claims(session, RAW_DATA_PACKAGE, location_ids)
 
 

@@ -1,9 +1,13 @@
 """Recovery service: finds work whose worker died and puts it back in the queue.
 
-Every stage marks what it is doing (SCHEDULED / IN_PROGRESS rows) and, for long work,
-refreshes a heartbeat (``updated_at``) while it runs.  Work untouched for longer than
-STALLED_WORK_TIMEOUT_SECONDS has lost its worker: each stage's own reset function turns
-it into one failed attempt (retry counted, backoff), or FAILED when out of retries.
+Every stage marks what it is doing (queued: SCHEDULED; started: IN_PROGRESS) and every
+long step renews a heartbeat while it runs (:mod:`ccat_data_transfer.liveness`).
+Started work whose heartbeat stopped for HEARTBEAT_MISSED_BEATS beats has lost its
+worker: each stage's own reset function turns it into one failed attempt (retry counted,
+backoff), or FAILED when out of retries; a package build's claim is released.  Queued
+work is never reset nor charged: when it has waited longer than QUEUED_RESEND_SECONDS
+its task is sent again (the broker may have lost it); a duplicate delivery does nothing,
+since every task takes its row with a conditional UPDATE.
 Destination writes are atomic everywhere, so a reset never leaves a half-written file
 under a final name.  Deletions stuck in flight are handed back to the deletion manager,
 whose worker re-checks the rule before touching storage.
@@ -14,11 +18,12 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer import scope
 from ccat_data_transfer.config.config import settings
+from ccat_data_transfer.liveness import resend, stall_window, stopped, waited_in_queue
 from ccat_data_transfer.logging_utils import get_logger
 from ccat_ops_db import models as m
 
@@ -26,22 +31,24 @@ log = get_logger(__name__)
 
 
 def stalled_timeout() -> timedelta:
-    return timedelta(seconds=float(settings.STALLED_WORK_TIMEOUT_SECONDS))
+    """How long started work may go without a heartbeat (HEARTBEAT_SECONDS x
+    HEARTBEAT_MISSED_BEATS)."""
+    return stall_window()
 
 
 def reset_stalled_staging_jobs(
-    session: Session, older_than: timedelta, location_ids: list[int] | None = None
+    session: Session, older_than: timedelta | None = None, location_ids: list[int] | None = None
 ) -> int:
-    """Staging jobs IN_PROGRESS since before ``older_than``: back to PENDING (staging is
-    idempotent: packages already STAGED are reused), or FAILED when out of retries.  With
-    ``location_ids`` only jobs whose destination is one of them."""
-    cutoff = m.utcnow() - older_than
+    """Started staging jobs (IN_PROGRESS with a heartbeat) whose heartbeat stopped
+    (``older_than``: default :func:`stalled_timeout`): back to PENDING (staging is
+    idempotent: packages already STAGED are reused), or FAILED when out of retries.  A job
+    claimed but still queued (no heartbeat yet) is never reset.  With ``location_ids``
+    only jobs whose destination is one of them."""
     job = m.StagingJob
     max_retries = int(settings.get("STAGING_MAX_RETRIES", 5))
+    dead = stopped(job.heartbeat_at, window=older_than)
     reset = 0
-    stalled = select(job.id, job.retry_count).where(
-        job.status == m.Status.IN_PROGRESS, job.start_time < cutoff
-    )
+    stalled = select(job.id, job.retry_count).where(job.status == m.Status.IN_PROGRESS, dead)
     for job_id, retries in session.execute(
         scope.restrict(stalled, job.destination_location_id, location_ids)
     ).all():
@@ -58,10 +65,44 @@ def reset_stalled_staging_jobs(
                 "next_attempt_at": m.utcnow(),
             }
         reset += session.execute(
-            update(job).where(job.id == job_id, job.status == m.Status.IN_PROGRESS).values(**values)
+            update(job)
+            .where(job.id == job_id, job.status == m.Status.IN_PROGRESS, dead)
+            .values(**values)
         ).rowcount
     session.commit()
     return reset
+
+
+def resend_queued_staging_jobs(session: Session, location_ids: list[int] | None = None) -> int:
+    """Claimed staging jobs still queued (IN_PROGRESS, no heartbeat) whose task was sent
+    (``start_time``) longer than QUEUED_RESEND_SECONDS ago: the task is sent again, no
+    retry counted (the task takes the job with a conditional UPDATE).  Returns how many."""
+    from ccat_data_transfer.operation_types import OperationType
+    from ccat_data_transfer.queue_discovery import route_task_by_location
+
+    job = m.StagingJob
+    queued = select(job).where(
+        job.status == m.Status.IN_PROGRESS,
+        job.heartbeat_at.is_(None),
+        waited_in_queue(func.coalesce(job.start_time, job.created_at)),
+    )
+    jobs = session.scalars(scope.restrict(queued, job.destination_location_id, location_ids)).all()
+    sends: list[tuple[int, str]] = []
+    for row in jobs:
+        sends.append(
+            (row.id, route_task_by_location(OperationType.STAGING, row.destination_location))
+        )
+        session.execute(
+            update(job)
+            .where(job.id == row.id, job.heartbeat_at.is_(None))
+            .values(start_time=m.utcnow())
+            .execution_options(synchronize_session=False)
+        )
+    session.commit()
+    for job_id, queue in sends:
+        log.warning("staging_job_resent", staging_job_id=job_id, queue=queue)
+        resend("ccat_data_transfer.stage_staging_job", job_id, queue)
+    return len(sends)
 
 
 def run_once(
@@ -78,14 +119,21 @@ def run_once(
         raw_data_package_manager,
     )
     from ccat_data_transfer.deletion.cycle import resubmit_stalled_deletions
+    from ccat_data_transfer.packaging.skeleton import release_stalled_claims
     from ccat_data_transfer.transfer import recovery as transfer_manager
 
-    older_than = older_than or stalled_timeout()
     ids = scope.location_ids(session, site)
+    queued_kinds = (
+        transfer_manager.STALLED_TRANSFERS,
+        transfer_manager.STALLED_UNPACKS,
+        archive_manager.STALLED_ARCHIVE_TRANSFERS,
+    )
     steps = {
-        "raw_data_packages": lambda: raw_data_package_manager.release_stalled_claims(session, ids),
-        "data_transfer_packages": lambda: data_transfer_package_manager.release_stalled_claims(
-            session, ids
+        "raw_data_packages": lambda: release_stalled_claims(
+            session, raw_data_package_manager.RAW_DATA_PACKAGE, ids, older_than
+        ),
+        "data_transfer_packages": lambda: release_stalled_claims(
+            session, data_transfer_package_manager.DATA_TRANSFER_PACKAGE, ids, older_than
         ),
         "transfers": lambda: transfer_manager.reset_stalled_transfers(session, older_than, ids),
         "archive_transfers": lambda: archive_manager.reset_stalled_archive_transfers(
@@ -94,6 +142,12 @@ def run_once(
         "staging_jobs": lambda: reset_stalled_staging_jobs(session, older_than, ids),
         # The deletion manager also does this every cycle; the task re-checks the rule.
         "deletions": lambda: resubmit_stalled_deletions(session, location_ids=ids),
+        # Queued work whose message the broker may have lost: sent again, no retry charged
+        # (queued package builds are sent again by release_stalled_claims above).
+        "queued_resent": lambda: (
+            transfer_manager.resend_queued(session, queued_kinds, ids)
+            + resend_queued_staging_jobs(session, ids)
+        ),
     }
     summary: dict[str, int] = {}
     for name, step in steps.items():

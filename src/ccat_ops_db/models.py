@@ -413,6 +413,9 @@ class RawDataPackage(_PackageFile, Base):
     )
     failure_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Last sign of life of the build: when its task was (last) sent while SCHEDULED, the
+    # latest heartbeat of the worker while IN_PROGRESS (see ccat_data_transfer.liveness).
+    heartbeat_at: Mapped[datetime | None]
     archived_at: Mapped[datetime | None]
     # Frozen: no good copy of the package is known anywhere (every archive copy corrupt or
     # missing and nothing to repair from).  No copy of a frozen package is deleted.
@@ -440,6 +443,9 @@ class DataTransferPackage(_PackageFile, Base):
     origin_location_id: Mapped[int | None] = mapped_column(ForeignKey("data_location.id"))
     failure_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Last sign of life of the build: when its task was (last) sent while SCHEDULED, the
+    # latest heartbeat of the worker while IN_PROGRESS (see ccat_data_transfer.liveness).
+    heartbeat_at: Mapped[datetime | None]
 
     origin_location: Mapped[DataLocation | None] = relationship()
     raw_data_packages: Mapped[list[RawDataPackage]] = relationship(
@@ -563,6 +569,9 @@ class StagingJob(Base):
     failure_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     start_time: Mapped[datetime | None]
+    # NULL while the claimed job waits in the queue; the worker's latest heartbeat once
+    # its task has taken the job (see ccat_data_transfer.liveness).
+    heartbeat_at: Mapped[datetime | None]
     completed_at: Mapped[datetime | None]
     deactivated_at: Mapped[datetime | None]
     expires_at: Mapped[datetime | None]
@@ -621,6 +630,8 @@ class PhysicalCopy(Base):
     verification_requested_at: Mapped[datetime | None]
     # When the copy became DELETION_POSSIBLE (start of its retention clock).
     deletion_possible_at: Mapped[datetime | None]
+    # When the deletion task was (last) sent while DELETION_SCHEDULED; the worker's
+    # heartbeat while DELETION_IN_PROGRESS (see ccat_data_transfer.liveness).
     deletion_scheduled_at: Mapped[datetime | None]
     deleted_at: Mapped[datetime | None]
     deletion_retry_count: Mapped[int] = mapped_column(Integer, default=0)

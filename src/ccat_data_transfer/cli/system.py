@@ -214,7 +214,8 @@ def recovery_command(
     older_than: float | None = typer.Option(
         None,
         "--older-than",
-        help="Seconds without progress (default STALLED_WORK_TIMEOUT_SECONDS).",
+        help="Seconds without a heartbeat after which started work is reset (default "
+        "HEARTBEAT_SECONDS x HEARTBEAT_MISSED_BEATS).",
     ),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
     site: str | None = typer.Option(None, "--site", help=SITE_HELP),

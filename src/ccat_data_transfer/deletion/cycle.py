@@ -26,7 +26,6 @@ from ccat_data_transfer.database import DatabaseConnection
 from ccat_data_transfer.deletion.base import (
     COPY_TYPE_RAW_DATA_FILE,
     DLT,
-    IN_FLIGHT,
     LT,
     PCT,
     S,
@@ -48,6 +47,7 @@ from ccat_data_transfer.deletion.steps import (
     process_deletion_possible_raw_data_files,
 )
 from ccat_data_transfer.deletion.worker import delete_bulk_raw_data_files
+from ccat_data_transfer.liveness import stopped, waited_in_queue
 from ccat_data_transfer.logging_utils import configure_logging
 from ccat_data_transfer.manager_state import get_state, put_state
 from ccat_ops_db import models as m
@@ -85,12 +85,17 @@ def reschedule_failed_deletions(session: Session, location_ids: list[int] | None
 
 
 def resubmit_stalled_deletions(session: Session, location_ids: list[int] | None = None) -> int:
-    """Copies scheduled longer ago than DELETION_STALLED_SECONDS (lost task, dead worker)
-    are submitted again; the task is idempotent.  With ``location_ids`` only copies at
-    those locations."""
-    cutoff = m.utcnow() - timedelta(seconds=int(settings.get("DELETION_STALLED_SECONDS", 3600)))
+    """Copies whose deletion task may be lost are submitted again (the task is
+    idempotent; no retry is counted): DELETION_SCHEDULED ones sent longer than
+    QUEUED_RESEND_SECONDS ago, DELETION_IN_PROGRESS ones whose batch's heartbeat
+    (``deletion_scheduled_at``) stopped (:mod:`ccat_data_transfer.liveness`).  With
+    ``location_ids`` only copies at those locations."""
+    at = PCT.c.deletion_scheduled_at
     stalled = select(PCT.c.id, PCT.c.data_location_id, PCT.c.type).where(
-        PCT.c.status.in_(list(IN_FLIGHT)), PCT.c.deletion_scheduled_at < cutoff
+        or_(
+            (PCT.c.status == S.DELETION_SCHEDULED) & waited_in_queue(at),
+            (PCT.c.status == S.DELETION_IN_PROGRESS) & stopped(at),
+        )
     )
     rows = session.execute(scope.restrict(stalled, PCT.c.data_location_id, location_ids)).all()
     if not rows:

@@ -7,7 +7,8 @@ Every task runs :func:`_delete_physical_copies` in three phases:
    back to PRESENT / DELETION_POSSIBLE with a SKIPPED row, the rest move to
    DELETION_IN_PROGRESS;
 2. :func:`_delete_from_storage` (storage): delete each claimed copy's bytes; a
-   LONG_TERM_ARCHIVE is refused as a last guard;
+   LONG_TERM_ARCHIVE is refused as a last guard.  Meanwhile the claimed copies'
+   ``deletion_scheduled_at`` is their heartbeat (:mod:`ccat_data_transfer.liveness`);
 3. :func:`_record_outcomes` (DB): DELETED with ``deleted_at``, or DELETION_FAILED (retry
    count + 1, error kept) for a later cycle to retry, and the audit rows; a package gone
    from the source site starts stage 1 for its raw files (``deletion.marking``).
@@ -54,6 +55,7 @@ from ccat_data_transfer.deletion.rules import (
 )
 from ccat_data_transfer.deletion.trail import _copy_path, _copy_size, _log_row, _write_log_rows
 from ccat_data_transfer.exceptions import RetryableError
+from ccat_data_transfer.liveness import beating
 from ccat_ops_db import models as m
 
 
@@ -156,7 +158,7 @@ def _recheck_and_claim(
             session.execute(
                 update(PCT)
                 .where(PCT.c.id.in_(list(go)), PCT.c.status.in_(list(WORKER_ACCEPTS)))
-                .values(status=S.DELETION_IN_PROGRESS)
+                .values(status=S.DELETION_IN_PROGRESS, deletion_scheduled_at=m.utcnow())
                 .returning(PCT.c.id)
             ).scalars()
         )
@@ -258,7 +260,16 @@ def _delete_physical_copies(
         targets = _recheck_and_claim(session, ids, actor, summary)
     if not targets:
         return summary
-    outcomes = _delete_from_storage(targets)
+    # The batch's heartbeat: recovery leaves it alone while its copies keep beating.
+    claimed = [t["id"] for t in targets]
+    with beating(
+        PCT,
+        PCT.c.id.in_(claimed),
+        PCT.c.status == S.DELETION_IN_PROGRESS,
+        column="deletion_scheduled_at",
+        label=f"deletion-{claimed[0]}",
+    ):
+        outcomes = _delete_from_storage(targets)
     with db.session_scope() as session:
         _record_outcomes(session, outcomes, actor, summary)
     return summary

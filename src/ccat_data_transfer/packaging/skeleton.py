@@ -17,9 +17,11 @@ and described for each stage by a :class:`PackageKind`:
    IN_PROGRESS) and gets a PRESENT physical copy;
 5. **release** (:func:`release_claim`): on a mismatch the bad members are flagged
    (:func:`fail_members`, what "flagged" means is the stage's), on any other failure, and
-   for claims stalled past ``STALLED_WORK_TIMEOUT_SECONDS``
-   (:func:`release_stalled_claims`), the members are un-claimed and the row removed, so
-   nothing half-done is recorded.
+   for started builds whose heartbeat stopped (:func:`release_stalled_claims`; a build
+   stamps ``heartbeat_at`` every HEARTBEAT_SECONDS while it runs, see
+   :mod:`ccat_data_transfer.liveness`), the members are un-claimed and the row removed, so
+   nothing half-done is recorded.  A claim still queued is never released: its task is
+   sent again when it waited longer than QUEUED_RESEND_SECONDS.
 
 What is the stage's own stays in its module: the rule that forms packages, the package
 row's fields, where the built tar goes, and how a bad member is flagged.
@@ -36,14 +38,16 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, delete, select, update
+from sqlalchemy import ColumnElement, Select, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer import scope
-from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.database import DatabaseConnection
 from ccat_data_transfer.exceptions import NotFoundError
+from ccat_data_transfer.liveness import beating, resend, stopped, waited_in_queue
+from ccat_data_transfer.operation_types import OperationType
+from ccat_data_transfer.queue_discovery import route_task_by_location
 from ccat_data_transfer.shared_rows import present_copy
 from ccat_data_transfer.stage_tasks import merge_inline_package_result, start_scheduled
 from ccat_data_transfer.storage import Storage, StorageError, storage_for_location
@@ -67,6 +71,7 @@ __all__ = [
     "release_claim",
     "release_stalled_claims",
     "report_built",
+    "resend_queued_builds",
     "run_task",
     "submit",
     "write_tar",
@@ -89,8 +94,10 @@ class PackageKind:
     id_key: str  # key of the package id in task results and log events
     event: str  # prefix of the log events ("raw_data_package")
     log: Any  # the stage's logger
-    stalled: Select[Any]  # ids of claims that may be stalled (binds ``limit``)
+    stalled: Select[Any]  # ids of unbuilt claims (SCHEDULED / IN_PROGRESS, no copy)
     stalled_scope: Any  # location column that scopes ``stalled`` to a site
+    task: str  # name of the build task (sent again when its message was lost)
+    operation: OperationType  # queue of the build task, at the package's location
     # Messages, format strings over {location} (and {actual}, {recorded}, {expected}):
     not_local: str
     missing: str
@@ -185,23 +192,65 @@ def release_claim(
 
 
 def release_stalled_claims(
-    session: Session, kind: PackageKind, location_ids: list[int] | None = None
+    session: Session,
+    kind: PackageKind,
+    location_ids: list[int] | None = None,
+    older_than: timedelta | None = None,
 ) -> int:
-    """Release the claims of ``kind.stalled`` older than STALLED_WORK_TIMEOUT_SECONDS (a
-    worker died), within ``location_ids`` if given.  Commits; returns how many."""
-    limit = m.utcnow() - timedelta(seconds=int(settings.STALLED_WORK_TIMEOUT_SECONDS))
-    ids = session.scalars(
-        scope.restrict(kind.stalled, kind.stalled_scope, location_ids), {"limit": limit}
-    ).all()
+    """Release the claims of ``kind.stalled`` whose build STARTED and whose heartbeat
+    stopped (:func:`ccat_data_transfer.liveness.stopped`; ``older_than`` overrides the
+    window), within ``location_ids`` if given: a worker died.  A build still running is
+    never released, however long it takes.  Claims still queued are not released either:
+    their task is sent again (:func:`resend_queued_builds`).  Commits; returns how many
+    were released."""
+    model = kind.package_model
+    started = kind.stalled.where(
+        model.status == m.Status.IN_PROGRESS,
+        stopped(func.coalesce(model.heartbeat_at, model.created_at), window=older_than),
+    )
+    ids = session.scalars(scope.restrict(started, kind.stalled_scope, location_ids)).all()
     released = 0
     for package_id in ids:
-        if release_claim(session, kind, package_id, (m.Status.SCHEDULED, m.Status.IN_PROGRESS)):
+        if release_claim(session, kind, package_id, (m.Status.IN_PROGRESS,)):
             released += 1
             kind.log.warning(
                 f"{kind.event}_claim_released", **{kind.id_key: package_id}, reason="stalled"
             )
     session.commit()
+    resend_queued_builds(session, kind, location_ids)
     return released
+
+
+def resend_queued_builds(
+    session: Session, kind: PackageKind, location_ids: list[int] | None = None
+) -> int:
+    """Send the build task again for claims still queued (SCHEDULED) whose task was sent
+    longer than QUEUED_RESEND_SECONDS ago (the broker may have lost it), stamping
+    ``heartbeat_at`` (the time it was sent).  A duplicate delivery does nothing
+    (:func:`run_task` starts the build with a conditional UPDATE).  Commits; returns how
+    many were sent again."""
+    model = kind.package_model
+    queued = kind.stalled.where(
+        model.status == m.Status.SCHEDULED,
+        waited_in_queue(func.coalesce(model.heartbeat_at, model.created_at)),
+    )
+    ids = session.scalars(scope.restrict(queued, kind.stalled_scope, location_ids)).all()
+    sends: list[tuple[int, str]] = []
+    for package_id in ids:
+        stamped = session.execute(
+            update(model)
+            .where(model.id == package_id, model.status == m.Status.SCHEDULED)
+            .values(heartbeat_at=m.utcnow())
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        location = getattr(session.get(model, package_id), kind.location_attr)
+        if stamped and location is not None:
+            sends.append((package_id, route_task_by_location(kind.operation, location)))
+    session.commit()
+    for package_id, queue in sends:
+        kind.log.warning(f"{kind.event}_task_resent", **{kind.id_key: package_id}, queue=queue)
+        resend(kind.task, package_id, queue)
+    return len(sends)
 
 
 def submit(
@@ -230,8 +279,9 @@ def run_task(
     failure flag mismatching members (``flag_member``, see :func:`fail_members`) or
     release the claim.  Returns the task result."""
     db = DatabaseConnection()
+    model = kind.package_model
     with db.session_scope() as session:
-        started = start_scheduled(session, kind.package_model, package_id)
+        started = start_scheduled(session, model, package_id, heartbeat_at=m.utcnow())
     if not started:
         if kind.log_skips:
             kind.log.info(
@@ -239,7 +289,10 @@ def run_task(
             )
         return {"status": "skipped", kind.id_key: package_id}
     try:
-        return build(db, package_id)
+        # A duplicate delivery (broker visibility timeout) finds the row IN_PROGRESS and
+        # skips above; recovery sees the beats and leaves the running build alone.
+        with beating(model, model.id == package_id, label=f"{kind.event}-{package_id}"):
+            return build(db, package_id)
     except MemberMismatch as exc:
         errors = fail_members(db, kind, package_id, exc.mismatches, flag_member)
         return {"status": "failed", kind.id_key: package_id, "checksum_errors": errors}

@@ -120,7 +120,8 @@ def claim_staging_job(session: Session, job_id: int, now: datetime) -> bool:
     got = session.execute(
         update(SJ)
         .where(SJ.id == job_id, SJ.status == m.Status.PENDING, SJ.active.is_(True))
-        .values(status=m.Status.IN_PROGRESS, start_time=now)
+        # Queued: no heartbeat until the task takes the job (start_time: when it was sent).
+        .values(status=m.Status.IN_PROGRESS, start_time=now, heartbeat_at=None)
         .execution_options(synchronize_session=False)
     ).rowcount
     return got == 1

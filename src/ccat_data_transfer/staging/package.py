@@ -31,16 +31,15 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 from typing import NamedTuple
 
 from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.database import DatabaseConnection
 from ccat_data_transfer.exceptions import PermanentError, RetryableError
+from ccat_data_transfer.liveness import beating, stall_window
 from ccat_data_transfer.logging_utils import get_logger
 from ccat_data_transfer.staging.finders import (
     DELETING,
@@ -78,7 +77,8 @@ class StagingBusy(RetryableError):
 def _package_lock(db: DatabaseConnection, package_id: int, location_id: int) -> Iterator[None]:
     """Exclusive right to stage one package into one location (a ``manager_state`` row).
 
-    A lock older than ``STALLED_WORK_TIMEOUT_SECONDS`` (a killed worker) is taken over."""
+    The holder beats the lock's ``updated_at``; a lock whose beats stopped (a killed
+    worker, :func:`ccat_data_transfer.liveness.stall_window`) is taken over."""
     key = f"staging_lock:{package_id}:{location_id}"
     token = uuid.uuid4().hex
     now = m.utcnow()
@@ -89,7 +89,7 @@ def _package_lock(db: DatabaseConnection, package_id: int, location_id: int) -> 
             s.flush()
         acquired = True
     except IntegrityError:
-        stale = now - timedelta(seconds=float(settings.get("STALLED_WORK_TIMEOUT_SECONDS", 3600)))
+        stale = now - stall_window()
         with db.session_scope() as s:
             acquired = (
                 s.execute(
@@ -102,8 +102,10 @@ def _package_lock(db: DatabaseConnection, package_id: int, location_id: int) -> 
             )
     if not acquired:
         raise StagingBusy(f"package {package_id} is being staged to this location by another job")
+    MS = m.ManagerState
     try:
-        yield
+        with beating(MS, MS.key == key, MS.value == token, column="updated_at", label=key):
+            yield
     finally:
         with db.session_scope() as s:
             s.execute(

@@ -3,8 +3,11 @@
 Room in the house: the Celery task :func:`stage_staging_job` (name
 ``ccat_data_transfer.stage_staging_job``, queue ``{site}_{destination}_staging``) and the
 job's state changes around :func:`~ccat_data_transfer.staging.package.stage_package`.
-The task receives a job ID and re-reads the job; it is idempotent.  May import: the
-staging package module, celery_app, config, database, exceptions, logging, ``ccat_ops_db``.
+The task receives a job ID and re-reads the job; it takes the job with one conditional
+UPDATE (its first heartbeat), so a duplicate delivery does nothing, and stamps
+``heartbeat_at`` every HEARTBEAT_SECONDS while it runs (:mod:`ccat_data_transfer.liveness`).
+May import: the staging package module, celery_app, config, database, exceptions, liveness,
+logging, ``ccat_ops_db``.
 
 The task stages the job's packages one by one (``packages_done`` moves as it goes) and
 marks the job COMPLETED, resetting ``expires_at`` to ``completed_at + retention``.
@@ -28,6 +31,7 @@ from ccat_data_transfer.celery_app import app
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.database import DatabaseConnection
 from ccat_data_transfer.exceptions import PermanentError, RetryableError
+from ccat_data_transfer.liveness import beating
 from ccat_data_transfer.logging_utils import get_logger
 from ccat_data_transfer.staging.package import StagingBusy, stage_package
 from ccat_ops_db import models as m
@@ -61,7 +65,33 @@ def _set_job(db: DatabaseConnection, job_id: int, **values: Any) -> None:
         )
 
 
+def _take(db: DatabaseConnection, job_id: int) -> bool:
+    """Start the claimed job: its first heartbeat, in one conditional UPDATE (claimed and
+    not started yet), so a second delivery of the task does nothing."""
+    SJ = m.StagingJob
+    with db.session_scope() as s:
+        return bool(
+            s.execute(
+                update(SJ)
+                .where(
+                    SJ.id == job_id, SJ.status == m.Status.IN_PROGRESS, SJ.heartbeat_at.is_(None)
+                )
+                .values(heartbeat_at=m.utcnow())
+                .execution_options(synchronize_session=False)
+            ).rowcount
+        )
+
+
 def _run_job(db: DatabaseConnection, job_id: int) -> dict[str, Any]:
+    if not _take(db, job_id):
+        log.info("staging_job_skipped", staging_job_id=job_id, reason="not claimed or started")
+        return {"status": "skipped", "staging_job_id": job_id}
+    SJ = m.StagingJob
+    with beating(SJ, SJ.id == job_id, label=f"staging_job-{job_id}"):
+        return _stage_job(db, job_id)
+
+
+def _stage_job(db: DatabaseConnection, job_id: int) -> dict[str, Any]:
     with db.session_scope() as s:
         job = s.get(m.StagingJob, job_id)
         if job is None or job.status != m.Status.IN_PROGRESS:

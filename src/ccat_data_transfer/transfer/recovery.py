@@ -3,10 +3,11 @@ operator's retry.
 
 Every failed attempt of a transfer, an unpack or an archive transfer goes through
 :func:`fail_or_retry_values`: back to PENDING with exponential backoff, or FAILED when
-out of retries.  Work whose worker vanished (in flight, untouched for a while; running
-work refreshes ``updated_at`` with a heartbeat) counts as one failed attempt
-(:func:`reset_stalled` over the kinds of :class:`StalledWork`, used by the recovery
-service).
+out of retries.  Started work whose worker vanished (IN_PROGRESS, its heartbeat
+``updated_at`` stopped; see :mod:`ccat_data_transfer.liveness`) counts as one failed
+attempt (:func:`reset_stalled` over the kinds of :class:`StalledWork`, used by the
+recovery service); queued work is never reset, its task is sent again if it waited long
+(:func:`resend_queued`).
 
 Room in the house: manager side, database only.  Imports core (config, scope, logging,
 exceptions) and ``ccat_ops_db``.
@@ -24,7 +25,10 @@ from sqlalchemy.orm import Session
 from ccat_data_transfer import scope
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.exceptions import NotFoundError, ValidationError
+from ccat_data_transfer.liveness import resend, stopped, waited_in_queue
 from ccat_data_transfer.logging_utils import get_logger
+from ccat_data_transfer.operation_types import OperationType
+from ccat_data_transfer.queue_discovery import route_task_by_location
 from ccat_ops_db import models as m
 
 log = get_logger("ccat_data_transfer.transfer_manager")
@@ -39,6 +43,7 @@ __all__ = [
     "StalledWork",
     "fail_or_retry_values",
     "reset_stalled",
+    "resend_queued",
     "reset_stalled_transfers",
     "retry_due_at",
     "retry_transfer",
@@ -80,28 +85,39 @@ def fail_or_retry_values(
 
 @dataclass(frozen=True)
 class StalledWork:
-    """One kind of in-flight work the recovery service resets: the rows of ``model`` whose
-    ``status`` (or ``<prefix>status``) is in flight, among those matching ``only``.
+    """One kind of in-flight work the recovery service watches: the rows of ``model``
+    whose ``status`` (or ``<prefix>status``) is in flight, among those matching ``only``.
     ``scope_column`` is the location whose site owns the reset; ``reason`` may name
-    ``{status}``.  With ``recheck_cutoff`` the reset also requires the row still
-    untouched, so a worker's heartbeat between the query and the reset wins."""
+    ``{status}``.  Started (IN_PROGRESS) work beats ``updated_at``; a queued (SCHEDULED)
+    row's ``updated_at`` is when its task was (last) sent: ``task`` (a task name) is sent
+    again on the ``operation`` queue of the row's ``queue_location`` (a relationship)."""
 
     model: Any
     scope_column: Any
     reason: str
+    task: str
+    operation: OperationType
+    queue_location: str
     prefix: str = ""
     only: tuple[Any, ...] = ()
-    recheck_cutoff: bool = True
 
 
 #: Transfers (reset by the origin's site) and unpacks (by the destination's site).
 STALLED_TRANSFERS = StalledWork(
-    m.DataTransfer, m.DataTransfer.origin_location_id, "stalled in {status}: worker lost"
+    m.DataTransfer,
+    m.DataTransfer.origin_location_id,
+    "stalled in {status}: worker lost",
+    "ccat_data_transfer.transfer_manager.transfer_data_transfer_package",
+    OperationType.DATA_TRANSFER,
+    "origin_location",
 )
 STALLED_UNPACKS = StalledWork(
     m.DataTransfer,
     m.DataTransfer.destination_location_id,
     "unpack stalled in {status}",
+    "ccat_data_transfer.transfer_manager.unpack_data_transfer_package",
+    OperationType.DATA_TRANSFER_UNPACKING,
+    "destination_location",
     prefix="unpack_",
     only=(m.DataTransfer.status == m.Status.COMPLETED,),
 )
@@ -110,56 +126,85 @@ STALLED_UNPACKS = StalledWork(
 def reset_stalled(
     session: Session,
     kinds: tuple[StalledWork, ...],
-    older_than: timedelta | float,
+    older_than: timedelta | float | None = None,
     location_ids: list[int] | None = None,
 ) -> int:
-    """Count one failed attempt (:func:`fail_or_retry_values`) for every row of each of
-    ``kinds`` in flight and not touched for ``older_than``; with ``location_ids`` only
-    rows whose scope column is one of them.  Each row is reset by its own conditional
-    UPDATE (still in that state), so a worker that finishes meanwhile wins.  Returns the
-    number of rows reset; does not commit."""
-    if not isinstance(older_than, timedelta):
+    """Count one failed attempt (:func:`fail_or_retry_values`) for every STARTED row
+    (IN_PROGRESS) of each of ``kinds`` whose heartbeat (``updated_at``) stopped
+    (:func:`ccat_data_transfer.liveness.stopped`; ``older_than`` overrides the window);
+    with ``location_ids`` only rows whose scope column is one of them.  Each row is reset
+    by its own conditional UPDATE (still in that state, still without a beat), so a worker
+    that beats or finishes meanwhile wins.  Queued rows are never reset: see
+    :func:`resend_queued`.  Returns the number of rows reset; does not commit."""
+    if older_than is not None and not isinstance(older_than, timedelta):
         older_than = timedelta(seconds=float(older_than))
     now = m.utcnow()
-    cutoff = now - older_than
     reset = 0
     for kind in kinds:
         model, prefix = kind.model, kind.prefix
         status = getattr(model, f"{prefix}status")
         retries = getattr(model, f"{prefix}retry_count")
-        stalled = select(model.id, status, retries).where(
-            *kind.only, status.in_(IN_FLIGHT), model.updated_at < cutoff
-        )
-        for row_id, was, count in session.execute(
+        dead = stopped(model.updated_at, now, older_than)
+        stalled = select(model.id, retries).where(*kind.only, status == m.Status.IN_PROGRESS, dead)
+        for row_id, count in session.execute(
             scope.restrict(stalled, kind.scope_column, location_ids)
         ).all():
-            still = [model.id == row_id, status == was]
-            if kind.recheck_cutoff:
-                still.append(model.updated_at < cutoff)
-            reason = kind.reason.format(status=was.name)
+            still = [model.id == row_id, status == m.Status.IN_PROGRESS, dead]
+            reason = kind.reason.format(status=m.Status.IN_PROGRESS.name)
             values = fail_or_retry_values(count, reason, now, prefix=prefix)
             reset += session.execute(update(model).where(*still).values(**values)).rowcount
     return reset
 
 
+def resend_queued(
+    session: Session, kinds: tuple[StalledWork, ...], location_ids: list[int] | None = None
+) -> int:
+    """Send again the task of every queued (SCHEDULED) row of ``kinds`` whose task was
+    sent longer than QUEUED_RESEND_SECONDS ago (the broker may have lost it), stamping
+    ``updated_at``; no retry is charged and the row is not reset.  Commits the stamps
+    before sending.  Returns how many were sent again."""
+    sent: list[tuple[StalledWork, int, str]] = []
+    for kind in kinds:
+        model, prefix = kind.model, kind.prefix
+        status = getattr(model, f"{prefix}status")
+        waited = waited_in_queue(model.updated_at)
+        queued = select(model).where(*kind.only, status == m.Status.SCHEDULED, waited)
+        rows = session.scalars(scope.restrict(queued, kind.scope_column, location_ids)).all()
+        for row in rows:
+            queue = route_task_by_location(kind.operation, getattr(row, kind.queue_location))
+            sent.append((kind, row.id, queue))
+            session.execute(
+                update(model)
+                .where(model.id == row.id, status == m.Status.SCHEDULED)
+                .values(updated_at=m.utcnow())
+                .execution_options(synchronize_session=False)
+            )
+    session.commit()
+    for kind, row_id, queue in sent:
+        log.warning("queued_work_resent", task=kind.task, row_id=row_id, queue=queue)
+        resend(kind.task, row_id, queue)
+    return len(sent)
+
+
 def reset_stalled_transfers(
-    session: Session, older_than: timedelta | float, location_ids: list[int] | None = None
+    session: Session,
+    older_than: timedelta | float | None = None,
+    location_ids: list[int] | None = None,
 ) -> int:
     """Put transfers and unpacks whose worker vanished back in the queue.
 
-    A row SCHEDULED or IN_PROGRESS (transfer or unpack) not touched for ``older_than``
-    (running transfers refresh ``updated_at`` with a heartbeat) counts as one failed
-    attempt: back to PENDING with backoff, or FAILED when out of retries.  Destination
-    writes are atomic, so no partial object is left under its final name.  Returns the
-    number of rows reset.  With ``location_ids`` only transfers whose origin, and unpacks
-    whose destination, is one of them.  Used by the recovery service.
+    A transfer or unpack IN_PROGRESS whose heartbeat (``updated_at``) stopped
+    (``older_than``: default HEARTBEAT_SECONDS x HEARTBEAT_MISSED_BEATS) counts as one
+    failed attempt: back to PENDING with backoff, or FAILED when out of retries.  Queued
+    ones (SCHEDULED) are never reset (:func:`resend_queued`).  Destination writes are atomic, so
+    no partial object is left under its final name.  Returns the number of rows reset.
+    With ``location_ids`` only transfers whose origin, and unpacks whose destination, is
+    one of them.  Used by the recovery service.
     """
-    if not isinstance(older_than, timedelta):
-        older_than = timedelta(seconds=float(older_than))
     reset = reset_stalled(session, (STALLED_TRANSFERS, STALLED_UNPACKS), older_than, location_ids)
     session.commit()
     if reset:
-        log.warning("stalled_transfers_reset", count=reset, older_than_s=older_than.total_seconds())
+        log.warning("stalled_transfers_reset", count=reset)
     return reset
 
 

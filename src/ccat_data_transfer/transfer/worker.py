@@ -15,18 +15,18 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer.celery_app import app
 from ccat_data_transfer.config.config import data_dir, settings
 from ccat_data_transfer.database import DatabaseConnection
+from ccat_data_transfer.liveness import beating
 from ccat_data_transfer.logging_utils import get_logger
 from ccat_data_transfer.transfer.recovery import fail_or_retry_values
 from ccat_ops_db import models as m
@@ -74,30 +74,13 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-@contextlib.contextmanager
-def heartbeat(transfer_id: int, model: Any = m.DataTransfer) -> Iterator[None]:
-    """Refresh the row's ``updated_at`` while long work runs, so the recovery service
-    does not take a slow transfer for a dead one."""
-    interval = max(5.0, float(settings.get("STALLED_WORK_TIMEOUT_SECONDS", 3600)) / 4)
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(interval):
-            try:
-                with DatabaseConnection().session_scope() as s:
-                    s.execute(
-                        update(model).where(model.id == transfer_id).values(updated_at=m.utcnow())
-                    )
-            except Exception as exc:  # the heartbeat must never break the transfer
-                log.warning("transfer_heartbeat_failed", transfer_id=transfer_id, error=str(exc))
-
-    thread = threading.Thread(target=beat, name=f"heartbeat-{transfer_id}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=5)
+def heartbeat(row_id: int, model: Any = m.DataTransfer) -> contextlib.AbstractContextManager[None]:
+    """Refresh the row's ``updated_at`` (the heartbeat of transfers, unpacks and archive
+    transfers) every HEARTBEAT_SECONDS while long work runs, so the recovery service does
+    not take slow work for dead work (:func:`ccat_data_transfer.liveness.beating`)."""
+    return beating(
+        model, model.id == row_id, column="updated_at", label=f"{model.__tablename__}-{row_id}"
+    )
 
 
 def remote_host(location: m.DataLocation) -> str | None:

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-12-02 05:30:56.449440
+Create Date: 2026-12-02 05:51:00.958410
 """
 
 from collections.abc import Sequence
@@ -324,6 +324,7 @@ def upgrade() -> None:
         sa.Column("origin_location_id", sa.Integer(), nullable=True),
         sa.Column("failure_reason", sa.Text(), nullable=True),
         sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.Column("heartbeat_at", sa.DateTime(), nullable=True),
         sa.ForeignKeyConstraint(
             ["origin_location_id"],
             ["data_location.id"],
@@ -423,6 +424,7 @@ def upgrade() -> None:
         sa.Column("failure_reason", sa.Text(), nullable=True),
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("start_time", sa.DateTime(), nullable=True),
+        sa.Column("heartbeat_at", sa.DateTime(), nullable=True),
         sa.Column("completed_at", sa.DateTime(), nullable=True),
         sa.Column("deactivated_at", sa.DateTime(), nullable=True),
         sa.Column("expires_at", sa.DateTime(), nullable=True),
@@ -587,6 +589,7 @@ def upgrade() -> None:
         sa.Column("data_transfer_package_id", sa.Integer(), nullable=True),
         sa.Column("failure_reason", sa.Text(), nullable=True),
         sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.Column("heartbeat_at", sa.DateTime(), nullable=True),
         sa.Column("archived_at", sa.DateTime(), nullable=True),
         sa.Column("frozen_at", sa.DateTime(), nullable=True),
         sa.Column("frozen_reason", sa.Text(), nullable=True),

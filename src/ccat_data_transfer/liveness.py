@@ -1,0 +1,119 @@
+"""Liveness of work: heartbeats while it runs, and the one rule that says it is stalled.
+
+Every long step (building a package, a transfer, an unpack, an archive copy, a staging
+job, a deletion batch) runs inside :func:`beating`: a thread stamps the row's heartbeat
+column every ``HEARTBEAT_SECONDS`` while the ``with`` block runs.  The recovery service
+then tells three kinds of work apart:
+
+* **started, alive**: heartbeat younger than :func:`stall_window` (``HEARTBEAT_SECONDS``
+  x ``HEARTBEAT_MISSED_BEATS``): never touched, however long it has been running;
+* **started, stalled** (:func:`stopped`): its heartbeat stopped, its worker is gone: the
+  stage resets it (one failed attempt, or a released claim);
+* **queued, not started**: never reset and never charged a retry.  If it has waited
+  longer than ``QUEUED_RESEND_SECONDS`` (:func:`waited_in_queue`), the broker may have lost
+  the message: the task is sent again (:func:`resend`) and the row's "sent" column
+  stamped.  Every task takes its row with one conditional ``UPDATE``
+  (:func:`ccat_data_transfer.stage_tasks.start_scheduled`), so a duplicate delivery does
+  nothing.
+
+Room in the house: core.  Imports config, database, logging, the Celery app (to find a
+task by name) and ``ccat_ops_db``; used by the tasks and the recovery service.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, update
+
+from ccat_data_transfer.config.config import settings
+from ccat_data_transfer.database import DatabaseConnection
+from ccat_data_transfer.logging_utils import get_logger
+from ccat_ops_db import models as m
+
+log = get_logger(__name__)
+
+__all__ = [
+    "beating",
+    "heartbeat_seconds",
+    "queued_resend_window",
+    "resend",
+    "stall_window",
+    "stopped",
+    "waited_in_queue",
+]
+
+
+def heartbeat_seconds() -> float:
+    """Seconds between two beats of running work (HEARTBEAT_SECONDS, at least 0.1)."""
+    return max(0.1, float(settings.get("HEARTBEAT_SECONDS", 30)))
+
+
+def stall_window() -> timedelta:
+    """How long started work may go without a beat before it counts as stalled:
+    HEARTBEAT_SECONDS x HEARTBEAT_MISSED_BEATS."""
+    beats = float(settings.get("HEARTBEAT_MISSED_BEATS", 4))
+    return timedelta(seconds=float(settings.get("HEARTBEAT_SECONDS", 30)) * beats)
+
+
+def queued_resend_window() -> timedelta:
+    """How long queued work waits before its task is sent again (QUEUED_RESEND_SECONDS)."""
+    return timedelta(seconds=float(settings.get("QUEUED_RESEND_SECONDS", 300)))
+
+
+def stopped(
+    beat: Any, now: datetime | None = None, window: timedelta | None = None
+) -> ColumnElement[bool]:
+    """THE stalled rule, for started work: its heartbeat column ``beat`` is older than
+    ``window`` (default :func:`stall_window`), i.e. several beats were missed."""
+    return beat < (now or m.utcnow()) - (window if window is not None else stall_window())
+
+
+def waited_in_queue(sent: Any, now: datetime | None = None) -> ColumnElement[bool]:
+    """Queued work whose task was (last) sent longer than QUEUED_RESEND_SECONDS ago."""
+    return sent < (now or m.utcnow()) - queued_resend_window()
+
+
+def resend(task_name: str, row_id: Any, queue: str, **kwargs: Any) -> None:
+    """Send the task ``task_name`` for ``row_id`` again on ``queue`` (runs inline in
+    embedded mode).  Harmless if the first message still exists: the task takes its row
+    with a conditional UPDATE and a second delivery does nothing."""
+    from ccat_data_transfer.celery_app import app
+
+    app.tasks[task_name].apply_async(args=[row_id], kwargs=kwargs, queue=queue)
+
+
+@contextlib.contextmanager
+def beating(
+    target: Any, *where: ColumnElement[bool], column: str = "heartbeat_at", label: str = ""
+) -> Iterator[None]:
+    """Stamp ``column`` of the rows of ``target`` (a model or a table) matching ``where``
+    with the current time, at once and then every HEARTBEAT_SECONDS, in a thread of its
+    own, while the ``with`` block runs.  A failing beat is logged, never raised: the
+    heartbeat must not break the work."""
+    table = getattr(target, "__table__", target)
+    statement = update(table).where(*where)
+    interval = heartbeat_seconds()
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                with DatabaseConnection().session_scope() as s:
+                    s.execute(statement.values({column: m.utcnow()}))
+            except Exception as exc:  # the heartbeat must never break the work
+                log.warning("heartbeat_failed", work=label or table.name, error=str(exc))
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{label or table.name}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
