@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -45,6 +46,7 @@ __all__ = [
     "stall_window",
     "stopped",
     "waited_in_queue",
+    "waiting_in_broker",
 ]
 
 
@@ -78,13 +80,57 @@ def waited_in_queue(sent: Any, now: datetime | None = None) -> ColumnElement[boo
     return sent < (now or m.utcnow()) - queued_resend_window()
 
 
-def resend(task_name: str, row_id: Any, queue: str, **kwargs: Any) -> None:
+def waiting_in_broker(queue: str) -> int | None:
+    """Messages waiting in ``queue`` at the broker: 0 in embedded mode (no broker) and
+    for a queue the broker does not know (Redis drops an empty list), None when the broker
+    cannot be asked.  Looked up at most once per few seconds per queue (a recovery pass
+    asks for every queued row of a backlog)."""
+    from ccat_data_transfer.celery_app import app, is_embedded
+
+    if is_embedded():
+        return 0
+    now = time.monotonic()
+    cached = _broker_depth.get(queue)
+    if cached is not None and now - cached[0] < _BROKER_DEPTH_TTL:
+        return cached[1]
+    from kombu.exceptions import ChannelError
+
+    depth: int | None
+    try:
+        with app.connection_for_read() as conn:
+            try:
+                ok = conn.default_channel.queue_declare(queue=queue, passive=True)
+                depth = int(ok.message_count)
+            except ChannelError:  # no such queue: nothing waits in it
+                depth = 0
+    except Exception as exc:  # the broker cannot be reached: do not guess
+        log.warning("broker_queue_depth_unavailable", queue=queue, error=str(exc))
+        depth = None
+    _broker_depth[queue] = (now, depth)
+    return depth
+
+
+_BROKER_DEPTH_TTL = 5.0
+_broker_depth: dict[str, tuple[float, int | None]] = {}
+
+
+def resend(task_name: str, row_id: Any, queue: str, **kwargs: Any) -> bool:
     """Send the task ``task_name`` for ``row_id`` again on ``queue`` (runs inline in
-    embedded mode).  Harmless if the first message still exists: the task takes its row
-    with a conditional UPDATE and a second delivery does nothing."""
+    embedded mode) when the broker has lost it; returns whether it was sent.
+
+    The broker is compared first: while messages still wait in ``queue`` the row's own
+    message may be among them, so nothing is sent (a long backlog would otherwise gather
+    one duplicate per queued row every QUEUED_RESEND_SECONDS).  An empty queue with the
+    row still queued means the message was lost (e.g. Redis restarted without
+    persistence): the task is sent again.  A duplicate is harmless anyway: the task takes
+    its row with a conditional UPDATE and a second delivery does nothing."""
     from ccat_data_transfer.celery_app import app
 
+    waiting = waiting_in_broker(queue)
+    if waiting is None or waiting > 0:
+        return False
     app.tasks[task_name].apply_async(args=[row_id], kwargs=kwargs, queue=queue)
+    return True
 
 
 @contextlib.contextmanager

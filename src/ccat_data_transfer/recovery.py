@@ -99,10 +99,12 @@ def resend_queued_staging_jobs(session: Session, location_ids: list[int] | None 
             .execution_options(synchronize_session=False)
         )
     session.commit()
+    resent = 0
     for job_id, queue in sends:
-        log.warning("staging_job_resent", staging_job_id=job_id, queue=queue)
-        resend("ccat_data_transfer.stage_staging_job", job_id, queue)
-    return len(sends)
+        if resend("ccat_data_transfer.stage_staging_job", job_id, queue):
+            log.warning("staging_job_resent", staging_job_id=job_id, queue=queue)
+            resent += 1
+    return resent
 
 
 def run_once(

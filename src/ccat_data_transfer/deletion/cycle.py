@@ -47,9 +47,11 @@ from ccat_data_transfer.deletion.steps import (
     process_deletion_possible_raw_data_files,
 )
 from ccat_data_transfer.deletion.worker import delete_bulk_raw_data_files
-from ccat_data_transfer.liveness import stopped, waited_in_queue
+from ccat_data_transfer.liveness import stopped, waited_in_queue, waiting_in_broker
 from ccat_data_transfer.logging_utils import configure_logging
 from ccat_data_transfer.manager_state import get_state, put_state
+from ccat_data_transfer.operation_types import OperationType
+from ccat_data_transfer.queue_discovery import route_task_by_location
 from ccat_ops_db import models as m
 
 
@@ -91,13 +93,22 @@ def resubmit_stalled_deletions(session: Session, location_ids: list[int] | None 
     (``deletion_scheduled_at``) stopped (:mod:`ccat_data_transfer.liveness`).  With
     ``location_ids`` only copies at those locations."""
     at = PCT.c.deletion_scheduled_at
-    stalled = select(PCT.c.id, PCT.c.data_location_id, PCT.c.type).where(
+    stalled = select(PCT.c.id, PCT.c.data_location_id, PCT.c.status).where(
         or_(
             (PCT.c.status == S.DELETION_SCHEDULED) & waited_in_queue(at),
             (PCT.c.status == S.DELETION_IN_PROGRESS) & stopped(at),
         )
     )
     rows = session.execute(scope.restrict(stalled, PCT.c.data_location_id, location_ids)).all()
+    # Queued copies are sent again only when their location's queue is empty at the
+    # broker (their message was lost); while messages wait there, it may be among them.
+    locations = {loc_id: session.get(m.DataLocation, loc_id) for loc_id in {r[1] for r in rows}}
+    lost = {
+        loc_id
+        for loc_id, loc in locations.items()
+        if waiting_in_broker(route_task_by_location(OperationType.DELETION, loc)) == 0
+    }
+    rows = [r for r in rows if r[2] == S.DELETION_IN_PROGRESS or r[1] in lost]
     if not rows:
         return 0
     session.execute(
@@ -110,7 +121,7 @@ def resubmit_stalled_deletions(session: Session, location_ids: list[int] | None 
     for cid, loc_id, _ in rows:
         by_loc[loc_id].append(cid)
     for loc_id, ids in by_loc.items():
-        _submit(delete_bulk_raw_data_files, session.get(m.DataLocation, loc_id), [ids])
+        _submit(delete_bulk_raw_data_files, locations[loc_id], [ids])
     session.expire_all()
     return len(rows)
 

@@ -247,10 +247,12 @@ def resend_queued_builds(
         if stamped and location is not None:
             sends.append((package_id, route_task_by_location(kind.operation, location)))
     session.commit()
+    resent = 0
     for package_id, queue in sends:
-        kind.log.warning(f"{kind.event}_task_resent", **{kind.id_key: package_id}, queue=queue)
-        resend(kind.task, package_id, queue)
-    return len(sends)
+        if resend(kind.task, package_id, queue):
+            kind.log.warning(f"{kind.event}_task_resent", **{kind.id_key: package_id}, queue=queue)
+            resent += 1
+    return resent
 
 
 def submit(

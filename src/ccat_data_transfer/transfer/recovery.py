@@ -180,10 +180,12 @@ def resend_queued(
                 .execution_options(synchronize_session=False)
             )
     session.commit()
+    resent = 0
     for kind, row_id, queue in sent:
-        log.warning("queued_work_resent", task=kind.task, row_id=row_id, queue=queue)
-        resend(kind.task, row_id, queue)
-    return len(sent)
+        if resend(kind.task, row_id, queue):
+            log.warning("queued_work_resent", task=kind.task, row_id=row_id, queue=queue)
+            resent += 1
+    return resent
 
 
 def reset_stalled_transfers(
