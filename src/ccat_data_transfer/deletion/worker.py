@@ -81,6 +81,9 @@ class DeletionTask(Task):
 
 
 def _revert_status(copy: m.PhysicalCopy) -> m.PhysicalCopyStatus:
+    """Where a copy whose rule no longer holds goes back to: DELETION_POSSIBLE for a stage-2
+    raw file, else PRESENT.  Only for a copy whose bytes are known to be there (see
+    :func:`_recheck_and_claim`); never for a LONG_TERM_ARCHIVE copy, which stays as found."""
     if (
         isinstance(copy, m.RawDataFilePhysicalCopy)
         and copy.deletion_possible_at is not None
@@ -112,11 +115,30 @@ def _recheck(
     return decide_copy(session, copy, roles)
 
 
+def _target(copy: m.PhysicalCopy, reason: str, back: m.PhysicalCopyStatus | None = None) -> dict:
+    """A copy as plain data for the storage phase (no ORM object crosses the phases)."""
+    return {
+        "id": copy.id,
+        "type": copy.type,
+        "location_id": copy.data_location_id,
+        "location": copy.data_location,
+        "path": _copy_path(copy),
+        "size": _copy_size(copy),
+        "package_id": getattr(copy, "raw_data_package_id", None),
+        "reason": reason,
+        "back": back,
+    }
+
+
 def _recheck_and_claim(
     session: Session, ids: list[int], actor: str, summary: dict[str, int]
-) -> list[dict[str, Any]]:
-    """Phase 1 (DB): re-check every copy; skip (and revert) those whose rule no longer
-    holds; move the rest to DELETION_IN_PROGRESS.  Returns what to delete, as plain data."""
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Phase 1 (DB): re-check every copy; move those whose rule holds to
+    DELETION_IN_PROGRESS.  Of the others, a copy at a LONG_TERM_ARCHIVE stays as found (the
+    deletion path never changes an archive copy); a DELETION_SCHEDULED copy goes back
+    (:func:`_revert_status`: nothing has touched its bytes); a DELETION_IN_PROGRESS copy (a
+    redelivered task: an earlier attempt may have deleted its bytes) is left for the
+    storage phase to look at.  Returns (what to delete, what to look at), as plain data."""
     copies = [c for c in _load_copies(session, ids) if c.status in WORKER_ACCEPTS]
     roles = site_roles(session)
     file_ok = _file_copies_still_deletable(
@@ -125,27 +147,36 @@ def _recheck_and_claim(
     go: dict[int, m.PhysicalCopy] = {}
     why: dict[int, str] = {}  # the rule that allows each deletion, for the audit trail
     logs: list[dict[str, Any]] = []
+    unsure: list[dict[str, Any]] = []
     for c in copies:
         decision = _recheck(session, c, roles, file_ok)
+        code = decision.code or "rule_no_longer_holds"
         if decision.deletable:
             go[c.id] = c
             why[c.id] = decision.code or "rule_holds"
             continue
-        back = _revert_status(c)
-        session.execute(
-            update(PCT)
-            .where(PCT.c.id == c.id, PCT.c.status.in_(list(WORKER_ACCEPTS)))
-            .values(status=back, deletion_scheduled_at=None)
-        )
+        if c.data_location.location_type == LT.LONG_TERM_ARCHIVE:
+            outcome = f"{decision.reason}; left {c.status.name} as found"
+        elif c.status == S.DELETION_IN_PROGRESS:
+            unsure.append(_target(c, code, _revert_status(c)) | {"why": decision.reason})
+            continue
+        else:
+            back = _revert_status(c)
+            session.execute(
+                update(PCT)
+                .where(PCT.c.id == c.id, PCT.c.status == S.DELETION_SCHEDULED)
+                .values(status=back, deletion_scheduled_at=None)
+            )
+            outcome = f"{decision.reason}; back to {back.name}"
         logs.append(
             _log_row(
                 c.id,
                 c.type,
                 c.data_location,
                 _copy_size(c),
-                decision.code or "rule_no_longer_holds",
+                code,
                 m.DeletionOutcome.SKIPPED,
-                f"{decision.reason}; back to {back.name}",
+                outcome,
                 actor,
             )
         )
@@ -160,21 +191,9 @@ def _recheck_and_claim(
                 .returning(PCT.c.id)
             ).scalars()
         )
-    targets = [
-        {
-            "id": cid,
-            "type": go[cid].type,
-            "location_id": go[cid].data_location_id,
-            "location": go[cid].data_location,
-            "path": _copy_path(go[cid]),
-            "size": _copy_size(go[cid]),
-            "package_id": getattr(go[cid], "raw_data_package_id", None),
-            "reason": why.get(cid, "rule_holds"),
-        }
-        for cid in sorted(claimed)
-    ]
+    targets = [_target(go[cid], why.get(cid, "rule_holds")) for cid in sorted(claimed)]
     _write_log_rows(session, logs)
-    return targets
+    return targets, unsure
 
 
 def _delete_from_storage(
@@ -198,6 +217,62 @@ def _delete_from_storage(
         except Exception as exc:  # any storage failure: record, a later cycle retries
             outcomes.append((t, False, f"{type(exc).__name__}: {exc}"))
     return outcomes
+
+
+def _look_at(unsure: list[dict[str, Any]]) -> list[tuple[dict[str, Any], bool | None]]:
+    """Phase 2 (storage), for copies refused in DELETION_IN_PROGRESS: are their bytes
+    there?  (None: the storage could not tell.)"""
+    from ccat_data_transfer.storage import storage_for_location
+
+    looked: list[tuple[dict[str, Any], bool | None]] = []
+    for t in unsure:
+        try:
+            looked.append((t, bool(storage_for_location(t["location"]).exists(t["path"]))))
+        except Exception as exc:  # unknown: left as it is; a later resubmission looks again
+            log.warning("deletion_revert_unverifiable", copy_id=t["id"], error=str(exc))
+            looked.append((t, None))
+    return looked
+
+
+def _settle_refused(
+    session: Session,
+    looked: list[tuple[dict[str, Any], bool | None]],
+    actor: str,
+    summary: dict[str, int],
+) -> list[tuple[dict[str, Any], bool, str]]:
+    """Phase 3 (DB), for copies refused in DELETION_IN_PROGRESS: bytes there -> back to
+    :func:`_revert_status` (SKIPPED); bytes gone (an earlier attempt deleted them) -> the
+    returned outcomes, recorded DELETED as the truth; unknown -> left in progress."""
+    gone: list[tuple[dict[str, Any], bool, str]] = []
+    logs = []
+    for t, there in looked:
+        if there is None:
+            continue
+        if not there:
+            message = f"object already absent (an earlier attempt); rule: {t['why']}"
+            gone.append((t | {"reason": "already_absent"}, True, message))
+            continue
+        session.execute(
+            update(PCT)
+            .where(PCT.c.id == t["id"], PCT.c.status == S.DELETION_IN_PROGRESS)
+            .values(status=t["back"], deletion_scheduled_at=None)
+        )
+        message = f"{t['why']}; back to {t['back'].name}"
+        logs.append(
+            _log_row(
+                t["id"],
+                t["type"],
+                t["location"],
+                t["size"],
+                t["reason"],
+                m.DeletionOutcome.SKIPPED,
+                message,
+                actor,
+            )
+        )
+        summary["skipped"] += 1
+    _write_log_rows(session, logs)
+    return gone
 
 
 def _record_outcomes(
@@ -255,11 +330,13 @@ def _delete_physical_copies(
         return summary
     db = DatabaseConnection()
     with db.session_scope() as session:
-        targets = _recheck_and_claim(session, ids, actor, summary)
-    if not targets:
+        targets, unsure = _recheck_and_claim(session, ids, actor, summary)
+    if not targets and not unsure:
         return summary
     outcomes = _delete_from_storage(targets)
+    looked = _look_at(unsure)
     with db.session_scope() as session:
+        outcomes += _settle_refused(session, looked, actor, summary)
         _record_outcomes(session, outcomes, actor, summary)
     return summary
 
