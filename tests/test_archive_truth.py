@@ -79,6 +79,18 @@ def _gone_from_buffer(system, lta=("cologne_lta",), files=2):
         )
 
 
+def _at_every_kind_of_place(system, override_settings):
+    """Retention 0; a package at the source buffer, one gone from it (raw files
+    DELETION_POSSIBLE), one at the LTA-site buffer: each deletable but for the test's hold
+    or freeze."""
+    override_settings(RETENTION_PERIOD_MINUTES=0)
+    at_buffer = _at_buffer_with_files(system)
+    gone = _gone_from_buffer(system)
+    with system.session() as s:
+        lta_site = make_package_at(system, s, ["cologne_buffer", "cologne_lta"], state=A)
+    return at_buffer, gone, lta_site
+
+
 def _assert_files_stay(system, pkg, status=S.PRESENT):
     for cid, rel in zip(pkg.file_copy_ids, pkg.file_paths, strict=True):
         assert object_exists(system, SRC, rel)
@@ -134,9 +146,7 @@ def test_deletion_possible_files_wait_for_fresh_proof(system, override_settings)
     assert copy_row(system, lta_id).lost_at is not None
 
 
-def test_deletion_possible_files_go_once_the_archive_confirmed_its_copy(
-    system, override_settings
-):
+def test_deletion_possible_files_go_once_the_archive_confirmed_its_copy(system, override_settings):
     override_settings(RETENTION_PERIOD_MINUTES=0)
     pkg = _gone_from_buffer(system)
     _set_copy(system, pkg.copy_ids["cologne_lta"], verified_at=_stale())
@@ -233,9 +243,7 @@ def test_a_location_may_ask_for_two_verified_archive_copies(system, override_set
         assert "2 verified" in dm.explain_copy(s, one.copy_ids[BUF]).reason
 
 
-def test_the_setting_asks_for_two_verified_archive_copies_for_raw_files(
-    system, override_settings
-):
+def test_the_setting_asks_for_two_verified_archive_copies_for_raw_files(system, override_settings):
     override_settings(RETENTION_PERIOD_MINUTES=0, MIN_VERIFIED_LTA_COPIES=2)
     one = _gone_from_buffer(system)
     two = _gone_from_buffer(system, lta=("cologne_lta", "us_lta"))
@@ -305,11 +313,8 @@ def test_refused_copy_whose_bytes_are_gone_is_not_made_present(system):
 
 def test_audit_hold_on_the_archive_stops_every_deletion_relying_on_it(system, override_settings):
     """Issue scenario 1: an audit over threshold put a hold on the archive."""
-    override_settings(RETENTION_PERIOD_MINUTES=0)
-    at_buffer = _at_buffer_with_files(system)
-    gone = _gone_from_buffer(system)
+    at_buffer, gone, lta_site = _at_every_kind_of_place(system, override_settings)
     with system.session() as s:
-        lta_site = make_package_at(system, s, ["cologne_buffer", "cologne_lta"], state=A)
         location(s, "cologne_lta").audit_hold_at = m.utcnow()
     for _ in range(2):
         run_deletion_cycle(system)
@@ -345,11 +350,8 @@ def test_no_deletion_runs_at_a_held_location(system, override_settings):
 
 
 def test_no_copy_of_a_frozen_package_is_deleted_anywhere(system, override_settings):
-    override_settings(RETENTION_PERIOD_MINUTES=0)
-    pkg = _at_buffer_with_files(system)
-    gone = _gone_from_buffer(system)
+    pkg, gone, lta_site = _at_every_kind_of_place(system, override_settings)
     with system.session() as s:
-        lta_site = make_package_at(system, s, ["cologne_buffer", "cologne_lta"], state=A)
         staged = make_package_at(system, s, ["cologne_lta"], state=A)
         proc = make_processing_files(s, staged)
         make_staging_job(s, [staged.package_id], active=False)
@@ -397,9 +399,7 @@ def test_bytes_to_free_counts_copies_without_a_recorded_size_by_their_file_size(
         loc = location(s, SRC)
         with_size = bytes_to_free(s, loc, status)
         s.execute(
-            update(m.PhysicalCopy)
-            .where(m.PhysicalCopy.id.in_(pkg.file_copy_ids))
-            .values(size=None)
+            update(m.PhysicalCopy).where(m.PhysicalCopy.id.in_(pkg.file_copy_ids)).values(size=None)
         )
         without_size = bytes_to_free(s, loc, status)
     # 85 % of 10000 = 8500: 1400 bytes over, 1000 of them already being deleted.

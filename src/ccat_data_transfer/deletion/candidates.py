@@ -289,17 +289,20 @@ def lta_copies_to_verify(
     rdf = _alias(m.RawDataFile.__table__, "w_rdf")
     pc = _alias(PCT, "w_pc")
     loc = _alias(DLT, "w_loc")
-    packages = (
-        select(pc.c.raw_data_package_id.label("pkg"), _proof_needed(loc).label("need"))
-        .join(loc, loc.c.id == pc.c.data_location_id)
-        .join(rdp, rdp.c.id == pc.c.raw_data_package_id)
-        .where(
-            pc.c.type == COPY_TYPE_RAW_DATA_PACKAGE,
-            pc.c.status == S.PRESENT,
-            pc.c.lost_at.is_(None),
-            pc.c.data_location_id.in_([x.id for x in locations]),
-            rdp.c.frozen_at.is_(None),
+
+    def waiting(pkg: Any, copy_type: str, status: m.PhysicalCopyStatus) -> Any:
+        """(package, its proofs needed) of the copies of one kind in one state."""
+        return (
+            select(pkg.label("pkg"), _proof_needed(loc).label("need"))
+            .select_from(pc)
+            .join(loc, loc.c.id == pc.c.data_location_id)
+            .where(pc.c.type == copy_type, pc.c.status == status, pc.c.lost_at.is_(None))
         )
+
+    packages = (
+        waiting(pc.c.raw_data_package_id, COPY_TYPE_RAW_DATA_PACKAGE, S.PRESENT)
+        .join(rdp, rdp.c.id == pc.c.raw_data_package_id)
+        .where(pc.c.data_location_id.in_([x.id for x in locations]), rdp.c.frozen_at.is_(None))
     )
     windows = []
     for x in locations:
@@ -309,15 +312,10 @@ def lta_copies_to_verify(
             cutoff = _retention_cutoff(x)
             windows.append(and_(pc.c.data_location_id == x.id, pc.c.deletion_possible_at <= cutoff))
     files = (
-        select(rdf.c.raw_data_package_id.label("pkg"), _proof_needed(loc).label("need"))
-        .select_from(pc)
-        .join(loc, loc.c.id == pc.c.data_location_id)
+        waiting(rdf.c.raw_data_package_id, COPY_TYPE_RAW_DATA_FILE, S.DELETION_POSSIBLE)
         .join(rdf, rdf.c.id == pc.c.raw_data_file_id)
         .join(rdp, rdp.c.id == rdf.c.raw_data_package_id)
         .where(
-            pc.c.type == COPY_TYPE_RAW_DATA_FILE,
-            pc.c.status == S.DELETION_POSSIBLE,
-            pc.c.lost_at.is_(None),
             pc.c.deletion_possible_at.is_not(None),
             or_(*windows),
             rdp.c.state == m.PackageState.ARCHIVED,
