@@ -308,6 +308,21 @@ def test_refused_copy_whose_bytes_are_gone_is_not_made_present(system):
     assert log_rows(system, buf_id)[-1][0] == "DELETED"
 
 
+def test_refused_scheduled_copy_whose_bytes_vanished_goes_back_marked_lost(system):
+    """A DELETION_SCHEDULED copy was never touched by a deletion; if its bytes are gone
+    when the re-check refuses it, it does not go back as a good copy."""
+    pkg = _at_buffer_with_files(system)
+    buf_id = pkg.copy_ids[BUF]
+    with system.session() as s:
+        assert dm.claim_for_deletion(s, [buf_id]) == [buf_id]
+    _set_copy(system, pkg.copy_ids["cologne_lta"], lost_at=m.utcnow())
+    (system.location_path(BUF) / pkg.relative_path).unlink()
+    dm.delete_bulk_raw_data_packages.apply_async(args=[[buf_id]])
+    row = copy_row(system, buf_id)
+    assert row.status == S.PRESENT and row.lost_at is not None
+    assert log_rows(system, buf_id)[-1] == ("SKIPPED", "no_lta_copy")
+
+
 # --- 3. audit holds and frozen packages ---------------------------------------------------
 
 

@@ -46,8 +46,6 @@ class Decision:
     deletable: bool
     reason: str
     code: str = ""
-    #: Waiting for proof: the LTA copies whose verification would let the rule decide.
-    awaiting: tuple[int, ...] = ()
 
     def __bool__(self) -> bool:
         return self.deletable
@@ -239,7 +237,7 @@ def _proof_of(
         f"verified within {minutes} min needed, {len(proven)} so ({detail}); a verification "
         "of " + ", ".join(c.data_location.name for c in stale) + " at its site is asked for"
     )
-    return Decision(False, f"kept: {reason}", WAITING_FOR_PROOF, tuple(c.id for c in stale)), proven
+    return _keep(reason, WAITING_FOR_PROOF), proven
 
 
 def _too_few(need: int, what: str, code: str = "no_lta_copy") -> Callable[[str], Decision]:

@@ -3,12 +3,15 @@
 Every task runs :func:`_delete_physical_copies` in three phases:
 
 1. :func:`_recheck_and_claim` (DB): the rule is checked again against the database
-   (``deletion.rules``, ``deletion.rule_sql``); a copy whose rule no longer holds goes
-   back to PRESENT / DELETION_POSSIBLE with a SKIPPED row, the rest move to
-   DELETION_IN_PROGRESS;
+   (``deletion.rules``, ``deletion.rule_sql``: the archive proof, audit holds, frozen
+   packages included); the copies whose rule holds move to DELETION_IN_PROGRESS; a
+   refused LONG_TERM_ARCHIVE copy is left exactly as found;
 2. :func:`_delete_from_storage` (storage): delete each claimed copy's bytes; a
-   LONG_TERM_ARCHIVE is refused as a last guard;
-3. :func:`_record_outcomes` (DB): DELETED with ``deleted_at``, or DELETION_FAILED (retry
+   LONG_TERM_ARCHIVE is refused as a last guard; :func:`_look_at` sees whether the bytes
+   of each other refused copy are there;
+3. :func:`_settle_refused` (DB): a refused copy goes back to PRESENT / DELETION_POSSIBLE
+   with a SKIPPED row only when its bytes were seen (else DELETED, or marked lost);
+   :func:`_record_outcomes` (DB): DELETED with ``deleted_at``, or DELETION_FAILED (retry
    count + 1, error kept) for a later cycle to retry, and the audit rows; a package gone
    from the source site starts stage 1 for its raw files (``deletion.marking``).
 
@@ -82,8 +85,8 @@ class DeletionTask(Task):
 
 def _revert_status(copy: m.PhysicalCopy) -> m.PhysicalCopyStatus:
     """Where a copy whose rule no longer holds goes back to: DELETION_POSSIBLE for a stage-2
-    raw file, else PRESENT.  Only for a copy whose bytes are known to be there (see
-    :func:`_recheck_and_claim`); never for a LONG_TERM_ARCHIVE copy, which stays as found."""
+    raw file, else PRESENT.  Only for a copy whose bytes were seen there (see
+    :func:`_settle_refused`); never for a LONG_TERM_ARCHIVE copy, which stays as found."""
     if (
         isinstance(copy, m.RawDataFilePhysicalCopy)
         and copy.deletion_possible_at is not None
@@ -135,10 +138,9 @@ def _recheck_and_claim(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Phase 1 (DB): re-check every copy; move those whose rule holds to
     DELETION_IN_PROGRESS.  Of the others, a copy at a LONG_TERM_ARCHIVE stays as found (the
-    deletion path never changes an archive copy); a DELETION_SCHEDULED copy goes back
-    (:func:`_revert_status`: nothing has touched its bytes); a DELETION_IN_PROGRESS copy (a
-    redelivered task: an earlier attempt may have deleted its bytes) is left for the
-    storage phase to look at.  Returns (what to delete, what to look at), as plain data."""
+    deletion path never changes an archive copy: SKIPPED, nothing else); every other one is
+    left for the storage phase to look at before it goes back (:func:`_settle_refused`).
+    Returns (what to delete, what to look at), as plain data."""
     copies = [c for c in _load_copies(session, ids) if c.status in WORKER_ACCEPTS]
     roles = site_roles(session)
     file_ok = _file_copies_still_deletable(
@@ -155,19 +157,12 @@ def _recheck_and_claim(
             go[c.id] = c
             why[c.id] = decision.code or "rule_holds"
             continue
-        if c.data_location.location_type == LT.LONG_TERM_ARCHIVE:
-            outcome = f"{decision.reason}; left {c.status.name} as found"
-        elif c.status == S.DELETION_IN_PROGRESS:
-            unsure.append(_target(c, code, _revert_status(c)) | {"why": decision.reason})
-            continue
-        else:
-            back = _revert_status(c)
-            session.execute(
-                update(PCT)
-                .where(PCT.c.id == c.id, PCT.c.status == S.DELETION_SCHEDULED)
-                .values(status=back, deletion_scheduled_at=None)
+        if c.data_location.location_type != LT.LONG_TERM_ARCHIVE:
+            unsure.append(
+                _target(c, code, _revert_status(c)) | {"why": decision.reason, "was": c.status}
             )
-            outcome = f"{decision.reason}; back to {back.name}"
+            continue
+        outcome = f"{decision.reason}; left {c.status.name} as found"
         logs.append(
             _log_row(
                 c.id,
@@ -220,8 +215,8 @@ def _delete_from_storage(
 
 
 def _look_at(unsure: list[dict[str, Any]]) -> list[tuple[dict[str, Any], bool | None]]:
-    """Phase 2 (storage), for copies refused in DELETION_IN_PROGRESS: are their bytes
-    there?  (None: the storage could not tell.)"""
+    """Phase 2 (storage), for the copies the re-check refused: are their bytes there?
+    (None: the storage could not tell.)"""
     from ccat_data_transfer.storage import storage_for_location
 
     looked: list[tuple[dict[str, Any], bool | None]] = []
@@ -240,24 +235,31 @@ def _settle_refused(
     actor: str,
     summary: dict[str, int],
 ) -> list[tuple[dict[str, Any], bool, str]]:
-    """Phase 3 (DB), for copies refused in DELETION_IN_PROGRESS: bytes there -> back to
-    :func:`_revert_status` (SKIPPED); bytes gone (an earlier attempt deleted them) -> the
-    returned outcomes, recorded DELETED as the truth; unknown -> left in progress."""
+    """Phase 3 (DB), for the copies the re-check refused (logged SKIPPED unless gone).  A
+    copy goes back (:func:`_revert_status`) only when its bytes were seen there.  Bytes
+    gone: a DELETION_IN_PROGRESS copy was deleted by an earlier attempt - returned as an
+    outcome, to be recorded DELETED; a DELETION_SCHEDULED copy was never touched by a
+    deletion, so its bytes vanished otherwise - it goes back marked lost.  Unknown (the
+    storage could not tell): left as it is, for a later resubmission."""
     gone: list[tuple[dict[str, Any], bool, str]] = []
     logs = []
     for t, there in looked:
         if there is None:
             continue
-        if not there:
+        if not there and t["was"] == S.DELETION_IN_PROGRESS:
             message = f"object already absent (an earlier attempt); rule: {t['why']}"
             gone.append((t | {"reason": "already_absent"}, True, message))
             continue
+        values: dict[str, Any] = {"status": t["back"], "deletion_scheduled_at": None}
+        message = f"{t['why']}; back to {t['back'].name}"
+        if not there:
+            values.update(lost_at=m.utcnow(), last_error="object absent at deletion re-check")
+            message += ", marked lost: the object is absent"
         session.execute(
             update(PCT)
-            .where(PCT.c.id == t["id"], PCT.c.status == S.DELETION_IN_PROGRESS)
-            .values(status=t["back"], deletion_scheduled_at=None)
+            .where(PCT.c.id == t["id"], PCT.c.status.in_(list(WORKER_ACCEPTS)))
+            .values(**values)
         )
-        message = f"{t['why']}; back to {t['back'].name}"
         logs.append(
             _log_row(
                 t["id"],
