@@ -253,6 +253,21 @@ def test_the_setting_asks_for_two_verified_archive_copies_for_raw_files(system, 
         assert not object_exists(system, SRC, rel)
 
 
+def test_a_location_cannot_ask_for_no_proof(system, override_settings):
+    override_settings(RETENTION_PERIOD_MINUTES=0)
+    with system.session() as s:
+        location(s, BUF).min_verified_lta_copies = 0
+        location(s, SRC).min_verified_lta_copies = 0
+    pkg = _at_buffer_with_files(system)
+    gone = _gone_from_buffer(system)
+    for p in (pkg, gone):  # the archive's file vanished; its proof is old
+        _set_copy(system, p.copy_ids["cologne_lta"], verified_at=_stale())
+        (system.location_path("cologne_lta") / p.relative_path).unlink()
+    run_deletion_cycle(system)
+    assert object_exists(system, BUF, pkg.relative_path)
+    _assert_files_stay(system, gone, S.DELETION_POSSIBLE)
+
+
 # --- 2. archive copies are never changed by the deletion path -----------------------------
 
 

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, exists, func, literal, or_, select, true
+from sqlalchemy import and_, case, exists, func, literal, or_, select, true
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer.archive_proof import proof_cutoff
@@ -64,15 +64,19 @@ def _per_row(conds: list[Any], *own: Any, per_row: bool = False) -> Any:
 
 def min_verified_lta_copies(location: m.DataLocation | None = None) -> int:
     """How many LTA copies must count as proof before a copy at ``location`` goes: the
-    location's ``min_verified_lta_copies``, else the setting MIN_VERIFIED_LTA_COPIES."""
-    if location is not None and location.min_verified_lta_copies is not None:
-        return int(location.min_verified_lta_copies)
-    return int(settings.get("MIN_VERIFIED_LTA_COPIES", 1))
+    location's ``min_verified_lta_copies``, else the setting MIN_VERIFIED_LTA_COPIES.  Never
+    fewer than one: a value below 1 is ignored (a location's) or raised to 1 (the
+    setting's) - no copy that relies on the archives goes without proof."""
+    own = location.min_verified_lta_copies if location is not None else None
+    if own is not None and own >= 1:
+        return int(own)
+    return max(1, int(settings.get("MIN_VERIFIED_LTA_COPIES", 1)))
 
 
 def _proof_needed(loc: Any) -> Any:
     """SQL form of :func:`min_verified_lta_copies` for a location table or alias."""
-    return func.coalesce(loc.c.min_verified_lta_copies, literal(min_verified_lta_copies()))
+    own = loc.c.min_verified_lta_copies
+    return func.coalesce(case((own >= 1, own)), literal(min_verified_lta_copies()))
 
 
 def copy_bytes(pc: Any, rdf: Any = None) -> Any:
