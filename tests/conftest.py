@@ -160,3 +160,13 @@ def system(db_url: str, tmp_path: Path, override_settings: Any) -> Iterator[Syst
                 Path(loc.path).mkdir(parents=True, exist_ok=True)
     yield System(url=db_url, data_dir=data_dir, db=db)
     dispose_engines()
+
+
+@pytest.fixture
+def without_archive_repair(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No repair (or freeze) runs after a verification finds a bad archive copy: for tests
+    of what the verification and the deletion rules do on their own."""
+    import ccat_data_transfer.fixity.repair  # noqa: F401 - its hook is registered first
+    from ccat_data_transfer import archive_proof
+
+    monkeypatch.setattr(archive_proof, "on_bad_copies", [])

@@ -8,7 +8,6 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from ccat_data_transfer import archive_proof
 from ccat_data_transfer.archive_proof import (
     CORRUPT,
     FIXITY_OK,
@@ -24,13 +23,9 @@ from helpers_lifecycle import make_package_at, write_object
 CONTENT = b"archived package bytes " * 40
 
 
-@pytest.fixture(autouse=True)
-def _verification_alone(monkeypatch):
-    """These tests look at the verification alone: no repair runs after a bad finding
-    (repair and freeze are tests/test_fixity.py's)."""
-    import ccat_data_transfer.fixity.repair  # noqa: F401 - its hook, registered first
-
-    monkeypatch.setattr(archive_proof, "on_bad_copies", [])
+# These tests look at the verification alone: no repair runs after a bad finding (repair
+# and freeze are tests/test_fixity.py's).
+pytestmark = pytest.mark.usefixtures("without_archive_repair")
 
 
 def _archived(system, locations=("cologne_lta", "us_lta")):

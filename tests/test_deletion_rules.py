@@ -165,7 +165,9 @@ def test_worker_refuses_a_long_term_archive_copy_even_when_scheduled_by_hand(sys
     dm.delete_physical_copy.apply_async(args=[pkg.copy_ids["cologne_lta"]])
     assert object_exists(system, "cologne_lta", pkg.relative_path)
     row = copy_row(system, pkg.copy_ids["cologne_lta"])
-    assert row.status == S.PRESENT and row.deleted_at is None
+    # Left as found: the deletion path never changes an archive copy (issue 18); it was
+    # turned back into PRESENT here before, without anyone knowing its bytes were there.
+    assert row.status == S.DELETION_SCHEDULED and row.deleted_at is None
     assert log_rows(system, row.id) == [("SKIPPED", "long_term_archive")]
     with system.session() as s:  # the claim itself never takes an LTA copy either
         assert dm.claim_for_deletion(s, [pkg.copy_ids["us_lta"]]) == []

@@ -22,6 +22,7 @@ from ccat_data_transfer.deletion.candidates import (
 )
 from ccat_data_transfer.deletion.claims import claim_for_deletion
 from ccat_data_transfer.deletion.cycle import (
+    ask_for_proof,
     delete_data_packages,
     mark_catch_up,
     reschedule_failed_deletions,
@@ -37,7 +38,9 @@ from ccat_data_transfer.deletion.pressure import (
     pressure_threshold_percent,
     should_delete_based_on_buffer_status,
 )
+from ccat_data_transfer.deletion.rule_sql import min_verified_lta_copies
 from ccat_data_transfer.deletion.rules import (
+    WAITING_FOR_PROOF,
     Decision,
     SiteRoles,
     can_delete_data_transfer_package_from_lta_buffer,
@@ -72,6 +75,7 @@ __all__ = [
     "COPY_TYPE_RAW_DATA_FILE",
     "COPY_TYPE_RAW_DATA_PACKAGE",
     "IN_FLIGHT",
+    "WAITING_FOR_PROOF",
     "WORKER_ACCEPTS",
     "Decision",
     "DeletionTask",
@@ -79,6 +83,7 @@ __all__ = [
     "SiteRoles",
     "_add_deletion_log",
     "_delete_bulk_raw_data_files_internal",
+    "ask_for_proof",
     "bytes_to_free",
     "can_delete_data_transfer_package_from_lta_buffer",
     "can_delete_data_transfer_package_from_source_buffer",
@@ -108,6 +113,7 @@ __all__ = [
     "get_buffer_status_for_location",
     "mark_catch_up",
     "mark_raw_data_files_for_deletion",
+    "min_verified_lta_copies",
     "pressure_threshold_percent",
     "process_deletion_possible_raw_data_files",
     "reschedule_failed_deletions",

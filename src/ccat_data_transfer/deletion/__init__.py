@@ -21,7 +21,11 @@ Copies move PRESENT -> DELETION_SCHEDULED -> DELETION_IN_PROGRESS -> DELETED (ra
 SOURCE/BUFFER: PRESENT -> DELETION_POSSIBLE -> DELETION_SCHEDULED -> ...).  Rows are never
 removed; every decision goes to the ``deletion_log`` table and to the JSON log.  Nothing
 is ever deleted automatically from a LONG_TERM_ARCHIVE location: the finders never select
-such copies and the worker refuses them as a last guard.
+such copies, the worker refuses them as a last guard and leaves them as found.  A copy
+that relies on the archives goes only on fresh proof of enough archive copies (the proof
+rule, in ``rule_sql`` and ``rules``); the cycle asks the archives' sites for the proofs
+it waits for.  Nothing is deleted at a location under an audit hold, nor any copy of a
+frozen package.
 
 The document's names stay importable from ``ccat_data_transfer.deletion_manager``.
 

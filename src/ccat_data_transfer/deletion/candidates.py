@@ -24,11 +24,19 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, or_, select, union_all
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer import scope
-from ccat_data_transfer.deletion.base import COPY_TYPE_RAW_DATA_FILE, LT, PCT, S, _alias
+from ccat_data_transfer.deletion.base import (
+    COPY_TYPE_RAW_DATA_FILE,
+    COPY_TYPE_RAW_DATA_PACKAGE,
+    DLT,
+    LT,
+    PCT,
+    S,
+    _alias,
+)
 from ccat_data_transfer.deletion.claims import _Candidate
 from ccat_data_transfer.deletion.pressure import (
     bytes_to_free,
@@ -37,8 +45,11 @@ from ccat_data_transfer.deletion.pressure import (
 from ccat_data_transfer.deletion.rule_sql import (
     _active_staging_job,
     _package_copy_may_be_deletable,
+    _proof_needed,
     _raw_file_processing_safe,
+    copy_bytes,
     deletion_possible_candidates,
+    lta_copies_awaiting_proof,
 )
 from ccat_data_transfer.deletion.rules import (
     Decision,
@@ -77,6 +88,7 @@ def _deletable_package_copies(
             copy_cls.status == S.PRESENT,
             copy_cls.lost_at.is_(None),
             m.DataLocation.active.is_(True),
+            m.DataLocation.audit_hold_at.is_(None),
             m.DataLocation.location_type.in_([LT.SOURCE, LT.BUFFER]),
             _package_copy_may_be_deletable(copy_cls),
         )
@@ -124,7 +136,7 @@ def _processing_file_ids(
     pc = _alias(PCT, "f_pc")
     rdf = m.RawDataFile.__table__
     stmt = (
-        select(pc.c.id, func.coalesce(pc.c.size, rdf.c.size))
+        select(pc.c.id, copy_bytes(pc, rdf))
         .join(rdf, rdf.c.id == pc.c.raw_data_file_id)
         .where(
             pc.c.type == COPY_TYPE_RAW_DATA_FILE,
@@ -256,3 +268,59 @@ def _deletion_possible_selection(
     needed = bytes_to_free(session, location, status) - sum(c.size or 0 for c in chosen)
     room = None if limit is None else limit - len(chosen)
     return chosen + _oldest_under_pressure(session, location, cutoff, needed, room)
+
+
+def lta_copies_to_verify(
+    session: Session, statuses: Any, location_ids: list[int] | None = None
+) -> list[int]:
+    """The LTA copies whose verification would let waiting deletions go, in one query
+    (``rule_sql.lta_copies_awaiting_proof``): those of the packages whose PRESENT copies at
+    SOURCE and BUFFER locations, or whose DELETION_POSSIBLE raw-file copies past their
+    retention (all of them at a location under pressure), wait only for a fresh proof.
+    Locations under an audit hold, frozen packages and lost copies ask for nothing."""
+    locations = [
+        loc
+        for loc in _active_locations(session, [LT.SOURCE, LT.BUFFER], location_ids)
+        if loc.audit_hold_at is None
+    ]
+    if not locations:
+        return []
+    rdp = _alias(m.RawDataPackage.__table__, "w_rdp")
+    rdf = _alias(m.RawDataFile.__table__, "w_rdf")
+    pc = _alias(PCT, "w_pc")
+    loc = _alias(DLT, "w_loc")
+
+    def waiting(pkg: Any, copy_type: str, status: m.PhysicalCopyStatus) -> Any:
+        """(package, its proofs needed) of the copies of one kind in one state."""
+        return (
+            select(pkg.label("pkg"), _proof_needed(loc).label("need"))
+            .select_from(pc)
+            .join(loc, loc.c.id == pc.c.data_location_id)
+            .where(pc.c.type == copy_type, pc.c.status == status, pc.c.lost_at.is_(None))
+        )
+
+    packages = (
+        waiting(pc.c.raw_data_package_id, COPY_TYPE_RAW_DATA_PACKAGE, S.PRESENT)
+        .join(rdp, rdp.c.id == pc.c.raw_data_package_id)
+        .where(pc.c.data_location_id.in_([x.id for x in locations]), rdp.c.frozen_at.is_(None))
+    )
+    windows = []
+    for x in locations:
+        if should_delete_based_on_buffer_status(x, statuses.get(x)):
+            windows.append(pc.c.data_location_id == x.id)
+        else:
+            cutoff = _retention_cutoff(x)
+            windows.append(and_(pc.c.data_location_id == x.id, pc.c.deletion_possible_at <= cutoff))
+    files = (
+        waiting(rdf.c.raw_data_package_id, COPY_TYPE_RAW_DATA_FILE, S.DELETION_POSSIBLE)
+        .join(rdf, rdf.c.id == pc.c.raw_data_file_id)
+        .join(rdp, rdp.c.id == rdf.c.raw_data_package_id)
+        .where(
+            pc.c.deletion_possible_at.is_not(None),
+            or_(*windows),
+            rdp.c.state == m.PackageState.ARCHIVED,
+            rdp.c.frozen_at.is_(None),
+        )
+        .distinct()
+    )
+    return list(session.scalars(lta_copies_awaiting_proof(union_all(packages, files))))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, any_, func, select, text, update
+from sqlalchemy import BigInteger, any_, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
@@ -29,7 +29,7 @@ from sqlalchemy.sql.visitors import InternalTraversal
 
 from ccat_data_transfer.database import is_postgresql
 from ccat_data_transfer.deletion.base import DLT, LT, PCT, S
-from ccat_data_transfer.deletion.rule_sql import deletion_possible_candidates
+from ccat_data_transfer.deletion.rule_sql import copy_bytes, deletion_possible_candidates
 from ccat_data_transfer.deletion.trail import (
     _batch_row,
     _log_batch_scheduled,
@@ -261,13 +261,7 @@ def _claim_expired(
     picked = picked.with_only_columns(picked.selected_columns.id)
     if limit is not None:
         picked = picked.limit(limit)
-    file_size = m.RawDataFile.__table__.c.size
-    size = func.coalesce(
-        PCT.c.size,
-        select(file_size)
-        .where(m.RawDataFile.__table__.c.id == PCT.c.raw_data_file_id)
-        .scalar_subquery(),
-    )
+    size = copy_bytes(PCT)
     claim = (
         update(PCT)
         .where(

@@ -4,10 +4,13 @@ cycle) and :func:`sleep_time` (the pause between cycles, shorter under pressure)
 
 Around the five steps of ``deletion.steps`` a cycle retries failed deletions
 (:func:`reschedule_failed_deletions`), resubmits lost tasks
-(:func:`resubmit_stalled_deletions`) and catches up on stage 1 (:func:`mark_catch_up`).
+(:func:`resubmit_stalled_deletions`) - never at a LONG_TERM_ARCHIVE -, catches up on
+stage 1 (:func:`mark_catch_up`) and asks the archives' sites for the proofs that waiting
+deletions need (:func:`ask_for_proof`).
 
 Room in the house: the deletion manager; imports the other ``deletion`` modules, ``scope``,
-``buffer_status``, config, ``database``, logging and ``ccat_ops_db``.
+``buffer_status``, ``archive_proof`` (the request), config, ``database``, logging and
+``ccat_ops_db``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from ccat_data_transfer import buffer_status as bs
 from ccat_data_transfer import scope
+from ccat_data_transfer.archive_proof import request_verification
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.database import DatabaseConnection
 from ccat_data_transfer.deletion.base import (
@@ -31,7 +35,7 @@ from ccat_data_transfer.deletion.base import (
     S,
     log,
 )
-from ccat_data_transfer.deletion.candidates import _active_locations
+from ccat_data_transfer.deletion.candidates import _active_locations, lta_copies_to_verify
 from ccat_data_transfer.deletion.claims import _submit
 from ccat_data_transfer.deletion.marking import mark_raw_data_files_for_deletion
 from ccat_data_transfer.deletion.pressure import (
@@ -55,17 +59,23 @@ from ccat_data_transfer.queue_discovery import route_task_by_location
 from ccat_ops_db import models as m
 
 
+def _not_at_an_archive() -> Any:
+    """SQL: the copy is not at a LONG_TERM_ARCHIVE location.  The deletion path never
+    changes an archive copy: not by a retry, nor by a resubmission."""
+    lta_ids = select(DLT.c.id).where(DLT.c.location_type == LT.LONG_TERM_ARCHIVE)
+    return PCT.c.data_location_id.not_in(lta_ids)
+
+
 def reschedule_failed_deletions(session: Session, location_ids: list[int] | None = None) -> int:
     """DELETION_FAILED copies below DELETION_MAX_RETRIES go back to where they came from
     (DELETION_POSSIBLE for stage-2 raw files, PRESENT otherwise) so this cycle's rules
     re-evaluate and reschedule them.  At the cap they stay DELETION_FAILED for a person.
-    With ``location_ids`` only copies at those locations."""
+    With ``location_ids`` only copies at those locations; never a copy at an LTA."""
     cap = int(settings.DELETION_MAX_RETRIES)
-    lta_ids = select(DLT.c.id).where(DLT.c.location_type == LT.LONG_TERM_ARCHIVE)
     base = [
         PCT.c.status == S.DELETION_FAILED,
         PCT.c.deletion_retry_count < cap,
-        PCT.c.data_location_id.not_in(lta_ids),
+        _not_at_an_archive(),
         *([PCT.c.data_location_id.in_(location_ids)] if location_ids is not None else []),
     ]
     n1 = session.execute(
@@ -91,13 +101,15 @@ def resubmit_stalled_deletions(session: Session, location_ids: list[int] | None 
     idempotent; no retry is counted): DELETION_SCHEDULED ones sent longer than
     QUEUED_RESEND_SECONDS ago, DELETION_IN_PROGRESS ones whose batch's heartbeat
     (``deletion_scheduled_at``) stopped (:mod:`ccat_data_transfer.liveness`).  With
-    ``location_ids`` only copies at those locations."""
+    ``location_ids`` only copies at those locations.  Never a copy at an LTA: one found in
+    a deletion state stays as it is, for a person (it counts as no proof meanwhile)."""
     at = PCT.c.deletion_scheduled_at
     stalled = select(PCT.c.id, PCT.c.data_location_id, PCT.c.status).where(
         or_(
             (PCT.c.status == S.DELETION_SCHEDULED) & waited_in_queue(at),
             (PCT.c.status == S.DELETION_IN_PROGRESS) & stopped(at),
-        )
+        ),
+        _not_at_an_archive(),
     )
     rows = session.execute(scope.restrict(stalled, PCT.c.data_location_id, location_ids)).all()
     # Queued copies are sent again only when their location's queue is empty at the
@@ -150,8 +162,23 @@ def run_once(session: Session, site: str | None = None) -> dict[str, Any]:
         session, statuses, ids
     )
     session.commit()
+    summary["verifications_requested"] = ask_for_proof(session, statuses, ids)
     summary["buffer_states"] = {name: _state_from(st).value for name, st in statuses._cache.items()}
     return summary
+
+
+def ask_for_proof(session: Session, statuses: _Statuses, location_ids: list[int] | None) -> int:
+    """Copies that wait only for a fresh proof of their archive copies: ask each archive's
+    site to verify them (``archive_proof.request_verification``, which queues each copy
+    once while a request is outstanding).  A later cycle decides on the answer; in
+    embedded mode the verification runs at once, so the next cycle does."""
+    copy_ids = lta_copies_to_verify(session, statuses, location_ids)
+    session.commit()  # the verification may run inline, in its own session
+    if not copy_ids:
+        return 0
+    asked = request_verification(session, copy_ids)
+    session.expire_all()
+    return asked
 
 
 def mark_catch_up(session: Session, location_ids: list[int] | None = None) -> int:

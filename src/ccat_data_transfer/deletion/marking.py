@@ -1,7 +1,9 @@
 """Stage 1 of raw-file deletion at the source site: once a package has left the source
-site (its copies there are all DELETED) and is ARCHIVED with a PRESENT archive copy, the
-PRESENT copies of its files at SOURCE and BUFFER locations become DELETION_POSSIBLE (one
-bulk UPDATE), and the retention clock of stage 2 starts.
+site (its copies there are all DELETED) and is ARCHIVED, not frozen, with an archive copy
+that could prove it (the proof rule of ``deletion.rule_sql`` but for the proof's age,
+which stage 2 and the worker check again), the PRESENT copies of its files at SOURCE and
+BUFFER locations become DELETION_POSSIBLE (one bulk UPDATE), and the retention clock of
+stage 2 starts.
 
 The worker calls :func:`mark_raw_data_files_for_deletion` in the transaction that records a
 package's last source-site copy DELETED; the cycle's catch-up calls it over every package.
@@ -42,15 +44,16 @@ def mark_raw_data_files_for_deletion(
     """Stage 1 of raw-file deletion, one bulk UPDATE: PRESENT raw-file copies at SOURCE and
     BUFFER locations become DELETION_POSSIBLE (``deletion_possible_at`` = now) once their
     parent package has left the source site (its copies there are all DELETED) and is
-    ARCHIVED with a PRESENT copy at a LONG_TERM_ARCHIVE.  Restricted to the given packages
+    ARCHIVED with an archive copy that could prove it.  Restricted to the given packages
     when ``raw_data_package_ids`` is set, and to copies at ``location_ids`` when set (a
     site's scope).  Returns the number of copies marked."""
     roles = site_roles(session)
     if not roles.source_site_ids:
         return 0
-    # The package rule: ARCHIVED, PRESENT at an active LTA, and gone from the source site.
+    # The package rule: ARCHIVED, not frozen, an LTA copy that could prove it (its age is
+    # stage 2's and the worker's concern: marking deletes nothing), gone from the source site.
     package_rule = [
-        *_archived_in_lta(RDP),
+        *_archived_in_lta(RDP, fresh=False),
         _left_source_site(RDP, roles.source_site_ids),
         *([RDP.c.id.in_(list(raw_data_package_ids))] if raw_data_package_ids is not None else []),
     ]

@@ -7,7 +7,7 @@ location's critical threshold (else DISK_USAGE_THRESHOLD_PERCENT).  Which copies
 (oldest DELETION_POSSIBLE) is in ``deletion.candidates``.
 
 Room in the house: core of the deletion stage; imports ``deletion.base``,
-``buffer_status``, config and ``ccat_ops_db``.
+``deletion.rule_sql`` (the size of a copy), ``buffer_status``, config and ``ccat_ops_db``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from ccat_data_transfer import buffer_status as bs
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.deletion.base import _MAX_BATCHES_PER_CYCLE, IN_FLIGHT, LT, PCT, S, log
+from ccat_data_transfer.deletion.rule_sql import copy_bytes
 from ccat_ops_db import models as m
 
 
@@ -108,14 +109,15 @@ class _Statuses:
 def bytes_to_free(session: Session, location: m.DataLocation, status: dict[str, Any]) -> int:
     """Bytes that must go for ``location`` to be back under its pressure threshold:
     ``used - threshold * capacity``, minus what is already being deleted there and what was
-    deleted since the measurement."""
+    deleted since the measurement, each copy counted as the selection counts it
+    (``rule_sql.copy_bytes``: its size, else its raw file's)."""
     threshold = pressure_threshold_percent(location)
     total = status.get("total_bytes") if status else None
     if threshold is None or not total:
         return 0
     need = float(status["used_bytes"]) - threshold / 100.0 * float(total)
     in_flight = session.scalar(
-        select(func.coalesce(func.sum(PCT.c.size), 0)).where(
+        select(func.coalesce(func.sum(copy_bytes(PCT)), 0)).where(
             PCT.c.data_location_id == location.id, PCT.c.status.in_(list(IN_FLIGHT))
         )
     )
@@ -128,7 +130,7 @@ def bytes_to_free(session: Session, location: m.DataLocation, status: dict[str, 
             measured_at = None
         if measured_at is not None:
             freed = session.scalar(
-                select(func.coalesce(func.sum(PCT.c.size), 0)).where(
+                select(func.coalesce(func.sum(copy_bytes(PCT)), 0)).where(
                     PCT.c.data_location_id == location.id,
                     PCT.c.status == S.DELETED,
                     PCT.c.deleted_at >= measured_at,

@@ -2,9 +2,18 @@
 stated here once, as a condition or a selectable that the finders, the claims, the worker's
 double-check and stage 1 all build on.
 
-* :func:`_lta_present_exists`: "PRESENT at an active LONG_TERM_ARCHIVE" (every rule);
+* :func:`_lta_present_exists`: the proof rule - at least N LTA copies count as proof
+  (PRESENT, not lost, at an active LONG_TERM_ARCHIVE without an audit hold, the
+  package's checksum, verified at or after ``archive_proof.proof_cutoff()``); N is
+  :func:`min_verified_lta_copies` of the location whose copy would go;
+* :func:`lta_copies_awaiting_proof`: the LTA copies to verify for candidates that wait
+  only for a fresh proof;
 * :func:`_archived_in_lta`: the package half of the source-site raw-file rule (stages 1
-  and 2): ARCHIVED and PRESENT at an active LTA;
+  and 2): ARCHIVED, not frozen, and the proof rule;
+* :func:`_not_frozen`, :func:`_location_not_held`: nothing of a frozen package, nothing
+  at a location under an audit hold is deleted;
+* :func:`copy_bytes`: the bytes of a copy (its size, else its raw file's), for the
+  selection and for ``bytes_to_free`` alike;
 * :func:`_left_source_site`: stage 1's "the package's copies at the source site are all
   DELETED";
 * :func:`deletion_possible_candidates`: stage 2, the DELETION_POSSIBLE raw-file copies
@@ -14,9 +23,9 @@ double-check and stage 1 all build on.
   worker re-checks (:func:`_file_copies_still_deletable`);
 * :func:`_package_copy_may_be_deletable`: the pre-filter of the package rules.
 
-Room in the house: core of the deletion stage; imports ``deletion.base`` and
-``ccat_ops_db`` only.  SQLite and PostgreSQL may differ in how a rule is claimed
-(``deletion.claims``), never in what it says (here).
+Room in the house: core of the deletion stage; imports ``deletion.base``, config,
+``archive_proof`` (the proof's age) and ``ccat_ops_db`` only.  SQLite and PostgreSQL may
+differ in how a rule is claimed (``deletion.claims``), never in what it says (here).
 """
 
 from __future__ import annotations
@@ -25,9 +34,11 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, exists, func, literal, select, true
+from sqlalchemy import and_, case, exists, func, literal, or_, select, true
 from sqlalchemy.orm import Session
 
+from ccat_data_transfer.archive_proof import proof_cutoff
+from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.deletion.base import (
     COPY_TYPE_RAW_DATA_FILE,
     COPY_TYPE_RAW_DATA_PACKAGE,
@@ -51,15 +62,43 @@ def _per_row(conds: list[Any], *own: Any, per_row: bool = False) -> Any:
     return sub.exists()
 
 
-def _lta_present_exists(
-    package_id_col: Any, same_site_id: Any = None, per_row: bool = False
-) -> Any:
-    """SQL: the package has a PRESENT, not-lost copy at an active LONG_TERM_ARCHIVE location
-    (optionally at a given site).  An LTA-site BUFFER does not count.  ``per_row``: see
-    :func:`_per_row`."""
-    lpc = _alias(PCT, "lta_pc")
-    lloc = _alias(DLT, "lta_loc")
-    conds = [
+def min_verified_lta_copies(location: m.DataLocation | None = None) -> int:
+    """How many LTA copies must count as proof before a copy at ``location`` goes: the
+    location's ``min_verified_lta_copies``, else the setting MIN_VERIFIED_LTA_COPIES.  Never
+    fewer than one: a value below 1 is ignored (a location's) or raised to 1 (the
+    setting's) - no copy that relies on the archives goes without proof."""
+    own = location.min_verified_lta_copies if location is not None else None
+    if own is not None and own >= 1:
+        return int(own)
+    return max(1, int(settings.get("MIN_VERIFIED_LTA_COPIES", 1)))
+
+
+def _proof_needed(loc: Any) -> Any:
+    """SQL form of :func:`min_verified_lta_copies` for a location table or alias."""
+    own = loc.c.min_verified_lta_copies
+    return func.coalesce(case((own >= 1, own)), literal(min_verified_lta_copies()))
+
+
+def copy_bytes(pc: Any, rdf: Any = None) -> Any:
+    """SQL, the bytes a copy holds, as every deletion step counts them: its recorded size,
+    else its raw file's (``rdf``: the ``raw_data_file`` row when the query joins it,
+    else looked up by key)."""
+    if rdf is None:
+        rdf_t = m.RawDataFile.__table__
+        file_size = (
+            select(rdf_t.c.size).where(rdf_t.c.id == pc.c.raw_data_file_id).scalar_subquery()
+        )
+    else:
+        file_size = rdf.c.size
+    return func.coalesce(pc.c.size, file_size)
+
+
+def _lta_copy_could_prove(lpc: Any, lloc: Any, package_id_col: Any) -> list[Any]:
+    """SQL, the proof rule but for its age: ``lpc`` (at ``lloc``) is a copy of the package
+    that is PRESENT, not lost, at an active LONG_TERM_ARCHIVE without an audit hold (an
+    LTA-site BUFFER does not count) and holds the package's checksum."""
+    prdp = _alias(m.RawDataPackage.__table__, "proof_rdp")
+    return [
         lpc.c.raw_data_package_id == package_id_col,
         lpc.c.type == COPY_TYPE_RAW_DATA_PACKAGE,
         lpc.c.status == S.PRESENT,
@@ -67,16 +106,91 @@ def _lta_present_exists(
         lloc.c.id == lpc.c.data_location_id,
         lloc.c.location_type == LT.LONG_TERM_ARCHIVE,
         lloc.c.active.is_(True),
+        lloc.c.audit_hold_at.is_(None),
+        prdp.c.id == lpc.c.raw_data_package_id,
+        lpc.c.checksum == prdp.c.checksum,
     ]
+
+
+def _lta_present_exists(
+    package_id_col: Any,
+    need: Any = 1,
+    *,
+    fresh: bool = True,
+    same_site_id: Any = None,
+    per_row: bool = False,
+) -> Any:
+    """SQL, the proof rule (stated once; :func:`rules._counts_as_proof` is its Python
+    form): at least ``need`` (an int or SQL) copies of the package count as proof - each
+    one passes :func:`_lta_copy_could_prove` and was verified at its site at or after
+    ``archive_proof.proof_cutoff()``.  ``fresh=False`` leaves the age out (the copy could
+    prove once verified: stage 1's marking and the PROCESSING rule, which delete nothing
+    that the archive's proof must cover, and the pre-filters).  ``same_site_id``: only
+    copies at that site count.  ``per_row``: see :func:`_per_row` (a count is evaluated
+    per outer row anyway)."""
+    lpc = _alias(PCT, "lta_pc")
+    lloc = _alias(DLT, "lta_loc")
+    conds = _lta_copy_could_prove(lpc, lloc, package_id_col)
+    if fresh:
+        conds.append(lpc.c.verified_at >= proof_cutoff())
     if same_site_id is not None:
         conds.append(lloc.c.site_id == same_site_id)
-    return _per_row(conds, lpc, lloc, per_row=per_row)
+    prdp = _alias(m.RawDataPackage.__table__, "proof_rdp")
+    if isinstance(need, int) and need <= 1:
+        return _per_row(conds, lpc, lloc, prdp, per_row=per_row)
+    count = select(func.count()).where(*conds).correlate_except(lpc, lloc, prdp)
+    return count.scalar_subquery() >= need
 
 
-def _archived_in_lta(rdp: Any) -> list[Any]:
+def _not_frozen(rdp: Any) -> Any:
+    """SQL: the package (a ``raw_data_package`` table or alias) is not frozen."""
+    return rdp.c.frozen_at.is_(None)
+
+
+def _location_not_held(location_id_col: Any) -> Any:
+    """SQL: the location has no audit hold (nothing is deleted at a held location)."""
+    hloc = _alias(DLT, "held_loc")
+    return ~exists().where(hloc.c.id == location_id_col, hloc.c.audit_hold_at.is_not(None))
+
+
+def _archived_in_lta(rdp: Any, need: Any = 1, fresh: bool = True) -> list[Any]:
     """SQL, the package half of the source-site raw-file rule (stages 1 and 2): the package
-    (a ``raw_data_package`` table or alias) is ARCHIVED and PRESENT at an active LTA."""
-    return [rdp.c.state == m.PackageState.ARCHIVED, _lta_present_exists(rdp.c.id)]
+    (a ``raw_data_package`` table or alias) is ARCHIVED, not frozen, and the proof rule
+    holds (:func:`_lta_present_exists`; stage 1 asks ``fresh=False``)."""
+    return [
+        rdp.c.state == m.PackageState.ARCHIVED,
+        _not_frozen(rdp),
+        _lta_present_exists(rdp.c.id, need, fresh=fresh),
+    ]
+
+
+def lta_copies_awaiting_proof(waiting: Any) -> Any:
+    """SQL, ``SELECT id`` of the LTA copies to verify for candidates that wait only for
+    proof.  ``waiting`` is a selectable of candidate copies with columns ``pkg`` (their
+    package) and ``need`` (their location's :func:`_proof_needed`); a package waits when
+    fewer than ``need`` of its LTA copies count as proof but at least ``need`` could, once
+    verified.  Those copies whose proof is missing or stale are returned."""
+    cand = waiting.cte("awaiting").prefix_with("MATERIALIZED")
+    pkgs = (
+        select(cand.c.pkg)
+        .where(
+            _lta_present_exists(cand.c.pkg, cand.c.need, fresh=False),
+            ~_lta_present_exists(cand.c.pkg, cand.c.need),
+        )
+        .cte("awaiting_pkg")
+        .prefix_with("MATERIALIZED")
+    )
+    lpc = _alias(PCT, "verify_pc")
+    lloc = _alias(DLT, "verify_loc")
+    return (
+        select(lpc.c.id)
+        .where(
+            lpc.c.raw_data_package_id.in_(select(pkgs.c.pkg)),
+            *_lta_copy_could_prove(lpc, lloc, lpc.c.raw_data_package_id),
+            or_(lpc.c.verified_at.is_(None), lpc.c.verified_at < proof_cutoff()),
+        )
+        .distinct()
+    )
 
 
 def _left_source_site(rdp: Any, source_site_ids: Iterable[int]) -> Any:
@@ -121,7 +235,8 @@ def deletion_possible_candidates(
     retained_after: datetime | None = None,
 ) -> Any:
     """Stage 2, stated once: the DELETION_POSSIBLE, not-lost raw-file copies at the location
-    whose package is ARCHIVED and PRESENT at an active LTA (:func:`_archived_in_lta`), as a
+    whose package is ARCHIVED, not frozen and proven (:func:`_archived_in_lta`, with the
+    location's :func:`min_verified_lta_copies`), at a location not under an audit hold, as a
     ``SELECT id, size`` oldest first (``deletion_possible_at`` - the start of the retention
     clock - then ``created_at``, ``id``).  ``expired_before`` / ``retained_after`` keep the
     copies marked at or before / after that time.
@@ -134,6 +249,8 @@ def deletion_possible_candidates(
     pc = _alias(PCT, "f_pc")
     rdf = _alias(m.RawDataFile.__table__, "safe_rdf")
     rdp = _alias(m.RawDataPackage.__table__, "safe_rdp")
+    nloc = _alias(DLT, "need_loc")
+    need = select(_proof_needed(nloc)).where(nloc.c.id == location_id).scalar_subquery()
     since = pc.c.deletion_possible_at
     window = [since.is_not(None)]
     if expired_before is not None:
@@ -143,7 +260,7 @@ def deletion_possible_candidates(
     cand = (
         select(
             pc.c.id,
-            func.coalesce(pc.c.size, rdf.c.size).label("size"),
+            copy_bytes(pc, rdf).label("size"),
             since.label("since"),
             pc.c.created_at,
             rdf.c.raw_data_package_id.label("pkg"),
@@ -154,6 +271,7 @@ def deletion_possible_candidates(
             pc.c.data_location_id == location_id,
             pc.c.status == S.DELETION_POSSIBLE,
             pc.c.lost_at.is_(None),
+            _location_not_held(literal(location_id)),
             *window,
         )
         .cte("cand")
@@ -161,7 +279,7 @@ def deletion_possible_candidates(
     )
     ok = (
         select(rdp.c.id)
-        .where(rdp.c.id.in_(select(cand.c.pkg)), *_archived_in_lta(rdp))
+        .where(rdp.c.id.in_(select(cand.c.pkg)), *_archived_in_lta(rdp, need))
         .cte("ok")
         .prefix_with("MATERIALIZED")
     )
@@ -172,10 +290,11 @@ def deletion_possible_candidates(
     )
 
 
-def _raw_file_source_safe(file_pc: Any) -> Any:
+def _raw_file_source_safe(file_pc: Any, need: Any = 1) -> Any:
     """SQL, per copy: the file copy went through stage 1 (``deletion_possible_at`` is set)
-    and its parent package passes :func:`_archived_in_lta` - the rule of
-    :func:`deletion_possible_candidates`, for copies the worker re-checks."""
+    and its parent package passes :func:`_archived_in_lta` with ``need`` proofs (the copy's
+    location's) - the rule of :func:`deletion_possible_candidates`, for copies the worker
+    re-checks."""
     rdf = _alias(m.RawDataFile.__table__, "safe_rdf")
     rdp = _alias(m.RawDataPackage.__table__, "safe_rdp")
     return and_(
@@ -184,26 +303,30 @@ def _raw_file_source_safe(file_pc: Any) -> Any:
         .where(
             rdf.c.id == file_pc.c.raw_data_file_id,
             rdp.c.id == rdf.c.raw_data_package_id,
-            *_archived_in_lta(rdp),
+            *_archived_in_lta(rdp, need),
         )
         .correlate_except(rdf, rdp),
     )
 
 
 def _raw_file_processing_safe(file_pc: Any) -> Any:
-    """SQL: no active StagingJob for this PROCESSING location references the file's package,
-    and the package still has a PRESENT copy at a LONG_TERM_ARCHIVE (so this copy is never
-    the last one)."""
+    """SQL: the PROCESSING location has no audit hold, no active StagingJob for it
+    references the file's package, the package is not frozen and still has an LTA copy
+    that could prove it (:func:`_lta_present_exists` with ``fresh=False``: this copy is
+    never the last one; a copy staged from the archive needs no fresh proof to go)."""
     rdf = _alias(m.RawDataFile.__table__, "safe_rdf")
-    return (
+    rdp = _alias(m.RawDataPackage.__table__, "safe_rdp")
+    return and_(
+        _location_not_held(file_pc.c.data_location_id),
         exists()
         .where(
             rdf.c.id == file_pc.c.raw_data_file_id,
-            rdf.c.raw_data_package_id.is_not(None),
+            rdp.c.id == rdf.c.raw_data_package_id,
+            _not_frozen(rdp),
             ~_active_staging_job(rdf.c.raw_data_package_id, file_pc.c.data_location_id),
-            _lta_present_exists(rdf.c.raw_data_package_id),
+            _lta_present_exists(rdf.c.raw_data_package_id, fresh=False),
         )
-        .correlate_except(rdf)
+        .correlate_except(rdf, rdp),
     )
 
 
@@ -216,13 +339,18 @@ def _file_copies_still_deletable(session: Session, ids: Sequence[int]) -> set[in
     base = (
         select(pc.c.id)
         .join(loc, loc.c.id == pc.c.data_location_id)
-        .where(pc.c.id.in_(list(ids)), pc.c.type == COPY_TYPE_RAW_DATA_FILE, pc.c.lost_at.is_(None))
-    )
-    ok = set(
-        session.scalars(
-            base.where(loc.c.location_type.in_([LT.SOURCE, LT.BUFFER]), _raw_file_source_safe(pc))
+        .where(
+            pc.c.id.in_(list(ids)),
+            pc.c.type == COPY_TYPE_RAW_DATA_FILE,
+            pc.c.lost_at.is_(None),
+            loc.c.audit_hold_at.is_(None),
         )
     )
+    source = [
+        loc.c.location_type.in_([LT.SOURCE, LT.BUFFER]),
+        _raw_file_source_safe(pc, _proof_needed(loc)),
+    ]
+    ok = set(session.scalars(base.where(*source)))
     ok |= set(
         session.scalars(
             base.where(loc.c.location_type == LT.PROCESSING, _raw_file_processing_safe(pc))
@@ -236,15 +364,22 @@ def _package_copy_may_be_deletable(copy_cls: type[m.PhysicalCopy]) -> Any:
     requires it), so that the per-copy rule runs only on the few copies that may pass it
     instead of on every copy in the buffers.  It never admits a copy: the rule decides.
 
-    * RawDataPackage (source-site and LTA-site buffer rows): a PRESENT, not-lost copy at
-      an active LONG_TERM_ARCHIVE exists (the same-site LTA copy is one of them).
+    * RawDataPackage (source-site and LTA-site buffer rows): the package is not frozen and
+      an LTA copy could prove it (:func:`_lta_present_exists` without the age, so that a
+      copy waiting for proof reaches the rule, which asks for the verification).
     * DataTransferPackage (both rows): a DataTransfer of it is COMPLETED and unpacked.
 
     Both are checked per candidate copy (``per_row``): the copies at buffers are the
     backlog, while the LTA copies and transfers they are checked against are the history.
     """
     if copy_cls is m.RawDataPackagePhysicalCopy:
-        return _lta_present_exists(copy_cls.raw_data_package_id, per_row=True)
+        rdp = _alias(m.RawDataPackage.__table__, "pre_rdp")
+        return and_(
+            _lta_present_exists(copy_cls.raw_data_package_id, fresh=False, per_row=True),
+            ~exists()
+            .where(rdp.c.id == copy_cls.raw_data_package_id, rdp.c.frozen_at.is_not(None))
+            .correlate_except(rdp),
+        )
     if copy_cls is m.DataTransferPackagePhysicalCopy:
         dt = m.DataTransfer.__table__
         return _per_row(

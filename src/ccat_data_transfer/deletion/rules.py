@@ -20,17 +20,22 @@ Room in the house: core of the deletion stage; imports ``deletion.base``,
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, joinedload
 
+from ccat_data_transfer.archive_proof import proof_cutoff, proof_max_age
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.deletion.base import LT, S
 from ccat_data_transfer.deletion.pressure import should_delete_based_on_buffer_status
-from ccat_data_transfer.deletion.rule_sql import _file_copies_still_deletable
+from ccat_data_transfer.deletion.rule_sql import (
+    _file_copies_still_deletable,
+    min_verified_lta_copies,
+)
 from ccat_ops_db import models as m
 
 
@@ -48,6 +53,10 @@ class Decision:
 
 def _keep(reason: str, code: str = "kept") -> Decision:
     return Decision(False, f"kept: {reason}", code)
+
+
+#: Code of a copy kept only because the archive copies' proof is missing or stale.
+WAITING_FOR_PROOF = "waiting_for_proof"
 
 
 def _delete(reason: str, code: str) -> Decision:
@@ -121,27 +130,135 @@ def _lta_copies_of_package(session: Session, package_id: int) -> list[m.RawDataP
     )
 
 
-def _usable_lta_copy(copy: m.PhysicalCopy) -> bool:
-    return copy.status == S.PRESENT and copy.lost_at is None and copy.data_location.active
+def _could_prove(copy: m.PhysicalCopy, package: m.RawDataPackage) -> bool:
+    """The proof rule but for its age (SQL: ``rule_sql._lta_copy_could_prove``): PRESENT,
+    not lost, at an active LONG_TERM_ARCHIVE without an audit hold, the package's
+    checksum."""
+    loc = copy.data_location
+    return (
+        copy.status == S.PRESENT
+        and copy.lost_at is None
+        and loc.location_type == LT.LONG_TERM_ARCHIVE
+        and bool(loc.active)
+        and loc.audit_hold_at is None
+        and copy.checksum is not None
+        and copy.checksum == package.checksum
+    )
 
 
-def _describe_copy(copy: m.PhysicalCopy) -> str:
-    text = f"{copy.data_location.name} copy is {copy.status.name}"
+def _counts_as_proof(copy: m.PhysicalCopy, package: m.RawDataPackage, cutoff: datetime) -> bool:
+    """The proof rule for one LTA copy (SQL: ``rule_sql._lta_present_exists``): it could
+    prove the package and was verified at its site at or after ``cutoff``."""
+    return (
+        _could_prove(copy, package) and copy.verified_at is not None and copy.verified_at >= cutoff
+    )
+
+
+def _ago(when: datetime | None) -> str:
+    if when is None:
+        return "never verified"
+    seconds = max(0.0, (m.utcnow() - when).total_seconds())
+    for unit, size, limit in (("s", 1, 120), ("min", 60, 7200), ("h", 3600, 172800)):
+        if seconds < limit:
+            return f"verified {int(seconds // size)} {unit} ago"
+    return f"verified {int(seconds // 86400)} d ago"
+
+
+def _describe_copy(copy: m.PhysicalCopy, package: m.RawDataPackage | None = None) -> str:
+    loc = copy.data_location
+    text = f"{loc.name} copy is {copy.status.name}"
     if copy.lost_at is not None:
         text += " and marked lost"
-    elif not copy.data_location.active:
+    elif not loc.active:
         text += " at an inactive location"
+    elif loc.audit_hold_at is not None:
+        text += f" at a location under an audit hold ({loc.audit_hold_reason or 'no reason'})"
+    elif package is not None and (copy.checksum is None or copy.checksum != package.checksum):
+        text += " with another checksum than the package's"
+    elif copy.status == S.PRESENT:
+        text += f", {_ago(copy.verified_at)}"
     return text
 
 
+def _held_or_frozen(
+    location: m.DataLocation, packages: Sequence[m.RawDataPackage | None]
+) -> Decision | None:
+    """Nothing is deleted at a location under an audit hold, nor any copy of a frozen
+    package (the audit and fixity set them; an operator lifts them)."""
+    if location.audit_hold_at is not None:
+        return _keep(
+            f"{location.name} is under an audit hold since "
+            f"{location.audit_hold_at.isoformat(timespec='seconds')} "
+            f"({location.audit_hold_reason or 'no reason given'}); nothing is deleted there "
+            "until an operator clears it",
+            "audit_hold",
+        )
+    frozen = [p for p in packages if p is not None and p.frozen_at is not None]
+    if frozen:
+        return _keep(
+            "package "
+            + ", ".join(
+                f"{p.file_name} is frozen ({p.frozen_reason or 'no reason given'})" for p in frozen
+            )
+            + "; no copy of a frozen package is deleted",
+            "frozen",
+        )
+    return None
+
+
+def _proof_of(
+    session: Session,
+    package: m.RawDataPackage,
+    location: m.DataLocation,
+    lta: list[Any],
+    missing: Callable[[str], Decision],
+    need: int | None = None,
+    site_id: int | None = None,
+) -> tuple[Decision | None, list[Any]]:
+    """The proof rule for deleting the copy at ``location`` (SQL:
+    ``rule_sql._lta_present_exists``), over the package's LTA copies ``lta``: at least
+    ``need`` (default :func:`min_verified_lta_copies` of ``location``) count as proof.
+    Returns (None, the proving copies) when it holds; else the Decision that keeps the
+    copy: WAITING_FOR_PROOF (naming the copies to verify) when enough copies could prove
+    it once verified, else ``missing(detail)``."""
+    need = min_verified_lta_copies(location) if need is None else need
+    cutoff = proof_cutoff()
+    proven = [c for c in lta if _counts_as_proof(c, package, cutoff)]
+    if len(proven) >= need:
+        return None, proven
+    detail = _no_lta_detail(session, package, lta, site_id)
+    could = [c for c in lta if _could_prove(c, package)]
+    if len(could) < need:
+        return missing(detail), proven
+    stale = [c for c in could if c not in proven]
+    minutes = int(proof_max_age().total_seconds() // 60)
+    reason = (
+        f"waiting for proof: {need} LONG_TERM_ARCHIVE cop{'y' if need == 1 else 'ies'} "
+        f"verified within {minutes} min needed, {len(proven)} so ({detail}); a verification "
+        "of " + ", ".join(c.data_location.name for c in stale) + " at its site is asked for"
+    )
+    return _keep(reason, WAITING_FOR_PROOF), proven
+
+
+def _too_few(need: int, what: str, code: str = "no_lta_copy") -> Callable[[str], Decision]:
+    """The Decision of :func:`_proof_of` when too few LTA copies could prove the package."""
+
+    def missing(detail: str) -> Decision:
+        if need <= 1:
+            return _keep(f"no PRESENT copy at {what} ({detail})", code)
+        return _keep(f"{need} verified copies at {what} needed ({detail})", code)
+
+    return missing
+
+
 def _no_lta_detail(
-    session: Session, package_id: int, lta_copies: list[Any], site_id: int | None
+    session: Session, package: m.RawDataPackage, lta_copies: list[Any], site_id: int | None
 ) -> str:
     if lta_copies:
-        return "; ".join(_describe_copy(c) for c in lta_copies)
+        return "; ".join(_describe_copy(c, package) for c in lta_copies)
     others = session.scalars(
         select(m.RawDataPackagePhysicalCopy).where(
-            m.RawDataPackagePhysicalCopy.raw_data_package_id == package_id,
+            m.RawDataPackagePhysicalCopy.raw_data_package_id == package.id,
             m.RawDataPackagePhysicalCopy.status != S.DELETED,
         )
     ).all()
@@ -159,17 +276,19 @@ def _decide_rdp_source(
     if not _is_source_site_location(location, roles):
         return _keep(f"{location.name} is not a BUFFER (or SOURCE) at a source site")
     lta = _lta_copies_of_package(session, package.id)
-    present = [c for c in lta if _usable_lta_copy(c)]
-    if not present:
-        detail = _no_lta_detail(session, package.id, lta, None)
-        return _keep(f"no PRESENT copy at a LONG_TERM_ARCHIVE location ({detail})", "no_lta_copy")
+    missing = _too_few(min_verified_lta_copies(location), "a LONG_TERM_ARCHIVE location")
+    kept, proven = _proof_of(session, package, location, lta, missing)
+    if kept is not None and kept.code != WAITING_FOR_PROOF:
+        return kept
     if package.state != m.PackageState.ARCHIVED:
         return _keep(
             f"package state is {package.state.name}, not ARCHIVED (source data is deleted "
             "only when ARCHIVED)",
             "not_archived",
         )
-    names = ", ".join(c.data_location.name for c in present)
+    if kept is not None:
+        return kept
+    names = ", ".join(f"{c.data_location.name} ({_ago(c.verified_at)})" for c in proven)
     return _delete(f"ARCHIVED and PRESENT at LONG_TERM_ARCHIVE {names}", "archived_in_lta")
 
 
@@ -178,20 +297,20 @@ def _decide_rdp_lta_buffer(
 ) -> Decision:
     if not _is_lta_site_buffer(location, roles):
         return _keep(f"{location.name} is not a BUFFER at an LTA site")
-    lta = [
-        c
-        for c in _lta_copies_of_package(session, package.id)
-        if c.data_location.site_id == location.site_id
-    ]
-    present = [c for c in lta if _usable_lta_copy(c)]
-    if not present:
-        detail = _no_lta_detail(session, package.id, lta, location.site_id)
-        site = roles.site_names.get(location.site_id, "?")
-        return _keep(
-            f"no PRESENT copy at the LONG_TERM_ARCHIVE of the same site {site} ({detail})",
-            "no_same_site_lta_copy",
-        )
-    names = ", ".join(c.data_location.name for c in present)
+    lta = _lta_copies_of_package(session, package.id)
+    here = [c for c in lta if c.data_location.site_id == location.site_id]
+    site = roles.site_names.get(location.site_id, "?")
+    missing = _too_few(1, f"the LONG_TERM_ARCHIVE of the same site {site}", "no_same_site_lta_copy")
+    # The same site's archive holds it (with proof), and as many proofs as any deletion.
+    kept, proven = _proof_of(
+        session, package, location, here, missing, need=1, site_id=location.site_id
+    )
+    if kept is None:
+        missing = _too_few(min_verified_lta_copies(location), "a LONG_TERM_ARCHIVE location")
+        kept, _ = _proof_of(session, package, location, lta, missing)
+    if kept is not None:
+        return kept
+    names = ", ".join(f"{c.data_location.name} ({_ago(c.verified_at)})" for c in proven)
     return _delete(f"PRESENT at the same site's LONG_TERM_ARCHIVE {names}", "same_site_lta_present")
 
 
@@ -211,6 +330,9 @@ def decide_raw_data_package(
             "RawDataPackages at a PROCESSING location are cleaned up through the STAGED rule",
             "processing_package",
         )
+    guard = _held_or_frozen(location, [package])
+    if guard is not None:
+        return guard
     at_source = _is_source_site_location(location, roles)
     at_lta_site = _is_lta_site_buffer(location, roles)
     return _both_site_rules(
@@ -343,6 +465,18 @@ def decide_data_transfer_package(
         return _keep(
             f"no rule deletes a DataTransferPackage from a {location.location_type.name} location"
         )
+    # A transfer package holds the bytes of its raw data packages: kept while one is frozen.
+    held = list(
+        session.scalars(
+            select(m.RawDataPackage).where(
+                m.RawDataPackage.data_transfer_package_id == dtp.id,
+                m.RawDataPackage.frozen_at.is_not(None),
+            )
+        )
+    )
+    guard = _held_or_frozen(location, held)
+    if guard is not None:
+        return guard
     at_source = location.site_id in roles.source_site_ids
     at_lta = location.site_id in roles.lta_site_ids
     return _both_site_rules(
@@ -383,6 +517,9 @@ def decide_raw_data_file_copy(
         return _keep_archive(loc, "never deleted automatically")
     rdf = copy.raw_data_file
     package = rdf.raw_data_package
+    guard = _held_or_frozen(loc, [package])
+    if guard is not None:
+        return guard
     if loc.location_type == LT.PROCESSING:
         if package is None:
             return _keep("the file belongs to no RawDataPackage")
@@ -419,10 +556,7 @@ def decide_raw_data_file_copy(
             "parent_package_not_deleted",
         )
     if copy.id not in _file_copies_still_deletable(session, [copy.id]):
-        return _keep(
-            "parent package is not ARCHIVED with a PRESENT copy at a LONG_TERM_ARCHIVE",
-            "no_lta_copy",
-        )
+        return _raw_file_kept_for_its_package(session, package, loc)
     until = copy.deletion_possible_at + timedelta(minutes=_retention_minutes(loc))
     if until <= m.utcnow():
         return _delete("DELETION_POSSIBLE and retention period expired", "parent_package_archived")
@@ -436,6 +570,23 @@ def decide_raw_data_file_copy(
         f"{copy.deletion_possible_at.isoformat(timespec='seconds')}, retention "
         f"{_retention_minutes(loc)} min) and {loc.name} is not under pressure",
         "retention",
+    )
+
+
+def _raw_file_kept_for_its_package(
+    session: Session, package: m.RawDataPackage | None, location: m.DataLocation
+) -> Decision:
+    """Why a DELETION_POSSIBLE raw-file copy at ``location`` fails the package half of its
+    rule (``rule_sql._archived_in_lta``), in words: not ARCHIVED, or the proof rule."""
+    missing = _too_few(min_verified_lta_copies(location), "a LONG_TERM_ARCHIVE location")
+    if package is not None and package.state == m.PackageState.ARCHIVED:
+        lta = _lta_copies_of_package(session, package.id)
+        kept, _ = _proof_of(session, package, location, lta, missing)
+        if kept is not None:
+            return kept
+    return _keep(
+        "parent package is not ARCHIVED with a PRESENT copy at a LONG_TERM_ARCHIVE",
+        "no_lta_copy",
     )
 
 

@@ -287,7 +287,8 @@ def process_deletion_possible_raw_data_files(
     """Stage 2 (step 5): DELETION_POSSIBLE raw-file copies whose retention has expired
     (``retention_period_minutes`` of the location, else RETENTION_PERIOD_MINUTES) are
     scheduled; under disk pressure the oldest others too, until exactly the bytes needed
-    are freed.  Safety (package ARCHIVED and PRESENT at an LTA) is part of the query."""
+    are freed.  Safety (package ARCHIVED, not frozen, with fresh proof from the archives;
+    no audit hold here) is part of the query."""
     statuses = statuses or _Statuses(session)
     total = 0
     # Every location is asked (the partial index ix_physical_copy_deletion_possible answers

@@ -3,13 +3,16 @@
 Every task runs :func:`_delete_physical_copies` in three phases:
 
 1. :func:`_recheck_and_claim` (DB): the rule is checked again against the database
-   (``deletion.rules``, ``deletion.rule_sql``); a copy whose rule no longer holds goes
-   back to PRESENT / DELETION_POSSIBLE with a SKIPPED row, the rest move to
-   DELETION_IN_PROGRESS;
+   (``deletion.rules``, ``deletion.rule_sql``: the archive proof, audit holds, frozen
+   packages included); the copies whose rule holds move to DELETION_IN_PROGRESS; a
+   refused LONG_TERM_ARCHIVE copy is left exactly as found;
 2. :func:`_delete_from_storage` (storage): delete each claimed copy's bytes; a
    LONG_TERM_ARCHIVE is refused as a last guard.  Meanwhile the claimed copies'
    ``deletion_scheduled_at`` is their heartbeat (:mod:`ccat_data_transfer.liveness`);
-3. :func:`_record_outcomes` (DB): DELETED with ``deleted_at``, or DELETION_FAILED (retry
+   :func:`_look_at` sees whether the bytes of each other refused copy are there;
+3. :func:`_settle_refused` (DB): a refused copy goes back to PRESENT / DELETION_POSSIBLE
+   with a SKIPPED row only when its bytes were seen (else DELETED, or marked lost);
+   :func:`_record_outcomes` (DB): DELETED with ``deleted_at``, or DELETION_FAILED (retry
    count + 1, error kept) for a later cycle to retry, and the audit rows; a package gone
    from the source site starts stage 1 for its raw files (``deletion.marking``).
 
@@ -23,6 +26,7 @@ candidates for loading copies), never the manager's steps.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -83,6 +87,9 @@ class DeletionTask(Task):
 
 
 def _revert_status(copy: m.PhysicalCopy) -> m.PhysicalCopyStatus:
+    """Where a copy whose rule no longer holds goes back to: DELETION_POSSIBLE for a stage-2
+    raw file, else PRESENT.  Only for a copy whose bytes were seen there (see
+    :func:`_settle_refused`); never for a LONG_TERM_ARCHIVE copy, which stays as found."""
     if (
         isinstance(copy, m.RawDataFilePhysicalCopy)
         and copy.deletion_possible_at is not None
@@ -114,11 +121,29 @@ def _recheck(
     return decide_copy(session, copy, roles)
 
 
+def _target(copy: m.PhysicalCopy, reason: str, back: m.PhysicalCopyStatus | None = None) -> dict:
+    """A copy as plain data for the storage phase (no ORM object crosses the phases)."""
+    return {
+        "id": copy.id,
+        "type": copy.type,
+        "location_id": copy.data_location_id,
+        "location": copy.data_location,
+        "path": _copy_path(copy),
+        "size": _copy_size(copy),
+        "package_id": getattr(copy, "raw_data_package_id", None),
+        "reason": reason,
+        "back": back,
+    }
+
+
 def _recheck_and_claim(
     session: Session, ids: list[int], actor: str, summary: dict[str, int]
-) -> list[dict[str, Any]]:
-    """Phase 1 (DB): re-check every copy; skip (and revert) those whose rule no longer
-    holds; move the rest to DELETION_IN_PROGRESS.  Returns what to delete, as plain data."""
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Phase 1 (DB): re-check every copy; move those whose rule holds to
+    DELETION_IN_PROGRESS.  Of the others, a copy at a LONG_TERM_ARCHIVE stays as found (the
+    deletion path never changes an archive copy: SKIPPED, nothing else); every other one is
+    left for the storage phase to look at before it goes back (:func:`_settle_refused`).
+    Returns (what to delete, what to look at), as plain data."""
     copies = [c for c in _load_copies(session, ids) if c.status in WORKER_ACCEPTS]
     roles = site_roles(session)
     file_ok = _file_copies_still_deletable(
@@ -127,27 +152,29 @@ def _recheck_and_claim(
     go: dict[int, m.PhysicalCopy] = {}
     why: dict[int, str] = {}  # the rule that allows each deletion, for the audit trail
     logs: list[dict[str, Any]] = []
+    unsure: list[dict[str, Any]] = []
     for c in copies:
         decision = _recheck(session, c, roles, file_ok)
+        code = decision.code or "rule_no_longer_holds"
         if decision.deletable:
             go[c.id] = c
             why[c.id] = decision.code or "rule_holds"
             continue
-        back = _revert_status(c)
-        session.execute(
-            update(PCT)
-            .where(PCT.c.id == c.id, PCT.c.status.in_(list(WORKER_ACCEPTS)))
-            .values(status=back, deletion_scheduled_at=None)
-        )
+        if c.data_location.location_type != LT.LONG_TERM_ARCHIVE:
+            unsure.append(
+                _target(c, code, _revert_status(c)) | {"why": decision.reason, "was": c.status}
+            )
+            continue
+        outcome = f"{decision.reason}; left {c.status.name} as found"
         logs.append(
             _log_row(
                 c.id,
                 c.type,
                 c.data_location,
                 _copy_size(c),
-                decision.code or "rule_no_longer_holds",
+                code,
                 m.DeletionOutcome.SKIPPED,
-                f"{decision.reason}; back to {back.name}",
+                outcome,
                 actor,
             )
         )
@@ -162,21 +189,9 @@ def _recheck_and_claim(
                 .returning(PCT.c.id)
             ).scalars()
         )
-    targets = [
-        {
-            "id": cid,
-            "type": go[cid].type,
-            "location_id": go[cid].data_location_id,
-            "location": go[cid].data_location,
-            "path": _copy_path(go[cid]),
-            "size": _copy_size(go[cid]),
-            "package_id": getattr(go[cid], "raw_data_package_id", None),
-            "reason": why.get(cid, "rule_holds"),
-        }
-        for cid in sorted(claimed)
-    ]
+    targets = [_target(go[cid], why.get(cid, "rule_holds")) for cid in sorted(claimed)]
     _write_log_rows(session, logs)
-    return targets
+    return targets, unsure
 
 
 def _delete_from_storage(
@@ -200,6 +215,69 @@ def _delete_from_storage(
         except Exception as exc:  # any storage failure: record, a later cycle retries
             outcomes.append((t, False, f"{type(exc).__name__}: {exc}"))
     return outcomes
+
+
+def _look_at(unsure: list[dict[str, Any]]) -> list[tuple[dict[str, Any], bool | None]]:
+    """Phase 2 (storage), for the copies the re-check refused: are their bytes there?
+    (None: the storage could not tell.)"""
+    from ccat_data_transfer.storage import storage_for_location
+
+    looked: list[tuple[dict[str, Any], bool | None]] = []
+    for t in unsure:
+        try:
+            looked.append((t, bool(storage_for_location(t["location"]).exists(t["path"]))))
+        except Exception as exc:  # unknown: left as it is; a later resubmission looks again
+            log.warning("deletion_revert_unverifiable", copy_id=t["id"], error=str(exc))
+            looked.append((t, None))
+    return looked
+
+
+def _settle_refused(
+    session: Session,
+    looked: list[tuple[dict[str, Any], bool | None]],
+    actor: str,
+    summary: dict[str, int],
+) -> list[tuple[dict[str, Any], bool, str]]:
+    """Phase 3 (DB), for the copies the re-check refused (logged SKIPPED unless gone).  A
+    copy goes back (:func:`_revert_status`) only when its bytes were seen there.  Bytes
+    gone: a DELETION_IN_PROGRESS copy was deleted by an earlier attempt - returned as an
+    outcome, to be recorded DELETED; a DELETION_SCHEDULED copy was never touched by a
+    deletion, so its bytes vanished otherwise - it goes back marked lost.  Unknown (the
+    storage could not tell): left as it is, for a later resubmission."""
+    gone: list[tuple[dict[str, Any], bool, str]] = []
+    logs = []
+    for t, there in looked:
+        if there is None:
+            continue
+        if not there and t["was"] == S.DELETION_IN_PROGRESS:
+            message = f"object already absent (an earlier attempt); rule: {t['why']}"
+            gone.append((t | {"reason": "already_absent"}, True, message))
+            continue
+        values: dict[str, Any] = {"status": t["back"], "deletion_scheduled_at": None}
+        message = f"{t['why']}; back to {t['back'].name}"
+        if not there:
+            values.update(lost_at=m.utcnow(), last_error="object absent at deletion re-check")
+            message += ", marked lost: the object is absent"
+        session.execute(
+            update(PCT)
+            .where(PCT.c.id == t["id"], PCT.c.status.in_(list(WORKER_ACCEPTS)))
+            .values(**values)
+        )
+        logs.append(
+            _log_row(
+                t["id"],
+                t["type"],
+                t["location"],
+                t["size"],
+                t["reason"],
+                m.DeletionOutcome.SKIPPED,
+                message,
+                actor,
+            )
+        )
+        summary["skipped"] += 1
+    _write_log_rows(session, logs)
+    return gone
 
 
 def _record_outcomes(
@@ -257,20 +335,27 @@ def _delete_physical_copies(
         return summary
     db = DatabaseConnection()
     with db.session_scope() as session:
-        targets = _recheck_and_claim(session, ids, actor, summary)
-    if not targets:
+        targets, unsure = _recheck_and_claim(session, ids, actor, summary)
+    if not targets and not unsure:
         return summary
     # The batch's heartbeat: recovery leaves it alone while its copies keep beating.
     claimed = [t["id"] for t in targets]
-    with beating(
-        PCT,
-        PCT.c.id.in_(claimed),
-        PCT.c.status == S.DELETION_IN_PROGRESS,
-        column="deletion_scheduled_at",
-        label=f"deletion-{claimed[0]}",
-    ):
+    heartbeat = (
+        beating(
+            PCT,
+            PCT.c.id.in_(claimed),
+            PCT.c.status == S.DELETION_IN_PROGRESS,
+            column="deletion_scheduled_at",
+            label=f"deletion-{claimed[0]}",
+        )
+        if claimed
+        else contextlib.nullcontext()
+    )
+    with heartbeat:
         outcomes = _delete_from_storage(targets)
+    looked = _look_at(unsure)
     with db.session_scope() as session:
+        outcomes += _settle_refused(session, looked, actor, summary)
         _record_outcomes(session, outcomes, actor, summary)
     return summary
 
