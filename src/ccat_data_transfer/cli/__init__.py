@@ -18,7 +18,7 @@ from ccat_data_transfer.cli.common import app, err_console
 from ccat_data_transfer.exceptions import CcatError
 from ccat_ops_db.topology import TopologyError
 
-COMMAND_MODULES = ["core", "packaging", "transfer", "deletion", "staging", "system"]
+COMMAND_MODULES = ["core", "packaging", "transfer", "deletion", "staging", "system", "tokens"]
 
 for _name in COMMAND_MODULES:
     _module = f"ccat_data_transfer.cli.{_name}"
