@@ -7,6 +7,8 @@ What a filing must satisfy (anything else is refused, and a batch is all or noth
 
 * the location exists, is an active SOURCE location, and (if it is bound to an
   instrument) the module belongs to that instrument;
+* a caller scoped to an instrument (an API token with a scope) files only into SOURCE
+  locations bound to that instrument (else 403);
 * the path is relative, without ``..``, NUL or control characters, and outside the
   reserved ``raw_data_packages/`` tree;
 * the file exists at the location and has the size given;
@@ -54,6 +56,7 @@ __all__ = [
     "FilingEntry",
     "FilingError",
     "FilingResult",
+    "FilingScopeError",
     "RESERVED_PREFIX",
     "file_raw_data_files",
     "finish_executed_obs_unit",
@@ -66,7 +69,11 @@ RESERVED_PREFIX = "raw_data_packages/"
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+@=-]{0,255}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_MAX_BIGINT = 2**63 - 1
+#: INSTRUMENT/MODULE, neither part empty nor holding '/' or control characters.
+#: Relative, '/'-separated, no control characters (the validator checks the rest).
+_PATH_PATTERN = r"^[^/\\\x00-\x1f\x7f][^\\\x00-\x1f\x7f]*$"
+_MODULE_PATTERN = r"^[^/\x00-\x1f\x7f]+/[^/\x00-\x1f\x7f]+$"
+_MAX_JSON_INT = 2**53 - 1
 _MAX_PATH = 4096
 _MAX_METADATA_BYTES = 65536
 _QUERY_CHUNK = 500
@@ -89,6 +96,12 @@ class FilingError(ValidationError):
         return {"reason": str(self), "problems": self.problems}
 
 
+class FilingScopeError(FilingError):
+    """The caller is scoped to another instrument than the location's."""
+
+    status_code = 403
+
+
 class FilingConflictError(FilingError):
     """The batch conflicts with files already filed (different checksum, finished unit)."""
 
@@ -96,17 +109,31 @@ class FilingConflictError(FilingError):
 
 
 class FilingEntry(BaseModel):
-    """One file to register.  ``instrument_module`` is ``"INSTRUMENT/MODULE"``."""
+    """One file to register.  ``instrument_module`` is ``"INSTRUMENT/MODULE"``.
+
+    The patterns are published in the JSON schema (the API's OpenAPI document); the
+    validators below enforce them with a reason a person can act on."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
 
-    relative_path: str = Field(min_length=1, max_length=_MAX_PATH)
-    size: int = Field(ge=0, le=_MAX_BIGINT)
-    checksum: str = Field(min_length=64, max_length=64)
+    relative_path: str = Field(
+        min_length=1, max_length=_MAX_PATH, json_schema_extra={"pattern": _PATH_PATTERN}
+    )
+    # 2**53 - 1: the largest integer every JSON client reads exactly (8 PiB).
+    size: int = Field(ge=0, le=_MAX_JSON_INT)
+    checksum: str = Field(
+        min_length=64, max_length=64, json_schema_extra={"pattern": _SHA256.pattern}
+    )
     checksum_algorithm: Literal["sha256"] = "sha256"
-    executed_obs_unit: str = Field(min_length=1, max_length=256)
-    instrument_module: str = Field(min_length=3, max_length=257)
-    obs_unit: str | None = Field(default=None, min_length=1, max_length=256)
+    executed_obs_unit: str = Field(
+        min_length=1, max_length=256, json_schema_extra={"pattern": _NAME.pattern}
+    )
+    instrument_module: str = Field(
+        min_length=3, max_length=257, json_schema_extra={"pattern": _MODULE_PATTERN}
+    )
+    obs_unit: str | None = Field(
+        default=None, min_length=1, max_length=256, json_schema_extra={"pattern": _NAME.pattern}
+    )
     metadata: dict[str, Any] | None = None
 
     @field_validator("checksum")
@@ -233,8 +260,11 @@ def file_raw_data_files(
     session: Session,
     location_name: str,
     entries: Iterable[FilingEntry | Mapping[str, Any]],
+    instrument: str | None = None,
 ) -> FilingResult:
     """Register raw files lying at SOURCE location ``location_name``.
+
+    ``instrument`` is the scope of the caller: the location must be bound to it.
 
     ``entries`` are :class:`FilingEntry` objects or dicts with the same keys.  The whole
     batch is validated first; any refusal raises :class:`FilingError` (or
@@ -261,6 +291,13 @@ def file_raw_data_files(
         )
     if not location.active:
         raise FilingError(f"location {location_name!r} is not active")
+    if instrument is not None and (
+        location.instrument is None or location.instrument.name != instrument
+    ):
+        raise FilingScopeError(
+            f"this token files only for instrument {instrument!r}; location "
+            f"{location_name!r} is not one of its SOURCE locations"
+        )
 
     problems: list[dict[str, Any]] = []
     conflicts = False

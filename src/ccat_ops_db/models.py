@@ -758,15 +758,9 @@ class ManagerState(Base):
 # Users, roles and API tokens (filing API)
 # ---------------------------------------------------------------------------------------
 
-user_role = Table(
-    "user_role",
-    Base.metadata,
-    Column("user_id", ForeignKey("user.id"), primary_key=True),
-    Column("role_id", ForeignKey("role.id"), primary_key=True),
-)
-
-
 class User(Base):
+    """A person or a program using the API.  Roles belong to its tokens, not to it."""
+
     __tablename__ = "user"
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -775,7 +769,6 @@ class User(Base):
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-    roles: Mapped[list[Role]] = relationship(secondary=user_role)
     tokens: Mapped[list[ApiToken]] = relationship(back_populates="user")
 
 
@@ -788,12 +781,19 @@ class Role(Base):
 
 
 class ApiToken(Base):
-    """An API token; only its SHA-256 hash is stored."""
+    """An API token; only its SHA-256 hash is stored.
+
+    The token carries its own role: another token of the same user grants nothing to
+    this one.  ``instrument_id`` (optional) scopes an ``instrument`` token: it files only
+    into SOURCE locations bound to that instrument.
+    """
 
     __tablename__ = "api_token"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("user.id"), index=True)
+    role_id: Mapped[int] = mapped_column(ForeignKey("role.id"), index=True)
+    instrument_id: Mapped[int | None] = mapped_column(ForeignKey("instrument.id"), index=True)
     name: Mapped[str] = mapped_column(String(128))
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -802,6 +802,8 @@ class ApiToken(Base):
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
 
     user: Mapped[User] = relationship(back_populates="tokens")
+    role: Mapped[Role] = relationship()
+    instrument: Mapped[Instrument | None] = relationship()
 
 
 __all__ = [
@@ -844,6 +846,5 @@ __all__ = [
     "TransferMethod",
     "User",
     "staging_job_raw_data_package",
-    "user_role",
     "utcnow",
 ]

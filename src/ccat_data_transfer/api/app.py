@@ -2,7 +2,10 @@
 
 ``create_app()`` is what ``uvicorn`` serves (``uvicorn --factory
 ccat_data_transfer.api.app:create_app``).  Bad input never produces a 5xx: validation
-errors are 422, refusals 400/409, unknown things 404, each with a ``detail`` reason.
+errors are 422, refusals 400/409, unknown things 404, each with a ``detail`` reason;
+request bodies over API_MAX_BODY_BYTES are refused (413) before they are parsed.
+
+Room in the house: API layer (the HTTP face of filing, packages, staging, dashboard).
 """
 
 from __future__ import annotations
@@ -15,15 +18,20 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from ccat_data_transfer import __version__
+from ccat_data_transfer.api.limits import BodyLimitMiddleware
+from ccat_data_transfer.api.login import LoginRequired, login_redirect
+from ccat_data_transfer.api.openapi import describe_api
 from ccat_data_transfer.database import DatabaseConnection
 from ccat_data_transfer.exceptions import NotFoundError, ValidationError
 from ccat_data_transfer.filing import FilingError
 
 #: Router modules of ``ccat_data_transfer.api``, one per area; each has a module-level
 #: ``router``.  An area not written yet is skipped (like the CLI's command modules).
-ROUTER_MODULES = ["filing", "packages", "staging", "dashboard", "metrics_routes"]
+ROUTER_MODULES = ["filing", "packages", "staging", "dashboard", "login", "metrics_routes"]
 
 
 def _routers() -> list[Any]:
@@ -56,6 +64,15 @@ def _safe(value: Any) -> Any:
     return _safe(str(value))
 
 
+def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    allowed = []
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in app.router.routes):
+            allowed.append(method)
+    return allowed
+
+
 def _error(status_code: int, detail: Any) -> JSONResponse:
     return JSONResponse(status_code=status_code, content={"detail": _safe(detail)})
 
@@ -70,6 +87,20 @@ def create_app(database_url: str | None = None) -> FastAPI:
     app.state.db = DatabaseConnection(database_url) if database_url else None
     for router in _routers():
         app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware)
+    app.openapi = lambda: describe_api(app)  # type: ignore[method-assign]
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Any:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the first route's methods; list every route's.
+            headers["Allow"] = ", ".join(_allowed_methods(app, request))
+        return JSONResponse({"detail": _safe(exc.detail)}, exc.status_code, headers=headers)
+
+    @app.exception_handler(LoginRequired)
+    async def _login(_request: Request, exc: LoginRequired) -> Any:
+        return login_redirect(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _malformed(_request: Request, exc: RequestValidationError) -> JSONResponse:

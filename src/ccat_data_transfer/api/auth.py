@@ -1,10 +1,12 @@
-"""Token authentication with roles.
+"""Token authentication with roles (API layer).
 
 Clients send ``Authorization: Bearer <token>``.  Only the SHA-256 of a token is stored
-(``ApiToken.token_hash``); ``create_api_token`` returns the token once.  Roles:
-``admin`` (may do everything), ``instrument`` (file data), ``scientist`` (stage data),
-``viewer`` (read).  ``require_role("instrument")`` answers 401 without a valid token and
-403 when the user lacks the role.
+(``ApiToken.token_hash``); ``create_api_token`` returns the token once.  Each token
+carries its own role -- ``admin`` (may do everything), ``instrument`` (file data),
+``scientist`` (stage data), ``viewer`` (read) -- and an ``instrument`` token may be
+scoped to one instrument (it files only into that instrument's SOURCE locations).  A
+user's other tokens grant nothing.  ``require_role("instrument")`` answers 401 without a
+valid token and 403 when the token lacks the role.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from fastapi import Depends, HTTPException, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -21,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer.api.deps import get_session
-from ccat_data_transfer.exceptions import ValidationError
+from ccat_data_transfer.exceptions import NotFoundError, ValidationError
 from ccat_ops_db import models as m
 
 ROLES: dict[str, str] = {
@@ -44,12 +47,25 @@ def create_api_token(
     role: str,
     name: str | None = None,
     expires_in_days: int | None = None,
+    instrument: str | None = None,
 ) -> str:
-    """Create (or reuse) the user, give it ``role``, and return a new token (shown once)."""
+    """Create (or reuse) the user and return a new token with ``role`` (shown once).
+
+    ``instrument`` scopes an ``instrument`` token to that instrument's SOURCE locations.
+    """
     if role not in ROLES:
         raise ValidationError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
     if not username or len(username) > 128:
         raise ValidationError("user name must be 1 to 128 characters")
+    scope = None
+    if instrument is not None:
+        if role != "instrument":
+            raise ValidationError("only an instrument token takes --instrument")
+        scope = session.scalars(
+            select(m.Instrument).where(m.Instrument.name == instrument)
+        ).one_or_none()
+        if scope is None:
+            raise ValidationError(f"no instrument named {instrument!r}")
     role_row = session.scalars(select(m.Role).where(m.Role.name == role)).one_or_none()
     if role_row is None:
         role_row = m.Role(name=role, description=ROLES[role])
@@ -58,12 +74,12 @@ def create_api_token(
     if user is None:
         user = m.User(username=username, active=True)
         session.add(user)
-    if role_row not in user.roles:
-        user.roles.append(role_row)
     token = "ccat_" + secrets.token_urlsafe(32)
     session.add(
         m.ApiToken(
             user=user,
+            role=role_row,
+            instrument=scope,
             name=name or f"{username}-{role}",
             token_hash=hash_token(token),
             expires_at=(m.utcnow() + timedelta(days=expires_in_days)) if expires_in_days else None,
@@ -80,6 +96,9 @@ class Principal:
     user_id: int
     username: str
     roles: frozenset[str]
+    token_id: int = 0
+    #: The instrument an ``instrument`` token is scoped to (None: any).
+    instrument: str | None = None
 
     def has(self, *roles: str) -> bool:
         return "admin" in self.roles or any(r in self.roles for r in roles)
@@ -93,21 +112,45 @@ def _unauthorized(detail: str) -> HTTPException:
     )
 
 
+#: ``last_used_at`` is written at most this often per token (not at every request).
+_LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+def principal_of(session: Session, row: m.ApiToken | None) -> Principal:
+    """The caller a token row stands for; 401 if it is unknown, revoked, expired or its
+    user is disabled.  Records when the token was last used."""
+    now = m.utcnow()
+    if row is None or row.revoked or (row.expires_at is not None and row.expires_at < now):
+        raise _unauthorized("invalid, revoked or expired token")
+    if not row.user.active:
+        raise _unauthorized("user is disabled")
+    principal = Principal(
+        row.user.id,
+        row.user.username,
+        frozenset({row.role.name}),
+        token_id=row.id,
+        instrument=row.instrument.name if row.instrument is not None else None,
+    )
+    if row.last_used_at is None or now - row.last_used_at > _LAST_USED_RESOLUTION:
+        # Committed now (nothing else is written yet): it stays even if the request fails.
+        row.last_used_at = now
+        session.commit()
+    return principal
+
+
+def token_row(session: Session, token: str) -> m.ApiToken | None:
+    return session.scalars(
+        select(m.ApiToken).where(m.ApiToken.token_hash == hash_token(token))
+    ).one_or_none()
+
+
 def current_principal(
     credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
     session: Session = Depends(get_session),
 ) -> Principal:
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise _unauthorized("missing bearer token")
-    row = session.scalars(
-        select(m.ApiToken).where(m.ApiToken.token_hash == hash_token(credentials.credentials))
-    ).one_or_none()
-    now = m.utcnow()
-    if row is None or row.revoked or (row.expires_at is not None and row.expires_at < now):
-        raise _unauthorized("invalid, revoked or expired token")
-    if not row.user.active:
-        raise _unauthorized("user is disabled")
-    return Principal(row.user.id, row.user.username, frozenset(r.name for r in row.user.roles))
+    return principal_of(session, token_row(session, credentials.credentials))
 
 
 def require_role(*roles: str) -> Callable[..., Principal]:
@@ -125,3 +168,34 @@ def require_role(*roles: str) -> Callable[..., Principal]:
         return principal
 
     return check
+
+
+def list_api_tokens(session: Session) -> list[dict[str, Any]]:
+    """Every token (never its secret): id, user, role, scope, created, last used, revoked."""
+    rows = session.scalars(select(m.ApiToken).order_by(m.ApiToken.id))
+    return [
+        {
+            "id": t.id,
+            "user": t.user.username,
+            "name": t.name,
+            "role": t.role.name,
+            "scope": t.instrument.name if t.instrument is not None else None,
+            "created_at": t.created_at.isoformat(),
+            "expires_at": t.expires_at.isoformat() if t.expires_at else None,
+            "last_used_at": t.last_used_at.isoformat() if t.last_used_at else None,
+            "revoked": t.revoked,
+        }
+        for t in rows
+    ]
+
+
+def revoke_api_token(session: Session, token_id: int) -> bool:
+    """Revoke token ``token_id``; False if it was revoked already.  NotFoundError if none."""
+    row = session.get(m.ApiToken, token_id)
+    if row is None:
+        raise NotFoundError(f"no API token with id {token_id}")
+    if row.revoked:
+        return False
+    row.revoked = True
+    session.flush()
+    return True

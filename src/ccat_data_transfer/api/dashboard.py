@@ -6,7 +6,7 @@ staging jobs, and two plots (buffer use over time, throughput per day).  Every p
 JSON twin under ``/dashboard/api/...``; the page takes its data from the twin (as a
 FastAPI dependency), so both read the same query parameters and show the same numbers.
 
-This module holds access (public, or a ``viewer`` token), the routes and the rendering;
+This module holds the routes (access: :mod:`ccat_data_transfer.api.login`) and the rendering;
 what the pages show is computed in :mod:`ccat_data_transfer.api.dashboard_queries`.
 
 Room in the house: API layer.  May import the API's auth/deps, core (config,
@@ -18,15 +18,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import Path as FastPath
 from fastapi.responses import FileResponse, HTMLResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer.api.auth import current_principal
 from ccat_data_transfer.api.dashboard_queries import (
     buffer_usage_data,
     deletions_data,
@@ -36,8 +35,8 @@ from ccat_data_transfer.api.dashboard_queries import (
     staging_data,
     throughput_data,
 )
-from ccat_data_transfer.api.deps import get_session
-from ccat_data_transfer.config.config import settings
+from ccat_data_transfer.api.deps import MAX_ID, get_session
+from ccat_data_transfer.api.login import dashboard_is_public, dashboard_viewer
 from ccat_data_transfer.formatting import human_bytes
 from ccat_ops_db import models as m
 
@@ -48,6 +47,7 @@ TEMPLATE_DIR = _HERE / "templates"
 # Bounds of the query parameters (the queries bound their own row counts).
 MAX_PER_PAGE = 500
 MAX_WINDOW_HOURS = 24 * 366
+MAX_PAGE = 1_000_000
 
 
 # ---------------------------------------------------------------------------------------
@@ -55,27 +55,7 @@ MAX_WINDOW_HOURS = 24 * 366
 # ---------------------------------------------------------------------------------------
 
 
-_bearer = HTTPBearer(auto_error=False)
-
-
-def dashboard_is_public() -> bool:
-    value = settings.get("DASHBOARD_PUBLIC", True)
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
-
-
-def dashboard_viewer(
-    credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
-    session: Session = Depends(get_session),
-) -> None:
-    """Open to anyone when DASHBOARD_PUBLIC; otherwise a bearer token with the ``viewer``
-    role (or ``admin``) is required: 401 without a valid token, 403 without the role."""
-    if dashboard_is_public():
-        return
-    principal = current_principal(credentials, session)
-    if not principal.has("viewer"):
-        raise HTTPException(status_code=403, detail="role viewer required")
+# Public, or a viewer by token or login cookie: see ccat_data_transfer.api.login.
 
 
 router = APIRouter(
@@ -130,6 +110,10 @@ def _render(request: Request, name: str, context: dict[str, Any]) -> HTMLRespons
 # JSON endpoints
 # ---------------------------------------------------------------------------------------
 
+PackageId = Annotated[int, FastPath(ge=1, le=MAX_ID)]
+#: Error answers to document: an unknown state (400), location or package (404).
+BAD_FILTER: dict[int | str, dict[str, Any]] = {400: {}}
+UNKNOWN: dict[int | str, dict[str, Any]] = {404: {}}
 Hours = Query(24, ge=1, le=MAX_WINDOW_HOURS, description="time window in hours")
 
 
@@ -138,24 +122,24 @@ def api_overview(session: Session = Depends(get_session)) -> dict[str, Any]:
     return overview_data(session)
 
 
-@router.get("/api/packages")
+@router.get("/api/packages", responses=BAD_FILTER)
 def api_packages(
     file_name: str | None = None,
     state: str | None = None,
     obs_unit: str | None = None,
-    page: int = Query(1, ge=1),
+    page: int = Query(1, ge=1, le=MAX_PAGE),
     per_page: int = Query(50, ge=1, le=MAX_PER_PAGE),
     session: Session = Depends(get_session),
 ) -> dict[str, Any]:
     return package_list(session, file_name, state, obs_unit, page, per_page)
 
 
-@router.get("/api/packages/{package_id}")
-def api_package(package_id: int, session: Session = Depends(get_session)) -> dict[str, Any]:
+@router.get("/api/packages/{package_id}", responses=UNKNOWN)
+def api_package(package_id: PackageId, session: Session = Depends(get_session)) -> dict[str, Any]:
     return package_detail(session, package_id)
 
 
-@router.get("/api/deletions")
+@router.get("/api/deletions", responses=UNKNOWN)
 def api_deletions(
     location: str | None = None, hours: int = Hours, session: Session = Depends(get_session)
 ) -> dict[str, Any]:
@@ -167,7 +151,7 @@ def api_staging(active: bool | None = None, session: Session = Depends(get_sessi
     return staging_data(session, active)
 
 
-@router.get("/api/buffer-usage")
+@router.get("/api/buffer-usage", responses=UNKNOWN)
 def api_buffer_usage(
     hours: int = Query(168, ge=1, le=MAX_WINDOW_HOURS),
     location: str | None = None,
@@ -194,6 +178,7 @@ def _page(
     section: str,
     data: Callable[..., dict[str, Any]],
     key: str | None = "data",
+    responses: dict[int | str, dict[str, Any]] | None = None,
     **extra: Any,
 ) -> None:
     """Route ``path`` to the page ``{name}.html`` (route name ``dashboard_{name}``), shown
@@ -206,7 +191,12 @@ def _page(
         return _render(request, f"{name}.html", {"page": section, **context, **extra})
 
     router.add_api_route(
-        path, show, methods=["GET"], response_class=HTMLResponse, name=f"dashboard_{name}"
+        path,
+        show,
+        methods=["GET"],
+        response_class=HTMLResponse,
+        name=f"dashboard_{name}",
+        responses=responses,
     )
 
 
@@ -229,9 +219,23 @@ def _trends(
 
 
 _page("/", "overview", "overview", api_overview)
-_page("/packages", "packages", "packages", api_packages, states=[s.name for s in m.PackageState])
-_page("/packages/{package_id}", "package", "packages", api_package, key="pkg")
-_page("/deletions", "deletions", "deletions", api_deletions, windows=[1, 6, 24, 72, 168, 720])
+_page(
+    "/packages",
+    "packages",
+    "packages",
+    api_packages,
+    responses=BAD_FILTER,
+    states=[s.name for s in m.PackageState],
+)
+_page("/packages/{package_id}", "package", "packages", api_package, key="pkg", responses=UNKNOWN)
+_page(
+    "/deletions",
+    "deletions",
+    "deletions",
+    api_deletions,
+    responses=UNKNOWN,
+    windows=[1, 6, 24, 72, 168, 720],
+)
 _page("/staging", "staging", "staging", _all_staging_jobs)
 _page("/trends", "trends", "trends", _trends, key=None)
 
@@ -239,7 +243,7 @@ _page("/trends", "trends", "trends", _trends, key=None)
 _STATIC_FILES = {"dashboard.css": "text/css", "dashboard.js": "text/javascript"}
 
 
-@router.get("/static/{name}", name="dashboard_static")
+@router.get("/static/{name}", name="dashboard_static", responses=UNKNOWN)
 def static_file(name: str) -> FileResponse:
     # A fixed list, not a directory mount: nothing else under the package can be read.
     if name not in _STATIC_FILES:

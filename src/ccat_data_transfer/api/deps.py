@@ -20,3 +20,8 @@ def get_session(request: Request) -> Iterator[Session]:
     """A session per request: committed when the endpoint returns, rolled back on error."""
     with get_db(request).session_scope() as session:
         yield session
+
+
+#: Largest row id the API accepts: ids are 32-bit integers on PostgreSQL; a larger
+#: number can name nothing, and is refused (422) before it reaches the database.
+MAX_ID = 2**31 - 1

@@ -44,10 +44,11 @@ class FinishResponse(BaseModel):
 def post_files(
     body: FilingRequest,
     session: Session = Depends(get_session),
-    _principal: Principal = Depends(require_role("instrument")),
+    principal: Principal = Depends(require_role("instrument")),
 ) -> Any:
-    """File raw data files in bulk (idempotent for files already filed identically)."""
-    result = file_raw_data_files(session, body.location, body.files)
+    """File raw data files in bulk (idempotent for files already filed identically).
+    A token scoped to an instrument files only into that instrument's SOURCE locations."""
+    result = file_raw_data_files(session, body.location, body.files, principal.instrument)
     session.commit()  # commit before answering: a 201 means the files are filed
     return result
 

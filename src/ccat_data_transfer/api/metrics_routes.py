@@ -1,14 +1,17 @@
-"""``GET /metrics``: the Prometheus exposition text, read from the DB at each scrape."""
+"""``GET /metrics`` (API layer): the Prometheus exposition text, read from the DB at each
+scrape.  Public with the dashboard (DASHBOARD_PUBLIC), else a viewer token or the
+dashboard's login cookie."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ccat_data_transfer.api.deps import get_db
+from ccat_data_transfer.api.login import metrics_viewer
 from ccat_data_transfer.metrics import prometheus_text
 
-router = APIRouter(tags=["metrics"])
+router = APIRouter(tags=["metrics"], dependencies=[Depends(metrics_viewer)])
 
 
 @router.get("/metrics", response_class=Response)

@@ -1,4 +1,4 @@
-"""Package endpoints: the state of a RawDataPackage and everything attached to it."""
+"""Package endpoints (API layer): the state of a RawDataPackage and everything attached."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from fastapi import APIRouter, Depends, Path
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer.api.auth import Principal, require_role
-from ccat_data_transfer.api.deps import get_session
+from ccat_data_transfer.api.deps import MAX_ID, get_session
+from ccat_data_transfer.exceptions import NotFoundError
 from ccat_data_transfer.packaging.raw_report import describe_raw_data_package
 
 router = APIRouter(prefix="/api/v1", tags=["packages"])
@@ -21,4 +22,8 @@ def get_package(
     _principal: Principal = Depends(require_role("viewer", "instrument", "scientist")),
 ) -> dict[str, Any]:
     """A RawDataPackage by id or file name: files, copies, transfer package, transfers."""
-    return describe_raw_data_package(session, ident)
+    text = ident.strip()
+    if text.isdigit() and not (text.isascii() and int(text) <= MAX_ID):
+        # No id is that large (nor a non-ASCII numeral): nothing to look up.
+        raise NotFoundError(f"no raw data package with id or file name {text!r}")
+    return describe_raw_data_package(session, text)

@@ -1,4 +1,4 @@
-"""Staging-job endpoints: scientists ask for archived data at a PROCESSING location,
+"""Staging-job endpoints (API layer): scientists ask for archived data at a PROCESSING location,
 follow their jobs, and say when they are done.
 
 All endpoints need the ``scientist`` role (``admin`` always passes).  A job records who
@@ -13,12 +13,12 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer.api.auth import Principal, require_role
-from ccat_data_transfer.api.deps import get_session
+from ccat_data_transfer.api.deps import MAX_ID, get_session
 from ccat_data_transfer.exceptions import CcatError, NotFoundError
 from ccat_data_transfer.staging import jobs, retention
 
@@ -26,19 +26,25 @@ router = APIRouter(prefix="/api/v1/staging-jobs", tags=["staging"])
 
 SessionDep = Annotated[Session, Depends(get_session)]
 Scientist = Annotated[Principal, Depends(require_role("scientist"))]
+Id = Annotated[int, Field(ge=1, le=MAX_ID)]
+JobId = Annotated[int, Path(ge=1, le=MAX_ID)]
+#: Longest retention a job may ask for: ten years.
+MAX_RETENTION_MINUTES = 10 * 366 * 24 * 60
 
 
 class StagingJobRequest(BaseModel):
     """Name the packages one way: IDs, an executed obs unit (optionally with an
     instrument), or an instrument with a time range (observation time, UTC)."""
 
-    package_ids: list[int] | None = Field(default=None, max_length=100000)
-    executed_obs_unit: str | int | None = Field(default=None, description="name or ID")
-    instrument: str | None = None
+    package_ids: list[Id] | None = Field(default=None, max_length=100000)
+    executed_obs_unit: Annotated[str, Field(min_length=1, max_length=256)] | Id | None = Field(
+        default=None, description="name or ID"
+    )
+    instrument: str | None = Field(default=None, min_length=1, max_length=128)
     start: datetime | None = Field(default=None, description="ISO 8601; naive means UTC")
     end: datetime | None = Field(default=None, description="ISO 8601; exclusive")
-    destination: str = "processing_scratch"
-    retention_minutes: int | None = Field(default=None, gt=0)
+    destination: str = Field(default="processing_scratch", min_length=1, max_length=128)
+    retention_minutes: int | None = Field(default=None, gt=0, le=MAX_RETENTION_MINUTES)
     name: str | None = Field(default=None, max_length=256)
 
 
@@ -81,14 +87,14 @@ def list_jobs(
 
 
 @router.get("/{job_id}", responses={401: {}, 403: {}, 404: {}})
-def get_job(job_id: int, session: SessionDep, _principal: Scientist) -> dict[str, Any]:
+def get_job(job_id: JobId, session: SessionDep, _principal: Scientist) -> dict[str, Any]:
     """One staging job: status, progress, packages, expiry."""
     with _http_errors():
         return jobs.job_as_dict(jobs.get_staging_job(session, job_id))
 
 
 @router.post("/{job_id}/done", responses={401: {}, 403: {}, 404: {}})
-def job_done(job_id: int, session: SessionDep, principal: Scientist) -> dict[str, Any]:
+def job_done(job_id: JobId, session: SessionDep, principal: Scientist) -> dict[str, Any]:
     """Mark the job done (inactive): its files are cleaned up once no other active job
     at that location needs them.  Idempotent."""
     with _http_errors():

@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "staging",
     "system",
     "archive",
+    "tokens",
 ]
 
 for _name in COMMAND_MODULES:

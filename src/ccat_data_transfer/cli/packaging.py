@@ -1,4 +1,4 @@
-"""Packaging commands: file data, run the two packaging managers, show a package, tokens."""
+"""Packaging commands: file data, run the two packaging managers, show a package."""
 
 from __future__ import annotations
 
@@ -34,9 +34,7 @@ from ccat_data_transfer.storage import is_temp_name, storage_for_location
 from ccat_ops_db import models as m
 
 package_app = typer.Typer(help="Inspect packages.", no_args_is_help=True)
-token_app = typer.Typer(help="API tokens for the REST API.", no_args_is_help=True)
 app.add_typer(package_app, name="package")
-app.add_typer(token_app, name="token")
 
 _CHUNK = 8 * 1024 * 1024
 
@@ -303,19 +301,3 @@ def package_show(
             (t["end_time"] or "-")[:19],
         )
     console.print(lta)
-
-
-@token_app.command("create")
-def token_create(
-    user: str = typer.Option(..., "--user", help="User name (created if new)."),
-    role: str = typer.Option(..., "--role", help="admin, instrument, scientist or viewer."),
-    name: str | None = typer.Option(None, "--name", help="A label for the token."),
-    expires_in_days: int | None = typer.Option(None, "--expires-in-days", min=1),
-) -> None:
-    """Create an API token; it is printed once and only its hash is stored."""
-    from ccat_data_transfer.api.auth import create_api_token
-
-    with get_db().session_scope() as session:
-        token = create_api_token(session, user, role, name=name, expires_in_days=expires_in_days)
-    err_console.print(f"token for {user} (role {role}); store it now, it is not shown again:")
-    console.print(token, highlight=False, soft_wrap=True)

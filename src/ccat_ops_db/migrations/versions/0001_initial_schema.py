@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-12-02 05:51:00.958410
+Create Date: 2026-12-02 06:23:17.133718
 """
 
 from collections.abc import Sequence
@@ -63,23 +63,6 @@ def upgrade() -> None:
         sa.UniqueConstraint("username", name=op.f("uq_user_username")),
     )
     op.create_table(
-        "api_token",
-        sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("user_id", sa.Integer(), nullable=False),
-        sa.Column("name", sa.String(length=128), nullable=False),
-        sa.Column("token_hash", sa.String(length=64), nullable=False),
-        sa.Column("created_at", sa.DateTime(), nullable=False),
-        sa.Column("expires_at", sa.DateTime(), nullable=True),
-        sa.Column("last_used_at", sa.DateTime(), nullable=True),
-        sa.Column("revoked", sa.Boolean(), nullable=False),
-        sa.ForeignKeyConstraint(["user_id"], ["user.id"], name=op.f("fk_api_token_user_id_user")),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_api_token")),
-        sa.UniqueConstraint("token_hash", name=op.f("uq_api_token_token_hash")),
-    )
-    with op.batch_alter_table("api_token", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_api_token_user_id"), ["user_id"], unique=False)
-
-    op.create_table(
         "telescope",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("name", sa.String(length=128), nullable=False),
@@ -101,14 +84,6 @@ def upgrade() -> None:
         )
         batch_op.create_index(batch_op.f("ix_telescope_site_id"), ["site_id"], unique=False)
 
-    op.create_table(
-        "user_role",
-        sa.Column("user_id", sa.Integer(), nullable=False),
-        sa.Column("role_id", sa.Integer(), nullable=False),
-        sa.ForeignKeyConstraint(["role_id"], ["role.id"], name=op.f("fk_user_role_role_id_role")),
-        sa.ForeignKeyConstraint(["user_id"], ["user.id"], name=op.f("fk_user_role_user_id_user")),
-        sa.PrimaryKeyConstraint("user_id", "role_id", name=op.f("pk_user_role")),
-    )
     op.create_table(
         "instrument",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -144,6 +119,33 @@ def upgrade() -> None:
         batch_op.create_index(
             batch_op.f("ix_obs_unit_telescope_id"), ["telescope_id"], unique=False
         )
+
+    op.create_table(
+        "api_token",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("user_id", sa.Integer(), nullable=False),
+        sa.Column("role_id", sa.Integer(), nullable=False),
+        sa.Column("instrument_id", sa.Integer(), nullable=True),
+        sa.Column("name", sa.String(length=128), nullable=False),
+        sa.Column("token_hash", sa.String(length=64), nullable=False),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.Column("expires_at", sa.DateTime(), nullable=True),
+        sa.Column("last_used_at", sa.DateTime(), nullable=True),
+        sa.Column("revoked", sa.Boolean(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["instrument_id"], ["instrument.id"], name=op.f("fk_api_token_instrument_id_instrument")
+        ),
+        sa.ForeignKeyConstraint(["role_id"], ["role.id"], name=op.f("fk_api_token_role_id_role")),
+        sa.ForeignKeyConstraint(["user_id"], ["user.id"], name=op.f("fk_api_token_user_id_user")),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_api_token")),
+        sa.UniqueConstraint("token_hash", name=op.f("uq_api_token_token_hash")),
+    )
+    with op.batch_alter_table("api_token", schema=None) as batch_op:
+        batch_op.create_index(
+            batch_op.f("ix_api_token_instrument_id"), ["instrument_id"], unique=False
+        )
+        batch_op.create_index(batch_op.f("ix_api_token_role_id"), ["role_id"], unique=False)
+        batch_op.create_index(batch_op.f("ix_api_token_user_id"), ["user_id"], unique=False)
 
     op.create_table(
         "data_location",
@@ -1049,6 +1051,12 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_data_location_location_type"))
 
     op.drop_table("data_location")
+    with op.batch_alter_table("api_token", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_api_token_user_id"))
+        batch_op.drop_index(batch_op.f("ix_api_token_role_id"))
+        batch_op.drop_index(batch_op.f("ix_api_token_instrument_id"))
+
+    op.drop_table("api_token")
     with op.batch_alter_table("obs_unit", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_obs_unit_telescope_id"))
 
@@ -1057,16 +1065,11 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_instrument_telescope_id"))
 
     op.drop_table("instrument")
-    op.drop_table("user_role")
     with op.batch_alter_table("telescope", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_telescope_site_id"))
         batch_op.drop_index(batch_op.f("ix_telescope_observatory_id"))
 
     op.drop_table("telescope")
-    with op.batch_alter_table("api_token", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_api_token_user_id"))
-
-    op.drop_table("api_token")
     op.drop_table("user")
     op.drop_table("site")
     op.drop_table("role")
