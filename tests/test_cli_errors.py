@@ -20,9 +20,7 @@ SCRIPT = Path(sys.executable).with_name("ccat_data_transfer")
 
 
 def run_script(args: list[str], data_dir: Path, **env: str) -> subprocess.CompletedProcess:
-    full_env = {
-        k: v for k, v in os.environ.items() if not k.startswith("CCAT_DATA_TRANSFER_")
-    }
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CCAT_DATA_TRANSFER_")}
     full_env.update({"CCAT_DATA_TRANSFER_DATA_DIR": str(data_dir), "COLUMNS": "100", **env})
     return subprocess.run(
         [str(SCRIPT), *args], capture_output=True, text=True, env=full_env, timeout=120
@@ -61,7 +59,14 @@ def test_console_script_is_the_installed_one():
         (["stage", "list", "--limit", "many"], ["Invalid value"]),
         (["run", "--simulate", "--site", "ccat"], ["--site cannot be used with --simulate"]),
     ],
-    ids=["unknown-command", "unknown-option", "missing-argument", "out-of-range", "not-int", "conflict"],
+    ids=[
+        "unknown-command",
+        "unknown-option",
+        "missing-argument",
+        "out-of-range",
+        "not-int",
+        "conflict",
+    ],
 )
 def test_usage_errors_are_one_line_and_exit_2(tmp_path, args, words):
     result = run_script(args, tmp_path / "data")
@@ -84,9 +89,7 @@ def test_postgresql_url_without_driver_works_against_a_real_server(db_url, tmp_p
     if not db_url.startswith("postgresql"):
         pytest.skip("a PostgreSQL URL")
     plain_url = db_url.replace("postgresql+psycopg://", "postgresql://", 1)
-    result = run_script(
-        ["init"], tmp_path / "data", CCAT_DATA_TRANSFER_DATABASE_URL=plain_url
-    )
+    result = run_script(["init"], tmp_path / "data", CCAT_DATA_TRANSFER_DATABASE_URL=plain_url)
     assert result.returncode == 0, result.stderr
     listing = run_script(
         ["list-locations", "--json"], tmp_path / "data", CCAT_DATA_TRANSFER_DATABASE_URL=plain_url
