@@ -118,9 +118,15 @@ def manager_site(db: DatabaseConnection, site: str | None) -> str | None:
     its canonical name, or None for every site.  An unknown site is a clear error before
     the manager starts (not a failure logged every cycle)."""
     from ccat_data_transfer import scope
+    from ccat_data_transfer.exceptions import CcatError
 
     with db.session_scope() as session:
-        return scope.site_name(session, site)
+        try:
+            return scope.site_name(session, site)
+        except CcatError as exc:
+            if site:  # a wrong --site is a usage error (exit 2); a wrong setting is not
+                raise typer.BadParameter(str(exc), param_hint="'--site'") from None
+            raise
 
 
 def scoped_cycle(cycle: Any, site: str | None) -> Any:
