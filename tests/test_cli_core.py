@@ -53,7 +53,7 @@ def test_bad_topology_prints_one_line_without_traceback(tmp_path):
 
 def test_unknown_topology_file_is_a_clear_error(tmp_path):
     result = _run(["init", "--topology", str(tmp_path / "missing.toml")], tmp_path)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "no such file" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -63,14 +63,14 @@ def test_unreachable_database_is_a_clear_error(tmp_path):
         tmp_path,
         CCAT_DATA_TRANSFER_DATABASE_URL="postgresql+psycopg://nobody@127.0.0.1:1/x",
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "cannot reach the database" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_list_locations_before_init_says_to_run_init(tmp_path):
     result = _run(["list-locations"], tmp_path)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "ccat_data_transfer init" in result.stderr
 
 

@@ -1,5 +1,6 @@
 """Every error of the command line is one line on stderr and a non-zero exit: 2 for a usage
-error, 1 otherwise; never a traceback unless ``--verbose`` asks for one.
+error as for any other (1 means "ran and found a problem", e.g. ``audit``); never a
+traceback unless ``--verbose`` asks for one.
 
 Run through the installed console script (``.venv/bin/ccat_data_transfer``) in a
 subprocess, on the typer and click versions a fresh install resolves.
@@ -81,7 +82,7 @@ def test_postgresql_url_without_driver_means_psycopg3(tmp_path):
             tmp_path / "data",
             CCAT_DATA_TRANSFER_DATABASE_URL=f"{scheme}://nobody:pw@127.0.0.1:1/x",
         )
-        line = assert_one_line_error(result, 1, "cannot reach the database")
+        line = assert_one_line_error(result, 2, "cannot reach the database")
         assert "psycopg2" not in line and "pw" not in line
 
 
@@ -101,7 +102,7 @@ def test_postgresql_url_without_driver_works_against_a_real_server(db_url, tmp_p
 @pytest.mark.parametrize("url", ["mysql://u:secret@127.0.0.1/x", "postgresql+psycopg2://u@h/x"])
 def test_unsupported_database_url_is_refused_in_one_line_naming_the_schemes(tmp_path, url):
     result = run_script(["list-locations"], tmp_path / "data", CCAT_DATA_TRANSFER_DATABASE_URL=url)
-    line = assert_one_line_error(result, 1, "DATABASE_URL", "sqlite:///", "postgresql://")
+    line = assert_one_line_error(result, 2, "DATABASE_URL", "sqlite:///", "postgresql://")
     assert "secret" not in line
 
 
@@ -119,19 +120,19 @@ def test_s3_access_key_without_secret_is_one_line(initialised, tmp_path):
         CCAT_DATA_TRANSFER_S3_ACCESS_KEY_ID="AKIAEXAMPLE",
         CCAT_DATA_TRANSFER_S3_SECRET_ACCESS_KEY="",
     )
-    assert_one_line_error(result, 1, "S3_ACCESS_KEY_ID is set", "S3_SECRET_ACCESS_KEY is empty")
+    assert_one_line_error(result, 2, "S3_ACCESS_KEY_ID is set", "S3_SECRET_ACCESS_KEY is empty")
 
 
-def test_operator_error_is_one_line_and_exit_1(initialised):
+def test_operator_error_is_one_line_and_exit_2(initialised):
     result = run_script(["package", "show", "no-such-package"], initialised)
-    assert_one_line_error(result, 1, "error:", "no-such-package")
+    assert_one_line_error(result, 2, "error:", "no-such-package")
 
 
 def test_unexpected_error_is_one_line_with_a_hint_and_verbose_shows_the_traceback(initialised):
     env = {"CCAT_DATA_TRANSFER_PROMETHEUS_PORT": "not-a-port"}
     result = run_script(["metrics", "--serve"], initialised, **env)
-    assert_one_line_error(result, 1, "unexpected ValueError", "not-a-port", "--verbose")
+    assert_one_line_error(result, 2, "unexpected ValueError", "not-a-port", "--verbose")
     verbose = run_script(["--verbose", "metrics", "--serve"], initialised, **env)
-    assert verbose.returncode == 1
+    assert verbose.returncode == 2
     assert "Traceback (most recent call last)" in verbose.stderr
     assert verbose.stderr.strip().splitlines()[-1].startswith("error: unexpected ValueError")

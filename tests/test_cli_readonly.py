@@ -36,14 +36,14 @@ READ_ONLY = [
 def test_read_only_command_on_a_missing_data_dir_creates_nothing(tmp_path, args):
     missing = tmp_path / "nonexistent"
     result = run_script(["--data-dir", str(missing), *args], tmp_path / "unused")
-    assert_one_line_error(result, 1, f"no database at {missing / 'ops_db.sqlite'}", "init")
+    assert_one_line_error(result, 2, f"no database at {missing / 'ops_db.sqlite'}", "init")
     assert not missing.exists()
     assert not (tmp_path / "unused").exists()
 
 
 def test_read_only_command_in_an_existing_folder_creates_no_database(tmp_path):
     result = run_script(["list-locations"], tmp_path)
-    assert_one_line_error(result, 1, "no database at", "ccat_data_transfer init")
+    assert_one_line_error(result, 2, "no database at", "ccat_data_transfer init")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -56,7 +56,7 @@ def _broken_topology(tmp_path):
 def test_init_with_a_broken_topology_creates_no_folder_or_sqlite_file(tmp_path):
     data = tmp_path / "data"
     result = run_script(["init", "--topology", str(_broken_topology(tmp_path))], data)
-    assert_one_line_error(result, 1, str(tmp_path / "broken.toml"))
+    assert_one_line_error(result, 2, str(tmp_path / "broken.toml"))
     assert not data.exists()
 
 
@@ -83,7 +83,7 @@ def test_init_with_a_broken_topology_leaves_a_fresh_postgresql_database_without_
         data,
         CCAT_DATA_TRANSFER_DATABASE_URL=empty_pg_url,
     )
-    assert_one_line_error(result, 1, "broken.toml")
+    assert_one_line_error(result, 2, "broken.toml")
     engine = create_engine(empty_pg_url)
     try:
         assert inspect(engine).get_table_names() == []

@@ -587,7 +587,7 @@ def test_manager_site_from_the_environment_scopes_a_manager_command(system):
     assert _packaged(system, "primecam_raw_data") == (0, 2)
     env["CCAT_DATA_TRANSFER_MANAGER_SITE"] = "atlantis"
     bad = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and "no site named 'atlantis'" in bad.stderr
+    assert bad.returncode == 2 and "no site named 'atlantis'" in bad.stderr
 
 
 def test_run_with_site_runs_every_manager_for_that_site_only(system, tmp_path: Path):

@@ -1,9 +1,8 @@
 """Command line ``ccat_data_transfer``: thin, parse arguments, call, print.
 
 Each area's commands live in their own module of this package and register themselves on
-``app``.  ``main()`` turns every error into one line on stderr and a non-zero exit (2 for
-a usage error, 1 otherwise; see :mod:`ccat_data_transfer.cli.errors`), never a traceback
-unless ``--verbose`` asks for it.
+``app``.  ``main()`` turns every error into one line on stderr and exit code 2 (see
+:mod:`ccat_data_transfer.cli.errors`), never a traceback unless ``--verbose`` asks for it.
 """
 
 from __future__ import annotations

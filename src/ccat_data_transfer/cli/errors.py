@@ -1,13 +1,18 @@
 """How the command line reports a failure: one line on stderr and an exit code.
 
-Room in the house: CLI layer.  ``2`` for a usage error (unknown command or option, missing
-argument, invalid value), ``1`` for everything else: an error meant for an operator
+Room in the house: CLI layer.  Exit code ``2`` for every error, a usage error (unknown
+command or option, missing argument, invalid value) as for anything else: an error meant
+for an operator
 (:class:`~ccat_data_transfer.exceptions.CcatError`, a topology or database problem) is its
 message; an unexpected exception is its class and message plus a hint to re-run with
 ``--verbose``, which shows the traceback.
 
 Typer 0.29 and later ship their own copy of click (``typer._click``) whose exceptions are
 not the installed ``click``'s; both are recognised.
+
+Why not ``1`` for an operator error: ``1`` already means "the command ran and found a
+problem" (``audit`` found discrepancies, ``health`` found a dead service, ``run
+--simulate`` did not finish), which scripts tell apart from "the command could not run".
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from rich.markup import escape
 from ccat_data_transfer.cli.common import err_console
 
 USAGE_EXIT = 2
-ERROR_EXIT = 1
+#: Not 1: that is "ran and found a problem" (see the module's docstring).
+ERROR_EXIT = 2
 INTERRUPTED_EXIT = 130
 
 
