@@ -25,7 +25,7 @@ from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ccat_data_transfer.config.config import database_url
+from ccat_data_transfer.config.config import database_url, normalise_database_url
 from ccat_data_transfer.exceptions import DatabaseUnavailableError
 
 _engines: dict[str, Engine] = {}
@@ -44,11 +44,18 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cur.close()
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL (None for other databases and for an in-memory one)."""
+    if not url.startswith("sqlite"):
+        return None
+    db_path = url.split("///", 1)[1] if "///" in url else ""
+    return Path(db_path) if db_path and db_path != ":memory:" else None
+
+
 def _make_engine(url: str) -> Engine:
+    # No folder is made here: only `init_database` creates the embedded database, so a
+    # command that only reads never leaves an empty folder or database behind.
     if url.startswith("sqlite"):
-        db_path = url.split("///", 1)[1] if "///" in url else ""
-        if db_path and db_path != ":memory:":
-            Path(db_path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": 30},
@@ -71,7 +78,7 @@ def _make_engine(url: str) -> Engine:
 
 
 def get_engine(url: str | None = None) -> Engine:
-    url = url or database_url()
+    url = normalise_database_url(url) if url else database_url()
     with _lock:
         engine = _engines.get(url)
         if engine is None:
@@ -119,7 +126,7 @@ class DatabaseConnection:
     """Entry point to the operations database, as used in the user's document."""
 
     def __init__(self, url: str | None = None) -> None:
-        self.url = url or database_url()
+        self.url = normalise_database_url(url) if url else database_url()
 
     @property
     def engine(self) -> Engine:
@@ -151,8 +158,14 @@ class DatabaseConnection:
         finally:
             session.close()
 
-    def check(self) -> None:
-        """Raise DatabaseUnavailableError with a readable reason if the DB cannot be reached."""
+    def check(self, *, must_exist: bool = True) -> None:
+        """Raise DatabaseUnavailableError with a readable reason if the DB cannot be reached.
+
+        With ``must_exist`` a missing SQLite file is that error too, before any connection
+        (SQLite would create an empty file on connect)."""
+        path = sqlite_file(self.url)
+        if must_exist and path is not None and not path.is_file():
+            raise DatabaseUnavailableError(f"no database at {path}; run `ccat_data_transfer init`")
         try:
             with self.engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
@@ -178,10 +191,14 @@ def _redact(url: str) -> str:
 
 
 def init_database(url: str | None = None) -> DatabaseConnection:
-    """Create or migrate the schema (Alembic upgrade head) and return the connection."""
+    """Create or migrate the schema (Alembic upgrade head) and return the connection.  The
+    one place that creates the embedded database's folder and file."""
     from ccat_ops_db.migrate import upgrade
 
     db = DatabaseConnection(url)
-    db.check()
+    path = sqlite_file(db.url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    db.check(must_exist=False)
     upgrade(db.url)
     return db

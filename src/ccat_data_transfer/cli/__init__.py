@@ -1,8 +1,8 @@
 """Command line ``ccat_data_transfer``: thin, parse arguments, call, print.
 
 Each area's commands live in their own module of this package and register themselves on
-``app``.  ``main()`` turns every error meant for a person into one line on stderr and a
-non-zero exit, never a traceback.
+``app``.  ``main()`` turns every error into one line on stderr and exit code 2 (see
+:mod:`ccat_data_transfer.cli.errors`), never a traceback unless ``--verbose`` asks for it.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from __future__ import annotations
 import importlib
 import sys
 
-import click
 import typer
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from ccat_data_transfer.cli.common import app, err_console
+from ccat_data_transfer.cli import errors, helptext
+from ccat_data_transfer.cli.common import app, err_console, options
 from ccat_data_transfer.exceptions import CcatError
 from ccat_ops_db.topology import TopologyError
 
@@ -37,39 +37,44 @@ for _name in COMMAND_MODULES:
         if _exc.name != _module:
             raise
 
+helptext.clean_app_help(app)
+
+PROG = "ccat_data_transfer"
+
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
+    options.verbose = False
     try:
         # With standalone_mode=False click returns the code of typer.Exit instead of raising.
-        rc = app(args=argv, prog_name="ccat_data_transfer", standalone_mode=False)
+        rc = app(args=argv, prog_name=PROG, standalone_mode=False)
         if isinstance(rc, int):
             return rc
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:  # click's Exit on older typer, typer's own on 0.29+
         return exc.exit_code
-    except click.exceptions.Abort:
-        err_console.print("aborted")
-        return 130
-    except click.ClickException as exc:
+    except errors.NO_ARGS_IS_HELP as exc:  # bare `ccat_data_transfer`: the help, as asked
         exc.show()
-        return exc.exit_code
-    except (CcatError, TopologyError) as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        return 2
-    except OperationalError as exc:
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        err_console.print(f"[bold red]error:[/] database: {reason}", highlight=False)
-        return 2
-    except SQLAlchemyError as exc:
-        err_console.print(
-            f"[bold red]error:[/] database: {exc.__class__.__name__}: {str(exc).splitlines()[0]}"
-            " (has `ccat_data_transfer init` been run?)",
-            highlight=False,
-        )
-        return 2
-    except KeyboardInterrupt:
+        return errors.USAGE_EXIT
+    except errors.CLICK_ERRORS as exc:
+        return errors.usage_error(exc, PROG)
+    except (typer.Abort, KeyboardInterrupt):
         err_console.print("interrupted")
-        return 130
+        return errors.INTERRUPTED_EXIT
+    except (CcatError, TopologyError) as exc:
+        errors.say(str(exc))
+        return errors.ERROR_EXIT
+    except OperationalError as exc:
+        reason = str(exc.orig).strip() if exc.orig else str(exc)
+        errors.say(f"database: {reason}")
+        return errors.ERROR_EXIT
+    except SQLAlchemyError as exc:
+        errors.say(
+            f"database: {exc.__class__.__name__}: {str(exc).splitlines()[0]}"
+            " (has `ccat_data_transfer init` been run?)"
+        )
+        return errors.ERROR_EXIT
+    except Exception as exc:  # noqa: BLE001 - the last resort: one line, never a traceback
+        return errors.unexpected_error(exc, verbose=options.verbose)
     return 0
 
 

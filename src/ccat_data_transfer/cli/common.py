@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import typer
@@ -36,6 +36,14 @@ app = typer.Typer(
 # Pipes and log files get wide, unwrapped tables; a terminal gets its own width.
 console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True, soft_wrap=True)
+#: Options of this run that the error handling reads: ``verbose`` shows tracebacks.
+options = SimpleNamespace(verbose=False)
+
+
+def _set_verbose(value: bool) -> bool:
+    if value:
+        options.verbose = True
+    return value
 
 
 def _version(value: bool) -> None:
@@ -58,6 +66,13 @@ def _global_options(
     log_format: str | None = typer.Option(
         None, "--log-format", help="Log format: auto, json or console."
     ),
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        callback=_set_verbose,
+        is_eager=True,
+        help="Debug logging, and the traceback of an unexpected error.",
+    ),
 ) -> None:
     if data_dir is not None:
         settings.set("DATA_DIR", str(data_dir))
@@ -65,7 +80,7 @@ def _global_options(
         settings.set("DATABASE_URL", database_url)
     if log_format is not None:
         settings.set("LOG_FORMAT", log_format)
-    configure_logging()
+    configure_logging(verbose=verbose)
 
 
 def get_db() -> DatabaseConnection:
@@ -73,7 +88,7 @@ def get_db() -> DatabaseConnection:
     from ccat_data_transfer.exceptions import ConfigurationError
 
     db = DatabaseConnection()
-    db.check()
+    db.check()  # a missing embedded database is an error here, not an empty new file
     if not db.has_schema():
         raise ConfigurationError(
             "the database has no schema yet; run `ccat_data_transfer init` first"
@@ -103,9 +118,15 @@ def manager_site(db: DatabaseConnection, site: str | None) -> str | None:
     its canonical name, or None for every site.  An unknown site is a clear error before
     the manager starts (not a failure logged every cycle)."""
     from ccat_data_transfer import scope
+    from ccat_data_transfer.exceptions import CcatError
 
     with db.session_scope() as session:
-        return scope.site_name(session, site)
+        try:
+            return scope.site_name(session, site)
+        except CcatError as exc:
+            if site:  # a wrong --site is a usage error (exit 2); a wrong setting is not
+                raise typer.BadParameter(str(exc), param_hint="'--site'") from None
+            raise
 
 
 def scoped_cycle(cycle: Any, site: str | None) -> Any:
@@ -118,7 +139,13 @@ def scoped_cycle(cycle: Any, site: str | None) -> Any:
 
 #: The options of a manager command: one cycle, debug logging, one site.
 ONCE_OPTION = typer.Option(False, "--once", help="Run one cycle and exit.")
-VERBOSE_OPTION = typer.Option(False, "-v", "--verbose", help="Debug logging.")
+VERBOSE_OPTION = typer.Option(
+    False,
+    "-v",
+    "--verbose",
+    callback=_set_verbose,
+    help="Debug logging, and the traceback of an unexpected error.",
+)
 SITE_OPTION = typer.Option(None, "--site", help=SITE_HELP)
 
 
@@ -139,7 +166,7 @@ def run_manager_command(
     from ccat_data_transfer.manager_loop import run_manager
     from ccat_data_transfer.scope import scoped_name
 
-    configure_logging(verbose=verbose)
+    configure_logging(verbose=verbose or options.verbose)
     db = get_db()
     site = manager_site(db, site)
     heartbeat = None

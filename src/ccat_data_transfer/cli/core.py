@@ -13,7 +13,7 @@ from ccat_data_transfer.cli.common import app, console, get_db, human_bytes
 from ccat_data_transfer.config.config import data_dir, settings
 from ccat_data_transfer.database import init_database
 from ccat_ops_db import models as m
-from ccat_ops_db.topology import load_topology
+from ccat_ops_db.topology import apply_topology, read_topology_file
 
 DEFAULT_TOPOLOGY = Path(__file__).resolve().parent.parent / "topology" / "default.toml"
 
@@ -25,11 +25,15 @@ def default_topology_file() -> Path:
 
 def initialise(topology: Path | None = None) -> str:
     """Create or migrate the DB, load the topology, create location folders.  Returns a
-    one-line summary.  Used by `init` and by the main job."""
+    one-line summary.  Used by `init` and by the main job.
+
+    The topology file is read and validated first: a broken file changes nothing (no
+    folder, no database file, no tables)."""
     topology = topology or default_topology_file()
+    topo = read_topology_file(topology, data_dir())
     db = init_database()
     with db.session_scope() as session:
-        report = load_topology(session, topology, data_dir())
+        report = apply_topology(session, topo)
         for loc in session.scalars(select(m.DataLocation).where(m.DataLocation.active)):
             if loc.storage_type == m.StorageType.DISK and loc.path:
                 Path(loc.path).mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,16 @@ import socket
 import typer
 from rich.table import Table
 
-from ccat_data_transfer.cli.common import SITE_HELP, app, console, get_db, manager_site
+from ccat_data_transfer.cli.common import (
+    SITE_HELP,
+    VERBOSE_OPTION,
+    app,
+    console,
+    get_db,
+    manager_site,
+    options,
+)
+from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.health import list_services
 
 
@@ -16,6 +25,8 @@ def health_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """List the services that are alive and those that are dead."""
+    if str(settings.get("EXECUTION_MODE", "embedded")).lower() == "embedded":
+        get_db()  # the heartbeats are in the database: it must exist (nothing is created)
     services = list_services()
     if as_json:
         import json
@@ -125,18 +136,18 @@ def run_command(
     """Run every manager in one process (tasks in-process in embedded mode); with
     ``--site``, every manager for that site only (one such process per site)."""
     from ccat_data_transfer.config.config import data_dir
-    from ccat_data_transfer.exceptions import ValidationError
     from ccat_data_transfer.logging_utils import configure_logging
 
     if simulate and site:
-        raise ValidationError(
+        raise typer.BadParameter(
             "--site cannot be used with --simulate: the simulation runs the whole "
             "observatory in one process; run `run --site SITE` without --simulate per site"
         )
+    if not init_first:
+        get_db()  # --no-init: the database must exist; nothing is created
     log_path = log_file or str(data_dir() / "logs" / "run.jsonl")
-    configure_logging(log_file=log_path)
+    configure_logging(log_file=log_path, verbose=options.verbose)
     from ccat_data_transfer.cli.core import initialise
-    from ccat_data_transfer.config.config import settings
     from ccat_data_transfer.database import DatabaseConnection
     from ccat_data_transfer.manager_loop import install_signal_handlers, stop_event
     from ccat_data_transfer.orchestrator import Orchestrator, run_demo, summary_table
@@ -197,7 +208,6 @@ def api_command(
     import uvicorn
 
     from ccat_data_transfer.api.app import create_app
-    from ccat_data_transfer.config.config import settings
 
     get_db()
     uvicorn.run(
@@ -217,7 +227,7 @@ def recovery_command(
         help="Seconds without a heartbeat after which started work is reset (default "
         "HEARTBEAT_SECONDS x HEARTBEAT_MISSED_BEATS).",
     ),
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    verbose: bool = VERBOSE_OPTION,
     site: str | None = typer.Option(None, "--site", help=SITE_HELP),
 ) -> None:
     """Reset work stuck IN_PROGRESS whose worker died (retries are counted); with
@@ -225,12 +235,11 @@ def recovery_command(
     from datetime import timedelta
 
     from ccat_data_transfer import recovery
-    from ccat_data_transfer.config.config import settings
     from ccat_data_transfer.logging_utils import configure_logging
     from ccat_data_transfer.manager_loop import run_manager
     from ccat_data_transfer.scope import ALL_SITES, scoped_name
 
-    configure_logging(verbose=verbose)
+    configure_logging(verbose=verbose or options.verbose)
     site = manager_site(get_db(), site)
     delta = timedelta(seconds=older_than) if older_than is not None else None
     result = run_manager(
@@ -253,7 +262,6 @@ def metrics_command(
     """Print the metrics snapshot (JSON), serve it to Prometheus, or push it to InfluxDB."""
     import json
 
-    from ccat_data_transfer.config.config import settings
     from ccat_data_transfer.exceptions import ConfigurationError
     from ccat_data_transfer.metrics import DatabaseCollector, collect_snapshot, push_metrics
 

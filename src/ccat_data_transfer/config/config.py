@@ -12,6 +12,8 @@ from pathlib import Path
 
 from dynaconf import Dynaconf
 
+from ccat_data_transfer.exceptions import ConfigurationError
+
 _HERE = Path(__file__).resolve().parent
 
 settings = Dynaconf(
@@ -33,11 +35,39 @@ def data_dir() -> Path:
     return Path(str(settings.DATA_DIR)).expanduser().resolve()
 
 
+#: The URL schemes a DATABASE_URL may use, and the driver each one means.  ``postgresql://``
+#: and ``postgres://`` (the forms most people write) mean psycopg 3, the driver installed.
+_DATABASE_SCHEMES = {
+    "sqlite": "sqlite",
+    "sqlite+pysqlite": "sqlite+pysqlite",
+    "postgresql": "postgresql+psycopg",
+    "postgres": "postgresql+psycopg",
+    "postgresql+psycopg": "postgresql+psycopg",
+}
+
+
+def normalise_database_url(url: str) -> str:
+    """``url`` with the driver this installation has: ``postgresql://`` and ``postgres://``
+    become ``postgresql+psycopg://``.  Any other scheme (``mysql://``, ``postgresql+psycopg2://``)
+    is a ConfigurationError naming the supported ones; the URL itself is not repeated (it
+    may hold a password)."""
+    scheme, sep, rest = url.partition("://")
+    driver = _DATABASE_SCHEMES.get(scheme.lower()) if sep else None
+    if driver is None:
+        shown = f"scheme {scheme!r}" if sep else "a value that is not a URL"
+        raise ConfigurationError(
+            f"DATABASE_URL has {shown}; supported: sqlite:///PATH, "
+            "postgresql://USER:PASSWORD@HOST/DB (also postgres:// or postgresql+psycopg://)"
+        )
+    return f"{driver}://{rest}"
+
+
 def database_url() -> str:
-    """The configured database URL, or the embedded SQLite file inside DATA_DIR."""
+    """The configured database URL (normalised, see :func:`normalise_database_url`), or
+    the embedded SQLite file inside DATA_DIR."""
     url = str(settings.get("DATABASE_URL", "") or "")
     if url:
-        return url
+        return normalise_database_url(url)
     return f"sqlite:///{data_dir() / 'ops_db.sqlite'}"
 
 

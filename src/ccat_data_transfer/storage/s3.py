@@ -125,6 +125,18 @@ class S3Storage(Storage):
             secret_key = str(settings.get("S3_SECRET_ACCESS_KEY", "") or "") or None
         if region is None:
             region = str(settings.get("S3_REGION", "") or "") or None
+        if bool(access_key) != bool(secret_key):
+            from ccat_data_transfer.exceptions import ConfigurationError
+
+            given, missing = (
+                ("S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY")
+                if access_key
+                else ("S3_SECRET_ACCESS_KEY", "S3_ACCESS_KEY_ID")
+            )
+            raise ConfigurationError(
+                f"S3 credentials incomplete for bucket {bucket!r}: {given} is set but "
+                f"{missing} is empty (set both, or neither to use the AWS defaults)"
+            )
         self.region = region
         self.client = _s3_client(endpoint_url, access_key, secret_key, region)
 
