@@ -11,6 +11,11 @@ real files) through random interleavings of:
 * faults during a manager cycle: a transfer method that crashes, one that corrupts the
   bytes in transit, a full disk (``StorageFullError``) at a location, a location whose
   storage root is missing (renamed away, then back); a flipped byte in a copy at a buffer;
+* archive faults: an LTA file removed behind the system's back (its last proof made
+  stale, as if the removal came some time after its last verification), a flipped byte in
+  an LTA copy while another archive copy of the package is good, and an audit of a location
+  that goes over its discrepancy threshold (a hold until an operator clears it); the
+  fixity scan and the repair of bad archive copies run as a manager;
 * arbitrary disk use published for a location (up to 99 %, or unknown);
 * staging jobs created, deactivated and expired.
 
@@ -72,6 +77,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +97,7 @@ from sqlalchemy import bindparam, delete, func, select
 
 from ccat_data_transfer import (
     archive_manager,
+    audit,
     buffer_manager,
     buffer_status,
     data_transfer_package_manager,
@@ -109,6 +116,7 @@ from ccat_data_transfer.database import DatabaseConnection, dispose_engines
 from ccat_data_transfer.deletion import rule_sql, rules, worker
 from ccat_data_transfer.exceptions import CcatError
 from ccat_data_transfer.filing import file_raw_data_files, finish_executed_obs_unit
+from ccat_data_transfer.fixity import scan as fixity_scan
 from ccat_data_transfer.storage import StorageFullError
 from ccat_ops_db import models as m
 from ccat_ops_db.migrate import upgrade
@@ -133,6 +141,7 @@ MANAGERS = {
     "staging": staging_manager.run_once,
     "deletion": deletion_manager.run_once,
     "recovery": recovery.run_once,
+    "fixity": fixity_scan.run_once,
 }
 #: The managers in the order data flows through them: one such round takes a finished
 #: observation from SOURCE to ARCHIVED and deletes its source-site copies (the raw files
@@ -483,6 +492,91 @@ class LifecycleMachine(RuleBasedStateMachine):
             name, rel = data.draw(st.sampled_from(rows))
             _flip_byte(self.env.paths[name] / rel)
 
+    def _good_lta_copies(self, session: Any) -> list[Any]:
+        """(copy id, package id, location, relative path) of every PRESENT LTA package copy
+        whose tar holds the package's bytes."""
+        rows = session.execute(
+            select(
+                m.PhysicalCopy.id,
+                m.PhysicalCopy.raw_data_package_id,
+                m.DataLocation.name,
+                m.PhysicalCopy.relative_path,
+                m.RawDataPackage.checksum,
+            )
+            .join(m.DataLocation, m.DataLocation.id == m.PhysicalCopy.data_location_id)
+            .join(m.RawDataPackage, m.RawDataPackage.id == m.PhysicalCopy.raw_data_package_id)
+            .where(
+                m.DataLocation.location_type == LT.LONG_TERM_ARCHIVE,
+                m.PhysicalCopy.status == S.PRESENT,
+            )
+            .order_by(m.PhysicalCopy.id)
+        ).all()
+        return [
+            (cid, pid, name, rel)
+            for cid, pid, name, rel, checksum in rows
+            if self._sha_of(self.env.paths[name] / rel) == checksum
+        ]
+
+    def _source_intact(self, session: Any, package_id: int) -> bool:
+        """Every raw file of the package still has its SOURCE copy, untouched by deletion."""
+        statuses = session.scalars(
+            select(m.PhysicalCopy.status)
+            .join(m.RawDataFile, m.RawDataFile.id == m.PhysicalCopy.raw_data_file_id)
+            .where(
+                m.RawDataFile.raw_data_package_id == package_id,
+                m.PhysicalCopy.data_location_id == m.RawDataFile.source_location_id,
+            )
+        ).all()
+        return bool(statuses) and all(st_ in (S.PRESENT, S.DELETION_POSSIBLE) for st_ in statuses)
+
+    @rule(data=st.data())
+    def lose_an_lta_file(self, data: st.DataObject) -> None:
+        """An archive file vanishes some time after its last verification (its proof is
+        made stale).  Only where the package is still whole elsewhere (another good
+        archive copy, or every raw file at its SOURCE): the fault itself must not destroy
+        the last good copy; the system must then not delete that other copy on the
+        strength of the lost one."""
+        with self.db.session_scope() as session:
+            good = self._good_lta_copies(session)
+            candidates = [
+                g
+                for g in good
+                if any(o[1] == g[1] and o[0] != g[0] for o in good)
+                or self._source_intact(session, g[1])
+            ]
+            if not candidates:
+                return
+            copy_id, _pid, name, rel = data.draw(st.sampled_from(candidates))
+            (self.env.paths[name] / rel).unlink()
+            session.get(m.PhysicalCopy, copy_id).verified_at = m.utcnow() - timedelta(days=2)
+
+    @rule(data=st.data())
+    def flip_a_byte_at_an_lta(self, data: st.DataObject) -> None:
+        """A silent byte flip in an archive copy (same size: only a re-read of the bytes
+        sees it) while another archive copy of the package is good."""
+        with self.db.session_scope() as session:
+            good = self._good_lta_copies(session)
+        candidates = [g for g in good if any(o[1] == g[1] and o[0] != g[0] for o in good)]
+        if candidates:
+            _cid, _pid, name, rel = data.draw(st.sampled_from(candidates))
+            _flip_byte(self.env.paths[name] / rel)
+
+    @rule(where=st.sampled_from([*BUFFERS, *LTAS]))
+    def audit_over_threshold(self, where: str) -> None:
+        """An audit of ``where`` with a zero discrepancy threshold: any discrepancy (a lost
+        or corrupt copy, dark data) puts the location on hold."""
+        with self.db.session_scope() as session:
+            location = session.scalars(select(m.DataLocation).filter_by(name=where)).one()
+            audit.audit_location(session, location, full=True, max_fraction=0.0)
+
+    @rule()
+    def operator_clears_audit_holds(self) -> None:
+        with self.db.session_scope() as session:
+            held = [h["location"] for h in audit.list_holds(session)]
+        for name in held:
+            with self.db.session_scope() as session:
+                audit.clear_hold(session, name, reason="checked by the property test")
+
     @rule(
         where=st.sampled_from([*SOURCES, *BUFFERS, "processing_scratch"]),
         percent=st.one_of(st.none(), st.sampled_from([0.0, 50.0, 75.0, 90.0, 96.0, 99.0])),
@@ -696,11 +790,14 @@ class LifecycleMachine(RuleBasedStateMachine):
                 )
             )
             staged = session.scalar(select(func.count(m.StagingJob.id)))
+            archive_events = set(session.scalars(select(m.ArchiveEvent.event).distinct()))
         REACHED["examples"] += 1
         REACHED["with packages archived"] += bool(archived)
         REACHED["with staging jobs"] += bool(staged)
         for ltype, _ in deleted:
             REACHED[f"with copies deleted at a {ltype.name}"] += 1
+        for event in archive_events & {"MISSING", "CORRUPT", "REPAIRED", "FROZEN", "HOLD_SET"}:
+            REACHED[f"with an archive event {event}"] += 1
 
 
 @pytest.fixture
@@ -714,7 +811,14 @@ def lifecycle_environment(override_settings: Any) -> Iterator[_Environment]:
     level = root.level
     root.setLevel(logging.CRITICAL)
     try:
-        override_settings(DATA_DIR=str(base / "data"), DATABASE_URL="", LOG_LEVEL="ERROR")
+        override_settings(
+            DATA_DIR=str(base / "data"),
+            DATABASE_URL="",
+            LOG_LEVEL="ERROR",
+            # The fixity scan re-reads every archive copy in each of its cycles (the
+            # examples last milliseconds: a real day's budget would read nothing).
+            FIXITY_BYTES_PER_DAY=10**18,
+        )
         env = _Environment(base)
         try:
             yield env
@@ -771,6 +875,24 @@ def test_the_machine_finds_a_broken_source_deletion_rule(lifecycle_environment, 
             settings=hsettings(_machine_settings(300), database=None, phases=_find_phases()),
         )
     assert "ccat_telescope_buffer" in str(found.value) or "not readable" in str(found.value)
+
+
+def test_the_machine_finds_a_deletion_that_trusts_stale_archive_proof(
+    lifecycle_environment, monkeypatch
+):
+    """The archive faults bite: with the proof's age ignored (any verification, however
+    old, counts), a history where an archive file vanished after its last verification
+    ends with files that can be read nowhere."""
+    from datetime import datetime
+
+    monkeypatch.setattr(rule_sql, "proof_cutoff", lambda now=None: datetime(1970, 1, 1))
+    monkeypatch.setattr(rules, "proof_cutoff", lambda now=None: datetime(1970, 1, 1))
+    LifecycleMachine.env = lifecycle_environment
+    with pytest.raises(AssertionError, match="not readable"):
+        run_state_machine_as_test(
+            LifecycleMachine,
+            settings=hsettings(_machine_settings(400), database=None, phases=_find_phases()),
+        )
 
 
 def _find_phases() -> tuple[Any, ...]:
