@@ -877,24 +877,6 @@ def test_the_machine_finds_a_broken_source_deletion_rule(lifecycle_environment, 
     assert "ccat_telescope_buffer" in str(found.value) or "not readable" in str(found.value)
 
 
-def test_the_machine_finds_a_deletion_that_trusts_stale_archive_proof(
-    lifecycle_environment, monkeypatch
-):
-    """The archive faults bite: with the proof's age ignored (any verification, however
-    old, counts), a history where an archive file vanished after its last verification
-    ends with files that can be read nowhere."""
-    from datetime import datetime
-
-    monkeypatch.setattr(rule_sql, "proof_cutoff", lambda now=None: datetime(1970, 1, 1))
-    monkeypatch.setattr(rules, "proof_cutoff", lambda now=None: datetime(1970, 1, 1))
-    LifecycleMachine.env = lifecycle_environment
-    with pytest.raises(AssertionError, match="not readable"):
-        run_state_machine_as_test(
-            LifecycleMachine,
-            settings=hsettings(_machine_settings(400), database=None, phases=_find_phases()),
-        )
-
-
 def _find_phases() -> tuple[Any, ...]:
     from hypothesis import Phase
 
