@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -235,3 +236,37 @@ def test_full_audit_and_fixity_reread_s3_bytes_the_quick_audit_trusts(
     assert [d["physical_copy_id"] for d in report.drift] == [bad_id]
     findings = {f.copy_id: f.outcome for f in archive_proof.verify_copies([bad_id], full=True)}
     assert findings == {bad_id: archive_proof.CORRUPT}
+
+
+# --- the documented S3 topology example -----------------------------------------------------
+
+
+def _documented_s3_location() -> str:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "configuration.rst").read_text()
+    section = text.split(".. _s3-locations:", 1)[1]
+    block = section.split(".. code-block:: toml\n\n", 1)[1].split("\n\n", 1)[0]
+    return "\n".join(line[3:] for line in block.splitlines()) + "\n"
+
+
+def test_documented_s3_location_example_loads_with_every_s3_key(tmp_path: Path):
+    import tomllib
+
+    from ccat_ops_db.topology import LOCATION_KEYS, parse_topology
+    from test_archive import DEFAULT_TOPOLOGY
+
+    example = _documented_s3_location()
+    uncommented = re.sub(r"(?m)^# (\w+ = )", r"\1", example)
+    documented = set(tomllib.loads(uncommented)["locations"][0])
+    assert documented == LOCATION_KEYS - {"path", "host", "library", "capacity_bytes"}
+    raw = tomllib.loads(DEFAULT_TOPOLOGY.read_text())
+    raw["locations"] = [loc for loc in raw["locations"] if loc["name"] != "us_lta"]
+    raw["locations"] += tomllib.loads(example)["locations"]
+    topo = parse_topology(raw, tmp_path)
+    (us_lta,) = [loc for loc in topo.locations if loc["name"] == "us_lta"]
+    assert us_lta["storage_type"] == m.StorageType.S3
+    assert (us_lta["bucket"], us_lta["prefix"], us_lta["region"]) == (
+        "ccat-archive",
+        "us_lta",
+        "us-east-1",
+    )
+    assert us_lta["capacity_bytes"] == 500 * 10**12
