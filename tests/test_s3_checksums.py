@@ -21,17 +21,7 @@ from ccat_data_transfer.storage import s3 as s3mod
 from ccat_ops_db import models as m
 from helpers_transfer import drive, make_dtp_at_source_buffer
 from test_archive import _us_lta_on_s3
-
-
-def _store(server: Any, bucket: str, prefix: str = "") -> S3Storage:
-    return S3Storage(
-        server.endpoint_url,
-        bucket,
-        prefix=prefix,
-        access_key=server.access_key,
-        secret_key=server.secret_key,
-        region=server.region,
-    )
+from test_storage import _s3 as _store
 
 
 def _b64(hexdigest: str) -> str:
