@@ -233,7 +233,8 @@ def _look(expected: _Expected, full: bool) -> Finding:
             )
         if not full:
             return finding(VERIFIED)
-        actual = storage.sha256(expected.path)
+        # Fixity means reading the bytes at rest: never the SHA-256 stored at write time.
+        actual = storage.sha256(expected.path, reread=True)
     except StorageError as exc:
         return finding(UNREACHABLE, f"{expected.location.name}: {exc}")
     if expected.checksum and actual != expected.checksum:

@@ -5,7 +5,9 @@ listing of the storage, and finds
 
 * lost files: the DB says the copy is there, storage has no such object;
 * dark data: storage has an object no live copy accounts for;
-* drift: the object's size differs, or (sampled, or ``full``) its checksum does;
+* drift: the object's size differs, or (sampled, or ``full``) its checksum does (the
+  sampled check takes an S3 object's SHA-256 from its metadata without reading it;
+  ``full`` re-reads every byte);
 * temporary: leftovers of unfinished writes (temporary names, unpack work folders,
   unfinished S3 uploads) with their size and age; the janitor removes the old ones.
 
@@ -244,7 +246,9 @@ def audit_location(
             problem = f"size {size} != recorded {exp.size}"
         elif exp.checksum and (exp.lost or rng.random() < sample_fraction):
             report.checksums_checked += 1
-            actual = storage.sha256(exp.path)
+            # The sampled check trusts a SHA-256 stored with the object (S3 metadata: one
+            # HEAD, no bytes read); a full audit re-reads every byte.
+            actual = storage.sha256(exp.path, reread=full)
             if actual.lower() != exp.checksum.lower():
                 problem = f"sha256 {actual[:12]}... != recorded {exp.checksum[:12]}..."
         if problem:

@@ -291,8 +291,13 @@ class Storage(abc.ABC):
         with self.open_read(path) as src, _atomic_local_write(target) as dst:
             return _copy_stream(src, dst)
 
-    def sha256(self, path: str) -> str:
-        """Hex SHA-256 of an object, streamed in 8 MiB reads."""
+    def sha256(self, path: str, *, reread: bool = False) -> str:
+        """Hex SHA-256 of an object, streamed in 8 MiB reads.
+
+        A backend that stores each object's SHA-256 when writing it (S3: the object
+        metadata ``sha256``) answers from that record unless ``reread``; a fixity check
+        (bytes at rest still what they were) passes ``reread=True``.  Disk always reads.
+        """
         h = hashlib.sha256()
         with self.open_read(path) as f:
             for data in _chunks(f, CHUNK_SIZE):

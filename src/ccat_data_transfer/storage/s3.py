@@ -4,15 +4,27 @@
 Writes stream into a multipart upload that becomes visible only when complete; botocore
 errors are mapped onto the storage error hierarchy (unreachable, full, missing).
 
+Every object written here carries its SHA-256, computed while the bytes stream (no second
+read): as the S3 API's ``ChecksumSHA256`` (which the server checks on receipt; for a
+multipart upload it is S3's *composite* checksum, a SHA-256 of the parts' SHA-256s) and,
+always, as the object metadata ``sha256`` (``x-amz-meta-sha256``: the hex digest of the
+whole object).  A multipart upload gets its metadata by a server-side copy onto itself
+once complete (the metadata of an S3 object cannot be set later any other way).
+:meth:`S3Storage.sha256` answers from that metadata with one HEAD request unless asked to
+re-read the bytes.
+
 Room in the house: core.  Imports :mod:`ccat_data_transfer.storage.interface` and the
 settings (credentials) only.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import io
 import os
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +41,7 @@ from ccat_data_transfer.storage.interface import (
     normalize_path,
 )
 
-__all__ = ["S3Storage"]
+__all__ = ["SHA256_METADATA_KEY", "S3Storage"]
 
 # S3 error codes that mean "the server is out of space" (MinIO, Ceph RGW).
 _S3_FULL_CODES = {"XMinioStorageFull", "QuotaExceeded", "StorageFull", "InsufficientStorage"}
@@ -42,6 +54,11 @@ _UPLOAD_MARK = "#upload="
 # to several TB fits in S3's 10,000 part limit while small objects use little memory.
 _S3_PART_SIZE = 8 * 1024 * 1024
 _S3_MAX_PART_SIZE = 512 * 1024 * 1024
+# Largest object a single CopyObject may copy (bigger ones are copied in parts).
+_S3_MAX_COPY_SIZE = 5 * 1024**3
+# The object metadata key holding the whole object's hex SHA-256 (x-amz-meta-sha256).
+SHA256_METADATA_KEY = "sha256"
+_HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 _client_lock = threading.Lock()
@@ -319,20 +336,26 @@ class S3Storage(Storage):
         normalize_path(path)
         return None
 
-    def copy_in(self, local_file: str | os.PathLike[str], path: str) -> int:
-        from boto3.s3.transfer import TransferConfig
-
+    def stored_sha256(self, path: str) -> str | None:
+        """The hex SHA-256 recorded in the object's metadata when it was written (one HEAD
+        request, no bytes read), or ``None`` for an object written without it."""
         key = self._key(path)
-        size = os.path.getsize(local_file)
-        config = TransferConfig(
-            multipart_threshold=64 * 1024 * 1024,
-            multipart_chunksize=max(64 * 1024 * 1024, -(-size // 9000)),
-            max_concurrency=4,
-        )
-        # upload_file aborts the multipart upload on failure: no partial object appears.
         with self._errors(key):
-            self.client.upload_file(str(local_file), self.bucket, key, Config=config)
-        return size
+            resp = self.client.head_object(Bucket=self.bucket, Key=key)
+        value = str(resp.get("Metadata", {}).get(SHA256_METADATA_KEY, "")).strip().lower()
+        return value if _HEX_SHA256.fullmatch(value) else None
+
+    def sha256(self, path: str, *, reread: bool = False) -> str:
+        """The object's hex SHA-256: from its metadata (:meth:`stored_sha256`) unless
+        ``reread`` or the object has none, else by reading every byte."""
+        if not reread:
+            stored = self.stored_sha256(path)
+            if stored is not None:
+                return stored
+        return super().sha256(path)
+
+    # copy_in is the interface's streaming copy through open_write, which hashes the bytes
+    # as they go (a parallel upload_file would need a second read for the SHA-256).
 
 
 class _S3Reader(io.RawIOBase):
@@ -380,6 +403,7 @@ class _S3Writer(io.RawIOBase):
         self._upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
         self._done = False
+        self._hash = hashlib.sha256()
         self.bytes_written = 0
 
     def writable(self) -> bool:
@@ -393,6 +417,7 @@ class _S3Writer(io.RawIOBase):
             raise ValueError("write to a finished S3 upload")
         n = memoryview(b).nbytes
         self._buf += b
+        self._hash.update(b)
         self.bytes_written += n
         while len(self._buf) >= self._part_size():
             size = self._part_size()
@@ -404,31 +429,76 @@ class _S3Writer(io.RawIOBase):
         c, bucket, key = self._s.client, self._s.bucket, self._key
         with self._s._errors(key):
             if self._upload_id is None:
-                self._upload_id = c.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+                self._upload_id = c.create_multipart_upload(
+                    Bucket=bucket, Key=key, ChecksumAlgorithm="SHA256"
+                )["UploadId"]
             number = len(self._parts) + 1
+            checksum = _b64(hashlib.sha256(data).digest())
             resp = c.upload_part(
-                Bucket=bucket, Key=key, UploadId=self._upload_id, PartNumber=number, Body=data
+                Bucket=bucket,
+                Key=key,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                Body=data,
+                ChecksumSHA256=checksum,
             )
-        self._parts.append({"PartNumber": number, "ETag": resp["ETag"]})
+        self._parts.append({"PartNumber": number, "ETag": resp["ETag"], "ChecksumSHA256": checksum})
 
     def finish(self) -> None:
         c, bucket, key = self._s.client, self._s.bucket, self._key
+        metadata = {SHA256_METADATA_KEY: self._hash.hexdigest()}
         if self._upload_id is None:
             with self._s._errors(key):
-                c.put_object(Bucket=bucket, Key=key, Body=bytes(self._buf))
+                c.put_object(
+                    Bucket=bucket,
+                    Key=key,
+                    Body=bytes(self._buf),
+                    ChecksumAlgorithm="SHA256",
+                    ChecksumSHA256=_b64(self._hash.digest()),
+                    Metadata=metadata,
+                )
         else:
             if self._buf:
                 self._upload_part(bytes(self._buf))
             with self._s._errors(key):
-                c.complete_multipart_upload(
+                done = c.complete_multipart_upload(
                     Bucket=bucket,
                     Key=key,
                     UploadId=self._upload_id,
                     MultipartUpload={"Parts": self._parts},
                 )
+                self._done = True  # published: nothing left to abort
+                self._set_metadata(done["ETag"], metadata)
         self._buf = bytearray()
         self._done = True
         super().close()
+
+    def _set_metadata(self, etag: str, metadata: dict[str, str]) -> None:
+        """Give the just-completed object its metadata: a server-side copy onto itself,
+        only of the version just written (``CopySourceIfMatch``), with the SHA-256
+        checksum recomputed by the server (a whole-object one for a single CopyObject)."""
+        c, bucket, key = self._s.client, self._s.bucket, self._key
+        args = {
+            "Metadata": metadata,
+            "MetadataDirective": "REPLACE",
+            "ChecksumAlgorithm": "SHA256",
+            "CopySourceIfMatch": etag,
+        }
+        if self.bytes_written <= _S3_MAX_COPY_SIZE:
+            c.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": key}, **args)
+            return
+        from boto3.s3.transfer import TransferConfig
+
+        c.copy(
+            {"Bucket": bucket, "Key": key},
+            bucket,
+            key,
+            ExtraArgs=args,
+            Config=TransferConfig(
+                multipart_threshold=_S3_MAX_COPY_SIZE,
+                multipart_chunksize=max(_S3_MAX_PART_SIZE, -(-self.bytes_written // 9000)),
+            ),
+        )
 
     def abort(self) -> None:
         self._buf = bytearray()
@@ -444,3 +514,7 @@ class _S3Writer(io.RawIOBase):
         # Closing inside the with-block must not publish or discard: the context manager
         # decides.  Only mark the stream closed for further writes.
         pass
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode("ascii")
