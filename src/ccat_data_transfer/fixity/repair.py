@@ -246,7 +246,9 @@ def _copy_bytes(source: _Copy, target: _Target) -> None:
     except (OSError, StorageError) as exc:
         raise _DestinationBad(f"writing {target.copy.location.name}: {exc}") from exc
     try:
-        written = destination.sha256(target.copy.path)
+        # A repair's proof is a re-read of the bytes that landed (on S3 too, not the
+        # SHA-256 the writer stored as metadata).
+        written = destination.sha256(target.copy.path, reread=True)
     except StorageError as exc:
         raise _DestinationBad(f"re-reading {target.copy.location.name}: {exc}") from exc
     if written != target.checksum:
