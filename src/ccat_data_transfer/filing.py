@@ -70,8 +70,13 @@ _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+@=-]{0,255}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: INSTRUMENT/MODULE, neither part empty nor holding '/' or control characters.
-#: Relative, '/'-separated, no control characters (the validator checks the rest).
-_PATH_PATTERN = r"^[^/\\\x00-\x1f\x7f][^\\\x00-\x1f\x7f]*$"
+#: Relative, '/'-separated, no control characters, not only '.' parts (empty once
+#: normalised), no '..' part, not under the packages' reserved folder (the validator
+#: checks the rest, e.g. temporary names).
+_PATH_PATTERN = (
+    r"^(?!(?:\.?/)*\.?$)(?!(?:.*/)?\.\.(?:/|$))(?!raw_data_packages(?:/|$))"
+    r"[^/\\\x00-\x1f\x7f][^\\\x00-\x1f\x7f]*$"
+)
 _MODULE_PATTERN = r"^[^/\x00-\x1f\x7f]+/[^/\x00-\x1f\x7f]+$"
 _MAX_JSON_INT = 2**53 - 1
 _MAX_PATH = 4096
