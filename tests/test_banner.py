@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from ccat_data_transfer.api.dashboard_queries import overview_data
 from ccat_ops_db import models as m
@@ -190,3 +190,74 @@ def test_overview_page_and_json_show_the_same_banner_with_links(system, client):
 def test_overview_page_says_all_clear_only_when_the_banner_is_empty(system, client):
     all_fresh(system)
     assert "All clear" in client.get("/dashboard/").text
+
+
+def _archive_holding(system, size: int, capacity: int | None) -> int:
+    """cologne_lta holds one PRESENT package copy of ``size`` bytes, while its filesystem
+    is measured as 41 GB of 270.6 GB; returns the bytes of PRESENT copies there."""
+    all_fresh(system)
+    with system.session() as s:
+        make_package_at(system, s, ["cologne_lta"], package_size=size)
+        set_buffer_status(s, "cologne_lta", 41 * GB, 270_600_000_000)
+        loc = location(s, "cologne_lta")
+        loc.capacity_bytes = capacity
+        s.flush()
+        return s.scalar(
+            select(func.sum(m.PhysicalCopy.size)).where(
+                m.PhysicalCopy.data_location_id == loc.id,
+                m.PhysicalCopy.status == m.PhysicalCopyStatus.PRESENT,
+            )
+        )
+
+
+def _shown(client, name: str) -> dict:
+    data = client.get("/dashboard/api/overview").json()
+    return next(loc for site in data["sites"] for loc in site["locations"] if loc["name"] == name)
+
+
+def test_archive_use_without_a_quota_is_bytes_held_and_no_percent(system, client):
+    held = _archive_holding(system, 201_000, None)
+    assert held >= 201_000
+    shown = _shown(client, "cologne_lta")
+    assert (shown["used_bytes"], shown["total_bytes"], shown["disk_usage_percent"]) == (
+        held,
+        None,
+        None,
+    )
+    html = client.get("/dashboard/").text
+    assert "held (no quota set)" in html
+    assert "270.6 GB" not in html and "41.0 GB" not in html
+
+
+def test_archive_use_with_a_quota_is_bytes_held_against_it(system, client):
+    held = _archive_holding(system, 201_000, 1_000_000_000_000)
+    shown = _shown(client, "cologne_lta")
+    assert shown["used_bytes"] == held
+    assert shown["total_bytes"] == 1_000_000_000_000
+    assert shown["disk_usage_percent"] == pytest.approx(100.0 * held / 1e12, abs=0.01)
+    assert "of 1.0 TB quota" in client.get("/dashboard/").text
+
+
+def test_use_charts_keep_buffers_and_archives_apart(system, client):
+    with system.session() as s:
+        for name in ("cologne_buffer", "cologne_lta", "primecam_raw_data"):
+            s.add(
+                m.BufferUsageSample(
+                    data_location_id=location(s, name).id,
+                    used_bytes=1,
+                    total_bytes=10,
+                    disk_usage_percent=10.0,
+                    measured_at=m.utcnow() - timedelta(minutes=5),
+                )
+            )
+
+    def drawn(kind: str) -> set[str]:
+        resp = client.get("/dashboard/api/buffer-usage", params={"hours": 24, "kind": kind})
+        assert resp.status_code == 200, resp.text
+        return {series["location"] for series in resp.json()["series"]}
+
+    assert drawn("buffer") == {"cologne_buffer"}
+    assert drawn("archive") == {"cologne_lta"}
+    assert drawn("all") == {"cologne_buffer", "cologne_lta", "primecam_raw_data"}
+    html = client.get("/dashboard/trends").text
+    assert "kind=buffer" in html and 'id="archive-chart"' in html
