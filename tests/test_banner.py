@@ -202,10 +202,12 @@ def _archive_holding(system, size: int, capacity: int | None) -> int:
         loc = location(s, "cologne_lta")
         loc.capacity_bytes = capacity
         s.flush()
-        return s.scalar(
-            select(func.sum(m.PhysicalCopy.size)).where(
-                m.PhysicalCopy.data_location_id == loc.id,
-                m.PhysicalCopy.status == m.PhysicalCopyStatus.PRESENT,
+        return int(
+            s.scalar(
+                select(func.sum(m.PhysicalCopy.size)).where(
+                    m.PhysicalCopy.data_location_id == loc.id,
+                    m.PhysicalCopy.status == m.PhysicalCopyStatus.PRESENT,
+                )
             )
         )
 
