@@ -141,8 +141,8 @@ def overview_data(session: Session) -> dict[str, Any]:
         "blocked_groups": snap["blocked_groups"],
         "audit_holds": snap["audit_holds"],
         "banner": banner,
-        # The same list under its older name (scripts read it).
-        "attention": banner,
+        # The same items in their older shape (level and text), for scripts that read it.
+        "attention": [{"level": i["level"], "text": i["text"]} for i in banner],
     }
 
 
