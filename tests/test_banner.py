@@ -22,6 +22,7 @@ from helpers_lifecycle import (
     make_transfer,
     set_buffer_status,
 )
+from test_metrics import _stale_buffer_with_a_sample
 
 GB = 1_000_000_000
 
@@ -63,22 +64,7 @@ def test_banner_names_a_location_whose_buffer_status_is_unknown(system):
 
 def test_banner_names_a_location_whose_buffer_status_is_stale(system):
     all_fresh(system)
-    then = m.utcnow() - timedelta(hours=1)
-    with system.session() as s:
-        loc = location(s, "us_buffer")
-        s.add(
-            m.BufferUsageSample(
-                data_location_id=loc.id,
-                used_bytes=40,
-                total_bytes=100,
-                disk_usage_percent=40.0,
-                measured_at=then,
-            )
-        )
-        status = s.scalars(
-            select(m.BufferStatus).where(m.BufferStatus.data_location_id == loc.id)
-        ).one()
-        status.measured_at = then
+    _stale_buffer_with_a_sample(system, "us_buffer")  # measured an hour ago, then nothing
     item = only(banner(system), "stale_status")
     assert item["level"] == "critical"
     assert "us_buffer" in item["text"] and "stale" in item["text"]
