@@ -20,10 +20,11 @@ from typing import Any
 
 import pytest
 import uvicorn
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from ccat_ops_db import models as m
 from helpers_dashboard import BUFFER_USE, make_app, populate_dashboard
+from test_banner import _filed_file, all_fresh
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -262,3 +263,51 @@ def test_trend_charts_are_drawn_from_the_json_endpoints(site):
     drawn = sum(int(bars.nth(i).get_attribute("data-bytes")) for i in range(bars.count()))
     assert drawn == int(page.get_attribute("#throughput-total [data-bytes]", "data-bytes")) > 0
     _shot(page, system, "trends")
+
+
+def _banner_seen(browser: Any, system: Any, tmp_path: Path, name: str) -> tuple[str, list[str]]:
+    """The overview's banner text and links as the browser shows them; a screenshot of the
+    page is saved as ``banner-{name}.png`` in ``tmp_path``; the first link is followed."""
+    with serve(make_app(system.url)) as base:
+        context = browser.new_context(viewport={"width": 1440, "height": 900})
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(f"{base}/dashboard/")
+        text = page.inner_text("#attention")
+        links = [a.get_attribute("href") for a in page.locator("#attention a").element_handles()]
+        page.screenshot(path=str(tmp_path / f"banner-{name}.png"), full_page=True)
+        if links:
+            page.click("#attention a >> nth=0")
+            page.wait_for_url(f"**{links[0]}")
+            target = links[0].split("#", 1)[1]
+            assert page.locator(f"#{target}").is_visible()
+        context.close()
+    assert errors == []
+    return text, links
+
+
+def test_banner_in_a_browser_all_clear_unknown_status_and_checksum_error(system, browser, tmp_path):
+    all_fresh(system)
+    text, links = _banner_seen(browser, system, tmp_path, "all-clear")
+    assert text.startswith("All clear")
+    assert links == []
+
+    with system.session() as s:  # no buffer manager has measured us_buffer
+        us = s.scalar(select(m.DataLocation.id).where(m.DataLocation.name == "us_buffer"))
+        s.execute(delete(m.BufferStatus).where(m.BufferStatus.data_location_id == us))
+    text, links = _banner_seen(browser, system, tmp_path, "unknown-status")
+    assert "All clear" not in text
+    assert "Needs attention" in text
+    assert "us_buffer: buffer status UNKNOWN" in text
+    assert links == ["/dashboard/#loc-us_buffer"]
+
+    all_fresh(system)
+    _filed_file(system, flagged=True, packaged=False)
+    text, links = _banner_seen(browser, system, tmp_path, "checksum-error")
+    assert "All clear" not in text
+    assert "1 filed file(s) with a checksum error" in text
+    assert "1 group(s) blocked from packaging by a file's checksum error" in text
+    assert links == ["/dashboard/#tile-files", "/dashboard/#tile-files"]
+    for name in ("all-clear", "unknown-status", "checksum-error"):
+        assert (tmp_path / f"banner-{name}.png").stat().st_size > 10_000

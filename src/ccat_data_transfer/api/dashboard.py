@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi import Path as FastPath
@@ -155,9 +155,12 @@ def api_staging(active: bool | None = None, session: Session = Depends(get_sessi
 def api_buffer_usage(
     hours: int = Query(168, ge=1, le=MAX_WINDOW_HOURS),
     location: str | None = None,
+    kind: Literal["all", "buffer", "archive"] = Query(
+        "all", description="buffer: BUFFER locations; archive: long-term archives"
+    ),
     session: Session = Depends(get_session),
 ) -> dict[str, Any]:
-    return buffer_usage_data(session, hours, location or None)
+    return buffer_usage_data(session, hours, location or None, kind)
 
 
 @router.get("/api/throughput")
@@ -213,7 +216,8 @@ def _trends(
     return {
         "hours": hours,
         "days": days,
-        "buffer": buffer_usage_data(session, hours),
+        "buffer": buffer_usage_data(session, hours, kind="buffer"),
+        "archive": buffer_usage_data(session, hours, kind="archive"),
         "throughput": throughput_data(session, days),
     }
 

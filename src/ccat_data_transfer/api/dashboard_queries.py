@@ -20,6 +20,7 @@ from fastapi import HTTPException
 from sqlalchemy import Date, Integer, cast, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
+from ccat_data_transfer.api.banner import banner_items, location_anchor
 from ccat_data_transfer.buffer_room import next_package_verdicts
 from ccat_data_transfer.buffer_status import thresholds_for
 from ccat_data_transfer.database import is_postgresql
@@ -40,17 +41,40 @@ def _window(hours: int) -> datetime:
     return m.utcnow() - timedelta(hours=hours)
 
 
+def _use_of(loc: m.DataLocation, buf: dict[str, Any] | None, present_bytes: int) -> dict:
+    """A location's use as shown.  Buffers (and sources): the measured disk.  Long-term
+    archives: the bytes of the PRESENT copies there against the configured quota
+    (``capacity_bytes``), never the filesystem under them; no percent without a quota."""
+    if loc.location_type == m.LocationType.LONG_TERM_ARCHIVE:
+        quota = int(loc.capacity_bytes) if loc.capacity_bytes else None
+        return {
+            "use_basis": "quota",
+            "disk_usage_percent": round(100.0 * present_bytes / quota, 2) if quota else None,
+            "used_bytes": present_bytes,
+            "total_bytes": quota,
+        }
+    return {
+        "use_basis": "disk",
+        "disk_usage_percent": buf["disk_usage_percent"] if buf else None,
+        "used_bytes": buf["used_bytes"] if buf else None,
+        "total_bytes": buf["total_bytes"] if buf else None,
+    }
+
+
 def overview_data(session: Session) -> dict[str, Any]:
     """Sites with their locations and buffer gauges, plus the pipeline's headline counts."""
     snap = collect_snapshot(session)
     buffers = {b["location"]: b for b in snap["buffers"]}
     held: dict[str, dict[str, int]] = {}
+    present: dict[str, int] = {}
     for row in snap["copies"]:
         if row["status"] == m.PhysicalCopyStatus.DELETED.name:
             continue
         h = held.setdefault(row["location"], {"count": 0, "bytes": 0})
         h["count"] += row["count"]
         h["bytes"] += row["bytes"]
+        if row["status"] == m.PhysicalCopyStatus.PRESENT.name:
+            present[row["location"]] = present.get(row["location"], 0) + row["bytes"]
 
     type_order = {t: i for i, t in enumerate(m.LocationType)}
     # Whether each LTA-site buffer can take the next package waiting to be sent.
@@ -63,16 +87,16 @@ def overview_data(session: Session) -> dict[str, Any]:
         ):
             buf = buffers.get(loc.name)
             th = thresholds_for(loc)
+            use = _use_of(loc, buf, present.get(loc.name, 0))
             locations.append(
                 {
                     "name": loc.name,
+                    "anchor": location_anchor(loc.name),
                     "location_type": loc.location_type.name,
                     "storage_type": loc.storage_type.name,
                     "priority": loc.priority,
                     "active": loc.active,
-                    "disk_usage_percent": buf["disk_usage_percent"] if buf else None,
-                    "used_bytes": buf["used_bytes"] if buf else None,
-                    "total_bytes": buf["total_bytes"] if buf else None,
+                    **use,
                     "state": (buf["state"] if buf else "inactive") or "unknown",
                     "warning": th.warning,
                     "critical": th.critical,
@@ -98,49 +122,7 @@ def overview_data(session: Session) -> dict[str, Any]:
     transfers = {s.name: snap["transfers"].get(s.name, {"count": 0, "bytes": 0}) for s in m.Status}
     staging = {s.name: snap["staging_jobs"].get(s.name, 0) for s in m.Status}
 
-    attention: list[dict[str, str]] = [
-        {
-            "level": "critical",
-            "text": f"{h['location']} is ON HOLD since {h['since']}: "
-            f"{h['reason']} (`audit hold clear` once mended)",
-        }
-        for h in snap["audit_holds"]
-    ]
-    if snap["frozen_packages"]:
-        attention.append(
-            {
-                "level": "critical",
-                "text": f"{snap['frozen_packages']} package(s) FROZEN: "
-                "no good copy left (see `archive-events`)",
-            }
-        )
-    for site in sites:
-        for loc in site["locations"]:
-            if loc["state"] in ("critical", "emergency"):
-                attention.append(
-                    {
-                        "level": loc["state"],
-                        "text": f"{loc['name']} is {loc['state'].upper()} at "
-                        f"{loc['disk_usage_percent']:.1f} % full",
-                    }
-                )
-    for verdict in next_package.values():
-        if not verdict["can_take"]:
-            attention.append({"level": "warning", "text": verdict["reason"]})
-    if package_states["FAILED"]["count"]:
-        attention.append(
-            {"level": "critical", "text": f"{package_states['FAILED']['count']} package(s) FAILED"}
-        )
-    if transfers["FAILED"]["count"]:
-        attention.append(
-            {"level": "critical", "text": f"{transfers['FAILED']['count']} transfer(s) FAILED"}
-        )
-    if snap["deletion_failures"]:
-        attention.append(
-            {"level": "warning", "text": f"{snap['deletion_failures']} copy deletion(s) FAILED"}
-        )
-    if staging["FAILED"]:
-        attention.append({"level": "warning", "text": f"{staging['FAILED']} staging job(s) FAILED"})
+    banner = banner_items(snap, next_package)
 
     return {
         "generated_at": _iso(m.utcnow()),
@@ -155,8 +137,12 @@ def overview_data(session: Session) -> dict[str, Any]:
         "deletion_failures": snap["deletion_failures"],
         "transfer_bytes_last_hour": snap["transfer_bytes_last_hour"],
         "transfer_rate_mb_per_s": snap["transfer_rate_mb_per_s"],
+        "raw_files_checksum_errors": snap["raw_files_checksum_errors"],
+        "blocked_groups": snap["blocked_groups"],
         "audit_holds": snap["audit_holds"],
-        "attention": attention,
+        "banner": banner,
+        # The same items in their older shape (level and text), for scripts that read it.
+        "attention": [{"level": i["level"], "text": i["text"]} for i in banner],
     }
 
 
@@ -511,10 +497,23 @@ def _epoch_seconds(session: Session, column: Any) -> Any:
     return cast(func.strftime("%s", column), Integer)
 
 
+#: Chart kinds: which location types each chart of use over time draws.
+USAGE_KINDS: dict[str, tuple[m.LocationType, ...]] = {
+    "buffer": (m.LocationType.BUFFER,),
+    "archive": (m.LocationType.LONG_TERM_ARCHIVE,),
+    "all": tuple(m.LocationType),
+}
+
+
 def buffer_usage_data(
-    session: Session, hours: int = 168, location: str | None = None
+    session: Session, hours: int = 168, location: str | None = None, kind: str = "all"
 ) -> dict[str, Any]:
-    """Peak disk use per location in time buckets (at most MAX_CHART_POINTS per series)."""
+    """Peak disk use per location in time buckets (at most MAX_CHART_POINTS per series);
+    ``kind`` keeps buffers and archives apart (see USAGE_KINDS)."""
+    if kind not in USAGE_KINDS:
+        raise HTTPException(
+            status_code=400, detail=f"unknown kind {kind!r}; use one of {', '.join(USAGE_KINDS)}"
+        )
     since = _window(hours)
     bucket_seconds = max(60, math.ceil(hours * 3600 / MAX_CHART_POINTS))
     sample = m.BufferUsageSample
@@ -534,9 +533,13 @@ def buffer_usage_data(
     locations = {
         loc.id: loc
         for loc in session.scalars(select(m.DataLocation).order_by(m.DataLocation.name))
-        if not location or loc.name == location
+        if (not location or loc.name == location) and loc.location_type in USAGE_KINDS[kind]
     }
-    if location and not locations:
+    if (
+        location
+        and not locations
+        and not session.scalar(select(m.DataLocation.id).where(m.DataLocation.name == location))
+    ):
         raise HTTPException(status_code=404, detail=f"no data location named {location!r}")
     points: dict[int, list[dict[str, Any]]] = {}
     for loc_id, b, peak, mean, used in session.execute(stmt):
@@ -560,6 +563,7 @@ def buffer_usage_data(
             {
                 "location": loc.name,
                 "site": loc.site.name,
+                "location_type": loc.location_type.name,
                 "warning": th.warning,
                 "critical": th.critical,
                 "emergency": th.emergency,
@@ -569,6 +573,7 @@ def buffer_usage_data(
     th = thresholds_for(None)
     return {
         "hours": hours,
+        "kind": kind,
         "since": _iso(since),
         "bucket_seconds": bucket_seconds,
         "thresholds": {"warning": th.warning, "critical": th.critical, "emergency": th.emergency},

@@ -60,13 +60,13 @@
 
   function drawLines(fig, data) {
     var series = data.series || [];
-    var area = chartArea(fig, "series", series, "No buffer sample in this window.");
+    var area = chartArea(fig, "series", series, fig.dataset.empty || "No buffer sample in this window.");
     if (!area) return;
     var W = 1000, H = 320, L = 48, R = 16, T = 12, B = 30;
     var end = Date.now(), start = parseUtc(data.since).getTime();
     var x = function (t) { return L + (t - start) / (end - start) * (W - L - R); };
     var y = function (p) { return T + (1 - Math.min(p, 100) / 100) * (H - T - B); };
-    var svg = newSvg(area, W, H, "Buffer use over time, percent");
+    var svg = newSvg(area, W, H, (fig.dataset.label || "Buffer use") + " over time, percent");
     [0, 25, 50, 75, 100].forEach(function (p) {
       el("line", { x1: L, x2: W - R, y1: y(p), y2: y(p), "class": "grid" }, svg);
       el("text", { x: L - 8, y: y(p) + 4, "text-anchor": "end" }, svg, p + "%");
