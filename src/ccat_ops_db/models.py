@@ -594,6 +594,9 @@ class PhysicalCopy(Base):
     __tablename__ = "physical_copy"
     __table_args__ = (
         Index("ix_physical_copy_type_status_location", "type", "status", "data_location_id"),
+        # What a location holds (bytes held against a quota, a buffer's room when no
+        # measurement is known): by location first, whatever the copy type.
+        Index("ix_physical_copy_location_status", "data_location_id", "status"),
         Index("ix_physical_copy_status_deleted_at", "status", "deleted_at"),
         Index("ix_physical_copy_raw_data_file", "raw_data_file_id", "status"),
         Index("ix_physical_copy_raw_data_package", "raw_data_package_id", "status"),

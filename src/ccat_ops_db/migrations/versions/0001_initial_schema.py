@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-12-02 06:23:17.133718
+Create Date: 2026-12-02 06:50:10.202044
 """
 
 from collections.abc import Sequence
@@ -853,6 +853,9 @@ def upgrade() -> None:
             sqlite_where=sa.text("status = 'DELETION_POSSIBLE'"),
         )
         batch_op.create_index(
+            "ix_physical_copy_location_status", ["data_location_id", "status"], unique=False
+        )
+        batch_op.create_index(
             "ix_physical_copy_raw_data_file", ["raw_data_file_id", "status"], unique=False
         )
         batch_op.create_index(
@@ -981,6 +984,7 @@ def downgrade() -> None:
         batch_op.drop_index("ix_physical_copy_status_deleted_at")
         batch_op.drop_index("ix_physical_copy_raw_data_package")
         batch_op.drop_index("ix_physical_copy_raw_data_file")
+        batch_op.drop_index("ix_physical_copy_location_status")
         batch_op.drop_index(
             "ix_physical_copy_deletion_possible",
             postgresql_where=sa.text("status = 'DELETION_POSSIBLE'"),
