@@ -504,3 +504,68 @@ def test_a_package_locked_by_another_stager_waits_and_a_stale_lock_is_taken_over
     assert _job(system, job_id).status == m.Status.COMPLETED
     with system.session() as s:
         assert s.get(m.ManagerState, f"staging_lock:{pkg_id}:{dest_id}") is None
+
+
+# --- files that belong to no package ------------------------------------------------------
+
+
+def _package_file_paths(system, package_id):
+    with system.session() as s:
+        return sorted(
+            s.scalars(
+                select(m.RawDataFile.relative_path).where(
+                    m.RawDataFile.raw_data_package_id == package_id
+                )
+            )
+        )
+
+
+def test_staging_never_overwrites_a_file_it_did_not_create(system):
+    """A scientist's own file lies where a member would go: the job stops with a reason
+    and the file keeps its bytes."""
+    with system.session() as s:
+        pkg_id = make_archived_package(system, s).id
+    theirs = system.location_path("processing_scratch") / _package_file_paths(system, pkg_id)[1]
+    theirs.parent.mkdir(parents=True, exist_ok=True)
+    theirs.write_bytes(b"a scientist's own notes")
+    job = _job(system, _stage(system, package_ids=[pkg_id]))
+    assert job.status == m.Status.FAILED
+    assert "already exists" in job.failure_reason and "left as it is" in job.failure_reason
+    assert theirs.read_bytes() == b"a scientist's own notes"
+
+
+def test_a_failed_check_deletes_no_file_it_did_not_create(system):
+    """The issue's case: one member does not match its record, and a file that belongs to
+    no package lies at another member's path: it was overwritten, then deleted."""
+    with system.session() as s:
+        pkg_id = make_archived_package(system, s).id
+    paths = _package_file_paths(system, pkg_id)
+    with system.session() as s:
+        s.execute(
+            update(m.RawDataFile)
+            .where(m.RawDataFile.relative_path == paths[0])
+            .values(checksum="f" * 64)
+        )
+    theirs = system.location_path("processing_scratch") / paths[1]
+    theirs.parent.mkdir(parents=True, exist_ok=True)
+    theirs.write_bytes(b"not from any package")
+    job = _job(system, _stage(system, package_ids=[pkg_id]))
+    assert job.status == m.Status.FAILED and "do not match" in job.failure_reason
+    assert theirs.read_bytes() == b"not from any package"
+    root = system.location_path("processing_scratch")
+    assert not (root / paths[0]).exists() and not (root / paths[2]).exists()
+    assert not [p for p in root.rglob("*") if ".tmp-" in p.name]  # the work folder is gone
+
+
+def test_staging_again_reuses_files_with_the_same_bytes(system):
+    with system.session() as s:
+        pkg_id = make_archived_package(system, s).id
+    assert _job(system, _stage(system, package_ids=[pkg_id])).status == m.Status.COMPLETED
+    root = system.location_path("processing_scratch")
+    first = {p: (root / p).stat().st_ino for p in _package_file_paths(system, pkg_id)}
+    with system.session() as s:
+        s.execute(update(m.StagingJob).values(active=False))
+        for copy in package_copies(s, pkg_id, "processing_scratch"):
+            copy.status = S.DELETED
+    assert _job(system, _stage(system, package_ids=[pkg_id])).status == m.Status.COMPLETED
+    assert {p: (root / p).stat().st_ino for p in first} == first  # not replaced

@@ -453,3 +453,66 @@ def test_system_tar_output_is_accepted(source: dict[str, Path], tmp_path: Path) 
     subprocess.run(["tar", "-cf", str(tmp_path / "sys.tar"), "-C", str(root), "."], check=True)
     extracted = safe_extract(tmp_path / "sys.tar", tmp_path / "dest")
     assert sorted(e.arcname for e in extracted) == sorted(SIZES)
+
+
+# --- limits and modes (tar bombs, hostile modes) -------------------------------------------
+
+
+def _tar_of(tmp_path, members: dict[str, tuple[bytes, int]]):
+    import io
+    import tarfile
+
+    path = tmp_path / "in.tar"
+    with tarfile.open(path, "w") as tf:
+        for name, (data, mode) in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), mode
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_a_tar_with_too_many_members_is_refused_before_anything_is_written(tmp_path):
+    from ccat_data_transfer.tarutil import UnsafeTarError, safe_extract
+
+    tar = _tar_of(tmp_path, {f"f{i}": (b"x", 0o644) for i in range(11)})
+    dest = tmp_path / "out"
+    with pytest.raises(UnsafeTarError, match="more than 10 members"):
+        safe_extract(tar, dest, max_members=10)
+    assert not dest.exists() or not any(dest.iterdir())
+
+
+def test_a_tar_whose_files_exceed_the_byte_limit_is_refused(tmp_path):
+    from ccat_data_transfer.tarutil import UnsafeTarError, safe_extract
+
+    tar = _tar_of(tmp_path, {"a": (b"x" * 600, 0o644), "b": (b"y" * 600, 0o644)})
+    dest = tmp_path / "out"
+    with pytest.raises(UnsafeTarError, match="more than 1000 bytes"):
+        safe_extract(tar, dest, max_total_bytes=1000)
+    assert not dest.exists() or not any(dest.iterdir())
+
+
+def test_the_member_limit_is_a_setting(tmp_path, override_settings):
+    from ccat_data_transfer.tarutil import UnsafeTarError, safe_extract
+
+    override_settings(EXTRACT_MAX_MEMBERS=3)
+    tar = _tar_of(tmp_path, {f"f{i}": (b"x", 0o644) for i in range(4)})
+    with pytest.raises(UnsafeTarError, match="EXTRACT_MAX_MEMBERS"):
+        safe_extract(tar, tmp_path / "out")
+
+
+def test_extracted_modes_are_normalised_no_setuid_no_world_write(tmp_path):
+    import stat
+
+    from ccat_data_transfer.tarutil import safe_extract
+
+    tar = _tar_of(
+        tmp_path,
+        {"suid": (b"x", 0o4777), "world": (b"y", 0o666), "private": (b"z", 0o400)},
+    )
+    dest = tmp_path / "out"
+    safe_extract(tar, dest)
+    for name in ("suid", "world", "private"):
+        mode = stat.S_IMODE((dest / name).stat().st_mode)
+        assert not mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX), (name, oct(mode))
+        assert not mode & (stat.S_IWGRP | stat.S_IWOTH), (name, oct(mode))
+        assert mode & stat.S_IRUSR and mode & stat.S_IWUSR, (name, oct(mode))

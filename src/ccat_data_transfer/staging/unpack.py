@@ -20,6 +20,9 @@ and removed once unpacked; the STAGED package copy records that path.
 from __future__ import annotations
 
 import errno
+import os
+import shutil
+import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,10 +30,11 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer.exceptions import PermanentError, RetryableError
+from ccat_data_transfer.fileio import fsync_dir
 from ccat_data_transfer.logging_utils import get_logger
 from ccat_data_transfer.staging.finders import FileRecord, file_copies_at, package_copies_at
 from ccat_data_transfer.storage import DiskStorage, Storage
-from ccat_data_transfer.tarutil import ExtractedMember, TarUtilError, safe_extract
+from ccat_data_transfer.tarutil import ExtractedMember, TarUtilError, safe_extract, sha256_file
 from ccat_ops_db import models as m
 
 log = get_logger(__name__)
@@ -43,17 +47,42 @@ __all__ = ["_mark_package_as_staged_and_cleanup", "extract_and_verify"]
 def extract_and_verify(
     storage: DiskStorage, tar_path: str, files: list[FileRecord], package_id: int
 ) -> list[tuple[FileRecord, ExtractedMember]]:
-    """Unpack the tar at the location root; every recorded file must come out intact."""
+    """Unpack the tar and check every file; then move into place what this call made.
+
+    The tar is extracted into a private work folder under the location root
+    (``.unpack.tmp-*``, which the janitor removes if a worker dies here), never straight
+    into the root: a scientist's own file, or a file of another package, that happens to
+    lie at a member's path is never overwritten and never deleted.  Only when every
+    recorded file came out intact is each one moved to its place; a place already taken
+    by the same bytes (staged earlier) is reused, one taken by other bytes stops the
+    package with a clear error and leaves that file as it is."""
     local_tar = storage.local_path(tar_path)
     assert local_tar is not None
+    work = Path(tempfile.mkdtemp(prefix=".unpack.tmp-", dir=storage.root))
     try:
-        members = safe_extract(local_tar, storage.root, overwrite=True)
+        members = _extract(local_tar, work, package_id)
+        pairs = _match_records(members, files, package_id)
+        return [(f, _move_into_place(mem, work, storage.root, package_id)) for f, mem in pairs]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _extract(local_tar: Path, work: Path, package_id: int) -> list[ExtractedMember]:
+    try:
+        return safe_extract(local_tar, work, overwrite=False)
     except TarUtilError as exc:
         raise PermanentError(f"package {package_id}: cannot unpack: {exc}") from exc
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise RetryableError(f"no space left unpacking package {package_id}: {exc}") from exc
         raise
+
+
+def _match_records(
+    members: list[ExtractedMember], files: list[FileRecord], package_id: int
+) -> list[tuple[FileRecord, ExtractedMember]]:
+    """Every recorded file must be a member with its recorded SHA-256 and size, and no
+    member may be unrecorded."""
     by_name = {mem.arcname: mem for mem in members}
     problems: list[str] = []
     pairs: list[tuple[FileRecord, ExtractedMember]] = []
@@ -69,9 +98,6 @@ def extract_and_verify(
     if extra:
         problems.append(f"unrecorded member(s) {', '.join(extra[:5])}")
     if problems:
-        for mem in members:
-            rel = Path(mem.path).relative_to(storage.root).as_posix()
-            storage.delete(rel)
         log.error(
             "staging_files_mismatch",
             raw_data_package_id=package_id,
@@ -82,6 +108,29 @@ def extract_and_verify(
             + "; ".join(problems[:5])
         )
     return pairs
+
+
+def _move_into_place(
+    member: ExtractedMember, work: Path, root: Path, package_id: int
+) -> ExtractedMember:
+    """Move one verified file from the work folder to its place under ``root``; never
+    replaces a file that is there (the same bytes are reused)."""
+    target = Path(root) / member.arcname
+    if os.path.lexists(target):
+        if target.is_file() and not target.is_symlink() and sha256_file(target) == member.sha256:
+            return ExtractedMember(member.arcname, target, member.size, member.sha256)
+        raise PermanentError(
+            f"package {package_id}: {member.arcname} already exists at the location with other "
+            "content; it was left as it is (move it away, then retry the job)"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # link, not rename: it fails if the place was taken meanwhile, never replaces it.
+        os.link(member.path, target)
+    except FileExistsError:
+        return _move_into_place(member, work, root, package_id)
+    fsync_dir(target.parent)
+    return ExtractedMember(member.arcname, target, member.size, member.sha256)
 
 
 def _verified_copy(

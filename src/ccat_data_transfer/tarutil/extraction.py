@@ -22,6 +22,7 @@ import tarfile
 import uuid
 from pathlib import Path
 
+from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.fileio import buffer_size, fadvise_sequential, fsync_dir
 from ccat_data_transfer.tarutil.common import (
     _ZERO_BLOCK,
@@ -64,7 +65,33 @@ _KIND_WORDS = {
 }
 
 
-def _read_infos(tar_path: Path) -> list[tarfile.TarInfo]:
+def _members_within_limits(
+    tf: tarfile.TarFile, tar_path: Path, max_members: int, max_total_bytes: int
+) -> list[tarfile.TarInfo]:
+    """The member headers, read one by one and refused as soon as there are more than
+    ``max_members`` or their files add up to more than ``max_total_bytes``: a tar bomb
+    (hundreds of thousands of members, or more bytes than any package) is stopped before
+    anything is written or all its headers are held in memory."""
+    infos: list[tarfile.TarInfo] = []
+    total = 0
+    for info in tf:
+        infos.append(info)
+        total += info.size if info.isreg() else 0
+        if len(infos) > max_members:
+            raise UnsafeTarError(
+                f"refusing {tar_path}: more than {max_members} members (EXTRACT_MAX_MEMBERS)"
+            )
+        if total > max_total_bytes:
+            raise UnsafeTarError(
+                f"refusing {tar_path}: its files hold more than {max_total_bytes} bytes "
+                "(EXTRACT_MAX_TOTAL_BYTES)"
+            )
+    return infos
+
+
+def _read_infos(
+    tar_path: Path, max_members: int | None = None, max_total_bytes: int | None = None
+) -> list[tarfile.TarInfo]:
     """All member headers, with checks ``tarfile`` leaves out.
 
     ``tarfile`` stops silently at a bad header or at end of file after the first member,
@@ -77,7 +104,14 @@ def _read_infos(tar_path: Path) -> list[tarfile.TarInfo]:
         raise CorruptTarError(f"cannot read tar {tar_path}: {exc}") from exc
     try:
         with tarfile.open(tar_path, "r:", encoding="utf-8", errors="surrogateescape") as tf:
-            infos = tf.getmembers()
+            infos = _members_within_limits(
+                tf,
+                tar_path,
+                int(settings.EXTRACT_MAX_MEMBERS if max_members is None else max_members),
+                int(
+                    settings.EXTRACT_MAX_TOTAL_BYTES if max_total_bytes is None else max_total_bytes
+                ),
+            )
     except (tarfile.TarError, EOFError) as exc:
         raise CorruptTarError(f"{tar_path} is not a readable tar archive: {exc}") from exc
     except OSError as exc:
@@ -182,6 +216,8 @@ def safe_extract(
     *,
     overwrite: bool = True,
     bufsize: int = DEFAULT_BUFSIZE,
+    max_members: int | None = None,
+    max_total_bytes: int | None = None,
 ) -> list[ExtractedMember]:
     """Extract a tar into ``dest_dir`` after validating every member; returns the files.
 
@@ -194,11 +230,16 @@ def safe_extract(
     files under the same names are replaced, unless ``overwrite=False``
     (``FileExistsError``).
 
+    More than ``max_members`` members (EXTRACT_MAX_MEMBERS) or more than
+    ``max_total_bytes`` of files (EXTRACT_MAX_TOTAL_BYTES) are refused before anything is
+    written.  Modes are normalised: no setuid/setgid/sticky bits, nothing group- or
+    world-writable; files are readable and writable by their owner.
+
     A damaged or truncated archive raises :class:`~ccat_data_transfer.tarutil.CorruptTarError`.
     """
     tar_path = Path(tar_path)
     dest = Path(dest_dir).absolute()
-    infos = _read_infos(tar_path)
+    infos = _read_infos(tar_path, max_members, max_total_bytes)
 
     created_dirs: list[str] = []
     temps: list[tuple[str, str]] = []  # (temp path, final path) not yet renamed
@@ -265,7 +306,7 @@ def safe_extract(
                             h.update(chunk[:w])
                             chunk = chunk[w:]
                         remaining -= n
-                    os.fchmod(fd, (info.mode & 0o777) | 0o600)
+                    os.fchmod(fd, (info.mode & 0o755) | 0o600)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
