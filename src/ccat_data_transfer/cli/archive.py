@@ -103,27 +103,22 @@ def audit_command(
             )
         console.print(table)
         for r in reports:
-            for item in r.lost[:20]:
-                console.print(
-                    f"[red]lost[/] {r.location}: {item['path']} (copy {item['physical_copy_id']})",
-                    highlight=False,
-                )
-            for item in r.drift[:20]:
-                console.print(
-                    f"[red]drift[/] {r.location}: {item['path']}: {item['problem']}",
-                    highlight=False,
-                )
-            for item in r.dark[:20]:
-                console.print(
-                    f"[yellow]dark[/] {r.location}: {item['path']} ({item['size']} B)",
-                    highlight=False,
-                )
-            for item in r.temporary[:20]:
-                console.print(
-                    f"[yellow]temporary[/] {r.location}: {item['path']} ({item['size']} B, "
-                    f"unchanged for {item['age_seconds']:.0f} s)",
-                    highlight=False,
-                )
+            for kind, style, items, detail in (
+                ("lost", "red", r.lost, lambda i: f" (copy {i['physical_copy_id']})"),
+                ("drift", "red", r.drift, lambda i: f": {i['problem']}"),
+                ("dark", "yellow", r.dark, lambda i: f" ({i['size']} B)"),
+                (
+                    "temporary",
+                    "yellow",
+                    r.temporary,
+                    lambda i: f" ({i['size']} B, unchanged for {i['age_seconds']:.0f} s)",
+                ),
+            ):
+                for item in items[:20]:
+                    console.print(
+                        f"[{style}]{kind}[/] {r.location}: {item['path']}{detail(item)}",
+                        highlight=False,
+                    )
     if any(r.discrepancies or r.error or r.aborted for r in reports):
         raise typer.Exit(1)
 
