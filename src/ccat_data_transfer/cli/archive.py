@@ -25,6 +25,7 @@ from ccat_data_transfer.cli.common import (
     console,
     get_db,
     human_bytes,
+    print_listing,
     print_result_json,
     run_manager_command,
 )
@@ -132,18 +133,14 @@ def hold_list_command(
 
     with get_db().session_scope() as session:
         holds = list_holds(session)
-    if as_json:
-        console.print_json(json.dumps(holds, default=str))
-        return
-    if not holds:
-        console.print("no location is on hold")
-        return
-    table = Table(title="Audit holds")
-    for col in ("Location", "Site", "Since", "Reason"):
-        table.add_column(col)
-    for h in holds:
-        table.add_row(h["location"], h["site"] or "-", _when(h["since"]), h["reason"] or "")
-    console.print(table)
+    print_listing(
+        holds,
+        as_json=as_json,
+        title="Audit holds",
+        columns=("Location", "Site", "Since", "Reason"),
+        row=lambda h: (h["location"], h["site"] or "-", _when(h["since"]), h["reason"] or ""),
+        empty="no location is on hold",
+    )
 
 
 @hold_app.command("clear")
@@ -237,21 +234,21 @@ def archive_events_command(
             )
         ]
         frozen = package.frozen_at, package.frozen_reason
-    if as_json:
-        console.print_json(json.dumps(rows, default=str))
-        return
-    table = Table(title=f"Archive trail of package {package_id}")
-    for col in ("At", "Event", "Location", "Copy", "Actor", "Message"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(
+    print_listing(
+        rows,
+        as_json=as_json,
+        title=f"Archive trail of package {package_id}",
+        columns=("At", "Event", "Location", "Copy", "Actor", "Message"),
+        row=lambda r: (
             _when(r["at"]),
             r["event"],
             r["location"] or "-",
             str(r["copy"] or "-"),
             r["actor"],
             r["message"] or "",
-        )
-    console.print(table)
+        ),
+    )
+    if as_json:
+        return
     if frozen[0] is not None:
         console.print(f"[bold red]frozen[/] since {_when(frozen[0])}: {frozen[1]}", highlight=False)
