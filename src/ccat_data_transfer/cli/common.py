@@ -111,7 +111,7 @@ def print_listing(
     items: list[Any],
     *,
     as_json: bool,
-    title: str,
+    title: str | None,
     columns: Sequence[str],
     row: Callable[[Any], Sequence[str]],
     empty: str | None = None,

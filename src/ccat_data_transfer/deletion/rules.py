@@ -256,22 +256,30 @@ def decide_raw_data_package(
             "RawDataPackages at a PROCESSING location are cleaned up through the STAGED rule",
             "processing_package",
         )
-    guard = _held_or_frozen(location, [package])
-    if guard is not None:
-        return guard
-    at_source = _is_source_site_location(location, roles)
-    at_lta_site = _is_lta_site_buffer(location, roles)
-    return _both_site_rules(
+    return _site_rules(
         location,
-        at_source and (lambda: _decide_rdp_source(session, package, location, roles)),
-        at_lta_site and (lambda: _decide_rdp_lta_buffer(session, package, location, roles)),
+        [package],
+        _is_source_site_location(location, roles)
+        and (lambda: _decide_rdp_source(session, package, location, roles)),
+        _is_lta_site_buffer(location, roles)
+        and (lambda: _decide_rdp_lta_buffer(session, package, location, roles)),
     )
 
 
-def _both_site_rules(location: m.DataLocation, source_rule: Any, lta_rule: Any) -> Decision:
-    """A location at a source site and/or an LTA site: every rule that applies must allow
-    the deletion; the first one that keeps the copy gives the reason.  A falsy rule does not
-    apply; a callable rule is evaluated only when it applies."""
+def _site_rules(
+    location: m.DataLocation,
+    packages: Sequence[m.RawDataPackage | None],
+    source_rule: Any,
+    lta_rule: Any,
+) -> Decision:
+    """A location at a source site and/or an LTA site: nothing goes while the location is
+    held or one of ``packages`` frozen (:func:`_held_or_frozen`); then every rule that
+    applies must allow the deletion, and the first one that keeps the copy gives the
+    reason.  A falsy rule does not apply; a callable rule is evaluated only when it
+    applies."""
+    guard = _held_or_frozen(location, packages)
+    if guard is not None:
+        return guard
     rules = [rule for rule in (source_rule, lta_rule) if rule]
     if not rules:
         return _keep(
@@ -400,15 +408,13 @@ def decide_data_transfer_package(
             )
         )
     )
-    guard = _held_or_frozen(location, held)
-    if guard is not None:
-        return guard
-    at_source = location.site_id in roles.source_site_ids
-    at_lta = location.site_id in roles.lta_site_ids
-    return _both_site_rules(
+    return _site_rules(
         location,
-        at_source and (lambda: _decide_dtp_source(session, dtp, location, roles)),
-        at_lta and (lambda: _decide_dtp_lta_buffer(session, dtp, location, roles)),
+        held,
+        location.site_id in roles.source_site_ids
+        and (lambda: _decide_dtp_source(session, dtp, location, roles)),
+        location.site_id in roles.lta_site_ids
+        and (lambda: _decide_dtp_lta_buffer(session, dtp, location, roles)),
     )
 
 
