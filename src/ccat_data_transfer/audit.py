@@ -390,9 +390,7 @@ def clear_hold(
     """Lift the hold of ``location_name`` (an operator's decision, with its reason in the
     HOLD_CLEARED event); NotFoundError for an unknown location, ValidationError for one
     not on hold.  Returns what was cleared."""
-    location = session.scalars(
-        select(m.DataLocation).where(m.DataLocation.name == location_name)
-    ).first()
+    location = session.scalars(select(m.DataLocation).filter_by(name=location_name)).first()
     if location is None:
         raise NotFoundError(f"no data location named {location_name!r}; see `list-locations`")
     if location.audit_hold_at is None:

@@ -513,9 +513,7 @@ def _key(entry: FilingEntry) -> tuple[Any, ...]:
 def finish_executed_obs_unit(session: Session, name: str) -> m.ExecutedObsUnit:
     """Mark an ExecutedObsUnit finished: its files can be packaged as soon as they are
     filed (no quiet period).  Idempotent; NotFoundError for an unknown name."""
-    eou = session.scalars(
-        select(m.ExecutedObsUnit).where(m.ExecutedObsUnit.name == name)
-    ).one_or_none()
+    eou = session.scalars(select(m.ExecutedObsUnit).filter_by(name=name)).one_or_none()
     if eou is None:
         raise NotFoundError(f"no executed obs unit named {name!r}")
     if eou.finished_at is None:

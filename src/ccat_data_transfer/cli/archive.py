@@ -25,6 +25,7 @@ from ccat_data_transfer.cli.common import (
     console,
     get_db,
     human_bytes,
+    print_listing,
     print_result_json,
     run_manager_command,
 )
@@ -103,27 +104,22 @@ def audit_command(
             )
         console.print(table)
         for r in reports:
-            for item in r.lost[:20]:
-                console.print(
-                    f"[red]lost[/] {r.location}: {item['path']} (copy {item['physical_copy_id']})",
-                    highlight=False,
-                )
-            for item in r.drift[:20]:
-                console.print(
-                    f"[red]drift[/] {r.location}: {item['path']}: {item['problem']}",
-                    highlight=False,
-                )
-            for item in r.dark[:20]:
-                console.print(
-                    f"[yellow]dark[/] {r.location}: {item['path']} ({item['size']} B)",
-                    highlight=False,
-                )
-            for item in r.temporary[:20]:
-                console.print(
-                    f"[yellow]temporary[/] {r.location}: {item['path']} ({item['size']} B, "
-                    f"unchanged for {item['age_seconds']:.0f} s)",
-                    highlight=False,
-                )
+            for kind, style, items, detail in (
+                ("lost", "red", r.lost, lambda i: f" (copy {i['physical_copy_id']})"),
+                ("drift", "red", r.drift, lambda i: f": {i['problem']}"),
+                ("dark", "yellow", r.dark, lambda i: f" ({i['size']} B)"),
+                (
+                    "temporary",
+                    "yellow",
+                    r.temporary,
+                    lambda i: f" ({i['size']} B, unchanged for {i['age_seconds']:.0f} s)",
+                ),
+            ):
+                for item in items[:20]:
+                    console.print(
+                        f"[{style}]{kind}[/] {r.location}: {item['path']}{detail(item)}",
+                        highlight=False,
+                    )
     if any(r.discrepancies or r.error or r.aborted for r in reports):
         raise typer.Exit(1)
 
@@ -137,18 +133,14 @@ def hold_list_command(
 
     with get_db().session_scope() as session:
         holds = list_holds(session)
-    if as_json:
-        console.print_json(json.dumps(holds, default=str))
-        return
-    if not holds:
-        console.print("no location is on hold")
-        return
-    table = Table(title="Audit holds")
-    for col in ("Location", "Site", "Since", "Reason"):
-        table.add_column(col)
-    for h in holds:
-        table.add_row(h["location"], h["site"] or "-", _when(h["since"]), h["reason"] or "")
-    console.print(table)
+    print_listing(
+        holds,
+        as_json=as_json,
+        title="Audit holds",
+        columns=("Location", "Site", "Since", "Reason"),
+        row=lambda h: (h["location"], h["site"] or "-", _when(h["since"]), h["reason"] or ""),
+        empty="no location is on hold",
+    )
 
 
 @hold_app.command("clear")
@@ -242,21 +234,21 @@ def archive_events_command(
             )
         ]
         frozen = package.frozen_at, package.frozen_reason
-    if as_json:
-        console.print_json(json.dumps(rows, default=str))
-        return
-    table = Table(title=f"Archive trail of package {package_id}")
-    for col in ("At", "Event", "Location", "Copy", "Actor", "Message"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(
+    print_listing(
+        rows,
+        as_json=as_json,
+        title=f"Archive trail of package {package_id}",
+        columns=("At", "Event", "Location", "Copy", "Actor", "Message"),
+        row=lambda r: (
             _when(r["at"]),
             r["event"],
             r["location"] or "-",
             str(r["copy"] or "-"),
             r["actor"],
             r["message"] or "",
-        )
-    console.print(table)
+        ),
+    )
+    if as_json:
+        return
     if frozen[0] is not None:
         console.print(f"[bold red]frozen[/] since {_when(frozen[0])}: {frozen[1]}", highlight=False)

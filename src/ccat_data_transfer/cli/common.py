@@ -11,13 +11,14 @@ import functools
 import importlib
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from ccat_data_transfer import __version__, formatting
 from ccat_data_transfer.config.config import settings
@@ -104,6 +105,30 @@ def human_bytes(n: int | float | None) -> str:
     """A size for terminal output: :func:`ccat_data_transfer.formatting.human_bytes` with
     ASCII labels (``KB``, ``-`` for an unknown size)."""
     return formatting.human_bytes(n, missing="-", units=_CLI_BYTE_UNITS)
+
+
+def print_listing(
+    items: list[Any],
+    *,
+    as_json: bool,
+    title: str | None,
+    columns: Sequence[str],
+    row: Callable[[Any], Sequence[str]],
+    empty: str | None = None,
+) -> None:
+    """The body of a list command: ``items`` as JSON with ``--json``; else the line
+    ``empty`` when there are none (if given); else a table of ``columns`` with one
+    ``row(item)`` per item."""
+    if as_json:
+        console.print_json(json.dumps(items, default=str))
+        return
+    if not items and empty is not None:
+        console.print(empty)
+        return
+    table = Table(*columns, title=title)
+    for item in items:
+        table.add_row(*row(item))
+    console.print(table)
 
 
 #: Help of the ``--site`` option of every manager command.

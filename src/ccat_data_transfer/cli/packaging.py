@@ -226,6 +226,11 @@ def _copies_table(title: str, copies: list[dict[str, Any]]) -> Table:
     return table
 
 
+def _transfer_cells(t: dict[str, Any]) -> tuple[str, ...]:
+    """The first cells of a transfer's row, the same in every transfer table."""
+    return str(t["id"]), t["origin"], t["destination"], t["status"]
+
+
 @package_app.command("show")
 def package_show(
     ident: str = typer.Argument(..., help="RawDataPackage id or file name."),
@@ -279,10 +284,7 @@ def package_show(
             transfers.add_column(col)
         for t in dtp["transfers"]:
             transfers.add_row(
-                str(t["id"]),
-                t["origin"],
-                t["destination"],
-                t["status"],
+                *_transfer_cells(t),
                 t["unpack_status"],
                 human_bytes(t["bytes_transferred"]),
                 f"{t['rate_mb_per_s']:.1f}" if t["rate_mb_per_s"] is not None else "-",
@@ -293,11 +295,6 @@ def package_show(
         lta.add_column(col)
     for t in info["long_term_archive_transfers"]:
         lta.add_row(
-            str(t["id"]),
-            t["origin"],
-            t["destination"],
-            t["status"],
-            human_bytes(t["bytes_transferred"]),
-            (t["end_time"] or "-")[:19],
+            *_transfer_cells(t), human_bytes(t["bytes_transferred"]), (t["end_time"] or "-")[:19]
         )
     console.print(lta)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 
 import typer
-from rich.table import Table
 
 from ccat_data_transfer import staging_manager
 from ccat_data_transfer.cli.common import (
@@ -19,6 +18,7 @@ from ccat_data_transfer.cli.common import (
     app,
     console,
     get_db,
+    print_listing,
     print_result_json,
 )
 from ccat_data_transfer.config.config import settings
@@ -138,32 +138,34 @@ def stage_list(
                 session, active=True if active_only else None, limit=limit
             )
         ]
-    if as_json:
-        console.print_json(json.dumps(jobs))
-        return
-    if not jobs:
-        console.print("no staging jobs")
-        return
-    table = Table(title="Staging jobs")
-    for col in ("ID", "Name", "Destination", "Status", "Progress", "Active", "Expires (UTC)"):
-        table.add_column(col)
-    colours = {"COMPLETED": "green", "FAILED": "red", "IN_PROGRESS": "yellow"}
-    for j in jobs:
-        status = j["status"]
-        colour = colours.get(status)
-        shown = f"[{colour}]{status}[/]" if colour else status
-        if j["failure_reason"] and status != "COMPLETED":
-            shown += f" ({j['failure_reason'][:60]})"
-        table.add_row(
-            str(j["id"]),
-            j["name"] or "-",
-            j["destination"],
-            shown,
-            _progress(j),
-            "yes" if j["active"] else "no",
-            _short_time(j["expires_at"]),
-        )
-    console.print(table)
+    print_listing(
+        jobs,
+        as_json=as_json,
+        title="Staging jobs",
+        columns=("ID", "Name", "Destination", "Status", "Progress", "Active", "Expires (UTC)"),
+        row=_job_row,
+        empty="no staging jobs",
+    )
+
+
+_STATUS_COLOURS = {"COMPLETED": "green", "FAILED": "red", "IN_PROGRESS": "yellow"}
+
+
+def _job_row(j: dict) -> tuple[str, ...]:
+    status = j["status"]
+    colour = _STATUS_COLOURS.get(status)
+    shown = f"[{colour}]{status}[/]" if colour else status
+    if j["failure_reason"] and status != "COMPLETED":
+        shown += f" ({j['failure_reason'][:60]})"
+    return (
+        str(j["id"]),
+        j["name"] or "-",
+        j["destination"],
+        shown,
+        _progress(j),
+        "yes" if j["active"] else "no",
+        _short_time(j["expires_at"]),
+    )
 
 
 @stage_app.command("done")

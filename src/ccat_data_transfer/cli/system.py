@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 
 import typer
-from rich.table import Table
 
 from ccat_data_transfer.cli.common import (
     SITE_HELP,
@@ -15,6 +14,7 @@ from ccat_data_transfer.cli.common import (
     get_db,
     manager_site,
     options,
+    print_listing,
 )
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.health import list_services
@@ -28,27 +28,23 @@ def health_command(
     if str(settings.get("EXECUTION_MODE", "embedded")).lower() == "embedded":
         get_db()  # the heartbeats are in the database: it must exist (nothing is created)
     services = list_services()
-    if as_json:
-        import json
-
-        console.print_json(json.dumps(services, default=str))
-        return
-    if not services:
-        console.print("no service has reported health yet")
-        return
-    table = Table(title="Services")
-    for col in ("Type", "Name", "State", "Host", "PID", "Last beat"):
-        table.add_column(col)
-    for svc in services:
-        table.add_row(
+    print_listing(
+        services,
+        as_json=as_json,
+        title="Services",
+        columns=("Type", "Name", "State", "Host", "PID", "Last beat"),
+        row=lambda svc: (
             svc["service_type"],
             svc["service_name"],
             "[green]alive[/]" if svc["alive"] else "[red]dead[/]",
             str(svc.get("host", "-")),
             str(svc.get("pid", "-")),
             str(svc.get("last_beat", "-")),
-        )
-    console.print(table)
+        ),
+        empty="no service has reported health yet",
+    )
+    if as_json:
+        return
     dead = [s for s in services if not s["alive"]]
     if dead:
         raise typer.Exit(1)

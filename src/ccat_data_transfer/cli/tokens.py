@@ -8,9 +8,8 @@ creation; only its SHA-256 is stored, so ``token list`` can never show it.
 from __future__ import annotations
 
 import typer
-from rich.table import Table
 
-from ccat_data_transfer.cli.common import app, console, err_console, get_db
+from ccat_data_transfer.cli.common import app, console, err_console, get_db, print_listing
 
 token_app = typer.Typer(help="API tokens for the REST API and the dashboard.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
@@ -50,9 +49,12 @@ def token_list() -> None:
 
     with get_db().session_scope() as session:
         tokens = list_api_tokens(session)
-    table = Table("id", "user", "name", "role", "scope", "created", "last used", "revoked")
-    for t in tokens:
-        table.add_row(
+    print_listing(
+        tokens,
+        as_json=False,
+        title=None,
+        columns=("id", "user", "name", "role", "scope", "created", "last used", "revoked"),
+        row=lambda t: (
             str(t["id"]),
             t["user"],
             t["name"],
@@ -61,8 +63,8 @@ def token_list() -> None:
             t["created_at"][:19],
             (t["last_used_at"] or "never")[:19],
             "yes" if t["revoked"] else "no",
-        )
-    console.print(table)
+        ),
+    )
 
 
 @token_app.command("revoke")

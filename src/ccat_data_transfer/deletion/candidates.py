@@ -28,15 +28,8 @@ from sqlalchemy import and_, or_, select, union_all
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer import scope
-from ccat_data_transfer.deletion.base import (
-    COPY_TYPE_RAW_DATA_FILE,
-    COPY_TYPE_RAW_DATA_PACKAGE,
-    DLT,
-    LT,
-    PCT,
-    S,
-    _alias,
-)
+from ccat_data_transfer.deletion import base
+from ccat_data_transfer.deletion.base import DLT, LT, PCT, S, _alias
 from ccat_data_transfer.deletion.claims import _Candidate
 from ccat_data_transfer.deletion.pressure import (
     bytes_to_free,
@@ -139,7 +132,7 @@ def _processing_file_ids(
         select(pc.c.id, copy_bytes(pc, rdf))
         .join(rdf, rdf.c.id == pc.c.raw_data_file_id)
         .where(
-            pc.c.type == COPY_TYPE_RAW_DATA_FILE,
+            pc.c.type == base.COPY_TYPE_RAW_DATA_FILE,
             pc.c.data_location_id == location.id,
             pc.c.status.in_(list(statuses)),
             pc.c.lost_at.is_(None),
@@ -240,7 +233,7 @@ def _oldest_under_pressure(
         others.append(
             _Candidate(
                 r.id,
-                COPY_TYPE_RAW_DATA_FILE,
+                base.COPY_TYPE_RAW_DATA_FILE,
                 r.size,
                 f"buffer pressure at {location.name}: oldest DELETION_POSSIBLE first",
                 "buffer_pressure",
@@ -260,7 +253,7 @@ def _deletion_possible_selection(
     if limit is not None:
         expired = expired.limit(limit)
     chosen = [
-        _Candidate(r.id, COPY_TYPE_RAW_DATA_FILE, r.size, *EXPIRED)
+        _Candidate(r.id, base.COPY_TYPE_RAW_DATA_FILE, r.size, *EXPIRED)
         for r in session.execute(expired)
     ]
     if not should_delete_based_on_buffer_status(location, status):
@@ -300,7 +293,7 @@ def lta_copies_to_verify(
         )
 
     packages = (
-        waiting(pc.c.raw_data_package_id, COPY_TYPE_RAW_DATA_PACKAGE, S.PRESENT)
+        waiting(pc.c.raw_data_package_id, base.COPY_TYPE_RAW_DATA_PACKAGE, S.PRESENT)
         .join(rdp, rdp.c.id == pc.c.raw_data_package_id)
         .where(pc.c.data_location_id.in_([x.id for x in locations]), rdp.c.frozen_at.is_(None))
     )
@@ -312,7 +305,7 @@ def lta_copies_to_verify(
             cutoff = _retention_cutoff(x)
             windows.append(and_(pc.c.data_location_id == x.id, pc.c.deletion_possible_at <= cutoff))
     files = (
-        waiting(rdf.c.raw_data_package_id, COPY_TYPE_RAW_DATA_FILE, S.DELETION_POSSIBLE)
+        waiting(rdf.c.raw_data_package_id, base.COPY_TYPE_RAW_DATA_FILE, S.DELETION_POSSIBLE)
         .join(rdf, rdf.c.id == pc.c.raw_data_file_id)
         .join(rdp, rdp.c.id == rdf.c.raw_data_package_id)
         .where(

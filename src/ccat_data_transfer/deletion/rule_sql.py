@@ -120,7 +120,7 @@ def _lta_present_exists(
     same_site_id: Any = None,
     per_row: bool = False,
 ) -> Any:
-    """SQL, the proof rule (stated once; :func:`rules._counts_as_proof` is its Python
+    """SQL, the proof rule (stated once; :func:`proof._counts_as_proof` is its Python
     form): at least ``need`` (an int or SQL) copies of the package count as proof - each
     one passes :func:`_lta_copy_could_prove` and was verified at its site at or after
     ``archive_proof.proof_cutoff()``.  ``fresh=False`` leaves the age out (the copy could

@@ -14,15 +14,19 @@ package's archive copies, its transfers) through the session and change nothing.
   in ``deletion.rule_sql``);
 * any copy: :func:`decide_copy`.
 
+The archive-proof rule for one package's LTA copies (what counts as proof, how a copy is
+described in a reason) is in ``deletion.proof``.
+
 Room in the house: core of the deletion stage; imports ``deletion.base``,
-``deletion.rule_sql``, ``deletion.pressure``, config and ``ccat_ops_db``.
+``deletion.rule_sql``, ``deletion.proof``, ``deletion.pressure``, config and
+``ccat_ops_db``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -32,6 +36,13 @@ from ccat_data_transfer.archive_proof import proof_cutoff, proof_max_age
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.deletion.base import LT, S
 from ccat_data_transfer.deletion.pressure import should_delete_based_on_buffer_status
+from ccat_data_transfer.deletion.proof import (
+    _ago,
+    _could_prove,
+    _counts_as_proof,
+    _lta_copies_of_package,
+    _no_lta_detail,
+)
 from ccat_data_transfer.deletion.rule_sql import (
     _file_copies_still_deletable,
     min_verified_lta_copies,
@@ -114,72 +125,6 @@ def _is_lta_site_buffer(location: m.DataLocation, roles: SiteRoles) -> bool:
     return location.location_type == LT.BUFFER and location.site_id in roles.lta_site_ids
 
 
-def _lta_copies_of_package(session: Session, package_id: int) -> list[m.RawDataPackagePhysicalCopy]:
-    return list(
-        session.scalars(
-            select(m.RawDataPackagePhysicalCopy)
-            .join(
-                m.DataLocation, m.DataLocation.id == m.RawDataPackagePhysicalCopy.data_location_id
-            )
-            .where(
-                m.RawDataPackagePhysicalCopy.raw_data_package_id == package_id,
-                m.DataLocation.location_type == LT.LONG_TERM_ARCHIVE,
-            )
-            .order_by(m.RawDataPackagePhysicalCopy.id)
-        )
-    )
-
-
-def _could_prove(copy: m.PhysicalCopy, package: m.RawDataPackage) -> bool:
-    """The proof rule but for its age (SQL: ``rule_sql._lta_copy_could_prove``): PRESENT,
-    not lost, at an active LONG_TERM_ARCHIVE without an audit hold, the package's
-    checksum."""
-    loc = copy.data_location
-    return (
-        copy.status == S.PRESENT
-        and copy.lost_at is None
-        and loc.location_type == LT.LONG_TERM_ARCHIVE
-        and bool(loc.active)
-        and loc.audit_hold_at is None
-        and copy.checksum is not None
-        and copy.checksum == package.checksum
-    )
-
-
-def _counts_as_proof(copy: m.PhysicalCopy, package: m.RawDataPackage, cutoff: datetime) -> bool:
-    """The proof rule for one LTA copy (SQL: ``rule_sql._lta_present_exists``): it could
-    prove the package and was verified at its site at or after ``cutoff``."""
-    return (
-        _could_prove(copy, package) and copy.verified_at is not None and copy.verified_at >= cutoff
-    )
-
-
-def _ago(when: datetime | None) -> str:
-    if when is None:
-        return "never verified"
-    seconds = max(0.0, (m.utcnow() - when).total_seconds())
-    for unit, size, limit in (("s", 1, 120), ("min", 60, 7200), ("h", 3600, 172800)):
-        if seconds < limit:
-            return f"verified {int(seconds // size)} {unit} ago"
-    return f"verified {int(seconds // 86400)} d ago"
-
-
-def _describe_copy(copy: m.PhysicalCopy, package: m.RawDataPackage | None = None) -> str:
-    loc = copy.data_location
-    text = f"{loc.name} copy is {copy.status.name}"
-    if copy.lost_at is not None:
-        text += " and marked lost"
-    elif not loc.active:
-        text += " at an inactive location"
-    elif loc.audit_hold_at is not None:
-        text += f" at a location under an audit hold ({loc.audit_hold_reason or 'no reason'})"
-    elif package is not None and (copy.checksum is None or copy.checksum != package.checksum):
-        text += " with another checksum than the package's"
-    elif copy.status == S.PRESENT:
-        text += f", {_ago(copy.verified_at)}"
-    return text
-
-
 def _held_or_frozen(
     location: m.DataLocation, packages: Sequence[m.RawDataPackage | None]
 ) -> Decision | None:
@@ -251,25 +196,6 @@ def _too_few(need: int, what: str, code: str = "no_lta_copy") -> Callable[[str],
     return missing
 
 
-def _no_lta_detail(
-    session: Session, package: m.RawDataPackage, lta_copies: list[Any], site_id: int | None
-) -> str:
-    if lta_copies:
-        return "; ".join(_describe_copy(c, package) for c in lta_copies)
-    others = session.scalars(
-        select(m.RawDataPackagePhysicalCopy).where(
-            m.RawDataPackagePhysicalCopy.raw_data_package_id == package.id,
-            m.RawDataPackagePhysicalCopy.status != S.DELETED,
-        )
-    ).all()
-    where = ", ".join(
-        f"{c.data_location.name} ({c.data_location.location_type.name}, {c.status.name})"
-        for c in others
-    )
-    scope = "at this site " if site_id is not None else ""
-    return f"no copy {scope}at any LONG_TERM_ARCHIVE; copies: {where or 'none'}"
-
-
 def _decide_rdp_source(
     session: Session, package: m.RawDataPackage, location: m.DataLocation, roles: SiteRoles
 ) -> Decision:
@@ -330,22 +256,30 @@ def decide_raw_data_package(
             "RawDataPackages at a PROCESSING location are cleaned up through the STAGED rule",
             "processing_package",
         )
-    guard = _held_or_frozen(location, [package])
-    if guard is not None:
-        return guard
-    at_source = _is_source_site_location(location, roles)
-    at_lta_site = _is_lta_site_buffer(location, roles)
-    return _both_site_rules(
+    return _site_rules(
         location,
-        at_source and (lambda: _decide_rdp_source(session, package, location, roles)),
-        at_lta_site and (lambda: _decide_rdp_lta_buffer(session, package, location, roles)),
+        [package],
+        _is_source_site_location(location, roles)
+        and (lambda: _decide_rdp_source(session, package, location, roles)),
+        _is_lta_site_buffer(location, roles)
+        and (lambda: _decide_rdp_lta_buffer(session, package, location, roles)),
     )
 
 
-def _both_site_rules(location: m.DataLocation, source_rule: Any, lta_rule: Any) -> Decision:
-    """A location at a source site and/or an LTA site: every rule that applies must allow
-    the deletion; the first one that keeps the copy gives the reason.  A falsy rule does not
-    apply; a callable rule is evaluated only when it applies."""
+def _site_rules(
+    location: m.DataLocation,
+    packages: Sequence[m.RawDataPackage | None],
+    source_rule: Any,
+    lta_rule: Any,
+) -> Decision:
+    """A location at a source site and/or an LTA site: nothing goes while the location is
+    held or one of ``packages`` frozen (:func:`_held_or_frozen`); then every rule that
+    applies must allow the deletion, and the first one that keeps the copy gives the
+    reason.  A falsy rule does not apply; a callable rule is evaluated only when it
+    applies."""
+    guard = _held_or_frozen(location, packages)
+    if guard is not None:
+        return guard
     rules = [rule for rule in (source_rule, lta_rule) if rule]
     if not rules:
         return _keep(
@@ -474,15 +408,13 @@ def decide_data_transfer_package(
             )
         )
     )
-    guard = _held_or_frozen(location, held)
-    if guard is not None:
-        return guard
-    at_source = location.site_id in roles.source_site_ids
-    at_lta = location.site_id in roles.lta_site_ids
-    return _both_site_rules(
+    return _site_rules(
         location,
-        at_source and (lambda: _decide_dtp_source(session, dtp, location, roles)),
-        at_lta and (lambda: _decide_dtp_lta_buffer(session, dtp, location, roles)),
+        held,
+        location.site_id in roles.source_site_ids
+        and (lambda: _decide_dtp_source(session, dtp, location, roles)),
+        location.site_id in roles.lta_site_ids
+        and (lambda: _decide_dtp_lta_buffer(session, dtp, location, roles)),
     )
 
 

@@ -63,8 +63,9 @@ def _transfer_row(transfer: Any, fields: tuple[str, ...]) -> dict[str, Any]:
     return {name: _TRANSFER_VALUES[name](transfer) for name in fields}
 
 
-def _rows(session: Session, model: Any, where: Any, order: Any) -> Sequence[Any]:
-    return session.scalars(select(model).where(where).order_by(order)).all()
+def _rows(session: Session, model: Any, order: Any, **by: Any) -> Sequence[Any]:
+    """The rows of ``model`` whose columns equal ``by``, in ``order``."""
+    return session.scalars(select(model).filter_by(**by).order_by(order)).all()
 
 
 def describe_raw_data_package(session: Session, ident: int | str) -> dict[str, Any]:
@@ -81,17 +82,9 @@ def describe_raw_data_package(session: Session, ident: int | str) -> dict[str, A
         ).one_or_none()
     if pkg is None:
         raise NotFoundError(f"no raw data package with id or file name {text!r}")
-    files = _rows(
-        session,
-        m.RawDataFile,
-        m.RawDataFile.raw_data_package_id == pkg.id,
-        m.RawDataFile.relative_path,
-    )
+    files = _rows(session, m.RawDataFile, m.RawDataFile.relative_path, raw_data_package_id=pkg.id)
     copies = _rows(
-        session,
-        m.RawDataPackagePhysicalCopy,
-        m.RawDataPackagePhysicalCopy.raw_data_package_id == pkg.id,
-        m.PhysicalCopy.id,
+        session, m.RawDataPackagePhysicalCopy, m.PhysicalCopy.id, raw_data_package_id=pkg.id
     )
     module = pkg.instrument_module
     out: dict[str, Any] = {
@@ -129,14 +122,11 @@ def describe_raw_data_package(session: Session, ident: int | str) -> dict[str, A
         dtp_copies = _rows(
             session,
             m.DataTransferPackagePhysicalCopy,
-            m.DataTransferPackagePhysicalCopy.data_transfer_package_id == dtp.id,
             m.PhysicalCopy.id,
+            data_transfer_package_id=dtp.id,
         )
         transfers = _rows(
-            session,
-            m.DataTransfer,
-            m.DataTransfer.data_transfer_package_id == dtp.id,
-            m.DataTransfer.id,
+            session, m.DataTransfer, m.DataTransfer.id, data_transfer_package_id=dtp.id
         )
         out["data_transfer_package"] = {
             "id": dtp.id,
@@ -151,10 +141,7 @@ def describe_raw_data_package(session: Session, ident: int | str) -> dict[str, A
             "transfers": [_transfer_row(t, _TRANSFER_FIELDS) for t in transfers],
         }
     ltas = _rows(
-        session,
-        m.LongTermArchiveTransfer,
-        m.LongTermArchiveTransfer.raw_data_package_id == pkg.id,
-        m.LongTermArchiveTransfer.id,
+        session, m.LongTermArchiveTransfer, m.LongTermArchiveTransfer.id, raw_data_package_id=pkg.id
     )
     out["long_term_archive_transfers"] = [_transfer_row(t, _LTA_FIELDS) for t in ltas]
     return out

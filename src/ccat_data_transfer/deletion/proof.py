@@ -1,0 +1,106 @@
+"""The archive-proof rule in Python, for one package's LONG_TERM_ARCHIVE copies: which
+copies could prove the package (:func:`_could_prove`), which count as proof now
+(:func:`_counts_as_proof`, the Python form of ``rule_sql._lta_present_exists``), and how
+a copy or the lack of one is described in a Decision's reason.  The decision that uses
+them (``rules._proof_of``, with the proof's age from ``archive_proof.proof_cutoff``) is in
+``deletion.rules``.
+
+Room in the house: core of the deletion stage; imports ``deletion.base`` and
+``ccat_ops_db`` only.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ccat_data_transfer.deletion.base import LT, S
+from ccat_ops_db import models as m
+
+
+def _lta_copies_of_package(session: Session, package_id: int) -> list[m.RawDataPackagePhysicalCopy]:
+    return list(
+        session.scalars(
+            select(m.RawDataPackagePhysicalCopy)
+            .join(
+                m.DataLocation, m.DataLocation.id == m.RawDataPackagePhysicalCopy.data_location_id
+            )
+            .where(
+                m.RawDataPackagePhysicalCopy.raw_data_package_id == package_id,
+                m.DataLocation.location_type == LT.LONG_TERM_ARCHIVE,
+            )
+            .order_by(m.RawDataPackagePhysicalCopy.id)
+        )
+    )
+
+
+def _could_prove(copy: m.PhysicalCopy, package: m.RawDataPackage) -> bool:
+    """The proof rule but for its age (SQL: ``rule_sql._lta_copy_could_prove``): PRESENT,
+    not lost, at an active LONG_TERM_ARCHIVE without an audit hold, the package's
+    checksum."""
+    loc = copy.data_location
+    return (
+        copy.status == S.PRESENT
+        and copy.lost_at is None
+        and loc.location_type == LT.LONG_TERM_ARCHIVE
+        and bool(loc.active)
+        and loc.audit_hold_at is None
+        and copy.checksum is not None
+        and copy.checksum == package.checksum
+    )
+
+
+def _counts_as_proof(copy: m.PhysicalCopy, package: m.RawDataPackage, cutoff: datetime) -> bool:
+    """The proof rule for one LTA copy (SQL: ``rule_sql._lta_present_exists``): it could
+    prove the package and was verified at its site at or after ``cutoff``."""
+    return (
+        _could_prove(copy, package) and copy.verified_at is not None and copy.verified_at >= cutoff
+    )
+
+
+def _ago(when: datetime | None) -> str:
+    if when is None:
+        return "never verified"
+    seconds = max(0.0, (m.utcnow() - when).total_seconds())
+    for unit, size, limit in (("s", 1, 120), ("min", 60, 7200), ("h", 3600, 172800)):
+        if seconds < limit:
+            return f"verified {int(seconds // size)} {unit} ago"
+    return f"verified {int(seconds // 86400)} d ago"
+
+
+def _describe_copy(copy: m.PhysicalCopy, package: m.RawDataPackage | None = None) -> str:
+    loc = copy.data_location
+    text = f"{loc.name} copy is {copy.status.name}"
+    if copy.lost_at is not None:
+        text += " and marked lost"
+    elif not loc.active:
+        text += " at an inactive location"
+    elif loc.audit_hold_at is not None:
+        text += f" at a location under an audit hold ({loc.audit_hold_reason or 'no reason'})"
+    elif package is not None and (copy.checksum is None or copy.checksum != package.checksum):
+        text += " with another checksum than the package's"
+    elif copy.status == S.PRESENT:
+        text += f", {_ago(copy.verified_at)}"
+    return text
+
+
+def _no_lta_detail(
+    session: Session, package: m.RawDataPackage, lta_copies: list[Any], site_id: int | None
+) -> str:
+    if lta_copies:
+        return "; ".join(_describe_copy(c, package) for c in lta_copies)
+    others = session.scalars(
+        select(m.RawDataPackagePhysicalCopy).where(
+            m.RawDataPackagePhysicalCopy.raw_data_package_id == package.id,
+            m.RawDataPackagePhysicalCopy.status != S.DELETED,
+        )
+    ).all()
+    where = ", ".join(
+        f"{c.data_location.name} ({c.data_location.location_type.name}, {c.status.name})"
+        for c in others
+    )
+    scope = "at this site " if site_id is not None else ""
+    return f"no copy {scope}at any LONG_TERM_ARCHIVE; copies: {where or 'none'}"
