@@ -27,14 +27,13 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer.api.dashboard_queries import (
-    buffer_usage_data,
     deletions_data,
     overview_data,
     package_detail,
     package_list,
     staging_data,
-    throughput_data,
 )
+from ccat_data_transfer.api.dashboard_trends import buffer_usage_data, throughput_data
 from ccat_data_transfer.api.deps import MAX_ID, get_session
 from ccat_data_transfer.api.login import dashboard_is_public, dashboard_viewer
 from ccat_data_transfer.formatting import human_bytes
