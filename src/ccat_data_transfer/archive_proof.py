@@ -126,25 +126,21 @@ def request_verification(
     ids = sorted({int(i) for i in copy_ids})
     if not ids:
         return 0
-    due = session.execute(
-        select(PCT.c.id, PCT.c.data_location_id).where(
-            PCT.c.id.in_(ids),
-            (PCT.c.verification_requested_at.is_(None))
-            | (PCT.c.verification_requested_at < now - _request_timeout()),
-        )
-    ).all()
-    if not due:
-        return 0
+    # One conditional UPDATE both picks the copies without an outstanding request and
+    # stamps them, so two managers never queue the same copy twice.
     claimed = session.execute(
         update(PCT)
         .where(
-            PCT.c.id.in_([r[0] for r in due]),
+            PCT.c.id.in_(ids),
             (PCT.c.verification_requested_at.is_(None))
             | (PCT.c.verification_requested_at < now - _request_timeout()),
         )
         .values(verification_requested_at=now)
         .returning(PCT.c.id, PCT.c.data_location_id)
     ).all()
+    if not claimed:
+        session.rollback()
+        return 0
     session.commit()
     by_location: dict[int, list[int]] = defaultdict(list)
     for copy_id, location_id in claimed:
@@ -255,25 +251,8 @@ def _record(session: Session, findings: list[Finding], actor: str, now: datetime
             values["verified_at"] = now
             if f.outcome == FIXITY_OK:
                 values["fixity_checked_at"] = now
-                record_event(
-                    session,
-                    FIXITY_OK,
-                    copy_id=f.copy_id,
-                    package_id=f.package_id,
-                    location_id=f.location_id,
-                    actor=actor,
-                )
         elif f.outcome in (MISSING, CORRUPT):
             values.update(lost_at=now, last_error=f.message)
-            record_event(
-                session,
-                f.outcome,
-                copy_id=f.copy_id,
-                package_id=f.package_id,
-                location_id=f.location_id,
-                actor=actor,
-                message=f.message,
-            )
             log.error(
                 "archive_copy_bad",
                 copy_id=f.copy_id,
@@ -283,6 +262,16 @@ def _record(session: Session, findings: list[Finding], actor: str, now: datetime
             )
         else:
             log.warning("archive_copy_unreachable", copy_id=f.copy_id, reason=f.message)
+        if f.outcome in (FIXITY_OK, MISSING, CORRUPT):  # routine stats leave no trail row
+            record_event(
+                session,
+                f.outcome,
+                copy_id=f.copy_id,
+                package_id=f.package_id,
+                location_id=f.location_id,
+                actor=actor,
+                message=f.message or None,
+            )
         # Only a copy still PRESENT is changed: a deletion or another verification that
         # got there first wins.
         session.execute(
