@@ -80,7 +80,7 @@ def test_a_streamed_body_is_counted_and_refused_past_the_limit(client, override_
 
 def test_a_96_mb_filing_body_is_refused_by_a_real_server_without_being_parsed(tmp_path):
     with api_server(tmp_path, API_MAX_BODY_BYTES="1048576") as server:
-        token = server.token("--user", "daq", "--role", "instrument")
+        token = server.token("--user", "daq", "--role", "instrument", "--instrument", "primecam")
         headers = {"Authorization": f"Bearer {token}", "content-type": "application/json"}
         big = b'{"location": "primecam_raw_data", "files": [' + b" " * (96 * 1024 * 1024) + b"]}"
         r = httpx.post(f"{server.base_url}/api/v1/files", content=big, headers=headers, timeout=60)

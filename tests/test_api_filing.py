@@ -24,7 +24,9 @@ SRC = "primecam_raw_data"
 def api(system):
     with system.session() as s:
         tokens = {
-            role: create_api_token(s, f"user-{role}", role)
+            role: create_api_token(
+                s, f"user-{role}", role, instrument="primecam" if role == "instrument" else None
+            )
             for role in ("admin", "instrument", "scientist", "viewer")
         }
     client = TestClient(create_app(database_url=system.url), raise_server_exceptions=False)

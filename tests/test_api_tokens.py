@@ -10,7 +10,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from ccat_data_transfer.api.app import create_app
-from ccat_data_transfer.api.auth import create_api_token
+from ccat_data_transfer.api.auth import create_api_token, hash_token
+from ccat_data_transfer.exceptions import ValidationError
 from ccat_ops_db import models as m
 from helpers_api_server import api_server
 
@@ -83,6 +84,66 @@ def test_an_instrument_token_files_only_into_its_instruments_source_locations(sy
         assert s.scalars(select(m.RawDataFile)).first() is None
     own = client.post("/api/v1/files", json=_body(system, "c.fits"), headers=_bearer(scoped))
     assert own.status_code == 201, own.text
+
+
+def test_an_instrument_token_must_name_its_instrument(system):
+    with system.session() as s, pytest.raises(ValidationError, match="--instrument"):
+        create_api_token(s, "daq", "instrument")
+
+
+def test_an_unscoped_instrument_token_from_before_scopes_may_not_file_or_finish(system, client):
+    # A token row made before scopes were required (no instrument) would file anywhere.
+    legacy = "ccat_legacy-unscoped-instrument-token"
+    with system.session() as s:
+        create_api_token(s, "primecam-daq", "instrument", instrument="primecam")
+        scoped_row = s.scalars(select(m.ApiToken)).one()
+        s.add(
+            m.ApiToken(
+                user=scoped_row.user,
+                role=scoped_row.role,
+                instrument=None,
+                name="legacy",
+                token_hash=hash_token(legacy),
+            )
+        )
+    r = client.post("/api/v1/files", json=_body(system, "d.fits"), headers=_bearer(legacy))
+    assert r.status_code == 403, r.text
+    assert "no instrument scope" in r.json()["detail"]
+    with system.session() as s:
+        assert s.scalars(select(m.RawDataFile)).first() is None
+    r = client.post("/api/v1/executed-obs-units/eou-tokens/finish", headers=_bearer(legacy))
+    assert r.status_code == 403, r.text
+
+
+def test_an_instrument_token_finishes_only_its_instruments_obs_units(system, client):
+    other_location, other_instrument = _other_source(system)
+    with system.session() as s:
+        scoped = create_api_token(s, "primecam-daq", "instrument", instrument="primecam")
+        admin = create_api_token(s, "operator", "admin")
+        module = s.scalars(
+            select(m.InstrumentModule)
+            .join(m.Instrument)
+            .where(m.Instrument.name == other_instrument)
+        ).first()
+        other_module = f"{other_instrument}/{module.name}"
+    foreign = _body(system, "e.fits", other_location, other_module)
+    foreign["files"][0]["executed_obs_unit"] = "eou-other"
+    assert client.post("/api/v1/files", json=foreign, headers=_bearer(admin)).status_code == 201
+    own = _body(system, "f.fits")
+    assert client.post("/api/v1/files", json=own, headers=_bearer(scoped)).status_code == 201
+
+    def finish(name, token):
+        return client.post(f"/api/v1/executed-obs-units/{name}/finish", headers=_bearer(token))
+
+    refused = finish("eou-other", scoped)
+    assert refused.status_code == 403, refused.text
+    assert other_instrument in str(refused.json()["detail"])
+    with system.session() as s:
+        other = s.scalars(select(m.ExecutedObsUnit).filter_by(name="eou-other")).one()
+        assert other.finished_at is None
+    assert finish("eou-tokens", scoped).status_code == 200
+    assert finish("eou-other", admin).status_code == 200
+    assert finish("eou-unknown", scoped).status_code == 404
 
 
 def test_a_token_records_when_it_was_last_used(system, client):

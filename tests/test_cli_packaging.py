@@ -133,10 +133,14 @@ def test_finish_obs_unit_command(system, capsys):
 
 
 def test_token_create_prints_the_token_once_and_stores_its_hash(system, capsys):
-    assert main(["token", "create", "--user", "primecam-daq", "--role", "instrument"]) == 0
+    argv = ["token", "create", "--user", "primecam-daq", "--role", "instrument"]
+    assert main([*argv, "--instrument", "primecam"]) == 0
     token = capsys.readouterr().out.strip()
     with system.session() as s:
         row = s.scalars(select(m.ApiToken)).one()
         assert row.token_hash == hash_token(token) and token not in row.token_hash
         assert row.role.name == "instrument" and row.user.username == "primecam-daq"
     assert main(["token", "create", "--user", "x", "--role", "wizard"]) == 2
+    # An instrument token without its instrument would file anywhere: refused.
+    assert main(argv) == 2
+    assert "--instrument" in capsys.readouterr().err

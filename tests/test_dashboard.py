@@ -309,7 +309,7 @@ def test_private_dashboard_needs_a_viewer_token(populated, override_settings):
     override_settings(DASHBOARD_PUBLIC=False)
     with system.session() as s:
         viewer = create_api_token(s, "night-operator", "viewer")
-        instrument = create_api_token(s, "primecam", "instrument")
+        instrument = create_api_token(s, "primecam", "instrument", instrument="primecam")
     assert client.get("/dashboard/").status_code == 401
     assert client.get("/dashboard/api/overview").status_code == 401
     bad = {"Authorization": "Bearer nonsense"}

@@ -21,7 +21,10 @@ HTML = {"Accept": "text/html,application/xhtml+xml"}
 def private(system, override_settings):
     override_settings(DASHBOARD_PUBLIC=False, DASHBOARD_COOKIE_SECRET="test-secret")
     with system.session() as s:
-        tokens = {r: create_api_token(s, f"u-{r}", r) for r in ("viewer", "instrument")}
+        tokens = {
+            "viewer": create_api_token(s, "u-viewer", "viewer"),
+            "instrument": create_api_token(s, "u-instrument", "instrument", instrument="primecam"),
+        }
     with TestClient(create_app(database_url=system.url), follow_redirects=False) as client:
         yield system, client, tokens
 

@@ -127,5 +127,5 @@ def test_s3_credentials_never_reach_the_db_or_the_logs(
 
 def test_api_tokens_are_stored_only_as_hashes(system):
     with system.session() as s:
-        token = create_api_token(s, "security-check", "instrument")
+        token = create_api_token(s, "security-check", "instrument", instrument="primecam")
     assert token not in _db_text(system)

@@ -510,12 +510,34 @@ def _key(entry: FilingEntry) -> tuple[Any, ...]:
     )
 
 
-def finish_executed_obs_unit(session: Session, name: str) -> m.ExecutedObsUnit:
+def finish_executed_obs_unit(
+    session: Session, name: str, instrument: str | None = None
+) -> m.ExecutedObsUnit:
     """Mark an ExecutedObsUnit finished: its files can be packaged as soon as they are
-    filed (no quiet period).  Idempotent; NotFoundError for an unknown name."""
+    filed (no quiet period).  Idempotent; NotFoundError for an unknown name.
+
+    ``instrument`` is the scope of the caller: it may finish only a unit whose filed
+    files are all of that instrument (and that has at least one), so one instrument's
+    token cannot hurry another instrument's packaging."""
     eou = session.scalars(select(m.ExecutedObsUnit).filter_by(name=name)).one_or_none()
     if eou is None:
         raise NotFoundError(f"no executed obs unit named {name!r}")
+    if instrument is not None:
+        owners = set(
+            session.scalars(
+                select(m.Instrument.name)
+                .join(m.InstrumentModule, m.InstrumentModule.instrument_id == m.Instrument.id)
+                .join(m.RawDataFile, m.RawDataFile.instrument_module_id == m.InstrumentModule.id)
+                .where(m.RawDataFile.executed_obs_unit_id == eou.id)
+                .distinct()
+            )
+        )
+        if owners != {instrument}:
+            whose = ", ".join(sorted(owners)) if owners else "no instrument (no files filed)"
+            raise FilingScopeError(
+                f"this token finishes only obs units of instrument {instrument!r}; "
+                f"{name!r} holds files of {whose}"
+            )
     if eou.finished_at is None:
         now = m.utcnow()
         eou.finished_at = now

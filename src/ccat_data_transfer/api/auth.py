@@ -3,9 +3,10 @@
 Clients send ``Authorization: Bearer <token>``.  Only the SHA-256 of a token is stored
 (``ApiToken.token_hash``); ``create_api_token`` returns the token once.  Each token
 carries its own role -- ``admin`` (may do everything), ``instrument`` (file data),
-``scientist`` (stage data), ``viewer`` (read) -- and an ``instrument`` token may be
-scoped to one instrument (it files only into that instrument's SOURCE locations).  A
-user's other tokens grant nothing.  ``require_role("instrument")`` answers 401 without a
+``scientist`` (stage data), ``viewer`` (read) -- and an ``instrument`` token is always
+scoped to one instrument (it files only into that instrument's SOURCE locations and
+finishes only that instrument's executed obs units).  A user's other tokens grant
+nothing.  ``require_role("instrument")`` answers 401 without a
 valid token and 403 when the token lacks the role.
 """
 
@@ -51,13 +52,18 @@ def create_api_token(
 ) -> str:
     """Create (or reuse) the user and return a new token with ``role`` (shown once).
 
-    ``instrument`` scopes an ``instrument`` token to that instrument's SOURCE locations.
+    ``instrument`` scopes an ``instrument`` token to that instrument's SOURCE locations;
+    an ``instrument`` token without it is refused (it would file anywhere).
     """
     if role not in ROLES:
         raise ValidationError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
     if not username or len(username) > 128:
         raise ValidationError("user name must be 1 to 128 characters")
     scope = None
+    if role == "instrument" and instrument is None:
+        raise ValidationError(
+            "an instrument token needs --instrument NAME (the instrument it files for)"
+        )
     if instrument is not None:
         if role != "instrument":
             raise ValidationError("only an instrument token takes --instrument")
@@ -97,7 +103,8 @@ class Principal:
     username: str
     roles: frozenset[str]
     token_id: int = 0
-    #: The instrument an ``instrument`` token is scoped to (None: any).
+    #: The instrument an ``instrument`` token is scoped to (None for the other roles; an
+    #: unscoped ``instrument`` token, made before scopes were required, may not file).
     instrument: str | None = None
 
     def has(self, *roles: str) -> bool:
@@ -168,6 +175,21 @@ def require_role(*roles: str) -> Callable[..., Principal]:
         return principal
 
     return check
+
+
+def require_filer(principal: Principal = Depends(require_role("instrument"))) -> Principal:
+    """Dependency for filing and finishing: an ``admin``, or an ``instrument`` token with
+    its scope.  An unscoped ``instrument`` token (made before scopes were required) would
+    file into any instrument's locations, so it is refused with what to do instead."""
+    if "admin" not in principal.roles and principal.instrument is None:
+        raise HTTPException(
+            status_code=status.HTTP_403_FORBIDDEN,
+            detail=(
+                "this instrument token has no instrument scope; create a scoped one "
+                "(token create --role instrument --instrument NAME) and revoke this one"
+            ),
+        )
+    return principal
 
 
 def list_api_tokens(session: Session) -> list[dict[str, Any]]:

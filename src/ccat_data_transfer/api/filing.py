@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Path
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer.api.auth import Principal, require_role
+from ccat_data_transfer.api.auth import Principal, require_filer
 from ccat_data_transfer.api.deps import get_session
 from ccat_data_transfer.filing import (
     FilingEntry,
@@ -44,7 +44,7 @@ class FinishResponse(BaseModel):
 def post_files(
     body: FilingRequest,
     session: Session = Depends(get_session),
-    principal: Principal = Depends(require_role("instrument")),
+    principal: Principal = Depends(require_filer),
 ) -> Any:
     """File raw data files in bulk (idempotent for files already filed identically).
     A token scoped to an instrument files only into that instrument's SOURCE locations."""
@@ -61,10 +61,11 @@ def post_files(
 def post_finish(
     name: str = Path(min_length=1, max_length=256),
     session: Session = Depends(get_session),
-    _principal: Principal = Depends(require_role("instrument")),
+    principal: Principal = Depends(require_filer),
 ) -> Any:
-    """Mark an executed obs unit finished: its files are packaged without waiting."""
-    eou = finish_executed_obs_unit(session, name)
+    """Mark an executed obs unit finished: its files are packaged without waiting.
+    A token scoped to an instrument finishes only units holding that instrument's files."""
+    eou = finish_executed_obs_unit(session, name, principal.instrument)
     session.commit()
     return FinishResponse(
         name=eou.name, finished_at=eou.finished_at.isoformat(), status=eou.status.name

@@ -1,6 +1,6 @@
 """Token commands (CLI layer): create, list and revoke API tokens.
 
-A token carries its own role and, for an ``instrument`` token, an optional scope (the
+A token carries its own role and, for an ``instrument`` token, its required scope (the
 instrument whose SOURCE locations it may file into).  The secret is printed once at
 creation; only its SHA-256 is stored, so ``token list`` can never show it.
 """
@@ -22,7 +22,8 @@ def token_create(
     instrument: str | None = typer.Option(
         None,
         "--instrument",
-        help="Scope of an instrument token: it files only into this instrument's SOURCE locations.",
+        help="Required with --role instrument: the token files only into this instrument's "
+        "SOURCE locations and finishes only its obs units.",
     ),
     name: str | None = typer.Option(None, "--name", help="A label for the token."),
     expires_in_days: int | None = typer.Option(None, "--expires-in-days", min=1),
