@@ -118,6 +118,33 @@ def test_banner_counts_failed_transfers_and_links_to_them(system):
     assert item["link"] == "/dashboard/#tile-transfers"
 
 
+def test_banner_names_started_work_whose_heartbeat_stopped_and_recovery_did_not_reset(system):
+    from ccat_data_transfer.recovery import run_once, stalled_timeout
+
+    all_fresh(system)
+    with system.session() as s:
+        one, two = make_dtp(system, s).dtp_id, make_dtp(system, s).dtp_id
+        origin, dest = "ccat_telescope_buffer", "cologne_buffer"
+        beating = make_transfer(s, one, origin, dest, m.Status.IN_PROGRESS)
+        just_stopped = make_transfer(s, one, origin, "us_buffer", m.Status.IN_PROGRESS)
+        long_stopped = make_transfer(s, two, origin, dest, m.Status.IN_PROGRESS)
+        now = m.utcnow()
+        for transfer_id, silent_for in (
+            (beating, timedelta(seconds=1)),
+            # Past the stall window, but the recovery service has not had its turn yet.
+            (just_stopped, stalled_timeout() + timedelta(seconds=5)),
+            (long_stopped, timedelta(hours=2)),
+        ):
+            s.get(m.DataTransfer, transfer_id).updated_at = now - silent_for
+    item = only(banner(system), "stalled_transfer")
+    assert item["level"] == "critical"
+    assert item["text"].startswith("1 transfer(s) STALLED") and "recovery" in item["text"]
+    assert item["link"] == "/dashboard/#tile-transfers"
+    with system.session() as s:  # the recovery service resets both silent ones
+        assert run_once(s)["transfers"] == 2
+    assert banner(system) == []
+
+
 def test_banner_names_an_audit_hold(system):
     all_fresh(system)
     with system.session() as s:

@@ -311,3 +311,49 @@ def test_banner_in_a_browser_all_clear_unknown_status_and_checksum_error(system,
     assert links == ["/dashboard/#tile-files", "/dashboard/#tile-files"]
     for name in ("all-clear", "unknown-status", "checksum-error"):
         assert (tmp_path / f"banner-{name}.png").stat().st_size > 10_000
+
+
+def test_banner_in_a_browser_stale_stalled_failed_hold_and_emergency(system, browser, tmp_path):
+    """Each further state of the banner rule, as a person sees it: every new item is
+    shown with its words and a link that lands on the rows concerned."""
+    from helpers_lifecycle import location, make_dtp, make_transfer, set_buffer_status
+    from test_metrics import _stale_buffer_with_a_sample
+
+    all_fresh(system)
+    _stale_buffer_with_a_sample(system, "us_buffer")  # measured an hour ago, then nothing
+    text, links = _banner_seen(browser, system, tmp_path, "stale-status")
+    assert "us_buffer: buffer status UNKNOWN, stale: last measured 60 min ago" in text
+    assert links == ["/dashboard/#loc-us_buffer"]
+
+    all_fresh(system)
+    with system.session() as s:  # a transfer started, then its worker vanished long ago
+        dtp_id = make_dtp(system, s).dtp_id
+        stalled = make_transfer(s, dtp_id, "ccat_telescope_buffer", "cologne_buffer")
+        row = s.get(m.DataTransfer, stalled)
+        row.status, row.updated_at = m.Status.IN_PROGRESS, m.utcnow() - timedelta(hours=2)
+    text, links = _banner_seen(browser, system, tmp_path, "stalled-work")
+    assert "1 transfer(s) STALLED" in text and "recovery" in text
+    assert links == ["/dashboard/#tile-transfers"]
+
+    with system.session() as s:  # ... and is now out of retries
+        s.get(m.DataTransfer, stalled).status = m.Status.FAILED
+    text, links = _banner_seen(browser, system, tmp_path, "failed-work")
+    assert "STALLED" not in text and "1 transfer(s) FAILED" in text
+    assert links == ["/dashboard/#tile-transfers"]
+
+    with system.session() as s:
+        s.get(m.DataTransfer, stalled).status = m.Status.COMPLETED
+        lta = location(s, "cologne_lta")
+        lta.audit_hold_at, lta.audit_hold_reason = m.utcnow(), "2 copies failed verification"
+    text, links = _banner_seen(browser, system, tmp_path, "audit-hold")
+    assert "cologne_lta is ON HOLD" in text and "failed verification" in text
+    assert links == ["/dashboard/#loc-cologne_lta"]
+
+    with system.session() as s:  # the state that also sends the emergency alert
+        location(s, "cologne_lta").audit_hold_at = None
+        set_buffer_status(s, "cologne_buffer", 99 * 10**9, 100 * 10**9)
+    text, links = _banner_seen(browser, system, tmp_path, "emergency")
+    assert "cologne_buffer is EMERGENCY at 99.0 % full" in text
+    assert "/dashboard/#loc-cologne_buffer" in links
+    for name in ("stale-status", "stalled-work", "failed-work", "audit-hold", "emergency"):
+        assert (tmp_path / f"banner-{name}.png").stat().st_size > 10_000

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from ccat_data_transfer.buffer_status import BufferState, read_statuses, thresholds_for
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.logging_utils import get_logger
+from ccat_data_transfer.recovery import stalled_work
 from ccat_ops_db import models as m
 
 log = get_logger(__name__)
@@ -156,6 +157,7 @@ def collect_snapshot(session: Session) -> dict[str, Any]:
     snap["frozen_packages"] = session.scalar(
         select(func.count(m.RawDataPackage.id)).where(m.RawDataPackage.frozen_at.is_not(None))
     )
+    snap["stalled_work"] = stalled_work(session)
     return snap
 
 
@@ -380,6 +382,14 @@ def snapshot_to_prometheus(snap: dict[str, Any]) -> list[GaugeMetricFamily]:
     g = GaugeMetricFamily("ccat_queue_length", "Tasks waiting in a queue", labels=["queue"])
     for queue, length in snap["queues"].items():
         g.add_metric([queue], length)
+    families.append(g)
+    g = GaugeMetricFamily(
+        "ccat_stalled_work",
+        "Started work whose heartbeat stopped and that recovery has not reset",
+        labels=["kind"],
+    )
+    for kind, count in snap["stalled_work"].items():
+        g.add_metric([kind], count)
     families.append(g)
     g = GaugeMetricFamily("ccat_failures", "Work items in FAILED", labels=["kind"])
     g.add_metric(["raw_data_package"], snap["package_states"].get("FAILED", {}).get("count", 0))

@@ -18,7 +18,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer import scope
@@ -36,6 +36,56 @@ def stalled_timeout() -> timedelta:
     return stall_window()
 
 
+def staging_job_stalled(older_than: timedelta | None = None) -> ColumnElement[bool]:
+    """A staging job that STARTED (IN_PROGRESS with a heartbeat) and whose heartbeat
+    stopped (``older_than``: default :func:`stalled_timeout`)."""
+    job = m.StagingJob
+    return (job.status == m.Status.IN_PROGRESS) & stopped(job.heartbeat_at, window=older_than)
+
+
+def stalled_work(session: Session, older_than: timedelta | None = None) -> dict[str, int]:
+    """How much started work, per stage, has had no heartbeat for ``older_than``
+    (default: the stall window plus two recovery passes, i.e. work the recovery service
+    should already have reset: is it running?).  Read only; the same conditions as the
+    resets of :func:`run_once`."""
+    from ccat_data_transfer import (
+        archive_manager,
+        data_transfer_package_manager,
+        raw_data_package_manager,
+    )
+    from ccat_data_transfer.deletion.base import PCT
+    from ccat_data_transfer.deletion.cycle import deletion_stalled
+    from ccat_data_transfer.packaging.skeleton import stalled_builds
+    from ccat_data_transfer.transfer import recovery as transfer_recovery
+
+    if older_than is None:
+        passes = 2 * float(settings.get("RECOVERY_SERVICE_SLEEP_TIME", 30))
+        older_than = stalled_timeout() + timedelta(seconds=passes)
+    now = m.utcnow()
+
+    def count(query: Any) -> int:
+        return int(session.scalar(select(func.count()).select_from(query.subquery())) or 0)
+
+    kinds = {
+        "transfer": transfer_recovery.STALLED_TRANSFERS,
+        "unpack": transfer_recovery.STALLED_UNPACKS,
+        "archive_transfer": archive_manager.STALLED_ARCHIVE_TRANSFERS,
+    }
+    counts = {
+        "raw_data_package": count(
+            stalled_builds(raw_data_package_manager.RAW_DATA_PACKAGE, older_than)
+        ),
+        "data_transfer_package": count(
+            stalled_builds(data_transfer_package_manager.DATA_TRANSFER_PACKAGE, older_than)
+        ),
+    }
+    for name, kind in kinds.items():
+        counts[name] = count(transfer_recovery.stalled_rows(kind, now, older_than)[0])
+    counts["staging_job"] = count(select(m.StagingJob.id).where(staging_job_stalled(older_than)))
+    counts["deletion"] = count(select(PCT.c.id).where(deletion_stalled(older_than)))
+    return counts
+
+
 def reset_stalled_staging_jobs(
     session: Session, older_than: timedelta | None = None, location_ids: list[int] | None = None
 ) -> int:
@@ -46,9 +96,9 @@ def reset_stalled_staging_jobs(
     only jobs whose destination is one of them."""
     job = m.StagingJob
     max_retries = int(settings.get("STAGING_MAX_RETRIES", 5))
-    dead = stopped(job.heartbeat_at, window=older_than)
+    dead = staging_job_stalled(older_than)
     reset = 0
-    stalled = select(job.id, job.retry_count).where(job.status == m.Status.IN_PROGRESS, dead)
+    stalled = select(job.id, job.retry_count).where(dead)
     for job_id, retries in session.execute(
         scope.restrict(stalled, job.destination_location_id, location_ids)
     ).all():
@@ -65,9 +115,7 @@ def reset_stalled_staging_jobs(
                 "next_attempt_at": m.utcnow(),
             }
         reset += session.execute(
-            update(job)
-            .where(job.id == job_id, job.status == m.Status.IN_PROGRESS, dead)
-            .values(**values)
+            update(job).where(job.id == job_id, dead).values(**values)
         ).rowcount
     session.commit()
     return reset

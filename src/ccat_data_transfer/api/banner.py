@@ -5,8 +5,10 @@ LTA-site buffers) into a list of items, each ``{"level", "kind", "text", "link"}
 HTML overview and its JSON twin show that list, and "All clear" only when it is empty.
 What counts: a location whose buffer status is unknown or stale, files with a checksum
 error and the groups they block, buffers at critical or emergency, a buffer that cannot
-take the next package, audit holds, frozen packages, and failed work (packages,
-transfers, archive moves, staging jobs, copy deletions).
+take the next package, audit holds, frozen packages, stalled work (started, its heartbeat
+stopped, not reset by recovery) and failed work (packages, transfers, archive moves,
+staging jobs, copy deletions).  Alerts (the webhook) are sent for buffer emergencies,
+audit holds and frozen packages, each of which is an item here as long as it lasts.
 
 Room in the house: API layer (read side).  Pure: no DB access, no imports of managers.
 """
@@ -127,7 +129,35 @@ def _count_items(snap: dict[str, Any]) -> list[dict[str, str]]:
             "/dashboard/staging",
         ),
     ]
-    return [_item(level, kind, text.format(n=n), link) for n, level, kind, text, link in rows if n]
+    items = [_item(level, kind, text.format(n=n), link) for n, level, kind, text, link in rows if n]
+    return items + _stalled_items(snap.get("stalled_work", {}))
+
+
+#: Where the rows of each kind of stalled work are shown, and what they are called.
+_STALLED = {
+    "raw_data_package": ("raw data package build(s)", "/dashboard/packages?state=IN_PROGRESS"),
+    "data_transfer_package": ("transfer package build(s)", "/dashboard/#tile-transfers"),
+    "transfer": ("transfer(s)", "/dashboard/#tile-transfers"),
+    "unpack": ("unpack(s)", "/dashboard/#tile-transfers"),
+    "archive_transfer": ("archive move(s)", "/dashboard/#tile-transfers"),
+    "staging_job": ("staging job(s)", "/dashboard/staging"),
+    "deletion": ("copy deletion(s)", "/dashboard/deletions"),
+}
+
+
+def _stalled_items(stalled: dict[str, int]) -> list[dict[str, str]]:
+    """Started work whose heartbeat stopped and that recovery has not reset: its worker
+    is gone and nothing is bringing it back."""
+    out = []
+    for kind, (words, link) in _STALLED.items():
+        n = stalled.get(kind, 0)
+        if n:
+            text = (
+                f"{n} {words} STALLED: heartbeat stopped and not reset "
+                "(is the `recovery` service running?)"
+            )
+            out.append(_item("critical", f"stalled_{kind}", text, link))
+    return out
 
 
 def banner_items(

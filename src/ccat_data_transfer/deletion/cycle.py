@@ -19,7 +19,7 @@ from collections import defaultdict
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import ColumnElement, or_, select, update
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer import buffer_status as bs
@@ -96,6 +96,14 @@ def reschedule_failed_deletions(session: Session, location_ids: list[int] | None
     return int(n1 or 0) + int(n2 or 0)
 
 
+def deletion_stalled(window: timedelta | None = None) -> ColumnElement[bool]:
+    """A copy whose deletion STARTED (DELETION_IN_PROGRESS) and whose batch's heartbeat
+    (``deletion_scheduled_at``) stopped (:func:`ccat_data_transfer.liveness.stopped`)."""
+    return (PCT.c.status == S.DELETION_IN_PROGRESS) & stopped(
+        PCT.c.deletion_scheduled_at, window=window
+    )
+
+
 def resubmit_stalled_deletions(session: Session, location_ids: list[int] | None = None) -> int:
     """Copies whose deletion task may be lost are submitted again (the task is
     idempotent; no retry is counted): DELETION_SCHEDULED ones sent longer than
@@ -107,7 +115,7 @@ def resubmit_stalled_deletions(session: Session, location_ids: list[int] | None 
     stalled = select(PCT.c.id, PCT.c.data_location_id, PCT.c.status).where(
         or_(
             (PCT.c.status == S.DELETION_SCHEDULED) & waited_in_queue(at),
-            (PCT.c.status == S.DELETION_IN_PROGRESS) & stopped(at),
+            deletion_stalled(),
         ),
         _not_at_an_archive(),
     )

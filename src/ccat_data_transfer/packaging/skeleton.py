@@ -191,6 +191,16 @@ def release_claim(
     return True
 
 
+def stalled_builds(kind: PackageKind, older_than: timedelta | None = None) -> Select[Any]:
+    """Ids of ``kind``'s claims whose build STARTED and whose heartbeat stopped
+    (:func:`ccat_data_transfer.liveness.stopped`; ``older_than`` overrides the window)."""
+    model = kind.package_model
+    return kind.stalled.where(
+        model.status == m.Status.IN_PROGRESS,
+        stopped(func.coalesce(model.heartbeat_at, model.created_at), window=older_than),
+    )
+
+
 def release_stalled_claims(
     session: Session,
     kind: PackageKind,
@@ -203,11 +213,7 @@ def release_stalled_claims(
     never released, however long it takes.  Claims still queued are not released either:
     their task is sent again (:func:`resend_queued_builds`).  Commits; returns how many
     were released."""
-    model = kind.package_model
-    started = kind.stalled.where(
-        model.status == m.Status.IN_PROGRESS,
-        stopped(func.coalesce(model.heartbeat_at, model.created_at), window=older_than),
-    )
+    started = stalled_builds(kind, older_than)
     ids = session.scalars(scope.restrict(started, kind.stalled_scope, location_ids)).all()
     released = 0
     for package_id in ids:

@@ -123,6 +123,18 @@ STALLED_UNPACKS = StalledWork(
 )
 
 
+def stalled_rows(
+    kind: StalledWork, now: datetime, older_than: timedelta | None = None
+) -> tuple[Any, Any]:
+    """The STARTED rows of ``kind`` (IN_PROGRESS) whose heartbeat (``updated_at``)
+    stopped: ``(select of (id, retry count), the condition)``."""
+    model, prefix = kind.model, kind.prefix
+    status = getattr(model, f"{prefix}status")
+    retries = getattr(model, f"{prefix}retry_count")
+    dead = (status == m.Status.IN_PROGRESS) & stopped(model.updated_at, now, older_than)
+    return select(model.id, retries).where(*kind.only, dead), dead
+
+
 def reset_stalled(
     session: Session,
     kinds: tuple[StalledWork, ...],
@@ -142,14 +154,11 @@ def reset_stalled(
     reset = 0
     for kind in kinds:
         model, prefix = kind.model, kind.prefix
-        status = getattr(model, f"{prefix}status")
-        retries = getattr(model, f"{prefix}retry_count")
-        dead = stopped(model.updated_at, now, older_than)
-        stalled = select(model.id, retries).where(*kind.only, status == m.Status.IN_PROGRESS, dead)
+        stalled, dead = stalled_rows(kind, now, older_than)
         for row_id, count in session.execute(
             scope.restrict(stalled, kind.scope_column, location_ids)
         ).all():
-            still = [model.id == row_id, status == m.Status.IN_PROGRESS, dead]
+            still = [model.id == row_id, dead]
             reason = kind.reason.format(status=m.Status.IN_PROGRESS.name)
             values = fail_or_retry_values(count, reason, now, prefix=prefix)
             reset += session.execute(update(model).where(*still).values(**values)).rowcount
