@@ -52,7 +52,8 @@ def test_a_viewer_token_cannot_file_after_an_admin_token_is_made_for_the_same_us
     assert client.post("/api/v1/files", json=body, headers=_bearer(admin)).status_code == 201
 
 
-def _other_source(system):
+def _other_source(system) -> tuple[str, str, str]:
+    """Another instrument's SOURCE location, that instrument, and one of its modules."""
     with system.session() as s:
         rows = s.scalars(
             select(m.DataLocation).where(m.DataLocation.location_type == m.LocationType.SOURCE)
@@ -63,19 +64,20 @@ def _other_source(system):
             if loc.instrument is not None and loc.instrument.name != "primecam"
         ]
     assert others, "the default topology has SOURCE locations of two instruments"
-    return others[0]
-
-
-def test_an_instrument_token_files_only_into_its_instruments_source_locations(system, client):
-    other_location, other_instrument = _other_source(system)
+    other_location, other_instrument = others[0]
     with system.session() as s:
-        scoped = create_api_token(s, "primecam-daq", "instrument", instrument="primecam")
         module = s.scalars(
             select(m.InstrumentModule)
             .join(m.Instrument)
             .where(m.Instrument.name == other_instrument)
         ).first()
-        other_module = f"{other_instrument}/{module.name}"
+        return other_location, other_instrument, f"{other_instrument}/{module.name}"
+
+
+def test_an_instrument_token_files_only_into_its_instruments_source_locations(system, client):
+    other_location, other_instrument, other_module = _other_source(system)
+    with system.session() as s:
+        scoped = create_api_token(s, "primecam-daq", "instrument", instrument="primecam")
     foreign = _body(system, "b.fits", other_location, other_module)
     r = client.post("/api/v1/files", json=foreign, headers=_bearer(scoped))
     assert r.status_code == 403, r.text
@@ -116,16 +118,10 @@ def test_an_unscoped_instrument_token_from_before_scopes_may_not_file_or_finish(
 
 
 def test_an_instrument_token_finishes_only_its_instruments_obs_units(system, client):
-    other_location, other_instrument = _other_source(system)
+    other_location, other_instrument, other_module = _other_source(system)
     with system.session() as s:
         scoped = create_api_token(s, "primecam-daq", "instrument", instrument="primecam")
         admin = create_api_token(s, "operator", "admin")
-        module = s.scalars(
-            select(m.InstrumentModule)
-            .join(m.Instrument)
-            .where(m.Instrument.name == other_instrument)
-        ).first()
-        other_module = f"{other_instrument}/{module.name}"
     foreign = _body(system, "e.fits", other_location, other_module)
     foreign["files"][0]["executed_obs_unit"] = "eou-other"
     assert client.post("/api/v1/files", json=foreign, headers=_bearer(admin)).status_code == 201
