@@ -151,6 +151,11 @@ class Cluster:
             f"worker-{site}", ["worker", "--site", site, "--name", f"{site}@test"], **extra_env
         )
 
+    def start_managers(self, name: str = "managers", *args: str, **extra_env: str) -> None:
+        """``run --no-init`` (every manager), its JSON log next to the other logs."""
+        log = str(self.logs / f"{name}.jsonl")
+        self.start(name, ["run", "--no-init", "--log-file", log, *args], **extra_env)
+
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
             CLI + list(args), env=self.env, capture_output=True, text=True, timeout=120
@@ -158,7 +163,7 @@ class Cluster:
 
     def tail(self, lines: int = 30) -> str:
         out = []
-        for path in sorted(self.logs.glob("*.log")):
+        for path in sorted([*self.logs.glob("*.log"), *self.logs.glob("*.jsonl")]):
             text_lines = path.read_text(errors="replace").splitlines()[-lines:]
             out.append(f"--- {path.name}\n" + "\n".join(text_lines))
         return "\n".join(out)
@@ -166,7 +171,7 @@ class Cluster:
     def events(self, event: str) -> list[dict]:
         """Every JSON log record named ``event`` in every process's log."""
         found = []
-        for path in sorted(self.logs.glob("*.log")):
+        for path in sorted([*self.logs.glob("*.log"), *self.logs.glob("*.jsonl")]):
             for line in path.read_text(errors="replace").splitlines():
                 if f'"{event}"' not in line:
                     continue

@@ -154,7 +154,7 @@ def test_a_multi_gb_package_is_built_once_while_recovery_runs(tmp_path: Path) ->
         # No LTA-site worker: the test ends once the telescope site has built both
         # packages (the 3 GiB transfers are not its subject).
         cluster.start_worker("ccat")
-        cluster.start("managers", ["run", "--no-init"])
+        cluster.start_managers()
         cluster.start("recovery", ["recovery"])
         with db.session_scope() as s:
             root = Path(
@@ -225,7 +225,7 @@ def test_a_backlog_in_the_broker_is_neither_charged_nor_failed(tmp_path: Path) -
         assert cluster.cli("init", "--topology", str(full)).returncode == 0
         for site in ("ccat", "cologne", "us"):
             cluster.start_worker(site)
-        cluster.start("managers", ["run", "--no-init"])
+        cluster.start_managers()
         cluster.start("recovery", ["recovery"])
         observations = 10
         _file(db, observations, 128 * 1024, "backlog")
@@ -287,7 +287,7 @@ def test_redis_restarted_without_persistence_mid_run(tmp_path: Path) -> None:
             cluster.start_worker("ccat", CCAT_DATA_TRANSFER_TRANSFER_BANDWIDTH_LIMIT_MB_PER_S="1")
             for site in ("cologne", "us"):
                 cluster.start_worker(site)
-            cluster.start("managers", ["run", "--no-init"])
+            cluster.start_managers()
             cluster.start("recovery", ["recovery"])
             _file(db, 8, 512 * 1024, "redis")
             # Kill the broker while tasks wait in it: those messages are lost.
@@ -332,10 +332,10 @@ def test_a_full_lta_buffer_sends_work_to_the_other_site_until_it_has_room(
     ) as cluster:  # fmt: skip
         db = cluster.db
         assert cluster.cli("init", "--topology", str(full)).returncode == 0
-        assert _capacity(db, "cologne_buffer") == 64 * 1024
+        assert _capacity(db, "cologne_buffer") == 64_000
         for site in ("ccat", "cologne", "us"):
             cluster.start_worker(site)
-        cluster.start("managers", ["run", "--no-init"])
+        cluster.start_managers()
         cluster.start("recovery", ["recovery"])
 
         # cologne's buffer cannot take a 256 KiB package: all go to us.
@@ -387,7 +387,7 @@ def test_kill_9_during_each_step_loses_nothing_and_leaves_no_leftovers(tmp_path:
         db = cluster.db
         for site in ("ccat", "cologne", "us"):
             cluster.start_worker(site)
-        cluster.start("managers", ["run", "--no-init"])
+        cluster.start_managers()
         cluster.start("recovery", ["recovery"])
         _file(db, 1, 192 << 20, "kill", files=2)  # one 384 MiB package
         recovered: dict[str, float] = {}
