@@ -176,6 +176,8 @@ def test_a_multi_gb_package_is_built_once_while_recovery_runs(tmp_path: Path) ->
                      db, select(func.count(model.id)).where(built, model.checksum.is_not(None))),
                  300, every=0.2)  # fmt: skip
             durations[model.__name__] = time.monotonic() - started
+        # Its 3 GiB transfer is not this test's subject: stop the site's worker now.
+        cluster.kill("worker-ccat", signal.SIGKILL)
         print(f"\nbuild seconds (stall window 2 s): {durations}")
 
         # Each build outlasted the stall window many times over ...
@@ -213,7 +215,9 @@ def _broker_waiting(url: str) -> int:
 
 
 def test_a_backlog_in_the_broker_is_neither_charged_nor_failed(tmp_path: Path) -> None:
-    full = _topology_with_capacity(tmp_path, {"cologne_buffer": "1 KB", "us_buffer": "1 KB"})
+    # Both LTA-site buffers get a 20 MB quota, nearly filled by a file of someone else's:
+    # no package can land, so every package is built and waits.
+    quota = _topology_with_capacity(tmp_path, {"cologne_buffer": "20 MB", "us_buffer": "20 MB"})
     with open_cluster(
         tmp_path, HEARTBEAT_SECONDS=1, HEARTBEAT_MISSED_BEATS=2, RECOVERY_SERVICE_SLEEP_TIME=1,
         QUEUED_RESEND_SECONDS=2, BROKER_VISIBILITY_TIMEOUT_SECONDS=3,
@@ -222,14 +226,20 @@ def test_a_backlog_in_the_broker_is_neither_charged_nor_failed(tmp_path: Path) -
         ROUTING_FREE_SPACE_MARGIN_BYTES=0, ROUTING_FREE_SPACE_MARGIN_PERCENT=0,
     ) as cluster:  # fmt: skip
         db = cluster.db
-        assert cluster.cli("init", "--topology", str(full)).returncode == 0
+        assert cluster.cli("init", "--topology", str(quota)).returncode == 0
+        fillers = []
+        for buffer in ("cologne_buffer", "us_buffer"):
+            with db.session_scope() as s:
+                root = Path(s.scalars(select(m.DataLocation.path).filter_by(name=buffer)).one())
+            root.mkdir(parents=True, exist_ok=True)
+            fillers.append(root / "filler.bin")
+            fillers[-1].write_bytes(b"\0" * 19_800_000)
         for site in ("ccat", "cologne", "us"):
             cluster.start_worker(site)
         cluster.start_managers()
         cluster.start("recovery", ["recovery"])
         observations = 10
         _file(db, observations, 128 * 1024, "backlog")
-        # Both LTA buffers are over their quota: the packages are built and wait.
         built = select(func.count(m.DataTransferPackage.id)).where(
             m.DataTransferPackage.status == m.Status.PENDING,
             m.DataTransferPackage.checksum.is_not(None),
@@ -241,7 +251,8 @@ def test_a_backlog_in_the_broker_is_neither_charged_nor_failed(tmp_path: Path) -
         # The telescope site's worker stops; room comes back; every transfer is queued
         # in the broker with nobody to take it.
         cluster.kill("worker-ccat", signal.SIGTERM)
-        assert cluster.cli("init", "--topology", str(DEFAULT_TOPOLOGY)).returncode == 0
+        for filler in fillers:
+            filler.unlink()
         queued = select(func.count(m.DataTransfer.id)).where(
             m.DataTransfer.status == m.Status.SCHEDULED
         )
