@@ -28,7 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+# `python bench/X.py` puts bench/ first on sys.path, where bench/packaging.py would shadow
+# the `packaging` distribution kombu imports; the tests folder gives the cluster helpers.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent / "tests"))
 
 from sqlalchemy import select  # noqa: E402
 
