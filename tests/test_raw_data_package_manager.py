@@ -238,20 +238,26 @@ def test_unwritable_best_buffer_fails_over_to_the_next(system):
 
 
 def test_full_best_buffer_fails_over_to_the_next(system, monkeypatch):
-    from ccat_data_transfer import storage as st
+    import errno
+    import os
+
+    from ccat_data_transfer.storage import interface
 
     spare = _add_buffer(system, "ccat_spare_buffer", priority=5)
-    real_copy_in = st.DiskStorage.copy_in
+    full = system.location_path(BUF)
+    real_write = interface._FdWriter.write
 
-    def copy_in(self, local_file, path):
-        if self.root != spare:
-            raise st.StorageFullError(f"no space left on {self.root}")
-        return real_copy_in(self, local_file, path)
+    def write(self, data):  # the best buffer's disk fills up while the tar is written
+        if os.readlink(f"/proc/self/fd/{self._fd}").startswith(str(full)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
 
-    monkeypatch.setattr(st.DiskStorage, "copy_in", copy_in)
+    monkeypatch.setattr(interface._FdWriter, "write", write)
     make_raw_files(system, SRC, "eou-fo3", "primecam/280GHz", 1, 100)
     assert _run(system)["packages_created"] == 1
     assert _copy_locations(system) == ["ccat_spare_buffer"]
+    assert _files_left(full) == []  # the full buffer keeps no temporary name
+    assert [p for p in _files_left(spare) if p.endswith(".tar")]
 
 
 def _publish(system, name, state, percent):
