@@ -346,3 +346,116 @@ def test_stalled_claim_is_released_and_repackaged(system, override_settings):
 def test_completeness_rule(finished):
     assert rdpm.group_is_complete(finished, 5, 10) is finished
     assert rdpm.group_is_complete(finished, 10, 10) is True
+
+
+# --- the tar written once, straight into the buffer --------------------------------------
+
+
+def _gnu_tar_listing(path):
+    import subprocess
+
+    out = subprocess.run(["tar", "-tf", str(path)], capture_output=True, text=True, check=True)
+    return sorted(out.stdout.split())
+
+
+def _gnu_tar_member_sha256(path, member):
+    import hashlib
+    import subprocess
+
+    out = subprocess.run(["tar", "-xOf", str(path), member], capture_output=True, check=True)
+    return hashlib.sha256(out.stdout).hexdigest()
+
+
+def test_package_is_written_once_straight_into_the_buffer(system, monkeypatch):
+    import hashlib
+    import os
+
+    from ccat_data_transfer.storage import DiskStorage
+
+    entries = make_raw_files(system, SRC, "eou-once", "primecam/280GHz", 3, 300_000)
+    writes, copies = [], []
+    real_open_write, real_copy_in = DiskStorage.open_write, DiskStorage.copy_in
+
+    def open_write(self, path):
+        writes.append(self.root)
+        return real_open_write(self, path)
+
+    def copy_in(self, *args, **kwargs):
+        copies.append(self.root)
+        return real_copy_in(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiskStorage, "open_write", open_write)
+    monkeypatch.setattr(DiskStorage, "copy_in", copy_in)
+    read_bytes = {"n": 0}
+    real_write = os.write
+
+    def counting_write(fd, data):  # bytes written to any tar, temporary name or not
+        if ".tar" in os.readlink(f"/proc/self/fd/{fd}"):
+            read_bytes["n"] += len(data)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", counting_write)
+    assert _run(system)["packages_created"] == 1
+    (pkg,) = _packages(system)
+    buf = system.location_path(BUF)
+    tar_path = buf / pkg.relative_path
+    # One write, into the buffer; no copy; every tar byte written exactly once.
+    assert writes == [buf] and copies == []
+    assert read_bytes["n"] == tar_path.stat().st_size == pkg.size
+    # Nothing at SOURCE but the raw files (no tar, no temporary name).
+    src = system.location_path(SRC)
+    assert sorted(_files_left(src)) == sorted(e["relative_path"] for e in entries)
+    assert [p for p in _files_left(buf) if ".tmp-" in p] == []
+    # GNU tar lists it, and its bytes hash to what was recorded, whole and per member.
+    assert _gnu_tar_listing(tar_path) == sorted(e["relative_path"] for e in entries)
+    assert hashlib.sha256(tar_path.read_bytes()).hexdigest() == pkg.checksum
+    for e in entries:
+        assert _gnu_tar_member_sha256(tar_path, e["relative_path"]) == e["checksum"]
+    with system.session() as s:
+        (copy,) = s.scalars(select(m.RawDataPackagePhysicalCopy)).all()
+        assert (copy.checksum, copy.size) == (pkg.checksum, pkg.size)
+
+
+def test_mismatch_while_writing_into_the_buffer_leaves_nothing_there(system):
+    entries = make_raw_files(system, SRC, "eou-bad", "primecam/280GHz", 2, 200_000)
+    with open(entries[1]["path"], "r+b") as f:  # same size, other bytes
+        f.seek(1000)
+        f.write(b"corrupt")
+    summary = _run(system)
+    assert summary["packages_created"] == 0 and len(summary["checksum_errors"]) == 1
+    for loc in (SRC, BUF):
+        assert [p for p in _files_left(system.location_path(loc)) if ".tar" in p] == []
+
+
+def test_buffer_out_of_reach_gets_a_copy_of_a_tar_written_at_source(
+    system, override_settings, s3_server, s3_bucket
+):
+    import hashlib
+
+    from ccat_data_transfer.storage import S3Storage
+
+    override_settings(
+        S3_ACCESS_KEY_ID=s3_server.access_key, S3_SECRET_ACCESS_KEY=s3_server.secret_key
+    )
+    with system.session() as s:
+        system.location(s, BUF).active = False
+        ccat = s.scalars(select(m.Site).filter_by(name="ccat")).one()
+        s.add(
+            m.S3DataLocation(
+                name="ccat_s3_buffer",
+                site=ccat,
+                location_type=m.LocationType.BUFFER,
+                bucket=s3_bucket,
+                endpoint_url=s3_server.endpoint_url,
+                priority=5,
+            )
+        )
+    entries = make_raw_files(system, SRC, "eou-s3", "primecam/280GHz", 2, 100_000)
+    assert _run(system)["packages_created"] == 1
+    (pkg,) = _packages(system)
+    assert _copy_locations(system) == ["ccat_s3_buffer"]
+    data = S3Storage(s3_server.endpoint_url, s3_bucket).open_read(pkg.relative_path).read()
+    assert hashlib.sha256(data).hexdigest() == pkg.checksum and len(data) == pkg.size
+    # The SOURCE tar it was copied from is gone, and so is any temporary name.
+    src = system.location_path(SRC)
+    assert sorted(_files_left(src)) == sorted(e["relative_path"] for e in entries)
