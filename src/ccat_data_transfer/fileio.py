@@ -34,10 +34,11 @@ __all__ = [
 #: a freshly zeroed buffer of several MiB.
 MIN_BUFSIZE = 64 * 1024
 
-#: Read size of the loops that move or hash bytes through Python (checksums, the last
-#: fallback of :func:`copy_fd`, S3 and paced streams).  Measured in bench/buffer_curve.py
-#: (docs/performance.md): the rate is flat from 256 KiB to 1 MiB and falls past 2 MiB,
-#: where the buffer no longer fits the CPU's cache and costs more system time.
+#: Read size of the loops that move or hash bytes through Python (checksums, the tar
+#: writer, the last fallback of :func:`copy_fd`, S3 and paced streams), one buffer reused.
+#: Measured in bench/buffer_curve.py and bench/packaging.py (docs/performance.md): SHA-256
+#: runs at the same rate from 64 KiB to 8 MiB; writing files, 8 MiB buffers cost more CPU
+#: than 256 KiB-2 MiB ones, and 1 MiB keeps the tar writer's four buffers at 4 MiB.
 COPY_BUFSIZE = 1024 * 1024
 
 #: How :func:`copy_fd` moves bytes, fastest first: ``copy_file_range`` (in the kernel;
