@@ -217,6 +217,20 @@ def prepare(work: Path, size_gb: float, file_mb: int, mode: str) -> Dataset:
     return Dataset(data, url, sorted(files), int(total), cleanup)
 
 
+def prune(ds: Dataset) -> None:
+    """Remove what ours wrote outside SOURCE (untimed; the baseline needs only the raw
+    files), so the two runs never need the disk space of both."""
+    with DatabaseConnection(ds.url).session_scope() as s:
+        paths = s.scalars(
+            select(m.DataLocation.path).where(m.DataLocation.location_type != m.LocationType.SOURCE)
+        ).all()
+    dispose_engines()
+    for path in paths:
+        if path:
+            shutil.rmtree(path, ignore_errors=True)
+    os.sync()
+
+
 def drop(ds: Dataset) -> None:
     dispose_engines()
     for fn in ds.cleanup:
@@ -366,6 +380,7 @@ def main() -> int:
                     if name == "ours":
                         t, stages = run_ours(ds)
                         ours.append(t)
+                        prune(ds)
                         print(
                             f"run {run} ours {t:.1f} s, files cached {resident:.0%}",
                             file=sys.stderr,
