@@ -121,7 +121,7 @@ def copy_fd(
     """Copy ``src_fd`` from its offset to its end into ``dst_fd`` at its offset; returns
     the bytes copied and the method that finished the copy.
 
-    ``methods`` are tried in order (a subset of :data:`COPY_METHODS`); a method the
+    ``methods`` are tried in order (a subset of ``COPY_METHODS``); a method the
     kernel or filesystem does not support hands over to the next one where the copy
     stands (both offsets advance together).  Durability is the caller's: fsync
     ``dst_fd``.  A file that grows while copied is copied to the end found."""

@@ -299,7 +299,7 @@ class Storage(abc.ABC):
         methods: tuple[str, ...] = COPY_METHODS,
     ) -> int:
         """Copy a local file into the storage (atomically: temporary name, fsync, rename);
-        returns bytes copied.  ``methods`` (of :data:`~ccat_data_transfer.fileio.COPY_METHODS`)
+        returns bytes copied.  ``methods`` (of ``fileio.COPY_METHODS``)
         are the ways a local backend may move the bytes, fastest first; a backend that
         cannot use them streams through one reused buffer."""
         with open(local_file, "rb", buffering=0) as src:

@@ -44,7 +44,7 @@ __all__ = [
 BLOCKSIZE = tarfile.BLOCKSIZE  # 512
 RECORDSIZE = tarfile.RECORDSIZE  # 10240: archives are padded to whole records, as GNU tar does
 #: Read size of the packaging loop (measured in bench/packaging.py and
-#: bench/buffer_curve.py: see :data:`~ccat_data_transfer.fileio.COPY_BUFSIZE`).
+#: bench/buffer_curve.py: see ``fileio.COPY_BUFSIZE``).
 DEFAULT_BUFSIZE = COPY_BUFSIZE
 _ZERO_BLOCK = bytes(BLOCKSIZE)
 
