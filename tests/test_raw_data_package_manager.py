@@ -459,3 +459,46 @@ def test_buffer_out_of_reach_gets_a_copy_of_a_tar_written_at_source(
     # The SOURCE tar it was copied from is gone, and so is any temporary name.
     src = system.location_path(SRC)
     assert sorted(_files_left(src)) == sorted(e["relative_path"] for e in entries)
+
+
+def test_a_killed_write_into_the_buffer_leaves_only_a_temporary_name_the_janitor_removes(
+    tmp_path,
+):
+    import os
+    import signal
+    import time
+
+    from ccat_data_transfer import janitor
+    from ccat_data_transfer.storage import DiskStorage, interface
+    from ccat_data_transfer.tarutil import TarMember
+
+    src = tmp_path / "src"
+    src.mkdir()
+    members = []
+    for i in range(3):
+        path = src / f"f{i}.dat"
+        path.write_bytes(os.urandom(2_000_000))  # several writes of the 1 MiB buffer
+        members.append(TarMember(f"f{i}.dat", path, 2_000_000))
+    buf = DiskStorage(tmp_path / "buffer", create=True)
+    work = skeleton.Work("p.tar", "raw_data_packages/p.tar", None, members, None)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the worker, killed in the middle of its write
+        real_write = interface._FdWriter.write
+        written = {"n": 0}
+
+        def write(self, data):
+            written["n"] += 1
+            if written["n"] == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_write(self, data)
+
+        interface._FdWriter.write = write
+        skeleton.write_tar(rdpm.RAW_DATA_PACKAGE, buf, work)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert list(buf.list()) == []  # no final name
+    (leftover,) = list(buf.list_temporary())
+    assert leftover.path.startswith("raw_data_packages/.p.tar.tmp-") and leftover.size > 0
+    result = janitor.sweep_storage("buffer", buf, now=time.time() + 10 * 86400)
+    assert result["removed"] == 1 and list(buf.list_temporary()) == []
