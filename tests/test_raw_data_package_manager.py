@@ -238,20 +238,26 @@ def test_unwritable_best_buffer_fails_over_to_the_next(system):
 
 
 def test_full_best_buffer_fails_over_to_the_next(system, monkeypatch):
-    from ccat_data_transfer import storage as st
+    import errno
+    import os
+
+    from ccat_data_transfer.storage import interface
 
     spare = _add_buffer(system, "ccat_spare_buffer", priority=5)
-    real_copy_in = st.DiskStorage.copy_in
+    full = system.location_path(BUF)
+    real_write = interface._FdWriter.write
 
-    def copy_in(self, local_file, path):
-        if self.root != spare:
-            raise st.StorageFullError(f"no space left on {self.root}")
-        return real_copy_in(self, local_file, path)
+    def write(self, data):  # the best buffer's disk fills up while the tar is written
+        if os.readlink(f"/proc/self/fd/{self._fd}").startswith(str(full)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
 
-    monkeypatch.setattr(st.DiskStorage, "copy_in", copy_in)
+    monkeypatch.setattr(interface._FdWriter, "write", write)
     make_raw_files(system, SRC, "eou-fo3", "primecam/280GHz", 1, 100)
     assert _run(system)["packages_created"] == 1
     assert _copy_locations(system) == ["ccat_spare_buffer"]
+    assert _files_left(full) == []  # the full buffer keeps no temporary name
+    assert [p for p in _files_left(spare) if p.endswith(".tar")]
 
 
 def _publish(system, name, state, percent):
@@ -340,3 +346,159 @@ def test_stalled_claim_is_released_and_repackaged(system, override_settings):
 def test_completeness_rule(finished):
     assert rdpm.group_is_complete(finished, 5, 10) is finished
     assert rdpm.group_is_complete(finished, 10, 10) is True
+
+
+# --- the tar written once, straight into the buffer --------------------------------------
+
+
+def _gnu_tar_listing(path):
+    import subprocess
+
+    out = subprocess.run(["tar", "-tf", str(path)], capture_output=True, text=True, check=True)
+    return sorted(out.stdout.split())
+
+
+def _gnu_tar_member_sha256(path, member):
+    import hashlib
+    import subprocess
+
+    out = subprocess.run(["tar", "-xOf", str(path), member], capture_output=True, check=True)
+    return hashlib.sha256(out.stdout).hexdigest()
+
+
+def test_package_is_written_once_straight_into_the_buffer(system, monkeypatch):
+    import hashlib
+    import os
+
+    from ccat_data_transfer.storage import DiskStorage
+
+    entries = make_raw_files(system, SRC, "eou-once", "primecam/280GHz", 3, 300_000)
+    writes, copies = [], []
+    real_open_write, real_copy_in = DiskStorage.open_write, DiskStorage.copy_in
+
+    def open_write(self, path):
+        writes.append(self.root)
+        return real_open_write(self, path)
+
+    def copy_in(self, *args, **kwargs):
+        copies.append(self.root)
+        return real_copy_in(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiskStorage, "open_write", open_write)
+    monkeypatch.setattr(DiskStorage, "copy_in", copy_in)
+    read_bytes = {"n": 0}
+    real_write = os.write
+
+    def counting_write(fd, data):  # bytes written to any tar, temporary name or not
+        if ".tar" in os.readlink(f"/proc/self/fd/{fd}"):
+            read_bytes["n"] += len(data)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", counting_write)
+    assert _run(system)["packages_created"] == 1
+    (pkg,) = _packages(system)
+    buf = system.location_path(BUF)
+    tar_path = buf / pkg.relative_path
+    # One write, into the buffer; no copy; every tar byte written exactly once.
+    assert writes == [buf] and copies == []
+    assert read_bytes["n"] == tar_path.stat().st_size == pkg.size
+    # Nothing at SOURCE but the raw files (no tar, no temporary name).
+    src = system.location_path(SRC)
+    assert sorted(_files_left(src)) == sorted(e["relative_path"] for e in entries)
+    assert [p for p in _files_left(buf) if ".tmp-" in p] == []
+    # GNU tar lists it, and its bytes hash to what was recorded, whole and per member.
+    assert _gnu_tar_listing(tar_path) == sorted(e["relative_path"] for e in entries)
+    assert hashlib.sha256(tar_path.read_bytes()).hexdigest() == pkg.checksum
+    for e in entries:
+        assert _gnu_tar_member_sha256(tar_path, e["relative_path"]) == e["checksum"]
+    with system.session() as s:
+        (copy,) = s.scalars(select(m.RawDataPackagePhysicalCopy)).all()
+        assert (copy.checksum, copy.size) == (pkg.checksum, pkg.size)
+
+
+def test_mismatch_while_writing_into_the_buffer_leaves_nothing_there(system):
+    entries = make_raw_files(system, SRC, "eou-bad", "primecam/280GHz", 2, 200_000)
+    with open(entries[1]["path"], "r+b") as f:  # same size, other bytes
+        f.seek(1000)
+        f.write(b"corrupt")
+    summary = _run(system)
+    assert summary["packages_created"] == 0 and len(summary["checksum_errors"]) == 1
+    for loc in (SRC, BUF):
+        assert [p for p in _files_left(system.location_path(loc)) if ".tar" in p] == []
+
+
+def test_buffer_out_of_reach_gets_a_copy_of_a_tar_written_at_source(
+    system, override_settings, s3_server, s3_bucket
+):
+    import hashlib
+
+    from ccat_data_transfer.storage import S3Storage
+
+    override_settings(
+        S3_ACCESS_KEY_ID=s3_server.access_key, S3_SECRET_ACCESS_KEY=s3_server.secret_key
+    )
+    with system.session() as s:
+        system.location(s, BUF).active = False
+        ccat = s.scalars(select(m.Site).filter_by(name="ccat")).one()
+        s.add(
+            m.S3DataLocation(
+                name="ccat_s3_buffer",
+                site=ccat,
+                location_type=m.LocationType.BUFFER,
+                bucket=s3_bucket,
+                endpoint_url=s3_server.endpoint_url,
+                priority=5,
+            )
+        )
+    entries = make_raw_files(system, SRC, "eou-s3", "primecam/280GHz", 2, 100_000)
+    assert _run(system)["packages_created"] == 1
+    (pkg,) = _packages(system)
+    assert _copy_locations(system) == ["ccat_s3_buffer"]
+    data = S3Storage(s3_server.endpoint_url, s3_bucket).open_read(pkg.relative_path).read()
+    assert hashlib.sha256(data).hexdigest() == pkg.checksum and len(data) == pkg.size
+    # The SOURCE tar it was copied from is gone, and so is any temporary name.
+    src = system.location_path(SRC)
+    assert sorted(_files_left(src)) == sorted(e["relative_path"] for e in entries)
+
+
+def test_a_killed_write_into_the_buffer_leaves_only_a_temporary_name_the_janitor_removes(
+    tmp_path,
+):
+    import os
+    import signal
+    import time
+
+    from ccat_data_transfer import janitor
+    from ccat_data_transfer.storage import DiskStorage, interface
+    from ccat_data_transfer.tarutil import TarMember
+
+    src = tmp_path / "src"
+    src.mkdir()
+    members = []
+    for i in range(3):
+        path = src / f"f{i}.dat"
+        path.write_bytes(os.urandom(2_000_000))  # several writes of the 1 MiB buffer
+        members.append(TarMember(f"f{i}.dat", path, 2_000_000))
+    buf = DiskStorage(tmp_path / "buffer", create=True)
+    work = skeleton.Work("p.tar", "raw_data_packages/p.tar", None, members, None)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the worker, killed in the middle of its write
+        real_write = interface._FdWriter.write
+        written = {"n": 0}
+
+        def write(self, data):
+            written["n"] += 1
+            if written["n"] == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_write(self, data)
+
+        interface._FdWriter.write = write
+        skeleton.write_tar(rdpm.RAW_DATA_PACKAGE, buf, work)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert list(buf.list()) == []  # no final name
+    (leftover,) = list(buf.list_temporary())
+    assert leftover.path.startswith("raw_data_packages/.p.tar.tmp-") and leftover.size > 0
+    result = janitor.sweep_storage("buffer", buf, now=time.time() + 10 * 86400)
+    assert result["removed"] == 1 and list(buf.list_temporary()) == []

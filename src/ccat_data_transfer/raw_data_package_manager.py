@@ -18,13 +18,15 @@ first) the claim is rolled back.  Each claim is committed, then
 ``create_raw_data_package`` is submitted on the ``{site}_{source}_raw_data_package_creation``
 queue (in-process in embedded mode).
 
-The task moves the package SCHEDULED -> IN_PROGRESS (so two deliveries never both work),
-writes the tar at SOURCE in one streaming pass with ``write_tar_with_checksums`` (every
-file verified against its filed checksum while the package checksum is computed) through
-the atomic ``Storage.open_write`` (temporary name, fsync, rename), copies it to the best
-usable BUFFER of the site (lowest priority number, active, not in EMERGENCY; on a storage
-error the next one), removes the SOURCE tar, and records the package (COMPLETED, state
-WAITING) and its RawDataPackagePhysicalCopy PRESENT at the buffer.  On a checksum
+The task moves the package SCHEDULED -> IN_PROGRESS (so two deliveries never both work)
+and writes the tar once, in one streaming pass with ``write_tar_with_checksums`` (every
+file verified against its filed checksum while the package checksum is computed),
+straight into the best usable BUFFER of the site (lowest priority number, active, not in
+EMERGENCY; on a storage error the next one) through the atomic ``Storage.open_write``
+(temporary name, fsync, rename).  A buffer this worker cannot reach as a filesystem (S3)
+gets a copy of a tar written at SOURCE the same way, and that SOURCE tar is removed.  The
+task then records the package (COMPLETED, state WAITING) and its
+RawDataPackagePhysicalCopy PRESENT at the buffer.  On a checksum
 mismatch nothing is written: the bad file gets ``checksum_error`` (and blocks its group),
 the claim is released.  On any other failure the claim is released and the package row
 removed, so nothing half-done is recorded; the next cycle tries again.  Claims whose build
@@ -37,6 +39,7 @@ packaging modules, core and :mod:`ccat_ops_db`.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -62,6 +65,7 @@ from ccat_data_transfer.packaging.raw_groups import (
 from ccat_data_transfer.packaging.raw_report import describe_raw_data_package
 from ccat_data_transfer.queue_discovery import route_task_by_location
 from ccat_data_transfer.storage import StorageError, storage_for_location
+from ccat_data_transfer.tarutil import TarResult, TarSourceChangedError
 from ccat_ops_db import models as m
 
 log = get_logger(__name__)
@@ -230,19 +234,17 @@ def create_raw_data_package(self: Any, package_id: int) -> dict[str, Any]:
 
 
 def _build_package(db: DatabaseConnection, package_id: int) -> dict[str, Any]:
-    """Tar at SOURCE, copy to the best buffer that takes it, record; the SOURCE tar is
-    removed whatever happens, the buffer copy if recording fails."""
+    """Tar into the best buffer that takes it and record; the buffer copy is removed if
+    recording fails, and no tar is left at SOURCE whatever happens."""
     work = skeleton.load_work(
         db, RAW_DATA_PACKAGE, package_id, lambda s, source: usable_buffers(s, source.site_id)
     )
     if not work.extra:
         raise StorageError(f"no usable buffer at the site of {work.location.name}")
     src_storage = storage_for_location(work.location)
-    result = skeleton.write_tar(RAW_DATA_PACKAGE, src_storage, work)
-
     placed: m.DataLocation | None = None
     try:
-        placed = _place(src_storage, work, package_id, result.size)
+        placed, result = _build_into_buffer(src_storage, work, package_id)
         with db.session_scope() as session:
             skeleton.record_built(
                 session,
@@ -262,25 +264,41 @@ def _build_package(db: DatabaseConnection, package_id: int) -> dict[str, Any]:
                 log.warning("buffer_cleanup_failed", location=placed.name, reason=str(exc))
         raise
     finally:
-        try:
+        try:  # a tar written at SOURCE for a buffer out of reach (idempotent otherwise)
             src_storage.delete(work.relative_path)
         except Exception as exc:
             log.warning("source_tar_cleanup_failed", location=work.location.name, reason=str(exc))
     return skeleton.report_built(RAW_DATA_PACKAGE, package_id, work, placed.name, result)
 
 
-def _place(src_storage: Any, work: skeleton.Work, package_id: int, size: int) -> m.DataLocation:
-    """Copy the SOURCE tar to the first of the site's usable buffers (best first) that
-    takes it whole, and return that buffer.  StorageError if none does."""
-    local_tar = src_storage.local_path(work.relative_path)
+def _build_into_buffer(
+    src_storage: Any, work: skeleton.Work, package_id: int
+) -> tuple[m.DataLocation, TarResult]:
+    """Put the tar into the first of the site's usable buffers (best first) that takes it
+    whole; returns that buffer and the tar's checksums.  StorageError if none does.
+
+    A buffer on a filesystem this worker reaches gets the tar written once, straight
+    into it (``open_write``: temporary name, fsync, rename; a killed write leaves only a
+    temporary name the janitor removes).  A buffer out of reach (S3) gets a copy of a
+    tar written at SOURCE, written once whatever the number of such buffers tried."""
+    at_source: TarResult | None = None
     for buf in work.extra:
+        buf_storage = storage_for_location(buf)
         try:
-            buf_storage = storage_for_location(buf)
-            buf_storage.copy_in(local_tar, work.relative_path)
+            direct = buf_storage.local_path(work.relative_path) is not None
+            if direct:
+                result = _write_tar(buf_storage, work)
+            else:
+                if at_source is None:
+                    at_source = _write_tar(src_storage, work)
+                result = at_source
+                buf_storage.copy_in(src_storage.local_path(work.relative_path), work.relative_path)
             info = buf_storage.stat(work.relative_path)
-            if info is None or info.size != size:
+            if info is None or info.size != result.size:
                 raise StorageError(f"copy at {buf.name} has the wrong size")
-            return buf
+            return buf, result
+        except _SourceError as exc:
+            raise exc.error from exc.error.__cause__
         except (StorageError, OSError) as exc:
             log.warning(
                 "buffer_failover",
@@ -289,6 +307,31 @@ def _place(src_storage: Any, work: skeleton.Work, package_id: int, size: int) ->
                 reason=f"{type(exc).__name__}: {exc}",
             )
     raise StorageError("no buffer of the site accepted the package")
+
+
+class _SourceError(Exception):
+    """A packaging failure that is the source's, not the target's: no failover."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _write_tar(storage: Any, work: skeleton.Work) -> TarResult:
+    """:func:`skeleton.write_tar`, with a file changing at SOURCE set apart from the
+    target's errors (those move on to the next buffer; this fails the package)."""
+    try:
+        return skeleton.write_tar(RAW_DATA_PACKAGE, storage, work)
+    except StorageError as exc:
+        if isinstance(exc.__cause__, TarSourceChangedError):
+            raise _SourceError(exc) from exc
+        raise
+    except OSError as exc:  # a member that cannot be read
+        if exc.filename is not None and any(
+            os.fspath(exc.filename) == os.fspath(mem.source_path) for mem in work.members
+        ):
+            raise _SourceError(exc) from exc
+        raise
 
 
 def _flag_mismatch(

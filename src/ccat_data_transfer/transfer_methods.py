@@ -25,7 +25,13 @@ from typing import TextIO
 
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.exceptions import ConfigurationError, RetryableError
-from ccat_data_transfer.storage import CHUNK_SIZE, DiskStorage, S3Storage, Storage
+from ccat_data_transfer.storage import (
+    DiskStorage,
+    ObjectNotFound,
+    S3Storage,
+    Storage,
+    copy_stream,
+)
 from ccat_ops_db import models as m
 
 __all__ = [
@@ -166,22 +172,22 @@ def _remote_sha256(host: str, path: str) -> str:
 
 
 def _stream_copy(src_storage: Storage, src_path: str, dst_storage: Storage, dst_path: str) -> int:
+    """Copy one object between two storages this process reaches; atomic at the
+    destination.  A source on a local filesystem goes through ``copy_in`` (disk to disk:
+    the kernel moves the bytes, :func:`~ccat_data_transfer.fileio.copy_fd`); anything else,
+    or a paced copy, streams through one reused buffer."""
     # TRANSFER_BANDWIDTH_LIMIT_MB_PER_S > 0 paces the copy, as a slow link would be.
     limit = float(settings.get("TRANSFER_BANDWIDTH_LIMIT_MB_PER_S", 0) or 0) * 1e6
-    started = time.monotonic()
-    total = 0
+    local = src_storage.local_path(src_path) if limit <= 0 else None
+    if local is not None:
+        try:
+            return dst_storage.copy_in(local, dst_path)
+        except FileNotFoundError as exc:
+            if exc.filename is not None and os.fspath(exc.filename) == os.fspath(local):
+                raise ObjectNotFound(f"{src_path} not found in {src_storage!r}") from exc
+            raise
     with src_storage.open_read(src_path) as src, dst_storage.open_write(dst_path) as dst:
-        while True:
-            chunk = src.read(CHUNK_SIZE)
-            if not chunk:
-                break
-            dst.write(chunk)
-            total += len(chunk)
-            if limit > 0:
-                ahead = total / limit - (time.monotonic() - started)
-                if ahead > 0:
-                    time.sleep(ahead)
-    return total
+        return copy_stream(src, dst, rate_limit=limit)
 
 
 class CopyMethod(TransferMethodBase):
@@ -299,10 +305,7 @@ class S3Method(TransferMethodBase):
             n = dst_storage.copy_in(local_src, dst_path)
         elif isinstance(src_storage, S3Storage) and local_dst is not None:
             with dst_storage.open_write(dst_path) as dst, src_storage.open_read(src_path) as src:
-                n = 0
-                while chunk := src.read(CHUNK_SIZE):
-                    dst.write(chunk)
-                    n += len(chunk)
+                n = copy_stream(src, dst)
         else:
             n = _stream_copy(src_storage, src_path, dst_storage, dst_path)
         stats = TransferStats(n, time.monotonic() - start)

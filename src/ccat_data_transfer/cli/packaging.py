@@ -30,13 +30,12 @@ from ccat_data_transfer.cli.common import (
 )
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.exceptions import NotFoundError, ValidationError
+from ccat_data_transfer.fileio import COPY_BUFSIZE
 from ccat_data_transfer.storage import is_temp_name, storage_for_location
 from ccat_ops_db import models as m
 
 package_app = typer.Typer(help="Inspect packages.", no_args_is_help=True)
 app.add_typer(package_app, name="package")
-
-_CHUNK = 8 * 1024 * 1024
 
 
 def _print_summary(title: str, summary: dict[str, Any]) -> None:
@@ -123,7 +122,7 @@ def _checksums(files: list[tuple[Path, str]]) -> list[tuple[str, int, str]]:
         transient=True,
     ) as progress:
         task = progress.add_task(f"{len(files)} files", total=total)
-        buf = bytearray(_CHUNK)
+        buf = bytearray(COPY_BUFSIZE)
         view = memoryview(buf)
         for path, rel in files:
             h = hashlib.sha256()

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from ccat_data_transfer.fileio import fadvise_sequential
+from ccat_data_transfer.fileio import COPY_METHODS, copy_fd, fadvise_sequential
 from ccat_data_transfer.storage.errors import (
     ObjectNotFound,
     StorageError,
@@ -29,7 +29,6 @@ from ccat_data_transfer.storage.interface import (
     Storage,
     Usage,
     _atomic_file,
-    _copy_stream,
     is_temp_name,
     normalize_path,
 )
@@ -210,31 +209,23 @@ class DiskStorage(Storage):
     def local_path(self, path: str) -> Path | None:
         return self._full(path)
 
-    def copy_in(self, local_file: str | os.PathLike[str], path: str) -> int:
-        if not hasattr(os, "copy_file_range"):
-            return super().copy_in(local_file, path)
+    def copy_in(
+        self,
+        local_file: str | os.PathLike[str],
+        path: str,
+        *,
+        methods: tuple[str, ...] = COPY_METHODS,
+    ) -> int:
+        """Copy a local file in, the bytes moved by the kernel where it can
+        (:func:`~ccat_data_transfer.fileio.copy_fd`: ``copy_file_range``, then
+        ``sendfile``, then one reused buffer; ``methods`` narrows the choice), into a
+        temporary name that is fsynced and renamed (:meth:`open_write`)."""
         with open(local_file, "rb", buffering=0) as src:
             fadvise_sequential(src.fileno())
             with self.open_write(path) as dst:
-                n = 0
-                size = os.fstat(src.fileno()).st_size
-                # copy_file_range keeps the bytes in the kernel (and lets filesystems
-                # that can, share extents); falls back to a read/write loop.
-                dst.flush()
-                try:
-                    while n < size:
-                        done = os.copy_file_range(src.fileno(), dst.fileno(), size - n)
-                        if done == 0:
-                            break
-                        n += done
-                except OSError as exc:
-                    if is_full(exc):
-                        raise
-                    if n:
-                        raise
-                    return _copy_stream(src, dst)  # type: ignore[arg-type]
-                # The file may have grown since fstat: copy whatever remains.
-                return n + _copy_stream(src, dst)  # type: ignore[arg-type]
+                dst.flush()  # nothing buffered may land after the kernel's bytes
+                n, _ = copy_fd(src.fileno(), dst.fileno(), methods)
+                return n
 
 
 def _tree_size_and_change(top: str) -> tuple[int, float]:

@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import io
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ccat_data_transfer.fileio import (
+    COPY_BUFSIZE,
+    COPY_METHODS,
     PathErrors,
     buffer_size,
     clean_relative_path,
@@ -49,12 +52,14 @@ __all__ = [
     "ObjectInfo",
     "Storage",
     "Usage",
+    "copy_stream",
     "is_temp_name",
     "normalize_path",
+    "read_chunks",
 ]
 
-#: Read size for streaming copies and checksums.
-CHUNK_SIZE = 8 * 1024 * 1024
+#: Read size for streaming copies and checksums (measured: bench/buffer_curve.py).
+CHUNK_SIZE = COPY_BUFSIZE
 
 _TEMP_MARK = ".tmp-"
 
@@ -128,7 +133,7 @@ def _temp_name(final_name: str) -> str:
 def _buffer_size(f: Any, chunk: int) -> int:
     """A read buffer for the rest of ``f``: ``chunk`` at most, but no bigger than what is
     left of a regular file (in whole 64 KiB), so small files are not read through a
-    freshly zeroed 8 MiB buffer.  Streams of unknown size get ``chunk``."""
+    freshly zeroed buffer of the full size.  Streams of unknown size get ``chunk``."""
     size = file_size(f)
     if size is None:
         return chunk
@@ -139,7 +144,7 @@ def _buffer_size(f: Any, chunk: int) -> int:
     return buffer_size(left, chunk)
 
 
-def _chunks(src: BinaryIO, chunk: int = CHUNK_SIZE) -> Iterator[memoryview | bytes]:
+def read_chunks(src: BinaryIO, chunk: int = CHUNK_SIZE) -> Iterator[memoryview | bytes]:
     """The rest of ``src`` in pieces, read into one reused buffer where the stream can
     (``readinto``); each piece is valid only until the next one is asked for."""
     readinto = getattr(src, "readinto", None)
@@ -152,12 +157,20 @@ def _chunks(src: BinaryIO, chunk: int = CHUNK_SIZE) -> Iterator[memoryview | byt
         yield mv[:n]
 
 
-def _copy_stream(src: BinaryIO, dst: BinaryIO, chunk: int = CHUNK_SIZE) -> int:
-    """Copy ``src`` to ``dst`` with one reused buffer; returns bytes copied."""
+def copy_stream(
+    src: BinaryIO, dst: BinaryIO, chunk: int = CHUNK_SIZE, *, rate_limit: float = 0.0
+) -> int:
+    """Copy ``src`` to ``dst`` through one reused buffer; returns bytes copied.
+    ``rate_limit`` (bytes per second, 0: none) paces the copy, as a slow link would."""
     total = 0
-    for data in _chunks(src, chunk):
+    started = time.monotonic()
+    for data in read_chunks(src, chunk):
         dst.write(data)
         total += len(data)
+        if rate_limit > 0:
+            ahead = total / rate_limit - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
     return total
 
 
@@ -278,21 +291,30 @@ class Storage(abc.ABC):
         big trees; prefer :meth:`usage` for threshold checks)."""
         return sum(info.size for info in self.list(prefix))
 
-    def copy_in(self, local_file: str | os.PathLike[str], path: str) -> int:
-        """Copy a local file into the storage (atomically); returns bytes copied."""
+    def copy_in(
+        self,
+        local_file: str | os.PathLike[str],
+        path: str,
+        *,
+        methods: tuple[str, ...] = COPY_METHODS,
+    ) -> int:
+        """Copy a local file into the storage (atomically: temporary name, fsync, rename);
+        returns bytes copied.  ``methods`` (of ``fileio.COPY_METHODS``)
+        are the ways a local backend may move the bytes, fastest first; a backend that
+        cannot use them streams through one reused buffer."""
         with open(local_file, "rb", buffering=0) as src:
             fadvise_sequential(src.fileno())
             with self.open_write(path) as dst:
-                return _copy_stream(src, dst)  # type: ignore[arg-type]
+                return copy_stream(src, dst)  # type: ignore[arg-type]
 
     def copy_out(self, path: str, local_file: str | os.PathLike[str]) -> int:
         """Copy an object to a local file (written atomically); returns bytes copied."""
         target = Path(local_file)
         with self.open_read(path) as src, _atomic_local_write(target) as dst:
-            return _copy_stream(src, dst)
+            return copy_stream(src, dst)
 
     def sha256(self, path: str, *, reread: bool = False) -> str:
-        """Hex SHA-256 of an object, streamed in 8 MiB reads.
+        """Hex SHA-256 of an object, streamed through one reused buffer of CHUNK_SIZE.
 
         A backend that stores each object's SHA-256 when writing it (S3: the object
         metadata ``sha256``) answers from that record unless ``reread``; a fixity check
@@ -300,6 +322,6 @@ class Storage(abc.ABC):
         """
         h = hashlib.sha256()
         with self.open_read(path) as f:
-            for data in _chunks(f, CHUNK_SIZE):
+            for data in read_chunks(f, CHUNK_SIZE):
                 h.update(data)
         return h.hexdigest()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ccat_data_transfer.fileio import (
+    COPY_BUFSIZE,
     PathErrors,
     buffer_size,
     clean_relative_path,
@@ -42,8 +43,9 @@ __all__ = [
 
 BLOCKSIZE = tarfile.BLOCKSIZE  # 512
 RECORDSIZE = tarfile.RECORDSIZE  # 10240: archives are padded to whole records, as GNU tar does
-#: Read size of the packaging loop (measured in bench/packaging.py: 4-8 MiB is the plateau).
-DEFAULT_BUFSIZE = 8 * 1024 * 1024
+#: Read size of the packaging loop (measured in bench/packaging.py and
+#: bench/buffer_curve.py: see ``fileio.COPY_BUFSIZE``).
+DEFAULT_BUFSIZE = COPY_BUFSIZE
 _ZERO_BLOCK = bytes(BLOCKSIZE)
 
 
