@@ -691,9 +691,30 @@ class DeletionLog(Base):
     actor: Mapped[str] = mapped_column(String(128), default="deletion_manager")
     message: Mapped[str | None] = mapped_column(Text)
     #: A row for a whole batch (bulk scheduling of raw-file copies) has no
-    #: ``physical_copy_id``; it lists the copies it covers here, as a JSON array of ids.
+    #: ``physical_copy_id``; it lists the copies it covers here, as a JSON array of ids (to
+    #: read), and in ``deletion_log_copy`` (to look up by copy).
     #: ``deletion_manager.deletion_history(session, copy_id)`` finds both kinds of row.
     copy_ids: Mapped[str | None] = mapped_column(Text)
+
+
+class DeletionLogCopy(Base):
+    """Membership of a copy in a batch row of ``deletion_log``: one row per copy the batch
+    covers, so that a copy's history is found by index (``ix_deletion_log_copy_copy``)
+    instead of by searching every batch's ``copy_ids``."""
+
+    __tablename__ = "deletion_log_copy"
+    __table_args__ = (Index("ix_deletion_log_copy_copy", "physical_copy_id"),)
+
+    deletion_log_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"),
+        ForeignKey("deletion_log.id"),
+        primary_key=True,
+    )
+    physical_copy_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"),
+        ForeignKey("physical_copy.id"),
+        primary_key=True,
+    )
 
 
 class ArchiveEvent(Base):

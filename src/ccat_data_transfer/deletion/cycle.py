@@ -15,24 +15,37 @@ Room in the house: the deletion manager; imports the other ``deletion`` modules,
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import (
+    Integer,
+    and_,
+    bindparam,
+    case,
+    event,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer import buffer_status as bs
 from ccat_data_transfer import scope
 from ccat_data_transfer.archive_proof import request_verification
 from ccat_data_transfer.config.config import settings
-from ccat_data_transfer.database import DatabaseConnection
+from ccat_data_transfer.database import DatabaseConnection, is_postgresql
 from ccat_data_transfer.deletion.base import (
     COPY_TYPE_RAW_DATA_FILE,
     DLT,
     LT,
     PCT,
     S,
+    kept,
     log,
 )
 from ccat_data_transfer.deletion.candidates import _active_locations, lta_copies_to_verify
@@ -66,34 +79,47 @@ def _not_at_an_archive() -> Any:
     return PCT.c.data_location_id.not_in(lta_ids)
 
 
+@kept
+def _reschedule_statement(scoped: bool) -> Any:
+    """The UPDATE of :func:`reschedule_failed_deletions` (parameters ``cap`` and, when
+    ``scoped``, ``location_ids``)."""
+    back = case(
+        (
+            and_(PCT.c.type == COPY_TYPE_RAW_DATA_FILE, PCT.c.deletion_possible_at.is_not(None)),
+            literal(S.DELETION_POSSIBLE, PCT.c.status.type),
+        ),
+        else_=literal(S.PRESENT, PCT.c.status.type),
+    )
+    return (
+        update(PCT)
+        .where(
+            PCT.c.status == S.DELETION_FAILED,
+            PCT.c.deletion_retry_count < bindparam("cap", type_=Integer),
+            _not_at_an_archive(),
+            *(
+                [PCT.c.data_location_id.in_(bindparam("location_ids", expanding=True))]
+                if scoped
+                else []
+            ),
+        )
+        .values(status=back)
+    )
+
+
 def reschedule_failed_deletions(session: Session, location_ids: list[int] | None = None) -> int:
     """DELETION_FAILED copies below DELETION_MAX_RETRIES go back to where they came from
     (DELETION_POSSIBLE for stage-2 raw files, PRESENT otherwise) so this cycle's rules
     re-evaluate and reschedule them.  At the cap they stay DELETION_FAILED for a person.
     With ``location_ids`` only copies at those locations; never a copy at an LTA."""
-    cap = int(settings.DELETION_MAX_RETRIES)
-    base = [
-        PCT.c.status == S.DELETION_FAILED,
-        PCT.c.deletion_retry_count < cap,
-        _not_at_an_archive(),
-        *([PCT.c.data_location_id.in_(location_ids)] if location_ids is not None else []),
-    ]
-    n1 = session.execute(
-        update(PCT)
-        .where(
-            *base, PCT.c.type == COPY_TYPE_RAW_DATA_FILE, PCT.c.deletion_possible_at.is_not(None)
-        )
-        .values(status=S.DELETION_POSSIBLE)
-    ).rowcount
-    n2 = session.execute(
-        update(PCT)
-        .where(
-            *base, or_(PCT.c.type != COPY_TYPE_RAW_DATA_FILE, PCT.c.deletion_possible_at.is_(None))
-        )
-        .values(status=S.PRESENT)
-    ).rowcount
-    session.commit()
-    return int(n1 or 0) + int(n2 or 0)
+    params: dict[str, Any] = {"cap": int(settings.DELETION_MAX_RETRIES)}
+    if location_ids is not None:
+        if not location_ids:
+            return 0
+        params["location_ids"] = list(location_ids)
+    n = int(session.execute(_reschedule_statement(location_ids is not None), params).rowcount or 0)
+    if n:
+        session.commit()
+    return n
 
 
 def resubmit_stalled_deletions(session: Session, location_ids: list[int] | None = None) -> int:
@@ -138,6 +164,28 @@ def resubmit_stalled_deletions(session: Session, location_ids: list[int] | None 
     return len(rows)
 
 
+@contextlib.contextmanager
+def _without_jit(session: Session) -> Iterator[None]:
+    """PostgreSQL: no JIT compilation in the transactions of this block (``SET LOCAL jit =
+    off`` as each begins).  The cycle's statements touch few rows, but the planner's
+    estimates for the history they are checked against pass ``jit_above_cost`` once the
+    tables hold millions of rows, and compiling then costs 100-200 ms a statement."""
+    if not is_postgresql(session):
+        yield
+        return
+
+    def off(_session: Session, _transaction: Any, connection: Any) -> None:
+        connection.exec_driver_sql("SET LOCAL jit = off")
+
+    event.listen(session, "after_begin", off)
+    try:
+        if session.in_transaction():
+            session.connection().exec_driver_sql("SET LOCAL jit = off")
+        yield
+    finally:
+        event.remove(session, "after_begin", off)
+
+
 def run_once(session: Session, site: str | None = None) -> dict[str, Any]:
     """One deletion cycle; returns what it did.  The five steps of the document, preceded
     by retries of failed deletions and followed by the catch-up of stage-1 marking.
@@ -145,6 +193,11 @@ def run_once(session: Session, site: str | None = None) -> dict[str, Any]:
     ``site`` scopes the cycle to copies at that site's locations (default: the setting
     ``MANAGER_SITE``); the rules still consult every site's copies
     (:mod:`ccat_data_transfer.scope`)."""
+    with _without_jit(session):
+        return _run_once(session, site)
+
+
+def _run_once(session: Session, site: str | None) -> dict[str, Any]:
     ids = scope.location_ids(session, site)
     statuses = _Statuses(session)
     summary: dict[str, Any] = {}

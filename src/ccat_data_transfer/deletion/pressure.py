@@ -13,6 +13,7 @@ Room in the house: core of the deletion stage; imports ``deletion.base``,
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -90,16 +91,50 @@ def _cycle_limit(state: bs.BufferState) -> int | None:
     return _batch_size(state) * _MAX_BATCHES_PER_CYCLE
 
 
+#: Location types whose buffer status a cycle reads (the ones pressure may act on).
+PRESSURE_TYPES = (LT.SOURCE, LT.BUFFER, LT.PROCESSING)
+
+
 class _Statuses:
-    """Buffer statuses read once per cycle."""
+    """What one cycle reads once: the active locations (one query, on first use) and
+    their buffer statuses (one query or one Redis MGET for all of them, on first use)."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
         self._cache: dict[str, dict[str, Any]] = {}
+        self._locations: list[m.DataLocation] | None = None
+        #: The site roles (``deletion.rules.site_roles``), once read this cycle.
+        self.roles: Any = None
+
+    def locations(
+        self, types: Iterable[m.LocationType], location_ids: list[int] | None = None
+    ) -> list[m.DataLocation]:
+        """Active locations of ``types`` by id; with ``location_ids`` only those (a site's
+        scope)."""
+        if self._locations is None:
+            dl = m.DataLocation
+            self._locations = list(
+                self.session.scalars(select(dl).where(dl.active.is_(True)).order_by(dl.id))
+            )
+        wanted = set(types)
+        return [
+            loc
+            for loc in self._locations
+            if loc.location_type in wanted and (location_ids is None or loc.id in location_ids)
+        ]
 
     def get(self, location: m.DataLocation) -> dict[str, Any]:
         if location.name not in self._cache:
-            self._cache[location.name] = get_buffer_status_for_location(location.name, self.session)
+            names = [location.name] + [
+                loc.name for loc in self.locations(PRESSURE_TYPES) if loc.name != location.name
+            ]
+            try:
+                read = bs.read_statuses(names, self.session)
+            except Exception as exc:  # an unreadable status is an unknown one: act safely
+                log.warning("buffer_status_unavailable", location=location.name, error=str(exc))
+                read = {location.name: None}
+            for name, status in read.items():
+                self._cache.setdefault(name, dict(status or {}))
         return self._cache[location.name]
 
     def state(self, location: m.DataLocation) -> bs.BufferState:

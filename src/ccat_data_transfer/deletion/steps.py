@@ -32,9 +32,9 @@ from ccat_data_transfer.deletion.base import (
 )
 from ccat_data_transfer.deletion.candidates import (
     EXPIRED,
-    _active_locations,
     _deletable_package_copies,
     _deletion_possible_selection,
+    _locations_with_expired,
     _oldest_under_pressure,
     _processing_file_ids,
     _retention_cutoff,
@@ -79,7 +79,9 @@ def _schedule_package_copies(
     statuses: _Statuses,
     location_ids: list[int] | None = None,
 ) -> int:
-    found = _deletable_package_copies(session, copy_cls, decide, location_ids=location_ids)
+    found = _deletable_package_copies(
+        session, copy_cls, decide, location_ids=location_ids, statuses=statuses
+    )
     total = 0
     for loc, items in found.items():
         state = statuses.state(loc)
@@ -133,7 +135,7 @@ def delete_processing_raw_data_files(
     active StagingJob references (all jobs using them have ``active=False``)."""
     statuses = statuses or _Statuses(session)
     total = 0
-    for loc in _active_locations(session, [LT.PROCESSING], location_ids):
+    for loc in statuses.locations([LT.PROCESSING], location_ids):
         state = statuses.state(loc)
         rows = _processing_file_ids(session, loc, [S.PRESENT], _cycle_limit(state))
         candidates = [
@@ -160,7 +162,7 @@ def delete_staged_raw_data_files_from_processing(
     are all gone becomes DELETED."""
     statuses = statuses or _Statuses(session)
     total = 0
-    for loc in _active_locations(session, [LT.PROCESSING], location_ids):
+    for loc in statuses.locations([LT.PROCESSING], location_ids):
         state = statuses.state(loc)
         staged = _staged_package_copies(session, loc)
         if not staged:
@@ -291,12 +293,18 @@ def process_deletion_possible_raw_data_files(
     no audit hold here) is part of the query."""
     statuses = statuses or _Statuses(session)
     total = 0
-    # Every location is asked (the partial index ix_physical_copy_deletion_possible answers
-    # an empty one at once); a DISTINCT over every DELETION_POSSIBLE row would grow with
-    # the history.
+    # One statement asks every location whether it has a copy past its retention (one
+    # probe of the partial index ix_physical_copy_deletion_possible each); a location
+    # without one and without pressure has nothing this step could schedule.
     bulk = is_postgresql(session)
-    for loc in _active_locations(session, [LT.SOURCE, LT.BUFFER], location_ids):
+    locations = statuses.locations([LT.SOURCE, LT.BUFFER], location_ids)
+    expired = _locations_with_expired(
+        session, {loc.id: _retention_cutoff(loc) for loc in locations}
+    )
+    for loc in locations:
         status = statuses.get(loc)
+        if loc.id not in expired and not should_delete_based_on_buffer_status(loc, status):
+            continue
         state = _state_from(status)
         if bulk:
             total += _schedule_deletion_possible_bulk(
