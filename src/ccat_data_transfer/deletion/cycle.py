@@ -48,7 +48,11 @@ from ccat_data_transfer.deletion.base import (
     kept,
     log,
 )
-from ccat_data_transfer.deletion.candidates import _active_locations, lta_copies_to_verify
+from ccat_data_transfer.deletion.candidates import (
+    _active_locations,
+    _roles,
+    lta_copies_to_verify,
+)
 from ccat_data_transfer.deletion.claims import _submit
 from ccat_data_transfer.deletion.marking import mark_raw_data_files_for_deletion
 from ccat_data_transfer.deletion.pressure import (
@@ -164,26 +168,35 @@ def resubmit_stalled_deletions(session: Session, location_ids: list[int] | None 
     return len(rows)
 
 
+#: Settings of the cycle's transactions on PostgreSQL (each ends with its transaction).
+_CYCLE_SETTINGS = (
+    "SELECT set_config('jit', 'off', true),"
+    " set_config('plan_cache_mode', 'force_custom_plan', true)"
+)
+
+
 @contextlib.contextmanager
-def _without_jit(session: Session) -> Iterator[None]:
-    """PostgreSQL: no JIT compilation in the transactions of this block (``SET LOCAL jit =
-    off`` as each begins).  The cycle's statements touch few rows, but the planner's
-    estimates for the history they are checked against pass ``jit_above_cost`` once the
-    tables hold millions of rows, and compiling then costs 100-200 ms a statement."""
+def _cycle_settings(session: Session) -> Iterator[None]:
+    """PostgreSQL: as each transaction of this block begins, no JIT compilation and no
+    generic plans.  The cycle's statements touch few rows, but the planner's estimates for
+    the history they are checked against pass ``jit_above_cost`` once the tables hold
+    millions of rows (compiling then costs 100-200 ms a statement); and a generic plan of a
+    statement run again (the driver prepares it) does not know which state is asked for,
+    so it plans for the average state - the history - instead of the few copies in it."""
     if not is_postgresql(session):
         yield
         return
 
-    def off(_session: Session, _transaction: Any, connection: Any) -> None:
-        connection.exec_driver_sql("SET LOCAL jit = off")
+    def apply(_session: Session, _transaction: Any, connection: Any) -> None:
+        connection.exec_driver_sql(_CYCLE_SETTINGS)
 
-    event.listen(session, "after_begin", off)
+    event.listen(session, "after_begin", apply)
     try:
         if session.in_transaction():
-            session.connection().exec_driver_sql("SET LOCAL jit = off")
+            session.connection().exec_driver_sql(_CYCLE_SETTINGS)
         yield
     finally:
-        event.remove(session, "after_begin", off)
+        event.remove(session, "after_begin", apply)
 
 
 def run_once(session: Session, site: str | None = None) -> dict[str, Any]:
@@ -193,7 +206,7 @@ def run_once(session: Session, site: str | None = None) -> dict[str, Any]:
     ``site`` scopes the cycle to copies at that site's locations (default: the setting
     ``MANAGER_SITE``); the rules still consult every site's copies
     (:mod:`ccat_data_transfer.scope`)."""
-    with _without_jit(session):
+    with _cycle_settings(session):
         return _run_once(session, site)
 
 
@@ -209,7 +222,7 @@ def _run_once(session: Session, site: str | None) -> dict[str, Any]:
     summary["staged_raw_data_files"] = delete_staged_raw_data_files_from_processing(
         session, statuses, ids
     )
-    summary["marked_deletion_possible"] = mark_catch_up(session, ids)
+    summary["marked_deletion_possible"] = mark_catch_up(session, ids, statuses)
     session.commit()
     summary["deletion_possible_raw_data_files"] = process_deletion_possible_raw_data_files(
         session, statuses, ids
@@ -234,7 +247,9 @@ def ask_for_proof(session: Session, statuses: _Statuses, location_ids: list[int]
     return asked
 
 
-def mark_catch_up(session: Session, location_ids: list[int] | None = None) -> int:
+def mark_catch_up(
+    session: Session, location_ids: list[int] | None = None, statuses: _Statuses | None = None
+) -> int:
     """The catch-up of stage 1 (:func:`mark_raw_data_files_for_deletion` over every
     package), at most once per ``DELETION_MARK_CATCHUP_SECONDS`` (0: every cycle).
 
@@ -255,7 +270,8 @@ def mark_catch_up(session: Session, location_ids: list[int] | None = None) -> in
     row = get_state(session, key) if interval > 0 else None
     if row is not None and row.updated_at > now - timedelta(seconds=interval):
         return 0
-    marked = mark_raw_data_files_for_deletion(session, location_ids=location_ids)
+    roles = _roles(session, statuses)
+    marked = mark_raw_data_files_for_deletion(session, location_ids=location_ids, roles=roles)
     if interval > 0:
         # An upsert: another manager of the same scope may have written the row since.
         put_state(session, key, str(marked), now)
