@@ -294,7 +294,10 @@ def _oldest_under_pressure(
     others: list[_Candidate] = []
     if needed <= 0 or (room is not None and room <= 0):
         return others
-    for r in session.execute(deletion_possible_candidates(location.id, retained_after=cutoff)):
+    others_stmt = deletion_possible_candidates(location.id, retained_after=cutoff)
+    if room is not None:
+        others_stmt = others_stmt.limit(room)
+    for r in session.execute(others_stmt):
         if needed <= 0 or (room is not None and len(others) >= room):
             break
         others.append(

@@ -85,7 +85,8 @@ def _batch_size(state: bs.BufferState) -> int:
 
 
 def _cycle_limit(state: bs.BufferState) -> int | None:
-    """How many copies per location and step one cycle schedules; None (all) in emergency."""
+    """How many copies per location and step one cycle schedules; None (all) in emergency,
+    which the steps then schedule one batch per pass (``deletion.steps._in_batches``)."""
     if state == bs.BufferState.EMERGENCY:
         return None
     return _batch_size(state) * _MAX_BATCHES_PER_CYCLE
