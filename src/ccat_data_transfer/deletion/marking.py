@@ -10,7 +10,8 @@ package's last source-site copy DELETED; the cycle's catch-up calls it over ever
 The rule's SQL is ``deletion.rule_sql._archived_in_lta`` and ``_left_source_site``.
 
 Room in the house: core of the deletion stage (used by the worker and the cycle); imports
-``deletion.base``, ``deletion.rule_sql``, ``deletion.rules`` (site roles),
+``deletion.base``, ``deletion.claims`` (the ``ARRAY(SELECT ...)`` form),
+``deletion.rule_sql``, ``deletion.rules`` (site roles),
 ``deletion.trail``, ``scope``, ``database`` and ``ccat_ops_db``.
 """
 
@@ -27,6 +28,7 @@ from sqlalchemy.orm import Session
 from ccat_data_transfer import scope
 from ccat_data_transfer.database import is_postgresql
 from ccat_data_transfer.deletion.base import COPY_TYPE_RAW_DATA_FILE, DLT, LT, PCT, S, kept
+from ccat_data_transfer.deletion.claims import _ArrayOfSelect
 from ccat_data_transfer.deletion.rule_sql import _archived_in_lta, _left_source_site
 from ccat_data_transfer.deletion.rules import site_roles
 from ccat_data_transfer.deletion.trail import _log_row, _write_log_rows
@@ -131,18 +133,18 @@ def _qualifying_statement(
     The PRESENT file copies at SOURCE and BUFFER locations (the backlog) name their
     packages by key, except the copies whose file is known to fail the rule anyway: the
     files of packages not ARCHIVED (the backlog in flight) and the files not yet packaged,
-    found from those few packages by index, are set aside first (``EXCEPT``), so that the
-    lookups follow what may qualify, not every file in flight."""
+    found from those few packages by index (``= ANY(ARRAY(SELECT ...))``: one index scan
+    per package, never a scan of every file), are set aside first (``EXCEPT``), so that
+    the lookups follow what may qualify, not every file in flight."""
     copy_rule, package_rule = _stage1_rules(source_site_ids, location_ids)
     present = (
         select(PCT.c.raw_data_file_id.label("id")).where(*copy_rule).cte("present")
     ).prefix_with("MATERIALIZED")
     not_archived = [st for st in m.PackageState if st != m.PackageState.ARCHIVED]
+    in_flight = _ArrayOfSelect(select(RDP.c.id).where(RDP.c.state.in_(not_archived)))
     failing = (
         union_all(
-            select(RDF.c.id).where(
-                RDF.c.raw_data_package_id.in_(select(RDP.c.id).where(RDP.c.state.in_(not_archived)))
-            ),
+            select(RDF.c.id).where(RDF.c.raw_data_package_id == any_(in_flight)),
             select(RDF.c.id).where(RDF.c.raw_data_package_id.is_(None)),
         )
         .cte("failing")
