@@ -63,8 +63,8 @@ MANAGERS = {
 
 
 def _bench_fill():
-    path = Path(__file__).resolve().parent.parent / "bench" / "deletion_scale.py"
-    spec = importlib.util.spec_from_file_location("_bench_deletion_scale", path)
+    path = Path(__file__).resolve().parent.parent / "bench" / "deletion_fill.py"
+    spec = importlib.util.spec_from_file_location("_bench_deletion_fill", path)
     mod = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     spec.loader.exec_module(mod)

@@ -782,6 +782,7 @@ class ManagerState(Base):
 # Users, roles and API tokens (filing API)
 # ---------------------------------------------------------------------------------------
 
+
 class User(Base):
     """A person or a program using the API.  Roles belong to its tokens, not to it."""
 

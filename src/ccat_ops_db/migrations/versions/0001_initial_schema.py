@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-12-02 08:22:22.858189
+Create Date: 2026-12-02 08:41:39.711095
 """
 
 from collections.abc import Sequence
