@@ -610,6 +610,15 @@ class PhysicalCopy(Base):
             postgresql_where=text("status = 'DELETION_POSSIBLE'"),
             sqlite_where=text("status = 'DELETION_POSSIBLE'"),
         ),
+        # The stage-1 catch-up: the raw files still PRESENT at a location (the backlog in
+        # flight), read from the index alone.  Partial: the history is not in it.
+        Index(
+            "ix_physical_copy_present_files",
+            "data_location_id",
+            "raw_data_file_id",
+            postgresql_where=text("status = 'PRESENT' AND type = 'raw_data_file'"),
+            sqlite_where=text("status = 'PRESENT' AND type = 'raw_data_file'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-12-02 08:41:39.711095
+Create Date: 2026-12-02 08:50:57.878610
 """
 
 from collections.abc import Sequence
@@ -856,6 +856,13 @@ def upgrade() -> None:
             "ix_physical_copy_location_status", ["data_location_id", "status"], unique=False
         )
         batch_op.create_index(
+            "ix_physical_copy_present_files",
+            ["data_location_id", "raw_data_file_id"],
+            unique=False,
+            postgresql_where=sa.text("status = 'PRESENT' AND type = 'raw_data_file'"),
+            sqlite_where=sa.text("status = 'PRESENT' AND type = 'raw_data_file'"),
+        )
+        batch_op.create_index(
             "ix_physical_copy_raw_data_file", ["raw_data_file_id", "status"], unique=False
         )
         batch_op.create_index(
@@ -1013,6 +1020,11 @@ def downgrade() -> None:
         batch_op.drop_index("ix_physical_copy_status_deleted_at")
         batch_op.drop_index("ix_physical_copy_raw_data_package")
         batch_op.drop_index("ix_physical_copy_raw_data_file")
+        batch_op.drop_index(
+            "ix_physical_copy_present_files",
+            postgresql_where=sa.text("status = 'PRESENT' AND type = 'raw_data_file'"),
+            sqlite_where=sa.text("status = 'PRESENT' AND type = 'raw_data_file'"),
+        )
         batch_op.drop_index("ix_physical_copy_location_status")
         batch_op.drop_index(
             "ix_physical_copy_deletion_possible",
