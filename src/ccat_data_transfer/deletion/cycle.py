@@ -222,12 +222,12 @@ def _run_once(session: Session, site: str | None) -> dict[str, Any]:
     summary["staged_raw_data_files"] = delete_staged_raw_data_files_from_processing(
         session, statuses, ids
     )
+    # Every step commits what it changes (before submitting any task), so a cycle that
+    # changes nothing is one read-only transaction, which the caller ends.
     summary["marked_deletion_possible"] = mark_catch_up(session, ids, statuses)
-    session.commit()
     summary["deletion_possible_raw_data_files"] = process_deletion_possible_raw_data_files(
         session, statuses, ids
     )
-    session.commit()
     summary["verifications_requested"] = ask_for_proof(session, statuses, ids)
     summary["buffer_states"] = {name: _state_from(st).value for name, st in statuses._cache.items()}
     return summary
@@ -239,9 +239,9 @@ def ask_for_proof(session: Session, statuses: _Statuses, location_ids: list[int]
     once while a request is outstanding).  A later cycle decides on the answer; in
     embedded mode the verification runs at once, so the next cycle does."""
     copy_ids = lta_copies_to_verify(session, statuses, location_ids)
-    session.commit()  # the verification may run inline, in its own session
     if not copy_ids:
         return 0
+    session.commit()  # the verification may run inline, in its own session
     asked = request_verification(session, copy_ids)
     session.expire_all()
     return asked
@@ -258,7 +258,7 @@ def mark_catch_up(
     finds what that did not mark (data changed by hand, a restored LTA copy), at a cost
     that follows the backlog of PRESENT raw files, so it need not run in every cycle.  The
     time of the last run is kept in ``manager_state`` per scope, so that every process of
-    the same scope shares it."""
+    the same scope shares it.  A run commits its marks and its time."""
     interval = float(settings.get("DELETION_MARK_CATCHUP_SECONDS", 0) or 0)
     key = (
         "deletion:mark_catch_up"
@@ -275,6 +275,7 @@ def mark_catch_up(
     if interval > 0:
         # An upsert: another manager of the same scope may have written the row since.
         put_state(session, key, str(marked), now)
+    session.commit()  # the marks and the time of this run
     return marked
 
 
