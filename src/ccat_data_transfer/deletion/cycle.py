@@ -49,16 +49,15 @@ from ccat_data_transfer.deletion.base import (
     log,
 )
 from ccat_data_transfer.deletion.candidates import (
-    _active_locations,
     _roles,
     lta_copies_to_verify,
 )
 from ccat_data_transfer.deletion.claims import _submit
 from ccat_data_transfer.deletion.marking import mark_raw_data_files_for_deletion
 from ccat_data_transfer.deletion.pressure import (
+    PRESSURE_TYPES,
     _state_from,
     _Statuses,
-    get_buffer_status_for_location,
 )
 from ccat_data_transfer.deletion.steps import (
     delete_data_transfer_packages,
@@ -300,8 +299,8 @@ def sleep_time() -> float:
     try:
         db = DatabaseConnection()
         with db.session_scope() as session:
-            for loc in _active_locations(session, [LT.SOURCE, LT.BUFFER, LT.PROCESSING]):
-                states.append(_state_from(get_buffer_status_for_location(loc.name, session)))
+            statuses = _Statuses(session)  # one read of the locations, one of the statuses
+            states = [statuses.state(loc) for loc in statuses.locations(PRESSURE_TYPES)]
     except Exception as exc:  # the loop must go on even if the DB hiccups
         log.warning("sleep_time_status_unavailable", error=str(exc))
     return bs.manager_sleep_time(float(settings.DELETION_MANAGER_SLEEP_TIME), states)
