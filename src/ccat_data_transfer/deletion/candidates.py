@@ -54,6 +54,7 @@ from ccat_data_transfer.deletion.rules import (
     _decide_rdp_copy,
     _retention_minutes,
     site_roles,
+    site_roles_from,
 )
 from ccat_ops_db import models as m
 
@@ -100,7 +101,7 @@ def _roles(session: Session, statuses: _Statuses | None) -> Any:
     if statuses is None:
         return site_roles(session)
     if statuses.roles is None:
-        statuses.roles = site_roles(session)
+        statuses.roles = site_roles_from(statuses.site_rows())
     return statuses.roles
 
 

@@ -97,13 +97,14 @@ PRESSURE_TYPES = (LT.SOURCE, LT.BUFFER, LT.PROCESSING)
 
 
 class _Statuses:
-    """What one cycle reads once: the active locations (one query, on first use) and
-    their buffer statuses (one query or one Redis MGET for all of them, on first use)."""
+    """What one cycle reads once: the locations with their sites (one query, on first use:
+    the active ones, and the site roles), and the buffer statuses of the active ones (one
+    query or one Redis MGET for all of them, on first use)."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
         self._cache: dict[str, dict[str, Any]] = {}
-        self._locations: list[m.DataLocation] | None = None
+        self._locations: list[tuple[m.DataLocation, Any, Any]] | None = None
         #: The site roles (``deletion.rules.site_roles``), once read this cycle.
         self.roles: Any = None
 
@@ -112,17 +113,37 @@ class _Statuses:
     ) -> list[m.DataLocation]:
         """Active locations of ``types`` by id; with ``location_ids`` only those (a site's
         scope)."""
-        if self._locations is None:
-            dl = m.DataLocation
-            self._locations = list(
-                self.session.scalars(select(dl).where(dl.active.is_(True)).order_by(dl.id))
-            )
         wanted = set(types)
         return [
             loc
-            for loc in self._locations
-            if loc.location_type in wanted and (location_ids is None or loc.id in location_ids)
+            for loc, _, _ in self._read_locations()
+            if loc.active
+            and loc.location_type in wanted
+            and (location_ids is None or loc.id in location_ids)
         ]
+
+    def site_rows(self) -> list[tuple[Any, ...]]:
+        """(site id, location type, location active, site active, site name) of every
+        location of a site: what ``deletion.rules.site_roles_from`` reads."""
+        return [
+            (loc.site_id, loc.location_type, loc.active, site_active, site_name)
+            for loc, site_active, site_name in self._read_locations()
+            if site_name is not None
+        ]
+
+    def _read_locations(self) -> list[tuple[m.DataLocation, Any, Any]]:
+        """Every location with its site's active flag and name, by id (one query)."""
+        if self._locations is None:
+            dl = m.DataLocation
+            self._locations = [
+                (loc, site_active, site_name)
+                for loc, site_active, site_name in self.session.execute(
+                    select(dl, m.Site.active, m.Site.name)
+                    .outerjoin(m.Site, m.Site.id == dl.site_id)
+                    .order_by(dl.id)
+                )
+            ]
+        return self._locations
 
     def get(self, location: m.DataLocation) -> dict[str, Any]:
         if location.name not in self._cache:
