@@ -154,7 +154,8 @@ def _qualifying_statement(
         except_(select(present.c.id), select(failing.c.id)).cte("rest").prefix_with("MATERIALIZED")
     )
     candidates = select(RDF.c.raw_data_package_id).join(rest, rest.c.id == RDF.c.id)
-    return select(RDP.c.id).where(RDP.c.id.in_(candidates), *package_rule)
+    # The package rule per candidate (by key): a semi-join may start from the packages.
+    return select(RDP.c.id).where(RDP.c.id == any_(_ArrayOfSelect(candidates)), *package_rule)
 
 
 def _mark_and_group(session: Session, stmt: Any) -> list[tuple[Any, Any, Any, Any]]:
