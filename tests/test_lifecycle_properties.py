@@ -857,10 +857,14 @@ def test_lifecycle_invariants_hold_over_random_histories_with_faults(lifecycle_e
             print(f"  {what}: {count} ({100 * count / n:.0f} %)")
 
 
-def test_the_machine_finds_a_broken_source_deletion_rule(lifecycle_environment, monkeypatch):
+def test_the_machine_finds_a_broken_source_deletion_rule(
+    lifecycle_environment, monkeypatch, request
+):
     """The invariants can fail: with the rule "source data only when ARCHIVED in an LTA"
     removed (finder and worker re-check), the machine finds a history that breaks them."""
     from sqlalchemy import true
+
+    from ccat_data_transfer.deletion.base import forget_kept
 
     monkeypatch.setattr(rule_sql, "_lta_present_exists", lambda *a, **k: true())
     monkeypatch.setattr(
@@ -868,6 +872,11 @@ def test_the_machine_finds_a_broken_source_deletion_rule(lifecycle_environment, 
         "_decide_rdp_source",
         lambda *a, **k: rules._delete("rule broken on purpose", "broken"),
     )
+    # Statements built once and kept hold the rule they were built with: build them anew
+    # with the broken rule, and forget those when the test ends, so that no later test
+    # runs a statement built with it.
+    forget_kept()
+    request.addfinalizer(forget_kept)
     LifecycleMachine.env = lifecycle_environment
     with pytest.raises(AssertionError, match="package is|not readable") as found:
         run_state_machine_as_test(

@@ -3,10 +3,11 @@
 A fresh database is filled with 100,000 raw files (the idle state of
 ``bench/deletion_scale.py``: 2,000 packages, 200 of them in transfer), analysed, and one
 cycle of every manager is run with a ``before_cursor_execute`` listener that records
-each statement and its parameters.  Every recorded SELECT / UPDATE / DELETE (and
+each statement and its parameters (and so is ``deletion_history`` of a copy of the
+history).  Every recorded SELECT / UPDATE / DELETE (and
 ``WITH`` / ``INSERT ... SELECT``) is then explained with ``EXPLAIN (FORMAT JSON)``; no
 plan may read a big table (raw_data_file, physical_copy, raw_data_package,
-deletion_log, when it holds at least 10,000 rows) with a sequential scan.
+deletion_log, deletion_log_copy, when it holds at least 10,000 rows) with a sequential scan.
 """
 
 from __future__ import annotations
@@ -41,7 +42,13 @@ pytestmark = pytest.mark.skipif(
 N_FILES = 100_000
 N_PACKAGES = 2_000
 INFLIGHT = 200
-BIG_TABLES = ("raw_data_file", "physical_copy", "raw_data_package", "deletion_log")
+BIG_TABLES = (
+    "raw_data_file",
+    "physical_copy",
+    "raw_data_package",
+    "deletion_log",
+    "deletion_log_copy",
+)
 BIG_ROWS = 10_000
 MANAGERS = {
     "deletion_manager": deletion_manager.run_once,
@@ -50,12 +57,14 @@ MANAGERS = {
     "raw_data_package_manager": raw_data_package_manager.run_once,
     "data_transfer_package_manager": data_transfer_package_manager.run_once,
     "staging_manager": staging_manager.run_once,
+    # The trail of a copy of the history (the fill's copy 1: DELETED, with a batch row).
+    "deletion_history": lambda session: deletion_manager.deletion_history(session, 1),
 }
 
 
 def _bench_fill():
-    path = Path(__file__).resolve().parent.parent / "bench" / "deletion_scale.py"
-    spec = importlib.util.spec_from_file_location("_bench_deletion_scale", path)
+    path = Path(__file__).resolve().parent.parent / "bench" / "deletion_fill.py"
+    spec = importlib.util.spec_from_file_location("_bench_deletion_fill", path)
     mod = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     spec.loader.exec_module(mod)
@@ -139,7 +148,7 @@ def test_manager_cycle_reads_no_big_table_sequentially(
             {"names": list(BIG_TABLES)},
         ).all()
         big = {name for name, tuples in rows if tuples >= BIG_ROWS}
-        assert {"raw_data_file", "physical_copy"} <= big
+        assert {"raw_data_file", "physical_copy", "deletion_log", "deletion_log_copy"} <= big
         raw = conn.connection.dbapi_connection
         for statement, parameters in captured:
             with raw.cursor() as cur:

@@ -30,6 +30,27 @@ def _alias(table: Any, name: str) -> Any:
     return table.alias(name)
 
 
+_KEPT: list[Any] = []
+
+
+def kept(build: Any) -> Any:
+    """A statement builder run once per distinct (hashable) arguments, its statement kept
+    and reused: building a statement of the rules costs more than running it on an idle
+    system.  A kept statement must take every value that changes between runs (times,
+    settings, ids) as a named bound parameter passed with each execution (the rules' own:
+    ``rule_sql.rule_params``)."""
+    cached = functools.cache(build)
+    _KEPT.append(cached)
+    return cached
+
+
+def forget_kept() -> None:
+    """Build every kept statement anew when next used: after the rules' SQL functions were
+    replaced (a test that breaks a rule on purpose)."""
+    for cached in _KEPT:
+        cached.cache_clear()
+
+
 #: Copy states that mean "a deletion is under way".
 IN_FLIGHT = (S.DELETION_SCHEDULED, S.DELETION_IN_PROGRESS)
 #: States the worker accepts: scheduled (normal), in progress (redelivered after a crash).

@@ -24,25 +24,29 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, union_all
+from sqlalchemy import DateTime, and_, bindparam, or_, select, union_all
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer import scope
 from ccat_data_transfer.deletion import base
-from ccat_data_transfer.deletion.base import DLT, LT, PCT, S, _alias
+from ccat_data_transfer.deletion.base import DLT, LT, PCT, S, _alias, kept
 from ccat_data_transfer.deletion.claims import _Candidate
 from ccat_data_transfer.deletion.pressure import (
+    _Statuses,
     bytes_to_free,
     should_delete_based_on_buffer_status,
 )
 from ccat_data_transfer.deletion.rule_sql import (
     _active_staging_job,
     _package_copy_may_be_deletable,
+    _per_row,
     _proof_needed,
     _raw_file_processing_safe,
     copy_bytes,
     deletion_possible_candidates,
     lta_copies_awaiting_proof,
+    oldest_marked,
+    rule_params,
 )
 from ccat_data_transfer.deletion.rules import (
     Decision,
@@ -50,6 +54,7 @@ from ccat_data_transfer.deletion.rules import (
     _decide_rdp_copy,
     _retention_minutes,
     site_roles,
+    site_roles_from,
 )
 from ccat_ops_db import models as m
 
@@ -66,14 +71,11 @@ def _active_locations(
     return list(session.scalars(scope.restrict(stmt, m.DataLocation.id, location_ids)))
 
 
-def _deletable_package_copies(
-    session: Session,
-    copy_cls: type[m.PhysicalCopy],
-    decide: Any,
-    location_name: str | None = None,
-    location_ids: list[int] | None = None,
-) -> dict[m.DataLocation, list[tuple[m.PhysicalCopy, Decision]]]:
-    roles = site_roles(session)
+@kept
+def _package_copies_statement(copy_cls: type[m.PhysicalCopy], named: bool, scoped: bool) -> Any:
+    """The PRESENT copies of ``copy_cls`` at active, unheld SOURCE and BUFFER locations that
+    pass the SQL pre-filter, oldest first (parameters ``location_name`` when ``named``,
+    ``location_ids`` when ``scoped``)."""
     stmt = (
         select(copy_cls)
         .join(m.DataLocation, m.DataLocation.id == copy_cls.data_location_id)
@@ -87,12 +89,42 @@ def _deletable_package_copies(
         )
         .order_by(copy_cls.created_at, copy_cls.id)
     )
-    if location_name is not None:
-        stmt = stmt.where(m.DataLocation.name == location_name)
+    if named:
+        stmt = stmt.where(m.DataLocation.name == bindparam("location_name"))
+    if scoped:
+        stmt = stmt.where(copy_cls.data_location_id.in_(bindparam("location_ids", expanding=True)))
+    return stmt
+
+
+def _roles(session: Session, statuses: _Statuses | None) -> Any:
+    """The site roles, read once per cycle when the cycle's ``statuses`` are given."""
+    if statuses is None:
+        return site_roles(session)
+    if statuses.roles is None:
+        statuses.roles = site_roles_from(statuses.site_rows())
+    return statuses.roles
+
+
+def _deletable_package_copies(
+    session: Session,
+    copy_cls: type[m.PhysicalCopy],
+    decide: Any,
+    location_name: str | None = None,
+    location_ids: list[int] | None = None,
+    statuses: _Statuses | None = None,
+) -> dict[m.DataLocation, list[tuple[m.PhysicalCopy, Decision]]]:
+    roles = _roles(session, statuses)
     # A site's scope narrows the copies acted on; the rule still sees every site's copies.
-    stmt = scope.restrict(stmt, copy_cls.data_location_id, location_ids)
+    params: dict[str, Any] = {}
+    if location_name is not None:
+        params["location_name"] = location_name
+    if location_ids is not None:
+        if not location_ids:
+            return {}
+        params["location_ids"] = list(location_ids)
+    stmt = _package_copies_statement(copy_cls, location_name is not None, location_ids is not None)
     result: dict[m.DataLocation, list[tuple[m.PhysicalCopy, Decision]]] = defaultdict(list)
-    for copy in session.scalars(stmt).unique():
+    for copy in session.scalars(stmt, params).unique():
         decision = decide(session, copy, roles)
         if decision.deletable:
             result[copy.data_location].append((copy, decision))
@@ -116,6 +148,34 @@ def find_deletable_data_transfer_packages(
     return [(c.data_transfer_package, loc) for loc, items in found.items() for c, _ in items]
 
 
+@kept
+def _processing_files_statement(
+    statuses: tuple[m.PhysicalCopyStatus, ...], limited: bool, of_packages: bool
+) -> Any:
+    """The statement of :func:`_processing_file_ids` (parameters ``location_id``, and
+    ``limit`` / ``package_ids`` when ``limited`` / ``of_packages``)."""
+    pc = _alias(PCT, "f_pc")
+    rdf = m.RawDataFile.__table__
+    stmt = (
+        select(pc.c.id, copy_bytes(pc, rdf))
+        .join(rdf, rdf.c.id == pc.c.raw_data_file_id)
+        .where(
+            pc.c.type == base.COPY_TYPE_RAW_DATA_FILE,
+            pc.c.data_location_id == bindparam("location_id"),
+            pc.c.status.in_(list(statuses)),
+            pc.c.lost_at.is_(None),
+            *(
+                [rdf.c.raw_data_package_id.in_(bindparam("package_ids", expanding=True))]
+                if of_packages
+                else []
+            ),
+            _raw_file_processing_safe(pc),
+        )
+        .order_by(pc.c.created_at, pc.c.id)
+    )
+    return stmt.limit(bindparam("limit")) if limited else stmt
+
+
 def _processing_file_ids(
     session: Session,
     location: m.DataLocation,
@@ -126,24 +186,13 @@ def _processing_file_ids(
     """(id, size) of the raw-file copies at a PROCESSING location in ``statuses`` that the
     PROCESSING rule allows (:func:`_raw_file_processing_safe`), oldest first; with
     ``package_ids`` only files of those packages."""
-    pc = _alias(PCT, "f_pc")
-    rdf = m.RawDataFile.__table__
-    stmt = (
-        select(pc.c.id, copy_bytes(pc, rdf))
-        .join(rdf, rdf.c.id == pc.c.raw_data_file_id)
-        .where(
-            pc.c.type == base.COPY_TYPE_RAW_DATA_FILE,
-            pc.c.data_location_id == location.id,
-            pc.c.status.in_(list(statuses)),
-            pc.c.lost_at.is_(None),
-            *([rdf.c.raw_data_package_id.in_(list(package_ids))] if package_ids else []),
-            _raw_file_processing_safe(pc),
-        )
-        .order_by(pc.c.created_at, pc.c.id)
-    )
+    params: dict[str, Any] = {"location_id": location.id}
     if limit is not None:
-        stmt = stmt.limit(limit)
-    return [(r[0], r[1]) for r in session.execute(stmt)]
+        params["limit"] = limit
+    if package_ids:
+        params["package_ids"] = list(package_ids)
+    stmt = _processing_files_statement(tuple(statuses), limit is not None, bool(package_ids))
+    return [(r[0], r[1]) for r in session.execute(stmt, params)]
 
 
 def find_deletable_processing_raw_data_files(
@@ -164,20 +213,22 @@ def _load_copies(session: Session, ids: Sequence[int]) -> list[Any]:
     return sorted(copies, key=lambda c: order[c.id])
 
 
+@kept
+def _staged_copies_statement() -> Any:
+    copy = m.RawDataPackagePhysicalCopy
+    location_id = bindparam("location_id")
+    return select(copy).where(
+        copy.data_location_id == location_id,
+        copy.status == S.STAGED,
+        ~_active_staging_job(copy.raw_data_package_id, location_id),
+    )
+
+
 def _staged_package_copies(
     session: Session, location: m.DataLocation
 ) -> list[m.RawDataPackagePhysicalCopy]:
     """STAGED package copies at a PROCESSING location whose staging jobs are all inactive."""
-    copy = m.RawDataPackagePhysicalCopy
-    return list(
-        session.scalars(
-            select(copy).where(
-                copy.data_location_id == location.id,
-                copy.status == S.STAGED,
-                ~_active_staging_job(copy.raw_data_package_id, location.id),
-            )
-        )
-    )
+    return list(session.scalars(_staged_copies_statement(), {"location_id": location.id}))
 
 
 def _staged_file_ids(
@@ -218,6 +269,23 @@ def _retention_cutoff(location: m.DataLocation) -> datetime:
     return m.utcnow() - timedelta(minutes=_retention_minutes(location))
 
 
+@kept
+def _oldest_marked_statement(n: int) -> Any:
+    return select(*(oldest_marked(bindparam(f"location_{i}")) for i in range(n)))
+
+
+def _locations_with_expired(session: Session, cutoffs: dict[int, datetime]) -> set[int]:
+    """Of these locations (id: retention cutoff), those holding a DELETION_POSSIBLE raw-file
+    copy marked at or before their cutoff: one statement, one index probe per location
+    (:func:`~ccat_data_transfer.deletion.rule_sql.oldest_marked`)."""
+    if not cutoffs:
+        return set()
+    ids = list(cutoffs)
+    params = {f"location_{i}": loc_id for i, loc_id in enumerate(ids)}
+    oldest = session.execute(_oldest_marked_statement(len(ids)), params).one()
+    return {i for i, t in zip(ids, oldest, strict=True) if t is not None and t <= cutoffs[i]}
+
+
 def _oldest_under_pressure(
     session: Session, location: m.DataLocation, cutoff: datetime, needed: int, room: int | None
 ) -> list[_Candidate]:
@@ -227,7 +295,10 @@ def _oldest_under_pressure(
     others: list[_Candidate] = []
     if needed <= 0 or (room is not None and room <= 0):
         return others
-    for r in session.execute(deletion_possible_candidates(location.id, retained_after=cutoff)):
+    others_stmt = deletion_possible_candidates(location.id, retained_after=cutoff)
+    if room is not None:
+        others_stmt = others_stmt.limit(room)
+    for r in session.execute(others_stmt):
         if needed <= 0 or (room is not None and len(others) >= room):
             break
         others.append(
@@ -273,11 +344,25 @@ def lta_copies_to_verify(
     Locations under an audit hold, frozen packages and lost copies ask for nothing."""
     locations = [
         loc
-        for loc in _active_locations(session, [LT.SOURCE, LT.BUFFER], location_ids)
+        for loc in statuses.locations([LT.SOURCE, LT.BUFFER], location_ids)
         if loc.audit_hold_at is None
     ]
     if not locations:
         return []
+    pressure = tuple(should_delete_based_on_buffer_status(x, statuses.get(x)) for x in locations)
+    params = rule_params()
+    for x, pressed in zip(locations, pressure, strict=True):
+        if not pressed:
+            params[f"cutoff_{x.id}"] = _retention_cutoff(x)
+    stmt = _to_verify_statement(tuple(x.id for x in locations), pressure)
+    return list(session.scalars(stmt, params))
+
+
+@kept
+def _to_verify_statement(location_ids: tuple[int, ...], pressure: tuple[bool, ...]) -> Any:
+    """The statement of :func:`lta_copies_to_verify` for these SOURCE and BUFFER locations,
+    each under pressure or not (parameters: ``rule_params`` and ``cutoff_<id>`` of each
+    location not under pressure)."""
     rdp = _alias(m.RawDataPackage.__table__, "w_rdp")
     rdf = _alias(m.RawDataFile.__table__, "w_rdf")
     pc = _alias(PCT, "w_pc")
@@ -292,18 +377,22 @@ def lta_copies_to_verify(
             .where(pc.c.type == copy_type, pc.c.status == status, pc.c.lost_at.is_(None))
         )
 
-    packages = (
-        waiting(pc.c.raw_data_package_id, base.COPY_TYPE_RAW_DATA_PACKAGE, S.PRESENT)
-        .join(rdp, rdp.c.id == pc.c.raw_data_package_id)
-        .where(pc.c.data_location_id.in_([x.id for x in locations]), rdp.c.frozen_at.is_(None))
+    # Frozen is checked per copy (by key): a join may hash every package (the history).
+    frozen = _per_row(
+        [rdp.c.id == pc.c.raw_data_package_id, rdp.c.frozen_at.is_not(None)], rdp, per_row=True
     )
-    windows = []
-    for x in locations:
-        if should_delete_based_on_buffer_status(x, statuses.get(x)):
-            windows.append(pc.c.data_location_id == x.id)
-        else:
-            cutoff = _retention_cutoff(x)
-            windows.append(and_(pc.c.data_location_id == x.id, pc.c.deletion_possible_at <= cutoff))
+    packages = waiting(pc.c.raw_data_package_id, base.COPY_TYPE_RAW_DATA_PACKAGE, S.PRESENT).where(
+        pc.c.data_location_id.in_(list(location_ids)), ~frozen
+    )
+    windows = [
+        pc.c.data_location_id == loc_id
+        if pressed
+        else and_(
+            pc.c.data_location_id == loc_id,
+            pc.c.deletion_possible_at <= bindparam(f"cutoff_{loc_id}", type_=DateTime),
+        )
+        for loc_id, pressed in zip(location_ids, pressure, strict=True)
+    ]
     files = (
         waiting(rdf.c.raw_data_package_id, base.COPY_TYPE_RAW_DATA_FILE, S.DELETION_POSSIBLE)
         .join(rdf, rdf.c.id == pc.c.raw_data_file_id)
@@ -316,4 +405,4 @@ def lta_copies_to_verify(
         )
         .distinct()
     )
-    return list(session.scalars(lta_copies_awaiting_proof(union_all(packages, files))))
+    return lta_copies_awaiting_proof(union_all(packages, files))

@@ -15,33 +15,50 @@ Room in the house: the deletion manager; imports the other ``deletion`` modules,
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    and_,
+    bindparam,
+    case,
+    event,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer import buffer_status as bs
 from ccat_data_transfer import scope
 from ccat_data_transfer.archive_proof import request_verification
 from ccat_data_transfer.config.config import settings
-from ccat_data_transfer.database import DatabaseConnection
+from ccat_data_transfer.database import DatabaseConnection, is_postgresql
 from ccat_data_transfer.deletion.base import (
     COPY_TYPE_RAW_DATA_FILE,
     DLT,
     LT,
     PCT,
     S,
+    kept,
     log,
 )
-from ccat_data_transfer.deletion.candidates import _active_locations, lta_copies_to_verify
+from ccat_data_transfer.deletion.candidates import (
+    _roles,
+    lta_copies_to_verify,
+)
 from ccat_data_transfer.deletion.claims import _submit
 from ccat_data_transfer.deletion.marking import mark_raw_data_files_for_deletion
 from ccat_data_transfer.deletion.pressure import (
+    PRESSURE_TYPES,
     _state_from,
     _Statuses,
-    get_buffer_status_for_location,
 )
 from ccat_data_transfer.deletion.steps import (
     delete_data_transfer_packages,
@@ -66,34 +83,47 @@ def _not_at_an_archive() -> Any:
     return PCT.c.data_location_id.not_in(lta_ids)
 
 
+@kept
+def _reschedule_statement(scoped: bool) -> Any:
+    """The UPDATE of :func:`reschedule_failed_deletions` (parameters ``cap`` and, when
+    ``scoped``, ``location_ids``)."""
+    back = case(
+        (
+            and_(PCT.c.type == COPY_TYPE_RAW_DATA_FILE, PCT.c.deletion_possible_at.is_not(None)),
+            literal(S.DELETION_POSSIBLE, PCT.c.status.type),
+        ),
+        else_=literal(S.PRESENT, PCT.c.status.type),
+    )
+    return (
+        update(PCT)
+        .where(
+            PCT.c.status == S.DELETION_FAILED,
+            PCT.c.deletion_retry_count < bindparam("cap", type_=Integer),
+            _not_at_an_archive(),
+            *(
+                [PCT.c.data_location_id.in_(bindparam("location_ids", expanding=True))]
+                if scoped
+                else []
+            ),
+        )
+        .values(status=back)
+    )
+
+
 def reschedule_failed_deletions(session: Session, location_ids: list[int] | None = None) -> int:
     """DELETION_FAILED copies below DELETION_MAX_RETRIES go back to where they came from
     (DELETION_POSSIBLE for stage-2 raw files, PRESENT otherwise) so this cycle's rules
     re-evaluate and reschedule them.  At the cap they stay DELETION_FAILED for a person.
     With ``location_ids`` only copies at those locations; never a copy at an LTA."""
-    cap = int(settings.DELETION_MAX_RETRIES)
-    base = [
-        PCT.c.status == S.DELETION_FAILED,
-        PCT.c.deletion_retry_count < cap,
-        _not_at_an_archive(),
-        *([PCT.c.data_location_id.in_(location_ids)] if location_ids is not None else []),
-    ]
-    n1 = session.execute(
-        update(PCT)
-        .where(
-            *base, PCT.c.type == COPY_TYPE_RAW_DATA_FILE, PCT.c.deletion_possible_at.is_not(None)
-        )
-        .values(status=S.DELETION_POSSIBLE)
-    ).rowcount
-    n2 = session.execute(
-        update(PCT)
-        .where(
-            *base, or_(PCT.c.type != COPY_TYPE_RAW_DATA_FILE, PCT.c.deletion_possible_at.is_(None))
-        )
-        .values(status=S.PRESENT)
-    ).rowcount
-    session.commit()
-    return int(n1 or 0) + int(n2 or 0)
+    params: dict[str, Any] = {"cap": int(settings.DELETION_MAX_RETRIES)}
+    if location_ids is not None:
+        if not location_ids:
+            return 0
+        params["location_ids"] = list(location_ids)
+    n = int(session.execute(_reschedule_statement(location_ids is not None), params).rowcount or 0)
+    if n:
+        session.commit()
+    return n
 
 
 def deletion_stalled(window: timedelta | None = None) -> ColumnElement[bool]:
@@ -146,6 +176,37 @@ def resubmit_stalled_deletions(session: Session, location_ids: list[int] | None 
     return len(rows)
 
 
+#: Settings of the cycle's transactions on PostgreSQL (each ends with its transaction).
+_CYCLE_SETTINGS = (
+    "SELECT set_config('jit', 'off', true),"
+    " set_config('plan_cache_mode', 'force_custom_plan', true)"
+)
+
+
+@contextlib.contextmanager
+def _cycle_settings(session: Session) -> Iterator[None]:
+    """PostgreSQL: as each transaction of this block begins, no JIT compilation and no
+    generic plans.  The cycle's statements touch few rows, but the planner's estimates for
+    the history they are checked against pass ``jit_above_cost`` once the tables hold
+    millions of rows (compiling then costs 100-200 ms a statement); and a generic plan of a
+    statement run again (the driver prepares it) does not know which state is asked for,
+    so it plans for the average state - the history - instead of the few copies in it."""
+    if not is_postgresql(session):
+        yield
+        return
+
+    def apply(_session: Session, _transaction: Any, connection: Any) -> None:
+        connection.exec_driver_sql(_CYCLE_SETTINGS)
+
+    event.listen(session, "after_begin", apply)
+    try:
+        if session.in_transaction():
+            session.connection().exec_driver_sql(_CYCLE_SETTINGS)
+        yield
+    finally:
+        event.remove(session, "after_begin", apply)
+
+
 def run_once(session: Session, site: str | None = None) -> dict[str, Any]:
     """One deletion cycle; returns what it did.  The five steps of the document, preceded
     by retries of failed deletions and followed by the catch-up of stage-1 marking.
@@ -153,6 +214,11 @@ def run_once(session: Session, site: str | None = None) -> dict[str, Any]:
     ``site`` scopes the cycle to copies at that site's locations (default: the setting
     ``MANAGER_SITE``); the rules still consult every site's copies
     (:mod:`ccat_data_transfer.scope`)."""
+    with _cycle_settings(session):
+        return _run_once(session, site)
+
+
+def _run_once(session: Session, site: str | None) -> dict[str, Any]:
     ids = scope.location_ids(session, site)
     statuses = _Statuses(session)
     summary: dict[str, Any] = {}
@@ -164,12 +230,12 @@ def run_once(session: Session, site: str | None = None) -> dict[str, Any]:
     summary["staged_raw_data_files"] = delete_staged_raw_data_files_from_processing(
         session, statuses, ids
     )
-    summary["marked_deletion_possible"] = mark_catch_up(session, ids)
-    session.commit()
+    # Every step commits what it changes (before submitting any task), so a cycle that
+    # changes nothing is one read-only transaction, which the caller ends.
+    summary["marked_deletion_possible"] = mark_catch_up(session, ids, statuses)
     summary["deletion_possible_raw_data_files"] = process_deletion_possible_raw_data_files(
         session, statuses, ids
     )
-    session.commit()
     summary["verifications_requested"] = ask_for_proof(session, statuses, ids)
     summary["buffer_states"] = {name: _state_from(st).value for name, st in statuses._cache.items()}
     return summary
@@ -181,15 +247,17 @@ def ask_for_proof(session: Session, statuses: _Statuses, location_ids: list[int]
     once while a request is outstanding).  A later cycle decides on the answer; in
     embedded mode the verification runs at once, so the next cycle does."""
     copy_ids = lta_copies_to_verify(session, statuses, location_ids)
-    session.commit()  # the verification may run inline, in its own session
     if not copy_ids:
         return 0
+    session.commit()  # the verification may run inline, in its own session
     asked = request_verification(session, copy_ids)
     session.expire_all()
     return asked
 
 
-def mark_catch_up(session: Session, location_ids: list[int] | None = None) -> int:
+def mark_catch_up(
+    session: Session, location_ids: list[int] | None = None, statuses: _Statuses | None = None
+) -> int:
     """The catch-up of stage 1 (:func:`mark_raw_data_files_for_deletion` over every
     package), at most once per ``DELETION_MARK_CATCHUP_SECONDS`` (0: every cycle).
 
@@ -198,7 +266,7 @@ def mark_catch_up(session: Session, location_ids: list[int] | None = None) -> in
     finds what that did not mark (data changed by hand, a restored LTA copy), at a cost
     that follows the backlog of PRESENT raw files, so it need not run in every cycle.  The
     time of the last run is kept in ``manager_state`` per scope, so that every process of
-    the same scope shares it."""
+    the same scope shares it.  A run commits its marks and its time."""
     interval = float(settings.get("DELETION_MARK_CATCHUP_SECONDS", 0) or 0)
     key = (
         "deletion:mark_catch_up"
@@ -210,10 +278,12 @@ def mark_catch_up(session: Session, location_ids: list[int] | None = None) -> in
     row = get_state(session, key) if interval > 0 else None
     if row is not None and row.updated_at > now - timedelta(seconds=interval):
         return 0
-    marked = mark_raw_data_files_for_deletion(session, location_ids=location_ids)
+    roles = _roles(session, statuses)
+    marked = mark_raw_data_files_for_deletion(session, location_ids=location_ids, roles=roles)
     if interval > 0:
         # An upsert: another manager of the same scope may have written the row since.
         put_state(session, key, str(marked), now)
+    session.commit()  # the marks and the time of this run
     return marked
 
 
@@ -238,8 +308,8 @@ def sleep_time() -> float:
     try:
         db = DatabaseConnection()
         with db.session_scope() as session:
-            for loc in _active_locations(session, [LT.SOURCE, LT.BUFFER, LT.PROCESSING]):
-                states.append(_state_from(get_buffer_status_for_location(loc.name, session)))
+            statuses = _Statuses(session)  # one read of the locations, one of the statuses
+            states = [statuses.state(loc) for loc in statuses.locations(PRESSURE_TYPES)]
     except Exception as exc:  # the loop must go on even if the DB hiccups
         log.warning("sleep_time_status_unavailable", error=str(exc))
     return bs.manager_sleep_time(float(settings.DELETION_MANAGER_SLEEP_TIME), states)

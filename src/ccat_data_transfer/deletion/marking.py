@@ -10,7 +10,8 @@ package's last source-site copy DELETED; the cycle's catch-up calls it over ever
 The rule's SQL is ``deletion.rule_sql._archived_in_lta`` and ``_left_source_site``.
 
 Room in the house: core of the deletion stage (used by the worker and the cycle); imports
-``deletion.base``, ``deletion.rule_sql``, ``deletion.rules`` (site roles),
+``deletion.base``, ``deletion.claims`` (the ``ARRAY(SELECT ...)`` form),
+``deletion.rule_sql``, ``deletion.rules`` (site roles),
 ``deletion.trail``, ``scope``, ``database`` and ``ccat_ops_db``.
 """
 
@@ -20,13 +21,14 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import BigInteger, any_, bindparam, exists, func, select, true, update
+from sqlalchemy import BigInteger, any_, bindparam, except_, exists, func, select, union_all, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer import scope
 from ccat_data_transfer.database import is_postgresql
-from ccat_data_transfer.deletion.base import COPY_TYPE_RAW_DATA_FILE, DLT, LT, PCT, S
+from ccat_data_transfer.deletion.base import COPY_TYPE_RAW_DATA_FILE, DLT, LT, PCT, S, kept
+from ccat_data_transfer.deletion.claims import _ArrayOfSelect
 from ccat_data_transfer.deletion.rule_sql import _archived_in_lta, _left_source_site
 from ccat_data_transfer.deletion.rules import site_roles
 from ccat_data_transfer.deletion.trail import _log_row, _write_log_rows
@@ -40,37 +42,29 @@ def mark_raw_data_files_for_deletion(
     session: Session,
     raw_data_package_ids: Sequence[int] | None = None,
     location_ids: list[int] | None = None,
+    roles: Any = None,
 ) -> int:
     """Stage 1 of raw-file deletion, one bulk UPDATE: PRESENT raw-file copies at SOURCE and
     BUFFER locations become DELETION_POSSIBLE (``deletion_possible_at`` = now) once their
     parent package has left the source site (its copies there are all DELETED) and is
     ARCHIVED with an archive copy that could prove it.  Restricted to the given packages
     when ``raw_data_package_ids`` is set, and to copies at ``location_ids`` when set (a
-    site's scope).  Returns the number of copies marked."""
-    roles = site_roles(session)
+    site's scope).  ``roles``: the site roles when the caller has read them.  Returns the
+    number of copies marked."""
+    roles = roles if roles is not None else site_roles(session)
     if not roles.source_site_ids:
         return 0
-    # The package rule: ARCHIVED, not frozen, an LTA copy that could prove it (its age is
-    # stage 2's and the worker's concern: marking deletes nothing), gone from the source site.
-    package_rule = [
-        *_archived_in_lta(RDP, fresh=False),
-        _left_source_site(RDP, roles.source_site_ids),
-        *([RDP.c.id.in_(list(raw_data_package_ids))] if raw_data_package_ids is not None else []),
-    ]
-    file_locations = scope.restrict(
-        select(DLT.c.id).where(DLT.c.location_type.in_([LT.SOURCE, LT.BUFFER])),
-        DLT.c.id,
-        location_ids,
-    )
-    copy_rule = [
-        PCT.c.type == COPY_TYPE_RAW_DATA_FILE,
-        PCT.c.status == S.PRESENT,
-        PCT.c.data_location_id.in_(file_locations),
-    ]
-    if is_postgresql(session) and raw_data_package_ids is None:
+    sites = tuple(sorted(roles.source_site_ids))
+    scope_ids = None if location_ids is None else tuple(location_ids)
+    copy_rule, package_rule = _stage1_rules(sites, scope_ids)
+    if raw_data_package_ids is not None:
+        package_rule.append(RDP.c.id.in_(list(raw_data_package_ids)))
+    elif is_postgresql(session):
         # (With raw_data_package_ids given, the rule is already restricted to them.)
-        if not _restrict_to_qualifying_packages(session, copy_rule, package_rule):
+        qualifying = list(session.scalars(_qualifying_statement(sites, scope_ids)))
+        if not qualifying:
             return 0
+        _restrict_to(qualifying, copy_rule, package_rule)
     package_ok = (
         exists()
         .where(
@@ -92,46 +86,76 @@ def mark_raw_data_files_for_deletion(
     return sum(int(g[2]) for g in groups)
 
 
-def _restrict_to_qualifying_packages(
-    session: Session, copy_rule: list[Any], package_rule: list[Any]
-) -> bool:
-    """PostgreSQL: narrow both rules to the packages that qualify now; False when none does.
+def _stage1_rules(
+    source_site_ids: tuple[int, ...], location_ids: tuple[int, ...] | None
+) -> tuple[list[Any], list[Any]]:
+    """The copy rule and the package rule of stage 1: a PRESENT raw-file copy at a SOURCE
+    or BUFFER location (of ``location_ids`` when set); its package ARCHIVED, not frozen,
+    with an LTA copy that could prove it (its age is stage 2's and the worker's concern:
+    marking deletes nothing), gone from the source site."""
+    package_rule = [
+        *_archived_in_lta(RDP, fresh=False),
+        _left_source_site(RDP, source_site_ids),
+    ]
+    file_locations = scope.restrict(
+        select(DLT.c.id).where(DLT.c.location_type.in_([LT.SOURCE, LT.BUFFER])),
+        DLT.c.id,
+        None if location_ids is None else list(location_ids),
+    )
+    copy_rule = [
+        PCT.c.type == COPY_TYPE_RAW_DATA_FILE,
+        PCT.c.status == S.PRESENT,
+        PCT.c.data_location_id.in_(file_locations),
+    ]
+    return copy_rule, package_rule
 
-    Set-based from the few packages that qualify: the PRESENT file copies at SOURCE and
-    BUFFER locations (the backlog, not the history) name their packages (one primary-key
-    lookup each), and only those distinct packages are checked against the package rule.
-    With none, nothing is marked and the UPDATE is skipped: the idle cycle does not grow
-    with the number of files already marked."""
-    file_pkg = (
-        select(RDF.c.raw_data_package_id.label("pid"))
-        .where(RDF.c.id == PCT.c.raw_data_file_id)
-        .limit(1)
-        .lateral("file_pkg")
-    )
-    candidates = (
-        select(file_pkg.c.pid)
-        .select_from(PCT.join(file_pkg, true()))
-        .where(*copy_rule)
-        .distinct()
-        .subquery("candidates")
-    )
-    qualifying = list(
-        session.scalars(
-            select(RDP.c.id).where(RDP.c.id.in_(select(candidates.c.pid)), *package_rule)
-        )
-    )
-    if not qualifying:
-        return False
+
+def _restrict_to(qualifying: list[int], copy_rule: list[Any], package_rule: list[Any]) -> None:
+    """Narrow both rules to the ``qualifying`` packages.  The UPDATE keeps the whole rule
+    (state may have moved since the SELECT) and is restricted to their files."""
     pkg_ids = bindparam("qualifying_ids", value=qualifying, type_=ARRAY(BigInteger))
-    # The UPDATE keeps the whole rule (state may have moved since the SELECT) and is
-    # restricted to the qualifying packages' files.
     copy_rule.append(
         PCT.c.raw_data_file_id.in_(
             select(RDF.c.id).where(RDF.c.raw_data_package_id == any_(pkg_ids))
         )
     )
     package_rule.append(RDP.c.id == any_(pkg_ids))
-    return True
+
+
+@kept
+def _qualifying_statement(
+    source_site_ids: tuple[int, ...], location_ids: tuple[int, ...] | None
+) -> Any:
+    """PostgreSQL, ``SELECT id`` of the packages that qualify now for stage 1 and have a
+    file copy that may be marked: set-based from the few that qualify, so that the idle
+    cycle does not grow with the files already marked (the history).
+
+    The PRESENT file copies at SOURCE and BUFFER locations (the backlog) name their
+    packages by key, except the copies whose file is known to fail the rule anyway: the
+    files of packages not ARCHIVED (the backlog in flight) and the files not yet packaged,
+    found from those few packages by index (``= ANY(ARRAY(SELECT ...))``: one index scan
+    per package, never a scan of every file), are set aside first (``EXCEPT``), so that
+    the lookups follow what may qualify, not every file in flight."""
+    copy_rule, package_rule = _stage1_rules(source_site_ids, location_ids)
+    present = (
+        select(PCT.c.raw_data_file_id.label("id")).where(*copy_rule).cte("present")
+    ).prefix_with("MATERIALIZED")
+    not_archived = [st for st in m.PackageState if st != m.PackageState.ARCHIVED]
+    in_flight = _ArrayOfSelect(select(RDP.c.id).where(RDP.c.state.in_(not_archived)))
+    failing = (
+        union_all(
+            select(RDF.c.id).where(RDF.c.raw_data_package_id == any_(in_flight)),
+            select(RDF.c.id).where(RDF.c.raw_data_package_id.is_(None)),
+        )
+        .cte("failing")
+        .prefix_with("MATERIALIZED")
+    )
+    rest = (
+        except_(select(present.c.id), select(failing.c.id)).cte("rest").prefix_with("MATERIALIZED")
+    )
+    candidates = select(RDF.c.raw_data_package_id).join(rest, rest.c.id == RDF.c.id)
+    # The package rule per candidate (by key): a semi-join may start from the packages.
+    return select(RDP.c.id).where(RDP.c.id == any_(_ArrayOfSelect(candidates)), *package_rule)
 
 
 def _mark_and_group(session: Session, stmt: Any) -> list[tuple[Any, Any, Any, Any]]:

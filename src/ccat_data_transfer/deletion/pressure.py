@@ -13,6 +13,7 @@ Room in the house: core of the deletion stage; imports ``deletion.base``,
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -84,22 +85,78 @@ def _batch_size(state: bs.BufferState) -> int:
 
 
 def _cycle_limit(state: bs.BufferState) -> int | None:
-    """How many copies per location and step one cycle schedules; None (all) in emergency."""
+    """How many copies per location and step one cycle schedules; None (all) in emergency,
+    which the steps then schedule one batch per pass (``deletion.steps._in_batches``)."""
     if state == bs.BufferState.EMERGENCY:
         return None
     return _batch_size(state) * _MAX_BATCHES_PER_CYCLE
 
 
+#: Location types whose buffer status a cycle reads (the ones pressure may act on).
+PRESSURE_TYPES = (LT.SOURCE, LT.BUFFER, LT.PROCESSING)
+
+
 class _Statuses:
-    """Buffer statuses read once per cycle."""
+    """What one cycle reads once: the locations with their sites (one query, on first use:
+    the active ones, and the site roles), and the buffer statuses of the active ones (one
+    query or one Redis MGET for all of them, on first use)."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
         self._cache: dict[str, dict[str, Any]] = {}
+        self._locations: list[tuple[m.DataLocation, Any, Any]] | None = None
+        #: The site roles (``deletion.rules.site_roles``), once read this cycle.
+        self.roles: Any = None
+
+    def locations(
+        self, types: Iterable[m.LocationType], location_ids: list[int] | None = None
+    ) -> list[m.DataLocation]:
+        """Active locations of ``types`` by id; with ``location_ids`` only those (a site's
+        scope)."""
+        wanted = set(types)
+        return [
+            loc
+            for loc, _, _ in self._read_locations()
+            if loc.active
+            and loc.location_type in wanted
+            and (location_ids is None or loc.id in location_ids)
+        ]
+
+    def site_rows(self) -> list[tuple[Any, ...]]:
+        """(site id, location type, location active, site active, site name) of every
+        location of a site: what ``deletion.rules.site_roles_from`` reads."""
+        return [
+            (loc.site_id, loc.location_type, loc.active, site_active, site_name)
+            for loc, site_active, site_name in self._read_locations()
+            if site_name is not None
+        ]
+
+    def _read_locations(self) -> list[tuple[m.DataLocation, Any, Any]]:
+        """Every location with its site's active flag and name, by id (one query)."""
+        if self._locations is None:
+            dl = m.DataLocation
+            self._locations = [
+                (loc, site_active, site_name)
+                for loc, site_active, site_name in self.session.execute(
+                    select(dl, m.Site.active, m.Site.name)
+                    .outerjoin(m.Site, m.Site.id == dl.site_id)
+                    .order_by(dl.id)
+                )
+            ]
+        return self._locations
 
     def get(self, location: m.DataLocation) -> dict[str, Any]:
         if location.name not in self._cache:
-            self._cache[location.name] = get_buffer_status_for_location(location.name, self.session)
+            names = [location.name] + [
+                loc.name for loc in self.locations(PRESSURE_TYPES) if loc.name != location.name
+            ]
+            try:
+                read = bs.read_statuses(names, self.session)
+            except Exception as exc:  # an unreadable status is an unknown one: act safely
+                log.warning("buffer_status_unavailable", location=location.name, error=str(exc))
+                read = {location.name: None}
+            for name, status in read.items():
+                self._cache.setdefault(name, dict(status or {}))
         return self._cache[location.name]
 
     def state(self, location: m.DataLocation) -> bs.BufferState:

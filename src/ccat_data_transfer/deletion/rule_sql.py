@@ -34,7 +34,19 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, case, exists, func, literal, or_, select, true
+from sqlalchemy import (
+    DateTime,
+    Integer,
+    and_,
+    bindparam,
+    case,
+    exists,
+    func,
+    literal,
+    or_,
+    select,
+    true,
+)
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer.archive_proof import proof_cutoff
@@ -73,10 +85,29 @@ def min_verified_lta_copies(location: m.DataLocation | None = None) -> int:
     return max(1, int(settings.get("MIN_VERIFIED_LTA_COPIES", 1)))
 
 
+def _min_copies() -> Any:
+    """SQL, the setting MIN_VERIFIED_LTA_COPIES as :func:`min_verified_lta_copies` reads
+    it, as the bound parameter ``min_lta_copies`` (see :func:`rule_params`)."""
+    return bindparam("min_lta_copies", min_verified_lta_copies(), type_=Integer)
+
+
+def _proof_cutoff() -> Any:
+    """SQL, ``archive_proof.proof_cutoff()`` as the bound parameter ``proof_cutoff``."""
+    return bindparam("proof_cutoff", proof_cutoff(), type_=DateTime)
+
+
+def rule_params() -> dict[str, Any]:
+    """Fresh values of the rules' named parameters (the settings and the time they
+    depend on), to pass with every execution of a statement built once and kept
+    (``deletion.base.kept``): a kept statement otherwise carries the values of its
+    build."""
+    return {"min_lta_copies": min_verified_lta_copies(), "proof_cutoff": proof_cutoff()}
+
+
 def _proof_needed(loc: Any) -> Any:
     """SQL form of :func:`min_verified_lta_copies` for a location table or alias."""
     own = loc.c.min_verified_lta_copies
-    return func.coalesce(case((own >= 1, own)), literal(min_verified_lta_copies()))
+    return func.coalesce(case((own >= 1, own)), _min_copies())
 
 
 def copy_bytes(pc: Any, rdf: Any = None) -> Any:
@@ -132,7 +163,7 @@ def _lta_present_exists(
     lloc = _alias(DLT, "lta_loc")
     conds = _lta_copy_could_prove(lpc, lloc, package_id_col)
     if fresh:
-        conds.append(lpc.c.verified_at >= proof_cutoff())
+        conds.append(lpc.c.verified_at >= _proof_cutoff())
     if same_site_id is not None:
         conds.append(lloc.c.site_id == same_site_id)
     prdp = _alias(m.RawDataPackage.__table__, "proof_rdp")
@@ -187,7 +218,7 @@ def lta_copies_awaiting_proof(waiting: Any) -> Any:
         .where(
             lpc.c.raw_data_package_id.in_(select(pkgs.c.pkg)),
             *_lta_copy_could_prove(lpc, lloc, lpc.c.raw_data_package_id),
-            or_(lpc.c.verified_at.is_(None), lpc.c.verified_at < proof_cutoff()),
+            or_(lpc.c.verified_at.is_(None), lpc.c.verified_at < _proof_cutoff()),
         )
         .distinct()
     )
@@ -254,9 +285,9 @@ def deletion_possible_candidates(
     since = pc.c.deletion_possible_at
     window = [since.is_not(None)]
     if expired_before is not None:
-        window.append(since <= expired_before)
+        window.append(since <= bindparam("expired_before", expired_before, type_=DateTime))
     if retained_after is not None:
-        window.append(since > retained_after)
+        window.append(since > bindparam("retained_after", retained_after, type_=DateTime))
     cand = (
         select(
             pc.c.id,
@@ -287,6 +318,23 @@ def deletion_possible_candidates(
         select(cand.c.id, cand.c.size)
         .where(cand.c.pkg.in_(select(ok.c.id)))
         .order_by(cand.c.since, cand.c.created_at, cand.c.id)
+    )
+
+
+def oldest_marked(location_id: Any) -> Any:
+    """SQL, scalar: when the oldest DELETION_POSSIBLE raw-file copy at the location was
+    marked (NULL: none).  The first entry of ix_physical_copy_deletion_possible, whatever
+    the plan: a location whose oldest mark is after its retention cutoff has nothing that
+    :func:`deletion_possible_candidates` with ``expired_before`` could pick."""
+    pc = _alias(PCT, "x_pc")
+    return (
+        select(func.min(pc.c.deletion_possible_at))
+        .where(
+            pc.c.data_location_id == location_id,
+            pc.c.status == S.DELETION_POSSIBLE,
+            pc.c.type == COPY_TYPE_RAW_DATA_FILE,
+        )
+        .scalar_subquery()
     )
 
 

@@ -93,7 +93,6 @@ class SiteRoles:
 
 
 def site_roles(session: Session) -> SiteRoles:
-    roles = SiteRoles()
     rows = session.execute(
         select(
             m.DataLocation.site_id,
@@ -103,6 +102,13 @@ def site_roles(session: Session) -> SiteRoles:
             m.Site.name,
         ).join(m.Site, m.Site.id == m.DataLocation.site_id)
     ).all()
+    return site_roles_from(rows)
+
+
+def site_roles_from(rows: Any) -> SiteRoles:
+    """The site roles from (site id, location type, location active, site active, site
+    name) of every location of a site."""
+    roles = SiteRoles()
     for site_id, ltype, loc_active, site_active, site_name in rows:
         roles.site_names[site_id] = site_name
         if ltype == LT.SOURCE:

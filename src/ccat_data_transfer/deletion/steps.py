@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.database import is_postgresql
 from ccat_data_transfer.deletion.base import (
     COPY_TYPE_DATA_TRANSFER_PACKAGE,
@@ -32,9 +33,9 @@ from ccat_data_transfer.deletion.base import (
 )
 from ccat_data_transfer.deletion.candidates import (
     EXPIRED,
-    _active_locations,
     _deletable_package_copies,
     _deletion_possible_selection,
+    _locations_with_expired,
     _oldest_under_pressure,
     _processing_file_ids,
     _retention_cutoff,
@@ -79,7 +80,9 @@ def _schedule_package_copies(
     statuses: _Statuses,
     location_ids: list[int] | None = None,
 ) -> int:
-    found = _deletable_package_copies(session, copy_cls, decide, location_ids=location_ids)
+    found = _deletable_package_copies(
+        session, copy_cls, decide, location_ids=location_ids, statuses=statuses
+    )
     total = 0
     for loc, items in found.items():
         state = statuses.state(loc)
@@ -133,22 +136,42 @@ def delete_processing_raw_data_files(
     active StagingJob references (all jobs using them have ``active=False``)."""
     statuses = statuses or _Statuses(session)
     total = 0
-    for loc in _active_locations(session, [LT.PROCESSING], location_ids):
+    for loc in statuses.locations([LT.PROCESSING], location_ids):
         state = statuses.state(loc)
-        rows = _processing_file_ids(session, loc, [S.PRESENT], _cycle_limit(state))
-        candidates = [
-            _Candidate(
-                i,
-                COPY_TYPE_RAW_DATA_FILE,
-                size,
-                "no active StagingJob references it",
-                "no_active_staging_job",
-            )
-            for i, size in rows
-        ]
-        total += _schedule(
-            session, loc, candidates, delete_bulk_raw_data_files, (S.PRESENT,), _batch_size(state)
+        size = _batch_size(state)
+        total += _in_batches(_cycle_limit(state), size, _processing_pass, session, loc, size)
+    return total
+
+
+def _processing_pass(session: Session, loc: m.DataLocation, size: int, take: int) -> int:
+    """One pass of step 3 at one location: at most ``take`` copies."""
+    candidates = [
+        _Candidate(
+            i,
+            COPY_TYPE_RAW_DATA_FILE,
+            nbytes,
+            "no active StagingJob references it",
+            "no_active_staging_job",
         )
+        for i, nbytes in _processing_file_ids(session, loc, [S.PRESENT], take)
+    ]
+    return _schedule(session, loc, candidates, delete_bulk_raw_data_files, (S.PRESENT,), size)
+
+
+def _in_batches(limit: int | None, batch_size: int, one_pass: Any, *args: Any) -> int:
+    """Run ``one_pass(*args, take)``, which schedules at most ``take`` copies and returns
+    how many it scheduled.  With a ``limit``, once.  Without (EMERGENCY: everything that
+    may go), pass after pass of one batch each, until a pass schedules nothing or
+    DELETION_EMERGENCY_MAX_BATCHES passes have run: no pass holds more than one batch of
+    ids in memory, and what is left waits for the next cycle."""
+    if limit is not None:
+        return int(one_pass(*args, limit))
+    total = 0
+    for _ in range(max(1, int(settings.get("DELETION_EMERGENCY_MAX_BATCHES", 1000)))):
+        done = int(one_pass(*args, batch_size))
+        if done == 0:
+            break
+        total += done
     return total
 
 
@@ -160,34 +183,37 @@ def delete_staged_raw_data_files_from_processing(
     are all gone becomes DELETED."""
     statuses = statuses or _Statuses(session)
     total = 0
-    for loc in _active_locations(session, [LT.PROCESSING], location_ids):
+    for loc in statuses.locations([LT.PROCESSING], location_ids):
         state = statuses.state(loc)
         staged = _staged_package_copies(session, loc)
         if not staged:
             continue
-        rows = _staged_file_ids(
-            session, loc, [c.raw_data_package_id for c in staged], _cycle_limit(state)
-        )
-        candidates = [
-            _Candidate(
-                i,
-                COPY_TYPE_RAW_DATA_FILE,
-                size,
-                "staging jobs inactive (STAGED package cleanup)",
-                "staging_job_inactive",
-            )
-            for i, size in rows
-        ]
-        total += _schedule(
-            session,
-            loc,
-            candidates,
-            delete_bulk_raw_data_files,
-            (S.PRESENT, S.STAGED),
-            _batch_size(state),
+        size = _batch_size(state)
+        package_ids = [c.raw_data_package_id for c in staged]
+        total += _in_batches(
+            _cycle_limit(state), size, _staged_pass, session, loc, package_ids, size
         )
         _finish_staged_packages(session, loc)
     return total
+
+
+def _staged_pass(
+    session: Session, loc: m.DataLocation, package_ids: list[int], size: int, take: int
+) -> int:
+    """One pass of step 4 at one location: at most ``take`` copies."""
+    candidates = [
+        _Candidate(
+            i,
+            COPY_TYPE_RAW_DATA_FILE,
+            nbytes,
+            "staging jobs inactive (STAGED package cleanup)",
+            "staging_job_inactive",
+        )
+        for i, nbytes in _staged_file_ids(session, loc, package_ids, take)
+    ]
+    return _schedule(
+        session, loc, candidates, delete_bulk_raw_data_files, (S.PRESENT, S.STAGED), size
+    )
 
 
 def _finish_staged_packages(session: Session, location: m.DataLocation) -> int:
@@ -291,26 +317,45 @@ def process_deletion_possible_raw_data_files(
     no audit hold here) is part of the query."""
     statuses = statuses or _Statuses(session)
     total = 0
-    # Every location is asked (the partial index ix_physical_copy_deletion_possible answers
-    # an empty one at once); a DISTINCT over every DELETION_POSSIBLE row would grow with
-    # the history.
+    # One statement asks every location whether it has a copy past its retention (one
+    # probe of the partial index ix_physical_copy_deletion_possible each); a location
+    # without one and without pressure has nothing this step could schedule.
     bulk = is_postgresql(session)
-    for loc in _active_locations(session, [LT.SOURCE, LT.BUFFER], location_ids):
+    locations = statuses.locations([LT.SOURCE, LT.BUFFER], location_ids)
+    expired = _locations_with_expired(
+        session, {loc.id: _retention_cutoff(loc) for loc in locations}
+    )
+    for loc in locations:
         status = statuses.get(loc)
-        state = _state_from(status)
-        if bulk:
-            total += _schedule_deletion_possible_bulk(
-                session, loc, status, _cycle_limit(state), _batch_size(state)
-            )
+        if loc.id not in expired and not should_delete_based_on_buffer_status(loc, status):
             continue
-        candidates = _deletion_possible_selection(session, loc, status, _cycle_limit(state))
-        total += _schedule(
-            session,
-            loc,
-            candidates,
-            delete_bulk_raw_data_files,
-            (S.DELETION_POSSIBLE,),
-            _batch_size(state),
-            audit_per_batch=True,
+        state = _state_from(status)
+        size = _batch_size(state)
+        total += _in_batches(
+            _cycle_limit(state), size, _stage_two_pass, session, loc, status, size, bulk
         )
     return total
+
+
+def _stage_two_pass(
+    session: Session,
+    loc: m.DataLocation,
+    status: dict[str, Any],
+    size: int,
+    bulk: bool,
+    take: int,
+) -> int:
+    """One pass of stage 2 at one location: at most ``take`` copies (PostgreSQL claims
+    them straight from the rule, elsewhere they are selected and then claimed)."""
+    if bulk:
+        return _schedule_deletion_possible_bulk(session, loc, status, take, size)
+    candidates = _deletion_possible_selection(session, loc, status, take)
+    return _schedule(
+        session,
+        loc,
+        candidates,
+        delete_bulk_raw_data_files,
+        (S.DELETION_POSSIBLE,),
+        size,
+        audit_per_batch=True,
+    )

@@ -2,11 +2,12 @@
 type, location, size, reason code, outcome, actor, message) and a JSON log line.
 
 Rows are written per copy (decisions, the worker's DELETED / SKIPPED / FAILED), per batch
-(bulk scheduling: one row lists its copies in ``copy_ids``) or per package and location
+(bulk scheduling: one row lists its copies in ``copy_ids`` and in
+``deletion_log_copy``) or per package and location
 (stage 1); :func:`deletion_history` gathers both kinds for one copy.
 
-Room in the house: core of the deletion stage; imports ``deletion.base`` and
-``ccat_ops_db``.
+Room in the house: core of the deletion stage; imports ``deletion.base``, ``database``
+(the dialect) and ``ccat_ops_db``.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, text
 from sqlalchemy.orm import Session
 
+from ccat_data_transfer.database import is_postgresql
 from ccat_data_transfer.deletion.base import log
 from ccat_ops_db import models as m
 
@@ -90,8 +92,36 @@ def _log_row(
 
 
 def _write_log_rows(session: Session, rows: list[dict[str, Any]]) -> None:
-    if rows:
-        session.execute(insert(m.DeletionLog), rows)
+    """Insert audit rows; a batch row (:func:`_batch_row`) also gets one
+    ``deletion_log_copy`` row per copy it covers, by which :func:`deletion_history` finds
+    it."""
+    single = [r for r in rows if not r.get("copy_ids")]
+    if single:
+        session.execute(insert(m.DeletionLog), single)
+    for r in rows:
+        if r.get("copy_ids"):
+            log_id = session.execute(
+                insert(m.DeletionLog).returning(m.DeletionLog.id), r
+            ).scalar_one()
+            _write_members(session, log_id, json.loads(r["copy_ids"]))
+
+
+def _write_members(session: Session, log_id: int, copy_ids: list[int]) -> None:
+    """The ``deletion_log_copy`` rows of one batch row: on PostgreSQL one statement for the
+    whole batch (its ids as one array), elsewhere one multi-row INSERT."""
+    if is_postgresql(session):
+        session.execute(_MEMBERS_SQL, {"log_id": log_id, "ids": copy_ids})
+        return
+    session.execute(
+        insert(m.DeletionLogCopy),
+        [{"deletion_log_id": log_id, "physical_copy_id": i} for i in copy_ids],
+    )
+
+
+_MEMBERS_SQL = text(
+    "INSERT INTO deletion_log_copy (deletion_log_id, physical_copy_id)"
+    " SELECT :log_id, unnest(CAST(:ids AS bigint[]))"
+)
 
 
 def _log_batch_scheduled(
@@ -142,22 +172,19 @@ def _batch_row(
 def deletion_history(session: Session, copy_id: int) -> list[m.DeletionLog]:
     """Every ``deletion_log`` row about one copy, oldest first: its own rows (decisions
     per copy, and the worker's DELETED / SKIPPED / FAILED) and the batch rows of bulk
-    scheduling that list it in ``copy_ids``."""
+    scheduling that cover it (``deletion_log_copy``); two index lookups, whatever the
+    size of the trail."""
     dl = m.DeletionLog
-    rows = list(session.scalars(select(dl).where(dl.physical_copy_id == copy_id)))
-    copy = session.get(m.PhysicalCopy, copy_id)
-    if copy is not None:
-        batches = session.scalars(
-            select(dl).where(
-                dl.data_location_id == copy.data_location_id,
-                dl.created_at >= copy.created_at,
-                dl.physical_copy_id.is_(None),
-                dl.copy_ids.is_not(None),
-                dl.copy_ids.contains(str(copy_id)),  # a cheap pre-filter; exact below
-            )
+    dlc = m.DeletionLogCopy
+    own = list(session.scalars(select(dl).where(dl.physical_copy_id == copy_id)))
+    batches = list(
+        session.scalars(
+            select(dl)
+            .join(dlc, dlc.deletion_log_id == dl.id)
+            .where(dlc.physical_copy_id == copy_id)
         )
-        rows += [r for r in batches if copy_id in json.loads(r.copy_ids or "[]")]
-    return sorted(rows, key=lambda r: r.id)
+    )
+    return sorted({r.id: r for r in own + batches}.values(), key=lambda r: r.id)
 
 
 def _add_deletion_log(
