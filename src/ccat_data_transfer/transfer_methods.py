@@ -345,7 +345,9 @@ class XrootdMethod(CommandLineMethod):
             )
         partial = _resume_name(dst)
         streams = max(1, int(settings.get("TRANSFER_XROOTD_STREAMS", 4)))
-        cmd = [exe, "--nopbar", "--path", "--continue", "--streams", str(streams)]
+        cmd = [exe, "--nopbar", "--path", "--streams", str(streams)]
+        if self._exists(dst_reach, partial):
+            cmd.append("--continue")  # refused by xrdcp when there is nothing to continue
         run_logged(
             [*cmd, src, dst_reach.xrootd_path(partial)],
             log_file,
@@ -354,6 +356,17 @@ class XrootdMethod(CommandLineMethod):
             env=xrootd_env(),
         )
         _rename_into_place(partial, dst, dst_reach, log_file)
+
+    @staticmethod
+    def _exists(reach: SiteReach, path: str) -> bool:
+        xrdfs = shutil.which("xrdfs") or "xrdfs"
+        proc = subprocess.run(
+            [xrdfs, reach.xrootd_url or "", "stat", path],
+            capture_output=True,
+            env=xrootd_env(),
+            check=False,
+        )
+        return proc.returncode == 0
 
 
 class S3Method(TransferMethodBase):
