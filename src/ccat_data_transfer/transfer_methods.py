@@ -13,9 +13,9 @@ they ran into the per-transfer log file.
 
 Across hosts (sites on their own machines, :mod:`ccat_data_transfer.hosts`) the pushing
 worker is the origin's, ``dst_host`` is the destination site's
-:class:`~ccat_data_transfer.hosts.SiteReach`, and the network methods resume: ``rsync``
-and ``xrootd`` write to a fixed temporary name (``.name.tmp-resume``) that a retry
-continues from, renamed into place on the destination host when whole.  The checksum
+:class:`~ccat_data_transfer.hosts.SiteReach`, and the network methods write to a fixed temporary
+name (``.name.tmp-resume``), renamed into place on the destination host when whole;
+``rsync`` resumes from the bytes already there.  The checksum
 of what landed is computed on the destination host (:meth:`TransferMethodBase.checksum`).
 """
 
@@ -323,11 +323,11 @@ class XrootdMethod(CommandLineMethod):
     """``xrdcp --streams N`` (parallel TCP streams, for long fat links) from this host to
     the destination site's XRootD server (the site's ``xrootd_url``).
 
-    The file goes to the fixed temporary name ``.name.tmp-resume`` with ``--continue``
-    (a retry continues from the bytes the server already has; the checksum at the
-    destination catches a resumed file that is not whole, which is then removed and
-    sent again) and is renamed into place over ssh when complete.  xrdcp's own retries
-    are off and its timeouts short (:func:`~ccat_data_transfer.hosts.xrootd_env`).
+    The file goes to a temporary name (``.name.tmp-resume``) and is renamed into place
+    over ssh when complete.  Not resumable: xrdcp 5.5 refuses ``--continue`` towards a
+    server, so a retry sends the whole file again (``--force`` replaces what an
+    interrupted attempt left).  xrdcp's own retries are off and its timeouts short
+    (:func:`~ccat_data_transfer.hosts.xrootd_env`): our backoff retries.
     """
 
     kind = m.TransferMethod.XROOTD
@@ -345,9 +345,9 @@ class XrootdMethod(CommandLineMethod):
             )
         partial = _resume_name(dst)
         streams = max(1, int(settings.get("TRANSFER_XROOTD_STREAMS", 4)))
-        cmd = [exe, "--nopbar", "--path", "--streams", str(streams)]
-        if self._exists(dst_reach, partial):
-            cmd.append("--continue")  # refused by xrdcp when there is nothing to continue
+        # --force: xrdcp (5.5) refuses --continue towards a server ("file exists"), so a
+        # retry replaces whatever an interrupted attempt left under the temporary name.
+        cmd = [exe, "--nopbar", "--path", "--force", "--streams", str(streams)]
         run_logged(
             [*cmd, src, dst_reach.xrootd_path(partial)],
             log_file,
@@ -356,17 +356,6 @@ class XrootdMethod(CommandLineMethod):
             env=xrootd_env(),
         )
         _rename_into_place(partial, dst, dst_reach, log_file)
-
-    @staticmethod
-    def _exists(reach: SiteReach, path: str) -> bool:
-        xrdfs = shutil.which("xrdfs") or "xrdfs"
-        proc = subprocess.run(
-            [xrdfs, reach.xrootd_url or "", "stat", path],
-            capture_output=True,
-            env=xrootd_env(),
-            check=False,
-        )
-        return proc.returncode == 0
 
 
 class S3Method(TransferMethodBase):
