@@ -112,6 +112,10 @@ class SiteReach:
         """The command running ``argv`` on this host (quoted for the remote shell)."""
         return [*self.ssh_base(), self.target, "--", shlex.join(argv)]
 
+    def ssh_script(self, script: str) -> list[str]:
+        """The command running the shell ``script`` (already quoted) on this host."""
+        return [*self.ssh_base(), self.target, "--", script]
+
     def xrootd_path(self, path: str) -> str:
         """``root://host:port//abs/path`` of an absolute path on this host."""
         if not self.xrootd_url:

@@ -182,9 +182,15 @@ def _command_stats(
 
 
 def _remote_sha256(reach: SiteReach, path: str) -> str:
-    """``sha256sum`` run on the destination host itself: the bytes are hashed where they
-    lie, not read back across the link."""
-    out = subprocess.run(reach.ssh("sha256sum", "--", path), capture_output=True, text=True)
+    """SHA-256 computed on the destination host itself: the bytes are hashed where they
+    lie, not read back across the link.  ``openssl dgst`` where the host has it (about
+    twice as fast as coreutils' ``sha256sum``), else ``sha256sum``."""
+    q = shlex.quote(path)
+    script = (
+        "if command -v openssl >/dev/null 2>&1; then exec openssl dgst -sha256 -r "
+        f"{q}; else exec sha256sum -- {q}; fi"
+    )
+    out = subprocess.run(reach.ssh_script(script), capture_output=True, text=True)
     if out.returncode != 0 or not out.stdout.strip():
         detail = (out.stderr.strip().splitlines() or ["no output"])[-1]
         raise RetryableError(f"cannot checksum {path} on {reach.label}: {detail}")
