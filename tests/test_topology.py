@@ -182,9 +182,9 @@ BAD_INPUTS = {
         ),
         "method 'xrootd' needs site 'us' to declare 'xrootd_url'",
     ),
-    "rsync route to a site without host": (
-        lambda t: t.replace('method = "copy"', 'method = "rsync"', 1),
-        "method 'rsync' reaches another machine but site 'cologne' declares no 'host'",
+    "xrootd route to a site without host": (
+        lambda t: t.replace('method = "copy"', 'method = "xrootd"', 1),
+        "method 'xrootd' needs site 'cologne' to declare 'host' and 'xrootd_url'",
     ),
     "ssh port out of range": (
         lambda t: _host_us(t, 'host = "127.0.0.3"\nssh_port = 70000\n'),

@@ -227,7 +227,7 @@ class CopyMethod(TransferMethodBase):
             if not _is_local_host(host):
                 raise ConfigurationError(
                     f"the 'copy' method needs a shared filesystem but {key}={host!r}; "
-                    "use 'rsync' or 'bbcp' for a remote host"
+                    "use 'rsync', 'xrootd' or 'bbcp' for a remote host"
                 )
         _log(log_file, f"copy {src_storage!r}:{src_path} -> {dst_storage!r}:{dst_path}")
         start = time.monotonic()

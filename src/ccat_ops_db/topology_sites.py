@@ -16,8 +16,10 @@ methods it serves (``xrootd_url``: its XRootD server, ``root://host[:port]``)::
     ssh_key = "/etc/ccat/keys/%u/id_ed25519"
     xrootd_url = "root://lta.cologne.example.org:1094"
 
-A route into such a site must use a network method it serves (``rsync``/``bbcp`` need
-its ssh, ``xrootd`` its ``xrootd_url``; ``copy`` cannot reach another machine).
+A route into such a site must use a network method it serves (``rsync``/``bbcp`` over
+its ssh, ``xrootd`` through its ``xrootd_url``; ``copy`` cannot reach another machine).
+``rsync`` and ``bbcp`` also copy between folders of one filesystem, so they are allowed
+into a site without ``host``; ``xrootd`` is not.
 """
 
 from __future__ import annotations
@@ -33,12 +35,9 @@ SITE_KEYS = {"name", "short_name", "description", "active", *REACH_KEYS}
 _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.\-]*[A-Za-z0-9])?$|^\[[0-9A-Fa-f:.]+\]$")
 _USER_RE = re.compile(r"^[a-z_][a-z0-9_.\-]*\$?$")
 _XROOTD_RE = re.compile(r"^roots?://([^/:\s]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?/*$")
-# Methods that reach another machine, and what of the destination site each needs.
-NETWORK_METHODS = {
-    m.TransferMethod.RSYNC: "host",
-    m.TransferMethod.BBCP: "host",
-    m.TransferMethod.XROOTD: "xrootd_url",
-}
+# What of the destination site a method needs.  rsync and bbcp also copy between
+# folders of one filesystem; xrootd only ever reaches a server.
+NEEDS = {m.TransferMethod.XROOTD: "xrootd_url"}
 
 
 def check_sites(sites: list[dict[str, Any]], problems: list[str]) -> None:
@@ -96,12 +95,12 @@ def check_route_reach(
     if dest is None or method is None:
         return
     name = route["destination"]
-    needs = NETWORK_METHODS.get(method)
+    needs = NEEDS.get(method)
     if dest.get("host") is None:
         if needs is not None:
             problems.append(
-                f"{what}: method '{method.value}' reaches another machine but site "
-                f"{name!r} declares no 'host'"
+                f"{what}: method '{method.value}' needs site {name!r} to declare 'host' "
+                f"and '{needs}'"
             )
         return
     if method == m.TransferMethod.COPY:
