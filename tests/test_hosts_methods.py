@@ -5,9 +5,9 @@ an sshd and an XRootD server on its own 127.0.0.x.  Every method call runs as th
 pushing site's user in its own process, so a shortcut through the local filesystem
 into another site's root fails with "permission denied".  Covered: rsync over ssh
 (verified on the destination host, resumed after ``kill -9`` without re-sending the
-bytes already there), xrdcp with parallel streams (a retry replaces what an interrupted
-attempt left), and an unreachable host: a fast retryable error naming it, then
-success once it answers again.
+bytes already there), xrdcp with parallel streams (resumed from a partial file, below
+the chunks that were in flight; a bad partial caught by the checksum), and an
+unreachable host: a fast retryable error naming it, then success once it answers again.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from ccat_data_transfer.hosts import XROOTD_IN_FLIGHT
 from helpers_hosts import SiteHosts
 
 SIZE = 64 * 1024 * 1024
@@ -141,13 +142,33 @@ def test_xrootd_streams_transfer_and_destination_checksum(hosts):
     assert "--streams 4" in log
 
 
-def test_xrootd_retry_replaces_what_an_interrupted_attempt_left(hosts):
-    data = os.urandom(8 * 1024 * 1024)
+def test_xrootd_resumes_from_a_partial_and_a_bad_partial_fails_verification(hosts):
+    data = os.urandom(128 * 1024 * 1024)
+    landed = 112 * 1024 * 1024
+    keep = landed - 2 * XROOTD_IN_FLIGHT
     _put(hosts, "ccat", "xr/part.tar", data)
-    partial = _put(hosts, "cologne", "xr/.part.tar.tmp-resume", os.urandom(len(data) // 2))
+    partial = _put(hosts, "cologne", "xr/.part.tar.tmp-resume", data[:landed])
     result = _push(hosts, _spec(hosts, "xrootd", "xr/part.tar"))
     assert result.get("sha256") == _sha(data), result
     assert not partial.exists()
+    assert not partial.with_name(partial.name + "-tail").exists()
+    log = (hosts.sites["ccat"].work / "xrootd.log").read_text()
+    assert f"resuming: {keep} of {len(data)} bytes kept at the destination" in log
+
+    # Bytes under the temporary name that are not the source's: the checksum computed
+    # on the destination host shows it (the caller then removes the copy).
+    _put(hosts, "ccat", "xr/bad.tar", data)
+    _put(hosts, "cologne", "xr/.bad.tar.tmp-resume", os.urandom(landed))
+    result = _push(hosts, _spec(hosts, "xrootd", "xr/bad.tar"))
+    assert result["sha256"] != _sha(data)
+
+
+def test_xrootd_retry_sends_everything_when_little_had_landed(hosts):
+    data = os.urandom(8 * 1024 * 1024)
+    _put(hosts, "ccat", "xr/small.tar", data)
+    _put(hosts, "cologne", "xr/.small.tar.tmp-resume", os.urandom(len(data) // 2))
+    result = _push(hosts, _spec(hosts, "xrootd", "xr/small.tar"))
+    assert result.get("sha256") == _sha(data), result
 
 
 @pytest.mark.parametrize("method, server", [("rsync", "sshd"), ("xrootd", "xrootd")])

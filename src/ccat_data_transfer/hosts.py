@@ -33,16 +33,25 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.exceptions import RetryableError
 from ccat_ops_db import models as m
 
-__all__ = ["SiteReach", "as_reach", "reach_of", "run_logged", "xrootd_env"]
+__all__ = [
+    "XROOTD_IN_FLIGHT",
+    "SiteReach",
+    "as_reach",
+    "reach_of",
+    "run_logged",
+    "xrootd_env",
+]
 
-# ssh's own exit status when it could not connect or authenticate.
-SSH_FAILED = 255
+# xrdcp's copy chunking (set in xrootd_env): chunks in flight and their size.
+XRD_PARALLEL_CHUNKS = 4
+XRD_CHUNK_SIZE = 8 * 1024 * 1024
+XROOTD_IN_FLIGHT = XRD_PARALLEL_CHUNKS * XRD_CHUNK_SIZE
 
 
 def connect_timeout() -> int:
@@ -160,6 +169,11 @@ def xrootd_env() -> dict[str, str]:
         "XRD_REQUESTTIMEOUT": str(max(60, 6 * int(timeout))),
         "XRD_STREAMTIMEOUT": str(max(60, 6 * int(timeout))),
         "XRD_TIMEOUTRESOLUTION": "1",
+        # Fixed so that the resume margin of the 'xrootd' method holds: at most
+        # PARALLELCHUNKS chunks of CHUNKSIZE are in flight, so everything more than
+        # XROOTD_IN_FLIGHT bytes below the end of a partial file has been written.
+        "XRD_CPPARALLELCHUNKS": str(XRD_PARALLEL_CHUNKS),
+        "XRD_CPCHUNKSIZE": str(XRD_CHUNK_SIZE),
     }
 
 
@@ -174,11 +188,12 @@ def run_logged(
     what: str,
     reach: SiteReach | None = None,
     env: dict[str, str] | None = None,
+    stdin: Any = None,
 ) -> str:
     """Run a command, its output appended to the transfer log; returns its stdout.  A
     non-zero exit is retryable and, with ``reach``, names the host it was talking to."""
     log_line(log_file, "$ " + shlex.join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, stdin=stdin, check=False)
     for stream in (proc.stdout, proc.stderr):
         if stream:
             log_file.write(stream if stream.endswith("\n") else stream + "\n")

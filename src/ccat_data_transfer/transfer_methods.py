@@ -15,13 +15,14 @@ Across hosts (sites on their own machines, :mod:`ccat_data_transfer.hosts`) the 
 worker is the origin's, ``dst_host`` is the destination site's
 :class:`~ccat_data_transfer.hosts.SiteReach`, and the network methods write to a fixed temporary
 name (``.name.tmp-resume``), renamed into place on the destination host when whole;
-``rsync`` resumes from the bytes already there.  The checksum
+a retry resumes from the bytes already there.  The checksum
 of what landed is computed on the destination host (:meth:`TransferMethodBase.checksum`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -32,7 +33,14 @@ from typing import TextIO
 
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.exceptions import ConfigurationError, RetryableError
-from ccat_data_transfer.hosts import SiteReach, as_reach, log_line, run_logged, xrootd_env
+from ccat_data_transfer.hosts import (
+    XROOTD_IN_FLIGHT,
+    SiteReach,
+    as_reach,
+    log_line,
+    run_logged,
+    xrootd_env,
+)
 from ccat_data_transfer.storage import CHUNK_SIZE, DiskStorage, S3Storage, Storage
 from ccat_ops_db import models as m
 
@@ -329,11 +337,17 @@ class XrootdMethod(CommandLineMethod):
     """``xrdcp --streams N`` (parallel TCP streams, for long fat links) from this host to
     the destination site's XRootD server (the site's ``xrootd_url``).
 
-    The file goes to a temporary name (``.name.tmp-resume``) and is renamed into place
-    over ssh when complete.  Not resumable: xrdcp 5.5 refuses ``--continue`` towards a
-    server, so a retry sends the whole file again (``--force`` replaces what an
-    interrupted attempt left).  xrdcp's own retries are off and its timeouts short
-    (:func:`~ccat_data_transfer.hosts.xrootd_env`): our backoff retries.
+    The file goes to the fixed temporary name ``.name.tmp-resume`` and is renamed into
+    place over ssh when complete.  Resumable, though xrdcp 5.5 refuses ``--continue``
+    towards a server: a retry that finds ``P`` bytes there keeps the first
+    ``P - 2 * XROOTD_IN_FLIGHT`` (the chunks xrdcp had in flight when it was stopped
+    may have left holes above that; :data:`~ccat_data_transfer.hosts.XROOTD_IN_FLIGHT`),
+    cuts the rest off on the destination host, sends only the remaining bytes (xrdcp
+    reading from a pipe) to ``.name.tmp-resume-tail`` and appends that there.  The
+    checksum on the destination host catches a resumed file that is not whole (the
+    caller then removes it and the next retry sends everything).  xrdcp's own retries
+    are off and its timeouts short (:func:`~ccat_data_transfer.hosts.xrootd_env`): our
+    backoff retries.
     """
 
     kind = m.TransferMethod.XROOTD
@@ -351,17 +365,55 @@ class XrootdMethod(CommandLineMethod):
             )
         partial = _resume_name(dst)
         streams = max(1, int(settings.get("TRANSFER_XROOTD_STREAMS", 4)))
-        # --force: xrdcp (5.5) refuses --continue towards a server ("file exists"), so a
-        # retry replaces whatever an interrupted attempt left under the temporary name.
         cmd = [exe, "--nopbar", "--path", "--force", "--streams", str(streams)]
-        run_logged(
-            [*cmd, src, dst_reach.xrootd_path(partial)],
-            log_file,
-            "xrdcp",
-            dst_reach,
-            env=xrootd_env(),
-        )
+        size = os.path.getsize(src)
+        keep = min(self._size_there(dst_reach, partial), size) - 2 * XROOTD_IN_FLIGHT
+        if keep <= 0:
+            run_logged(
+                [*cmd, src, dst_reach.xrootd_path(partial)],
+                log_file,
+                "xrdcp",
+                dst_reach,
+                env=xrootd_env(),
+            )
+        else:
+            tail = partial + "-tail"
+            _log(log_file, f"resuming: {keep} of {size} bytes kept at the destination")
+            with open(src, "rb") as f:
+                f.seek(keep)
+                run_logged(
+                    [*cmd, "-", dst_reach.xrootd_path(tail)],
+                    log_file,
+                    "xrdcp",
+                    dst_reach,
+                    env=xrootd_env(),
+                    stdin=f,
+                )
+            q_partial, q_tail = shlex.quote(partial), shlex.quote(tail)
+            _run(
+                dst_reach.ssh_script(
+                    f"truncate -s {keep} {q_partial} && cat {q_tail} >> {q_partial} "
+                    f"&& rm -f {q_tail}"
+                ),
+                log_file,
+                "append",
+                dst_reach,
+            )
         _rename_into_place(partial, dst, dst_reach, log_file)
+
+    @staticmethod
+    def _size_there(reach: SiteReach, path: str) -> int:
+        """Size of ``path`` on the destination's XRootD server (0 when absent)."""
+        xrdfs = shutil.which("xrdfs") or "xrdfs"
+        proc = subprocess.run(
+            [xrdfs, reach.xrootd_url or "", "stat", path],
+            capture_output=True,
+            text=True,
+            env=xrootd_env(),
+            check=False,
+        )
+        match = re.search(r"^Size:\s+(\d+)", proc.stdout, re.MULTILINE)
+        return int(match.group(1)) if proc.returncode == 0 and match else 0
 
 
 class S3Method(TransferMethodBase):
