@@ -189,3 +189,44 @@ def test_unreachable_host_is_a_fast_retryable_error_then_success(hosts, method, 
     assert took < 20  # the connect timeout (3 s here), not xrdcp's minutes of retries
     result = _push(hosts, _spec(hosts, method, path))
     assert result.get("sha256") == _sha(data), result
+
+
+def test_s3_keeps_working_when_the_lta_site_is_another_host(hosts, s3_server, s3_bucket, tmp_path):
+    """An S3 LTA at a site on its own host: the s3 method reaches the bucket directly and
+    the checksum comes from S3, nothing goes over ssh to the site's host."""
+    from ccat_data_transfer.storage import DiskStorage, S3Storage
+    from ccat_data_transfer.transfer_methods import get_transfer_method
+
+    data = os.urandom(2 * 1024 * 1024 + 5)
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg/s3.tar").write_bytes(data)
+    src = DiskStorage(tmp_path)
+    dst = S3Storage(
+        s3_server.endpoint_url,
+        s3_bucket,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+        region=s3_server.region,
+    )
+    cologne = hosts.sites["cologne"]
+    cologne.stop("sshd")  # the site's host does not answer: S3 must not need it
+    try:
+        method = get_transfer_method("s3")
+        with open(tmp_path / "s3.log", "w") as lf:
+            reach = hosts.reach("cologne")
+            method.transfer(src, "pkg/s3.tar", dst, "pkg/s3.tar", lf, dst_host=reach)
+            assert method.checksum(dst, "pkg/s3.tar", dst_host=reach) == _sha(data)
+    finally:
+        cologne.start_sshd()
+
+
+def test_resume_names_are_temporary_names():
+    """The janitor removes a resume file left untouched (is_temp_name), and listings
+    hide it; the final name is not temporary."""
+    from ccat_data_transfer.storage.interface import is_temp_name
+    from ccat_data_transfer.transfer_methods import _resume_name
+
+    partial = _resume_name("a/b/pkg.tar")
+    assert partial == "a/b/.pkg.tar.tmp-resume"
+    assert is_temp_name(partial) and is_temp_name(partial + "-tail")
+    assert not is_temp_name("a/b/pkg.tar")

@@ -105,10 +105,11 @@ class TransferMethodBase:
     def checksum(
         self, dst_storage: Storage, dst_path: str, *, dst_host: SiteReach | str | None = None
     ) -> str:
-        """SHA-256 of what landed, computed where the bytes are: by this process for a
-        storage it reaches, on the destination host over ssh otherwise."""
+        """SHA-256 of what landed, computed where the bytes are: on the destination host
+        over ssh for a disk location there, by the storage itself otherwise (a local
+        disk; S3, reachable from every site, answers with the checksum it holds)."""
         reach = as_reach(dst_host)
-        if reach is not None:
+        if reach is not None and isinstance(dst_storage, DiskStorage):
             return _remote_sha256(reach, _local_root_path(dst_storage, dst_path, "checksum"))
         return dst_storage.sha256(dst_path)
 
@@ -117,7 +118,7 @@ class TransferMethodBase:
     ) -> None:
         """Remove a copy that failed verification, where it lies."""
         reach = as_reach(dst_host)
-        if reach is None:
+        if reach is None or not isinstance(dst_storage, DiskStorage):
             dst_storage.delete(dst_path)
             return
         path = _local_root_path(dst_storage, dst_path, "discard")
@@ -319,6 +320,9 @@ class RsyncMethod(CommandLineMethod):
     def copy(self, exe, src, src_reach, dst, dst_reach, log_file):
         partial = _resume_name(dst)
         cmd = [exe, "--append-verify", "--mkpath", "--secluded-args", "--stats"]
+        choice = str(settings.get("TRANSFER_RSYNC_CHECKSUM_CHOICE", "") or "")
+        if choice:
+            cmd.append(f"--checksum-choice={choice}")
         limit = float(settings.get("TRANSFER_BANDWIDTH_LIMIT_MB_PER_S", 0) or 0)
         if limit > 0:
             cmd.append(f"--bwlimit={max(1, int(limit * 1e6 / 1024))}")
