@@ -319,7 +319,7 @@ class RsyncMethod(CommandLineMethod):
 
     def copy(self, exe, src, src_reach, dst, dst_reach, log_file):
         partial = _resume_name(dst)
-        cmd = [exe, "--append-verify", "--mkpath", "--secluded-args", "--stats"]
+        cmd = [exe, "--append-verify", "--mkpath", "-s", "--stats"]  # -s: no remote word splitting
         choice = str(settings.get("TRANSFER_RSYNC_CHECKSUM_CHOICE", "") or "")
         if choice:
             cmd.append(f"--checksum-choice={choice}")
@@ -345,7 +345,7 @@ class XrootdMethod(CommandLineMethod):
     place over ssh when complete.  Resumable, though xrdcp 5.5 refuses ``--continue``
     towards a server: a retry that finds ``P`` bytes there keeps the first
     ``P - 2 * XROOTD_IN_FLIGHT`` (the chunks xrdcp had in flight when it was stopped
-    may have left holes above that; :data:`~ccat_data_transfer.hosts.XROOTD_IN_FLIGHT`),
+    may have left holes above that; ``XROOTD_IN_FLIGHT`` of :mod:`ccat_data_transfer.hosts`),
     cuts the rest off on the destination host, sends only the remaining bytes (xrdcp
     reading from a pipe) to ``.name.tmp-resume-tail`` and appends that there.  The
     checksum on the destination host catches a resumed file that is not whole (the
