@@ -17,6 +17,7 @@ processing host, pulled over ssh from an LTA host.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -122,13 +123,27 @@ class HostCluster:
         proc = self.procs.pop(name)
         try:
             os.killpg(proc.pid, sig)
+            proc.wait(timeout=8)
         except ProcessLookupError:
             pass
+        except subprocess.TimeoutExpired:  # a warm shutdown waiting for its tasks
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
 
     def stop_all(self) -> None:
-        for name in list(self.procs):
-            self.kill(name, signal.SIGTERM)
+        """SIGTERM to every process at once; SIGKILL to what still runs 8 s later."""
+        procs, self.procs = self.procs, {}
+        for proc in procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 8
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=60)
 
     def tail(self, lines: int = 25) -> str:
         out = []
