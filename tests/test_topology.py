@@ -172,7 +172,83 @@ BAD_INPUTS = {
         ),
         "needs a 'bucket'",
     ),
+    "copy route to a site on its own host": (
+        lambda t: _host_us(t, 'host = "127.0.0.3"\n'),
+        "site 'us' is its own host (127.0.0.3); 'copy' cannot reach it",
+    ),
+    "xrootd route without endpoint": (
+        lambda t: _host_us(t, 'host = "127.0.0.3"\n').replace(
+            'method = "copy"', 'method = "xrootd"'
+        ),
+        "method 'xrootd' needs site 'us' to declare 'xrootd_url'",
+    ),
+    "xrootd route to a site without host": (
+        lambda t: t.replace('method = "copy"', 'method = "xrootd"', 1),
+        "method 'xrootd' needs site 'cologne' to declare 'host' and 'xrootd_url'",
+    ),
+    "ssh port out of range": (
+        lambda t: _host_us(t, 'host = "127.0.0.3"\nssh_port = 70000\n'),
+        "ssh_port must be an integer in 1..65535, got 70000",
+    ),
+    "ssh user without host": (
+        lambda t: _host_us(t, 'ssh_user = "ccat-us"\n'),
+        "'ssh_user' needs the site's 'host'",
+    ),
+    "relative ssh key": (
+        lambda t: _host_us(t, 'host = "lta.example.org"\nssh_key = "keys/id"\n'),
+        "ssh_key must be an absolute path (or ~/...), got 'keys/id'",
+    ),
+    "bad xrootd url": (
+        lambda t: _host_us(t, 'host = "127.0.0.3"\nxrootd_url = "http://127.0.0.3:1094"\n'),
+        "xrootd_url must look like root://host[:port], got 'http://127.0.0.3:1094'",
+    ),
+    "bad host": (
+        lambda t: _host_us(t, 'host = "lta cologne"\n'),
+        "host 'lta cologne' is not a host name or IP address",
+    ),
+    "unknown site field": (
+        lambda t: _host_us(t, 'ssh_password = "x"\n'),
+        "site #3 (us): unknown field 'ssh_password'",
+    ),
 }
+
+_US_SITE = 'name = "us"\nshort_name = "us"\n'
+
+
+def _host_us(text: str, reach: str) -> str:
+    """The default topology with reach fields on site 'us' (its routes stay 'copy')."""
+    assert _US_SITE in text
+    return text.replace(_US_SITE, _US_SITE + reach, 1)
+
+
+def test_site_reach_is_stored_and_routes_into_it_use_network_methods(system, tmp_path):
+    reach = (
+        'host = "127.0.0.3"\nssh_user = "ccat-us"\nssh_port = 2222\n'
+        'ssh_key = "/etc/ccat/keys/%u/id_ed25519"\nxrootd_url = "root://127.0.0.3:1094"\n'
+    )
+    text = _host_us(DEFAULT_TOPOLOGY.read_text(), reach)
+    text = text.replace(
+        'destination = "us"\ntype = "direct"\nmethod = "copy"',
+        'destination = "us"\ntype = "direct"\nmethod = "xrootd"',
+    )
+    with system.session() as s:
+        load_topology(s, _write(tmp_path, text), system.data_dir)
+        us = s.scalars(select(m.Site).where(m.Site.name == "us")).one()
+        assert (us.host, us.ssh_user, us.ssh_port, us.xrootd_url) == (
+            "127.0.0.3",
+            "ccat-us",
+            2222,
+            "root://127.0.0.3:1094",
+        )
+        assert us.ssh_key == "/etc/ccat/keys/%u/id_ed25519"
+        methods = {
+            r.name: r.transfer_method
+            for r in s.scalars(select(m.DataTransferRoute))
+            if r.destination_site_id == us.id
+        }
+        assert set(methods.values()) == {m.TransferMethod.XROOTD}
+        cologne = s.scalars(select(m.Site).where(m.Site.name == "cologne")).one()
+        assert cologne.host is None
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))

@@ -73,6 +73,8 @@ class TransferMethod(enum.Enum):
     RSYNC = "rsync"
     S3 = "s3"
     BBCP = "bbcp"
+    # xrdcp --streams N to the destination site's XRootD server (parallel streams).
+    XROOTD = "xrootd"
 
 
 class Status(enum.Enum):
@@ -241,6 +243,13 @@ class Site(Base):
     short_name: Mapped[str] = mapped_column(String(32), unique=True)
     description: Mapped[str | None] = mapped_column(Text)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # How other sites' workers reach this site's machine (None: a shared filesystem).
+    # See ccat_data_transfer.hosts.SiteReach.
+    host: Mapped[str | None] = mapped_column(String(256))
+    ssh_user: Mapped[str | None] = mapped_column(String(64))
+    ssh_port: Mapped[int | None] = mapped_column(Integer)
+    ssh_key: Mapped[str | None] = mapped_column(String(512))
+    xrootd_url: Mapped[str | None] = mapped_column(String(256))
 
     locations: Mapped[list[DataLocation]] = relationship(back_populates="site")
 

@@ -11,7 +11,8 @@ File layout (see ``ccat_data_transfer/topology/default.toml``)::
     [observatory]            name, description
     [[telescopes]]           name, site, description
     [[instruments]]          name, telescope, modules = [...], description
-    [[sites]]                name, short_name, description
+    [[sites]]                name, short_name, description, host, ssh_*, xrootd_url
+                             (how the site's machine is reached: topology_sites)
     [[locations]]            name, site, type, storage, path | bucket, priority, ...
     [[routes]]               origin, destination, type, method, relay, ...
 
@@ -30,8 +31,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from ccat_ops_db import models as m
+from ccat_ops_db.topology_sites import NAME_RE, check_route_reach, check_sites, reach_values
 
-NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _UNITS = {
     "b": 1,
     "kb": 10**3,
@@ -228,14 +229,7 @@ def parse_topology(raw: dict[str, Any], data_dir: Path, source: str = "topology"
     if not sites:
         problems.append("no [[sites]] declared")
 
-    for i, site in enumerate(sites):
-        what = f"site #{i + 1} ({site.get('name', '?')})"
-        if _require(site, ("name", "short_name"), what, problems):
-            for key in ("name", "short_name"):
-                if not NAME_RE.match(str(site[key])):
-                    problems.append(
-                        f"{what}: {key} {site[key]!r} must be lower case letters, digits and _"
-                    )
+    check_sites(sites, problems)
     _check_unique(sites, "name", "site", problems)
     _check_unique(sites, "short_name", "site", problems)
     site_names = {s.get("name") for s in sites}
@@ -342,6 +336,7 @@ def parse_topology(raw: dict[str, Any], data_dir: Path, source: str = "topology"
     location_by_name = {loc["name"]: loc for loc in parsed_locations}
 
     parsed_routes: list[dict[str, Any]] = []
+    site_by_name = {str(site.get("name")): site for site in sites}
     for i, route in enumerate(routes):
         what = f"route #{i + 1} ({route.get('origin', '?')} -> {route.get('destination', '?')})"
         if not _check_fields(
@@ -364,6 +359,12 @@ def parse_topology(raw: dict[str, Any], data_dir: Path, source: str = "topology"
             route.get("origin_location") or route.get("destination_location")
         ):
             problems.append(f"{what}: a custom route names origin_location or destination_location")
+        check_route_reach(
+            {"destination": route["destination"], "transfer_method": method},
+            site_by_name,
+            what,
+            problems,
+        )
         parsed_routes.append(
             {
                 "name": route.get("name") or f"{route['origin']}_to_{route['destination']}",
@@ -491,6 +492,7 @@ def apply_topology(session: Session, topo: Topology) -> LoadReport:
                 "short_name": site["short_name"],
                 "description": site.get("description"),
                 "active": site.get("active", True),
+                **reach_values(site),
             },
             report,
         )

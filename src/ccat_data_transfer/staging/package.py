@@ -221,7 +221,7 @@ def stage_package(db: DatabaseConnection, package_id: int, location_id: int) -> 
             return "reused"
         files, dest_storage, dest_name, sources, tar_path, checksum, size = plan
         source = copy_from_best_lta(
-            db, package_id, sources, dest_storage, tar_path, checksum, size, dest_name
+            db, package_id, sources, dest_storage, tar_path, checksum, size, dest_name, location_id
         )
         try:
             extracted = extract_and_verify(dest_storage, tar_path, files, package_id)

@@ -3,8 +3,10 @@
 Room in the house: the storage side of staging's first step.  :func:`select_lta_copies`
 orders the candidates; :func:`copy_from_best_lta` streams the tar from the first that
 works into the PROCESSING location while hashing it, and moves on when one is down,
-lacks the object or is corrupt.  May import: the staging finders, storage, config,
-database, exceptions, logging, ``ccat_ops_db``.
+lacks the object or is corrupt.  An LTA on another host is pulled by rsync over ssh
+(:func:`pull_verified`) and hashed here, where the bytes landed.  May import: the
+staging finders, storage, hosts, transfer methods, config, database, exceptions,
+logging, ``ccat_ops_db``.
 
 LTA copy selection order
 ------------------------
@@ -22,7 +24,9 @@ unreachable is retryable; every candidate missing or corrupt is permanent.
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
@@ -31,6 +35,7 @@ from sqlalchemy.orm import Session
 from ccat_data_transfer.config.config import settings
 from ccat_data_transfer.database import DatabaseConnection
 from ccat_data_transfer.exceptions import PermanentError, RetryableError
+from ccat_data_transfer.hosts import SiteReach, reach_of
 from ccat_data_transfer.logging_utils import get_logger
 from ccat_data_transfer.staging.finders import usable_lta_copy
 from ccat_data_transfer.storage import (
@@ -42,11 +47,19 @@ from ccat_data_transfer.storage import (
     StorageUnavailableError,
     storage_for_location,
 )
+from ccat_data_transfer.transfer_methods import get_transfer_method
 from ccat_ops_db import models as m
 
 log = get_logger(__name__)
 
-__all__ = ["CorruptCopy", "Source", "copy_from_best_lta", "copy_verified", "select_lta_copies"]
+__all__ = [
+    "CorruptCopy",
+    "Source",
+    "copy_from_best_lta",
+    "copy_verified",
+    "pull_verified",
+    "select_lta_copies",
+]
 
 
 @dataclass(frozen=True)
@@ -102,16 +115,33 @@ def copy_from_best_lta(
     checksum: str,
     size: int,
     dest_name: str,
+    dest_location_id: int | None = None,
 ) -> Source:
-    """Copy the tar from the first LTA copy that is reachable, present and correct."""
+    """Copy the tar from the first LTA copy that is reachable, present and correct.  An
+    LTA on another host (its site declares a ``host``) is pulled over ssh by rsync, as
+    this worker (the staging destination's site) and verified here, where the bytes
+    landed."""
     unreachable: list[str] = []
     bad: list[str] = []
     for src in sources:
         try:
             with db.session_scope() as s:
-                src_storage = storage_for_location(s.get(m.DataLocation, src.location_id))
-            copy_verified(src_storage, src.relative_path, dest_storage, tar_path, checksum, size)
+                location = s.get(m.DataLocation, src.location_id)
+                src_storage = storage_for_location(location)
+                dest = s.get(m.DataLocation, dest_location_id) if dest_location_id else None
+                reach = reach_of(location, dest.site_id) if dest is not None else None
+            if reach is None:
+                copy_verified(
+                    src_storage, src.relative_path, dest_storage, tar_path, checksum, size
+                )
+            else:
+                pull_verified(
+                    reach, src_storage, src.relative_path, dest_storage, tar_path, checksum, size
+                )
             return src
+        except RetryableError as exc:  # the other host did not answer or rsync failed
+            unreachable.append(f"{src.location_name}: {exc}")
+            _source_problem(db, package_id, src, "staging_source_unavailable", None, exc)
         except StorageFullError as exc:
             raise RetryableError(f"PROCESSING location {dest_name} is full: {exc}") from exc
         except ObjectNotFound as exc:
@@ -161,6 +191,34 @@ def _source_problem(
             .where(m.PhysicalCopy.id == src.copy_id)
             .values(last_error=f"{m.utcnow().isoformat()} {noted_as} when staging: {exc}"[:2000])
             .execution_options(synchronize_session=False)
+        )
+
+
+def pull_verified(
+    reach: SiteReach,
+    src: Storage,
+    src_path: str,
+    dst: Storage,
+    dst_path: str,
+    checksum: str,
+    size: int,
+) -> None:
+    """rsync ``src_path`` from the host of ``reach`` (resumable; renamed into place when
+    whole), then hash it here; a mismatch removes the copy."""
+    log_dir = Path(str(settings.get("TRANSFER_LOG_DIR", "") or "") or tempfile.gettempdir())
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / "staging_pulls.log", "a", encoding="utf-8") as lf:
+        get_transfer_method(m.TransferMethod.RSYNC).transfer(
+            src, src_path, dst, dst_path, lf, src_host=reach
+        )
+    digest = dst.sha256(dst_path)
+    info = dst.stat(dst_path)
+    written = info.size if info else 0
+    if digest != checksum or (size and written != size):
+        dst.delete(dst_path)
+        raise CorruptCopy(
+            f"checksum mismatch after pulling from {reach.label} ({written} bytes, "
+            f"sha256 {digest[:16]}..., expected {checksum[:16]}... / {size} bytes)"
         )
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from ccat_data_transfer.database import DatabaseConnection
 from ccat_data_transfer.exceptions import ConfigurationError, PermanentError
+from ccat_data_transfer.hosts import SiteReach, reach_of
 from ccat_data_transfer.logging_utils import get_logger
 from ccat_data_transfer.stage_tasks import start_scheduled
 from ccat_data_transfer.storage import storage_for_location
@@ -29,7 +30,6 @@ from ccat_data_transfer.transfer.worker import (
     mark_completed,
     record_failed_attempt,
     record_present_copy,
-    remote_host,
     row_task,
     transfer_log_dir,
     worker_name,
@@ -72,6 +72,9 @@ class _Transfer:
     method_kind: m.TransferMethod | None
     attempt: int
     log_path: Path
+    # How this worker (the origin site's: it pushes) reaches the destination; None when
+    # the destination shares this worker's filesystem.
+    dst_reach: SiteReach | None = None
 
     @property
     def fields(self) -> dict[str, Any]:
@@ -125,38 +128,32 @@ def _take(transfer_id: int) -> _Transfer | None:
             method_kind=t.transfer_method,
             attempt=t.retry_count + 1,
             log_path=log_path,
+            dst_reach=reach_of(t.destination_location, t.origin_location.site_id),
         )
 
 
 def _send_and_verify(job: _Transfer) -> TransferStats:
-    """Storage phase: move the bytes with the route's method, then compare the checksum
-    read back at the destination (a mismatch removes the copy and raises
-    :class:`ChecksumMismatchError`).  The command log goes to ``job.log_path``."""
+    """Storage phase: this worker (the origin site's) pushes the bytes with the route's
+    method, then the checksum is computed where they landed (on the destination host
+    when it is another machine); a mismatch removes the copy there and raises
+    :class:`ChecksumMismatchError`.  The command log goes to ``job.log_path``."""
     origin, dest, path, expected = job.origin, job.dest, job.path, job.expected
     src_storage = storage_for_location(origin)
     dst_storage = storage_for_location(dest)
     method = get_transfer_method(method_for_storages(job.method_kind, src_storage, dst_storage))
     with open(job.log_path, "a", encoding="utf-8") as lf, heartbeat(job.id):
+        where = f" on {job.dst_reach.label}" if job.dst_reach else ""
         lf.write(
             f"# transfer {job.id} attempt {job.attempt}: {origin.name}:{path} -> "
-            f"{dest.name}:{path} ({type(method).__name__}) at {m.utcnow().isoformat()}Z\n"
+            f"{dest.name}:{path}{where} ({type(method).__name__}) at {m.utcnow().isoformat()}Z\n"
         )
         lf.flush()
-        stats = method.transfer(
-            src_storage,
-            path,
-            dst_storage,
-            path,
-            lf,
-            src_host=remote_host(origin),
-            dst_host=remote_host(dest),
-        )
-        actual = method.checksum(dst_storage, path, dst_host=remote_host(dest))
+        stats = method.transfer(src_storage, path, dst_storage, path, lf, dst_host=job.dst_reach)
+        actual = method.checksum(dst_storage, path, dst_host=job.dst_reach)
         if actual.lower() != expected:
             lf.write(f"# checksum mismatch: expected {expected}, got {actual}\n")
             with contextlib.suppress(Exception):
-                if remote_host(dest) is None:
-                    dst_storage.delete(path)
+                method.discard(dst_storage, path, dst_host=job.dst_reach)
             log.warning(
                 "transfer_checksum_mismatch",
                 **job.fields,

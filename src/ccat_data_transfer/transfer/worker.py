@@ -38,7 +38,6 @@ __all__ = [
     "mark_completed",
     "record_failed_attempt",
     "record_present_copy",
-    "remote_host",
     "row_task",
     "transfer_log_dir",
     "worker_name",
@@ -81,14 +80,6 @@ def heartbeat(row_id: int, model: Any = m.DataTransfer) -> contextlib.AbstractCo
     return beating(
         model, model.id == row_id, column="updated_at", label=f"{model.__tablename__}-{row_id}"
     )
-
-
-def remote_host(location: m.DataLocation) -> str | None:
-    """The location's host when it is another machine than this one, else None."""
-    host = location.host
-    if not host or host in (socket.gethostname(), socket.getfqdn()):
-        return None
-    return host
 
 
 def mark_completed(row: Any, stats: Any, now: datetime) -> None:

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-12-02 08:59:32.106704
+Create Date: 2026-12-02 09:43:49.422157
 """
 
 from collections.abc import Sequence
@@ -63,6 +63,11 @@ def upgrade() -> None:
         sa.Column("short_name", sa.String(length=32), nullable=False),
         sa.Column("description", sa.Text(), nullable=True),
         sa.Column("active", sa.Boolean(), nullable=False),
+        sa.Column("host", sa.String(length=256), nullable=True),
+        sa.Column("ssh_user", sa.String(length=64), nullable=True),
+        sa.Column("ssh_port", sa.Integer(), nullable=True),
+        sa.Column("ssh_key", sa.String(length=512), nullable=True),
+        sa.Column("xrootd_url", sa.String(length=256), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_site")),
         sa.UniqueConstraint("name", name=op.f("uq_site_name")),
         sa.UniqueConstraint("short_name", name=op.f("uq_site_short_name")),
@@ -369,7 +374,14 @@ def upgrade() -> None:
         sa.Column(
             "transfer_method",
             sa.Enum(
-                "COPY", "RSYNC", "S3", "BBCP", name="transfermethod", native_enum=False, length=32
+                "COPY",
+                "RSYNC",
+                "S3",
+                "BBCP",
+                "XROOTD",
+                name="transfermethod",
+                native_enum=False,
+                length=32,
             ),
             nullable=False,
         ),
@@ -472,7 +484,14 @@ def upgrade() -> None:
         sa.Column(
             "transfer_method",
             sa.Enum(
-                "COPY", "RSYNC", "S3", "BBCP", name="transfermethod", native_enum=False, length=32
+                "COPY",
+                "RSYNC",
+                "S3",
+                "BBCP",
+                "XROOTD",
+                name="transfermethod",
+                native_enum=False,
+                length=32,
             ),
             nullable=False,
         ),

@@ -1,0 +1,351 @@
+"""Real hosts on loopback: one sshd and one XRootD server per site, each site its own user.
+
+:class:`SiteHosts` gives every site
+
+* a unix user ``ccat-<site>`` (created if missing: the tests run as root, as in CI), who
+  owns the site's data root, mode 0700, so that a worker of another site that took a
+  local shortcut across sites gets "permission denied";
+* an sshd bound to its own loopback address 127.0.0.x (x = 2, 3, ...) on a free port,
+  with a host key generated for the test, accepting only that site's user, by key;
+* an XRootD server running as that user on the same address family (xrootd 5.5 has no
+  bind-address directive: it listens on the wildcard of its port and ``xrd.allow host
+  localhost`` refuses every client that is not on loopback), exporting the data root.
+
+Keys are generated into a temporary directory at test time (never committed): one client
+key per site user, ``keys/<user>/id_ed25519`` (the topology's ``ssh_key`` is
+``<tmp>/keys/%u/id_ed25519``, ssh expands ``%u`` to the local user), all of them
+authorised at every site, and a ``known_hosts`` with every site's host key.
+
+Run as a script, this module performs one transfer with a transfer method, as whoever
+runs it (the tests run it as a site user): ``python helpers_hosts.py transfer JSON``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+HERE = Path(__file__).resolve().parent
+
+
+def free_port(address: str) -> int:
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(address: str, port: int, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection((address, port), 0.5):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} does not listen on {address}:{port}")
+
+
+def ensure_user(name: str) -> pwd.struct_passwd:
+    """The unix user ``name``, created (with a home and a usable but password-less
+    account, so sshd accepts key logins) when missing."""
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        pass
+    subprocess.run(
+        [
+            "useradd",
+            "--system",
+            "--user-group",
+            "--create-home",
+            "--home-dir",
+            f"/var/lib/ccat-hosts/{name}",
+            "--shell",
+            "/bin/sh",
+            name,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    # '!' (locked) would make sshd refuse the key login; '*' only means "no password".
+    subprocess.run(["usermod", "-p", "*", name], check=True, capture_output=True)
+    return pwd.getpwnam(name)
+
+
+def grant_traverse(*paths: Path) -> None:
+    """Let every user traverse (o+x, never read) the directories above ``paths``: the site
+    users run this interpreter and this source tree (a pyenv Python under /root, mode
+    0700, is otherwise out of their reach)."""
+    for path in paths:
+        for parent in Path(os.path.realpath(path)).parents:
+            mode = parent.stat().st_mode
+            if not mode & 0o001:
+                parent.chmod((mode & 0o7777) | 0o001)
+
+
+@dataclass
+class SiteHost:
+    """One site's machine: its user, loopback address, data root and servers."""
+
+    site: str
+    user: str
+    uid: int
+    gid: int
+    address: str
+    root: Path
+    work: Path
+    ssh_port: int = 0
+    xrootd_port: int = 0
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    # -- servers -----------------------------------------------------------------------
+    def start_sshd(self) -> None:
+        self.ssh_port = self.ssh_port or free_port(self.address)
+        log = open(self.work / "sshd.log", "ab")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            [SSHD, "-D", "-e", "-f", str(self.work / "sshd_config"), "-p", str(self.ssh_port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs["sshd"] = proc
+        wait_listening(self.address, self.ssh_port, proc, f"sshd of {self.site}")
+
+    def start_xrootd(self) -> None:
+        self.xrootd_port = self.xrootd_port or free_port(self.address)
+        log = open(self.work / "xrootd.out", "ab")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            [
+                "xrootd",
+                "-c",
+                str(self.work / "xrootd.cfg"),
+                "-l",
+                str(self.work / "xrootd.log"),
+                "-n",
+                self.site,
+                "-p",
+                str(self.xrootd_port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=self.work,
+            **self.as_user(),
+        )
+        self.procs["xrootd"] = proc
+        wait_listening(self.address, self.xrootd_port, proc, f"xrootd of {self.site}")
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+    # -- running as the site's user ------------------------------------------------------
+    def as_user(self) -> dict[str, Any]:
+        """Popen arguments that run a child as this site's user (no other groups)."""
+        return {"user": self.uid, "group": self.gid, "extra_groups": [], "umask": 0o022}
+
+    def user_env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ if base is None else base)
+        env.update(HOME=pwd.getpwuid(self.uid).pw_dir, USER=self.user, LOGNAME=self.user)
+        return env
+
+    @property
+    def xrootd_url(self) -> str:
+        return f"root://{self.address}:{self.xrootd_port}"
+
+    def topology_entry(self, keys: Path) -> dict[str, Any]:
+        """The ``[[sites]]`` reach fields of this site."""
+        return {
+            "host": self.address,
+            "ssh_user": self.user,
+            "ssh_port": self.ssh_port,
+            "ssh_key": str(keys / "%u" / "id_ed25519"),
+            "xrootd_url": self.xrootd_url,
+        }
+
+
+class SiteHosts:
+    """The site hosts of one test: users, keys, sshd and xrootd per site.  A context
+    manager: leaving it stops every server and removes the temporary directory."""
+
+    def __init__(self, sites: list[str], *, first_address: int = 2, xrootd: bool = True) -> None:
+        if os.geteuid() != 0:
+            raise RuntimeError("the multi-host tests run as root (they create site users)")
+        for tool in ("ssh", "ssh-keygen", "rsync", "xrootd", "xrdcp"):
+            if shutil.which(tool) is None:
+                raise RuntimeError(f"{tool} is not installed (.ci/run installs it)")
+        self.base = Path(tempfile.mkdtemp(prefix="ccat-hosts-"))
+        self.base.chmod(0o755)
+        self.keys = self.base / "keys"
+        self.keys.mkdir(mode=0o755)
+        self.known_hosts = self.base / "known_hosts"
+        self.authorized = self.base / "authorized_keys"
+        self.sites: dict[str, SiteHost] = {}
+        self.xrootd = xrootd
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        grant_traverse(Path(sys.executable), HERE)
+        for i, site in enumerate(sites):
+            user = ensure_user(f"ccat-{site}")
+            address = f"127.0.0.{first_address + i}"
+            work = self.base / "srv" / site
+            work.mkdir(parents=True)
+            root = self.base / "data" / site
+            root.mkdir(parents=True)
+            for d in (root, work):
+                os.chown(d, user.pw_uid, user.pw_gid)
+            root.chmod(0o700)
+            self.sites[site] = SiteHost(
+                site, user.pw_name, user.pw_uid, user.pw_gid, address, root, work
+            )
+        (self.base / "data").chmod(0o755)
+        (self.base / "srv").chmod(0o755)
+        self._make_keys()
+
+    def _make_keys(self) -> None:
+        authorized = []
+        for host in self.sites.values():
+            kdir = self.keys / host.user
+            kdir.mkdir(mode=0o700)
+            key = kdir / "id_ed25519"
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", host.user, "-f", str(key)],
+                check=True,
+            )
+            for path in (kdir, key, kdir / "id_ed25519.pub"):
+                os.chown(path, host.uid, host.gid)
+            authorized.append((kdir / "id_ed25519.pub").read_text().strip())
+            hostkey = host.work / "ssh_host_ed25519_key"
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(hostkey)], check=True
+            )
+        self.authorized.write_text("\n".join(authorized) + "\n")
+        self.authorized.chmod(0o644)
+
+    def start(self) -> SiteHosts:
+        lines = []
+        for host in self.sites.values():
+            host.ssh_port = free_port(host.address)
+            (host.work / "sshd_config").write_text(
+                f"ListenAddress {host.address}\n"
+                f"HostKey {host.work / 'ssh_host_ed25519_key'}\n"
+                f"PidFile {host.work / 'sshd.pid'}\n"
+                f"AuthorizedKeysFile {self.authorized}\n"
+                f"AllowUsers {host.user}\n"
+                "PubkeyAuthentication yes\nPasswordAuthentication no\n"
+                "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+                "PrintMotd no\nMaxStartups 100:30:200\nMaxSessions 50\n"
+            )
+            host.start_sshd()
+            pub = (host.work / "ssh_host_ed25519_key.pub").read_text().split()
+            lines.append(f"[{host.address}]:{host.ssh_port} {pub[0]} {pub[1]}")
+            if self.xrootd:
+                (host.work / "xrootd.cfg").write_text(
+                    f"all.export {host.root}\n"
+                    f"all.adminpath {host.work / 'admin'}\n"
+                    f"all.pidpath {host.work / 'admin'}\n"
+                    # No bind-address directive in xrootd 5.5: refuse non-loopback clients.
+                    "xrd.allow host localhost\n"
+                )
+                os.chown(host.work / "xrootd.cfg", host.uid, host.gid)
+                host.start_xrootd()
+        self.known_hosts.write_text("\n".join(lines) + "\n")
+        self.known_hosts.chmod(0o644)
+        return self
+
+    def __enter__(self) -> SiteHosts:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for host in self.sites.values():
+            host.stop_all()
+        # Files the site users wrote: removed as root, whatever their modes.
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def settings_env(self) -> dict[str, str]:
+        """The settings every worker of these hosts needs (known hosts, fast failure)."""
+        return {
+            "CCAT_DATA_TRANSFER_TRANSFER_SSH_KNOWN_HOSTS_FILE": str(self.known_hosts),
+            "CCAT_DATA_TRANSFER_TRANSFER_CONNECT_TIMEOUT_SECONDS": "3",
+        }
+
+    def reach(self, site: str) -> Any:
+        from ccat_data_transfer.hosts import SiteReach
+
+        host = self.sites[site]
+        return SiteReach(site=site, **host.topology_entry(self.keys))
+
+    def run_as(
+        self, site: str, args: list[str], env: dict[str, str] | None = None, **popen: Any
+    ) -> subprocess.Popen:
+        """Start ``python helpers_hosts.py ARGS`` as the site's user (own session)."""
+        host = self.sites[site]
+        full_env = host.user_env({**os.environ, **self.settings_env(), **(env or {})})
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            [str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]
+        )
+        return subprocess.Popen(
+            [sys.executable, str(HERE / "helpers_hosts.py"), *args],
+            env=full_env,
+            cwd=host.work,
+            start_new_session=True,
+            **host.as_user(),
+            **popen,
+        )
+
+
+def _transfer_main(spec: dict[str, Any]) -> int:
+    """One method call as this process's user: ``spec`` names the method, the local
+    source (root, path), the destination (root, path) and its reach (or none)."""
+    from ccat_data_transfer.hosts import SiteReach
+    from ccat_data_transfer.storage import DiskStorage
+    from ccat_data_transfer.transfer_methods import get_transfer_method
+
+    method = get_transfer_method(spec["method"])
+    reach = SiteReach(**spec["reach"]) if spec.get("reach") else None
+    src = DiskStorage(spec["src_root"])
+    dst = DiskStorage(spec["dst_root"])
+    with open(spec["log"], "a", encoding="utf-8") as lf:
+        started = time.monotonic()
+        try:
+            stats = method.transfer(src, spec["path"], dst, spec["path"], lf, dst_host=reach)
+            digest = method.checksum(dst, spec["path"], dst_host=reach)
+        except Exception as exc:  # reported to the test, which asserts on it
+            print(json.dumps({"error": type(exc).__name__, "message": str(exc)}), flush=True)
+            return 1
+    elapsed = time.monotonic() - started  # transfer, rename and destination checksum
+    print(json.dumps({"bytes": stats.bytes, "seconds": elapsed, "sha256": digest}))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "transfer":
+        sys.exit(_transfer_main(json.loads(sys.argv[2])))
+    sys.exit("usage: helpers_hosts.py transfer JSON")

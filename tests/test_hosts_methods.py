@@ -1,0 +1,232 @@
+"""Transfer methods across hosts, with real servers on loopback.
+
+Each site is its own host (:mod:`helpers_hosts`): a unix user owning a 0700 data root,
+an sshd and an XRootD server on its own 127.0.0.x.  Every method call runs as the
+pushing site's user in its own process, so a shortcut through the local filesystem
+into another site's root fails with "permission denied".  Covered: rsync over ssh
+(verified on the destination host, resumed after ``kill -9`` without re-sending the
+bytes already there), xrdcp with parallel streams (resumed from a partial file, below
+the chunks that were in flight; a bad partial caught by the checksum), and an
+unreachable host: a fast retryable error naming it, then success once it answers again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from ccat_data_transfer.hosts import XROOTD_IN_FLIGHT
+from helpers_hosts import SiteHosts
+
+SIZE = 64 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    with SiteHosts(["ccat", "cologne"]) as h:
+        yield h
+
+
+def _put(hosts: SiteHosts, site: str, path: str, data: bytes) -> Path:
+    """A file in a site's root, owned by the site's user (as its workers would write)."""
+    host = hosts.sites[site]
+    target = host.root / path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    for p in [target, *target.relative_to(host.root).parents]:
+        os.chown(host.root / p, host.uid, host.gid)
+    return target
+
+
+def _spec(hosts: SiteHosts, method: str, path: str, *, reach: bool = True) -> dict:
+    src, dst = hosts.sites["ccat"], hosts.sites["cologne"]
+    entry = dst.topology_entry(hosts.keys)
+    return {
+        "method": method,
+        "src_root": str(src.root),
+        "dst_root": str(dst.root),
+        "path": path,
+        "log": str(src.work / f"{method}.log"),
+        "reach": {"site": "cologne", **entry} if reach else None,
+    }
+
+
+def _push(hosts: SiteHosts, spec: dict, env: dict | None = None, timeout: float = 120) -> dict:
+    """Run one method call as the ccat site's user; its JSON result."""
+    proc = hosts.run_as("ccat", ["transfer", json.dumps(spec)], env=env, stdout=subprocess.PIPE)
+    out, _ = proc.communicate(timeout=timeout)
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sent_bytes(log: Path) -> list[int]:
+    """rsync's "Total bytes sent" of each run logged, in order."""
+    return [
+        int(n.replace(",", "")) for n in re.findall(r"Total bytes sent: ([\d,]+)", log.read_text())
+    ]
+
+
+def test_site_user_cannot_take_a_local_shortcut(hosts):
+    data = os.urandom(1024)
+    _put(hosts, "ccat", "short/a.bin", data)
+    result = _push(hosts, _spec(hosts, "copy", "short/a.bin", reach=False))
+    assert result["error"] == "PermissionError", result
+    assert "Permission denied" in result["message"]
+    assert not (hosts.sites["cologne"].root / "short").exists()
+
+
+def test_rsync_over_ssh_lands_verified_and_owned_by_the_destination_user(hosts):
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    _put(hosts, "ccat", "pkg/one.tar", data)
+    result = _push(hosts, _spec(hosts, "rsync", "pkg/one.tar"))
+    assert result.get("sha256") == _sha(data), result
+    landed = hosts.sites["cologne"].root / "pkg/one.tar"
+    assert landed.read_bytes() == data
+    assert landed.stat().st_uid == hosts.sites["cologne"].uid
+    assert [p.name for p in landed.parent.iterdir()] == ["one.tar"]  # no partial left
+    log = (hosts.sites["ccat"].work / "rsync.log").read_text()
+    assert "sha256sum" not in log  # the checksum is not part of the copy's traffic
+
+
+def test_rsync_resumes_after_kill_9_without_resending_what_landed(hosts):
+    data = os.urandom(SIZE)
+    _put(hosts, "ccat", "big/resume.tar", data)
+    spec = _spec(hosts, "rsync", "big/resume.tar")
+    log = Path(spec["log"])
+    log.unlink(missing_ok=True)
+    partial = hosts.sites["cologne"].root / "big" / ".resume.tar.tmp-resume"
+    slow = {"CCAT_DATA_TRANSFER_TRANSFER_BANDWIDTH_LIMIT_MB_PER_S": "16"}
+    proc = hosts.run_as("ccat", ["transfer", json.dumps(spec)], env=slow, stdout=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if partial.exists() and partial.stat().st_size >= SIZE // 3:
+            break
+        assert proc.poll() is None, "the slowed transfer finished before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    time.sleep(0.5)  # the receiving rsync notices the closed connection
+    had = partial.stat().st_size
+    assert SIZE // 3 <= had < SIZE
+    assert not (hosts.sites["cologne"].root / "big/resume.tar").exists()
+
+    result = _push(hosts, spec)
+    assert result.get("sha256") == _sha(data), result
+    assert (hosts.sites["cologne"].root / "big/resume.tar").read_bytes() == data
+    assert not partial.exists()
+    resent = _sent_bytes(log)[-1]
+    # Only what was missing travels again (plus rsync's few KB of protocol).
+    assert resent <= SIZE - had + 256 * 1024, (resent, had)
+
+
+def test_xrootd_streams_transfer_and_destination_checksum(hosts):
+    data = os.urandom(9 * 1024 * 1024 + 3)
+    _put(hosts, "ccat", "x/pkg.tar", data)
+    result = _push(hosts, _spec(hosts, "xrootd", "x/pkg.tar"))
+    assert result.get("sha256") == _sha(data), result
+    landed = hosts.sites["cologne"].root / "x/pkg.tar"
+    assert landed.read_bytes() == data
+    assert landed.stat().st_uid == hosts.sites["cologne"].uid
+    log = (hosts.sites["ccat"].work / "xrootd.log").read_text()
+    assert "--streams 4" in log
+
+
+def test_xrootd_resumes_from_a_partial_and_a_bad_partial_fails_verification(hosts):
+    data = os.urandom(128 * 1024 * 1024)
+    landed = 112 * 1024 * 1024
+    keep = landed - 2 * XROOTD_IN_FLIGHT
+    _put(hosts, "ccat", "xr/part.tar", data)
+    partial = _put(hosts, "cologne", "xr/.part.tar.tmp-resume", data[:landed])
+    result = _push(hosts, _spec(hosts, "xrootd", "xr/part.tar"))
+    assert result.get("sha256") == _sha(data), result
+    assert not partial.exists()
+    assert not partial.with_name(partial.name + "-tail").exists()
+    log = (hosts.sites["ccat"].work / "xrootd.log").read_text()
+    assert f"resuming: {keep} of {len(data)} bytes kept at the destination" in log
+
+    # Bytes under the temporary name that are not the source's: the checksum computed
+    # on the destination host shows it (the caller then removes the copy).
+    _put(hosts, "ccat", "xr/bad.tar", data)
+    _put(hosts, "cologne", "xr/.bad.tar.tmp-resume", os.urandom(landed))
+    result = _push(hosts, _spec(hosts, "xrootd", "xr/bad.tar"))
+    assert result["sha256"] != _sha(data)
+
+
+def test_xrootd_retry_sends_everything_when_little_had_landed(hosts):
+    data = os.urandom(8 * 1024 * 1024)
+    _put(hosts, "ccat", "xr/small.tar", data)
+    _put(hosts, "cologne", "xr/.small.tar.tmp-resume", os.urandom(len(data) // 2))
+    result = _push(hosts, _spec(hosts, "xrootd", "xr/small.tar"))
+    assert result.get("sha256") == _sha(data), result
+
+
+@pytest.mark.parametrize("method, server", [("rsync", "sshd"), ("xrootd", "xrootd")])
+def test_unreachable_host_is_a_fast_retryable_error_then_success(hosts, method, server):
+    data = os.urandom(256 * 1024)
+    path = f"down/{method}.tar"
+    _put(hosts, "ccat", path, data)
+    cologne = hosts.sites["cologne"]
+    cologne.stop(server)
+    try:
+        started = time.monotonic()
+        result = _push(hosts, _spec(hosts, method, path))
+        took = time.monotonic() - started
+    finally:
+        (cologne.start_sshd if server == "sshd" else cologne.start_xrootd)()
+    assert result["error"] == "RetryableError", result
+    assert "site cologne" in result["message"] and cologne.address in result["message"]
+    assert took < 20  # the connect timeout (3 s here), not xrdcp's minutes of retries
+    result = _push(hosts, _spec(hosts, method, path))
+    assert result.get("sha256") == _sha(data), result
+
+
+def test_s3_keeps_working_when_the_lta_site_is_another_host(hosts, s3_server, s3_bucket, tmp_path):
+    """An S3 LTA at a site on its own host: the s3 method reaches the bucket directly and
+    the checksum comes from S3, nothing goes over ssh to the site's host."""
+    from ccat_data_transfer.storage import DiskStorage, S3Storage
+    from ccat_data_transfer.transfer_methods import get_transfer_method
+
+    data = os.urandom(2 * 1024 * 1024 + 5)
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg/s3.tar").write_bytes(data)
+    src = DiskStorage(tmp_path)
+    dst = S3Storage(
+        s3_server.endpoint_url,
+        s3_bucket,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+        region=s3_server.region,
+    )
+    cologne = hosts.sites["cologne"]
+    cologne.stop("sshd")  # the site's host does not answer: S3 must not need it
+    try:
+        method = get_transfer_method("s3")
+        with open(tmp_path / "s3.log", "w") as lf:
+            reach = hosts.reach("cologne")
+            method.transfer(src, "pkg/s3.tar", dst, "pkg/s3.tar", lf, dst_host=reach)
+            assert method.checksum(dst, "pkg/s3.tar", dst_host=reach) == _sha(data)
+    finally:
+        cologne.start_sshd()
+
+
+def test_resume_names_are_temporary_names():
+    """The janitor removes a resume file left untouched (is_temp_name), and listings
+    hide it; the final name is not temporary."""
+    from ccat_data_transfer.storage.interface import is_temp_name
+    from ccat_data_transfer.transfer_methods import _resume_name
+
+    partial = _resume_name("a/b/pkg.tar")
+    assert partial == "a/b/.pkg.tar.tmp-resume"
+    assert is_temp_name(partial) and is_temp_name(partial + "-tail")
+    assert not is_temp_name("a/b/pkg.tar")
