@@ -41,8 +41,8 @@ from ccat_data_transfer.simulator import InstrumentSimulator
 from ccat_data_transfer.staging.jobs import create_staging_job
 from ccat_ops_db import models as m
 from conftest import DEFAULT_TOPOLOGY, PG_ADMIN_URL
+from helpers_cluster import db_state, lifecycle_done
 from helpers_hosts import SiteHosts
-from test_distributed import _db_state, _lifecycle_done
 
 CLI = [sys.executable, "-m", "ccat_data_transfer"]
 SITES = ("ccat", "cologne", "us", "processing")
@@ -228,7 +228,7 @@ def _wait(cluster: HostCluster, what: str, predicate, timeout: float) -> None:
         for name, proc in cluster.procs.items():
             assert proc.poll() is None, f"{name} died:\n{cluster.tail()}"
         time.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}\n{_db_state(cluster.url)}\n{cluster.tail()}")
+    pytest.fail(f"timed out waiting for {what}\n{db_state(cluster.url)}\n{cluster.tail()}")
 
 
 def _file(cluster: HostCluster, db: DatabaseConnection, **kwargs: Any) -> None:
@@ -248,7 +248,7 @@ def _packages(db: DatabaseConnection) -> int:
 
 def _all_done(db: DatabaseConnection) -> bool:
     n = _packages(db)
-    return n > 0 and _lifecycle_done(db, n)
+    return n > 0 and lifecycle_done(db, n)
 
 
 def _partials(root: Path) -> list[Path]:
