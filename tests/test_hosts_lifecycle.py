@@ -41,7 +41,7 @@ from ccat_data_transfer.simulator import InstrumentSimulator
 from ccat_data_transfer.staging.jobs import create_staging_job
 from ccat_ops_db import models as m
 from conftest import DEFAULT_TOPOLOGY, PG_ADMIN_URL
-from helpers_cluster import db_state, lifecycle_done
+from helpers_cluster import SHORT_CLOCKS, db_state, lifecycle_done
 from helpers_hosts import SiteHosts
 
 CLI = [sys.executable, "-m", "ccat_data_transfer"]
@@ -179,19 +179,9 @@ def cluster(tmp_path: Path) -> Iterator[HostCluster]:
         "CCAT_DATA_TRANSFER_TOPOLOGY_FILE": str(topology),
         "CCAT_DATA_TRANSFER_LOG_FORMAT": "json",
         "CCAT_DATA_TRANSFER_LOG_LEVEL": "INFO",
-        "CCAT_DATA_TRANSFER_BROKER_VISIBILITY_TIMEOUT_SECONDS": "15",
-        "CCAT_DATA_TRANSFER_HEARTBEAT_SECONDS": "3",
-        "CCAT_DATA_TRANSFER_HEARTBEAT_MISSED_BEATS": "4",
-        "CCAT_DATA_TRANSFER_QUEUED_RESEND_SECONDS": "15",
-        "CCAT_DATA_TRANSFER_RECOVERY_SERVICE_SLEEP_TIME": "2",
-        "CCAT_DATA_TRANSFER_HEALTH_REFRESH_SECONDS": "1",
-        "CCAT_DATA_TRANSFER_HEALTH_TTL_SECONDS": "4",
-        "CCAT_DATA_TRANSFER_RETENTION_PERIOD_MINUTES": "0",
-        "CCAT_DATA_TRANSFER_RAW_DATA_PACKAGE_QUIET_PERIOD_SECONDS": "0",
-        "CCAT_DATA_TRANSFER_DATA_TRANSFER_PACKAGE_MAX_WAIT_SECONDS": "0",
+        **SHORT_CLOCKS,
         "CCAT_DATA_TRANSFER_TRANSFER_RETRY_BASE_SECONDS": "1",
         "CCAT_DATA_TRANSFER_TRANSFER_MAX_RETRIES": "100",
-        "CCAT_DATA_TRANSFER_EMBEDDED_ROUND_SLEEP_SECONDS": "0.5",
     }
     c = HostCluster(hosts, env, url, logs)
     try:

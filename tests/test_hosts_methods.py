@@ -86,14 +86,22 @@ def test_site_user_cannot_take_a_local_shortcut(hosts):
     assert not (hosts.sites["cologne"].root / "short").exists()
 
 
-def test_rsync_over_ssh_lands_verified_and_owned_by_the_destination_user(hosts):
-    data = os.urandom(3 * 1024 * 1024 + 17)
-    _put(hosts, "ccat", "pkg/one.tar", data)
-    result = _push(hosts, _spec(hosts, "rsync", "pkg/one.tar"))
+def _push_checked(hosts, method: str, rel: str, size: int):
+    """Push ``size`` random bytes from ccat to cologne by ``method``; the checksum the
+    method reports, the bytes landed and their owner (the destination's user) are
+    checked.  Returns the landed path."""
+    data = os.urandom(size)
+    _put(hosts, "ccat", rel, data)
+    result = _push(hosts, _spec(hosts, method, rel))
     assert result.get("sha256") == _sha(data), result
-    landed = hosts.sites["cologne"].root / "pkg/one.tar"
+    landed = hosts.sites["cologne"].root / rel
     assert landed.read_bytes() == data
     assert landed.stat().st_uid == hosts.sites["cologne"].uid
+    return landed
+
+
+def test_rsync_over_ssh_lands_verified_and_owned_by_the_destination_user(hosts):
+    landed = _push_checked(hosts, "rsync", "pkg/one.tar", 3 * 1024 * 1024 + 17)
     assert [p.name for p in landed.parent.iterdir()] == ["one.tar"]  # no partial left
     log = (hosts.sites["ccat"].work / "rsync.log").read_text()
     assert "sha256sum" not in log  # the checksum is not part of the copy's traffic
@@ -131,13 +139,7 @@ def test_rsync_resumes_after_kill_9_without_resending_what_landed(hosts):
 
 
 def test_xrootd_streams_transfer_and_destination_checksum(hosts):
-    data = os.urandom(9 * 1024 * 1024 + 3)
-    _put(hosts, "ccat", "x/pkg.tar", data)
-    result = _push(hosts, _spec(hosts, "xrootd", "x/pkg.tar"))
-    assert result.get("sha256") == _sha(data), result
-    landed = hosts.sites["cologne"].root / "x/pkg.tar"
-    assert landed.read_bytes() == data
-    assert landed.stat().st_uid == hosts.sites["cologne"].uid
+    _push_checked(hosts, "xrootd", "x/pkg.tar", 9 * 1024 * 1024 + 3)
     log = (hosts.sites["ccat"].work / "xrootd.log").read_text()
     assert "--streams 4" in log
 
