@@ -260,3 +260,25 @@ def test_dashboard_overview_says_when_a_buffer_cannot_take_the_next_waiting_pack
     assert reason == "cologne_buffer cannot take next package (500.1 kB needed, 400.0 kB free)"
     assert locs["us_buffer"]["next_package"]["can_take"] is True
     assert {"level": "warning", "text": reason} in data["attention"]
+
+
+@pytest.mark.parametrize("state", ["critical", "emergency"])
+def test_a_transfer_to_a_buffer_under_pressure_waits_pending_uncharged_until_it_recovers(
+    system, small_margin, state
+):
+    with system.session() as s:
+        for buffer in ("ccat_telescope_buffer", "cologne_buffer", "us_buffer"):
+            _publish(s, buffer, 0, 100_000_000)
+        _packages(system, s, 2, size=1000)
+        planned = transfer_manager.plan_primary_transfers(s)
+        assert sorted(_sites_of(s, planned)) == ["cologne", "us"]
+        # After routing, cologne fills up (its own data, another secondary copy...).
+        _publish(s, "cologne_buffer", 96_000_000, 100_000_000, state)
+        sent = transfer_manager.dispatch_transfers(s, submit=False)
+        to_cologne = [t for t in planned if _sites_of(s, [t]) == ["cologne"]]
+        to_us = [t for t in planned if t not in to_cologne]
+        assert sent == to_us
+        waiting = s.get(m.DataTransfer, to_cologne[0])
+        assert (waiting.status, waiting.retry_count) == (m.Status.PENDING, 0)
+        _publish(s, "cologne_buffer", 10_000_000, 100_000_000, "normal")
+        assert transfer_manager.dispatch_transfers(s, submit=False) == to_cologne

@@ -19,6 +19,7 @@ from sqlalchemy import bindparam, func, or_, select
 from sqlalchemy.orm import Session, aliased, selectinload
 
 from ccat_data_transfer import scope
+from ccat_data_transfer.buffer_room import rooms_of
 from ccat_data_transfer.buffer_status import state_of, transfer_limit
 from ccat_data_transfer.logging_utils import get_logger
 from ccat_data_transfer.operation_types import OperationType
@@ -46,7 +47,11 @@ def _due(column: Any, now: Any) -> Any:
 
 # The dispatch queries, built once (``now`` bound at execution).
 _PENDING_TRANSFERS = (
-    select(m.DataTransfer.id, m.DataTransfer.origin_location_id)
+    select(
+        m.DataTransfer.id,
+        m.DataTransfer.origin_location_id,
+        m.DataTransfer.destination_location_id,
+    )
     .where(
         m.DataTransfer.status == m.Status.PENDING,
         _due(m.DataTransfer.next_attempt_at, bindparam("now")),
@@ -70,6 +75,10 @@ def dispatch_transfers(
     The limit follows the origin buffer's state: ``transfer_limit(state_of(origin))``
     (normal/warning: MAX_NORMAL_TRANSFERS or the location's own cap; critical,
     emergency or unknown: MAX_CRITICAL_TRANSFERS), minus transfers already in flight.
+    A transfer whose destination is critical or in emergency (:func:`blocked_destinations`)
+    waits PENDING, with no retry charged, until that buffer recovers: sending it would
+    only fill the buffer further or fail on a full disk (the primary route already avoids
+    such a site; a secondary copy has no other place to go).
     """
     origin_col = m.DataTransfer.origin_location_id
     pending = session.execute(
@@ -77,12 +86,15 @@ def dispatch_transfers(
     ).all()
     if not pending:
         return []
+    blocked = blocked_destinations(session, {row[2] for row in pending})
     in_flight = dict(
         session.execute(scope.restrict(_IN_FLIGHT_BY_ORIGIN, origin_col, location_ids)).all()
     )
     slots: dict[int, int] = {}
     claimed: list[tuple[int, int]] = []
-    for transfer_id, origin_id in pending:
+    for transfer_id, origin_id, destination_id in pending:
+        if destination_id in blocked:
+            continue
         if origin_id not in slots:
             origin = session.get(m.DataLocation, origin_id)
             limit = transfer_limit(state_of(origin.name, session), origin)
@@ -101,6 +113,24 @@ def dispatch_transfers(
     return submit_claimed(
         session, claimed, transfer_data_transfer_package, OperationType.DATA_TRANSFER, submit
     )
+
+
+def blocked_destinations(session: Session, destination_ids: set[int]) -> set[int]:
+    """The ids among ``destination_ids`` whose buffer is critical or in emergency now (as
+    its buffer manager measured it, or from its capacity): no transfer is sent there.
+    Logged once per destination and cycle."""
+    locations = [session.get(m.DataLocation, i) for i in sorted(destination_ids)]
+    blocked = set()
+    for location_id, room in rooms_of(session, [loc for loc in locations if loc]).items():
+        if room.state.under_pressure:
+            blocked.add(location_id)
+            log.info(
+                "transfers_waiting_for_room",
+                location=room.location,
+                state=room.state.value,
+                reason=f"{room.location} is {room.state.value}: transfers to it wait",
+            )
+    return blocked
 
 
 _UNPACK_DESTINATION = aliased(m.DataLocation)
