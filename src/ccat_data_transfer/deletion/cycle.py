@@ -48,6 +48,7 @@ from ccat_data_transfer.deletion.base import (
     S,
     kept,
     log,
+    run,
 )
 from ccat_data_transfer.deletion.candidates import (
     _roles,
@@ -120,7 +121,7 @@ def reschedule_failed_deletions(session: Session, location_ids: list[int] | None
         if not location_ids:
             return 0
         params["location_ids"] = list(location_ids)
-    n = int(session.execute(_reschedule_statement(location_ids is not None), params).rowcount or 0)
+    n = int(run(session, _reschedule_statement(location_ids is not None), params).rowcount or 0)
     if n:
         session.commit()
     return n
@@ -149,7 +150,7 @@ def resubmit_stalled_deletions(session: Session, location_ids: list[int] | None 
         ),
         _not_at_an_archive(),
     )
-    rows = session.execute(scope.restrict(stalled, PCT.c.data_location_id, location_ids)).all()
+    rows = run(session, scope.restrict(stalled, PCT.c.data_location_id, location_ids)).all()
     # Queued copies are sent again only when their location's queue is empty at the
     # broker (their message was lost); while messages wait there, it may be among them.
     locations = {loc_id: session.get(m.DataLocation, loc_id) for loc_id in {r[1] for r in rows}}
