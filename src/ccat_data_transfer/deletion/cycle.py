@@ -23,6 +23,7 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    DateTime,
     Integer,
     and_,
     bindparam,
@@ -69,7 +70,13 @@ from ccat_data_transfer.deletion.steps import (
     process_deletion_possible_raw_data_files,
 )
 from ccat_data_transfer.deletion.worker import delete_bulk_raw_data_files
-from ccat_data_transfer.liveness import stopped, waited_in_queue, waiting_in_broker
+from ccat_data_transfer.liveness import (
+    resend_before,
+    stalled_before,
+    stopped,
+    waited_in_queue,
+    waiting_in_broker,
+)
 from ccat_data_transfer.logging_utils import configure_logging
 from ccat_data_transfer.manager_state import get_state, put_state
 from ccat_data_transfer.operation_types import OperationType
@@ -127,12 +134,31 @@ def reschedule_failed_deletions(session: Session, location_ids: list[int] | None
     return n
 
 
-def deletion_stalled(window: timedelta | None = None) -> ColumnElement[bool]:
+def deletion_stalled(window: timedelta | None = None, before: Any = None) -> ColumnElement[bool]:
     """A copy whose deletion STARTED (DELETION_IN_PROGRESS) and whose batch's heartbeat
     (``deletion_scheduled_at``) stopped (:func:`ccat_data_transfer.liveness.stopped`)."""
     return (PCT.c.status == S.DELETION_IN_PROGRESS) & stopped(
-        PCT.c.deletion_scheduled_at, window=window
+        PCT.c.deletion_scheduled_at, window=window, before=before
     )
+
+
+@kept
+def _stalled_statement(scoped: bool) -> Any:
+    """The copies :func:`resubmit_stalled_deletions` looks at (parameters
+    ``queued_before`` (``liveness.resend_before``), ``stalled_before``
+    (``liveness.stalled_before``) and, when ``scoped``, ``location_ids``)."""
+    at = PCT.c.deletion_scheduled_at
+    queued = waited_in_queue(at, before=bindparam("queued_before", type_=DateTime))
+    stmt = select(PCT.c.id, PCT.c.data_location_id, PCT.c.status).where(
+        or_(
+            (PCT.c.status == S.DELETION_SCHEDULED) & queued,
+            deletion_stalled(before=bindparam("stalled_before", type_=DateTime)),
+        ),
+        _not_at_an_archive(),
+    )
+    if scoped:
+        stmt = stmt.where(PCT.c.data_location_id.in_(bindparam("location_ids", expanding=True)))
+    return stmt
 
 
 def resubmit_stalled_deletions(session: Session, location_ids: list[int] | None = None) -> int:
@@ -142,15 +168,10 @@ def resubmit_stalled_deletions(session: Session, location_ids: list[int] | None 
     (``deletion_scheduled_at``) stopped (:mod:`ccat_data_transfer.liveness`).  With
     ``location_ids`` only copies at those locations.  Never a copy at an LTA: one found in
     a deletion state stays as it is, for a person (it counts as no proof meanwhile)."""
-    at = PCT.c.deletion_scheduled_at
-    stalled = select(PCT.c.id, PCT.c.data_location_id, PCT.c.status).where(
-        or_(
-            (PCT.c.status == S.DELETION_SCHEDULED) & waited_in_queue(at),
-            deletion_stalled(),
-        ),
-        _not_at_an_archive(),
-    )
-    rows = run(session, scope.restrict(stalled, PCT.c.data_location_id, location_ids)).all()
+    params: dict[str, Any] = {"queued_before": resend_before(), "stalled_before": stalled_before()}
+    if location_ids is not None:
+        params["location_ids"] = list(location_ids)
+    rows = run(session, _stalled_statement(location_ids is not None), params).all()
     # Queued copies are sent again only when their location's queue is empty at the
     # broker (their message was lost); while messages wait there, it may be among them.
     locations = {loc_id: session.get(m.DataLocation, loc_id) for loc_id in {r[1] for r in rows}}
