@@ -78,7 +78,7 @@ from ccat_data_transfer.liveness import (
     waiting_in_broker,
 )
 from ccat_data_transfer.logging_utils import configure_logging
-from ccat_data_transfer.manager_state import get_state, put_state
+from ccat_data_transfer.manager_state import put_state, state_updated_at
 from ccat_data_transfer.operation_types import OperationType
 from ccat_data_transfer.queue_discovery import route_task_by_location
 from ccat_ops_db import models as m
@@ -205,6 +205,19 @@ _CYCLE_SETTINGS = (
 )
 
 
+#: ``Session.info`` key set while a cycle runs (:func:`_cycle_settings`).
+_IN_CYCLE = "ccat_deletion_cycle"
+
+
+@event.listens_for(Session, "after_begin")
+def _apply_cycle_settings(session: Session, _transaction: Any, connection: Any) -> None:
+    """As each transaction of a cycle on PostgreSQL begins: :data:`_CYCLE_SETTINGS`.  One
+    listener for every session, which does nothing outside a cycle (adding and removing a
+    listener per cycle cost more than the check)."""
+    if session.info.get(_IN_CYCLE):
+        connection.exec_driver_sql(_CYCLE_SETTINGS)
+
+
 @contextlib.contextmanager
 def _cycle_settings(session: Session) -> Iterator[None]:
     """PostgreSQL: as each transaction of this block begins, no JIT compilation and no
@@ -213,20 +226,16 @@ def _cycle_settings(session: Session) -> Iterator[None]:
     millions of rows (compiling then costs 100-200 ms a statement); and a generic plan of a
     statement run again (the driver prepares it) does not know which state is asked for,
     so it plans for the average state - the history - instead of the few copies in it."""
-    if not is_postgresql(session):
+    if not is_postgresql(session) or session.info.get(_IN_CYCLE):
         yield
         return
-
-    def apply(_session: Session, _transaction: Any, connection: Any) -> None:
-        connection.exec_driver_sql(_CYCLE_SETTINGS)
-
-    event.listen(session, "after_begin", apply)
+    session.info[_IN_CYCLE] = True
     try:
         if session.in_transaction():
             session.connection().exec_driver_sql(_CYCLE_SETTINGS)
         yield
     finally:
-        event.remove(session, "after_begin", apply)
+        session.info.pop(_IN_CYCLE, None)
 
 
 def run_once(session: Session, site: str | None = None) -> dict[str, Any]:
@@ -297,8 +306,8 @@ def mark_catch_up(
         ]
     )
     now = m.utcnow()
-    row = get_state(session, key) if interval > 0 else None
-    if row is not None and row.updated_at > now - timedelta(seconds=interval):
+    last = state_updated_at(session, key) if interval > 0 else None
+    if last is not None and last > now - timedelta(seconds=interval):
         return 0
     roles = _roles(session, statuses)
     marked = mark_raw_data_files_for_deletion(session, location_ids=location_ids, roles=roles)
