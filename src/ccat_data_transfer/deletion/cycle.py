@@ -314,7 +314,8 @@ def mark_catch_up(
     if interval > 0:
         # An upsert: another manager of the same scope may have written the row since.
         put_state(session, key, str(marked), now)
-    session.commit()  # the marks and the time of this run
+    if marked or interval > 0:
+        session.commit()  # the marks and the time of this run (else nothing was written)
     return marked
 
 
