@@ -57,12 +57,17 @@ def run(session: Any, statement: Any, params: dict[str, Any] | None = None) -> A
     return session.connection().execute(statement, params or {})
 
 
+#: Ids per query of :func:`load_in_order` (far below the drivers' limits on parameters).
+_LOAD_CHUNK = 1000
+
+
 def load_in_order(session: Any, cls: Any, ids: list[int]) -> list[Any]:
-    """The ``cls`` objects of ``ids``, in the order of ``ids`` (one query; none when
-    ``ids`` is empty, which is the idle case)."""
-    if not ids:
-        return []
-    found = {o.id: o for o in session.scalars(select(cls).where(cls.id.in_(ids)))}
+    """The ``cls`` objects of ``ids``, in the order of ``ids`` (one query per
+    ``_LOAD_CHUNK`` ids; none when ``ids`` is empty, which is the idle case)."""
+    found: dict[int, Any] = {}
+    for start in range(0, len(ids), _LOAD_CHUNK):
+        chunk = ids[start : start + _LOAD_CHUNK]
+        found.update((o.id, o) for o in session.scalars(select(cls).where(cls.id.in_(chunk))))
     return [found[i] for i in ids if i in found]
 
 
