@@ -143,3 +143,21 @@ def test_deletion_history_finds_batch_rows_by_membership(system, override_settin
         assert lookalikes
         for cid in lookalikes:
             assert dm.deletion_history(s, cid) == []
+
+
+def test_copies_found_by_id_are_loaded_in_their_order_a_chunk_at_a_time(system, monkeypatch):
+    """``deletion.base.load_in_order``: the objects of the ids in the order of the ids,
+    whatever the number of ids per query; an id without a row is left out."""
+    from ccat_data_transfer.deletion import base
+
+    with system.session() as s:
+        pkg = make_package_at(system, s, ["ccat_telescope_buffer"], files=5)
+        s.commit()
+        ids = list(reversed(pkg.file_copy_ids))
+        missing = max(ids) + 10_000
+        for chunk in (1, 2, 1000):
+            monkeypatch.setattr(base, "_LOAD_CHUNK", chunk)
+            loaded = base.load_in_order(s, m.PhysicalCopy, [*ids[:2], missing, *ids[2:]])
+            assert [c.id for c in loaded] == ids
+            assert all(isinstance(c, m.RawDataFilePhysicalCopy) for c in loaded)
+        assert base.load_in_order(s, m.PhysicalCopy, []) == []

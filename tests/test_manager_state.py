@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from ccat_data_transfer.database import DatabaseConnection
-from ccat_data_transfer.manager_state import get_state, put_state
+from ccat_data_transfer.manager_state import get_state, put_state, state_updated_at
 from ccat_ops_db import models as m
 
 
@@ -40,3 +40,18 @@ def test_put_state_updates_value_and_time_of_an_existing_row(db_url):
         row = get_state(session, "k")
         assert row.value == "new"
         assert abs((row.updated_at - now).total_seconds()) < 1
+
+
+def test_state_updated_at_is_the_time_of_the_row_or_none(db_url):
+    """The time alone, as the row has it; None for a key never set; a write pending in the
+    same session counts (flushed first, as a query of the session would)."""
+    db = DatabaseConnection(db_url)
+    then = m.utcnow() - timedelta(minutes=30)
+    with db.session_scope() as session:
+        assert state_updated_at(session, "k") is None
+        put_state(session, "k", "v", now=then)
+    with db.session_scope() as session:
+        assert state_updated_at(session, "k") == get_state(session, "k").updated_at
+        assert abs((state_updated_at(session, "k") - then).total_seconds()) < 1
+        session.add(m.ManagerState(key="pending", value="x", updated_at=then))
+        assert state_updated_at(session, "pending") is not None

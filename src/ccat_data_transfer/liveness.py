@@ -43,7 +43,9 @@ __all__ = [
     "heartbeat_seconds",
     "queued_resend_window",
     "resend",
+    "resend_before",
     "stall_window",
+    "stalled_before",
     "stopped",
     "waited_in_queue",
     "waiting_in_broker",
@@ -68,16 +70,31 @@ def queued_resend_window() -> timedelta:
 
 
 def stopped(
-    beat: Any, now: datetime | None = None, window: timedelta | None = None
+    beat: Any, now: datetime | None = None, window: timedelta | None = None, before: Any = None
 ) -> ColumnElement[bool]:
     """THE stalled rule, for started work: its heartbeat column ``beat`` is older than
-    ``window`` (default :func:`stall_window`), i.e. several beats were missed."""
-    return beat < (now or m.utcnow()) - (window if window is not None else stall_window())
+    ``window`` (default :func:`stall_window`), i.e. several beats were missed.  ``before``
+    stands for :func:`stalled_before` (e.g. a bound parameter of a statement built once and
+    given that value with each execution)."""
+    return beat < (before if before is not None else stalled_before(now, window))
 
 
-def waited_in_queue(sent: Any, now: datetime | None = None) -> ColumnElement[bool]:
-    """Queued work whose task was (last) sent longer than QUEUED_RESEND_SECONDS ago."""
-    return sent < (now or m.utcnow()) - queued_resend_window()
+def stalled_before(now: datetime | None = None, window: timedelta | None = None) -> datetime:
+    """Started work whose last beat is older than this has stopped (:func:`stopped`)."""
+    return (now or m.utcnow()) - (window if window is not None else stall_window())
+
+
+def waited_in_queue(
+    sent: Any, now: datetime | None = None, before: Any = None
+) -> ColumnElement[bool]:
+    """Queued work whose task was (last) sent longer than QUEUED_RESEND_SECONDS ago.
+    ``before`` stands for :func:`resend_before` (as in :func:`stopped`)."""
+    return sent < (before if before is not None else resend_before(now))
+
+
+def resend_before(now: datetime | None = None) -> datetime:
+    """Queued work sent before this has waited too long (:func:`waited_in_queue`)."""
+    return (now or m.utcnow()) - queued_resend_window()
 
 
 def waiting_in_broker(queue: str) -> int | None:

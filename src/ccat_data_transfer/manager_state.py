@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from sqlalchemy import bindparam, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -37,3 +38,15 @@ def put_state(session: Session, key: str, value: str, now: datetime | None = Non
 def get_state(session: Session, key: str) -> m.ManagerState | None:
     """The row of ``key``, or None."""
     return session.get(m.ManagerState, key)
+
+
+_TABLE = m.ManagerState.__table__
+_UPDATED_AT = select(_TABLE.c.updated_at).where(_TABLE.c.key == bindparam("key"))
+
+
+def state_updated_at(session: Session, key: str) -> datetime | None:
+    """When ``key`` was last set, or None: :func:`get_state`'s ``updated_at`` without
+    loading the row as an object (a loop that only asks when it last ran)."""
+    if session.autoflush:
+        session.flush()
+    return session.connection().execute(_UPDATED_AT, {"key": key}).scalar()

@@ -3,13 +3,15 @@ short name, the physical-copy and location tables, the copy-type discriminators 
 per-cycle batch cap, the stage's logger.  No logic.
 
 Room in the house: core of the deletion stage (``ccat_data_transfer.deletion``); imports
-only ``logging_utils`` and ``ccat_ops_db``.
+only ``logging_utils``, ``ccat_ops_db`` and SQLAlchemy.
 """
 
 from __future__ import annotations
 
 import functools
 from typing import Any
+
+from sqlalchemy import select
 
 from ccat_data_transfer.logging_utils import get_logger
 from ccat_ops_db import models as m
@@ -42,6 +44,32 @@ def kept(build: Any) -> Any:
     cached = functools.cache(build)
     _KEPT.append(cached)
     return cached
+
+
+def run(session: Any, statement: Any, params: dict[str, Any] | None = None) -> Any:
+    """Execute a Core statement (a kept one, or DML) on the session's connection and return
+    its result: after the session's autoflush, as ``session.execute`` would do, but without
+    the ORM's execution path (its per-statement set-up, and for a SELECT of mapped
+    classes the loading of every column).  Rows are plain rows, never ORM objects: select
+    ids here, then load objects only when some are found (:func:`load_in_order`).  A
+    single-table subclass's discriminator is still added to the SQL."""
+    if session.autoflush:
+        session.flush()
+    return session.connection().execute(statement, params or {})
+
+
+#: Ids per query of :func:`load_in_order` (far below the drivers' limits on parameters).
+_LOAD_CHUNK = 1000
+
+
+def load_in_order(session: Any, cls: Any, ids: list[int]) -> list[Any]:
+    """The ``cls`` objects of ``ids``, in the order of ``ids`` (one query per
+    ``_LOAD_CHUNK`` ids; none when ``ids`` is empty, which is the idle case)."""
+    found: dict[int, Any] = {}
+    for start in range(0, len(ids), _LOAD_CHUNK):
+        chunk = ids[start : start + _LOAD_CHUNK]
+        found.update((o.id, o) for o in session.scalars(select(cls).where(cls.id.in_(chunk))))
+    return [found[i] for i in ids if i in found]
 
 
 def forget_kept() -> None:

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from ccat_data_transfer import scope
 from ccat_data_transfer.deletion import base
-from ccat_data_transfer.deletion.base import DLT, LT, PCT, S, _alias, kept
+from ccat_data_transfer.deletion.base import DLT, LT, PCT, S, _alias, kept, load_in_order, run
 from ccat_data_transfer.deletion.claims import _Candidate
 from ccat_data_transfer.deletion.pressure import (
     _Statuses,
@@ -73,11 +73,11 @@ def _active_locations(
 
 @kept
 def _package_copies_statement(copy_cls: type[m.PhysicalCopy], named: bool, scoped: bool) -> Any:
-    """The PRESENT copies of ``copy_cls`` at active, unheld SOURCE and BUFFER locations that
-    pass the SQL pre-filter, oldest first (parameters ``location_name`` when ``named``,
-    ``location_ids`` when ``scoped``)."""
+    """The ids of the PRESENT copies of ``copy_cls`` at active, unheld SOURCE and BUFFER
+    locations that pass the SQL pre-filter, oldest first (parameters ``location_name`` when
+    ``named``, ``location_ids`` when ``scoped``)."""
     stmt = (
-        select(copy_cls)
+        select(copy_cls.id)
         .join(m.DataLocation, m.DataLocation.id == copy_cls.data_location_id)
         .where(
             copy_cls.status == S.PRESENT,
@@ -123,8 +123,9 @@ def _deletable_package_copies(
             return {}
         params["location_ids"] = list(location_ids)
     stmt = _package_copies_statement(copy_cls, location_name is not None, location_ids is not None)
+    ids = list(dict.fromkeys(r[0] for r in run(session, stmt, params)))
     result: dict[m.DataLocation, list[tuple[m.PhysicalCopy, Decision]]] = defaultdict(list)
-    for copy in session.scalars(stmt, params).unique():
+    for copy in load_in_order(session, copy_cls, ids):
         decision = decide(session, copy, roles)
         if decision.deletable:
             result[copy.data_location].append((copy, decision))
@@ -192,7 +193,7 @@ def _processing_file_ids(
     if package_ids:
         params["package_ids"] = list(package_ids)
     stmt = _processing_files_statement(tuple(statuses), limit is not None, bool(package_ids))
-    return [(r[0], r[1]) for r in session.execute(stmt, params)]
+    return [(r[0], r[1]) for r in run(session, stmt, params)]
 
 
 def find_deletable_processing_raw_data_files(
@@ -215,9 +216,10 @@ def _load_copies(session: Session, ids: Sequence[int]) -> list[Any]:
 
 @kept
 def _staged_copies_statement() -> Any:
+    """The ids of :func:`_staged_package_copies` (parameter ``location_id``)."""
     copy = m.RawDataPackagePhysicalCopy
     location_id = bindparam("location_id")
-    return select(copy).where(
+    return select(copy.id).where(
         copy.data_location_id == location_id,
         copy.status == S.STAGED,
         ~_active_staging_job(copy.raw_data_package_id, location_id),
@@ -228,7 +230,8 @@ def _staged_package_copies(
     session: Session, location: m.DataLocation
 ) -> list[m.RawDataPackagePhysicalCopy]:
     """STAGED package copies at a PROCESSING location whose staging jobs are all inactive."""
-    return list(session.scalars(_staged_copies_statement(), {"location_id": location.id}))
+    ids = [r[0] for r in run(session, _staged_copies_statement(), {"location_id": location.id})]
+    return load_in_order(session, m.RawDataPackagePhysicalCopy, ids)
 
 
 def _staged_file_ids(
@@ -282,7 +285,7 @@ def _locations_with_expired(session: Session, cutoffs: dict[int, datetime]) -> s
         return set()
     ids = list(cutoffs)
     params = {f"location_{i}": loc_id for i, loc_id in enumerate(ids)}
-    oldest = session.execute(_oldest_marked_statement(len(ids)), params).one()
+    oldest = run(session, _oldest_marked_statement(len(ids)), params).one()
     return {i for i, t in zip(ids, oldest, strict=True) if t is not None and t <= cutoffs[i]}
 
 
@@ -355,7 +358,7 @@ def lta_copies_to_verify(
         if not pressed:
             params[f"cutoff_{x.id}"] = _retention_cutoff(x)
     stmt = _to_verify_statement(tuple(x.id for x in locations), pressure)
-    return list(session.scalars(stmt, params))
+    return list(run(session, stmt, params).scalars())
 
 
 @kept

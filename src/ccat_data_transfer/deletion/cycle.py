@@ -23,6 +23,7 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    DateTime,
     Integer,
     and_,
     bindparam,
@@ -48,6 +49,7 @@ from ccat_data_transfer.deletion.base import (
     S,
     kept,
     log,
+    run,
 )
 from ccat_data_transfer.deletion.candidates import (
     _roles,
@@ -68,9 +70,15 @@ from ccat_data_transfer.deletion.steps import (
     process_deletion_possible_raw_data_files,
 )
 from ccat_data_transfer.deletion.worker import delete_bulk_raw_data_files
-from ccat_data_transfer.liveness import stopped, waited_in_queue, waiting_in_broker
+from ccat_data_transfer.liveness import (
+    resend_before,
+    stalled_before,
+    stopped,
+    waited_in_queue,
+    waiting_in_broker,
+)
 from ccat_data_transfer.logging_utils import configure_logging
-from ccat_data_transfer.manager_state import get_state, put_state
+from ccat_data_transfer.manager_state import put_state, state_updated_at
 from ccat_data_transfer.operation_types import OperationType
 from ccat_data_transfer.queue_discovery import route_task_by_location
 from ccat_ops_db import models as m
@@ -120,18 +128,37 @@ def reschedule_failed_deletions(session: Session, location_ids: list[int] | None
         if not location_ids:
             return 0
         params["location_ids"] = list(location_ids)
-    n = int(session.execute(_reschedule_statement(location_ids is not None), params).rowcount or 0)
+    n = int(run(session, _reschedule_statement(location_ids is not None), params).rowcount or 0)
     if n:
         session.commit()
     return n
 
 
-def deletion_stalled(window: timedelta | None = None) -> ColumnElement[bool]:
+def deletion_stalled(window: timedelta | None = None, before: Any = None) -> ColumnElement[bool]:
     """A copy whose deletion STARTED (DELETION_IN_PROGRESS) and whose batch's heartbeat
     (``deletion_scheduled_at``) stopped (:func:`ccat_data_transfer.liveness.stopped`)."""
     return (PCT.c.status == S.DELETION_IN_PROGRESS) & stopped(
-        PCT.c.deletion_scheduled_at, window=window
+        PCT.c.deletion_scheduled_at, window=window, before=before
     )
+
+
+@kept
+def _stalled_statement(scoped: bool) -> Any:
+    """The copies :func:`resubmit_stalled_deletions` looks at (parameters
+    ``queued_before`` (``liveness.resend_before``), ``stalled_before``
+    (``liveness.stalled_before``) and, when ``scoped``, ``location_ids``)."""
+    at = PCT.c.deletion_scheduled_at
+    queued = waited_in_queue(at, before=bindparam("queued_before", type_=DateTime))
+    stmt = select(PCT.c.id, PCT.c.data_location_id, PCT.c.status).where(
+        or_(
+            (PCT.c.status == S.DELETION_SCHEDULED) & queued,
+            deletion_stalled(before=bindparam("stalled_before", type_=DateTime)),
+        ),
+        _not_at_an_archive(),
+    )
+    if scoped:
+        stmt = stmt.where(PCT.c.data_location_id.in_(bindparam("location_ids", expanding=True)))
+    return stmt
 
 
 def resubmit_stalled_deletions(session: Session, location_ids: list[int] | None = None) -> int:
@@ -141,15 +168,10 @@ def resubmit_stalled_deletions(session: Session, location_ids: list[int] | None 
     (``deletion_scheduled_at``) stopped (:mod:`ccat_data_transfer.liveness`).  With
     ``location_ids`` only copies at those locations.  Never a copy at an LTA: one found in
     a deletion state stays as it is, for a person (it counts as no proof meanwhile)."""
-    at = PCT.c.deletion_scheduled_at
-    stalled = select(PCT.c.id, PCT.c.data_location_id, PCT.c.status).where(
-        or_(
-            (PCT.c.status == S.DELETION_SCHEDULED) & waited_in_queue(at),
-            deletion_stalled(),
-        ),
-        _not_at_an_archive(),
-    )
-    rows = session.execute(scope.restrict(stalled, PCT.c.data_location_id, location_ids)).all()
+    params: dict[str, Any] = {"queued_before": resend_before(), "stalled_before": stalled_before()}
+    if location_ids is not None:
+        params["location_ids"] = list(location_ids)
+    rows = run(session, _stalled_statement(location_ids is not None), params).all()
     # Queued copies are sent again only when their location's queue is empty at the
     # broker (their message was lost); while messages wait there, it may be among them.
     locations = {loc_id: session.get(m.DataLocation, loc_id) for loc_id in {r[1] for r in rows}}
@@ -183,6 +205,19 @@ _CYCLE_SETTINGS = (
 )
 
 
+#: ``Session.info`` key set while a cycle runs (:func:`_cycle_settings`).
+_IN_CYCLE = "ccat_deletion_cycle"
+
+
+@event.listens_for(Session, "after_begin")
+def _apply_cycle_settings(session: Session, _transaction: Any, connection: Any) -> None:
+    """As each transaction of a cycle on PostgreSQL begins: :data:`_CYCLE_SETTINGS`.  One
+    listener for every session, which does nothing outside a cycle (adding and removing a
+    listener per cycle cost more than the check)."""
+    if session.info.get(_IN_CYCLE):
+        connection.exec_driver_sql(_CYCLE_SETTINGS)
+
+
 @contextlib.contextmanager
 def _cycle_settings(session: Session) -> Iterator[None]:
     """PostgreSQL: as each transaction of this block begins, no JIT compilation and no
@@ -191,20 +226,16 @@ def _cycle_settings(session: Session) -> Iterator[None]:
     millions of rows (compiling then costs 100-200 ms a statement); and a generic plan of a
     statement run again (the driver prepares it) does not know which state is asked for,
     so it plans for the average state - the history - instead of the few copies in it."""
-    if not is_postgresql(session):
+    if not is_postgresql(session) or session.info.get(_IN_CYCLE):
         yield
         return
-
-    def apply(_session: Session, _transaction: Any, connection: Any) -> None:
-        connection.exec_driver_sql(_CYCLE_SETTINGS)
-
-    event.listen(session, "after_begin", apply)
+    session.info[_IN_CYCLE] = True
     try:
         if session.in_transaction():
             session.connection().exec_driver_sql(_CYCLE_SETTINGS)
         yield
     finally:
-        event.remove(session, "after_begin", apply)
+        session.info.pop(_IN_CYCLE, None)
 
 
 def run_once(session: Session, site: str | None = None) -> dict[str, Any]:
@@ -275,15 +306,16 @@ def mark_catch_up(
         ]
     )
     now = m.utcnow()
-    row = get_state(session, key) if interval > 0 else None
-    if row is not None and row.updated_at > now - timedelta(seconds=interval):
+    last = state_updated_at(session, key) if interval > 0 else None
+    if last is not None and last > now - timedelta(seconds=interval):
         return 0
     roles = _roles(session, statuses)
     marked = mark_raw_data_files_for_deletion(session, location_ids=location_ids, roles=roles)
     if interval > 0:
         # An upsert: another manager of the same scope may have written the row since.
         put_state(session, key, str(marked), now)
-    session.commit()  # the marks and the time of this run
+    if marked or interval > 0:
+        session.commit()  # the marks and the time of this run (else nothing was written)
     return marked
 
 

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from ccat_data_transfer import scope
 from ccat_data_transfer.database import is_postgresql
-from ccat_data_transfer.deletion.base import COPY_TYPE_RAW_DATA_FILE, DLT, LT, PCT, S, kept
+from ccat_data_transfer.deletion.base import COPY_TYPE_RAW_DATA_FILE, DLT, LT, PCT, S, kept, run
 from ccat_data_transfer.deletion.claims import _ArrayOfSelect
 from ccat_data_transfer.deletion.rule_sql import _archived_in_lta, _left_source_site
 from ccat_data_transfer.deletion.rules import site_roles
@@ -56,14 +56,16 @@ def mark_raw_data_files_for_deletion(
         return 0
     sites = tuple(sorted(roles.source_site_ids))
     scope_ids = None if location_ids is None else tuple(location_ids)
+    qualifying = None
+    if raw_data_package_ids is None and is_postgresql(session):
+        # (With raw_data_package_ids given, the rule is already restricted to them.)
+        qualifying = list(run(session, _qualifying_statement(sites, scope_ids)).scalars())
+        if not qualifying:
+            return 0
     copy_rule, package_rule = _stage1_rules(sites, scope_ids)
     if raw_data_package_ids is not None:
         package_rule.append(RDP.c.id.in_(list(raw_data_package_ids)))
-    elif is_postgresql(session):
-        # (With raw_data_package_ids given, the rule is already restricted to them.)
-        qualifying = list(session.scalars(_qualifying_statement(sites, scope_ids)))
-        if not qualifying:
-            return 0
+    elif qualifying is not None:
         _restrict_to(qualifying, copy_rule, package_rule)
     package_ok = (
         exists()

@@ -22,7 +22,15 @@ from sqlalchemy.orm import Session
 
 from ccat_data_transfer import buffer_status as bs
 from ccat_data_transfer.config.config import settings
-from ccat_data_transfer.deletion.base import _MAX_BATCHES_PER_CYCLE, IN_FLIGHT, LT, PCT, S, log
+from ccat_data_transfer.deletion.base import (
+    _MAX_BATCHES_PER_CYCLE,
+    IN_FLIGHT,
+    LT,
+    PCT,
+    S,
+    kept,
+    log,
+)
 from ccat_data_transfer.deletion.rule_sql import copy_bytes
 from ccat_ops_db import models as m
 
@@ -96,6 +104,17 @@ def _cycle_limit(state: bs.BufferState) -> int | None:
 PRESSURE_TYPES = (LT.SOURCE, LT.BUFFER, LT.PROCESSING)
 
 
+@kept
+def _locations_statement() -> Any:
+    """Every location with its site's active flag and name, by id."""
+    dl = m.DataLocation
+    return (
+        select(dl, m.Site.active, m.Site.name)
+        .outerjoin(m.Site, m.Site.id == dl.site_id)
+        .order_by(dl.id)
+    )
+
+
 class _Statuses:
     """What one cycle reads once: the locations with their sites (one query, on first use:
     the active ones, and the site roles), and the buffer statuses of the active ones (one
@@ -134,14 +153,9 @@ class _Statuses:
     def _read_locations(self) -> list[tuple[m.DataLocation, Any, Any]]:
         """Every location with its site's active flag and name, by id (one query)."""
         if self._locations is None:
-            dl = m.DataLocation
             self._locations = [
                 (loc, site_active, site_name)
-                for loc, site_active, site_name in self.session.execute(
-                    select(dl, m.Site.active, m.Site.name)
-                    .outerjoin(m.Site, m.Site.id == dl.site_id)
-                    .order_by(dl.id)
-                )
+                for loc, site_active, site_name in self.session.execute(_locations_statement())
             ]
         return self._locations
 
