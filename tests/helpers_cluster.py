@@ -33,6 +33,7 @@ from sqlalchemy import create_engine, func, select, text
 from ccat_data_transfer.database import DatabaseConnection, dispose_engines
 from ccat_ops_db import models as m
 from conftest import PG_ADMIN_URL
+from helpers_lifecycle import lta_package_copies
 
 CLI = [sys.executable, "-m", "ccat_data_transfer"]
 LTAS = ("cologne_lta", "us_lta")
@@ -379,14 +380,7 @@ def verify_files_at_both_ltas(db: DatabaseConnection) -> int:
     every member's bytes hash to its RawDataFile's registered checksum, each file once per
     LTA.  Returns how many file copies were verified."""
     with db.session_scope() as s:
-        rows = s.execute(
-            select(m.RawDataPackage.id, m.RawDataPackage.checksum, m.PhysicalCopy.relative_path,
-                   m.DataLocation.name, m.DataLocation.path)
-            .join(m.PhysicalCopy, m.PhysicalCopy.raw_data_package_id == m.RawDataPackage.id)
-            .join(m.DataLocation, m.DataLocation.id == m.PhysicalCopy.data_location_id)
-            .where(m.DataLocation.location_type == m.LocationType.LONG_TERM_ARCHIVE,
-                   m.PhysicalCopy.status == m.PhysicalCopyStatus.PRESENT)
-        ).all()  # fmt: skip
+        rows = lta_package_copies(s)
         files = {
             path: (pid, checksum)
             for path, pid, checksum in s.execute(

@@ -368,3 +368,23 @@ def run_deletion_cycle(system: Any) -> dict[str, Any]:
 
     with system.session() as s:
         return deletion_manager.run_once(s)
+
+
+def lta_package_copies(session: Session) -> list[Any]:
+    """Every PRESENT package copy at an LTA: (package id, package checksum, relative path,
+    location name, location path), for tests that read the archived bytes back."""
+    return session.execute(
+        select(
+            m.RawDataPackage.id,
+            m.RawDataPackage.checksum,
+            m.PhysicalCopy.relative_path,
+            m.DataLocation.name,
+            m.DataLocation.path,
+        )
+        .join(m.PhysicalCopy, m.PhysicalCopy.raw_data_package_id == m.RawDataPackage.id)
+        .join(m.DataLocation, m.DataLocation.id == m.PhysicalCopy.data_location_id)
+        .where(
+            m.DataLocation.location_type == m.LocationType.LONG_TERM_ARCHIVE,
+            m.PhysicalCopy.status == m.PhysicalCopyStatus.PRESENT,
+        )
+    ).all()

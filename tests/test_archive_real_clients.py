@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from ccat_data_transfer.database import DatabaseConnection, dispose_engines
 from ccat_ops_db import models as m
+from helpers_lifecycle import lta_package_copies
 
 
 def _client(name: str) -> str:
@@ -50,14 +51,7 @@ def test_archived_packages_at_both_ltas_read_with_gnu_tar_and_openssl(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     db = DatabaseConnection(f"sqlite:///{data / 'ops_db.sqlite'}")
     with db.session_scope() as s:
-        rows = s.execute(
-            select(m.RawDataPackage.id, m.RawDataPackage.checksum, m.PhysicalCopy.relative_path,
-                   m.DataLocation.name, m.DataLocation.path)
-            .join(m.PhysicalCopy, m.PhysicalCopy.raw_data_package_id == m.RawDataPackage.id)
-            .join(m.DataLocation, m.DataLocation.id == m.PhysicalCopy.data_location_id)
-            .where(m.DataLocation.location_type == m.LocationType.LONG_TERM_ARCHIVE,
-                   m.PhysicalCopy.status == m.PhysicalCopyStatus.PRESENT)
-        ).all()  # fmt: skip
+        rows = lta_package_copies(s)
         files = {
             pid: dict(
                 s.execute(
