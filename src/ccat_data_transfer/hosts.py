@@ -27,7 +27,6 @@ Room in the house: core (no storage, no DB session).  Imports config, exceptions
 
 from __future__ import annotations
 
-import os
 import shlex
 import socket
 import subprocess
@@ -35,7 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from ccat_data_transfer.config.config import settings
+from ccat_data_transfer.config.config import child_environment, settings
 from ccat_data_transfer.exceptions import RetryableError
 from ccat_ops_db import models as m
 
@@ -161,20 +160,21 @@ def xrootd_env() -> dict[str, str]:
     """The environment of xrdcp/xrdfs: give up on an unreachable server within the
     connect timeout (its defaults wait minutes), no retries of its own."""
     timeout = str(connect_timeout())
-    return {
-        **os.environ,
-        "XRD_CONNECTIONRETRY": "1",
-        "XRD_CONNECTIONWINDOW": timeout,
-        "XRD_STREAMERRORWINDOW": "0",
-        "XRD_REQUESTTIMEOUT": str(max(60, 6 * int(timeout))),
-        "XRD_STREAMTIMEOUT": str(max(60, 6 * int(timeout))),
-        "XRD_TIMEOUTRESOLUTION": "1",
-        # Fixed so that the resume margin of the 'xrootd' method holds: at most
-        # PARALLELCHUNKS chunks of CHUNKSIZE are in flight, so everything more than
-        # XROOTD_IN_FLIGHT bytes below the end of a partial file has been written.
-        "XRD_CPPARALLELCHUNKS": str(XRD_PARALLEL_CHUNKS),
-        "XRD_CPCHUNKSIZE": str(XRD_CHUNK_SIZE),
-    }
+    return child_environment(
+        **{
+            "XRD_CONNECTIONRETRY": "1",
+            "XRD_CONNECTIONWINDOW": timeout,
+            "XRD_STREAMERRORWINDOW": "0",
+            "XRD_REQUESTTIMEOUT": str(max(60, 6 * int(timeout))),
+            "XRD_STREAMTIMEOUT": str(max(60, 6 * int(timeout))),
+            "XRD_TIMEOUTRESOLUTION": "1",
+            # Fixed so that the resume margin of the 'xrootd' method holds: at most
+            # PARALLELCHUNKS chunks of CHUNKSIZE are in flight, so everything more than
+            # XROOTD_IN_FLIGHT bytes below the end of a partial file has been written.
+            "XRD_CPPARALLELCHUNKS": str(XRD_PARALLEL_CHUNKS),
+            "XRD_CPCHUNKSIZE": str(XRD_CHUNK_SIZE),
+        }
+    )
 
 
 def log_line(log_file: TextIO, line: str) -> None:

@@ -8,6 +8,7 @@ file named by ``CCAT_DATA_TRANSFER_SETTINGS_FILE``, and environment variables wi
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from dynaconf import Dynaconf
@@ -74,3 +75,9 @@ def database_url() -> str:
 def environment_secret(name: str) -> str:
     """A secret that only ever comes from the environment (via the settings layer)."""
     return str(settings.get(name, "") or "")
+
+
+def child_environment(**extra: str) -> dict[str, str]:
+    """The environment for a tool this process runs (xrdcp, ssh, ...): this process's
+    own, with ``extra`` set on top."""
+    return {**os.environ, **extra}
