@@ -253,8 +253,9 @@ def test_redis_down_transfers_continue_at_the_critical_limit(system, redis_down,
 
 
 def _enospc_under(monkeypatch: Any, root: Path) -> list[str]:
-    """Writes to files under ``root`` put half of the bytes on disk, then fail with ENOSPC
-    (what a full filesystem does).  Returns the list of paths that hit it."""
+    """Writes to files under ``root`` put some of the bytes on disk, then fail with ENOSPC
+    (what a full filesystem does), whether written by us or copied by the kernel
+    (``copy_file_range``, ``sendfile``).  Returns the list of paths that hit it."""
     hits: list[str] = []
     original = storage_interface._FdWriter.write
     prefix = os.path.realpath(root) + os.sep
@@ -268,7 +269,23 @@ def _enospc_under(monkeypatch: Any, root: Path) -> list[str]:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return original(self, b)
 
+    def kernel_copy(original_call: Any, dst_position: int) -> Any:
+        # Copies by the kernel (copy_file_range, sendfile) hit the same full disk.
+        def call(*args: Any) -> int:
+            dst = args[dst_position]
+            target = os.readlink(f"/proc/self/fd/{dst}")
+            if target.startswith(prefix):
+                hits.append(target)
+                src = args[1 - dst_position]
+                os.write(dst, os.pread(src, 4096, os.lseek(src, 0, os.SEEK_CUR)))
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return original_call(*args)
+
+        return call
+
     monkeypatch.setattr(storage_interface._FdWriter, "write", write)
+    monkeypatch.setattr(os, "copy_file_range", kernel_copy(os.copy_file_range, 1))
+    monkeypatch.setattr(os, "sendfile", kernel_copy(os.sendfile, 0))
     return hits
 
 
