@@ -12,6 +12,12 @@ and in the same run the bench times:
   file (no temporary name, no verification);
 * ``openssl dgst -sha256`` of the file (the cost of one verification pass).
 
+``--link-mbit N`` shapes the link between the two hosts to N Mbit/s in each direction
+(HTB on the loopback device, ``tc``; only the traffic to and from the destination host's
+address is shaped, the rest of loopback is untouched, and the shaping is removed at the
+end).  Unshaped, loopback on a 2-core machine is bound by the CPU (ssh's cipher on both
+ends); shaped, the link is the bottleneck, as between the observatory's sites.
+
 Then it kills our push at about half way (``kill -9`` of the whole process group) and
 retries, and reports how many bytes the retry sent again: beyond what was missing at the
 kill (rsync's ``Total bytes sent``; for xrootd the bytes after what the retry kept).
@@ -23,6 +29,7 @@ free space in the temp folder.
 
     python bench/wan.py            # 5 GB
     python bench/wan.py --gb 0.5   # quick
+    python bench/wan.py --link-mbit 1000   # over a 1 Gbit/s link
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ _sys.path[:] = [p for p in _sys.path if _Path(p or ".").resolve() != _HERE]
 _sys.path.insert(0, str(_HERE.parent / "tests"))
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -42,6 +50,7 @@ import shlex
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from helpers_hosts import SiteHosts
@@ -49,6 +58,39 @@ from helpers_hosts import SiteHosts
 TARGET_RATIO = 1.3
 TARGET_RESENT = 0.10
 PATH = "pkg/package.tar"
+#: The bench's hosts get addresses of their own (127.0.0.200, .201) so that the link
+#: shaping touches nothing else on loopback (the tests' hosts start at 127.0.0.2).
+FIRST_ADDRESS = 200
+
+
+@contextlib.contextmanager
+def shaped_link(address: str, mbit: float) -> Iterator[None]:
+    """Traffic to and from ``address`` on loopback limited to ``mbit`` Mbit/s each way
+    (an HTB class per direction; unclassified traffic bypasses the shaping)."""
+    if mbit <= 0:
+        yield
+        return
+
+    def tc(*args: str) -> None:
+        subprocess.run(["tc", *args], check=True, capture_output=True, text=True)
+
+    try:
+        tc("qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb", "r2q", "1000")
+    except subprocess.CalledProcessError as exc:
+        raise SystemExit(
+            f"cannot shape loopback (a root qdisc already there?): {exc.stderr}"
+        ) from None
+    try:
+        rate = f"{mbit}mbit"
+        # burst: a few loopback packets (MTU 64 KiB), or the class cannot send at all.
+        for cls, direction in (("1:10", "dst"), ("1:20", "src")):
+            tc("class", "add", "dev", "lo", "parent", "1:", "classid", cls, "htb", "rate", rate,
+               "ceil", rate, "burst", "512k", "cburst", "512k")  # fmt: skip
+            tc("filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1",
+               "u32", "match", "ip", direction, f"{address}/32", "classid", cls)  # fmt: skip
+        yield
+    finally:
+        subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], check=False)
 
 
 def _make_source(path: Path, size: int, uid: int, gid: int) -> None:
@@ -156,10 +198,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gb", type=float, default=5.0, help="package size in GB (10**9)")
     parser.add_argument("--streams", type=int, default=4, help="xrootd parallel streams")
+    parser.add_argument(
+        "--link-mbit", type=float, default=0, help="shape the link to N Mbit/s (0: loopback)"
+    )
     args = parser.parse_args()
     size = int(args.gb * 1e9)
     os.environ["CCAT_DATA_TRANSFER_TRANSFER_XROOTD_STREAMS"] = str(args.streams)
-    with SiteHosts(["ccat", "cologne"]) as hosts:
+    with (
+        SiteHosts(["ccat", "cologne"], first_address=FIRST_ADDRESS) as hosts,
+        shaped_link(hosts.sites["cologne"].address, args.link_mbit),
+    ):
         os.environ.update(hosts.settings_env())  # before the settings are first read
         ccat = hosts.sites["ccat"]
         src = ccat.root / PATH
@@ -175,7 +223,8 @@ def main() -> None:
             landed, resent = _resent_after_kill(hosts, method, size)
             rows.append((method, t_ours, t_plain, landed, resent))
         gb = size / 1e9
-        print(f"package {gb:.2f} GB, loopback, 2 site hosts; openssl dgst -sha256: {t_dgst:.1f} s")
+        link = f"link shaped to {args.link_mbit:g} Mbit/s" if args.link_mbit else "loopback"
+        print(f"package {gb:.2f} GB, {link}, 2 site hosts; openssl dgst -sha256: {t_dgst:.1f} s")
         for method, t_ours, t_plain, landed, resent in rows:
             ratio = t_ours / t_plain
             # Bytes sent twice: what the retry sent beyond what was missing at the kill.

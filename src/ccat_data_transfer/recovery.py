@@ -63,27 +63,31 @@ def stalled_work(session: Session, older_than: timedelta | None = None) -> dict[
         older_than = stalled_timeout() + timedelta(seconds=passes)
     now = m.utcnow()
 
-    def count(query: Any) -> int:
-        return int(session.scalar(select(func.count()).select_from(query.subquery())) or 0)
-
     kinds = {
         "transfer": transfer_recovery.STALLED_TRANSFERS,
         "unpack": transfer_recovery.STALLED_UNPACKS,
         "archive_transfer": archive_manager.STALLED_ARCHIVE_TRANSFERS,
     }
-    counts = {
-        "raw_data_package": count(
-            stalled_builds(raw_data_package_manager.RAW_DATA_PACKAGE, older_than)
-        ),
-        "data_transfer_package": count(
-            stalled_builds(data_transfer_package_manager.DATA_TRANSFER_PACKAGE, older_than)
+    queries: dict[str, Any] = {
+        "raw_data_package": stalled_builds(raw_data_package_manager.RAW_DATA_PACKAGE, older_than),
+        "data_transfer_package": stalled_builds(
+            data_transfer_package_manager.DATA_TRANSFER_PACKAGE, older_than
         ),
     }
     for name, kind in kinds.items():
-        counts[name] = count(transfer_recovery.stalled_rows(kind, now, older_than)[0])
-    counts["staging_job"] = count(select(m.StagingJob.id).where(staging_job_stalled(older_than)))
-    counts["deletion"] = count(select(PCT.c.id).where(deletion_stalled(older_than)))
-    return counts
+        queries[name] = transfer_recovery.stalled_rows(kind, now, older_than)[0]
+    queries["staging_job"] = select(m.StagingJob.id).where(staging_job_stalled(older_than))
+    queries["deletion"] = select(PCT.c.id).where(deletion_stalled(older_than))
+    # One statement (one round trip per metrics scrape), a scalar count per kind.
+    row = session.execute(
+        select(
+            *(
+                select(func.count()).select_from(q.subquery()).scalar_subquery().label(name)
+                for name, q in queries.items()
+            )
+        )
+    ).one()
+    return {name: int(row._mapping[name] or 0) for name in queries}
 
 
 def reset_stalled_staging_jobs(
