@@ -7,9 +7,15 @@
   local shortcut across sites gets "permission denied";
 * an sshd bound to its own loopback address 127.0.0.x (x = 2, 3, ...) on a free port,
   with a host key generated for the test, accepting only that site's user, by key;
-* an XRootD server running as that user on the same address family (xrootd 5.5 has no
-  bind-address directive: it listens on the wildcard of its port and ``xrd.allow host
-  localhost`` refuses every client that is not on loopback), exporting the data root.
+* an XRootD server running as that user on the same address, exporting the data root.
+  xrootd 5.5 has no bind-address directive: it binds one IPv6 socket to the wildcard
+  ``[::]`` of its port (dual-stack, IPV6_V6ONLY off).  So the harness compiles a small
+  ``bind()`` wrapper (:data:`BIND_SHIM`) and preloads it into xrootd only
+  (``LD_PRELOAD``): a bind to the IPv4 wildcard becomes a bind to the site's address
+  (``CCAT_BIND_ADDRESS``), a bind to the IPv6 wildcard one to its v4-mapped form
+  ``::ffff:127.0.0.x`` (refused on a v6-only socket, which that address cannot serve);
+  every other bind, and the port, pass unchanged.  ``xrd.allow host localhost`` stays
+  as a second guard.  This needs a C compiler (``cc``) at test time.
 
 Keys are generated into a temporary directory at test time (never committed): one client
 key per site user, ``keys/<user>/id_ed25519`` (the topology's ``ssh_key`` is
@@ -40,6 +46,64 @@ from typing import Any
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 HERE = Path(__file__).resolve().parent
 
+# The bind() wrapper preloaded into xrootd (see the module docstring).  A wildcard bind
+# without a usable CCAT_BIND_ADDRESS fails rather than listen on every interface.
+BIND_SHIM = r"""
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <dlfcn.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+typedef int (*bind_fn)(int, const struct sockaddr *, socklen_t);
+
+int bind(int fd, const struct sockaddr *sa, socklen_t len)
+{
+    static bind_fn next;
+    const char *want = getenv("CCAT_BIND_ADDRESS");
+    struct in_addr v4;
+    struct sockaddr_in in;
+    struct sockaddr_in6 in6;
+    int v6only = 0;
+    socklen_t optlen = sizeof v6only;
+
+    if (next == NULL && (next = (bind_fn)dlsym(RTLD_NEXT, "bind")) == NULL) {
+        errno = ENOSYS;
+        return -1;
+    }
+    if (sa != NULL && sa->sa_family == AF_INET && len >= sizeof in) {
+        memcpy(&in, sa, sizeof in);
+        if (in.sin_addr.s_addr != htonl(INADDR_ANY))
+            return next(fd, sa, len);
+        if (want == NULL || inet_pton(AF_INET, want, &v4) != 1)
+            goto refuse;
+        in.sin_addr = v4;
+        return next(fd, (const struct sockaddr *)&in, sizeof in);
+    }
+    if (sa != NULL && sa->sa_family == AF_INET6 && len >= sizeof in6) {
+        memcpy(&in6, sa, sizeof in6);
+        if (!IN6_IS_ADDR_UNSPECIFIED(&in6.sin6_addr))
+            return next(fd, sa, len);
+        if (want == NULL || inet_pton(AF_INET, want, &v4) != 1)
+            goto refuse;
+        if (getsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, &optlen) != 0 || v6only)
+            goto refuse;
+        memset(&in6.sin6_addr, 0, sizeof in6.sin6_addr);
+        in6.sin6_addr.s6_addr[10] = 0xff;
+        in6.sin6_addr.s6_addr[11] = 0xff;
+        memcpy(&in6.sin6_addr.s6_addr[12], &v4, 4);
+        return next(fd, (const struct sockaddr *)&in6, sizeof in6);
+    }
+    return next(fd, sa, len);
+refuse:
+    errno = EADDRNOTAVAIL;
+    return -1;
+}
+"""
+
 
 def free_port(address: str) -> int:
     with socket.socket() as s:
@@ -56,6 +120,19 @@ def wait_listening(address: str, port: int, proc: subprocess.Popen, what: str) -
             return
         time.sleep(0.05)
     raise RuntimeError(f"{what} does not listen on {address}:{port}")
+
+
+def build_bind_shim(directory: Path) -> Path:
+    """:data:`BIND_SHIM` compiled into ``directory/bindshim.so``, readable by every user
+    (xrootd runs as the site's user)."""
+    source, shared = directory / "bindshim.c", directory / "bindshim.so"
+    source.write_text(BIND_SHIM)
+    cmd = ["cc", "-shared", "-fPIC", "-O2", "-Wall", "-o", str(shared), str(source), "-ldl"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"compiling the xrootd bind shim failed:\n{done.stderr}")
+    shared.chmod(0o644)
+    return shared
 
 
 def ensure_user(name: str) -> pwd.struct_passwd:
@@ -109,6 +186,7 @@ class SiteHost:
     work: Path
     ssh_port: int = 0
     xrootd_port: int = 0
+    bind_shim: Path | None = None  # preloaded into xrootd: listen on ``address`` only
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     # -- servers -----------------------------------------------------------------------
@@ -125,7 +203,10 @@ class SiteHost:
         wait_listening(self.address, self.ssh_port, proc, f"sshd of {self.site}")
 
     def start_xrootd(self) -> None:
+        if self.bind_shim is None:
+            raise RuntimeError(f"no bind shim for the xrootd of {self.site}")
         self.xrootd_port = self.xrootd_port or free_port(self.address)
+        env = {**os.environ, "LD_PRELOAD": str(self.bind_shim), "CCAT_BIND_ADDRESS": self.address}
         log = open(self.work / "xrootd.out", "ab")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
             [
@@ -143,6 +224,7 @@ class SiteHost:
             stderr=subprocess.STDOUT,
             start_new_session=True,
             cwd=self.work,
+            env=env,
             **self.as_user(),
         )
         self.procs["xrootd"] = proc
@@ -199,6 +281,8 @@ class SiteHosts:
         for tool in ("ssh", "ssh-keygen", "rsync", "xrootd", "xrdcp"):
             if shutil.which(tool) is None:
                 raise RuntimeError(f"{tool} is not installed (.ci/run installs it)")
+        if xrootd and shutil.which("cc") is None:
+            raise RuntimeError("cc is not installed: the xrootd bind shim is compiled at test time")
         self.base = Path(tempfile.mkdtemp(prefix="ccat-hosts-"))
         self.base.chmod(0o755)
         self.keys = self.base / "keys"
@@ -207,6 +291,7 @@ class SiteHosts:
         self.authorized = self.base / "authorized_keys"
         self.sites: dict[str, SiteHost] = {}
         self.xrootd = xrootd
+        shim = build_bind_shim(self.base) if xrootd else None
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         grant_traverse(Path(sys.executable), HERE)
         for i, site in enumerate(sites):
@@ -220,7 +305,7 @@ class SiteHosts:
                 os.chown(d, user.pw_uid, user.pw_gid)
             root.chmod(0o700)
             self.sites[site] = SiteHost(
-                site, user.pw_name, user.pw_uid, user.pw_gid, address, root, work
+                site, user.pw_name, user.pw_uid, user.pw_gid, address, root, work, bind_shim=shim
             )
         (self.base / "data").chmod(0o755)
         (self.base / "srv").chmod(0o755)
@@ -268,7 +353,7 @@ class SiteHosts:
                     f"all.export {host.root}\n"
                     f"all.adminpath {host.work / 'admin'}\n"
                     f"all.pidpath {host.work / 'admin'}\n"
-                    # No bind-address directive in xrootd 5.5: refuse non-loopback clients.
+                    # Besides the bind shim: refuse every client not on loopback.
                     "xrd.allow host localhost\n"
                 )
                 os.chown(host.work / "xrootd.cfg", host.uid, host.gid)

@@ -1,9 +1,10 @@
 """Transfer methods across hosts, with real servers on loopback.
 
 Each site is its own host (:mod:`helpers_hosts`): a unix user owning a 0700 data root,
-an sshd and an XRootD server on its own 127.0.0.x.  Every method call runs as the
-pushing site's user in its own process, so a shortcut through the local filesystem
-into another site's root fails with "permission denied".  Covered: rsync over ssh
+an sshd and an XRootD server listening on its own 127.0.0.x only (checked here on the
+sockets of each server's processes).  Every method call runs as the pushing site's user
+in its own process, so a shortcut through the local filesystem into another site's
+root fails with "permission denied".  Covered: rsync over ssh
 (verified on the destination host, resumed after ``kill -9`` without re-sending the
 bytes already there), xrdcp with parallel streams (resumed from a partial file, below
 the chunks that were in flight; a bad partial caught by the checksum), and an
@@ -17,6 +18,8 @@ import json
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -75,6 +78,45 @@ def _sent_bytes(log: Path) -> list[int]:
     return [
         int(n.replace(",", "")) for n in re.findall(r"Total bytes sent: ([\d,]+)", log.read_text())
     ]
+
+
+def _listening(pgid: int) -> set[tuple[str, int]]:
+    """(address, port) of every listening TCP socket of process group ``pgid`` (read from
+    /proc: the socket inodes among its processes' fds, their addresses in net/tcp*)."""
+    inodes = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or os.getpgid(int(proc.name)) != pgid:
+                continue
+            links = [os.readlink(fd) for fd in (proc / "fd").iterdir()]
+        except (ProcessLookupError, FileNotFoundError):
+            continue  # exited meanwhile
+        inodes.update(m[1] for link in links if (m := re.fullmatch(r"socket:\[(\d+)\]", link)))
+    found = set()
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for line in Path("/proc/net", table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            hexaddr, hexport = fields[1].split(":")
+            # The address is printed as 32-bit words in host byte order.
+            raw = b"".join(
+                struct.pack("=I", int(hexaddr[i : i + 8], 16)) for i in range(0, len(hexaddr), 8)
+            )
+            found.add((socket.inet_ntop(family, raw), int(hexport, 16)))
+    return found
+
+
+def test_each_server_listens_on_its_site_address_only(hosts):
+    for host in hosts.sites.values():
+        own = {host.address, f"::ffff:{host.address}"}
+        for name, port in (("sshd", host.ssh_port), ("xrootd", host.xrootd_port)):
+            sockets = _listening(host.procs[name].pid)
+            assert port in {p for _, p in sockets}, (host.site, name, sockets)
+            assert {a for a, _ in sockets} <= own, (host.site, name, sockets)
+            socket.create_connection((host.address, port), 3).close()
+            with pytest.raises(ConnectionRefusedError):  # another loopback address, same port
+                socket.create_connection(("127.0.0.1", port), 3).close()
 
 
 def test_site_user_cannot_take_a_local_shortcut(hosts):
