@@ -36,6 +36,7 @@ from pathlib import Path as _Path  # noqa: E402
 
 _HERE = _Path(__file__).resolve().parent
 _sys.path[:] = [p for p in _sys.path if _Path(p or ".").resolve() != _HERE]
+_sys.path.insert(0, str(_HERE.parent / "tests"))
 
 import argparse
 import ctypes
@@ -49,12 +50,13 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("CCAT_DATA_TRANSFER_EXECUTION_MODE", "embedded")
 
-from sqlalchemy import create_engine, func, select, text  # noqa: E402
+from sqlalchemy import func, select  # noqa: E402
 
 from ccat_data_transfer.celery_app import configure_celery  # noqa: E402
 from ccat_data_transfer.config.config import settings  # noqa: E402
@@ -65,6 +67,8 @@ from ccat_data_transfer.simulator import InstrumentSimulator  # noqa: E402
 from ccat_ops_db import models as m  # noqa: E402
 from ccat_ops_db.migrate import upgrade  # noqa: E402
 from ccat_ops_db.topology import load_topology  # noqa: E402
+from helpers_lifecycle import archived_at_both_ltas  # noqa: E402
+from helpers_postgres import fresh_database  # noqa: E402
 
 TOPOLOGY = (
     Path(__file__).resolve().parent.parent
@@ -75,9 +79,6 @@ TOPOLOGY = (
 )
 MB = 1024 * 1024
 TARGET = 1.3
-PG_ADMIN_URL = os.environ.get(
-    "CCAT_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
 CLI = [sys.executable, "-m", "ccat_data_transfer"]
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -127,24 +128,11 @@ def dgst(*paths: Path) -> None:
         sh("openssl", "dgst", "-sha256", *map(str, paths))
 
 
-def archived_everywhere(db: DatabaseConnection) -> tuple[int, int]:
+def archived_everywhere(db: DatabaseConnection) -> bool:
+    """Every package ARCHIVED with a PRESENT copy at both LTAs (deletion may still run)."""
     with db.session_scope() as s:
-        pkgs = s.scalar(select(func.count(m.RawDataPackage.id))) or 0
-        done = s.scalar(
-            select(func.count(m.RawDataPackage.id)).where(
-                m.RawDataPackage.state == m.PackageState.ARCHIVED
-            )
-        )
-        lta = s.scalar(
-            select(func.count(m.PhysicalCopy.id))
-            .join(m.DataLocation, m.DataLocation.id == m.PhysicalCopy.data_location_id)
-            .where(
-                m.PhysicalCopy.type == "raw_data_package",
-                m.PhysicalCopy.status == m.PhysicalCopyStatus.PRESENT,
-                m.DataLocation.location_type == m.LocationType.LONG_TERM_ARCHIVE,
-            )
-        )
-    return pkgs, min(done or 0, (lta or 0) // 2)
+        packages = s.scalar(select(func.count(m.RawDataPackage.id))) or 0
+        return packages > 0 and archived_at_both_ltas(s, packages)
 
 
 @dataclass
@@ -153,32 +141,16 @@ class Dataset:
     url: str
     files: list[Path]
     total: int
-    cleanup: list  # callables run when the dataset is dropped
-
-
-def _pg_database() -> tuple[str, callable]:
-    name = f"ccat_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-
-    def drop() -> None:
-        dispose_engines()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-    return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name, drop
+    cleanup: ExitStack  # closed when the dataset is dropped
 
 
 def prepare(work: Path, size_gb: float, file_mb: int, mode: str) -> Dataset:
     """A fresh database and locations, and the simulator's raw data (not timed)."""
     data = work / f"ours-{uuid.uuid4().hex[:6]}"
     data.mkdir(parents=True)
-    cleanup: list = []
+    cleanup = ExitStack()
     if mode == "celery":
-        url, drop = _pg_database()
-        cleanup.append(drop)
+        url = cleanup.enter_context(fresh_database("ccat_bench"))
     else:
         url = f"sqlite:///{data / 'ops.sqlite'}"
     upgrade(url)
@@ -233,8 +205,7 @@ def prune(ds: Dataset) -> None:
 
 def drop(ds: Dataset) -> None:
     dispose_engines()
-    for fn in ds.cleanup:
-        fn()
+    ds.cleanup.close()
     shutil.rmtree(ds.data, ignore_errors=True)
 
 
@@ -244,8 +215,7 @@ def run_ours_embedded(ds: Dataset) -> tuple[float, list]:
     t0 = time.perf_counter()
     while True:
         orch.run_round()
-        pkgs, done = archived_everywhere(db)
-        if pkgs and done == pkgs:
+        if archived_everywhere(db):
             break
         if time.perf_counter() - t0 > 3600:
             raise RuntimeError("lifecycle did not finish within an hour")
@@ -293,8 +263,7 @@ def run_ours_celery(ds: Dataset) -> tuple[float, list]:
         t0 = time.perf_counter()
         start("managers", ["run", "--no-init"])
         while True:
-            pkgs, done = archived_everywhere(db)
-            if pkgs and done == pkgs:
+            if archived_everywhere(db):
                 break
             if any(p.poll() is not None for p in procs):
                 raise RuntimeError(f"a process of the celery run exited; logs in {logs}")

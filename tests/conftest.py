@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ os.environ["CCAT_DATA_TRANSFER_EXECUTION_MODE"] = "embedded"
 
 import pytest  # noqa: E402
 from sqlalchemy import create_engine, select, text  # noqa: E402
-from sqlalchemy.exc import OperationalError  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
 from ccat_data_transfer.celery_app import configure_celery  # noqa: E402
@@ -31,12 +29,10 @@ from ccat_data_transfer.database import DatabaseConnection, dispose_engines  # n
 from ccat_ops_db import models as m  # noqa: E402
 from ccat_ops_db.migrate import upgrade  # noqa: E402
 from ccat_ops_db.topology import load_topology  # noqa: E402
+from helpers_postgres import fresh_database  # noqa: E402
 
 pytest_plugins = ["fixtures_s3"]
 
-PG_ADMIN_URL = os.environ.get(
-    "CCAT_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
 BACKENDS = [
     b.strip()
     for b in os.environ.get("CCAT_TEST_BACKENDS", "sqlite,postgresql").split(",")
@@ -56,20 +52,9 @@ configure_celery()
 @pytest.fixture(scope="session")
 def pg_database_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this test run, migrated to head."""
-    name = f"ccat_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except OperationalError as exc:
-        pytest.fail(f"PostgreSQL is required and did not answer at {PG_ADMIN_URL}: {exc.orig}")
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    upgrade(url)
-    yield url
-    dispose_engines()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_database("ccat_test") as url:
+        upgrade(url)
+        yield url
 
 
 @pytest.fixture(scope="session")

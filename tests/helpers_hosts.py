@@ -430,7 +430,21 @@ def _transfer_main(spec: dict[str, Any]) -> int:
     return 0
 
 
+def _simulate_main(spec: dict[str, Any]) -> int:
+    """The instruments write and file observations as this process's user: ``spec`` is
+    the database ``url`` and the simulator's keyword arguments."""
+    from ccat_data_transfer.database import DatabaseConnection
+    from ccat_data_transfer.simulator import InstrumentSimulator
+
+    kwargs = dict(spec)
+    sim = InstrumentSimulator(db=DatabaseConnection(kwargs.pop("url")), **kwargs)
+    while sim.step():
+        pass
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "transfer":
-        sys.exit(_transfer_main(json.loads(sys.argv[2])))
-    sys.exit("usage: helpers_hosts.py transfer JSON")
+    mains = {"transfer": _transfer_main, "simulate": _simulate_main}
+    if len(sys.argv) == 3 and sys.argv[1] in mains:
+        sys.exit(mains[sys.argv[1]](json.loads(sys.argv[2])))
+    sys.exit("usage: helpers_hosts.py transfer|simulate JSON")

@@ -23,6 +23,9 @@ Builders:
   raw-file copies at a PROCESSING location.
 * :func:`set_buffer_status` - publish a buffer status as the buffer manager would.
 * :func:`object_exists`, :func:`copy_row`, :func:`log_rows` - assertions helpers.
+* :func:`archived_at_both_ltas`, :func:`lta_package_copies` - the end of the lifecycle, for
+  the real-process tests and the benchmarks (this module imports neither pytest nor
+  conftest).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer import buffer_status as bs
@@ -388,3 +391,22 @@ def lta_package_copies(session: Session) -> list[Any]:
             m.PhysicalCopy.status == m.PhysicalCopyStatus.PRESENT,
         )
     ).all()
+
+
+def archived_at_both_ltas(session: Session, packages: int) -> bool:
+    """``packages`` packages ARCHIVED, with a PRESENT copy of each at both LTAs."""
+    archived = session.scalar(
+        select(func.count(m.RawDataPackage.id)).where(
+            m.RawDataPackage.state == m.PackageState.ARCHIVED
+        )
+    )
+    lta_copies = session.scalar(
+        select(func.count(m.PhysicalCopy.id))
+        .join(m.DataLocation, m.DataLocation.id == m.PhysicalCopy.data_location_id)
+        .where(
+            m.PhysicalCopy.type == "raw_data_package",
+            m.PhysicalCopy.status == m.PhysicalCopyStatus.PRESENT,
+            m.DataLocation.location_type == m.LocationType.LONG_TERM_ARCHIVE,
+        )
+    )
+    return archived == packages and lta_copies == 2 * packages

@@ -6,8 +6,10 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 
 from ccat_data_transfer.cli import main
+from conftest import DEFAULT_TOPOLOGY
 
 CLI = [sys.executable, "-m", "ccat_data_transfer"]
 
@@ -27,15 +29,8 @@ def test_init_then_list_locations_shows_default_topology(tmp_path):
     assert again.returncode == 0 and "0 created, 0 updated" in again.stdout
     listing = _run(["list-locations"], tmp_path)
     assert listing.returncode == 0, listing.stderr
-    for name in (
-        "primecam_raw_data",
-        "chai_raw_data",
-        "ccat_telescope_buffer",
-        "cologne_buffer",
-        "us_buffer",
-        "cologne_lta",
-        "us_lta",
-    ):
+    topology = tomllib.loads(DEFAULT_TOPOLOGY.read_text())
+    for name in (loc["name"] for loc in topology["locations"]):
         assert name in listing.stdout
     as_json = json.loads(_run(["list-locations", "--json"], tmp_path).stdout)
     assert {row["site"] for row in as_json} >= {"ccat", "cologne", "us"}

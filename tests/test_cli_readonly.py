@@ -8,12 +8,11 @@ Through the installed console script in a subprocess.
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import create_engine, inspect
 
-from conftest import BACKENDS, PG_ADMIN_URL
+from conftest import BACKENDS
+from helpers_postgres import fresh_database
 from test_cli_errors import assert_one_line_error, run_script
 
 READ_ONLY = [
@@ -64,14 +63,8 @@ def test_init_with_a_broken_topology_creates_no_folder_or_sqlite_file(tmp_path):
 def empty_pg_url():
     if "postgresql" not in BACKENDS:
         pytest.skip("PostgreSQL not in CCAT_TEST_BACKENDS")
-    name = f"ccat_empty_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_database("ccat_empty") as url:
+        yield url
 
 
 def test_init_with_a_broken_topology_leaves_a_fresh_postgresql_database_without_tables(

@@ -43,6 +43,7 @@ from ccat_ops_db import models as m
 from ccat_ops_db.topology import load_topology
 from helpers_lifecycle import make_package_at, make_transfer, set_buffer_status
 from helpers_pipeline import make_raw_files
+from helpers_postgres import PG_ADMIN_URL
 from helpers_transfer import drive, make_dtp_at_source_buffer
 
 S = m.PhysicalCopyStatus
@@ -52,9 +53,6 @@ DEFAULT_TOPOLOGY = (
     / "ccat_data_transfer"
     / "topology"
     / "default.toml"
-)
-PG_ADMIN_URL = os.environ.get(
-    "CCAT_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,8 @@ from ccat_data_transfer import (
 from ccat_data_transfer.database import DatabaseConnection, dispose_engines
 from ccat_ops_db.migrate import upgrade
 from ccat_ops_db.topology import load_topology
-from conftest import BACKENDS, DEFAULT_TOPOLOGY, PG_ADMIN_URL
+from conftest import BACKENDS, DEFAULT_TOPOLOGY
+from helpers_postgres import fresh_database
 
 pytestmark = pytest.mark.skipif(
     "postgresql" not in BACKENDS, reason="query plans are checked on PostgreSQL only"
@@ -73,12 +73,7 @@ def _bench_fill():
 
 @pytest.fixture(scope="module")
 def big_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    name = f"ccat_plans_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    try:
+    with fresh_database("ccat_plans") as url:
         upgrade(url)
         data_dir = tmp_path_factory.mktemp("plans_data")
         db = DatabaseConnection(url)
@@ -93,11 +88,6 @@ def big_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             conn.execute(text("ANALYZE"))
         vac.dispose()
         yield url, data_dir
-    finally:
-        dispose_engines()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _seq_scans(plan: dict[str, Any], big: set[str]) -> list[str]:
