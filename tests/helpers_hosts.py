@@ -23,7 +23,9 @@ key per site user, ``keys/<user>/id_ed25519`` (the topology's ``ssh_key`` is
 authorised at every site, and a ``known_hosts`` with every site's host key.
 
 Run as a script, this module performs one transfer with a transfer method, as whoever
-runs it (the tests run it as a site user): ``python helpers_hosts.py transfer JSON``.
+runs it (the tests run it as a site user): ``python helpers_hosts.py transfer JSON``;
+``python helpers_hosts.py simulate JSON`` runs the instrument simulator (the telescope
+site's instruments writing and filing their files as that site's user).
 """
 
 from __future__ import annotations

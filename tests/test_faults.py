@@ -41,19 +41,13 @@ from ccat_data_transfer.storage import S3Storage
 from ccat_data_transfer.storage import interface as storage_interface
 from ccat_ops_db import models as m
 from ccat_ops_db.topology import load_topology
+from conftest import DEFAULT_TOPOLOGY
 from helpers_lifecycle import make_package_at, make_transfer, set_buffer_status
 from helpers_pipeline import make_raw_files
 from helpers_postgres import PG_ADMIN_URL
 from helpers_transfer import drive, make_dtp_at_source_buffer
 
 S = m.PhysicalCopyStatus
-DEFAULT_TOPOLOGY = (
-    Path(__file__).resolve().parent.parent
-    / "src"
-    / "ccat_data_transfer"
-    / "topology"
-    / "default.toml"
-)
 
 
 def _is_pg(system: Any) -> bool:
