@@ -10,7 +10,9 @@ and in the same run the bench times:
   SHA-256 computed on the destination host;
 * the plain tool of each: ``ssh host 'cat > f'`` and ``xrdcp --streams N`` of the same
   file (no temporary name, no verification);
-* ``openssl dgst -sha256`` of the file (the cost of one verification pass).
+* ``openssl dgst -sha256`` of the file (the cost of one verification pass);
+* bare ``rsync`` over the same ssh (no resume name, rename or verification): what the
+  tool itself costs against ``cat``, apart from what our method adds.
 
 ``--link-mbit N`` shapes the link between the two hosts to N Mbit/s in each direction
 (HTB on the loopback device, ``tc``; only the traffic to and from the destination host's
@@ -158,6 +160,18 @@ def _plain_ssh(hosts: SiteHosts, src: Path) -> float:
     return _as_ccat(hosts, f"{ssh} < {shlex.quote(str(src))}")
 
 
+def _bare_rsync(hosts: SiteHosts, src: Path) -> float:
+    """``rsync`` as a person types it over the same ssh: the tool's own cost, without
+    our resume name, rename and verification."""
+    _clean_destination(hosts)
+    reach = hosts.reach("cologne")
+    dst = hosts.sites["cologne"].root / PATH
+    ssh = shlex.join(reach.ssh_base())
+    return _as_ccat(
+        hosts, shlex.join(["rsync", "--mkpath", "-s", "-e", ssh, str(src), f"{reach.target}:{dst}"])
+    )
+
+
 def _plain_xrdcp(hosts: SiteHosts, src: Path, streams: int) -> float:
     _clean_destination(hosts)
     reach = hosts.reach("cologne")
@@ -214,6 +228,7 @@ def main() -> None:
         _make_source(src, size, ccat.uid, ccat.gid)
         t_dgst = _as_ccat(hosts, f"openssl dgst -sha256 {src} > /dev/null")
         rows = []
+        t_bare_rsync = _bare_rsync(hosts, src)
         for method, plain in (
             ("rsync", lambda: _plain_ssh(hosts, src)),
             ("xrootd", lambda: _plain_xrdcp(hosts, src, args.streams)),
@@ -236,6 +251,12 @@ def main() -> None:
                 f"{'met' if ratio <= TARGET_RATIO else 'missed'})  vs plain+dgst "
                 f"{t_ours / (t_plain + t_dgst):4.2f}"
             )
+            if method == "rsync":
+                print(
+                    f"{'':6s} bare rsync {t_bare_rsync:6.1f} s: ours / bare rsync "
+                    f"{t_ours / t_bare_rsync:4.2f}, bare rsync / plain "
+                    f"{t_bare_rsync / t_plain:4.2f}"
+                )
             print(
                 f"{'':6s} killed with {landed:4.0%} landed; the retry sent "
                 f"{resent / 1e6:.1f} MB, of which {again / 1e6:.1f} MB again = {frac:5.1%} "

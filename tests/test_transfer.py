@@ -428,6 +428,21 @@ def test_rsync_method_copies_atomically_between_disk_locations(tmp_path):
     assert "rsync" in (tmp_path / "log").read_text()
 
 
+@pytest.mark.parametrize("choice", ["", "xxh64"])
+def test_rsync_checksum_choice_setting(tmp_path, override_settings, choice):
+    """TRANSFER_RSYNC_CHECKSUM_CHOICE: empty lets the two rsyncs negotiate (no flag, so an
+    older rsync at the other end still works); a name is passed as --checksum-choice."""
+    override_settings(TRANSFER_RSYNC_CHECKSUM_CHOICE=choice)
+    src, dst = DiskStorage(tmp_path / "a", create=True), DiskStorage(tmp_path / "b", create=True)
+    (tmp_path / "a" / "f.tar").write_bytes(b"x" * 4096)
+    with open(tmp_path / "log", "w") as log_file:
+        RsyncMethod().transfer(src, "f.tar", dst, "f.tar", log_file)
+    command = next(line for line in (tmp_path / "log").read_text().splitlines() if "$ " in line)
+    assert ("--checksum-choice" in command) == bool(choice)
+    assert ("--checksum-choice=xxh64" in command) == (choice == "xxh64")
+    assert (tmp_path / "b" / "f.tar").read_bytes() == b"x" * 4096
+
+
 def test_rsync_route_transfers_and_verifies(system):
     with system.session() as s:
         s.execute(update(m.DataTransferRoute).values(transfer_method=m.TransferMethod.RSYNC))
