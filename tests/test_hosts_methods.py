@@ -6,8 +6,8 @@ sockets of each server's processes).  Every method call runs as the pushing site
 in its own process, so a shortcut through the local filesystem into another site's
 root fails with "permission denied".  Covered: rsync over ssh
 (verified on the destination host, resumed after ``kill -9`` without re-sending the
-bytes already there), xrdcp with parallel streams (resumed from a partial file, below
-the chunks that were in flight; a bad partial caught by the checksum), and an
+bytes already there), xrdcp with parallel streams (resumed after ``kill -9`` and from a
+partial file, below the chunks that were in flight; a bad partial caught by the checksum), and an
 unreachable host: a fast retryable error naming it, then success once it answers again.
 """
 
@@ -205,6 +205,39 @@ def test_xrootd_resumes_from_a_partial_and_a_bad_partial_fails_verification(host
     _put(hosts, "cologne", "xr/.bad.tar.tmp-resume", os.urandom(landed))
     result = _push(hosts, _spec(hosts, "xrootd", "xr/bad.tar"))
     assert result["sha256"] != _sha(data)
+
+
+def test_xrootd_resumes_after_kill_9_of_the_pushing_process(hosts):
+    """``kill -9`` of a paced xrdcp push at about two thirds: the retry keeps what had
+    landed below the chunks in flight and sends only the rest."""
+    size = 160 * 1024 * 1024
+    data = os.urandom(size)
+    _put(hosts, "ccat", "xk/killed.tar", data)
+    spec = _spec(hosts, "xrootd", "xk/killed.tar")
+    log = Path(spec["log"])
+    log.unlink(missing_ok=True)
+    partial = hosts.sites["cologne"].root / "xk" / ".killed.tar.tmp-resume"
+    slow = {"CCAT_DATA_TRANSFER_TRANSFER_BANDWIDTH_LIMIT_MB_PER_S": "40"}
+    proc = hosts.run_as("ccat", ["transfer", json.dumps(spec)], env=slow, stdout=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if partial.exists() and partial.stat().st_size >= 112 * 1024 * 1024:
+            break
+        assert proc.poll() is None, "the paced push finished before it could be killed"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    time.sleep(0.5)
+    had = partial.stat().st_size
+    assert had < size and not (hosts.sites["cologne"].root / "xk/killed.tar").exists()
+    assert "--xrate 40000000" in log.read_text()  # the pacing reached xrdcp
+
+    result = _push(hosts, spec)
+    assert result.get("sha256") == _sha(data), result
+    assert (hosts.sites["cologne"].root / "xk/killed.tar").read_bytes() == data
+    kept = int(re.findall(r"resuming: (\d+) of \d+ bytes kept", log.read_text())[-1])
+    assert kept == had - 2 * XROOTD_IN_FLIGHT > 0  # only the rest was sent again
+    assert not partial.exists()
 
 
 def test_xrootd_retry_sends_everything_when_little_had_landed(hosts):

@@ -357,7 +357,7 @@ class XrootdMethod(CommandLineMethod):
     checksum on the destination host catches a resumed file that is not whole (the
     caller then removes it and the next retry sends everything).  xrdcp's own retries
     are off and its timeouts short (:func:`~ccat_data_transfer.hosts.xrootd_env`): our
-    backoff retries.
+    backoff retries.  TRANSFER_BANDWIDTH_LIMIT_MB_PER_S paces it (``--xrate``).
     """
 
     kind = m.TransferMethod.XROOTD
@@ -376,6 +376,9 @@ class XrootdMethod(CommandLineMethod):
         partial = _resume_name(dst)
         streams = max(1, int(settings.get("TRANSFER_XROOTD_STREAMS", 4)))
         cmd = [exe, "--nopbar", "--path", "--force", "--streams", str(streams)]
+        limit = float(settings.get("TRANSFER_BANDWIDTH_LIMIT_MB_PER_S", 0) or 0)
+        if limit > 0:
+            cmd += ["--xrate", str(max(1, int(limit * 1e6)))]  # bytes per second
         size = os.path.getsize(src)
         keep = min(self._size_there(dst_reach, partial), size) - 2 * XROOTD_IN_FLIGHT
         if keep <= 0:
