@@ -22,6 +22,7 @@ import socket
 import struct
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -149,35 +150,51 @@ def test_rsync_over_ssh_lands_verified_and_owned_by_the_destination_user(hosts):
     assert "sha256sum" not in log  # the checksum is not part of the copy's traffic
 
 
-def test_rsync_resumes_after_kill_9_without_resending_what_landed(hosts):
-    data = os.urandom(SIZE)
-    _put(hosts, "ccat", "big/resume.tar", data)
-    spec = _spec(hosts, "rsync", "big/resume.tar")
+@dataclass
+class KilledPush:
+    data: bytes
+    spec: dict
+    log: Path  # the pushing side's transfer log (started empty)
+    partial: Path  # the temporary name at the destination
+    had: int  # bytes under the temporary name after the kill
+    final: Path
+
+
+def _kill_paced_push(hosts, method: str, rel: str, size: int, at: int, mb_per_s: int):
+    """Push ``size`` random bytes to ``rel`` by ``method`` as the ccat user, paced to
+    ``mb_per_s``, and ``kill -9`` its whole process group once the destination's
+    temporary name holds ``at`` bytes."""
+    data = os.urandom(size)
+    _put(hosts, "ccat", rel, data)
+    spec = _spec(hosts, method, rel)
     log = Path(spec["log"])
     log.unlink(missing_ok=True)
-    partial = hosts.sites["cologne"].root / "big" / ".resume.tar.tmp-resume"
-    slow = {"CCAT_DATA_TRANSFER_TRANSFER_BANDWIDTH_LIMIT_MB_PER_S": "16"}
+    final = hosts.sites["cologne"].root / rel
+    partial = final.with_name(f".{final.name}.tmp-resume")
+    slow = {"CCAT_DATA_TRANSFER_TRANSFER_BANDWIDTH_LIMIT_MB_PER_S": str(mb_per_s)}
     proc = hosts.run_as("ccat", ["transfer", json.dumps(spec)], env=slow, stdout=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if partial.exists() and partial.stat().st_size >= SIZE // 3:
+        if partial.exists() and partial.stat().st_size >= at:
             break
-        assert proc.poll() is None, "the slowed transfer finished before it could be killed"
-        time.sleep(0.05)
+        assert proc.poll() is None, "the paced push finished before it could be killed"
+        time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    time.sleep(0.5)  # the receiving rsync notices the closed connection
+    time.sleep(0.5)  # the receiving end notices the closed connection
     had = partial.stat().st_size
-    assert SIZE // 3 <= had < SIZE
-    assert not (hosts.sites["cologne"].root / "big/resume.tar").exists()
+    assert at <= had < size and not final.exists()
+    return KilledPush(data, spec, log, partial, had, final)
 
-    result = _push(hosts, spec)
-    assert result.get("sha256") == _sha(data), result
-    assert (hosts.sites["cologne"].root / "big/resume.tar").read_bytes() == data
-    assert not partial.exists()
-    resent = _sent_bytes(log)[-1]
+
+def test_rsync_resumes_after_kill_9_without_resending_what_landed(hosts):
+    k = _kill_paced_push(hosts, "rsync", "big/resume.tar", SIZE, SIZE // 3, mb_per_s=16)
+    result = _push(hosts, k.spec)
+    assert result.get("sha256") == _sha(k.data), result
+    assert k.final.read_bytes() == k.data and not k.partial.exists()
+    resent = _sent_bytes(k.log)[-1]
     # Only what was missing travels again (plus rsync's few KB of protocol).
-    assert resent <= SIZE - had + 256 * 1024, (resent, had)
+    assert resent <= SIZE - k.had + 256 * 1024, (resent, k.had)
 
 
 def test_xrootd_streams_transfer_and_destination_checksum(hosts):
@@ -211,33 +228,13 @@ def test_xrootd_resumes_after_kill_9_of_the_pushing_process(hosts):
     """``kill -9`` of a paced xrdcp push at about two thirds: the retry keeps what had
     landed below the chunks in flight and sends only the rest."""
     size = 160 * 1024 * 1024
-    data = os.urandom(size)
-    _put(hosts, "ccat", "xk/killed.tar", data)
-    spec = _spec(hosts, "xrootd", "xk/killed.tar")
-    log = Path(spec["log"])
-    log.unlink(missing_ok=True)
-    partial = hosts.sites["cologne"].root / "xk" / ".killed.tar.tmp-resume"
-    slow = {"CCAT_DATA_TRANSFER_TRANSFER_BANDWIDTH_LIMIT_MB_PER_S": "40"}
-    proc = hosts.run_as("ccat", ["transfer", json.dumps(spec)], env=slow, stdout=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if partial.exists() and partial.stat().st_size >= 112 * 1024 * 1024:
-            break
-        assert proc.poll() is None, "the paced push finished before it could be killed"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    time.sleep(0.5)
-    had = partial.stat().st_size
-    assert had < size and not (hosts.sites["cologne"].root / "xk/killed.tar").exists()
-    assert "--xrate 40000000" in log.read_text()  # the pacing reached xrdcp
-
-    result = _push(hosts, spec)
-    assert result.get("sha256") == _sha(data), result
-    assert (hosts.sites["cologne"].root / "xk/killed.tar").read_bytes() == data
-    kept = int(re.findall(r"resuming: (\d+) of \d+ bytes kept", log.read_text())[-1])
-    assert kept == had - 2 * XROOTD_IN_FLIGHT > 0  # only the rest was sent again
-    assert not partial.exists()
+    k = _kill_paced_push(hosts, "xrootd", "xk/killed.tar", size, 112 * 1024 * 1024, mb_per_s=40)
+    assert "--xrate 40000000" in k.log.read_text()  # the pacing reached xrdcp
+    result = _push(hosts, k.spec)
+    assert result.get("sha256") == _sha(k.data), result
+    assert k.final.read_bytes() == k.data and not k.partial.exists()
+    kept = int(re.findall(r"resuming: (\d+) of \d+ bytes kept", k.log.read_text())[-1])
+    assert kept == k.had - 2 * XROOTD_IN_FLIGHT > 0  # only the rest was sent again
 
 
 def test_xrootd_retry_sends_everything_when_little_had_landed(hosts):
