@@ -57,8 +57,10 @@ from pathlib import Path as _Path  # noqa: E402
 
 _HERE = _Path(__file__).resolve().parent
 _sys.path[:] = [p for p in _sys.path if _Path(p or ".").resolve() != _HERE]
+_sys.path.insert(0, str(_HERE.parent / "tests"))
 
 import argparse
+import contextlib
 import functools
 import importlib.util
 import os
@@ -66,7 +68,6 @@ import platform
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -81,8 +82,8 @@ from ccat_data_transfer.database import DatabaseConnection, dispose_engines  # n
 from ccat_data_transfer.logging_utils import configure_logging  # noqa: E402
 from ccat_ops_db.migrate import upgrade  # noqa: E402
 from ccat_ops_db.topology import load_topology  # noqa: E402
+from helpers_postgres import ensure_database, fresh_database  # noqa: E402
 
-ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 TOPOLOGY = (
     Path(__file__).resolve().parent.parent
     / "src"
@@ -189,17 +190,13 @@ def run_scale(
     """Measure at one scale.  ``keep``: a database name to fill once and keep (filled
     already: used as it is; measure (b) and (c) change it), else a fresh one dropped at
     the end."""
-    name = keep or f"ccat_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        exists = c.execute(
-            text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}
-        ).first()
-        if not exists:
-            c.execute(text(f'CREATE DATABASE "{name}"'))
-    url = ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    if keep is None:
+        database, exists = fresh_database("ccat_bench"), False
+    else:
+        url, exists = ensure_database(keep)
+        database = contextlib.nullcontext(url)
     results: list[dict] = []
-    try:
+    with database as url:
         settings.set("DATABASE_URL", url)
         tmp = tempfile.mkdtemp(prefix="ccat-bench-del-")
         settings.set("DATA_DIR", tmp)
@@ -236,12 +233,7 @@ def run_scale(
             results += measure_schedule(db, engine, vacuum, n_files, runs)
         engine.dispose()
         vac.dispose()
-    finally:
         dispose_engines()
-        if keep is None:
-            with admin.connect() as c:
-                c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
     return results
 
 
