@@ -14,11 +14,12 @@ and in the same run the bench times:
 * bare ``rsync`` over the same ssh (no resume name, rename or verification): what the
   tool itself costs against ``cat``, apart from what our method adds.
 
-``--link-mbit N`` shapes the link between the two hosts to N Mbit/s in each direction
-(HTB on the loopback device, ``tc``; only the traffic to and from the destination host's
-address is shaped, the rest of loopback is untouched, and the shaping is removed at the
-end).  Unshaped, loopback on a 2-core machine is bound by the CPU (ssh's cipher on both
-ends); shaped, the link is the bottleneck, as between the observatory's sites.
+The link between the two hosts is shaped to ``--link-mbit`` Mbit/s in each direction,
+1000 by default (HTB on the loopback device, ``tc``; only the traffic to and from the
+destination host's address is shaped, the rest of loopback is untouched, and the shaping
+is removed at the end): the link is then the bottleneck, as between the observatory's
+sites.  ``--link-mbit 0`` leaves loopback unshaped, where a 2-core machine is bound by
+the CPU instead (ssh's cipher and the tools on both ends).
 
 Then it kills our push at about half way (``kill -9`` of the whole process group) and
 retries, and reports how many bytes the retry sent again: beyond what was missing at the
@@ -29,9 +30,9 @@ of the package.
 Must run as root (it creates the site users, like the tests).  Needs ~3x ``--gb`` of
 free space in the temp folder.
 
-    python bench/wan.py            # 5 GB
-    python bench/wan.py --gb 0.5   # quick
-    python bench/wan.py --link-mbit 1000   # over a 1 Gbit/s link
+    python bench/wan.py                 # 5 GB over a 1 Gbit/s link
+    python bench/wan.py --link-mbit 0   # 5 GB over unshaped loopback
+    python bench/wan.py --gb 0.5        # quick
 """
 
 from __future__ import annotations
@@ -213,7 +214,10 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=5.0, help="package size in GB (10**9)")
     parser.add_argument("--streams", type=int, default=4, help="xrootd parallel streams")
     parser.add_argument(
-        "--link-mbit", type=float, default=0, help="shape the link to N Mbit/s (0: loopback)"
+        "--link-mbit",
+        type=float,
+        default=1000,
+        help="shape the link to N Mbit/s (default 1000; 0: unshaped loopback)",
     )
     args = parser.parse_args()
     size = int(args.gb * 1e9)
