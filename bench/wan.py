@@ -56,7 +56,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from helpers_hosts import SiteHosts
+from helpers_hosts import SiteHosts, transfer_spec
 
 TARGET_RATIO = 1.3
 TARGET_RESENT = 0.10
@@ -110,18 +110,6 @@ def _make_source(path: Path, size: int, uid: int, gid: int) -> None:
         os.chown(p, uid, gid)
 
 
-def _spec(hosts: SiteHosts, method: str) -> dict:
-    src, dst = hosts.sites["ccat"], hosts.sites["cologne"]
-    return {
-        "method": method,
-        "src_root": str(src.root),
-        "dst_root": str(dst.root),
-        "path": PATH,
-        "log": str(src.work / f"{method}.log"),
-        "reach": {"site": "cologne", **dst.topology_entry(hosts.keys)},
-    }
-
-
 def _clean_destination(hosts: SiteHosts) -> None:
     d = hosts.sites["cologne"].root / "pkg"
     if d.exists():
@@ -131,11 +119,7 @@ def _clean_destination(hosts: SiteHosts) -> None:
 
 def _ours(hosts: SiteHosts, method: str) -> float:
     _clean_destination(hosts)
-    proc = hosts.run_as(
-        "ccat", ["transfer", json.dumps(_spec(hosts, method))], stdout=subprocess.PIPE
-    )
-    out, _ = proc.communicate()
-    result = json.loads(out.decode().strip().splitlines()[-1])
+    result = hosts.push(transfer_spec(hosts, method, PATH))
     if "error" in result:
         raise SystemExit(f"{method}: {result}")
     # Measured inside the process, as in a running worker: transfer to the temporary
@@ -184,7 +168,7 @@ def _resent_after_kill(hosts: SiteHosts, method: str, size: int) -> tuple[float,
     """Kill our push at about half way, retry; (fraction landed at the kill, bytes sent
     again by the retry)."""
     _clean_destination(hosts)
-    spec = _spec(hosts, method)
+    spec = transfer_spec(hosts, method, PATH)
     Path(spec["log"]).unlink(missing_ok=True)
     partial = hosts.sites["cologne"].root / "pkg" / ".package.tar.tmp-resume"
     proc = hosts.run_as("ccat", ["transfer", json.dumps(spec)], stdout=subprocess.PIPE)
@@ -196,9 +180,7 @@ def _resent_after_kill(hosts: SiteHosts, method: str, size: int) -> tuple[float,
     proc.wait()
     time.sleep(1.0)
     landed = partial.stat().st_size if partial.exists() else 0
-    proc = hosts.run_as("ccat", ["transfer", json.dumps(spec)], stdout=subprocess.PIPE)
-    out, _ = proc.communicate()
-    result = json.loads(out.decode().strip().splitlines()[-1])
+    result = hosts.push(spec)
     if "error" in result:
         raise SystemExit(f"{method} retry: {result}")
     log = Path(spec["log"]).read_text()

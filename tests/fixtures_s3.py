@@ -8,7 +8,8 @@ MinIO or AWS; nothing is patched in-process.
 Fixtures:
 
 * ``s3_server`` (session): object with ``endpoint_url``, ``access_key``, ``secret_key``,
-  ``region`` and ``client()`` (a boto3 S3 client for assertions).
+  ``region``, ``client()`` (a boto3 S3 client for assertions) and ``storage(bucket)``
+  (our S3Storage of a bucket there).
 * ``s3_bucket`` (function): the name of a freshly created, empty bucket, emptied and
   removed again after the test.
 """
@@ -47,6 +48,19 @@ class S3TestServer:
             )
             _CLIENTS[self.endpoint_url] = cached
         return cached
+
+    def storage(self, bucket: str) -> Any:
+        """An :class:`~ccat_data_transfer.storage.S3Storage` of ``bucket`` on this server,
+        with this server's credentials."""
+        from ccat_data_transfer.storage import S3Storage
+
+        return S3Storage(
+            self.endpoint_url,
+            bucket,
+            access_key=self.access_key,
+            secret_key=self.secret_key,
+            region=self.region,
+        )
 
 
 _CLIENTS: dict[str, Any] = {}

@@ -401,7 +401,7 @@ def verify_files_at_both_ltas(db: DatabaseConnection) -> int:
             ).all()
         }
     seen: dict[str, set[str]] = {lta: set() for lta in LTAS}
-    for package_id, checksum, rel, lta, root in rows:
+    for package_id, checksum, rel, lta, root, _copy in rows:
         path = Path(root) / rel
         with open(path, "rb") as fh:
             assert _sha256_stream(fh) == checksum, (lta, rel)

@@ -389,6 +389,13 @@ class SiteHosts:
         host = self.sites[site]
         return SiteReach(site=site, **host.topology_entry(self.keys))
 
+    def push(self, spec: dict, env: dict[str, str] | None = None, timeout: float = 600) -> dict:
+        """Run one transfer (:func:`transfer_spec`) as the ccat site's user and wait; its
+        JSON result (``bytes``, ``seconds``, ``sha256``, or ``error`` and ``message``)."""
+        proc = self.run_as("ccat", ["transfer", json.dumps(spec)], env=env, stdout=subprocess.PIPE)
+        out, _ = proc.communicate(timeout=timeout)
+        return json.loads(out.decode().strip().splitlines()[-1])
+
     def run_as(
         self, site: str, args: list[str], env: dict[str, str] | None = None, **popen: Any
     ) -> subprocess.Popen:
@@ -406,6 +413,23 @@ class SiteHosts:
             **host.as_user(),
             **popen,
         )
+
+
+def transfer_spec(
+    hosts: SiteHosts, method: str, path: str, *, reach: bool = True
+) -> dict[str, Any]:
+    """The JSON spec of one push of ``path`` from the ccat site's root to the cologne
+    site's, by ``method`` (``reach``: the destination is another host), for
+    ``helpers_hosts.py transfer``; the log is ``<ccat work>/<method>.log``."""
+    src, dst = hosts.sites["ccat"], hosts.sites["cologne"]
+    return {
+        "method": method,
+        "src_root": str(src.root),
+        "dst_root": str(dst.root),
+        "path": path,
+        "log": str(src.work / f"{method}.log"),
+        "reach": {"site": "cologne", **dst.topology_entry(hosts.keys)} if reach else None,
+    }
 
 
 def _transfer_main(spec: dict[str, Any]) -> int:

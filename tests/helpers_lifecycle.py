@@ -373,9 +373,25 @@ def run_deletion_cycle(system: Any) -> dict[str, Any]:
         return deletion_manager.run_once(s)
 
 
+def scheduled_batch_rows(session: Session) -> list[m.DeletionLog]:
+    """The batch rows the deletion cycle wrote (outcome SCHEDULED, no single copy; the
+    batch's copy ids in ``copy_ids``), in the order they were written."""
+    return list(
+        session.scalars(
+            select(m.DeletionLog)
+            .where(
+                m.DeletionLog.outcome == m.DeletionOutcome.SCHEDULED,
+                m.DeletionLog.physical_copy_id.is_(None),
+            )
+            .order_by(m.DeletionLog.id)
+        )
+    )
+
+
 def lta_package_copies(session: Session) -> list[Any]:
-    """Every PRESENT package copy at an LTA: (package id, package checksum, relative path,
-    location name, location path), for tests that read the archived bytes back."""
+    """Every PRESENT package copy at an LTA, in copy order: (package id, package checksum,
+    relative path, location name, location path, copy id), for tests that read the
+    archived bytes back."""
     return session.execute(
         select(
             m.RawDataPackage.id,
@@ -383,6 +399,7 @@ def lta_package_copies(session: Session) -> list[Any]:
             m.PhysicalCopy.relative_path,
             m.DataLocation.name,
             m.DataLocation.path,
+            m.PhysicalCopy.id,
         )
         .join(m.PhysicalCopy, m.PhysicalCopy.raw_data_package_id == m.RawDataPackage.id)
         .join(m.DataLocation, m.DataLocation.id == m.PhysicalCopy.data_location_id)
@@ -390,6 +407,7 @@ def lta_package_copies(session: Session) -> list[Any]:
             m.DataLocation.location_type == m.LocationType.LONG_TERM_ARCHIVE,
             m.PhysicalCopy.status == m.PhysicalCopyStatus.PRESENT,
         )
+        .order_by(m.PhysicalCopy.id)
     ).all()
 
 

@@ -66,7 +66,7 @@ def test_archived_packages_at_both_ltas_read_with_gnu_tar_and_openssl(tmp_path):
     assert files and {r[3] for r in rows} == {"cologne_lta", "us_lta"}
     for package_id in files:  # every package is at both archives
         assert {r[3] for r in rows if r[0] == package_id} == {"cologne_lta", "us_lta"}
-    for package_id, checksum, rel, lta, root in rows:
+    for package_id, checksum, rel, lta, root, _copy in rows:
         package = Path(root) / rel
         assert _openssl_sha256(openssl, package) == checksum, (lta, rel)
         listed = subprocess.run(

@@ -17,11 +17,16 @@ from helpers_lifecycle import (
     make_package_at,
     object_exists,
     run_deletion_cycle,
+    scheduled_batch_rows,
     set_buffer_status,
 )
 
 S = m.PhysicalCopyStatus
 LEFT = {"ccat_telescope_buffer": S.DELETED, "cologne_lta": S.PRESENT}
+
+
+def _batch_rows(session) -> list[list[int]]:
+    return [json.loads(r.copy_ids) for r in scheduled_batch_rows(session)]
 
 
 def _expired_package(system, session, files: int, **kw):
@@ -34,18 +39,6 @@ def _expired_package(system, session, files: int, **kw):
         deletion_possible_at=m.utcnow() - timedelta(minutes=61),
         **kw,
     )
-
-
-def _batch_rows(session) -> list[list[int]]:
-    rows = session.scalars(
-        select(m.DeletionLog)
-        .where(
-            m.DeletionLog.outcome == m.DeletionOutcome.SCHEDULED,
-            m.DeletionLog.physical_copy_id.is_(None),
-        )
-        .order_by(m.DeletionLog.id)
-    ).all()
-    return [json.loads(r.copy_ids) for r in rows]
 
 
 def _emergency(system, override_settings, **settings) -> None:

@@ -7,6 +7,7 @@ run inline), then checks the storage (file gone / still there), the copy's statu
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 from ccat_data_transfer import deletion_manager as dm
@@ -21,6 +22,7 @@ from helpers_lifecycle import (
     make_transfer,
     object_exists,
     run_deletion_cycle,
+    scheduled_batch_rows,
 )
 
 S = m.PhysicalCopyStatus
@@ -401,9 +403,6 @@ def test_stage_two_scheduling_writes_one_audit_row_per_batch_listing_its_copies(
     """Stage 2 (raw files, by the million) audits one SCHEDULED row per batch with the ids
     it covers; the worker still writes one DELETED row per copy, and deletion_history
     finds both for a copy."""
-    import json
-
-    from sqlalchemy import select
 
     override_settings(RETENTION_PERIOD_MINUTES=60, DELETION_BATCH_SIZE=2)
     old = m.utcnow() - timedelta(minutes=61)
@@ -418,14 +417,7 @@ def test_stage_two_scheduling_writes_one_audit_row_per_batch_listing_its_copies(
         )
     run_deletion_cycle(system)
     with system.session() as s:
-        batches = s.scalars(
-            select(m.DeletionLog)
-            .where(
-                m.DeletionLog.outcome == m.DeletionOutcome.SCHEDULED,
-                m.DeletionLog.physical_copy_id.is_(None),
-            )
-            .order_by(m.DeletionLog.id)
-        ).all()
+        batches = scheduled_batch_rows(s)
         listed = [json.loads(b.copy_ids) for b in batches]
         assert [len(ids) for ids in listed] == [2, 2, 1]  # DELETION_BATCH_SIZE = 2
         assert sorted(i for ids in listed for i in ids) == sorted(pkg.file_copy_ids)

@@ -143,6 +143,12 @@ def _partials(root: Path) -> list[Path]:
     return [p for p in root.rglob(".*.tmp-resume") if p.is_file()]
 
 
+def _wait_new_data_done(cluster, db: DatabaseConnection, before: int, what: str) -> None:
+    """Wait until there are more than ``before`` packages and every one is archived at
+    both LTA hosts and cleaned up (the data filed since ``before`` went all the way)."""
+    wait(cluster, what, lambda: packages(db) > before and all_done(db), 240)
+
+
 def test_lifecycle_across_hosts(cluster: HostCluster) -> None:
     db = DatabaseConnection(cluster.url)
     for site in SITES:
@@ -196,12 +202,7 @@ def test_lifecycle_across_hosts(cluster: HostCluster) -> None:
     landed = {p: p.stat().st_size for r in lta_roots for p in _partials(r)}
     assert landed and all(0 < n for n in landed.values())
     cluster.start_worker("ccat")
-    wait(
-        cluster,
-        "the interrupted data to be archived",
-        lambda: packages(db) > before and all_done(db),
-        240,
-    )
+    _wait_new_data_done(cluster, db, before, "the interrupted data to be archived")
     with db.session_scope() as s:
         for tid in sizes:
             t = s.get(m.DataTransfer, tid)
@@ -241,12 +242,7 @@ def test_lifecycle_across_hosts(cluster: HostCluster) -> None:
         wait(cluster, "a retry naming the unreachable host", retried_naming_cologne, 180)
     finally:
         cologne.start_sshd()
-    wait(
-        cluster,
-        "the data to be archived once the host is back",
-        lambda: packages(db) > before and all_done(db),
-        240,
-    )
+    _wait_new_data_done(cluster, db, before, "the data to be archived once the host is back")
     with db.session_scope() as s:
         assert not s.scalar(
             select(func.count(m.DataTransfer.id)).where(m.DataTransfer.status == m.Status.FAILED)

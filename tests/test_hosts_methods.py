@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from ccat_data_transfer.hosts import XROOTD_IN_FLIGHT
-from helpers_hosts import SiteHosts
+from helpers_hosts import SiteHosts, transfer_spec
 
 SIZE = 64 * 1024 * 1024
 
@@ -48,26 +48,6 @@ def _put(hosts: SiteHosts, site: str, path: str, data: bytes) -> Path:
     for p in [target, *target.relative_to(host.root).parents]:
         os.chown(host.root / p, host.uid, host.gid)
     return target
-
-
-def _spec(hosts: SiteHosts, method: str, path: str, *, reach: bool = True) -> dict:
-    src, dst = hosts.sites["ccat"], hosts.sites["cologne"]
-    entry = dst.topology_entry(hosts.keys)
-    return {
-        "method": method,
-        "src_root": str(src.root),
-        "dst_root": str(dst.root),
-        "path": path,
-        "log": str(src.work / f"{method}.log"),
-        "reach": {"site": "cologne", **entry} if reach else None,
-    }
-
-
-def _push(hosts: SiteHosts, spec: dict, env: dict | None = None, timeout: float = 120) -> dict:
-    """Run one method call as the ccat site's user; its JSON result."""
-    proc = hosts.run_as("ccat", ["transfer", json.dumps(spec)], env=env, stdout=subprocess.PIPE)
-    out, _ = proc.communicate(timeout=timeout)
-    return json.loads(out.decode().strip().splitlines()[-1])
 
 
 def _sha(data: bytes) -> str:
@@ -123,7 +103,7 @@ def test_each_server_listens_on_its_site_address_only(hosts):
 def test_site_user_cannot_take_a_local_shortcut(hosts):
     data = os.urandom(1024)
     _put(hosts, "ccat", "short/a.bin", data)
-    result = _push(hosts, _spec(hosts, "copy", "short/a.bin", reach=False))
+    result = hosts.push(transfer_spec(hosts, "copy", "short/a.bin", reach=False))
     assert result["error"] == "PermissionError", result
     assert "Permission denied" in result["message"]
     assert not (hosts.sites["cologne"].root / "short").exists()
@@ -135,7 +115,7 @@ def _push_checked(hosts, method: str, rel: str, size: int):
     checked.  Returns the landed path."""
     data = os.urandom(size)
     _put(hosts, "ccat", rel, data)
-    result = _push(hosts, _spec(hosts, method, rel))
+    result = hosts.push(transfer_spec(hosts, method, rel))
     assert result.get("sha256") == _sha(data), result
     landed = hosts.sites["cologne"].root / rel
     assert landed.read_bytes() == data
@@ -166,7 +146,7 @@ def _kill_paced_push(hosts, method: str, rel: str, size: int, at: int, mb_per_s:
     temporary name holds ``at`` bytes."""
     data = os.urandom(size)
     _put(hosts, "ccat", rel, data)
-    spec = _spec(hosts, method, rel)
+    spec = transfer_spec(hosts, method, rel)
     log = Path(spec["log"])
     log.unlink(missing_ok=True)
     final = hosts.sites["cologne"].root / rel
@@ -189,7 +169,7 @@ def _kill_paced_push(hosts, method: str, rel: str, size: int, at: int, mb_per_s:
 
 def test_rsync_resumes_after_kill_9_without_resending_what_landed(hosts):
     k = _kill_paced_push(hosts, "rsync", "big/resume.tar", SIZE, SIZE // 3, mb_per_s=16)
-    result = _push(hosts, k.spec)
+    result = hosts.push(k.spec)
     assert result.get("sha256") == _sha(k.data), result
     assert k.final.read_bytes() == k.data and not k.partial.exists()
     resent = _sent_bytes(k.log)[-1]
@@ -209,7 +189,7 @@ def test_xrootd_resumes_from_a_partial_and_a_bad_partial_fails_verification(host
     keep = landed - 2 * XROOTD_IN_FLIGHT
     _put(hosts, "ccat", "xr/part.tar", data)
     partial = _put(hosts, "cologne", "xr/.part.tar.tmp-resume", data[:landed])
-    result = _push(hosts, _spec(hosts, "xrootd", "xr/part.tar"))
+    result = hosts.push(transfer_spec(hosts, "xrootd", "xr/part.tar"))
     assert result.get("sha256") == _sha(data), result
     assert not partial.exists()
     assert not partial.with_name(partial.name + "-tail").exists()
@@ -220,7 +200,7 @@ def test_xrootd_resumes_from_a_partial_and_a_bad_partial_fails_verification(host
     # on the destination host shows it (the caller then removes the copy).
     _put(hosts, "ccat", "xr/bad.tar", data)
     _put(hosts, "cologne", "xr/.bad.tar.tmp-resume", os.urandom(landed))
-    result = _push(hosts, _spec(hosts, "xrootd", "xr/bad.tar"))
+    result = hosts.push(transfer_spec(hosts, "xrootd", "xr/bad.tar"))
     assert result["sha256"] != _sha(data)
 
 
@@ -230,7 +210,7 @@ def test_xrootd_resumes_after_kill_9_of_the_pushing_process(hosts):
     size = 160 * 1024 * 1024
     k = _kill_paced_push(hosts, "xrootd", "xk/killed.tar", size, 112 * 1024 * 1024, mb_per_s=40)
     assert "--xrate 40000000" in k.log.read_text()  # the pacing reached xrdcp
-    result = _push(hosts, k.spec)
+    result = hosts.push(k.spec)
     assert result.get("sha256") == _sha(k.data), result
     assert k.final.read_bytes() == k.data and not k.partial.exists()
     kept = int(re.findall(r"resuming: (\d+) of \d+ bytes kept", k.log.read_text())[-1])
@@ -241,7 +221,7 @@ def test_xrootd_retry_sends_everything_when_little_had_landed(hosts):
     data = os.urandom(8 * 1024 * 1024)
     _put(hosts, "ccat", "xr/small.tar", data)
     _put(hosts, "cologne", "xr/.small.tar.tmp-resume", os.urandom(len(data) // 2))
-    result = _push(hosts, _spec(hosts, "xrootd", "xr/small.tar"))
+    result = hosts.push(transfer_spec(hosts, "xrootd", "xr/small.tar"))
     assert result.get("sha256") == _sha(data), result
 
 
@@ -254,34 +234,28 @@ def test_unreachable_host_is_a_fast_retryable_error_then_success(hosts, method, 
     cologne.stop(server)
     try:
         started = time.monotonic()
-        result = _push(hosts, _spec(hosts, method, path))
+        result = hosts.push(transfer_spec(hosts, method, path))
         took = time.monotonic() - started
     finally:
         (cologne.start_sshd if server == "sshd" else cologne.start_xrootd)()
     assert result["error"] == "RetryableError", result
     assert "site cologne" in result["message"] and cologne.address in result["message"]
     assert took < 20  # the connect timeout (3 s here), not xrdcp's minutes of retries
-    result = _push(hosts, _spec(hosts, method, path))
+    result = hosts.push(transfer_spec(hosts, method, path))
     assert result.get("sha256") == _sha(data), result
 
 
 def test_s3_keeps_working_when_the_lta_site_is_another_host(hosts, s3_server, s3_bucket, tmp_path):
     """An S3 LTA at a site on its own host: the s3 method reaches the bucket directly and
     the checksum comes from S3, nothing goes over ssh to the site's host."""
-    from ccat_data_transfer.storage import DiskStorage, S3Storage
+    from ccat_data_transfer.storage import DiskStorage
     from ccat_data_transfer.transfer_methods import get_transfer_method
 
     data = os.urandom(2 * 1024 * 1024 + 5)
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg/s3.tar").write_bytes(data)
     src = DiskStorage(tmp_path)
-    dst = S3Storage(
-        s3_server.endpoint_url,
-        s3_bucket,
-        access_key=s3_server.access_key,
-        secret_key=s3_server.secret_key,
-        region=s3_server.region,
-    )
+    dst = s3_server.storage(s3_bucket)
     cologne = hosts.sites["cologne"]
     cologne.stop("sshd")  # the site's host does not answer: S3 must not need it
     try:

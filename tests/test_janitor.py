@@ -11,7 +11,6 @@ import pytest
 from ccat_data_transfer import janitor
 from ccat_data_transfer.audit import run_audit
 from ccat_data_transfer.buffer_manager import BufferManager
-from ccat_data_transfer.storage import S3Storage
 
 LIMIT = 3600
 
@@ -107,13 +106,7 @@ def test_audit_lists_temporary_leftovers_as_their_own_category(system, leftovers
 
 
 def test_s3_janitor_aborts_old_unfinished_multipart_uploads_only(s3_server, s3_bucket):
-    storage = S3Storage(
-        s3_server.endpoint_url,
-        s3_bucket,
-        access_key=s3_server.access_key,
-        secret_key=s3_server.secret_key,
-        region=s3_server.region,
-    )
+    storage = s3_server.storage(s3_bucket)
     client = s3_server.client()
     client.put_object(Bucket=s3_bucket, Key="done.tar", Body=b"d" * 10)
     upload = client.create_multipart_upload(Bucket=s3_bucket, Key="killed.tar")["UploadId"]

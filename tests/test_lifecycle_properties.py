@@ -121,6 +121,7 @@ from ccat_data_transfer.storage import StorageFullError
 from ccat_ops_db import models as m
 from ccat_ops_db.migrate import upgrade
 from ccat_ops_db.topology import load_topology
+from helpers_lifecycle import lta_package_copies
 
 EXAMPLES = int(os.environ.get("CCAT_PROPERTY_EXAMPLES", "2000"))
 STEPS = int(os.environ.get("CCAT_PROPERTY_STEPS", "10"))
@@ -495,25 +496,9 @@ class LifecycleMachine(RuleBasedStateMachine):
     def _good_lta_copies(self, session: Any) -> list[Any]:
         """(copy id, package id, location, relative path) of every PRESENT LTA package copy
         whose tar holds the package's bytes."""
-        rows = session.execute(
-            select(
-                m.PhysicalCopy.id,
-                m.PhysicalCopy.raw_data_package_id,
-                m.DataLocation.name,
-                m.PhysicalCopy.relative_path,
-                m.RawDataPackage.checksum,
-            )
-            .join(m.DataLocation, m.DataLocation.id == m.PhysicalCopy.data_location_id)
-            .join(m.RawDataPackage, m.RawDataPackage.id == m.PhysicalCopy.raw_data_package_id)
-            .where(
-                m.DataLocation.location_type == LT.LONG_TERM_ARCHIVE,
-                m.PhysicalCopy.status == S.PRESENT,
-            )
-            .order_by(m.PhysicalCopy.id)
-        ).all()
         return [
             (cid, pid, name, rel)
-            for cid, pid, name, rel, checksum in rows
+            for pid, checksum, rel, name, _path, cid in lta_package_copies(session)
             if self._sha_of(self.env.paths[name] / rel) == checksum
         ]
 
