@@ -119,9 +119,13 @@ def blocked_destinations(session: Session, destination_ids: set[int]) -> set[int
     """The ids among ``destination_ids`` whose buffer is critical or in emergency now (as
     its buffer manager measured it, or from its capacity): no transfer is sent there.
     Logged once per destination and cycle."""
-    locations = [session.get(m.DataLocation, i) for i in sorted(destination_ids)]
+    locations = session.scalars(
+        select(m.DataLocation)
+        .where(m.DataLocation.id.in_(destination_ids))
+        .order_by(m.DataLocation.id)
+    ).all()
     blocked = set()
-    for location_id, room in rooms_of(session, [loc for loc in locations if loc]).items():
+    for location_id, room in rooms_of(session, locations).items():
         if room.state.under_pressure:
             blocked.add(location_id)
             log.info(
