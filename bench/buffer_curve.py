@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ccat_data_transfer.tarutil import TarMember, write_tar_with_checksums
+from ccat_data_transfer.core.tarutil import TarMember, write_tar_with_checksums
 
 KIB = 1024
 SIZES = [64 * KIB, 128 * KIB, 256 * KIB, 512 * KIB, 1024 * KIB, 2048 * KIB, 4096 * KIB, 8192 * KIB]

@@ -30,8 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ccat_data_transfer.storage import DiskStorage
-from ccat_data_transfer.transfer_methods import CopyMethod
+from ccat_data_transfer.core.storage import DiskStorage
+from ccat_data_transfer.core.transfer_methods import CopyMethod
 
 TARGET = 1.1
 MB = 1 << 20

@@ -76,10 +76,10 @@ os.environ.setdefault("CCAT_DATA_TRANSFER_EXECUTION_MODE", "embedded")
 from sqlalchemy import create_engine, event, text  # noqa: E402
 
 from ccat_data_transfer import deletion_manager as dm  # noqa: E402
-from ccat_data_transfer.celery_app import app as celery_app  # noqa: E402
-from ccat_data_transfer.config.config import settings  # noqa: E402
-from ccat_data_transfer.database import DatabaseConnection, dispose_engines  # noqa: E402
-from ccat_data_transfer.logging_utils import configure_logging  # noqa: E402
+from ccat_data_transfer.core.celery_app import app as celery_app  # noqa: E402
+from ccat_data_transfer.core.config import settings  # noqa: E402
+from ccat_data_transfer.core.database import DatabaseConnection, dispose_engines  # noqa: E402
+from ccat_data_transfer.core.logs import configure_logging  # noqa: E402
 from ccat_ops_db.migrate import upgrade  # noqa: E402
 from ccat_ops_db.topology import load_topology  # noqa: E402
 from helpers_postgres import ensure_database, fresh_database  # noqa: E402

@@ -43,13 +43,13 @@ os.environ.setdefault("CCAT_DATA_TRANSFER_EXECUTION_MODE", "embedded")
 
 from sqlalchemy import select  # noqa: E402
 
-from ccat_data_transfer.archive_proof import FIXITY_OK, verify_copies  # noqa: E402
+from ccat_data_transfer.archive.proof import FIXITY_OK, verify_copies  # noqa: E402
 from ccat_data_transfer.cli.core import initialise  # noqa: E402
-from ccat_data_transfer.config.config import settings  # noqa: E402
-from ccat_data_transfer.database import DatabaseConnection  # noqa: E402
+from ccat_data_transfer.core.config import settings  # noqa: E402
+from ccat_data_transfer.core.database import DatabaseConnection  # noqa: E402
+from ccat_data_transfer.core.logs import configure_logging  # noqa: E402
+from ccat_data_transfer.core.storage import storage_for_location  # noqa: E402
 from ccat_data_transfer.fixity.scan import budget_bytes_per_day  # noqa: E402
-from ccat_data_transfer.logging_utils import configure_logging  # noqa: E402
-from ccat_data_transfer.storage import storage_for_location  # noqa: E402
 from ccat_ops_db import models as m  # noqa: E402
 
 GB = 1e9

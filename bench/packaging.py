@@ -46,16 +46,16 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from ccat_data_transfer import raw_data_package_manager as rdpm
-from ccat_data_transfer.packaging import skeleton
-from ccat_data_transfer.storage import DiskStorage
-from ccat_data_transfer.tarutil import (
+from ccat_data_transfer.core.storage import DiskStorage
+from ccat_data_transfer.core.tarutil import (
     DEFAULT_BUFSIZE,
     TarMember,
     sha256_file,
     write_tar_with_checksums,
 )
-from ccat_data_transfer.tarutil.writing import _DEFAULT_LAYOUT, _LAYOUTS
+from ccat_data_transfer.core.tarutil.writing import _DEFAULT_LAYOUT, _LAYOUTS
+from ccat_data_transfer.packaging import raw_packages as rdpm
+from ccat_data_transfer.packaging import skeleton
 
 MB = 1024 * 1024
 MANIFEST = "manifest.json"

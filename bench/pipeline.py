@@ -58,12 +58,12 @@ os.environ.setdefault("CCAT_DATA_TRANSFER_EXECUTION_MODE", "embedded")
 
 from sqlalchemy import func, select  # noqa: E402
 
-from ccat_data_transfer.celery_app import configure_celery  # noqa: E402
-from ccat_data_transfer.config.config import settings  # noqa: E402
-from ccat_data_transfer.database import DatabaseConnection, dispose_engines  # noqa: E402
-from ccat_data_transfer.logging_utils import configure_logging  # noqa: E402
-from ccat_data_transfer.orchestrator import Orchestrator  # noqa: E402
-from ccat_data_transfer.simulator import InstrumentSimulator  # noqa: E402
+from ccat_data_transfer.core.celery_app import configure_celery  # noqa: E402
+from ccat_data_transfer.core.config import settings  # noqa: E402
+from ccat_data_transfer.core.database import DatabaseConnection, dispose_engines  # noqa: E402
+from ccat_data_transfer.core.logs import configure_logging  # noqa: E402
+from ccat_data_transfer.operations.orchestrator import Orchestrator  # noqa: E402
+from ccat_data_transfer.operations.simulator import InstrumentSimulator  # noqa: E402
 from ccat_ops_db import models as m  # noqa: E402
 from ccat_ops_db.migrate import upgrade  # noqa: E402
 from ccat_ops_db.topology import load_topology  # noqa: E402

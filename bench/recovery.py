@@ -36,7 +36,7 @@ sys.path.insert(0, str(_HERE.parent / "tests"))
 
 from sqlalchemy import select  # noqa: E402
 
-from ccat_data_transfer.simulator import InstrumentSimulator  # noqa: E402
+from ccat_data_transfer.operations.simulator import InstrumentSimulator  # noqa: E402
 from ccat_ops_db import models as m  # noqa: E402
 from helpers_cluster import open_cluster, wait  # noqa: E402
 

@@ -23,9 +23,9 @@ import pytest  # noqa: E402
 from sqlalchemy import create_engine, select, text  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
-from ccat_data_transfer.celery_app import configure_celery  # noqa: E402
-from ccat_data_transfer.config.config import settings  # noqa: E402
-from ccat_data_transfer.database import DatabaseConnection, dispose_engines  # noqa: E402
+from ccat_data_transfer.core.celery_app import configure_celery  # noqa: E402
+from ccat_data_transfer.core.config import settings  # noqa: E402
+from ccat_data_transfer.core.database import DatabaseConnection, dispose_engines  # noqa: E402
 from ccat_ops_db import models as m  # noqa: E402
 from ccat_ops_db.migrate import upgrade  # noqa: E402
 from ccat_ops_db.topology import load_topology  # noqa: E402
@@ -152,6 +152,6 @@ def without_archive_repair(monkeypatch: pytest.MonkeyPatch) -> None:
     """No repair (or freeze) runs after a verification finds a bad archive copy: for tests
     of what the verification and the deletion rules do on their own."""
     import ccat_data_transfer.fixity.repair  # noqa: F401 - its hook is registered first
-    from ccat_data_transfer import archive_proof
+    from ccat_data_transfer.archive import proof as archive_proof
 
     monkeypatch.setattr(archive_proof, "on_bad_copies", [])

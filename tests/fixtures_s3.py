@@ -50,9 +50,9 @@ class S3TestServer:
         return cached
 
     def storage(self, bucket: str) -> Any:
-        """An :class:`~ccat_data_transfer.storage.S3Storage` of ``bucket`` on this server,
+        """An :class:`~ccat_data_transfer.core.storage.S3Storage` of ``bucket`` on this server,
         with this server's credentials."""
-        from ccat_data_transfer.storage import S3Storage
+        from ccat_data_transfer.core.storage import S3Storage
 
         return S3Storage(
             self.endpoint_url,

@@ -31,7 +31,7 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from ccat_data_transfer.database import DatabaseConnection
+from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_ops_db import models as m
 from helpers_lifecycle import archived_at_both_ltas, lta_package_copies
 from helpers_postgres import fresh_database

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from ccat_data_transfer.buffer_status import publish_status
+from ccat_data_transfer.core.buffer_status import publish_status
 from ccat_ops_db import models as m
 
 GB = 1_000_000_000

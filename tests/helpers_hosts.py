@@ -384,7 +384,7 @@ class SiteHosts:
         }
 
     def reach(self, site: str) -> Any:
-        from ccat_data_transfer.hosts import SiteReach
+        from ccat_data_transfer.core.hosts import SiteReach
 
         host = self.sites[site]
         return SiteReach(site=site, **host.topology_entry(self.keys))
@@ -435,9 +435,9 @@ def transfer_spec(
 def _transfer_main(spec: dict[str, Any]) -> int:
     """One method call as this process's user: ``spec`` names the method, the local
     source (root, path), the destination (root, path) and its reach (or none)."""
-    from ccat_data_transfer.hosts import SiteReach
-    from ccat_data_transfer.storage import DiskStorage
-    from ccat_data_transfer.transfer_methods import get_transfer_method
+    from ccat_data_transfer.core.hosts import SiteReach
+    from ccat_data_transfer.core.storage import DiskStorage
+    from ccat_data_transfer.core.transfer_methods import get_transfer_method
 
     method = get_transfer_method(spec["method"])
     reach = SiteReach(**spec["reach"]) if spec.get("reach") else None
@@ -459,8 +459,8 @@ def _transfer_main(spec: dict[str, Any]) -> int:
 def _simulate_main(spec: dict[str, Any]) -> int:
     """The instruments write and file observations as this process's user: ``spec`` is
     the database ``url`` and the simulator's keyword arguments."""
-    from ccat_data_transfer.database import DatabaseConnection
-    from ccat_data_transfer.simulator import InstrumentSimulator
+    from ccat_data_transfer.core.database import DatabaseConnection
+    from ccat_data_transfer.operations.simulator import InstrumentSimulator
 
     kwargs = dict(spec)
     sim = InstrumentSimulator(db=DatabaseConnection(kwargs.pop("url")), **kwargs)

@@ -39,8 +39,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer import buffer_status as bs
-from ccat_data_transfer.storage import storage_for_location
+from ccat_data_transfer.core import buffer_status as bs
+from ccat_data_transfer.core.storage import storage_for_location
 from ccat_ops_db import models as m
 
 PRESENT = m.PhysicalCopyStatus.PRESENT

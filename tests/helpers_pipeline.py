@@ -2,7 +2,7 @@
 
 ``make_raw_files(system, location_name, obs_unit, module, n, size)`` writes ``n`` real
 files of ``size`` random bytes at a SOURCE location and files them with
-``ccat_data_transfer.filing.file_raw_data_files`` (committed).  It returns the filed
+``ccat_data_transfer.filing.register.file_raw_data_files`` (committed).  It returns the filed
 entries: one dict per file with the filing keys (``relative_path``, ``size``,
 ``checksum``, ``checksum_algorithm``, ``executed_obs_unit``, ``instrument_module``)
 plus ``id`` (the RawDataFile UUID as str) and ``path`` (the file on disk, a Path).
@@ -25,7 +25,7 @@ from typing import Any
 
 from sqlalchemy import update
 
-from ccat_data_transfer.filing import file_raw_data_files
+from ccat_data_transfer.filing.register import file_raw_data_files
 from ccat_ops_db import models as m
 
 
@@ -71,8 +71,8 @@ def make_raw_files(
 
 def package_everything(system: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """One raw-data-package cycle, then one data-transfer-package cycle."""
-    from ccat_data_transfer import data_transfer_package_manager as dtpm
-    from ccat_data_transfer import raw_data_package_manager as rdpm
+    from ccat_data_transfer.packaging import raw_packages as rdpm
+    from ccat_data_transfer.packaging import transfer_packages as dtpm
 
     with system.session() as session:
         raw = rdpm.run_once(session)

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
-from ccat_data_transfer.database import dispose_engines
+from ccat_data_transfer.core.database import dispose_engines
 
 PG_ADMIN_URL = os.environ.get(
     "CCAT_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"

@@ -21,8 +21,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer.storage import storage_for_location
-from ccat_data_transfer.tarutil import TarMember, write_tar_with_checksums
+from ccat_data_transfer.core.storage import storage_for_location
+from ccat_data_transfer.core.tarutil import TarMember, write_tar_with_checksums
 from ccat_ops_db import models as m
 
 

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
-from ccat_data_transfer import raw_data_package_manager as rdpm
 from ccat_data_transfer.api.app import create_app
 from ccat_data_transfer.api.auth import create_api_token
+from ccat_data_transfer.packaging import raw_packages as rdpm
 from ccat_ops_db import models as m
 from helpers_pipeline import make_raw_files
 

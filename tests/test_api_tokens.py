@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from ccat_data_transfer.api.app import create_app
 from ccat_data_transfer.api.auth import create_api_token, hash_token
-from ccat_data_transfer.exceptions import ValidationError
+from ccat_data_transfer.core.errors import ValidationError
 from ccat_ops_db import models as m
 from helpers_api_server import api_server
 

@@ -10,9 +10,10 @@ from typing import Any
 
 from sqlalchemy import select
 
-from ccat_data_transfer import archive_manager, transfer_manager
-from ccat_data_transfer.storage import S3Storage
-from ccat_data_transfer.transfer_methods import (
+from ccat_data_transfer import transfer_manager
+from ccat_data_transfer.archive import cycle as archive_manager
+from ccat_data_transfer.core.storage import S3Storage
+from ccat_data_transfer.core.transfer_methods import (
     CopyMethod,
     get_transfer_method,
     register_transfer_method,

@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from ccat_data_transfer.archive_proof import (
+from ccat_data_transfer.archive.proof import (
     CORRUPT,
     FIXITY_OK,
     MISSING,
@@ -16,7 +16,7 @@ from ccat_data_transfer.archive_proof import (
     request_verification,
     verify_copies,
 )
-from ccat_data_transfer.storage import storage_for_location
+from ccat_data_transfer.core.storage import storage_for_location
 from ccat_ops_db import models as m
 from helpers_lifecycle import make_package_at, write_object
 
@@ -155,8 +155,8 @@ def test_request_runs_the_verification_at_the_copys_site_and_queues_each_copy_on
 
 
 def test_archive_verification_queue_is_consumed_by_the_archives_site():
-    from ccat_data_transfer.operation_types import OperationType
-    from ccat_data_transfer.queue_discovery import OPERATIONS_BY_LOCATION_TYPE
+    from ccat_data_transfer.core.operation_types import OperationType
+    from ccat_data_transfer.core.queues import OPERATIONS_BY_LOCATION_TYPE
 
     assert (
         OperationType.ARCHIVE_VERIFICATION

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from ccat_data_transfer.database import DatabaseConnection, dispose_engines
+from ccat_data_transfer.core.database import DatabaseConnection, dispose_engines
 from ccat_ops_db import models as m
 from helpers_lifecycle import lta_package_copies
 

@@ -7,8 +7,8 @@ import random
 
 from sqlalchemy import select
 
-from ccat_data_transfer.audit import run_audit
 from ccat_data_transfer.cli import main
+from ccat_data_transfer.operations.audit import run_audit
 from ccat_ops_db import models as m
 from helpers_webhook import webhook_fixture  # noqa: F401 - the webhook fixture
 
@@ -102,7 +102,7 @@ def test_too_many_discrepancies_stop_the_audit_and_mark_nothing(system):
 def test_sampled_checksums_check_about_the_fraction(system, override_settings):
     _files_at(system, "primecam_raw_data", n=40)
     with system.session() as s:
-        from ccat_data_transfer.audit import audit_location
+        from ccat_data_transfer.operations.audit import audit_location
 
         report = audit_location(
             s, system.location(s, "primecam_raw_data"), sample_fraction=0.25, rng=random.Random(1)
@@ -189,7 +189,7 @@ def test_hold_list_and_clear_through_the_cli(system, capsys):
 
 def test_a_hold_is_a_metric_and_needs_attention_on_the_dashboard(system):
     from ccat_data_transfer.api.dashboard_queries import overview_data
-    from ccat_data_transfer.metrics import collect_snapshot, snapshot_to_prometheus
+    from ccat_data_transfer.operations.metrics import collect_snapshot, snapshot_to_prometheus
 
     _over_threshold(system)
     with system.session() as s:

@@ -119,7 +119,7 @@ def test_banner_counts_failed_transfers_and_links_to_them(system):
 
 
 def test_banner_names_started_work_whose_heartbeat_stopped_and_recovery_did_not_reset(system):
-    from ccat_data_transfer.recovery import run_once, stalled_timeout
+    from ccat_data_transfer.operations.recovery import run_once, stalled_timeout
 
     all_fresh(system)
     with system.session() as s:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from ccat_data_transfer import buffer_status as bs
 from ccat_data_transfer import deletion_manager as dm
-from ccat_data_transfer.buffer_manager import BufferManager, measure_location, send_alert
+from ccat_data_transfer.buffers.cycle import BufferManager, measure_location, send_alert
+from ccat_data_transfer.core import buffer_status as bs
 from ccat_ops_db import models as m
 from helpers_lifecycle import location, make_package_at, write_object
 from helpers_webhook import webhook_fixture  # noqa: F401 - the webhook fixture

@@ -7,9 +7,9 @@ from datetime import timedelta
 
 from sqlalchemy import select, update
 
-from ccat_data_transfer import data_transfer_package_manager as dtpm
-from ccat_data_transfer import raw_data_package_manager as rdpm
-from ccat_data_transfer.tarutil import sha256_file
+from ccat_data_transfer.core.tarutil import sha256_file
+from ccat_data_transfer.packaging import raw_packages as rdpm
+from ccat_data_transfer.packaging import transfer_packages as dtpm
 from ccat_ops_db import models as m
 from helpers_pipeline import build_started_and_died, make_raw_files
 

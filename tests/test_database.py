@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import text
 
-from ccat_data_transfer.database import DatabaseConnection
-from ccat_data_transfer.exceptions import DatabaseUnavailableError
+from ccat_data_transfer.core.database import DatabaseConnection
+from ccat_data_transfer.core.errors import DatabaseUnavailableError
 
 
 def test_get_connection_returns_session_and_engine(system):

@@ -10,7 +10,7 @@ from datetime import timedelta
 from sqlalchemy import select, update
 
 from ccat_data_transfer import deletion_manager as dm
-from ccat_data_transfer.buffer_manager import BufferManager
+from ccat_data_transfer.buffers.cycle import BufferManager
 from ccat_ops_db import models as m
 from helpers_lifecycle import (
     copy_row,

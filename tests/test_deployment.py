@@ -21,7 +21,7 @@ TOPOLOGY = tomllib.loads(
     (ROOT / "src" / "ccat_data_transfer" / "topology" / "default.toml").read_text()
 )
 SETTINGS = tomllib.loads(
-    (ROOT / "src" / "ccat_data_transfer" / "config" / "settings.toml").read_text()
+    (ROOT / "src" / "ccat_data_transfer" / "core" / "settings.toml").read_text()
 )["default"]
 
 

@@ -21,8 +21,8 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from ccat_data_transfer.database import DatabaseConnection
-from ccat_data_transfer.simulator import InstrumentSimulator
+from ccat_data_transfer.core.database import DatabaseConnection
+from ccat_data_transfer.operations.simulator import InstrumentSimulator
 from ccat_ops_db import models as m
 from helpers_cluster import Cluster, lifecycle_done, open_cluster, packages, wait
 

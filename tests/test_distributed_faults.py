@@ -31,9 +31,9 @@ from pathlib import Path
 import redis
 from sqlalchemy import func, select
 
-from ccat_data_transfer.database import DatabaseConnection
-from ccat_data_transfer.filing import file_raw_data_files, finish_executed_obs_unit
-from ccat_data_transfer.simulator import InstrumentSimulator
+from ccat_data_transfer.core.database import DatabaseConnection
+from ccat_data_transfer.filing.register import file_raw_data_files, finish_executed_obs_unit
+from ccat_data_transfer.operations.simulator import InstrumentSimulator
 from ccat_ops_db import models as m
 from helpers_cluster import (
     RedisServer,

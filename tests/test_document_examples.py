@@ -41,7 +41,7 @@ def populated(system, override_settings):
 
 
 def test_inspect_deletable_data_example_runs_as_written(populated, capsys):
-    from ccat_data_transfer.database import DatabaseConnection
+    from ccat_data_transfer.core.database import DatabaseConnection
     from ccat_data_transfer.deletion_manager import (
         find_deletable_data_transfer_packages,
         find_deletable_raw_data_packages_by_location,
@@ -102,10 +102,10 @@ def test_trigger_manual_deletion_cycle_example_runs_as_written(populated, capsys
 def test_schedule_specific_deletion_example_runs_as_written(populated, system, capsys):
     target_id = populated["deletable"][0].copy_ids["ccat_telescope_buffer"]
 
-    from ccat_data_transfer.database import DatabaseConnection
+    from ccat_data_transfer.core.database import DatabaseConnection
+    from ccat_data_transfer.core.operation_types import OperationType
+    from ccat_data_transfer.core.queues import route_task_by_location
     from ccat_data_transfer.deletion_manager import delete_physical_copy
-    from ccat_data_transfer.operation_types import OperationType
-    from ccat_data_transfer.queue_discovery import route_task_by_location
     from ccat_ops_db import models
 
     db = DatabaseConnection()
@@ -161,7 +161,7 @@ def test_check_buffer_status_example_runs_as_written(populated, capsys):
 
 
 def test_query_deletion_candidates_example_runs_as_written(populated, capsys):
-    from ccat_data_transfer.database import DatabaseConnection
+    from ccat_data_transfer.core.database import DatabaseConnection
     from ccat_data_transfer.deletion_manager import find_deletable_raw_data_packages_by_location
 
     db = DatabaseConnection()

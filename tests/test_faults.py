@@ -18,27 +18,20 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, event, func, select, text, update
 
-from ccat_data_transfer import (
-    archive_manager,
-    buffer_manager,
-    buffer_status,
-    data_transfer_package_manager,
-    deletion_manager,
-    raw_data_package_manager,
-    staging_manager,
-    transfer_manager,
-    transfer_methods,
-)
-from ccat_data_transfer import (
-    storage as storage_mod,
-)
-from ccat_data_transfer.audit import run_audit
-from ccat_data_transfer.celery_app import app
-from ccat_data_transfer.database import dispose_engines
-from ccat_data_transfer.filing import finish_executed_obs_unit
+from ccat_data_transfer import deletion_manager, staging_manager, transfer_manager
+from ccat_data_transfer.archive import cycle as archive_manager
+from ccat_data_transfer.buffers import cycle as buffer_manager
+from ccat_data_transfer.core import buffer_status, transfer_methods
+from ccat_data_transfer.core import storage as storage_mod
+from ccat_data_transfer.core.celery_app import app
+from ccat_data_transfer.core.database import dispose_engines
+from ccat_data_transfer.core.storage import S3Storage
+from ccat_data_transfer.core.storage import interface as storage_interface
+from ccat_data_transfer.filing.register import finish_executed_obs_unit
+from ccat_data_transfer.operations.audit import run_audit
+from ccat_data_transfer.packaging import raw_packages as raw_data_package_manager
+from ccat_data_transfer.packaging import transfer_packages as data_transfer_package_manager
 from ccat_data_transfer.staging import task as staging_task
-from ccat_data_transfer.storage import S3Storage
-from ccat_data_transfer.storage import interface as storage_interface
 from ccat_ops_db import models as m
 from ccat_ops_db.topology import load_topology
 from conftest import DEFAULT_TOPOLOGY

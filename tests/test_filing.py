@@ -7,8 +7,8 @@ import hashlib
 import pytest
 from sqlalchemy import func, select
 
-from ccat_data_transfer.exceptions import NotFoundError
-from ccat_data_transfer.filing import (
+from ccat_data_transfer.core.errors import NotFoundError
+from ccat_data_transfer.filing.register import (
     FilingConflictError,
     FilingError,
     file_raw_data_files,

@@ -9,12 +9,12 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
-from ccat_data_transfer.archive_proof import CORRUPT, MISSING, verify_copies
+from ccat_data_transfer.archive.proof import CORRUPT, MISSING, verify_copies
 from ccat_data_transfer.cli import main
+from ccat_data_transfer.core.manager_state import put_state
+from ccat_data_transfer.core.storage import storage_for_location
 from ccat_data_transfer.fixity import scan
 from ccat_data_transfer.fixity.repair import FROZEN, REPAIR_FAILED, REPAIR_STARTED, REPAIRED
-from ccat_data_transfer.manager_state import put_state
-from ccat_data_transfer.storage import storage_for_location
 from ccat_ops_db import models as m
 from helpers_lifecycle import location, make_package_at, write_object
 from helpers_webhook import webhook_fixture  # noqa: F401 - the webhook fixture
@@ -228,7 +228,7 @@ def test_the_scan_requeues_the_repair_of_a_copy_the_audit_marked_lost(system):
 
 
 def test_fixity_is_a_stage_of_the_orchestrator():
-    from ccat_data_transfer.orchestrator import default_stages
+    from ccat_data_transfer.operations.orchestrator import default_stages
 
     [stage] = [s for s in default_stages() if s.name == "fixity"]
     assert stage.callable() is scan.run_once

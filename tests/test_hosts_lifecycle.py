@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from ccat_data_transfer.database import DatabaseConnection
+from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.staging.jobs import create_staging_job
 from ccat_ops_db import models as m
 from conftest import DEFAULT_TOPOLOGY

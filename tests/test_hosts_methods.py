@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from ccat_data_transfer.hosts import XROOTD_IN_FLIGHT
+from ccat_data_transfer.core.hosts import XROOTD_IN_FLIGHT
 from helpers_hosts import SiteHosts, transfer_spec
 
 SIZE = 64 * 1024 * 1024
@@ -248,8 +248,8 @@ def test_unreachable_host_is_a_fast_retryable_error_then_success(hosts, method, 
 def test_s3_keeps_working_when_the_lta_site_is_another_host(hosts, s3_server, s3_bucket, tmp_path):
     """An S3 LTA at a site on its own host: the s3 method reaches the bucket directly and
     the checksum comes from S3, nothing goes over ssh to the site's host."""
-    from ccat_data_transfer.storage import DiskStorage
-    from ccat_data_transfer.transfer_methods import get_transfer_method
+    from ccat_data_transfer.core.storage import DiskStorage
+    from ccat_data_transfer.core.transfer_methods import get_transfer_method
 
     data = os.urandom(2 * 1024 * 1024 + 5)
     (tmp_path / "pkg").mkdir()
@@ -271,8 +271,8 @@ def test_s3_keeps_working_when_the_lta_site_is_another_host(hosts, s3_server, s3
 def test_resume_names_are_temporary_names():
     """The janitor removes a resume file left untouched (is_temp_name), and listings
     hide it; the final name is not temporary."""
-    from ccat_data_transfer.storage.interface import is_temp_name
-    from ccat_data_transfer.transfer_methods import _resume_name
+    from ccat_data_transfer.core.storage.interface import is_temp_name
+    from ccat_data_transfer.core.transfer_methods import _resume_name
 
     partial = _resume_name("a/b/pkg.tar")
     assert partial == "a/b/.pkg.tar.tmp-resume"

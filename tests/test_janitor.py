@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from ccat_data_transfer import janitor
-from ccat_data_transfer.audit import run_audit
-from ccat_data_transfer.buffer_manager import BufferManager
+from ccat_data_transfer.buffers import janitor
+from ccat_data_transfer.buffers.cycle import BufferManager
+from ccat_data_transfer.operations.audit import run_audit
 
 LIMIT = 3600
 
@@ -75,7 +75,7 @@ def test_janitor_removes_old_tmp_files_and_unpack_folders_logs_each_and_keeps_re
 
 
 def test_janitor_never_removes_a_name_that_is_not_temporary(system, leftovers):
-    from ccat_data_transfer.storage import DiskStorage
+    from ccat_data_transfer.core.storage import DiskStorage
 
     with pytest.raises(ValueError, match="not a temporary name"):
         DiskStorage(leftovers).remove_temporary("data_transfer_packages/real.tar")

@@ -95,29 +95,21 @@ from hypothesis.stateful import (
 )
 from sqlalchemy import bindparam, delete, func, select
 
-from ccat_data_transfer import (
-    archive_manager,
-    audit,
-    buffer_manager,
-    buffer_status,
-    data_transfer_package_manager,
-    deletion_manager,
-    raw_data_package_manager,
-    recovery,
-    staging_manager,
-    transfer_manager,
-    transfer_methods,
-)
-from ccat_data_transfer import (
-    storage as storage_mod,
-)
-from ccat_data_transfer.config.config import settings
-from ccat_data_transfer.database import DatabaseConnection, dispose_engines
+from ccat_data_transfer import deletion_manager, staging_manager, transfer_manager
+from ccat_data_transfer.archive import cycle as archive_manager
+from ccat_data_transfer.buffers import cycle as buffer_manager
+from ccat_data_transfer.core import buffer_status, transfer_methods
+from ccat_data_transfer.core import storage as storage_mod
+from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.core.database import DatabaseConnection, dispose_engines
+from ccat_data_transfer.core.errors import CcatError
+from ccat_data_transfer.core.storage import StorageFullError
 from ccat_data_transfer.deletion import rule_sql, rules, worker
-from ccat_data_transfer.exceptions import CcatError
-from ccat_data_transfer.filing import file_raw_data_files, finish_executed_obs_unit
+from ccat_data_transfer.filing.register import file_raw_data_files, finish_executed_obs_unit
 from ccat_data_transfer.fixity import scan as fixity_scan
-from ccat_data_transfer.storage import StorageFullError
+from ccat_data_transfer.operations import audit, recovery
+from ccat_data_transfer.packaging import raw_packages as raw_data_package_manager
+from ccat_data_transfer.packaging import transfer_packages as data_transfer_package_manager
 from ccat_ops_db import models as m
 from ccat_ops_db.migrate import upgrade
 from ccat_ops_db.topology import load_topology

@@ -1,6 +1,6 @@
 """Liveness from heartbeats: recovery resets started work whose heartbeat stopped, never
 work that runs long or waits in the queue; queued work whose message was lost is sent
-again without charging a retry (:mod:`ccat_data_transfer.liveness`)."""
+again without charging a retry (:mod:`ccat_data_transfer.core.liveness`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from datetime import timedelta
 
 from sqlalchemy import select, update
 
-from ccat_data_transfer import archive_manager, recovery, transfer_manager
-from ccat_data_transfer import raw_data_package_manager as rdpm
+from ccat_data_transfer import transfer_manager
+from ccat_data_transfer.archive import cycle as archive_manager
 from ccat_data_transfer.deletion.cycle import resubmit_stalled_deletions
+from ccat_data_transfer.operations import recovery
+from ccat_data_transfer.packaging import raw_packages as rdpm
 from ccat_data_transfer.packaging import skeleton
 from ccat_ops_db import models as m
 from helpers_pipeline import make_raw_files

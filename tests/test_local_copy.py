@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from ccat_data_transfer import fileio, transfer_manager
-from ccat_data_transfer.fileio import COPY_METHODS, copy_fd
-from ccat_data_transfer.storage import DiskStorage, StorageFullError
-from ccat_data_transfer.transfer_methods import CopyMethod
+from ccat_data_transfer import transfer_manager
+from ccat_data_transfer.core import fileio
+from ccat_data_transfer.core.fileio import COPY_METHODS, copy_fd
+from ccat_data_transfer.core.storage import DiskStorage, StorageFullError
+from ccat_data_transfer.core.transfer_methods import CopyMethod
 from ccat_ops_db import models as m
 from helpers_transfer import drive, make_dtp_at_source_buffer
 
@@ -198,7 +199,7 @@ def test_copy_between_filesystems(tmp_path):
 
 
 def test_copy_hop_of_a_missing_source_is_object_not_found(tmp_path):
-    from ccat_data_transfer.storage import ObjectNotFound
+    from ccat_data_transfer.core.storage import ObjectNotFound
 
     src = DiskStorage(tmp_path / "a", create=True)
     dst = DiskStorage(tmp_path / "b", create=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from ccat_data_transfer.database import DatabaseConnection, dispose_engines
+from ccat_data_transfer.core.database import DatabaseConnection, dispose_engines
 from ccat_ops_db import models as m
 
 CLI = [sys.executable, "-m", "ccat_data_transfer"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from ccat_data_transfer.database import DatabaseConnection
-from ccat_data_transfer.manager_state import get_state, put_state, state_updated_at
+from ccat_data_transfer.core.database import DatabaseConnection
+from ccat_data_transfer.core.manager_state import get_state, put_state, state_updated_at
 from ccat_ops_db import models as m
 
 

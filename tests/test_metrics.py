@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from sqlalchemy import select
 
-from ccat_data_transfer.metrics import (
+from ccat_data_transfer.operations.metrics import (
     collect_snapshot,
     prometheus_text,
     push_metrics,
@@ -130,7 +130,7 @@ def test_influx_push_is_off_by_default(system):
 
 
 def test_run_round_pushes_to_influxdb_when_enabled(system, override_settings):
-    from ccat_data_transfer.orchestrator import Orchestrator
+    from ccat_data_transfer.operations.orchestrator import Orchestrator
 
     received = []
 

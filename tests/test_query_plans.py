@@ -21,15 +21,11 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, event, text
 
-from ccat_data_transfer import (
-    archive_manager,
-    data_transfer_package_manager,
-    deletion_manager,
-    raw_data_package_manager,
-    staging_manager,
-    transfer_manager,
-)
-from ccat_data_transfer.database import DatabaseConnection, dispose_engines
+from ccat_data_transfer import deletion_manager, staging_manager, transfer_manager
+from ccat_data_transfer.archive import cycle as archive_manager
+from ccat_data_transfer.core.database import DatabaseConnection, dispose_engines
+from ccat_data_transfer.packaging import raw_packages as raw_data_package_manager
+from ccat_data_transfer.packaging import transfer_packages as data_transfer_package_manager
 from ccat_ops_db.migrate import upgrade
 from ccat_ops_db.topology import load_topology
 from conftest import BACKENDS, DEFAULT_TOPOLOGY

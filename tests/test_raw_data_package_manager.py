@@ -9,11 +9,12 @@ import threading
 import pytest
 from sqlalchemy import func, select
 
-from ccat_data_transfer import buffer_status, filing, tarutil
-from ccat_data_transfer import raw_data_package_manager as rdpm
-from ccat_data_transfer.database import DatabaseConnection
+from ccat_data_transfer.core import buffer_status, tarutil
+from ccat_data_transfer.core.database import DatabaseConnection
+from ccat_data_transfer.core.tarutil import writing as tar_writing
+from ccat_data_transfer.filing import register as filing
+from ccat_data_transfer.packaging import raw_packages as rdpm
 from ccat_data_transfer.packaging import skeleton
-from ccat_data_transfer.tarutil import writing as tar_writing
 from ccat_ops_db import models as m
 from helpers_pipeline import build_started_and_died, make_raw_files
 
@@ -241,7 +242,7 @@ def test_full_best_buffer_fails_over_to_the_next(system, monkeypatch):
     import errno
     import os
 
-    from ccat_data_transfer.storage import interface
+    from ccat_data_transfer.core.storage import interface
 
     spare = _add_buffer(system, "ccat_spare_buffer", priority=5)
     full = system.location_path(BUF)
@@ -370,7 +371,7 @@ def test_package_is_written_once_straight_into_the_buffer(system, monkeypatch):
     import hashlib
     import os
 
-    from ccat_data_transfer.storage import DiskStorage
+    from ccat_data_transfer.core.storage import DiskStorage
 
     entries = make_raw_files(system, SRC, "eou-once", "primecam/280GHz", 3, 300_000)
     writes, copies = [], []
@@ -432,7 +433,7 @@ def test_buffer_out_of_reach_gets_a_copy_of_a_tar_written_at_source(
 ):
     import hashlib
 
-    from ccat_data_transfer.storage import S3Storage
+    from ccat_data_transfer.core.storage import S3Storage
 
     override_settings(
         S3_ACCESS_KEY_ID=s3_server.access_key, S3_SECRET_ACCESS_KEY=s3_server.secret_key
@@ -468,9 +469,9 @@ def test_a_killed_write_into_the_buffer_leaves_only_a_temporary_name_the_janitor
     import signal
     import time
 
-    from ccat_data_transfer import janitor
-    from ccat_data_transfer.storage import DiskStorage, interface
-    from ccat_data_transfer.tarutil import TarMember
+    from ccat_data_transfer.buffers import janitor
+    from ccat_data_transfer.core.storage import DiskStorage, interface
+    from ccat_data_transfer.core.tarutil import TarMember
 
     src = tmp_path / "src"
     src.mkdir()

@@ -6,7 +6,8 @@ from datetime import timedelta
 
 from sqlalchemy import update
 
-from ccat_data_transfer import recovery, transfer_manager
+from ccat_data_transfer import transfer_manager
+from ccat_data_transfer.operations import recovery
 from ccat_ops_db import models as m
 from helpers_staging import make_archived_package
 from helpers_transfer import make_dtp_at_source_buffer
@@ -77,7 +78,7 @@ def test_stalled_staging_job_goes_back_to_pending(system):
 def test_transfer_package_in_transit_is_never_taken_for_a_stalled_bundle(system):
     """Regression: a DTP is IN_PROGRESS again while it is transferred; a slow transfer
     must not make the bundler release it (that would unlink its members)."""
-    from ccat_data_transfer import data_transfer_package_manager
+    from ccat_data_transfer.packaging import transfer_packages as data_transfer_package_manager
 
     tid = _claimed_transfer(system)
     with system.session() as s:

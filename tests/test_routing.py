@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from ccat_data_transfer import data_transfer_package_manager as dtpm
-from ccat_data_transfer import raw_data_package_manager as rdpm
 from ccat_data_transfer import transfer_manager
 from ccat_data_transfer.api.dashboard_queries import overview_data
-from ccat_data_transfer.buffer_status import publish_status
+from ccat_data_transfer.core.buffer_status import publish_status
+from ccat_data_transfer.packaging import raw_packages as rdpm
+from ccat_data_transfer.packaging import transfer_packages as dtpm
 from ccat_ops_db import models as m
 from helpers_pipeline import make_raw_files
 from helpers_transfer import make_dtp_rows_only

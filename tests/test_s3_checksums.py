@@ -15,9 +15,12 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from ccat_data_transfer import archive_manager, archive_proof, audit, transfer_manager
-from ccat_data_transfer.storage import S3Storage
-from ccat_data_transfer.storage import s3 as s3mod
+from ccat_data_transfer import transfer_manager
+from ccat_data_transfer.archive import cycle as archive_manager
+from ccat_data_transfer.archive import proof as archive_proof
+from ccat_data_transfer.core.storage import S3Storage
+from ccat_data_transfer.core.storage import s3 as s3mod
+from ccat_data_transfer.operations import audit
 from ccat_ops_db import models as m
 from helpers_transfer import drive, make_dtp_at_source_buffer
 from test_archive import _us_lta_on_s3

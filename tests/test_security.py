@@ -17,8 +17,9 @@ from typing import Any
 
 from sqlalchemy import select, text
 
-from ccat_data_transfer import archive_manager, transfer_manager
+from ccat_data_transfer import transfer_manager
 from ccat_data_transfer.api.auth import create_api_token
+from ccat_data_transfer.archive import cycle as archive_manager
 from ccat_ops_db import models as m
 from ccat_ops_db.topology import load_topology
 from helpers_transfer import drive, make_dtp_at_source_buffer
@@ -39,7 +40,7 @@ def test_only_the_config_module_reads_the_environment():
         for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if ENV_READ.search(line):
                 offenders.append(f"{path.relative_to(SRC)}:{no}: {line.strip()}")
-    assert offenders == [], "read settings via ccat_data_transfer.config.config:\n" + "\n".join(
+    assert offenders == [], "read settings via ccat_data_transfer.core.config:\n" + "\n".join(
         offenders
     )
 

@@ -1,5 +1,5 @@
 """Managers scoped to one site: each does only its site's work, and one process per site
-does together exactly the work of one central process (``ccat_data_transfer.scope``)."""
+does together exactly the work of one central process (``ccat_data_transfer.core.scope``)."""
 
 from __future__ import annotations
 
@@ -15,21 +15,17 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, update
 
-from ccat_data_transfer import (
-    archive_manager,
-    buffer_manager,
-    deletion_manager,
-    recovery,
-    staging_manager,
-    transfer_manager,
-)
-from ccat_data_transfer import data_transfer_package_manager as dtpm
-from ccat_data_transfer import raw_data_package_manager as rdpm
+from ccat_data_transfer import deletion_manager, staging_manager, transfer_manager
+from ccat_data_transfer.archive import cycle as archive_manager
+from ccat_data_transfer.buffers import cycle as buffer_manager
 from ccat_data_transfer.cli import main
-from ccat_data_transfer.exceptions import NotFoundError
-from ccat_data_transfer.manager_loop import stop_event
-from ccat_data_transfer.orchestrator import lifecycle_counts
-from ccat_data_transfer.scope import ALL_SITES, location_ids, scoped_name
+from ccat_data_transfer.core.errors import NotFoundError
+from ccat_data_transfer.core.manager_loop import stop_event
+from ccat_data_transfer.core.scope import ALL_SITES, location_ids, scoped_name
+from ccat_data_transfer.operations import recovery
+from ccat_data_transfer.operations.orchestrator import lifecycle_counts
+from ccat_data_transfer.packaging import raw_packages as rdpm
+from ccat_data_transfer.packaging import transfer_packages as dtpm
 from ccat_ops_db import models as m
 from helpers_lifecycle import make_dtp, make_package_at, make_staging_job, make_transfer
 from helpers_pipeline import make_raw_files

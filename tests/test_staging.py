@@ -10,14 +10,14 @@ import pytest
 from sqlalchemy import func, select, update
 
 from ccat_data_transfer import deletion_manager, staging_manager
-from ccat_data_transfer.exceptions import NotFoundError, ValidationError
+from ccat_data_transfer.core.errors import NotFoundError, ValidationError
+from ccat_data_transfer.core.storage import storage_for_location
 from ccat_data_transfer.staging_manager import (
     create_staging_job,
     deactivate_staging_job,
     expire_staging_jobs,
     select_lta_copies,
 )
-from ccat_data_transfer.storage import storage_for_location
 from ccat_ops_db import models as m
 from helpers_staging import (
     add_processing_location,

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from ccat_data_transfer.storage import (
+from ccat_data_transfer.core.storage import (
     DiskStorage,
     ObjectNotFound,
     S3Storage,
@@ -379,7 +379,7 @@ def test_s3_prefix_keeps_objects_under_prefix(s3_server, s3_bucket: str) -> None
 
 
 def test_s3_credentials_default_to_settings(s3_server, s3_bucket: str) -> None:
-    from ccat_data_transfer.config.config import settings
+    from ccat_data_transfer.core.config import settings
 
     saved = {k: settings.get(k) for k in ("S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY")}
     settings.set("S3_ACCESS_KEY_ID", "from-settings-key")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ccat_data_transfer.tarutil import (
+from ccat_data_transfer.core.tarutil import (
     CorruptTarError,
     TarMember,
     TarSourceChangedError,
@@ -21,7 +21,7 @@ from ccat_data_transfer.tarutil import (
     sha256_file,
     write_tar_with_checksums,
 )
-from ccat_data_transfer.tarutil.writing import _LAYOUTS
+from ccat_data_transfer.core.tarutil.writing import _LAYOUTS
 
 SIZES = {
     "obs1/module0/empty.dat": 0,
@@ -472,7 +472,7 @@ def _tar_of(tmp_path, members: dict[str, tuple[bytes, int]]):
 
 
 def test_a_tar_with_too_many_members_is_refused_before_anything_is_written(tmp_path):
-    from ccat_data_transfer.tarutil import UnsafeTarError, safe_extract
+    from ccat_data_transfer.core.tarutil import UnsafeTarError, safe_extract
 
     tar = _tar_of(tmp_path, {f"f{i}": (b"x", 0o644) for i in range(11)})
     dest = tmp_path / "out"
@@ -482,7 +482,7 @@ def test_a_tar_with_too_many_members_is_refused_before_anything_is_written(tmp_p
 
 
 def test_a_tar_whose_files_exceed_the_byte_limit_is_refused(tmp_path):
-    from ccat_data_transfer.tarutil import UnsafeTarError, safe_extract
+    from ccat_data_transfer.core.tarutil import UnsafeTarError, safe_extract
 
     tar = _tar_of(tmp_path, {"a": (b"x" * 600, 0o644), "b": (b"y" * 600, 0o644)})
     dest = tmp_path / "out"
@@ -492,7 +492,7 @@ def test_a_tar_whose_files_exceed_the_byte_limit_is_refused(tmp_path):
 
 
 def test_the_member_limit_is_a_setting(tmp_path, override_settings):
-    from ccat_data_transfer.tarutil import UnsafeTarError, safe_extract
+    from ccat_data_transfer.core.tarutil import UnsafeTarError, safe_extract
 
     override_settings(EXTRACT_MAX_MEMBERS=3)
     tar = _tar_of(tmp_path, {f"f{i}": (b"x", 0o644) for i in range(4)})
@@ -503,7 +503,7 @@ def test_the_member_limit_is_a_setting(tmp_path, override_settings):
 def test_extracted_modes_are_normalised_no_setuid_no_world_write(tmp_path):
     import stat
 
-    from ccat_data_transfer.tarutil import safe_extract
+    from ccat_data_transfer.core.tarutil import safe_extract
 
     tar = _tar_of(
         tmp_path,

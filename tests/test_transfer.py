@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
-from ccat_data_transfer import archive_manager, transfer_manager
-from ccat_data_transfer.buffer_status import publish_status
-from ccat_data_transfer.exceptions import ConfigurationError, ValidationError
-from ccat_data_transfer.storage import DiskStorage
-from ccat_data_transfer.transfer_methods import (
+from ccat_data_transfer import transfer_manager
+from ccat_data_transfer.archive import cycle as archive_manager
+from ccat_data_transfer.core.buffer_status import publish_status
+from ccat_data_transfer.core.errors import ConfigurationError, ValidationError
+from ccat_data_transfer.core.storage import DiskStorage
+from ccat_data_transfer.core.transfer_methods import (
     BbcpMethod,
     CopyMethod,
     RsyncMethod,
@@ -253,7 +254,7 @@ def test_round_robin_spreads_100_packages_evenly_across_lta_sites(system):
 
 
 def test_round_robin_rotation_survives_a_manager_restart(system):
-    from ccat_data_transfer.database import dispose_engines
+    from ccat_data_transfer.core.database import dispose_engines
 
     sites = []
     for _ in range(5):

@@ -139,7 +139,7 @@ def test_truncated_tar_is_not_a_permanent_unpack_failure(system):
             info, data = _file(rdp.relative_path, b"y" * 5000)
             tar.addfile(info, io.BytesIO(data))
         blob = buf.getvalue()[:2048]  # cut inside the member
-        from ccat_data_transfer.storage import storage_for_location
+        from ccat_data_transfer.core.storage import storage_for_location
 
         st = storage_for_location(system.location(s, "ccat_telescope_buffer"))
         with st.open_write(dtp.relative_path) as out:

@@ -1,7 +1,7 @@
 """Sphinx directives that generate reference pages from the code, so they cannot drift.
 
 ``.. ccat-settings::``
-    A table of every key in ``src/ccat_data_transfer/config/settings.toml``: its default
+    A table of every key in ``src/ccat_data_transfer/core/settings.toml``: its default
     (the ``[default]`` value), the environments that override it, and its meaning.  The
     meaning is the comment written above the key in ``settings.toml``; the directive's
     content may add to it (or supply it for keys without a comment) as a definition list::
@@ -38,7 +38,7 @@ from sphinx.util.nodes import nested_parse_with_titles
 LOG = sphinx_logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
-SETTINGS_TOML = REPO / "src" / "ccat_data_transfer" / "config" / "settings.toml"
+SETTINGS_TOML = REPO / "src" / "ccat_data_transfer" / "core" / "settings.toml"
 
 _KEY_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*=")
 _SECTION_LINE = re.compile(r"^\[([A-Za-z0-9_.-]+)\]\s*$")

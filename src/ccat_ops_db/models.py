@@ -244,7 +244,7 @@ class Site(Base):
     description: Mapped[str | None] = mapped_column(Text)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     # How other sites' workers reach this site's machine (None: a shared filesystem).
-    # See ccat_data_transfer.hosts.SiteReach.
+    # See ccat_data_transfer.core.hosts.SiteReach.
     host: Mapped[str | None] = mapped_column(String(256))
     ssh_user: Mapped[str | None] = mapped_column(String(64))
     ssh_port: Mapped[int | None] = mapped_column(Integer)
@@ -423,7 +423,7 @@ class RawDataPackage(_PackageFile, Base):
     failure_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # Last sign of life of the build: when its task was (last) sent while SCHEDULED, the
-    # latest heartbeat of the worker while IN_PROGRESS (see ccat_data_transfer.liveness).
+    # latest heartbeat of the worker while IN_PROGRESS (see ccat_data_transfer.core.liveness).
     heartbeat_at: Mapped[datetime | None]
     archived_at: Mapped[datetime | None]
     # Frozen: no good copy of the package is known anywhere (every archive copy corrupt or
@@ -453,7 +453,7 @@ class DataTransferPackage(_PackageFile, Base):
     failure_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # Last sign of life of the build: when its task was (last) sent while SCHEDULED, the
-    # latest heartbeat of the worker while IN_PROGRESS (see ccat_data_transfer.liveness).
+    # latest heartbeat of the worker while IN_PROGRESS (see ccat_data_transfer.core.liveness).
     heartbeat_at: Mapped[datetime | None]
 
     origin_location: Mapped[DataLocation | None] = relationship()
@@ -579,7 +579,7 @@ class StagingJob(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     start_time: Mapped[datetime | None]
     # NULL while the claimed job waits in the queue; the worker's latest heartbeat once
-    # its task has taken the job (see ccat_data_transfer.liveness).
+    # its task has taken the job (see ccat_data_transfer.core.liveness).
     heartbeat_at: Mapped[datetime | None]
     completed_at: Mapped[datetime | None]
     deactivated_at: Mapped[datetime | None]
@@ -652,7 +652,7 @@ class PhysicalCopy(Base):
     # When the copy became DELETION_POSSIBLE (start of its retention clock).
     deletion_possible_at: Mapped[datetime | None]
     # When the deletion task was (last) sent while DELETION_SCHEDULED; the worker's
-    # heartbeat while DELETION_IN_PROGRESS (see ccat_data_transfer.liveness).
+    # heartbeat while DELETION_IN_PROGRESS (see ccat_data_transfer.core.liveness).
     deletion_scheduled_at: Mapped[datetime | None]
     deleted_at: Mapped[datetime | None]
     deletion_retry_count: Mapped[int] = mapped_column(Integer, default=0)

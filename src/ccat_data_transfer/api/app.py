@@ -25,9 +25,9 @@ from ccat_data_transfer import __version__
 from ccat_data_transfer.api.limits import BodyLimitMiddleware
 from ccat_data_transfer.api.login import LoginRequired, login_redirect
 from ccat_data_transfer.api.openapi import describe_api
-from ccat_data_transfer.database import DatabaseConnection
-from ccat_data_transfer.exceptions import NotFoundError, ValidationError
-from ccat_data_transfer.filing import FilingError
+from ccat_data_transfer.core.database import DatabaseConnection
+from ccat_data_transfer.core.errors import NotFoundError, ValidationError
+from ccat_data_transfer.filing.register import FilingError
 
 #: Router modules of ``ccat_data_transfer.api``, one per area; each has a module-level
 #: ``router``.  An area not written yet is skipped (like the CLI's command modules).

@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer.api.deps import get_session
-from ccat_data_transfer.exceptions import NotFoundError, ValidationError
+from ccat_data_transfer.core.errors import NotFoundError, ValidationError
 from ccat_ops_db import models as m
 
 ROLES: dict[str, str] = {

@@ -165,8 +165,8 @@ def banner_items(
 ) -> list[dict[str, str]]:
     """Everything that needs a person, most urgent first; empty means "All clear".
 
-    ``snap`` is :func:`ccat_data_transfer.metrics.collect_snapshot`'s result and
-    ``next_package`` :func:`ccat_data_transfer.buffer_room.next_package_verdicts`'.
+    ``snap`` is :func:`ccat_data_transfer.operations.metrics.collect_snapshot`'s result and
+    ``next_package`` :func:`ccat_data_transfer.core.buffer_room.next_package_verdicts`'.
     """
     items = [
         _item(

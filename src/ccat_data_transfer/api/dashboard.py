@@ -36,7 +36,7 @@ from ccat_data_transfer.api.dashboard_queries import (
 from ccat_data_transfer.api.dashboard_trends import buffer_usage_data, throughput_data
 from ccat_data_transfer.api.deps import MAX_ID, get_session
 from ccat_data_transfer.api.login import dashboard_is_public, dashboard_viewer
-from ccat_data_transfer.formatting import human_bytes
+from ccat_data_transfer.core.formatting import human_bytes
 from ccat_ops_db import models as m
 
 _HERE = Path(__file__).resolve().parent

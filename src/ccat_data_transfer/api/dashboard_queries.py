@@ -21,9 +21,9 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from ccat_data_transfer.api.banner import banner_items, location_anchor
-from ccat_data_transfer.buffer_room import next_package_verdicts
-from ccat_data_transfer.buffer_status import thresholds_for
-from ccat_data_transfer.metrics import collect_snapshot
+from ccat_data_transfer.core.buffer_room import next_package_verdicts
+from ccat_data_transfer.core.buffer_status import thresholds_for
+from ccat_data_transfer.operations.metrics import collect_snapshot
 from ccat_ops_db import models as m
 from ccat_ops_db.topology import HOLDING_STATES
 

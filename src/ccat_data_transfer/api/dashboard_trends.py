@@ -16,8 +16,8 @@ from sqlalchemy import Date, Integer, cast, func, select
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer.api.dashboard_queries import MAX_CHART_POINTS, _iso, _window
-from ccat_data_transfer.buffer_status import thresholds_for
-from ccat_data_transfer.database import is_postgresql
+from ccat_data_transfer.core.buffer_status import thresholds_for
+from ccat_data_transfer.core.database import is_postgresql
 from ccat_ops_db import models as m
 
 __all__ = ["buffer_usage_data", "throughput_data"]

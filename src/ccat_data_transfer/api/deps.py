@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from fastapi import Request
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer.database import DatabaseConnection
+from ccat_data_transfer.core.database import DatabaseConnection
 
 
 def get_db(request: Request) -> DatabaseConnection:

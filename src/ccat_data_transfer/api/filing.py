@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from ccat_data_transfer.api.auth import Principal, require_filer
 from ccat_data_transfer.api.deps import get_session
-from ccat_data_transfer.filing import (
+from ccat_data_transfer.filing.register import (
     FilingEntry,
     FilingResult,
     file_raw_data_files,

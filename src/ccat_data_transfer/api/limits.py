@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import HTTPException
 
-from ccat_data_transfer.config.config import settings
+from ccat_data_transfer.core.config import settings
 
 Scope = dict[str, Any]
 Receive = Any

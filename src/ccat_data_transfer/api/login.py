@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session
 
 from ccat_data_transfer.api.auth import Principal, principal_of, token_row
 from ccat_data_transfer.api.deps import get_session
-from ccat_data_transfer.config.config import settings
-from ccat_data_transfer.logging_utils import get_logger
+from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.core.logs import get_logger
 from ccat_ops_db import models as m
 
 log = get_logger(__name__)

@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ccat_data_transfer.api.deps import get_db
 from ccat_data_transfer.api.login import metrics_viewer
-from ccat_data_transfer.metrics import prometheus_text
+from ccat_data_transfer.operations.metrics import prometheus_text
 
 router = APIRouter(tags=["metrics"], dependencies=[Depends(metrics_viewer)])
 

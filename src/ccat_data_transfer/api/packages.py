@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from ccat_data_transfer.api.auth import Principal, require_role
 from ccat_data_transfer.api.deps import MAX_ID, get_session
-from ccat_data_transfer.exceptions import NotFoundError
+from ccat_data_transfer.core.errors import NotFoundError
 from ccat_data_transfer.packaging.raw_report import describe_raw_data_package
 
 router = APIRouter(prefix="/api/v1", tags=["packages"])

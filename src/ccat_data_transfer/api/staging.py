@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from ccat_data_transfer.api.auth import Principal, require_role
 from ccat_data_transfer.api.deps import MAX_ID, get_session
-from ccat_data_transfer.exceptions import CcatError, NotFoundError
+from ccat_data_transfer.core.errors import CcatError, NotFoundError
 from ccat_data_transfer.staging import jobs, retention
 
 router = APIRouter(prefix="/api/v1/staging-jobs", tags=["staging"])

@@ -15,7 +15,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from ccat_data_transfer.cli import errors, helptext
 from ccat_data_transfer.cli.common import app, err_console, options
-from ccat_data_transfer.exceptions import CcatError
+from ccat_data_transfer.core.errors import CcatError
 from ccat_ops_db.topology import TopologyError
 
 COMMAND_MODULES = [

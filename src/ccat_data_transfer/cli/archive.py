@@ -29,7 +29,7 @@ from ccat_data_transfer.cli.common import (
     print_result_json,
     run_manager_command,
 )
-from ccat_data_transfer.exceptions import NotFoundError
+from ccat_data_transfer.core.errors import NotFoundError
 from ccat_ops_db import models as m
 
 audit_app = typer.Typer(
@@ -69,7 +69,7 @@ def audit_command(
     if ctx.invoked_subcommand is not None:
         return
 
-    from ccat_data_transfer.audit import run_audit
+    from ccat_data_transfer.operations.audit import run_audit
 
     db = get_db()
     with db.session_scope() as session:
@@ -129,7 +129,7 @@ def hold_list_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Locations on hold: no deletion relies on their copies until an operator clears it."""
-    from ccat_data_transfer.audit import list_holds
+    from ccat_data_transfer.operations.audit import list_holds
 
     with get_db().session_scope() as session:
         holds = list_holds(session)
@@ -151,7 +151,7 @@ def hold_clear_command(
     ),
 ) -> None:
     """Lift a location's hold (after the fault was understood and mended)."""
-    from ccat_data_transfer.audit import clear_hold
+    from ccat_data_transfer.operations.audit import clear_hold
 
     with get_db().session_scope() as session:
         held = clear_hold(session, location, reason)

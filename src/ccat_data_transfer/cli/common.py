@@ -20,10 +20,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ccat_data_transfer import __version__, formatting
-from ccat_data_transfer.config.config import settings
-from ccat_data_transfer.database import DatabaseConnection
-from ccat_data_transfer.logging_utils import configure_logging
+from ccat_data_transfer import __version__
+from ccat_data_transfer.core import formatting
+from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.core.database import DatabaseConnection
+from ccat_data_transfer.core.logs import configure_logging
+from ccat_data_transfer.core.registry import stage
 
 app = typer.Typer(
     name="ccat_data_transfer",
@@ -86,7 +88,7 @@ def _global_options(
 
 def get_db() -> DatabaseConnection:
     """A checked connection: a clear error if the DB is unreachable or not initialised."""
-    from ccat_data_transfer.exceptions import ConfigurationError
+    from ccat_data_transfer.core.errors import ConfigurationError
 
     db = DatabaseConnection()
     db.check()  # a missing embedded database is an error here, not an empty new file
@@ -102,7 +104,7 @@ _CLI_BYTE_UNITS = ("B", "KB", "MB", "GB", "TB", "PB")
 
 
 def human_bytes(n: int | float | None) -> str:
-    """A size for terminal output: :func:`ccat_data_transfer.formatting.human_bytes` with
+    """A size for terminal output: :func:`ccat_data_transfer.core.formatting.human_bytes` with
     ASCII labels (``KB``, ``-`` for an unknown size)."""
     return formatting.human_bytes(n, missing="-", units=_CLI_BYTE_UNITS)
 
@@ -142,8 +144,8 @@ def manager_site(db: DatabaseConnection, site: str | None) -> str | None:
     """The checked site of a manager command: ``--site``, else the setting MANAGER_SITE;
     its canonical name, or None for every site.  An unknown site is a clear error before
     the manager starts (not a failure logged every cycle)."""
-    from ccat_data_transfer import scope
-    from ccat_data_transfer.exceptions import CcatError
+    from ccat_data_transfer.core import scope
+    from ccat_data_transfer.core.errors import CcatError
 
     with db.session_scope() as session:
         try:
@@ -157,7 +159,7 @@ def manager_site(db: DatabaseConnection, site: str | None) -> str | None:
 def scoped_cycle(cycle: Any, site: str | None) -> Any:
     """``cycle(session)`` bound to the checked ``site`` (None: every site, whatever the
     setting says, since :func:`manager_site` already read it)."""
-    from ccat_data_transfer import scope
+    from ccat_data_transfer.core import scope
 
     return functools.partial(cycle, site=site if site else scope.ALL_SITES)
 
@@ -188,15 +190,15 @@ def run_manager_command(
     then run ``cycle`` (scoped to the site) in the manager loop as ``name[@site]``; the
     cycle's result with ``once``.  ``beat_each_cycle``: the health heartbeat is sent after
     each cycle (not by a background thread)."""
-    from ccat_data_transfer.manager_loop import run_manager
-    from ccat_data_transfer.scope import scoped_name
+    from ccat_data_transfer.core.manager_loop import run_manager
+    from ccat_data_transfer.core.scope import scoped_name
 
     configure_logging(verbose=verbose or options.verbose)
     db = get_db()
     site = manager_site(db, site)
     heartbeat = None
     if beat_each_cycle:
-        from ccat_data_transfer.health import HealthReporter
+        from ccat_data_transfer.core.health import HealthReporter
 
         heartbeat = HealthReporter("manager", scoped_name(name, site)).beat
     return run_manager(
@@ -223,7 +225,7 @@ def add_manager_command(
     beat_each_cycle: bool = False,
 ) -> Callable[..., None]:
     """Register ``command`` (``transfer-manager``; options ``--once``, ``-v``, ``--site``;
-    help ``doc``): it runs ``ccat_data_transfer.transfer_manager.run_once`` in the manager
+    help ``doc``): it runs the registry entry's ``run_once`` in the manager
     loop, ``sleep_seconds(module)`` between cycles, and with ``--once`` hands the result to
     ``report``.  The manager module is imported when the command runs, not at start-up."""
     manager = command.replace("-", "_")
@@ -231,7 +233,7 @@ def add_manager_command(
     def manager_command(
         once: bool = ONCE_OPTION, verbose: bool = VERBOSE_OPTION, site: str | None = SITE_OPTION
     ) -> None:
-        module = importlib.import_module(f"ccat_data_transfer.{manager}")
+        module = importlib.import_module(stage(manager).cycle_module)
         result = run_manager_command(
             manager,
             module.run_once,

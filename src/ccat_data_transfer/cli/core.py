@@ -10,8 +10,8 @@ from rich.table import Table
 from sqlalchemy import select
 
 from ccat_data_transfer.cli.common import app, console, get_db, human_bytes
-from ccat_data_transfer.config.config import data_dir, settings
-from ccat_data_transfer.database import init_database
+from ccat_data_transfer.core.config import data_dir, settings
+from ccat_data_transfer.core.database import init_database
 from ccat_ops_db import models as m
 from ccat_ops_db.topology import apply_topology, read_topology_file
 

@@ -20,8 +20,8 @@ from ccat_data_transfer.cli.common import (
     print_result_json,
     run_manager_command,
 )
-from ccat_data_transfer.config.config import settings
-from ccat_data_transfer.exceptions import NotFoundError, ValidationError
+from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.core.errors import NotFoundError, ValidationError
 from ccat_ops_db import models as m
 
 _STATE_STYLE = {
@@ -63,8 +63,8 @@ def buffer_manager_command(
 ) -> None:
     """Run the buffer manager: measure every active location (of ``--site``), publish its
     state, escalate."""
-    from ccat_data_transfer.buffer_manager import BufferManager
-    from ccat_data_transfer.scope import ALL_SITES
+    from ccat_data_transfer.buffers.cycle import BufferManager
+    from ccat_data_transfer.core.scope import ALL_SITES
 
     site = manager_site(get_db(), site)
     result = BufferManager().run(once=once, site=site or ALL_SITES)
@@ -82,9 +82,9 @@ def disk_monitor_command(
     """Measure disk use now and show use, state and thresholds; for an LTA-site buffer,
     whether it can take the next package waiting to be sent (else it says "cannot take
     next package (X needed, Y free)" and the round-robin skips it)."""
-    from ccat_data_transfer import buffer_status as bs
-    from ccat_data_transfer.buffer_manager import measure_location
-    from ccat_data_transfer.buffer_room import next_package_verdicts
+    from ccat_data_transfer.buffers.cycle import measure_location
+    from ccat_data_transfer.core import buffer_status as bs
+    from ccat_data_transfer.core.buffer_room import next_package_verdicts
 
     if sum(bool(x) for x in (all_locations, location_name, site)) != 1:
         raise ValidationError("give exactly one of --all, --location-name NAME, --site SITE")

@@ -3,7 +3,7 @@
 Room in the house: CLI layer.  Exit code ``2`` for every error, a usage error (unknown
 command or option, missing argument, invalid value) as for anything else: an error meant
 for an operator
-(:class:`~ccat_data_transfer.exceptions.CcatError`, a topology or database problem) is its
+(:class:`~ccat_data_transfer.core.errors.CcatError`, a topology or database problem) is its
 message; an unexpected exception is its class and message plus a hint to re-run with
 ``--verbose``, which shows the traceback.
 

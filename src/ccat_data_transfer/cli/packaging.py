@@ -28,10 +28,10 @@ from ccat_data_transfer.cli.common import (
     get_db,
     human_bytes,
 )
-from ccat_data_transfer.config.config import settings
-from ccat_data_transfer.exceptions import NotFoundError, ValidationError
-from ccat_data_transfer.fileio import COPY_BUFSIZE
-from ccat_data_transfer.storage import is_temp_name, storage_for_location
+from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.core.errors import NotFoundError, ValidationError
+from ccat_data_transfer.core.fileio import COPY_BUFSIZE
+from ccat_data_transfer.core.storage import is_temp_name, storage_for_location
 from ccat_ops_db import models as m
 
 package_app = typer.Typer(help="Inspect packages.", no_args_is_help=True)
@@ -149,7 +149,7 @@ def file_command(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """File raw data lying at a SOURCE location (checksums computed here)."""
-    from ccat_data_transfer.filing import file_raw_data_files, finish_executed_obs_unit
+    from ccat_data_transfer.filing.register import file_raw_data_files, finish_executed_obs_unit
 
     db = get_db()
     with db.session_scope() as session:
@@ -173,7 +173,7 @@ def file_command(
         }
         for rel, size, digest in sums
     ]
-    from ccat_data_transfer.filing import FilingError
+    from ccat_data_transfer.filing.register import FilingError
 
     try:
         with db.session_scope() as session:
@@ -201,7 +201,7 @@ def file_command(
 @app.command("finish-obs-unit")
 def finish_obs_unit_command(name: str = typer.Argument(..., help="ExecutedObsUnit name.")) -> None:
     """Mark an executed obs unit finished: its files are packaged without waiting."""
-    from ccat_data_transfer.filing import finish_executed_obs_unit
+    from ccat_data_transfer.filing.register import finish_executed_obs_unit
 
     with get_db().session_scope() as session:
         eou = finish_executed_obs_unit(session, name)

@@ -12,7 +12,6 @@ import json
 
 import typer
 
-from ccat_data_transfer import staging_manager
 from ccat_data_transfer.cli.common import (
     add_manager_command,
     app,
@@ -21,8 +20,10 @@ from ccat_data_transfer.cli.common import (
     print_listing,
     print_result_json,
 )
-from ccat_data_transfer.config.config import settings
-from ccat_data_transfer.exceptions import ValidationError
+from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.core.errors import ValidationError
+from ccat_data_transfer.staging import jobs as staging_jobs
+from ccat_data_transfer.staging import retention as staging_retention
 
 stage_app = typer.Typer(
     help="Stage archived data to a PROCESSING location; list jobs; mark a job done.",
@@ -98,7 +99,7 @@ def stage_command(
         eou = int(obs_unit)
     db = get_db()
     with db.session_scope() as session:
-        job = staging_manager.create_staging_job(
+        job = staging_jobs.create_staging_job(
             session,
             package_ids=_package_ids(package),
             executed_obs_unit=eou,
@@ -110,7 +111,7 @@ def stage_command(
             name=name,
             user=user,
         )
-        data = staging_manager.job_as_dict(job)
+        data = staging_jobs.job_as_dict(job)
     if as_json:
         console.print_json(json.dumps(data))
         return
@@ -133,8 +134,8 @@ def stage_list(
     db = get_db()
     with db.session_scope() as session:
         jobs = [
-            staging_manager.job_as_dict(j)
-            for j in staging_manager.list_staging_jobs(
+            staging_jobs.job_as_dict(j)
+            for j in staging_jobs.list_staging_jobs(
                 session, active=True if active_only else None, limit=limit
             )
         ]
@@ -173,7 +174,7 @@ def stage_done(job_id: int = typer.Argument(..., help="Staging job ID.")) -> Non
     """Mark a staging job done (inactive) so that its files can be cleaned up."""
     db = get_db()
     with db.session_scope() as session:
-        job = staging_manager.deactivate_staging_job(session, job_id)
+        job = staging_retention.deactivate_staging_job(session, job_id)
         when = job.deactivated_at
     console.print(
         f"staging job {job_id} is inactive (since {when:%Y-%m-%d %H:%M} UTC); "

@@ -16,8 +16,8 @@ from ccat_data_transfer.cli.common import (
     options,
     print_listing,
 )
-from ccat_data_transfer.config.config import settings
-from ccat_data_transfer.health import list_services
+from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.core.health import list_services
 
 
 @app.command("health")
@@ -61,9 +61,9 @@ def worker_command(
     list_only: bool = typer.Option(False, "--list-queues", help="Print the queues and exit."),
 ) -> None:
     """Start a Celery worker consuming the queues discovered from the DB."""
-    from ccat_data_transfer.celery_app import app as celery_app
-    from ccat_data_transfer.celery_app import configure_celery
-    from ccat_data_transfer.queue_discovery import discover_queues
+    from ccat_data_transfer.core.celery_app import app as celery_app
+    from ccat_data_transfer.core.celery_app import configure_celery
+    from ccat_data_transfer.core.queues import discover_queues
 
     db = get_db()
     with db.session_scope() as session:
@@ -131,8 +131,8 @@ def run_command(
 ) -> None:
     """Run every manager in one process (tasks in-process in embedded mode); with
     ``--site``, every manager for that site only (one such process per site)."""
-    from ccat_data_transfer.config.config import data_dir
-    from ccat_data_transfer.logging_utils import configure_logging
+    from ccat_data_transfer.core.config import data_dir
+    from ccat_data_transfer.core.logs import configure_logging
 
     if simulate and site:
         raise typer.BadParameter(
@@ -144,9 +144,9 @@ def run_command(
     log_path = log_file or str(data_dir() / "logs" / "run.jsonl")
     configure_logging(log_file=log_path, verbose=options.verbose)
     from ccat_data_transfer.cli.core import initialise
-    from ccat_data_transfer.database import DatabaseConnection
-    from ccat_data_transfer.manager_loop import install_signal_handlers, stop_event
-    from ccat_data_transfer.orchestrator import Orchestrator, run_demo, summary_table
+    from ccat_data_transfer.core.database import DatabaseConnection
+    from ccat_data_transfer.core.manager_loop import install_signal_handlers, stop_event
+    from ccat_data_transfer.operations.orchestrator import Orchestrator, run_demo, summary_table
 
     if init_first:
         console.print(initialise(), highlight=False)
@@ -171,8 +171,8 @@ def run_command(
         if not result.completed:
             raise typer.Exit(1)
         return
-    from ccat_data_transfer.health import HealthReporter
-    from ccat_data_transfer.scope import ALL_SITES, scoped_name
+    from ccat_data_transfer.core.health import HealthReporter
+    from ccat_data_transfer.core.scope import ALL_SITES, scoped_name
 
     site = manager_site(db, site)
     orchestrator = Orchestrator(db=db, site=site or ALL_SITES)
@@ -230,10 +230,10 @@ def recovery_command(
     ``--site``, stalled work whose location is at the site."""
     from datetime import timedelta
 
-    from ccat_data_transfer import recovery
-    from ccat_data_transfer.logging_utils import configure_logging
-    from ccat_data_transfer.manager_loop import run_manager
-    from ccat_data_transfer.scope import ALL_SITES, scoped_name
+    from ccat_data_transfer.core.logs import configure_logging
+    from ccat_data_transfer.core.manager_loop import run_manager
+    from ccat_data_transfer.core.scope import ALL_SITES, scoped_name
+    from ccat_data_transfer.operations import recovery
 
     configure_logging(verbose=verbose or options.verbose)
     site = manager_site(get_db(), site)
@@ -258,8 +258,12 @@ def metrics_command(
     """Print the metrics snapshot (JSON), serve it to Prometheus, or push it to InfluxDB."""
     import json
 
-    from ccat_data_transfer.exceptions import ConfigurationError
-    from ccat_data_transfer.metrics import DatabaseCollector, collect_snapshot, push_metrics
+    from ccat_data_transfer.core.errors import ConfigurationError
+    from ccat_data_transfer.operations.metrics import (
+        DatabaseCollector,
+        collect_snapshot,
+        push_metrics,
+    )
 
     db = get_db()
     if serve:
@@ -267,7 +271,7 @@ def metrics_command(
             raise ConfigurationError("metrics are disabled (METRICS_ENABLED = false)")
         from prometheus_client import CollectorRegistry, start_http_server
 
-        from ccat_data_transfer.manager_loop import install_signal_handlers, stop_event
+        from ccat_data_transfer.core.manager_loop import install_signal_handlers, stop_event
 
         registry = CollectorRegistry()
         registry.register(DatabaseCollector())

@@ -10,8 +10,8 @@ from rich.table import Table
 from sqlalchemy import select
 
 from ccat_data_transfer.cli.common import add_manager_command, app, console, get_db, human_bytes
-from ccat_data_transfer.config.config import settings
-from ccat_data_transfer.exceptions import ValidationError
+from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.core.errors import ValidationError
 from ccat_ops_db import models as m
 
 transfers_app = typer.Typer(help="Inspect and retry data transfers.", no_args_is_help=True)
@@ -20,8 +20,8 @@ app.add_typer(transfers_app, name="transfers")
 
 def _sleep_time(base_key: str) -> float:
     """The manager's base cycle time, shortened when any buffer is under pressure."""
-    from ccat_data_transfer.buffer_status import manager_sleep_time, state_of
-    from ccat_data_transfer.database import DatabaseConnection
+    from ccat_data_transfer.core.buffer_status import manager_sleep_time, state_of
+    from ccat_data_transfer.core.database import DatabaseConnection
 
     base = float(settings.get(base_key))
     try:

@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from ccat_data_transfer.logging_utils import get_logger
+from ccat_data_transfer.core.logs import get_logger
 from ccat_ops_db import models as m
 
 #: One logger for the whole stage, under the name its JSON lines have always carried.

@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import DateTime, and_, bindparam, or_, select, union_all
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer import scope
+from ccat_data_transfer.core import scope
 from ccat_data_transfer.deletion import base
 from ccat_data_transfer.deletion.base import DLT, LT, PCT, S, _alias, kept, load_in_order, run
 from ccat_data_transfer.deletion.claims import _Candidate

@@ -27,7 +27,9 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.visitors import InternalTraversal
 
-from ccat_data_transfer.database import is_postgresql
+from ccat_data_transfer.core.database import is_postgresql
+from ccat_data_transfer.core.operation_types import OperationType
+from ccat_data_transfer.core.queues import route_task_by_location
 from ccat_data_transfer.deletion.base import DLT, LT, PCT, S
 from ccat_data_transfer.deletion.rule_sql import copy_bytes, deletion_possible_candidates
 from ccat_data_transfer.deletion.trail import (
@@ -36,8 +38,6 @@ from ccat_data_transfer.deletion.trail import (
     _log_row,
     _write_log_rows,
 )
-from ccat_data_transfer.operation_types import OperationType
-from ccat_data_transfer.queue_discovery import route_task_by_location
 from ccat_ops_db import models as m
 
 

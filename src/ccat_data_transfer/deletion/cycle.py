@@ -36,11 +36,22 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer import buffer_status as bs
-from ccat_data_transfer import scope
-from ccat_data_transfer.archive_proof import request_verification
-from ccat_data_transfer.config.config import settings
-from ccat_data_transfer.database import DatabaseConnection, is_postgresql
+from ccat_data_transfer.archive.proof import request_verification
+from ccat_data_transfer.core import buffer_status as bs
+from ccat_data_transfer.core import scope
+from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.core.database import DatabaseConnection, is_postgresql
+from ccat_data_transfer.core.liveness import (
+    resend_before,
+    stalled_before,
+    stopped,
+    waited_in_queue,
+    waiting_in_broker,
+)
+from ccat_data_transfer.core.logs import configure_logging
+from ccat_data_transfer.core.manager_state import put_state, state_updated_at
+from ccat_data_transfer.core.operation_types import OperationType
+from ccat_data_transfer.core.queues import route_task_by_location
 from ccat_data_transfer.deletion.base import (
     COPY_TYPE_RAW_DATA_FILE,
     DLT,
@@ -70,17 +81,6 @@ from ccat_data_transfer.deletion.steps import (
     process_deletion_possible_raw_data_files,
 )
 from ccat_data_transfer.deletion.worker import delete_bulk_raw_data_files
-from ccat_data_transfer.liveness import (
-    resend_before,
-    stalled_before,
-    stopped,
-    waited_in_queue,
-    waiting_in_broker,
-)
-from ccat_data_transfer.logging_utils import configure_logging
-from ccat_data_transfer.manager_state import put_state, state_updated_at
-from ccat_data_transfer.operation_types import OperationType
-from ccat_data_transfer.queue_discovery import route_task_by_location
 from ccat_ops_db import models as m
 
 
@@ -136,7 +136,7 @@ def reschedule_failed_deletions(session: Session, location_ids: list[int] | None
 
 def deletion_stalled(window: timedelta | None = None, before: Any = None) -> ColumnElement[bool]:
     """A copy whose deletion STARTED (DELETION_IN_PROGRESS) and whose batch's heartbeat
-    (``deletion_scheduled_at``) stopped (:func:`ccat_data_transfer.liveness.stopped`)."""
+    (``deletion_scheduled_at``) stopped (:func:`ccat_data_transfer.core.liveness.stopped`)."""
     return (PCT.c.status == S.DELETION_IN_PROGRESS) & stopped(
         PCT.c.deletion_scheduled_at, window=window, before=before
     )
@@ -165,7 +165,7 @@ def resubmit_stalled_deletions(session: Session, location_ids: list[int] | None 
     """Copies whose deletion task may be lost are submitted again (the task is
     idempotent; no retry is counted): DELETION_SCHEDULED ones sent longer than
     QUEUED_RESEND_SECONDS ago, DELETION_IN_PROGRESS ones whose batch's heartbeat
-    (``deletion_scheduled_at``) stopped (:mod:`ccat_data_transfer.liveness`).  With
+    (``deletion_scheduled_at``) stopped (:mod:`ccat_data_transfer.core.liveness`).  With
     ``location_ids`` only copies at those locations.  Never a copy at an LTA: one found in
     a deletion state stays as it is, for a person (it counts as no proof meanwhile)."""
     params: dict[str, Any] = {"queued_before": resend_before(), "stalled_before": stalled_before()}
@@ -244,7 +244,7 @@ def run_once(session: Session, site: str | None = None) -> dict[str, Any]:
 
     ``site`` scopes the cycle to copies at that site's locations (default: the setting
     ``MANAGER_SITE``); the rules still consult every site's copies
-    (:mod:`ccat_data_transfer.scope`)."""
+    (:mod:`ccat_data_transfer.core.scope`)."""
     with _cycle_settings(session):
         return _run_once(session, site)
 

@@ -25,8 +25,8 @@ from sqlalchemy import BigInteger, any_, bindparam, except_, exists, func, selec
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer import scope
-from ccat_data_transfer.database import is_postgresql
+from ccat_data_transfer.core import scope
+from ccat_data_transfer.core.database import is_postgresql
 from ccat_data_transfer.deletion.base import COPY_TYPE_RAW_DATA_FILE, DLT, LT, PCT, S, kept, run
 from ccat_data_transfer.deletion.claims import _ArrayOfSelect
 from ccat_data_transfer.deletion.rule_sql import _archived_in_lta, _left_source_site

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer.config.config import settings
+from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.deletion.base import IN_FLIGHT, LT, S
 from ccat_data_transfer.deletion.candidates import (
     _active_locations,

@@ -20,8 +20,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer import buffer_status as bs
-from ccat_data_transfer.config.config import settings
+from ccat_data_transfer.core import buffer_status as bs
+from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.deletion.base import (
     _MAX_BATCHES_PER_CYCLE,
     IN_FLIGHT,

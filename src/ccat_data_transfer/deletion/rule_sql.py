@@ -49,8 +49,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer.archive_proof import proof_cutoff
-from ccat_data_transfer.config.config import settings
+from ccat_data_transfer.archive.proof import proof_cutoff
+from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.deletion.base import (
     COPY_TYPE_RAW_DATA_FILE,
     COPY_TYPE_RAW_DATA_PACKAGE,

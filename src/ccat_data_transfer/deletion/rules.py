@@ -32,8 +32,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, joinedload
 
-from ccat_data_transfer.archive_proof import proof_cutoff, proof_max_age
-from ccat_data_transfer.config.config import settings
+from ccat_data_transfer.archive.proof import proof_cutoff, proof_max_age
+from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.deletion.base import LT, S
 from ccat_data_transfer.deletion.pressure import should_delete_based_on_buffer_status
 from ccat_data_transfer.deletion.proof import (

@@ -21,8 +21,8 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer.config.config import settings
-from ccat_data_transfer.database import is_postgresql
+from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.core.database import is_postgresql
 from ccat_data_transfer.deletion.base import (
     COPY_TYPE_DATA_TRANSFER_PACKAGE,
     COPY_TYPE_RAW_DATA_FILE,

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import insert, select, text
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer.database import is_postgresql
+from ccat_data_transfer.core.database import is_postgresql
 from ccat_data_transfer.deletion.base import log
 from ccat_ops_db import models as m
 

@@ -8,7 +8,7 @@ Every task runs :func:`_delete_physical_copies` in three phases:
    refused LONG_TERM_ARCHIVE copy is left exactly as found;
 2. :func:`_delete_from_storage` (storage): delete each claimed copy's bytes; a
    LONG_TERM_ARCHIVE is refused as a last guard.  Meanwhile the claimed copies'
-   ``deletion_scheduled_at`` is their heartbeat (:mod:`ccat_data_transfer.liveness`);
+   ``deletion_scheduled_at`` is their heartbeat (:mod:`ccat_data_transfer.core.liveness`);
    :func:`_look_at` sees whether the bytes of each other refused copy are there;
 3. :func:`_settle_refused` (DB): a refused copy goes back to PRESENT / DELETION_POSSIBLE
    with a SKIPPED row only when its bytes were seen (else DELETED, or marked lost);
@@ -35,8 +35,10 @@ from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer.celery_app import app
-from ccat_data_transfer.database import DatabaseConnection
+from ccat_data_transfer.core.celery_app import app
+from ccat_data_transfer.core.database import DatabaseConnection
+from ccat_data_transfer.core.errors import RetryableError
+from ccat_data_transfer.core.liveness import beating
 from ccat_data_transfer.deletion.base import (
     COPY_TYPE_RAW_DATA_PACKAGE,
     LT,
@@ -58,8 +60,6 @@ from ccat_data_transfer.deletion.rules import (
     site_roles,
 )
 from ccat_data_transfer.deletion.trail import _copy_path, _copy_size, _log_row, _write_log_rows
-from ccat_data_transfer.exceptions import RetryableError
-from ccat_data_transfer.liveness import beating
 from ccat_ops_db import models as m
 
 
@@ -198,7 +198,7 @@ def _delete_from_storage(
     targets: list[dict[str, Any]],
 ) -> list[tuple[dict[str, Any], bool, str]]:
     """Phase 2 (storage): delete each target's bytes; (target, ok, message) each."""
-    from ccat_data_transfer.storage import storage_for_location
+    from ccat_data_transfer.core.storage import storage_for_location
 
     storages: dict[int, Any] = {}
     outcomes: list[tuple[dict[str, Any], bool, str]] = []
@@ -220,7 +220,7 @@ def _delete_from_storage(
 def _look_at(unsure: list[dict[str, Any]]) -> list[tuple[dict[str, Any], bool | None]]:
     """Phase 2 (storage), for the copies the re-check refused: are their bytes there?
     (None: the storage could not tell.)"""
-    from ccat_data_transfer.storage import storage_for_location
+    from ccat_data_transfer.core.storage import storage_for_location
 
     looked: list[tuple[dict[str, Any], bool | None]] = []
     for t in unsure:

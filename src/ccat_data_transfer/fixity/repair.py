@@ -9,7 +9,7 @@ The repair (:func:`repair_copy`) tries the good sources of the same package in t
 
 1. a copy at another LTA location: PRESENT, not lost, with the package's checksum; when
    its last full check is older than LTA_PROOF_MAX_AGE_SECONDS it is first re-read in
-   full (:func:`~ccat_data_transfer.archive_proof.verify_copies` with ``full=True``), and
+   full (:func:`~ccat_data_transfer.archive.proof.verify_copies` with ``full=True``), and
    one that fails that check is marked lost there (and is itself repaired or frozen);
 2. a PRESENT, not lost copy at a BUFFER location.
 
@@ -44,15 +44,15 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer import archive_proof
-from ccat_data_transfer.alerts import send_alert
-from ccat_data_transfer.archive_proof import FIXITY_OK, Finding, proof_cutoff, record_event
-from ccat_data_transfer.celery_app import app
-from ccat_data_transfer.database import DatabaseConnection
-from ccat_data_transfer.logging_utils import get_logger
-from ccat_data_transfer.operation_types import OperationType
-from ccat_data_transfer.queue_discovery import route_task_by_location
-from ccat_data_transfer.storage import (
+from ccat_data_transfer.archive import proof as archive_proof
+from ccat_data_transfer.archive.proof import FIXITY_OK, Finding, proof_cutoff, record_event
+from ccat_data_transfer.core.alerts import send_alert
+from ccat_data_transfer.core.celery_app import app
+from ccat_data_transfer.core.database import DatabaseConnection
+from ccat_data_transfer.core.logs import get_logger
+from ccat_data_transfer.core.operation_types import OperationType
+from ccat_data_transfer.core.queues import route_task_by_location
+from ccat_data_transfer.core.storage import (
     CHUNK_SIZE,
     ObjectNotFound,
     StorageError,

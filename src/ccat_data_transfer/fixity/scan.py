@@ -7,7 +7,7 @@ day's budget) and spends it on the copies whose last full check is oldest (never
 first): while the credit covers the next copy, it is taken.  A copy bigger than a day's
 budget is taken once a full day's credit is saved, leaving a debt later cycles repay, so
 no copy is starved and strict oldest-first order holds.  The chosen copies are handed to
-:func:`ccat_data_transfer.archive_proof.request_verification` with ``full=True``: a worker
+:func:`ccat_data_transfer.archive.proof.request_verification` with ``full=True``: a worker
 at the LTA's site re-reads them through SHA-256; a bad one goes to :mod:`.repair`.
 
 Whether the budget can keep the promise: bytes held at the LTA / budget = the days a full
@@ -33,12 +33,12 @@ from typing import Any
 from sqlalchemy import and_, exists, func, select
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer import scope
-from ccat_data_transfer.archive_proof import request_verification
-from ccat_data_transfer.config.config import settings
+from ccat_data_transfer.archive.proof import request_verification
+from ccat_data_transfer.core import scope
+from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.core.logs import get_logger
+from ccat_data_transfer.core.manager_state import get_state, put_state
 from ccat_data_transfer.fixity import repair
-from ccat_data_transfer.logging_utils import get_logger
-from ccat_data_transfer.manager_state import get_state, put_state
 from ccat_ops_db import models as m
 
 log = get_logger(__name__)

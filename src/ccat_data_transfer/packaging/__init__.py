@@ -7,8 +7,8 @@
 * :mod:`~ccat_data_transfer.packaging.raw_report` - everything about one raw data package
   as plain data (CLI ``package show``, the API).
 
-The managers themselves stay :mod:`ccat_data_transfer.raw_data_package_manager` and
-:mod:`ccat_data_transfer.data_transfer_package_manager` (cycle and Celery task).
+The managers themselves stay :mod:`ccat_data_transfer.packaging.raw_packages` and
+:mod:`ccat_data_transfer.packaging.transfer_packages` (cycle and Celery task).
 
 Room in the house: managers/tasks.  Imports core and :mod:`ccat_ops_db`.
 """

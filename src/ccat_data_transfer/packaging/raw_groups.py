@@ -25,7 +25,7 @@ set-based query per cycle and writes nothing.  Sites whose buffers are all in EM
 state are skipped (:func:`usable_buffers`): package creation pauses there.
 
 Room in the house: managers.  Imports core (config, scope, buffer status, shared rows)
-and :mod:`ccat_ops_db`; used by :mod:`ccat_data_transfer.raw_data_package_manager`.
+and :mod:`ccat_ops_db`; used by :mod:`ccat_data_transfer.packaging.raw_packages`.
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer import buffer_status, scope
-from ccat_data_transfer.config.config import settings
-from ccat_data_transfer.logging_utils import get_logger
-from ccat_data_transfer.shared_rows import active_site_buffers
+from ccat_data_transfer.core import buffer_status, scope
+from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.core.logs import get_logger
+from ccat_data_transfer.core.shared_rows import active_site_buffers
 from ccat_ops_db import models as m
 
 log = get_logger(__name__)

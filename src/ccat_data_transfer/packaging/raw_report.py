@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer.exceptions import NotFoundError
+from ccat_data_transfer.core.errors import NotFoundError
 from ccat_ops_db import models as m
 
 __all__ = ["describe_raw_data_package"]

@@ -1,7 +1,7 @@
 """The claim / build / release skeleton both packaging stages share.
 
-Stage 1 (:mod:`ccat_data_transfer.raw_data_package_manager`) tars raw files into a
-RawDataPackage; stage 2 (:mod:`ccat_data_transfer.data_transfer_package_manager`) tars
+Stage 1 (:mod:`ccat_data_transfer.packaging.raw_packages`) tars raw files into a
+RawDataPackage; stage 2 (:mod:`ccat_data_transfer.packaging.transfer_packages`) tars
 RawDataPackages into a DataTransferPackage.  Both follow the same steps, stated once here
 and described for each stage by a :class:`PackageKind`:
 
@@ -19,7 +19,7 @@ and described for each stage by a :class:`PackageKind`:
    (:func:`fail_members`, what "flagged" means is the stage's), on any other failure, and
    for started builds whose heartbeat stopped (:func:`release_stalled_claims`; a build
    stamps ``heartbeat_at`` every HEARTBEAT_SECONDS while it runs, see
-   :mod:`ccat_data_transfer.liveness`), the members are un-claimed and the row removed, so
+   :mod:`ccat_data_transfer.core.liveness`), the members are un-claimed and the row removed, so
    nothing half-done is recorded.  A claim still queued is never released: its task is
    sent again when it waited longer than QUEUED_RESEND_SECONDS.
 
@@ -42,16 +42,16 @@ from sqlalchemy import ColumnElement, Select, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer import scope
-from ccat_data_transfer.database import DatabaseConnection
-from ccat_data_transfer.exceptions import NotFoundError
-from ccat_data_transfer.liveness import beating, resend, stopped, waited_in_queue
-from ccat_data_transfer.operation_types import OperationType
-from ccat_data_transfer.queue_discovery import route_task_by_location
-from ccat_data_transfer.shared_rows import present_copy
-from ccat_data_transfer.stage_tasks import merge_inline_package_result, start_scheduled
-from ccat_data_transfer.storage import Storage, StorageError, storage_for_location
-from ccat_data_transfer.tarutil import (
+from ccat_data_transfer.core import scope
+from ccat_data_transfer.core.database import DatabaseConnection
+from ccat_data_transfer.core.errors import NotFoundError
+from ccat_data_transfer.core.liveness import beating, resend, stopped, waited_in_queue
+from ccat_data_transfer.core.operation_types import OperationType
+from ccat_data_transfer.core.queues import route_task_by_location
+from ccat_data_transfer.core.row_tasks import merge_inline_package_result, start_scheduled
+from ccat_data_transfer.core.shared_rows import present_copy
+from ccat_data_transfer.core.storage import Storage, StorageError, storage_for_location
+from ccat_data_transfer.core.tarutil import (
     TarMember,
     TarResult,
     TarSourceChangedError,
@@ -193,7 +193,7 @@ def release_claim(
 
 def stalled_builds(kind: PackageKind, older_than: timedelta | None = None) -> Select[Any]:
     """Ids of ``kind``'s claims whose build STARTED and whose heartbeat stopped
-    (:func:`ccat_data_transfer.liveness.stopped`; ``older_than`` overrides the window)."""
+    (:func:`ccat_data_transfer.core.liveness.stopped`; ``older_than`` overrides the window)."""
     model = kind.package_model
     return kind.stalled.where(
         model.status == m.Status.IN_PROGRESS,
@@ -208,7 +208,7 @@ def release_stalled_claims(
     older_than: timedelta | None = None,
 ) -> int:
     """Release the claims of ``kind.stalled`` whose build STARTED and whose heartbeat
-    stopped (:func:`ccat_data_transfer.liveness.stopped`; ``older_than`` overrides the
+    stopped (:func:`ccat_data_transfer.core.liveness.stopped`; ``older_than`` overrides the
     window), within ``location_ids`` if given: a worker died.  A build still running is
     never released, however long it takes.  Claims still queued are not released either:
     their task is sent again (:func:`resend_queued_builds`).  Commits; returns how many

@@ -1,7 +1,7 @@
 """The staging manager's cycle: expire jobs, claim the due ones, submit their tasks.
 
 Room in the house: :func:`run_once`, the entry the long-running loop
-(:func:`~ccat_data_transfer.manager_loop.run_manager`), the CLI's ``--once`` and the tests
+(:func:`~ccat_data_transfer.core.manager_loop.run_manager`), the CLI's ``--once`` and the tests
 all call, and :func:`sleep_time`.  May import: the staging finders, retention and task
 modules, scope, queue routing, config, logging, ``ccat_ops_db``.
 
@@ -19,11 +19,11 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer import scope
-from ccat_data_transfer.config.config import settings
-from ccat_data_transfer.logging_utils import get_logger
-from ccat_data_transfer.operation_types import OperationType
-from ccat_data_transfer.queue_discovery import route_task_by_location
+from ccat_data_transfer.core import scope
+from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.core.logs import get_logger
+from ccat_data_transfer.core.operation_types import OperationType
+from ccat_data_transfer.core.queues import route_task_by_location
 from ccat_data_transfer.staging.finders import claim_staging_job, due_staging_jobs
 from ccat_data_transfer.staging.retention import expire_staging_jobs
 from ccat_data_transfer.staging.task import stage_staging_job
@@ -42,7 +42,7 @@ def run_once(session: Session, site: str | None = None) -> dict[str, Any]:
     """One cycle: expire jobs, claim due PENDING jobs, commit, submit their tasks.
 
     ``site`` scopes the cycle to jobs whose destination is at that site (default: the
-    setting ``MANAGER_SITE``; see :mod:`ccat_data_transfer.scope`)."""
+    setting ``MANAGER_SITE``; see :mod:`ccat_data_transfer.core.scope`)."""
     ids = scope.location_ids(session, site)
     summary: dict[str, Any] = {"expired": expire_staging_jobs(session, location_ids=ids)}
     now = m.utcnow()

@@ -2,7 +2,7 @@
 
 Room in the house: the queries the staging manager, its task and its job functions ask
 of the database; no storage, no Celery, no writes except :func:`claim_staging_job` (one
-conditional ``UPDATE``).  May import: ``ccat_data_transfer.scope`` and ``ccat_ops_db``.
+conditional ``UPDATE``).  May import: ``ccat_data_transfer.core.scope`` and ``ccat_ops_db``.
 
 * :func:`usable_lta_copy` - the rule "a PRESENT, not lost copy at an active
   LONG_TERM_ARCHIVE location", stated once for the request check and the copy selection;
@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer import scope
+from ccat_data_transfer.core import scope
 from ccat_ops_db import models as m
 
 S = m.PhysicalCopyStatus

@@ -18,8 +18,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer.exceptions import NotFoundError
-from ccat_data_transfer.logging_utils import get_logger
+from ccat_data_transfer.core.errors import NotFoundError
+from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.staging.request import (
     naive_utc,
     refuse_unstageable,
@@ -50,9 +50,9 @@ def create_staging_job(
 ) -> m.StagingJob:
     """Record a staging request (PENDING, active) and return it (flushed, not committed).
 
-    Raises :class:`~ccat_data_transfer.exceptions.NotFoundError` for an unknown location,
+    Raises :class:`~ccat_data_transfer.core.errors.NotFoundError` for an unknown location,
     user, obs unit, instrument or package, or when nothing matches;
-    :class:`~ccat_data_transfer.exceptions.ValidationError` for a destination that is
+    :class:`~ccat_data_transfer.core.errors.ValidationError` for a destination that is
     not an active PROCESSING location, a bad retention or time range, or packages that
     are not ARCHIVED with a usable LTA copy.  Nothing is written when it raises.
 

@@ -37,10 +37,16 @@ from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer.database import DatabaseConnection
-from ccat_data_transfer.exceptions import PermanentError, RetryableError
-from ccat_data_transfer.liveness import beating, stall_window
-from ccat_data_transfer.logging_utils import get_logger
+from ccat_data_transfer.core.database import DatabaseConnection
+from ccat_data_transfer.core.errors import PermanentError, RetryableError
+from ccat_data_transfer.core.liveness import beating, stall_window
+from ccat_data_transfer.core.logs import get_logger
+from ccat_data_transfer.core.storage import (
+    DiskStorage,
+    Storage,
+    StorageUnavailableError,
+    storage_for_location,
+)
 from ccat_data_transfer.staging.finders import (
     DELETING,
     FileRecord,
@@ -53,12 +59,6 @@ from ccat_data_transfer.staging.sources import Source, copy_from_best_lta, selec
 from ccat_data_transfer.staging.unpack import (
     _mark_package_as_staged_and_cleanup,
     extract_and_verify,
-)
-from ccat_data_transfer.storage import (
-    DiskStorage,
-    Storage,
-    StorageUnavailableError,
-    storage_for_location,
 )
 from ccat_ops_db import models as m
 
@@ -78,7 +78,7 @@ def _package_lock(db: DatabaseConnection, package_id: int, location_id: int) -> 
     """Exclusive right to stage one package into one location (a ``manager_state`` row).
 
     The holder beats the lock's ``updated_at``; a lock whose beats stopped (a killed
-    worker, :func:`ccat_data_transfer.liveness.stall_window`) is taken over."""
+    worker, :func:`ccat_data_transfer.core.liveness.stall_window`) is taken over."""
     key = f"staging_lock:{package_id}:{location_id}"
     token = uuid.uuid4().hex
     now = m.utcnow()
@@ -211,8 +211,8 @@ def stage_package(db: DatabaseConnection, package_id: int, location_id: int) -> 
 
     Returns ``"reused"`` (already STAGED there, files intact) or ``"staged"``.  Raises
     :class:`StagingBusy` (retry soon),
-    :class:`~ccat_data_transfer.exceptions.RetryableError` (every LTA unreachable,
-    destination full) or :class:`~ccat_data_transfer.exceptions.PermanentError` (no good
+    :class:`~ccat_data_transfer.core.errors.RetryableError` (every LTA unreachable,
+    destination full) or :class:`~ccat_data_transfer.core.errors.PermanentError` (no good
     copy, records inconsistent).
     """
     with _package_lock(db, package_id, location_id):

@@ -3,8 +3,8 @@
 Room in the house: turning a scientist's words (a location, a user, packages by ID, an
 executed obs unit, an instrument and a time range, a retention) into rows, and refusing
 a request that cannot be served before anything is written.  Reads only; raises
-:class:`~ccat_data_transfer.exceptions.NotFoundError` or
-:class:`~ccat_data_transfer.exceptions.ValidationError` with a reason a person reads.
+:class:`~ccat_data_transfer.core.errors.NotFoundError` or
+:class:`~ccat_data_transfer.core.errors.ValidationError` with a reason a person reads.
 May import: :mod:`ccat_data_transfer.staging.finders`, config, exceptions, ``ccat_ops_db``.
 
 Choosing packages
@@ -35,8 +35,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer.config.config import settings
-from ccat_data_transfer.exceptions import NotFoundError, ValidationError
+from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.core.errors import NotFoundError, ValidationError
 from ccat_data_transfer.staging.finders import in_chunks, usable_lta_copy_exists
 from ccat_ops_db import models as m
 

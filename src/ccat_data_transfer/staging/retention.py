@@ -23,8 +23,8 @@ from datetime import datetime
 from sqlalchemy import and_, select, update
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer import scope
-from ccat_data_transfer.logging_utils import get_logger
+from ccat_data_transfer.core import scope
+from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.staging.finders import in_chunks
 from ccat_data_transfer.staging.jobs import get_staging_job
 from ccat_ops_db import models as m

@@ -32,13 +32,12 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer.config.config import settings
-from ccat_data_transfer.database import DatabaseConnection
-from ccat_data_transfer.exceptions import PermanentError, RetryableError
-from ccat_data_transfer.hosts import SiteReach, reach_of
-from ccat_data_transfer.logging_utils import get_logger
-from ccat_data_transfer.staging.finders import usable_lta_copy
-from ccat_data_transfer.storage import (
+from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.core.database import DatabaseConnection
+from ccat_data_transfer.core.errors import PermanentError, RetryableError
+from ccat_data_transfer.core.hosts import SiteReach, reach_of
+from ccat_data_transfer.core.logs import get_logger
+from ccat_data_transfer.core.storage import (
     CHUNK_SIZE,
     ObjectNotFound,
     Storage,
@@ -47,7 +46,8 @@ from ccat_data_transfer.storage import (
     StorageUnavailableError,
     storage_for_location,
 )
-from ccat_data_transfer.transfer_methods import get_transfer_method
+from ccat_data_transfer.core.transfer_methods import get_transfer_method
+from ccat_data_transfer.staging.finders import usable_lta_copy
 from ccat_ops_db import models as m
 
 log = get_logger(__name__)

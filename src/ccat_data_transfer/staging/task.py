@@ -5,7 +5,7 @@ Room in the house: the Celery task :func:`stage_staging_job` (name
 job's state changes around :func:`~ccat_data_transfer.staging.package.stage_package`.
 The task receives a job ID and re-reads the job; it takes the job with one conditional
 UPDATE (its first heartbeat), so a duplicate delivery does nothing, and stamps
-``heartbeat_at`` every HEARTBEAT_SECONDS while it runs (:mod:`ccat_data_transfer.liveness`).
+``heartbeat_at`` every HEARTBEAT_SECONDS while it runs (:mod:`ccat_data_transfer.core.liveness`).
 May import: the staging package module, celery_app, config, database, exceptions, liveness,
 logging, ``ccat_ops_db``.
 
@@ -27,12 +27,12 @@ from typing import Any
 
 from sqlalchemy import update
 
-from ccat_data_transfer.celery_app import app
-from ccat_data_transfer.config.config import settings
-from ccat_data_transfer.database import DatabaseConnection
-from ccat_data_transfer.exceptions import PermanentError, RetryableError
-from ccat_data_transfer.liveness import beating
-from ccat_data_transfer.logging_utils import get_logger
+from ccat_data_transfer.core.celery_app import app
+from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.core.database import DatabaseConnection
+from ccat_data_transfer.core.errors import PermanentError, RetryableError
+from ccat_data_transfer.core.liveness import beating
+from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.staging.package import StagingBusy, stage_package
 from ccat_ops_db import models as m
 

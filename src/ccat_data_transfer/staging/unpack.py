@@ -1,7 +1,7 @@
 """Unpacking a fetched package at a PROCESSING location, and recording it as STAGED.
 
 Room in the house: staging's last two steps for one package.  :func:`extract_and_verify`
-unpacks the tar with :func:`~ccat_data_transfer.tarutil.safe_extract` and checks every
+unpacks the tar with :func:`~ccat_data_transfer.core.tarutil.safe_extract` and checks every
 file's SHA-256 and size against its RawDataFile;
 :func:`_mark_package_as_staged_and_cleanup` then writes one RawDataFilePhysicalCopy
 PRESENT per file, deletes the tar and marks the RawDataPackagePhysicalCopy at the
@@ -29,12 +29,12 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer.exceptions import PermanentError, RetryableError
-from ccat_data_transfer.fileio import fsync_dir
-from ccat_data_transfer.logging_utils import get_logger
+from ccat_data_transfer.core.errors import PermanentError, RetryableError
+from ccat_data_transfer.core.fileio import fsync_dir
+from ccat_data_transfer.core.logs import get_logger
+from ccat_data_transfer.core.storage import DiskStorage, Storage
+from ccat_data_transfer.core.tarutil import ExtractedMember, TarUtilError, safe_extract, sha256_file
 from ccat_data_transfer.staging.finders import FileRecord, file_copies_at, package_copies_at
-from ccat_data_transfer.storage import DiskStorage, Storage
-from ccat_data_transfer.tarutil import ExtractedMember, TarUtilError, safe_extract, sha256_file
 from ccat_ops_db import models as m
 
 log = get_logger(__name__)

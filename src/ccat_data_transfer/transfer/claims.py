@@ -4,7 +4,7 @@ A manager moves a row on (PENDING -> SCHEDULED, a package PENDING -> IN_PROGRESS
 task starts its work (unpack SCHEDULED -> IN_PROGRESS) only when the row is still in
 the state it expects (:func:`claim`, one conditional ``UPDATE``), so two managers, or a
 task delivered twice, never take the same row twice.  The task start of a ``status``
-column is :func:`ccat_data_transfer.stage_tasks.start_scheduled`.  A manager commits its
+column is :func:`ccat_data_transfer.core.row_tasks.start_scheduled`.  A manager commits its
 claims before it submits their tasks (:func:`submit_claimed`).
 
 Room in the house: steps shared by the transfer stage's managers and tasks and the
@@ -18,8 +18,8 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer.operation_types import OperationType
-from ccat_data_transfer.queue_discovery import route_task_by_location
+from ccat_data_transfer.core.operation_types import OperationType
+from ccat_data_transfer.core.queues import route_task_by_location
 from ccat_ops_db import models as m
 
 __all__ = ["claim", "submit_claimed"]

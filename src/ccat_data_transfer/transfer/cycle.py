@@ -18,11 +18,11 @@ from typing import Any
 from sqlalchemy import bindparam, func, or_, select
 from sqlalchemy.orm import Session, aliased, selectinload
 
-from ccat_data_transfer import scope
-from ccat_data_transfer.buffer_room import rooms_of
-from ccat_data_transfer.buffer_status import state_of, transfer_limit
-from ccat_data_transfer.logging_utils import get_logger
-from ccat_data_transfer.operation_types import OperationType
+from ccat_data_transfer.core import scope
+from ccat_data_transfer.core.buffer_room import rooms_of
+from ccat_data_transfer.core.buffer_status import state_of, transfer_limit
+from ccat_data_transfer.core.logs import get_logger
+from ccat_data_transfer.core.operation_types import OperationType
 from ccat_data_transfer.transfer.claims import claim, submit_claimed
 from ccat_data_transfer.transfer.execution import transfer_data_transfer_package
 from ccat_data_transfer.transfer.planning import plan_onward_transfers, plan_primary_transfers

@@ -19,12 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ccat_data_transfer.database import DatabaseConnection
-from ccat_data_transfer.exceptions import ConfigurationError, PermanentError
-from ccat_data_transfer.hosts import SiteReach, reach_of
-from ccat_data_transfer.logging_utils import get_logger
-from ccat_data_transfer.stage_tasks import start_scheduled
-from ccat_data_transfer.storage import storage_for_location
+from ccat_data_transfer.core.database import DatabaseConnection
+from ccat_data_transfer.core.errors import ConfigurationError, PermanentError
+from ccat_data_transfer.core.hosts import SiteReach, reach_of
+from ccat_data_transfer.core.logs import get_logger
+from ccat_data_transfer.core.row_tasks import start_scheduled
+from ccat_data_transfer.core.storage import storage_for_location
+from ccat_data_transfer.core.transfer_methods import (
+    TransferStats,
+    get_transfer_method,
+    method_for_storages,
+)
 from ccat_data_transfer.transfer.worker import (
     heartbeat,
     mark_completed,
@@ -33,11 +38,6 @@ from ccat_data_transfer.transfer.worker import (
     row_task,
     transfer_log_dir,
     worker_name,
-)
-from ccat_data_transfer.transfer_methods import (
-    TransferStats,
-    get_transfer_method,
-    method_for_storages,
 )
 from ccat_ops_db import models as m
 

@@ -3,7 +3,7 @@
 Primary transfers send each new DataTransferPackage from its source-site buffer to one
 LTA site chosen round-robin (the rotation survives restarts in ``manager_state``),
 skipping a site whose landing buffer cannot take the package now
-(:mod:`~ccat_data_transfer.buffer_room`: critical or emergency, or less free space than
+(:mod:`~ccat_data_transfer.core.buffer_room`: critical or emergency, or less free space than
 the package plus a margin); with no site able, the package waits PENDING (no retry
 charged) and the cycle logs why;
 onward transfers continue a RELAY route's second hop, and send secondaries from the
@@ -25,10 +25,10 @@ from sqlalchemy import bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
-from ccat_data_transfer import scope
-from ccat_data_transfer.buffer_room import Room, Verdict, rooms_of
-from ccat_data_transfer.exceptions import ConfigurationError
-from ccat_data_transfer.logging_utils import get_logger
+from ccat_data_transfer.core import scope
+from ccat_data_transfer.core.buffer_room import Room, Verdict, rooms_of
+from ccat_data_transfer.core.errors import ConfigurationError
+from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.transfer.claims import claim
 from ccat_data_transfer.transfer.routes import (
     find_route,

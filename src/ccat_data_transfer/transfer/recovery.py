@@ -4,7 +4,7 @@ operator's retry.
 Every failed attempt of a transfer, an unpack or an archive transfer goes through
 :func:`fail_or_retry_values`: back to PENDING with exponential backoff, or FAILED when
 out of retries.  Started work whose worker vanished (IN_PROGRESS, its heartbeat
-``updated_at`` stopped; see :mod:`ccat_data_transfer.liveness`) counts as one failed
+``updated_at`` stopped; see :mod:`ccat_data_transfer.core.liveness`) counts as one failed
 attempt (:func:`reset_stalled` over the kinds of :class:`StalledWork`, used by the
 recovery service); queued work is never reset, its task is sent again if it waited long
 (:func:`resend_queued`).
@@ -22,13 +22,13 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer import scope
-from ccat_data_transfer.config.config import settings
-from ccat_data_transfer.exceptions import NotFoundError, ValidationError
-from ccat_data_transfer.liveness import resend, stopped, waited_in_queue
-from ccat_data_transfer.logging_utils import get_logger
-from ccat_data_transfer.operation_types import OperationType
-from ccat_data_transfer.queue_discovery import route_task_by_location
+from ccat_data_transfer.core import scope
+from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.core.errors import NotFoundError, ValidationError
+from ccat_data_transfer.core.liveness import resend, stopped, waited_in_queue
+from ccat_data_transfer.core.logs import get_logger
+from ccat_data_transfer.core.operation_types import OperationType
+from ccat_data_transfer.core.queues import route_task_by_location
 from ccat_ops_db import models as m
 
 log = get_logger("ccat_data_transfer.transfer_manager")
@@ -143,7 +143,7 @@ def reset_stalled(
 ) -> int:
     """Count one failed attempt (:func:`fail_or_retry_values`) for every STARTED row
     (IN_PROGRESS) of each of ``kinds`` whose heartbeat (``updated_at``) stopped
-    (:func:`ccat_data_transfer.liveness.stopped`; ``older_than`` overrides the window);
+    (:func:`ccat_data_transfer.core.liveness.stopped`; ``older_than`` overrides the window);
     with ``location_ids`` only rows whose scope column is one of them.  Each row is reset
     by its own conditional UPDATE (still in that state, still without a beat), so a worker
     that beats or finishes meanwhile wins.  Queued rows are never reset: see

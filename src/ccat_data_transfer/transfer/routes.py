@@ -28,8 +28,8 @@ from __future__ import annotations
 from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer.exceptions import ConfigurationError
-from ccat_data_transfer.shared_rows import active_site_buffers
+from ccat_data_transfer.core.errors import ConfigurationError
+from ccat_data_transfer.core.shared_rows import active_site_buffers
 from ccat_ops_db import models as m
 
 __all__ = [

@@ -19,11 +19,16 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ccat_data_transfer.database import DatabaseConnection
-from ccat_data_transfer.exceptions import ConfigurationError, PermanentError
-from ccat_data_transfer.logging_utils import get_logger
-from ccat_data_transfer.storage import DiskStorage, Storage, normalize_path, storage_for_location
-from ccat_data_transfer.tarutil import CorruptTarError, UnsafeTarError, safe_extract
+from ccat_data_transfer.core.database import DatabaseConnection
+from ccat_data_transfer.core.errors import ConfigurationError, PermanentError
+from ccat_data_transfer.core.logs import get_logger
+from ccat_data_transfer.core.storage import (
+    DiskStorage,
+    Storage,
+    normalize_path,
+    storage_for_location,
+)
+from ccat_data_transfer.core.tarutil import CorruptTarError, UnsafeTarError, safe_extract
 from ccat_data_transfer.transfer.claims import claim
 from ccat_data_transfer.transfer.worker import (
     heartbeat,

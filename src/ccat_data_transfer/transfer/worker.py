@@ -23,11 +23,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer.celery_app import app
-from ccat_data_transfer.config.config import data_dir, settings
-from ccat_data_transfer.database import DatabaseConnection
-from ccat_data_transfer.liveness import beating
-from ccat_data_transfer.logging_utils import get_logger
+from ccat_data_transfer.core.celery_app import app
+from ccat_data_transfer.core.config import data_dir, settings
+from ccat_data_transfer.core.database import DatabaseConnection
+from ccat_data_transfer.core.liveness import beating
+from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.transfer.recovery import fail_or_retry_values
 from ccat_ops_db import models as m
 
@@ -76,7 +76,7 @@ def worker_name() -> str:
 def heartbeat(row_id: int, model: Any = m.DataTransfer) -> contextlib.AbstractContextManager[None]:
     """Refresh the row's ``updated_at`` (the heartbeat of transfers, unpacks and archive
     transfers) every HEARTBEAT_SECONDS while long work runs, so the recovery service does
-    not take slow work for dead work (:func:`ccat_data_transfer.liveness.beating`)."""
+    not take slow work for dead work (:func:`ccat_data_transfer.core.liveness.beating`)."""
     return beating(
         model, model.id == row_id, column="updated_at", label=f"{model.__tablename__}-{row_id}"
     )
