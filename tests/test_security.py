@@ -25,7 +25,7 @@ from ccat_ops_db.topology import load_topology
 from helpers_transfer import drive, make_dtp_at_source_buffer
 
 SRC = Path(__file__).resolve().parent.parent / "src"
-CONFIG = SRC / "ccat_data_transfer" / "config" / "config.py"
+CONFIG = SRC / "ccat_data_transfer" / "core" / "config.py"
 DEFAULT_TOPOLOGY = SRC / "ccat_data_transfer" / "topology" / "default.toml"
 ENV_READ = re.compile(
     r"\bos\.environ\b|\bgetenv\s*\(|\bfrom\s+os\s+import\s+[^\n]*\b(environ|getenv)\b"
