@@ -234,160 +234,28 @@ def parse_topology(raw: dict[str, Any], data_dir: Path, source: str = "topology"
     _check_unique(sites, "short_name", "site", problems)
     site_names = {s.get("name") for s in sites}
 
-    for i, tel in enumerate(telescopes):
-        what = f"telescope #{i + 1} ({tel.get('name', '?')})"
-        _require(tel, ("name",), what, problems)
-        if tel.get("site") and tel["site"] not in site_names:
-            problems.append(f"{what}: unknown site {tel['site']!r}")
-    _check_unique(telescopes, "name", "telescope", problems)
+    _check_telescopes(telescopes, site_names, problems)
     telescope_names = {t.get("name") for t in telescopes}
 
-    for i, inst in enumerate(instruments):
-        what = f"instrument #{i + 1} ({inst.get('name', '?')})"
-        if _require(inst, ("name", "telescope"), what, problems):
-            if inst["telescope"] not in telescope_names:
-                problems.append(f"{what}: unknown telescope {inst['telescope']!r}")
-        modules = inst.get("modules", [])
-        if not isinstance(modules, list) or not all(isinstance(x, str) for x in modules):
-            problems.append(f"{what}: 'modules' must be a list of names")
-        elif len(set(modules)) != len(modules):
-            problems.append(f"{what}: duplicate module names")
-    _check_unique(instruments, "name", "instrument", problems)
+    _check_instruments(instruments, telescope_names, problems)
     instrument_names = {i.get("name") for i in instruments}
 
     parsed_locations: list[dict[str, Any]] = []
     for i, loc in enumerate(locations):
-        what = f"location #{i + 1} ({loc.get('name', '?')})"
-        if not _check_fields(
-            loc, LOCATION_KEYS, ("name", "site", "type", "storage"), what, problems
-        ):
-            continue
-        if not NAME_RE.match(str(loc["name"])):
-            problems.append(f"{what}: name must be lower case letters, digits and _")
-        if loc["site"] not in site_names:
-            problems.append(f"{what}: unknown site {loc['site']!r}")
-        ltype = _enum_value(m.LocationType, loc["type"], f"{what}: type", problems)
-        stype = _enum_value(m.StorageType, loc["storage"], f"{what}: storage", problems)
-        entry: dict[str, Any] = {
-            "name": loc["name"],
-            "site": loc["site"],
-            "location_type": ltype,
-            "storage_type": stype,
-            "priority": loc.get("priority", 0),
-            "active": loc.get("active", True),
-            "description": loc.get("description"),
-            "instrument": loc.get("instrument"),
-            "host": loc.get("host"),
-            "path": None,
-            "endpoint_url": loc.get("endpoint_url"),
-            "bucket": loc.get("bucket"),
-            "prefix": loc.get("prefix"),
-            "region": loc.get("region"),
-            "library": loc.get("library"),
-            "capacity_bytes": None,
-            "retention_period_minutes": loc.get("retention_period_minutes"),
-            "warning_threshold_percent": loc.get("warning_threshold_percent"),
-            "critical_threshold_percent": loc.get("critical_threshold_percent"),
-            "emergency_threshold_percent": loc.get("emergency_threshold_percent"),
-            "max_parallel_transfers": loc.get("max_parallel_transfers"),
-        }
-        if not isinstance(entry["priority"], int) or isinstance(entry["priority"], bool):
-            problems.append(f"{what}: priority must be an integer")
-        if not isinstance(entry["active"], bool):
-            problems.append(f"{what}: active must be true or false")
-        capacity = loc.get("capacity", loc.get("capacity_bytes"))
-        if capacity is not None:
-            try:
-                entry["capacity_bytes"] = parse_size(capacity)
-            except ValueError as exc:
-                problems.append(f"{what}: capacity: {exc}")
-        thresholds = []
-        for key in (
-            "warning_threshold_percent",
-            "critical_threshold_percent",
-            "emergency_threshold_percent",
-        ):
-            value = entry[key]
-            if value is not None:
-                if not isinstance(value, int | float) or not 0 < value <= 100:
-                    problems.append(f"{what}: {key} must be a number in (0, 100]")
-                else:
-                    thresholds.append(value)
-        if thresholds != sorted(thresholds):
-            problems.append(f"{what}: thresholds must rise: warning < critical < emergency")
-        if entry["instrument"] is not None and entry["instrument"] not in instrument_names:
-            problems.append(f"{what}: unknown instrument {entry['instrument']!r}")
-        if stype in (m.StorageType.DISK, m.StorageType.TAPE):
-            if not loc.get("path"):
-                problems.append(f"{what}: a {stype.value} location needs a 'path'")
-            else:
-                path = Path(str(loc["path"])).expanduser()
-                if not path.is_absolute():
-                    path = data_dir / path
-                entry["path"] = str(path)
-        elif stype == m.StorageType.S3:
-            if not loc.get("bucket"):
-                problems.append(f"{what}: an s3 location needs a 'bucket'")
-            for secret in ("access_key", "secret_key", "aws_secret_access_key"):
-                if secret in loc:
-                    problems.append(f"{what}: credentials never go in the topology file")
-        parsed_locations.append(entry)
+        entry = _parse_location(i, loc, site_names, instrument_names, data_dir, problems)
+        if entry is not None:
+            parsed_locations.append(entry)
     _check_unique(locations, "name", "location", problems)
     location_by_name = {loc["name"]: loc for loc in parsed_locations}
 
     parsed_routes: list[dict[str, Any]] = []
     site_by_name = {str(site.get("name")): site for site in sites}
     for i, route in enumerate(routes):
-        what = f"route #{i + 1} ({route.get('origin', '?')} -> {route.get('destination', '?')})"
-        if not _check_fields(
-            route, ROUTE_KEYS, ("origin", "destination", "type", "method"), what, problems
-        ):
-            continue
-        for key in ("origin", "destination", "relay"):
-            if route.get(key) is not None and route[key] not in site_names:
-                problems.append(f"{what}: unknown {key} site {route[key]!r}")
-        if route["origin"] == route["destination"]:
-            problems.append(f"{what}: origin and destination are the same site")
-        rtype = _enum_value(m.RouteType, route["type"], f"{what}: type", problems)
-        method = _enum_value(m.TransferMethod, route["method"], f"{what}: method", problems)
-        if rtype == m.RouteType.RELAY and not route.get("relay"):
-            problems.append(f"{what}: a relay route needs a 'relay' site")
-        for key in ("origin_location", "destination_location"):
-            if route.get(key) is not None and route[key] not in location_by_name:
-                problems.append(f"{what}: unknown {key} {route[key]!r}")
-        if rtype == m.RouteType.CUSTOM and not (
-            route.get("origin_location") or route.get("destination_location")
-        ):
-            problems.append(f"{what}: a custom route names origin_location or destination_location")
-        check_route_reach(
-            {"destination": route["destination"], "transfer_method": method},
-            site_by_name,
-            what,
-            problems,
-        )
-        parsed_routes.append(
-            {
-                "name": route.get("name") or f"{route['origin']}_to_{route['destination']}",
-                "origin": route["origin"],
-                "destination": route["destination"],
-                "route_type": rtype,
-                "transfer_method": method,
-                "relay": route.get("relay"),
-                "origin_location": route.get("origin_location"),
-                "destination_location": route.get("destination_location"),
-                "active": route.get("active", True),
-            }
-        )
+        parsed = _parse_route(i, route, site_names, site_by_name, location_by_name, problems)
+        if parsed is not None:
+            parsed_routes.append(parsed)
     _check_unique(parsed_routes, "name", "route", problems)
-    seen_routes: set[tuple[Any, ...]] = set()
-    for route in parsed_routes:
-        key = (route["origin"], route["destination"], route["route_type"])
-        if key in seen_routes:
-            problems.append(
-                f"duplicate route {route['origin']} -> {route['destination']} "
-                f"of type {route['route_type'].value if route['route_type'] else '?'}"
-            )
-        seen_routes.add(key)
+    _check_duplicate_routes(parsed_routes, problems)
 
     if problems:
         raise TopologyError(source, problems)
@@ -399,6 +267,200 @@ def parse_topology(raw: dict[str, Any], data_dir: Path, source: str = "topology"
         locations=parsed_locations,
         routes=parsed_routes,
     )
+
+
+def _check_telescopes(
+    telescopes: list[dict[str, Any]], site_names: set[Any], problems: list[str]
+) -> None:
+    """Each telescope has a unique name and, if it names a site, a declared one."""
+    for i, tel in enumerate(telescopes):
+        what = f"telescope #{i + 1} ({tel.get('name', '?')})"
+        _require(tel, ("name",), what, problems)
+        if tel.get("site") and tel["site"] not in site_names:
+            problems.append(f"{what}: unknown site {tel['site']!r}")
+    _check_unique(telescopes, "name", "telescope", problems)
+
+
+def _check_instruments(
+    instruments: list[dict[str, Any]], telescope_names: set[Any], problems: list[str]
+) -> None:
+    """Each instrument has a unique name, a declared telescope and distinct module names."""
+    for i, inst in enumerate(instruments):
+        what = f"instrument #{i + 1} ({inst.get('name', '?')})"
+        if _require(inst, ("name", "telescope"), what, problems):
+            if inst["telescope"] not in telescope_names:
+                problems.append(f"{what}: unknown telescope {inst['telescope']!r}")
+        modules = inst.get("modules", [])
+        if not isinstance(modules, list) or not all(isinstance(x, str) for x in modules):
+            problems.append(f"{what}: 'modules' must be a list of names")
+        elif len(set(modules)) != len(modules):
+            problems.append(f"{what}: duplicate module names")
+    _check_unique(instruments, "name", "instrument", problems)
+
+
+def _parse_location(
+    i: int,
+    loc: dict[str, Any],
+    site_names: set[Any],
+    instrument_names: set[Any],
+    data_dir: Path,
+    problems: list[str],
+) -> dict[str, Any] | None:
+    """Parse location #``i + 1`` into the row values; None if its fields are unusable."""
+    what = f"location #{i + 1} ({loc.get('name', '?')})"
+    if not _check_fields(loc, LOCATION_KEYS, ("name", "site", "type", "storage"), what, problems):
+        return None
+    if not NAME_RE.match(str(loc["name"])):
+        problems.append(f"{what}: name must be lower case letters, digits and _")
+    if loc["site"] not in site_names:
+        problems.append(f"{what}: unknown site {loc['site']!r}")
+    ltype = _enum_value(m.LocationType, loc["type"], f"{what}: type", problems)
+    stype = _enum_value(m.StorageType, loc["storage"], f"{what}: storage", problems)
+    entry: dict[str, Any] = {
+        "name": loc["name"],
+        "site": loc["site"],
+        "location_type": ltype,
+        "storage_type": stype,
+        "priority": loc.get("priority", 0),
+        "active": loc.get("active", True),
+        "description": loc.get("description"),
+        "instrument": loc.get("instrument"),
+        "host": loc.get("host"),
+        "path": None,
+        "endpoint_url": loc.get("endpoint_url"),
+        "bucket": loc.get("bucket"),
+        "prefix": loc.get("prefix"),
+        "region": loc.get("region"),
+        "library": loc.get("library"),
+        "capacity_bytes": None,
+        "retention_period_minutes": loc.get("retention_period_minutes"),
+        "warning_threshold_percent": loc.get("warning_threshold_percent"),
+        "critical_threshold_percent": loc.get("critical_threshold_percent"),
+        "emergency_threshold_percent": loc.get("emergency_threshold_percent"),
+        "max_parallel_transfers": loc.get("max_parallel_transfers"),
+    }
+    _check_location_limits(entry, loc, what, problems)
+    if entry["instrument"] is not None and entry["instrument"] not in instrument_names:
+        problems.append(f"{what}: unknown instrument {entry['instrument']!r}")
+    _check_location_storage(entry, loc, stype, what, data_dir, problems)
+    return entry
+
+
+def _check_location_limits(
+    entry: dict[str, Any], loc: dict[str, Any], what: str, problems: list[str]
+) -> None:
+    """Priority, active flag, capacity and the rising fill thresholds of a location."""
+    if not isinstance(entry["priority"], int) or isinstance(entry["priority"], bool):
+        problems.append(f"{what}: priority must be an integer")
+    if not isinstance(entry["active"], bool):
+        problems.append(f"{what}: active must be true or false")
+    capacity = loc.get("capacity", loc.get("capacity_bytes"))
+    if capacity is not None:
+        try:
+            entry["capacity_bytes"] = parse_size(capacity)
+        except ValueError as exc:
+            problems.append(f"{what}: capacity: {exc}")
+    thresholds = []
+    for key in (
+        "warning_threshold_percent",
+        "critical_threshold_percent",
+        "emergency_threshold_percent",
+    ):
+        value = entry[key]
+        if value is not None:
+            if not isinstance(value, int | float) or not 0 < value <= 100:
+                problems.append(f"{what}: {key} must be a number in (0, 100]")
+            else:
+                thresholds.append(value)
+    if thresholds != sorted(thresholds):
+        problems.append(f"{what}: thresholds must rise: warning < critical < emergency")
+
+
+def _check_location_storage(
+    entry: dict[str, Any],
+    loc: dict[str, Any],
+    stype: Any,
+    what: str,
+    data_dir: Path,
+    problems: list[str],
+) -> None:
+    """A disk or tape location has a path (made absolute); an s3 one a bucket, no secrets."""
+    if stype in (m.StorageType.DISK, m.StorageType.TAPE):
+        if not loc.get("path"):
+            problems.append(f"{what}: a {stype.value} location needs a 'path'")
+        else:
+            path = Path(str(loc["path"])).expanduser()
+            if not path.is_absolute():
+                path = data_dir / path
+            entry["path"] = str(path)
+    elif stype == m.StorageType.S3:
+        if not loc.get("bucket"):
+            problems.append(f"{what}: an s3 location needs a 'bucket'")
+        for secret in ("access_key", "secret_key", "aws_secret_access_key"):
+            if secret in loc:
+                problems.append(f"{what}: credentials never go in the topology file")
+
+
+def _parse_route(
+    i: int,
+    route: dict[str, Any],
+    site_names: set[Any],
+    site_by_name: dict[str, dict[str, Any]],
+    location_by_name: dict[str, dict[str, Any]],
+    problems: list[str],
+) -> dict[str, Any] | None:
+    """Parse route #``i + 1`` into the row values; None if its fields are unusable."""
+    what = f"route #{i + 1} ({route.get('origin', '?')} -> {route.get('destination', '?')})"
+    if not _check_fields(
+        route, ROUTE_KEYS, ("origin", "destination", "type", "method"), what, problems
+    ):
+        return None
+    for key in ("origin", "destination", "relay"):
+        if route.get(key) is not None and route[key] not in site_names:
+            problems.append(f"{what}: unknown {key} site {route[key]!r}")
+    if route["origin"] == route["destination"]:
+        problems.append(f"{what}: origin and destination are the same site")
+    rtype = _enum_value(m.RouteType, route["type"], f"{what}: type", problems)
+    method = _enum_value(m.TransferMethod, route["method"], f"{what}: method", problems)
+    if rtype == m.RouteType.RELAY and not route.get("relay"):
+        problems.append(f"{what}: a relay route needs a 'relay' site")
+    for key in ("origin_location", "destination_location"):
+        if route.get(key) is not None and route[key] not in location_by_name:
+            problems.append(f"{what}: unknown {key} {route[key]!r}")
+    if rtype == m.RouteType.CUSTOM and not (
+        route.get("origin_location") or route.get("destination_location")
+    ):
+        problems.append(f"{what}: a custom route names origin_location or destination_location")
+    check_route_reach(
+        {"destination": route["destination"], "transfer_method": method},
+        site_by_name,
+        what,
+        problems,
+    )
+    return {
+        "name": route.get("name") or f"{route['origin']}_to_{route['destination']}",
+        "origin": route["origin"],
+        "destination": route["destination"],
+        "route_type": rtype,
+        "transfer_method": method,
+        "relay": route.get("relay"),
+        "origin_location": route.get("origin_location"),
+        "destination_location": route.get("destination_location"),
+        "active": route.get("active", True),
+    }
+
+
+def _check_duplicate_routes(parsed_routes: list[dict[str, Any]], problems: list[str]) -> None:
+    """At most one route of each type from an origin to a destination."""
+    seen_routes: set[tuple[Any, ...]] = set()
+    for route in parsed_routes:
+        key = (route["origin"], route["destination"], route["route_type"])
+        if key in seen_routes:
+            problems.append(
+                f"duplicate route {route['origin']} -> {route['destination']} "
+                f"of type {route['route_type'].value if route['route_type'] else '?'}"
+            )
+        seen_routes.add(key)
 
 
 def read_topology_file(path: Path, data_dir: Path) -> Topology:
