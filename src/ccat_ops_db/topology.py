@@ -514,6 +514,18 @@ def apply_topology(session: Session, topo: Topology) -> LoadReport:
     """Bring the DB in line with ``topo``.  Refuses (TopologyError) before any change if a
     location that would disappear still holds data.  The caller commits."""
     report = LoadReport()
+    to_deactivate = _locations_to_deactivate(session, topo)
+    sites, instruments = _apply_sites_and_instruments(session, topo, report)
+    locations = _apply_locations(session, topo, sites, instruments, report)
+    wanted_routes = _apply_routes(session, topo, sites, locations, report)
+    _deactivate_missing(session, topo, to_deactivate, wanted_routes, report)
+    session.flush()
+    return report
+
+
+def _locations_to_deactivate(session: Session, topo: Topology) -> list[m.DataLocation]:
+    """Check phase: the active locations missing from ``topo``; TopologyError if any of
+    them still holds copies."""
     wanted_locations = {loc["name"] for loc in topo.locations}
     existing = session.scalars(select(m.DataLocation)).all()
     refusals = []
@@ -536,7 +548,13 @@ def apply_topology(session: Session, topo: Topology) -> LoadReport:
             to_deactivate.append(loc)
     if refusals:
         raise TopologyError("topology", refusals)
+    return to_deactivate
 
+
+def _apply_sites_and_instruments(
+    session: Session, topo: Topology, report: LoadReport
+) -> tuple[dict[str, m.Site], dict[str, m.Instrument]]:
+    """Apply phase: the observatory, sites, telescopes, instruments and their modules."""
     obs = _upsert(
         session,
         m.Observatory,
@@ -592,7 +610,17 @@ def apply_topology(session: Session, topo: Topology) -> LoadReport:
                 {},
                 report,
             )
+    return sites, instruments
 
+
+def _apply_locations(
+    session: Session,
+    topo: Topology,
+    sites: dict[str, m.Site],
+    instruments: dict[str, m.Instrument],
+    report: LoadReport,
+) -> dict[str, m.DataLocation]:
+    """Apply phase: the data locations (a changed storage kind switches the row's class)."""
     locations: dict[str, m.DataLocation] = {}
     for loc in topo.locations:
         values = {k: v for k, v in loc.items() if k not in ("name", "site", "instrument")}
@@ -610,7 +638,17 @@ def apply_topology(session: Session, topo: Topology) -> LoadReport:
             session.expunge(row)
         cls = _LOCATION_CLASSES[loc["storage_type"]]
         locations[loc["name"]] = _upsert(session, cls, {"name": loc["name"]}, values, report)
+    return locations
 
+
+def _apply_routes(
+    session: Session,
+    topo: Topology,
+    sites: dict[str, m.Site],
+    locations: dict[str, m.DataLocation],
+    report: LoadReport,
+) -> set[str]:
+    """Apply phase: the transfer routes; returns the names of the routes in ``topo``."""
     wanted_routes = set()
     for route in topo.routes:
         wanted_routes.add(route["name"])
@@ -634,7 +672,17 @@ def apply_topology(session: Session, topo: Topology) -> LoadReport:
             },
             report,
         )
+    return wanted_routes
 
+
+def _deactivate_missing(
+    session: Session,
+    topo: Topology,
+    to_deactivate: list[m.DataLocation],
+    wanted_routes: set[str],
+    report: LoadReport,
+) -> None:
+    """Deactivate phase: locations, routes and sites no longer in the topology."""
     for loc in to_deactivate:
         loc.active = False
         report.deactivated.append(f"data_location {loc.name}")
@@ -647,8 +695,6 @@ def apply_topology(session: Session, topo: Topology) -> LoadReport:
         if site.name not in wanted_sites and site.active:
             site.active = False
             report.deactivated.append(f"site {site.name}")
-    session.flush()
-    return report
 
 
 def load_topology(session: Session, path: Path, data_dir: Path) -> LoadReport:
