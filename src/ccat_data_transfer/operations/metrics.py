@@ -331,6 +331,17 @@ def _counts_and_bytes(
 
 
 def snapshot_to_prometheus(snap: dict[str, Any]) -> list[GaugeMetricFamily]:
+    """The Prometheus gauges of a :func:`collect_snapshot` result."""
+    families = _work_families(snap)
+    families += _copy_families(snap)
+    families += _buffer_families(snap["buffers"])
+    families += _archive_truth_families(snap)
+    families += _queue_and_failure_families(snap)
+    return families
+
+
+def _work_families(snap: dict[str, Any]) -> list[GaugeMetricFamily]:
+    """Raw files, packages, transfers and their rate, checksum errors and blocked groups."""
     families = [
         _total("ccat_raw_files", "Filed raw data files", snap["raw_files"]["count"]),
         _total("ccat_raw_file_bytes", "Bytes of filed raw data files", snap["raw_files"]["bytes"]),
@@ -371,6 +382,12 @@ def snapshot_to_prometheus(snap: dict[str, Any]) -> list[GaugeMetricFamily]:
             snap["blocked_groups"],
         ),
     ]
+    return families
+
+
+def _copy_families(snap: dict[str, Any]) -> list[GaugeMetricFamily]:
+    """Physical copies by location, type and status; the last day's deletions."""
+    families: list[GaugeMetricFamily] = []
     g = GaugeMetricFamily(
         "ccat_physical_copies", "Physical copies", labels=["location", "type", "status"]
     )
@@ -397,8 +414,12 @@ def snapshot_to_prometheus(snap: dict[str, Any]) -> list[GaugeMetricFamily]:
         ),
         _total("ccat_deletion_failures", "Copies in DELETION_FAILED", snap["deletion_failures"]),
     ]
-    families += _buffer_families(snap["buffers"])
-    families += _archive_truth_families(snap)
+    return families
+
+
+def _queue_and_failure_families(snap: dict[str, Any]) -> list[GaugeMetricFamily]:
+    """Queue lengths, stalled work by kind and work items in FAILED by kind."""
+    families: list[GaugeMetricFamily] = []
     g = GaugeMetricFamily("ccat_queue_length", "Tasks waiting in a queue", labels=["queue"])
     for queue, length in snap["queues"].items():
         g.add_metric([queue], length)
