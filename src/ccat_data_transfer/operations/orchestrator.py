@@ -115,47 +115,18 @@ def lifecycle_counts(session: Session) -> dict[str, int]:
             m.DataLocation.active.is_(True),
         )
     )
-    present = m.PhysicalCopyStatus.PRESENT
     files = session.scalar(select(func.count(m.RawDataFile.id))) or 0
     packaged = session.scalar(
         select(func.count(m.RawDataFile.id)).where(m.RawDataFile.raw_data_package_id.is_not(None))
     )
     packages = session.scalar(select(func.count(m.RawDataPackage.id))) or 0
-    lta_copies = (
-        select(
-            m.PhysicalCopy.raw_data_package_id.label("pkg"),
-            func.count(func.distinct(m.DataLocation.site_id)).label("sites"),
-        )
-        .join(m.DataLocation, m.DataLocation.id == m.PhysicalCopy.data_location_id)
-        .where(
-            m.PhysicalCopy.type == "raw_data_package",
-            m.PhysicalCopy.status == present,
-            m.DataLocation.location_type == m.LocationType.LONG_TERM_ARCHIVE,
-        )
-        .group_by(m.PhysicalCopy.raw_data_package_id)
-        .subquery()
-    )
-    archived_everywhere = session.scalar(
-        select(func.count()).select_from(lta_copies).where(lta_copies.c.sites >= lta_sites)
-    )
+    archived_everywhere = _archived_everywhere(session, lta_sites)
     in_transfer_pkgs = session.scalar(
         select(func.count(m.RawDataPackage.id)).where(
             m.RawDataPackage.data_transfer_package_id.is_not(None)
         )
     )
-    temporary = session.scalar(
-        select(func.count(m.PhysicalCopy.id))
-        .join(m.DataLocation, m.DataLocation.id == m.PhysicalCopy.data_location_id)
-        .where(
-            m.DataLocation.location_type.in_([m.LocationType.SOURCE, m.LocationType.BUFFER]),
-            m.PhysicalCopy.status != m.PhysicalCopyStatus.DELETED,
-        )
-    )
-    temporary_total = session.scalar(
-        select(func.count(m.PhysicalCopy.id))
-        .join(m.DataLocation, m.DataLocation.id == m.PhysicalCopy.data_location_id)
-        .where(m.DataLocation.location_type.in_([m.LocationType.SOURCE, m.LocationType.BUFFER]))
-    )
+    temporary, temporary_total = _temporary_copies(session)
     transfers_done = session.scalar(
         select(func.count(m.DataTransfer.id)).where(
             m.DataTransfer.status == m.Status.COMPLETED,
@@ -205,6 +176,47 @@ def lifecycle_counts(session: Session) -> dict[str, int]:
         )
         or 0,
     }
+
+
+def _archived_everywhere(session: Session, lta_sites: int | None) -> int | None:
+    """Packages with a PRESENT copy at every one of the ``lta_sites`` archive sites."""
+    present = m.PhysicalCopyStatus.PRESENT
+    lta_copies = (
+        select(
+            m.PhysicalCopy.raw_data_package_id.label("pkg"),
+            func.count(func.distinct(m.DataLocation.site_id)).label("sites"),
+        )
+        .join(m.DataLocation, m.DataLocation.id == m.PhysicalCopy.data_location_id)
+        .where(
+            m.PhysicalCopy.type == "raw_data_package",
+            m.PhysicalCopy.status == present,
+            m.DataLocation.location_type == m.LocationType.LONG_TERM_ARCHIVE,
+        )
+        .group_by(m.PhysicalCopy.raw_data_package_id)
+        .subquery()
+    )
+    archived_everywhere = session.scalar(
+        select(func.count()).select_from(lta_copies).where(lta_copies.c.sites >= lta_sites)
+    )
+    return archived_everywhere
+
+
+def _temporary_copies(session: Session) -> tuple[int | None, int | None]:
+    """Copies at SOURCE and BUFFER locations: those not DELETED, and all of them."""
+    temporary = session.scalar(
+        select(func.count(m.PhysicalCopy.id))
+        .join(m.DataLocation, m.DataLocation.id == m.PhysicalCopy.data_location_id)
+        .where(
+            m.DataLocation.location_type.in_([m.LocationType.SOURCE, m.LocationType.BUFFER]),
+            m.PhysicalCopy.status != m.PhysicalCopyStatus.DELETED,
+        )
+    )
+    temporary_total = session.scalar(
+        select(func.count(m.PhysicalCopy.id))
+        .join(m.DataLocation, m.DataLocation.id == m.PhysicalCopy.data_location_id)
+        .where(m.DataLocation.location_type.in_([m.LocationType.SOURCE, m.LocationType.BUFFER]))
+    )
+    return temporary, temporary_total
 
 
 @dataclass
