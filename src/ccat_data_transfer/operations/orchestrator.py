@@ -259,24 +259,10 @@ def run_demo(
     staging_status: str | None = None
     completed = False
 
-    progress = Progress(
-        TextColumn("{task.description:<24}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not show_progress,
-    )
+    progress = _demo_progress(console, show_progress)
     expected_files = None
     with progress:
-        bars = {
-            "filed": progress.add_task("instruments: filed", total=None),
-            "packaged": progress.add_task("packaged (files)", total=None),
-            "transferred": progress.add_task("transferred + unpacked", total=None),
-            "archived": progress.add_task("archived at all LTAs", total=None),
-            "cleaned": progress.add_task("temporary copies cleaned", total=None),
-            "staged": progress.add_task("staging job", total=3),
-        }
+        bars = _demo_bars(progress)
         while not stop_event.is_set():
             if time.monotonic() - started > timeout_seconds:
                 log.error("demo_timeout", seconds=timeout_seconds)
@@ -298,28 +284,16 @@ def run_demo(
                     _finish_staging_job(session, staging_job_id)
                     staging_done_marked = True
                 staging_cleaned = staging_done_marked and _staging_cleaned(session, staging_job_id)
-            progress.update(bars["filed"], completed=counts["files"], total=expected_files)
-            for bar, done, of in (
-                ("packaged", "packaged_files", "files"),
-                ("transferred", "transfers_done", "transfers"),
-                ("archived", "archived_everywhere", "packages"),
-                ("cleaned", "temporary_cleaned", "temporary_copies"),
-            ):
-                progress.update(bars[bar], completed=counts[done], total=max(counts[of], 1))
-            progress.update(
-                bars["staged"],
-                completed=(staging_job_id is not None)
-                + (staging_status == "COMPLETED")
-                + bool(staging_cleaned),
+            _update_bars(
+                progress,
+                bars,
+                counts,
+                expected_files,
+                staging_job_id,
+                staging_status,
+                staging_cleaned,
             )
-            if (
-                simulator.finished
-                and counts["files"] > 0
-                and counts["packaged_files"] == counts["files"]
-                and counts["archived_everywhere"] == counts["packages"]
-                and counts["temporary_cleaned"] == counts["temporary_copies"]
-                and staging_cleaned
-            ):
+            if _lifecycle_done(simulator.finished, counts, staging_cleaned):
                 completed = True
                 break
             if simulator.finished:
@@ -333,6 +307,70 @@ def run_demo(
         staging_job_id=staging_job_id,
         staging_status=staging_status,
         stages=orchestrator.stages,
+    )
+
+
+def _demo_progress(console: Console, show_progress: bool) -> Progress:
+    """The demo's progress display (disabled without ``show_progress``)."""
+    return Progress(
+        TextColumn("{task.description:<24}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not show_progress,
+    )
+
+
+def _demo_bars(progress: Progress) -> dict[str, Any]:
+    """One bar per lifecycle step, by name."""
+    return {
+        "filed": progress.add_task("instruments: filed", total=None),
+        "packaged": progress.add_task("packaged (files)", total=None),
+        "transferred": progress.add_task("transferred + unpacked", total=None),
+        "archived": progress.add_task("archived at all LTAs", total=None),
+        "cleaned": progress.add_task("temporary copies cleaned", total=None),
+        "staged": progress.add_task("staging job", total=3),
+    }
+
+
+def _update_bars(
+    progress: Progress,
+    bars: dict[str, Any],
+    counts: dict[str, int],
+    expected_files: int | None,
+    staging_job_id: int | None,
+    staging_status: str | None,
+    staging_cleaned: bool,
+) -> None:
+    """Move each bar to the counts of this round."""
+    progress.update(bars["filed"], completed=counts["files"], total=expected_files)
+    for bar, done, of in (
+        ("packaged", "packaged_files", "files"),
+        ("transferred", "transfers_done", "transfers"),
+        ("archived", "archived_everywhere", "packages"),
+        ("cleaned", "temporary_cleaned", "temporary_copies"),
+    ):
+        progress.update(bars[bar], completed=counts[done], total=max(counts[of], 1))
+    progress.update(
+        bars["staged"],
+        completed=(staging_job_id is not None)
+        + (staging_status == "COMPLETED")
+        + bool(staging_cleaned),
+    )
+
+
+def _lifecycle_done(
+    simulator_finished: bool, counts: dict[str, int], staging_cleaned: bool
+) -> bool:
+    """Everything filed is packaged, archived at every LTA, cleaned and staged once."""
+    return bool(
+        simulator_finished
+        and counts["files"] > 0
+        and counts["packaged_files"] == counts["files"]
+        and counts["archived_everywhere"] == counts["packages"]
+        and counts["temporary_cleaned"] == counts["temporary_copies"]
+        and staging_cleaned
     )
 
 
