@@ -13,6 +13,7 @@ metrics) and ccat_ops_db; never managers, tasks or the routes module.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -228,7 +229,21 @@ def package_list(
         .offset((page - 1) * per_page)
     ).all()
 
-    ids = [r[0] for r in rows]
+    where_held = _locations_holding(session, [r[0] for r in rows])
+    items = _package_items(rows, where_held)
+    return {
+        "filters": {"file_name": file_name or "", "state": state or "", "obs_unit": obs_unit or ""},
+        "total": total,
+        "page": page,
+        "per_page": per_page,
+        "pages": pages,
+        "items": items,
+        "state_counts": package_state_counts(session),
+    }
+
+
+def _locations_holding(session: Session, ids: list[int]) -> dict[int, list[str]]:
+    """The names of the locations holding a copy of each package, by package id."""
     where_held: dict[int, list[str]] = {i: [] for i in ids}
     if ids:
         for pkg_id, loc_name in session.execute(
@@ -242,7 +257,11 @@ def package_list(
             .order_by(m.DataLocation.name)
         ):
             where_held[pkg_id].append(loc_name)
+    return where_held
 
+
+def _package_items(rows: Sequence[Any], where_held: dict[int, list[str]]) -> list[dict[str, Any]]:
+    """The page's rows as the dicts the package list shows."""
     items = [
         {
             "id": r[0],
@@ -260,15 +279,7 @@ def package_list(
         }
         for r in rows
     ]
-    return {
-        "filters": {"file_name": file_name or "", "state": state or "", "obs_unit": obs_unit or ""},
-        "total": total,
-        "page": page,
-        "per_page": per_page,
-        "pages": pages,
-        "items": items,
-        "state_counts": package_state_counts(session),
-    }
+    return items
 
 
 def package_detail(session: Session, package_id: int) -> dict[str, Any]:
