@@ -283,6 +283,8 @@ def _package_items(rows: Sequence[Any], where_held: dict[int, list[str]]) -> lis
 
 
 def package_detail(session: Session, package_id: int) -> dict[str, Any]:
+    """One RawDataPackage with its files, copies, transfers and archive transfers (404 if
+    unknown)."""
     pkg = session.get(m.RawDataPackage, package_id)
     if pkg is None:
         raise HTTPException(status_code=404, detail=f"no raw data package with id {package_id}")
@@ -297,49 +299,8 @@ def package_detail(session: Session, package_id: int) -> dict[str, Any]:
         )
     ).one()
     dtp = pkg.data_transfer_package
-    transfers = []
-    if dtp is not None:
-        for t in session.scalars(
-            select(m.DataTransfer)
-            .where(m.DataTransfer.data_transfer_package_id == dtp.id)
-            .order_by(m.DataTransfer.created_at, m.DataTransfer.id)
-        ):
-            transfers.append(
-                {
-                    "id": t.id,
-                    "origin": t.origin_location.name,
-                    "destination": t.destination_location.name,
-                    "primary": t.is_primary,
-                    "method": t.transfer_method.name,
-                    "status": t.status.name,
-                    "unpack_status": t.unpack_status.name,
-                    "bytes_transferred": t.bytes_transferred,
-                    "rate_mb_per_s": t.rate_mb_per_s,
-                    "retry_count": t.retry_count,
-                    "start_time": _iso(t.start_time),
-                    "end_time": _iso(t.end_time),
-                    "failure_reason": t.failure_reason or t.unpack_failure_reason,
-                }
-            )
-    archive_transfers = [
-        {
-            "id": a.id,
-            "origin": a.origin_location.name,
-            "destination": a.destination_location.name,
-            "status": a.status.name,
-            "bytes_transferred": a.bytes_transferred,
-            "retry_count": a.retry_count,
-            "start_time": _iso(a.start_time),
-            "end_time": _iso(a.end_time),
-            "metadata_path": a.metadata_path,
-            "failure_reason": a.failure_reason,
-        }
-        for a in session.scalars(
-            select(m.LongTermArchiveTransfer)
-            .where(m.LongTermArchiveTransfer.raw_data_package_id == pkg.id)
-            .order_by(m.LongTermArchiveTransfer.created_at, m.LongTermArchiveTransfer.id)
-        )
-    ]
+    transfers = _package_transfers(session, dtp)
+    archive_transfers = _package_archive_transfers(session, pkg)
     eou = pkg.executed_obs_unit
     return {
         "id": pkg.id,
@@ -383,6 +344,59 @@ def package_detail(session: Session, package_id: int) -> dict[str, Any]:
         "transfers": transfers,
         "archive_transfers": archive_transfers,
     }
+
+
+def _package_transfers(session: Session, dtp: m.DataTransferPackage | None) -> list[dict[str, Any]]:
+    """The transfers of the package's transfer package, oldest first."""
+    transfers = []
+    if dtp is not None:
+        for t in session.scalars(
+            select(m.DataTransfer)
+            .where(m.DataTransfer.data_transfer_package_id == dtp.id)
+            .order_by(m.DataTransfer.created_at, m.DataTransfer.id)
+        ):
+            transfers.append(
+                {
+                    "id": t.id,
+                    "origin": t.origin_location.name,
+                    "destination": t.destination_location.name,
+                    "primary": t.is_primary,
+                    "method": t.transfer_method.name,
+                    "status": t.status.name,
+                    "unpack_status": t.unpack_status.name,
+                    "bytes_transferred": t.bytes_transferred,
+                    "rate_mb_per_s": t.rate_mb_per_s,
+                    "retry_count": t.retry_count,
+                    "start_time": _iso(t.start_time),
+                    "end_time": _iso(t.end_time),
+                    "failure_reason": t.failure_reason or t.unpack_failure_reason,
+                }
+            )
+    return transfers
+
+
+def _package_archive_transfers(session: Session, pkg: m.RawDataPackage) -> list[dict[str, Any]]:
+    """The package's transfers to long-term archives, oldest first."""
+    archive_transfers = [
+        {
+            "id": a.id,
+            "origin": a.origin_location.name,
+            "destination": a.destination_location.name,
+            "status": a.status.name,
+            "bytes_transferred": a.bytes_transferred,
+            "retry_count": a.retry_count,
+            "start_time": _iso(a.start_time),
+            "end_time": _iso(a.end_time),
+            "metadata_path": a.metadata_path,
+            "failure_reason": a.failure_reason,
+        }
+        for a in session.scalars(
+            select(m.LongTermArchiveTransfer)
+            .where(m.LongTermArchiveTransfer.raw_data_package_id == pkg.id)
+            .order_by(m.LongTermArchiveTransfer.created_at, m.LongTermArchiveTransfer.id)
+        )
+    ]
+    return archive_transfers
 
 
 def _location_names(session: Session) -> list[str]:
