@@ -65,16 +65,7 @@ def overview_data(session: Session) -> dict[str, Any]:
     """Sites with their locations and buffer gauges, plus the pipeline's headline counts."""
     snap = collect_snapshot(session)
     buffers = {b["location"]: b for b in snap["buffers"]}
-    held: dict[str, dict[str, int]] = {}
-    present: dict[str, int] = {}
-    for row in snap["copies"]:
-        if row["status"] == m.PhysicalCopyStatus.DELETED.name:
-            continue
-        h = held.setdefault(row["location"], {"count": 0, "bytes": 0})
-        h["count"] += row["count"]
-        h["bytes"] += row["bytes"]
-        if row["status"] == m.PhysicalCopyStatus.PRESENT.name:
-            present[row["location"]] = present.get(row["location"], 0) + row["bytes"]
+    held, present = _copies_held(snap)
 
     type_order = {t: i for i, t in enumerate(m.LocationType)}
     # Whether each LTA-site buffer can take the next package waiting to be sent.
@@ -85,27 +76,7 @@ def overview_data(session: Session) -> dict[str, Any]:
         for loc in sorted(
             site.locations, key=lambda x: (type_order[x.location_type], x.priority, x.name)
         ):
-            buf = buffers.get(loc.name)
-            th = thresholds_for(loc)
-            use = _use_of(loc, buf, present.get(loc.name, 0))
-            locations.append(
-                {
-                    "name": loc.name,
-                    "anchor": location_anchor(loc.name),
-                    "location_type": loc.location_type.name,
-                    "storage_type": loc.storage_type.name,
-                    "priority": loc.priority,
-                    "active": loc.active,
-                    **use,
-                    "state": (buf["state"] if buf else "inactive") or "unknown",
-                    "warning": th.warning,
-                    "critical": th.critical,
-                    "emergency": th.emergency,
-                    "copies": held.get(loc.name, {"count": 0, "bytes": 0}),
-                    "audit_hold": loc.audit_hold_reason if loc.audit_hold_at else None,
-                    "next_package": next_package.get(loc.name),
-                }
-            )
+            locations.append(_location_entry(loc, buffers, held, present, next_package))
         sites.append(
             {
                 "name": site.name,
@@ -143,6 +114,50 @@ def overview_data(session: Session) -> dict[str, Any]:
         "banner": banner,
         # The same items in their older shape (level and text), for scripts that read it.
         "attention": [{"level": i["level"], "text": i["text"]} for i in banner],
+    }
+
+
+def _copies_held(snap: dict[str, Any]) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """Copies not DELETED (count and bytes) and bytes PRESENT, by location name."""
+    held: dict[str, dict[str, int]] = {}
+    present: dict[str, int] = {}
+    for row in snap["copies"]:
+        if row["status"] == m.PhysicalCopyStatus.DELETED.name:
+            continue
+        h = held.setdefault(row["location"], {"count": 0, "bytes": 0})
+        h["count"] += row["count"]
+        h["bytes"] += row["bytes"]
+        if row["status"] == m.PhysicalCopyStatus.PRESENT.name:
+            present[row["location"]] = present.get(row["location"], 0) + row["bytes"]
+    return held, present
+
+
+def _location_entry(
+    loc: m.DataLocation,
+    buffers: dict[str, dict[str, Any]],
+    held: dict[str, dict[str, int]],
+    present: dict[str, int],
+    next_package: dict[str, Any],
+) -> dict[str, Any]:
+    """One location of a site as the overview shows it: kind, use, state and holds."""
+    buf = buffers.get(loc.name)
+    th = thresholds_for(loc)
+    use = _use_of(loc, buf, present.get(loc.name, 0))
+    return {
+        "name": loc.name,
+        "anchor": location_anchor(loc.name),
+        "location_type": loc.location_type.name,
+        "storage_type": loc.storage_type.name,
+        "priority": loc.priority,
+        "active": loc.active,
+        **use,
+        "state": (buf["state"] if buf else "inactive") or "unknown",
+        "warning": th.warning,
+        "critical": th.critical,
+        "emergency": th.emergency,
+        "copies": held.get(loc.name, {"count": 0, "bytes": 0}),
+        "audit_hold": loc.audit_hold_reason if loc.audit_hold_at else None,
+        "next_package": next_package.get(loc.name),
     }
 
 
