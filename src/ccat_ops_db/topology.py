@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -503,6 +504,20 @@ def _upsert(
     return row
 
 
+def _upsert_by_name(
+    session: Session,
+    model: type,
+    entries: list[dict[str, Any]],
+    values: Callable[[dict[str, Any]], dict[str, Any]],
+    report: LoadReport,
+) -> dict[str, Any]:
+    """Upsert one ``model`` row per entry, looked up by its name; returns the rows by name."""
+    return {
+        entry["name"]: _upsert(session, model, {"name": entry["name"]}, values(entry), report)
+        for entry in entries
+    }
+
+
 _LOCATION_CLASSES = {
     m.StorageType.DISK: m.DiskDataLocation,
     m.StorageType.S3: m.S3DataLocation,
@@ -516,8 +531,9 @@ def apply_topology(session: Session, topo: Topology) -> LoadReport:
     report = LoadReport()
     to_deactivate = _locations_to_deactivate(session, topo)
     sites, instruments = _apply_sites_and_instruments(session, topo, report)
-    locations = _apply_locations(session, topo, sites, instruments, report)
-    wanted_routes = _apply_routes(session, topo, sites, locations, report)
+    rows = _Rows(sites=sites, instruments=instruments)
+    rows.locations = _apply_locations(session, topo, rows, report)
+    wanted_routes = _apply_routes(session, topo, rows, report)
     _deactivate_missing(session, topo, to_deactivate, wanted_routes, report)
     session.flush()
     return report
@@ -562,33 +578,29 @@ def _apply_sites_and_instruments(
         {"description": topo.observatory.get("description")},
         report,
     )
-    sites: dict[str, m.Site] = {}
-    for site in topo.sites:
-        sites[site["name"]] = _upsert(
-            session,
-            m.Site,
-            {"name": site["name"]},
-            {
-                "short_name": site["short_name"],
-                "description": site.get("description"),
-                "active": site.get("active", True),
-                **reach_values(site),
-            },
-            report,
-        )
-    telescopes: dict[str, m.Telescope] = {}
-    for tel in topo.telescopes:
-        telescopes[tel["name"]] = _upsert(
-            session,
-            m.Telescope,
-            {"name": tel["name"]},
-            {
-                "observatory_id": obs.id,
-                "site_id": sites[tel["site"]].id if tel.get("site") else None,
-                "description": tel.get("description"),
-            },
-            report,
-        )
+    sites: dict[str, m.Site] = _upsert_by_name(
+        session,
+        m.Site,
+        topo.sites,
+        lambda site: {
+            "short_name": site["short_name"],
+            "description": site.get("description"),
+            "active": site.get("active", True),
+            **reach_values(site),
+        },
+        report,
+    )
+    telescopes: dict[str, m.Telescope] = _upsert_by_name(
+        session,
+        m.Telescope,
+        topo.telescopes,
+        lambda tel: {
+            "observatory_id": obs.id,
+            "site_id": sites[tel["site"]].id if tel.get("site") else None,
+            "description": tel.get("description"),
+        },
+        report,
+    )
     instruments: dict[str, m.Instrument] = {}
     for inst in topo.instruments:
         row = _upsert(
@@ -613,14 +625,20 @@ def _apply_sites_and_instruments(
     return sites, instruments
 
 
+@dataclass
+class _Rows:
+    """The rows applied so far, by name: what the next rows refer to."""
+
+    sites: dict[str, m.Site]
+    instruments: dict[str, m.Instrument]
+    locations: dict[str, m.DataLocation] = field(default_factory=dict)
+
+
 def _apply_locations(
-    session: Session,
-    topo: Topology,
-    sites: dict[str, m.Site],
-    instruments: dict[str, m.Instrument],
-    report: LoadReport,
+    session: Session, topo: Topology, rows: _Rows, report: LoadReport
 ) -> dict[str, m.DataLocation]:
     """Apply phase: the data locations (a changed storage kind switches the row's class)."""
+    sites, instruments = rows.sites, rows.instruments
     locations: dict[str, m.DataLocation] = {}
     for loc in topo.locations:
         values = {k: v for k, v in loc.items() if k not in ("name", "site", "instrument")}
@@ -641,14 +659,9 @@ def _apply_locations(
     return locations
 
 
-def _apply_routes(
-    session: Session,
-    topo: Topology,
-    sites: dict[str, m.Site],
-    locations: dict[str, m.DataLocation],
-    report: LoadReport,
-) -> set[str]:
+def _apply_routes(session: Session, topo: Topology, rows: _Rows, report: LoadReport) -> set[str]:
     """Apply phase: the transfer routes; returns the names of the routes in ``topo``."""
+    sites, locations = rows.sites, rows.locations
     wanted_routes = set()
     for route in topo.routes:
         wanted_routes.add(route["name"])
@@ -686,15 +699,18 @@ def _deactivate_missing(
     for loc in to_deactivate:
         loc.active = False
         report.deactivated.append(f"data_location {loc.name}")
-    for route in session.scalars(select(m.DataTransferRoute)).all():
-        if route.name not in wanted_routes and route.active:
-            route.active = False
-            report.deactivated.append(f"data_transfer_route {route.name}")
-    wanted_sites = {s["name"] for s in topo.sites}
-    for site in session.scalars(select(m.Site)).all():
-        if site.name not in wanted_sites and site.active:
-            site.active = False
-            report.deactivated.append(f"site {site.name}")
+    _deactivate_unlisted(session, m.DataTransferRoute, wanted_routes, report)
+    _deactivate_unlisted(session, m.Site, {s["name"] for s in topo.sites}, report)
+
+
+def _deactivate_unlisted(
+    session: Session, model: type, wanted: set[str], report: LoadReport
+) -> None:
+    """Deactivate every active ``model`` row whose name is not in ``wanted``."""
+    for row in session.scalars(select(model)).all():
+        if row.name not in wanted and row.active:
+            row.active = False
+            report.deactivated.append(f"{model.__tablename__} {row.name}")
 
 
 def load_topology(session: Session, path: Path, data_dir: Path) -> LoadReport:
