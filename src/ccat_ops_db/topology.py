@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,160 +235,28 @@ def parse_topology(raw: dict[str, Any], data_dir: Path, source: str = "topology"
     _check_unique(sites, "short_name", "site", problems)
     site_names = {s.get("name") for s in sites}
 
-    for i, tel in enumerate(telescopes):
-        what = f"telescope #{i + 1} ({tel.get('name', '?')})"
-        _require(tel, ("name",), what, problems)
-        if tel.get("site") and tel["site"] not in site_names:
-            problems.append(f"{what}: unknown site {tel['site']!r}")
-    _check_unique(telescopes, "name", "telescope", problems)
+    _check_telescopes(telescopes, site_names, problems)
     telescope_names = {t.get("name") for t in telescopes}
 
-    for i, inst in enumerate(instruments):
-        what = f"instrument #{i + 1} ({inst.get('name', '?')})"
-        if _require(inst, ("name", "telescope"), what, problems):
-            if inst["telescope"] not in telescope_names:
-                problems.append(f"{what}: unknown telescope {inst['telescope']!r}")
-        modules = inst.get("modules", [])
-        if not isinstance(modules, list) or not all(isinstance(x, str) for x in modules):
-            problems.append(f"{what}: 'modules' must be a list of names")
-        elif len(set(modules)) != len(modules):
-            problems.append(f"{what}: duplicate module names")
-    _check_unique(instruments, "name", "instrument", problems)
+    _check_instruments(instruments, telescope_names, problems)
     instrument_names = {i.get("name") for i in instruments}
 
     parsed_locations: list[dict[str, Any]] = []
     for i, loc in enumerate(locations):
-        what = f"location #{i + 1} ({loc.get('name', '?')})"
-        if not _check_fields(
-            loc, LOCATION_KEYS, ("name", "site", "type", "storage"), what, problems
-        ):
-            continue
-        if not NAME_RE.match(str(loc["name"])):
-            problems.append(f"{what}: name must be lower case letters, digits and _")
-        if loc["site"] not in site_names:
-            problems.append(f"{what}: unknown site {loc['site']!r}")
-        ltype = _enum_value(m.LocationType, loc["type"], f"{what}: type", problems)
-        stype = _enum_value(m.StorageType, loc["storage"], f"{what}: storage", problems)
-        entry: dict[str, Any] = {
-            "name": loc["name"],
-            "site": loc["site"],
-            "location_type": ltype,
-            "storage_type": stype,
-            "priority": loc.get("priority", 0),
-            "active": loc.get("active", True),
-            "description": loc.get("description"),
-            "instrument": loc.get("instrument"),
-            "host": loc.get("host"),
-            "path": None,
-            "endpoint_url": loc.get("endpoint_url"),
-            "bucket": loc.get("bucket"),
-            "prefix": loc.get("prefix"),
-            "region": loc.get("region"),
-            "library": loc.get("library"),
-            "capacity_bytes": None,
-            "retention_period_minutes": loc.get("retention_period_minutes"),
-            "warning_threshold_percent": loc.get("warning_threshold_percent"),
-            "critical_threshold_percent": loc.get("critical_threshold_percent"),
-            "emergency_threshold_percent": loc.get("emergency_threshold_percent"),
-            "max_parallel_transfers": loc.get("max_parallel_transfers"),
-        }
-        if not isinstance(entry["priority"], int) or isinstance(entry["priority"], bool):
-            problems.append(f"{what}: priority must be an integer")
-        if not isinstance(entry["active"], bool):
-            problems.append(f"{what}: active must be true or false")
-        capacity = loc.get("capacity", loc.get("capacity_bytes"))
-        if capacity is not None:
-            try:
-                entry["capacity_bytes"] = parse_size(capacity)
-            except ValueError as exc:
-                problems.append(f"{what}: capacity: {exc}")
-        thresholds = []
-        for key in (
-            "warning_threshold_percent",
-            "critical_threshold_percent",
-            "emergency_threshold_percent",
-        ):
-            value = entry[key]
-            if value is not None:
-                if not isinstance(value, int | float) or not 0 < value <= 100:
-                    problems.append(f"{what}: {key} must be a number in (0, 100]")
-                else:
-                    thresholds.append(value)
-        if thresholds != sorted(thresholds):
-            problems.append(f"{what}: thresholds must rise: warning < critical < emergency")
-        if entry["instrument"] is not None and entry["instrument"] not in instrument_names:
-            problems.append(f"{what}: unknown instrument {entry['instrument']!r}")
-        if stype in (m.StorageType.DISK, m.StorageType.TAPE):
-            if not loc.get("path"):
-                problems.append(f"{what}: a {stype.value} location needs a 'path'")
-            else:
-                path = Path(str(loc["path"])).expanduser()
-                if not path.is_absolute():
-                    path = data_dir / path
-                entry["path"] = str(path)
-        elif stype == m.StorageType.S3:
-            if not loc.get("bucket"):
-                problems.append(f"{what}: an s3 location needs a 'bucket'")
-            for secret in ("access_key", "secret_key", "aws_secret_access_key"):
-                if secret in loc:
-                    problems.append(f"{what}: credentials never go in the topology file")
-        parsed_locations.append(entry)
+        entry = _parse_location(i, loc, site_names, instrument_names, data_dir, problems)
+        if entry is not None:
+            parsed_locations.append(entry)
     _check_unique(locations, "name", "location", problems)
     location_by_name = {loc["name"]: loc for loc in parsed_locations}
 
     parsed_routes: list[dict[str, Any]] = []
     site_by_name = {str(site.get("name")): site for site in sites}
     for i, route in enumerate(routes):
-        what = f"route #{i + 1} ({route.get('origin', '?')} -> {route.get('destination', '?')})"
-        if not _check_fields(
-            route, ROUTE_KEYS, ("origin", "destination", "type", "method"), what, problems
-        ):
-            continue
-        for key in ("origin", "destination", "relay"):
-            if route.get(key) is not None and route[key] not in site_names:
-                problems.append(f"{what}: unknown {key} site {route[key]!r}")
-        if route["origin"] == route["destination"]:
-            problems.append(f"{what}: origin and destination are the same site")
-        rtype = _enum_value(m.RouteType, route["type"], f"{what}: type", problems)
-        method = _enum_value(m.TransferMethod, route["method"], f"{what}: method", problems)
-        if rtype == m.RouteType.RELAY and not route.get("relay"):
-            problems.append(f"{what}: a relay route needs a 'relay' site")
-        for key in ("origin_location", "destination_location"):
-            if route.get(key) is not None and route[key] not in location_by_name:
-                problems.append(f"{what}: unknown {key} {route[key]!r}")
-        if rtype == m.RouteType.CUSTOM and not (
-            route.get("origin_location") or route.get("destination_location")
-        ):
-            problems.append(f"{what}: a custom route names origin_location or destination_location")
-        check_route_reach(
-            {"destination": route["destination"], "transfer_method": method},
-            site_by_name,
-            what,
-            problems,
-        )
-        parsed_routes.append(
-            {
-                "name": route.get("name") or f"{route['origin']}_to_{route['destination']}",
-                "origin": route["origin"],
-                "destination": route["destination"],
-                "route_type": rtype,
-                "transfer_method": method,
-                "relay": route.get("relay"),
-                "origin_location": route.get("origin_location"),
-                "destination_location": route.get("destination_location"),
-                "active": route.get("active", True),
-            }
-        )
+        parsed = _parse_route(i, route, site_names, site_by_name, location_by_name, problems)
+        if parsed is not None:
+            parsed_routes.append(parsed)
     _check_unique(parsed_routes, "name", "route", problems)
-    seen_routes: set[tuple[Any, ...]] = set()
-    for route in parsed_routes:
-        key = (route["origin"], route["destination"], route["route_type"])
-        if key in seen_routes:
-            problems.append(
-                f"duplicate route {route['origin']} -> {route['destination']} "
-                f"of type {route['route_type'].value if route['route_type'] else '?'}"
-            )
-        seen_routes.add(key)
+    _check_duplicate_routes(parsed_routes, problems)
 
     if problems:
         raise TopologyError(source, problems)
@@ -399,6 +268,200 @@ def parse_topology(raw: dict[str, Any], data_dir: Path, source: str = "topology"
         locations=parsed_locations,
         routes=parsed_routes,
     )
+
+
+def _check_telescopes(
+    telescopes: list[dict[str, Any]], site_names: set[Any], problems: list[str]
+) -> None:
+    """Each telescope has a unique name and, if it names a site, a declared one."""
+    for i, tel in enumerate(telescopes):
+        what = f"telescope #{i + 1} ({tel.get('name', '?')})"
+        _require(tel, ("name",), what, problems)
+        if tel.get("site") and tel["site"] not in site_names:
+            problems.append(f"{what}: unknown site {tel['site']!r}")
+    _check_unique(telescopes, "name", "telescope", problems)
+
+
+def _check_instruments(
+    instruments: list[dict[str, Any]], telescope_names: set[Any], problems: list[str]
+) -> None:
+    """Each instrument has a unique name, a declared telescope and distinct module names."""
+    for i, inst in enumerate(instruments):
+        what = f"instrument #{i + 1} ({inst.get('name', '?')})"
+        if _require(inst, ("name", "telescope"), what, problems):
+            if inst["telescope"] not in telescope_names:
+                problems.append(f"{what}: unknown telescope {inst['telescope']!r}")
+        modules = inst.get("modules", [])
+        if not isinstance(modules, list) or not all(isinstance(x, str) for x in modules):
+            problems.append(f"{what}: 'modules' must be a list of names")
+        elif len(set(modules)) != len(modules):
+            problems.append(f"{what}: duplicate module names")
+    _check_unique(instruments, "name", "instrument", problems)
+
+
+def _parse_location(
+    i: int,
+    loc: dict[str, Any],
+    site_names: set[Any],
+    instrument_names: set[Any],
+    data_dir: Path,
+    problems: list[str],
+) -> dict[str, Any] | None:
+    """Parse location #``i + 1`` into the row values; None if its fields are unusable."""
+    what = f"location #{i + 1} ({loc.get('name', '?')})"
+    if not _check_fields(loc, LOCATION_KEYS, ("name", "site", "type", "storage"), what, problems):
+        return None
+    if not NAME_RE.match(str(loc["name"])):
+        problems.append(f"{what}: name must be lower case letters, digits and _")
+    if loc["site"] not in site_names:
+        problems.append(f"{what}: unknown site {loc['site']!r}")
+    ltype = _enum_value(m.LocationType, loc["type"], f"{what}: type", problems)
+    stype = _enum_value(m.StorageType, loc["storage"], f"{what}: storage", problems)
+    entry: dict[str, Any] = {
+        "name": loc["name"],
+        "site": loc["site"],
+        "location_type": ltype,
+        "storage_type": stype,
+        "priority": loc.get("priority", 0),
+        "active": loc.get("active", True),
+        "description": loc.get("description"),
+        "instrument": loc.get("instrument"),
+        "host": loc.get("host"),
+        "path": None,
+        "endpoint_url": loc.get("endpoint_url"),
+        "bucket": loc.get("bucket"),
+        "prefix": loc.get("prefix"),
+        "region": loc.get("region"),
+        "library": loc.get("library"),
+        "capacity_bytes": None,
+        "retention_period_minutes": loc.get("retention_period_minutes"),
+        "warning_threshold_percent": loc.get("warning_threshold_percent"),
+        "critical_threshold_percent": loc.get("critical_threshold_percent"),
+        "emergency_threshold_percent": loc.get("emergency_threshold_percent"),
+        "max_parallel_transfers": loc.get("max_parallel_transfers"),
+    }
+    _check_location_limits(entry, loc, what, problems)
+    if entry["instrument"] is not None and entry["instrument"] not in instrument_names:
+        problems.append(f"{what}: unknown instrument {entry['instrument']!r}")
+    _check_location_storage(entry, loc, stype, what, data_dir, problems)
+    return entry
+
+
+def _check_location_limits(
+    entry: dict[str, Any], loc: dict[str, Any], what: str, problems: list[str]
+) -> None:
+    """Priority, active flag, capacity and the rising fill thresholds of a location."""
+    if not isinstance(entry["priority"], int) or isinstance(entry["priority"], bool):
+        problems.append(f"{what}: priority must be an integer")
+    if not isinstance(entry["active"], bool):
+        problems.append(f"{what}: active must be true or false")
+    capacity = loc.get("capacity", loc.get("capacity_bytes"))
+    if capacity is not None:
+        try:
+            entry["capacity_bytes"] = parse_size(capacity)
+        except ValueError as exc:
+            problems.append(f"{what}: capacity: {exc}")
+    thresholds = []
+    for key in (
+        "warning_threshold_percent",
+        "critical_threshold_percent",
+        "emergency_threshold_percent",
+    ):
+        value = entry[key]
+        if value is not None:
+            if not isinstance(value, int | float) or not 0 < value <= 100:
+                problems.append(f"{what}: {key} must be a number in (0, 100]")
+            else:
+                thresholds.append(value)
+    if thresholds != sorted(thresholds):
+        problems.append(f"{what}: thresholds must rise: warning < critical < emergency")
+
+
+def _check_location_storage(
+    entry: dict[str, Any],
+    loc: dict[str, Any],
+    stype: Any,
+    what: str,
+    data_dir: Path,
+    problems: list[str],
+) -> None:
+    """A disk or tape location has a path (made absolute); an s3 one a bucket, no secrets."""
+    if stype in (m.StorageType.DISK, m.StorageType.TAPE):
+        if not loc.get("path"):
+            problems.append(f"{what}: a {stype.value} location needs a 'path'")
+        else:
+            path = Path(str(loc["path"])).expanduser()
+            if not path.is_absolute():
+                path = data_dir / path
+            entry["path"] = str(path)
+    elif stype == m.StorageType.S3:
+        if not loc.get("bucket"):
+            problems.append(f"{what}: an s3 location needs a 'bucket'")
+        for secret in ("access_key", "secret_key", "aws_secret_access_key"):
+            if secret in loc:
+                problems.append(f"{what}: credentials never go in the topology file")
+
+
+def _parse_route(
+    i: int,
+    route: dict[str, Any],
+    site_names: set[Any],
+    site_by_name: dict[str, dict[str, Any]],
+    location_by_name: dict[str, dict[str, Any]],
+    problems: list[str],
+) -> dict[str, Any] | None:
+    """Parse route #``i + 1`` into the row values; None if its fields are unusable."""
+    what = f"route #{i + 1} ({route.get('origin', '?')} -> {route.get('destination', '?')})"
+    if not _check_fields(
+        route, ROUTE_KEYS, ("origin", "destination", "type", "method"), what, problems
+    ):
+        return None
+    for key in ("origin", "destination", "relay"):
+        if route.get(key) is not None and route[key] not in site_names:
+            problems.append(f"{what}: unknown {key} site {route[key]!r}")
+    if route["origin"] == route["destination"]:
+        problems.append(f"{what}: origin and destination are the same site")
+    rtype = _enum_value(m.RouteType, route["type"], f"{what}: type", problems)
+    method = _enum_value(m.TransferMethod, route["method"], f"{what}: method", problems)
+    if rtype == m.RouteType.RELAY and not route.get("relay"):
+        problems.append(f"{what}: a relay route needs a 'relay' site")
+    for key in ("origin_location", "destination_location"):
+        if route.get(key) is not None and route[key] not in location_by_name:
+            problems.append(f"{what}: unknown {key} {route[key]!r}")
+    if rtype == m.RouteType.CUSTOM and not (
+        route.get("origin_location") or route.get("destination_location")
+    ):
+        problems.append(f"{what}: a custom route names origin_location or destination_location")
+    check_route_reach(
+        {"destination": route["destination"], "transfer_method": method},
+        site_by_name,
+        what,
+        problems,
+    )
+    return {
+        "name": route.get("name") or f"{route['origin']}_to_{route['destination']}",
+        "origin": route["origin"],
+        "destination": route["destination"],
+        "route_type": rtype,
+        "transfer_method": method,
+        "relay": route.get("relay"),
+        "origin_location": route.get("origin_location"),
+        "destination_location": route.get("destination_location"),
+        "active": route.get("active", True),
+    }
+
+
+def _check_duplicate_routes(parsed_routes: list[dict[str, Any]], problems: list[str]) -> None:
+    """At most one route of each type from an origin to a destination."""
+    seen_routes: set[tuple[Any, ...]] = set()
+    for route in parsed_routes:
+        key = (route["origin"], route["destination"], route["route_type"])
+        if key in seen_routes:
+            problems.append(
+                f"duplicate route {route['origin']} -> {route['destination']} "
+                f"of type {route['route_type'].value if route['route_type'] else '?'}"
+            )
+        seen_routes.add(key)
 
 
 def read_topology_file(path: Path, data_dir: Path) -> Topology:
@@ -441,6 +504,20 @@ def _upsert(
     return row
 
 
+def _upsert_by_name(
+    session: Session,
+    model: type,
+    entries: list[dict[str, Any]],
+    values: Callable[[dict[str, Any]], dict[str, Any]],
+    report: LoadReport,
+) -> dict[str, Any]:
+    """Upsert one ``model`` row per entry, looked up by its name; returns the rows by name."""
+    return {
+        entry["name"]: _upsert(session, model, {"name": entry["name"]}, values(entry), report)
+        for entry in entries
+    }
+
+
 _LOCATION_CLASSES = {
     m.StorageType.DISK: m.DiskDataLocation,
     m.StorageType.S3: m.S3DataLocation,
@@ -452,6 +529,19 @@ def apply_topology(session: Session, topo: Topology) -> LoadReport:
     """Bring the DB in line with ``topo``.  Refuses (TopologyError) before any change if a
     location that would disappear still holds data.  The caller commits."""
     report = LoadReport()
+    to_deactivate = _locations_to_deactivate(session, topo)
+    sites, instruments = _apply_sites_and_instruments(session, topo, report)
+    rows = _Rows(sites=sites, instruments=instruments)
+    rows.locations = _apply_locations(session, topo, rows, report)
+    wanted_routes = _apply_routes(session, topo, rows, report)
+    _deactivate_missing(session, topo, to_deactivate, wanted_routes, report)
+    session.flush()
+    return report
+
+
+def _locations_to_deactivate(session: Session, topo: Topology) -> list[m.DataLocation]:
+    """Check phase: the active locations missing from ``topo``; TopologyError if any of
+    them still holds copies."""
     wanted_locations = {loc["name"] for loc in topo.locations}
     existing = session.scalars(select(m.DataLocation)).all()
     refusals = []
@@ -474,7 +564,13 @@ def apply_topology(session: Session, topo: Topology) -> LoadReport:
             to_deactivate.append(loc)
     if refusals:
         raise TopologyError("topology", refusals)
+    return to_deactivate
 
+
+def _apply_sites_and_instruments(
+    session: Session, topo: Topology, report: LoadReport
+) -> tuple[dict[str, m.Site], dict[str, m.Instrument]]:
+    """Apply phase: the observatory, sites, telescopes, instruments and their modules."""
     obs = _upsert(
         session,
         m.Observatory,
@@ -482,33 +578,29 @@ def apply_topology(session: Session, topo: Topology) -> LoadReport:
         {"description": topo.observatory.get("description")},
         report,
     )
-    sites: dict[str, m.Site] = {}
-    for site in topo.sites:
-        sites[site["name"]] = _upsert(
-            session,
-            m.Site,
-            {"name": site["name"]},
-            {
-                "short_name": site["short_name"],
-                "description": site.get("description"),
-                "active": site.get("active", True),
-                **reach_values(site),
-            },
-            report,
-        )
-    telescopes: dict[str, m.Telescope] = {}
-    for tel in topo.telescopes:
-        telescopes[tel["name"]] = _upsert(
-            session,
-            m.Telescope,
-            {"name": tel["name"]},
-            {
-                "observatory_id": obs.id,
-                "site_id": sites[tel["site"]].id if tel.get("site") else None,
-                "description": tel.get("description"),
-            },
-            report,
-        )
+    sites: dict[str, m.Site] = _upsert_by_name(
+        session,
+        m.Site,
+        topo.sites,
+        lambda site: {
+            "short_name": site["short_name"],
+            "description": site.get("description"),
+            "active": site.get("active", True),
+            **reach_values(site),
+        },
+        report,
+    )
+    telescopes: dict[str, m.Telescope] = _upsert_by_name(
+        session,
+        m.Telescope,
+        topo.telescopes,
+        lambda tel: {
+            "observatory_id": obs.id,
+            "site_id": sites[tel["site"]].id if tel.get("site") else None,
+            "description": tel.get("description"),
+        },
+        report,
+    )
     instruments: dict[str, m.Instrument] = {}
     for inst in topo.instruments:
         row = _upsert(
@@ -530,7 +622,23 @@ def apply_topology(session: Session, topo: Topology) -> LoadReport:
                 {},
                 report,
             )
+    return sites, instruments
 
+
+@dataclass
+class _Rows:
+    """The rows applied so far, by name: what the next rows refer to."""
+
+    sites: dict[str, m.Site]
+    instruments: dict[str, m.Instrument]
+    locations: dict[str, m.DataLocation] = field(default_factory=dict)
+
+
+def _apply_locations(
+    session: Session, topo: Topology, rows: _Rows, report: LoadReport
+) -> dict[str, m.DataLocation]:
+    """Apply phase: the data locations (a changed storage kind switches the row's class)."""
+    sites, instruments = rows.sites, rows.instruments
     locations: dict[str, m.DataLocation] = {}
     for loc in topo.locations:
         values = {k: v for k, v in loc.items() if k not in ("name", "site", "instrument")}
@@ -548,7 +656,12 @@ def apply_topology(session: Session, topo: Topology) -> LoadReport:
             session.expunge(row)
         cls = _LOCATION_CLASSES[loc["storage_type"]]
         locations[loc["name"]] = _upsert(session, cls, {"name": loc["name"]}, values, report)
+    return locations
 
+
+def _apply_routes(session: Session, topo: Topology, rows: _Rows, report: LoadReport) -> set[str]:
+    """Apply phase: the transfer routes; returns the names of the routes in ``topo``."""
+    sites, locations = rows.sites, rows.locations
     wanted_routes = set()
     for route in topo.routes:
         wanted_routes.add(route["name"])
@@ -572,21 +685,32 @@ def apply_topology(session: Session, topo: Topology) -> LoadReport:
             },
             report,
         )
+    return wanted_routes
 
+
+def _deactivate_missing(
+    session: Session,
+    topo: Topology,
+    to_deactivate: list[m.DataLocation],
+    wanted_routes: set[str],
+    report: LoadReport,
+) -> None:
+    """Deactivate phase: locations, routes and sites no longer in the topology."""
     for loc in to_deactivate:
         loc.active = False
         report.deactivated.append(f"data_location {loc.name}")
-    for route in session.scalars(select(m.DataTransferRoute)).all():
-        if route.name not in wanted_routes and route.active:
-            route.active = False
-            report.deactivated.append(f"data_transfer_route {route.name}")
-    wanted_sites = {s["name"] for s in topo.sites}
-    for site in session.scalars(select(m.Site)).all():
-        if site.name not in wanted_sites and site.active:
-            site.active = False
-            report.deactivated.append(f"site {site.name}")
-    session.flush()
-    return report
+    _deactivate_unlisted(session, m.DataTransferRoute, wanted_routes, report)
+    _deactivate_unlisted(session, m.Site, {s["name"] for s in topo.sites}, report)
+
+
+def _deactivate_unlisted(
+    session: Session, model: type, wanted: set[str], report: LoadReport
+) -> None:
+    """Deactivate every active ``model`` row whose name is not in ``wanted``."""
+    for row in session.scalars(select(model)).all():
+        if row.name not in wanted and row.active:
+            row.active = False
+            report.deactivated.append(f"{model.__tablename__} {row.name}")
 
 
 def load_topology(session: Session, path: Path, data_dir: Path) -> LoadReport:

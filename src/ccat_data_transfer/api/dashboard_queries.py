@@ -13,6 +13,7 @@ metrics) and ccat_ops_db; never managers, tasks or the routes module.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -64,16 +65,7 @@ def overview_data(session: Session) -> dict[str, Any]:
     """Sites with their locations and buffer gauges, plus the pipeline's headline counts."""
     snap = collect_snapshot(session)
     buffers = {b["location"]: b for b in snap["buffers"]}
-    held: dict[str, dict[str, int]] = {}
-    present: dict[str, int] = {}
-    for row in snap["copies"]:
-        if row["status"] == m.PhysicalCopyStatus.DELETED.name:
-            continue
-        h = held.setdefault(row["location"], {"count": 0, "bytes": 0})
-        h["count"] += row["count"]
-        h["bytes"] += row["bytes"]
-        if row["status"] == m.PhysicalCopyStatus.PRESENT.name:
-            present[row["location"]] = present.get(row["location"], 0) + row["bytes"]
+    held, present = _copies_held(snap)
 
     type_order = {t: i for i, t in enumerate(m.LocationType)}
     # Whether each LTA-site buffer can take the next package waiting to be sent.
@@ -84,27 +76,7 @@ def overview_data(session: Session) -> dict[str, Any]:
         for loc in sorted(
             site.locations, key=lambda x: (type_order[x.location_type], x.priority, x.name)
         ):
-            buf = buffers.get(loc.name)
-            th = thresholds_for(loc)
-            use = _use_of(loc, buf, present.get(loc.name, 0))
-            locations.append(
-                {
-                    "name": loc.name,
-                    "anchor": location_anchor(loc.name),
-                    "location_type": loc.location_type.name,
-                    "storage_type": loc.storage_type.name,
-                    "priority": loc.priority,
-                    "active": loc.active,
-                    **use,
-                    "state": (buf["state"] if buf else "inactive") or "unknown",
-                    "warning": th.warning,
-                    "critical": th.critical,
-                    "emergency": th.emergency,
-                    "copies": held.get(loc.name, {"count": 0, "bytes": 0}),
-                    "audit_hold": loc.audit_hold_reason if loc.audit_hold_at else None,
-                    "next_package": next_package.get(loc.name),
-                }
-            )
+            locations.append(_location_entry(loc, buffers, held, present, next_package))
         sites.append(
             {
                 "name": site.name,
@@ -142,6 +114,50 @@ def overview_data(session: Session) -> dict[str, Any]:
         "banner": banner,
         # The same items in their older shape (level and text), for scripts that read it.
         "attention": [{"level": i["level"], "text": i["text"]} for i in banner],
+    }
+
+
+def _copies_held(snap: dict[str, Any]) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """Copies not DELETED (count and bytes) and bytes PRESENT, by location name."""
+    held: dict[str, dict[str, int]] = {}
+    present: dict[str, int] = {}
+    for row in snap["copies"]:
+        if row["status"] == m.PhysicalCopyStatus.DELETED.name:
+            continue
+        h = held.setdefault(row["location"], {"count": 0, "bytes": 0})
+        h["count"] += row["count"]
+        h["bytes"] += row["bytes"]
+        if row["status"] == m.PhysicalCopyStatus.PRESENT.name:
+            present[row["location"]] = present.get(row["location"], 0) + row["bytes"]
+    return held, present
+
+
+def _location_entry(
+    loc: m.DataLocation,
+    buffers: dict[str, dict[str, Any]],
+    held: dict[str, dict[str, int]],
+    present: dict[str, int],
+    next_package: dict[str, Any],
+) -> dict[str, Any]:
+    """One location of a site as the overview shows it: kind, use, state and holds."""
+    buf = buffers.get(loc.name)
+    th = thresholds_for(loc)
+    use = _use_of(loc, buf, present.get(loc.name, 0))
+    return {
+        "name": loc.name,
+        "anchor": location_anchor(loc.name),
+        "location_type": loc.location_type.name,
+        "storage_type": loc.storage_type.name,
+        "priority": loc.priority,
+        "active": loc.active,
+        **use,
+        "state": (buf["state"] if buf else "inactive") or "unknown",
+        "warning": th.warning,
+        "critical": th.critical,
+        "emergency": th.emergency,
+        "copies": held.get(loc.name, {"count": 0, "bytes": 0}),
+        "audit_hold": loc.audit_hold_reason if loc.audit_hold_at else None,
+        "next_package": next_package.get(loc.name),
     }
 
 
@@ -228,7 +244,21 @@ def package_list(
         .offset((page - 1) * per_page)
     ).all()
 
-    ids = [r[0] for r in rows]
+    where_held = _locations_holding(session, [r[0] for r in rows])
+    items = _package_items(rows, where_held)
+    return {
+        "filters": {"file_name": file_name or "", "state": state or "", "obs_unit": obs_unit or ""},
+        "total": total,
+        "page": page,
+        "per_page": per_page,
+        "pages": pages,
+        "items": items,
+        "state_counts": package_state_counts(session),
+    }
+
+
+def _locations_holding(session: Session, ids: list[int]) -> dict[int, list[str]]:
+    """The names of the locations holding a copy of each package, by package id."""
     where_held: dict[int, list[str]] = {i: [] for i in ids}
     if ids:
         for pkg_id, loc_name in session.execute(
@@ -242,7 +272,11 @@ def package_list(
             .order_by(m.DataLocation.name)
         ):
             where_held[pkg_id].append(loc_name)
+    return where_held
 
+
+def _package_items(rows: Sequence[Any], where_held: dict[int, list[str]]) -> list[dict[str, Any]]:
+    """The page's rows as the dicts the package list shows."""
     items = [
         {
             "id": r[0],
@@ -260,18 +294,12 @@ def package_list(
         }
         for r in rows
     ]
-    return {
-        "filters": {"file_name": file_name or "", "state": state or "", "obs_unit": obs_unit or ""},
-        "total": total,
-        "page": page,
-        "per_page": per_page,
-        "pages": pages,
-        "items": items,
-        "state_counts": package_state_counts(session),
-    }
+    return items
 
 
 def package_detail(session: Session, package_id: int) -> dict[str, Any]:
+    """One RawDataPackage with its files, copies, transfers and archive transfers (404 if
+    unknown)."""
     pkg = session.get(m.RawDataPackage, package_id)
     if pkg is None:
         raise HTTPException(status_code=404, detail=f"no raw data package with id {package_id}")
@@ -286,49 +314,8 @@ def package_detail(session: Session, package_id: int) -> dict[str, Any]:
         )
     ).one()
     dtp = pkg.data_transfer_package
-    transfers = []
-    if dtp is not None:
-        for t in session.scalars(
-            select(m.DataTransfer)
-            .where(m.DataTransfer.data_transfer_package_id == dtp.id)
-            .order_by(m.DataTransfer.created_at, m.DataTransfer.id)
-        ):
-            transfers.append(
-                {
-                    "id": t.id,
-                    "origin": t.origin_location.name,
-                    "destination": t.destination_location.name,
-                    "primary": t.is_primary,
-                    "method": t.transfer_method.name,
-                    "status": t.status.name,
-                    "unpack_status": t.unpack_status.name,
-                    "bytes_transferred": t.bytes_transferred,
-                    "rate_mb_per_s": t.rate_mb_per_s,
-                    "retry_count": t.retry_count,
-                    "start_time": _iso(t.start_time),
-                    "end_time": _iso(t.end_time),
-                    "failure_reason": t.failure_reason or t.unpack_failure_reason,
-                }
-            )
-    archive_transfers = [
-        {
-            "id": a.id,
-            "origin": a.origin_location.name,
-            "destination": a.destination_location.name,
-            "status": a.status.name,
-            "bytes_transferred": a.bytes_transferred,
-            "retry_count": a.retry_count,
-            "start_time": _iso(a.start_time),
-            "end_time": _iso(a.end_time),
-            "metadata_path": a.metadata_path,
-            "failure_reason": a.failure_reason,
-        }
-        for a in session.scalars(
-            select(m.LongTermArchiveTransfer)
-            .where(m.LongTermArchiveTransfer.raw_data_package_id == pkg.id)
-            .order_by(m.LongTermArchiveTransfer.created_at, m.LongTermArchiveTransfer.id)
-        )
-    ]
+    transfers = _package_transfers(session, dtp)
+    archive_transfers = _package_archive_transfers(session, pkg)
     eou = pkg.executed_obs_unit
     return {
         "id": pkg.id,
@@ -372,6 +359,59 @@ def package_detail(session: Session, package_id: int) -> dict[str, Any]:
         "transfers": transfers,
         "archive_transfers": archive_transfers,
     }
+
+
+def _package_transfers(session: Session, dtp: m.DataTransferPackage | None) -> list[dict[str, Any]]:
+    """The transfers of the package's transfer package, oldest first."""
+    transfers = []
+    if dtp is not None:
+        for t in session.scalars(
+            select(m.DataTransfer)
+            .where(m.DataTransfer.data_transfer_package_id == dtp.id)
+            .order_by(m.DataTransfer.created_at, m.DataTransfer.id)
+        ):
+            transfers.append(
+                {
+                    "id": t.id,
+                    "origin": t.origin_location.name,
+                    "destination": t.destination_location.name,
+                    "primary": t.is_primary,
+                    "method": t.transfer_method.name,
+                    "status": t.status.name,
+                    "unpack_status": t.unpack_status.name,
+                    "bytes_transferred": t.bytes_transferred,
+                    "rate_mb_per_s": t.rate_mb_per_s,
+                    "retry_count": t.retry_count,
+                    "start_time": _iso(t.start_time),
+                    "end_time": _iso(t.end_time),
+                    "failure_reason": t.failure_reason or t.unpack_failure_reason,
+                }
+            )
+    return transfers
+
+
+def _package_archive_transfers(session: Session, pkg: m.RawDataPackage) -> list[dict[str, Any]]:
+    """The package's transfers to long-term archives, oldest first."""
+    archive_transfers = [
+        {
+            "id": a.id,
+            "origin": a.origin_location.name,
+            "destination": a.destination_location.name,
+            "status": a.status.name,
+            "bytes_transferred": a.bytes_transferred,
+            "retry_count": a.retry_count,
+            "start_time": _iso(a.start_time),
+            "end_time": _iso(a.end_time),
+            "metadata_path": a.metadata_path,
+            "failure_reason": a.failure_reason,
+        }
+        for a in session.scalars(
+            select(m.LongTermArchiveTransfer)
+            .where(m.LongTermArchiveTransfer.raw_data_package_id == pkg.id)
+            .order_by(m.LongTermArchiveTransfer.created_at, m.LongTermArchiveTransfer.id)
+        )
+    ]
+    return archive_transfers
 
 
 def _location_names(session: Session) -> list[str]:

@@ -4,6 +4,8 @@ deletion-plan (dry run) and explain."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.table import Table
@@ -23,6 +25,9 @@ from ccat_data_transfer.cli.common import (
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.errors import NotFoundError, ValidationError
 from ccat_ops_db import models as m
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 _STATE_STYLE = {
     "normal": "green",
@@ -90,21 +95,7 @@ def disk_monitor_command(
         raise ValidationError("give exactly one of --all, --location-name NAME, --site SITE")
     db = get_db()
     with db.session_scope() as session:
-        stmt = select(m.DataLocation).join(m.Site).where(m.DataLocation.active.is_(True))
-        if location_name:
-            stmt = stmt.where(m.DataLocation.name == location_name)
-        if site:
-            stmt = stmt.where((m.Site.name == site) | (m.Site.short_name == site))
-        locations = session.scalars(stmt.order_by(m.DataLocation.name)).all()
-        if not locations:
-            what = (
-                f"location {location_name!r}"
-                if location_name
-                else f"site {site!r}"
-                if site
-                else "any"
-            )
-            raise NotFoundError(f"no active data location for {what}; see `list-locations`")
+        locations = _monitored_locations(session, location_name, site)
         rows = []
         measured = {loc.name: measure_location(session, loc) or {} for loc in locations}
         # Can each LTA-site buffer take the next package waiting to be sent?
@@ -135,6 +126,29 @@ def disk_monitor_command(
     if as_json:
         console.print_json(json.dumps(rows))
         return
+    _print_disk_use(rows)
+
+
+def _monitored_locations(
+    session: Session, location_name: str | None, site: str | None
+) -> Sequence[m.DataLocation]:
+    """The active locations asked for (one, a site's or all); NotFoundError if none."""
+    stmt = select(m.DataLocation).join(m.Site).where(m.DataLocation.active.is_(True))
+    if location_name:
+        stmt = stmt.where(m.DataLocation.name == location_name)
+    if site:
+        stmt = stmt.where((m.Site.name == site) | (m.Site.short_name == site))
+    locations = session.scalars(stmt.order_by(m.DataLocation.name)).all()
+    if not locations:
+        what = (
+            f"location {location_name!r}" if location_name else f"site {site!r}" if site else "any"
+        )
+        raise NotFoundError(f"no active data location for {what}; see `list-locations`")
+    return locations
+
+
+def _print_disk_use(rows: list[dict[str, Any]]) -> None:
+    """The disk use table, then why a buffer cannot take its next package."""
     table = Table(title="Disk usage")
     for col in (
         "Location",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -18,6 +19,9 @@ from ccat_data_transfer.cli.common import (
 )
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.health import list_services
+
+if TYPE_CHECKING:
+    from ccat_data_transfer.core.database import DatabaseConnection
 
 
 @app.command("health")
@@ -145,34 +149,57 @@ def run_command(
     configure_logging(log_file=log_path, verbose=options.verbose)
     from ccat_data_transfer.cli.core import initialise
     from ccat_data_transfer.core.database import DatabaseConnection
-    from ccat_data_transfer.core.manager_loop import install_signal_handlers, stop_event
-    from ccat_data_transfer.operations.orchestrator import Orchestrator, run_demo, summary_table
 
     if init_first:
         console.print(initialise(), highlight=False)
     db = DatabaseConnection()
     if simulate:
-        for key, value in DEMO_SETTINGS.items():
-            settings.set(key, value)
-        console.print(
-            "demo settings: " + ", ".join(f"{k}={v}" for k, v in DEMO_SETTINGS.items()),
-            highlight=False,
+        _run_simulation(
+            db, observations, files_per_module, file_size_mb, rate_mb_per_s, timeout, log_path
         )
-        result = run_demo(
-            db=db,
-            observations=observations,
-            files_per_module=files_per_module,
-            file_size=int(file_size_mb * 1024 * 1024),
-            rate_mb_per_s=rate_mb_per_s,
-            timeout_seconds=timeout,
-        )
-        console.print(summary_table(result))
-        console.print(f"JSON log: {log_path}", highlight=False)
-        if not result.completed:
-            raise typer.Exit(1)
         return
+    _run_managers(db, site, once)
+
+
+def _run_simulation(
+    db: DatabaseConnection,
+    observations: int,
+    files_per_module: int,
+    file_size_mb: float,
+    rate_mb_per_s: float,
+    timeout: float,
+    log_path: str,
+) -> None:
+    """``run --simulate``: demo settings, the whole lifecycle, then the summary (exit 1 if
+    it did not complete)."""
+    from ccat_data_transfer.operations.orchestrator import run_demo, summary_table
+
+    for key, value in DEMO_SETTINGS.items():
+        settings.set(key, value)
+    console.print(
+        "demo settings: " + ", ".join(f"{k}={v}" for k, v in DEMO_SETTINGS.items()),
+        highlight=False,
+    )
+    result = run_demo(
+        db=db,
+        observations=observations,
+        files_per_module=files_per_module,
+        file_size=int(file_size_mb * 1024 * 1024),
+        rate_mb_per_s=rate_mb_per_s,
+        timeout_seconds=timeout,
+    )
+    console.print(summary_table(result))
+    console.print(f"JSON log: {log_path}", highlight=False)
+    if not result.completed:
+        raise typer.Exit(1)
+
+
+def _run_managers(db: DatabaseConnection, site: str | None, once: bool) -> None:
+    """``run``: every manager (of ``site`` or all sites) in rounds until Ctrl-C."""
     from ccat_data_transfer.core.health import HealthReporter
+    from ccat_data_transfer.core.manager_loop import install_signal_handlers, stop_event
     from ccat_data_transfer.core.scope import ALL_SITES, scoped_name
+    from ccat_data_transfer.operations.orchestrator import Orchestrator
 
     site = manager_site(db, site)
     orchestrator = Orchestrator(db=db, site=site or ALL_SITES)

@@ -41,6 +41,7 @@ from ccat_data_transfer.core.errors import NotFoundError, ValidationError
 from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.core.shared_rows import present_copy
 from ccat_data_transfer.core.storage import (
+    Storage,
     StorageError,
     is_temp_name,
     normalize_path,
@@ -284,6 +285,40 @@ def file_raw_data_files(
     if not batch:
         return result
 
+    location = _filing_location(session, location_name, instrument)
+    refusals = _Refusals()
+    unique = _unique_entries(batch, refusals)
+    modules = _check_modules(session, unique, location, location_name, refusals)
+    eous = _existing_executed_obs_units(session, unique)
+    existing = _existing_files(session, unique, location)
+
+    try:
+        storage = storage_for_location(location)
+    except StorageError as exc:
+        raise FilingError(f"location {location_name!r} cannot be read: {exc}") from None
+
+    new = _check_against_rows_and_storage(unique, existing, eous, storage, location_name, refusals)
+    refusals.raise_if_any(len(batch))
+
+    # Everything checked: write.
+    _create_executed_obs_units(session, new, eous)
+    created = _create_raw_files(session, new, modules, eous, location)
+    _fill_result(result, unique, created, existing)
+    log.info(
+        "raw_data_files_filed",
+        location=location_name,
+        created=result.created,
+        unchanged=result.unchanged,
+        size_bytes=sum(e.size for _, e in new),
+    )
+    return result
+
+
+def _filing_location(
+    session: Session, location_name: str, instrument: str | None
+) -> m.DataLocation:
+    """Validate phase: the location exists, is an active SOURCE location and is in the
+    caller's instrument scope."""
     location = session.scalars(
         select(m.DataLocation).where(m.DataLocation.name == location_name)
     ).one_or_none()
@@ -303,26 +338,58 @@ def file_raw_data_files(
             f"this token files only for instrument {instrument!r}; location "
             f"{location_name!r} is not one of its SOURCE locations"
         )
+    return location
 
-    problems: list[dict[str, Any]] = []
-    conflicts = False
 
-    def refuse(index: int, entry: FilingEntry, reason: str, conflict: bool = False) -> None:
-        nonlocal conflicts
-        conflicts = conflicts or conflict
-        problems.append({"index": index, "relative_path": entry.relative_path, "reason": reason})
+class _Refusals:
+    """The problems found in a batch; any one refuses the whole batch."""
 
-    # Duplicates inside the batch: identical ones collapse, different ones are refused.
+    def __init__(self) -> None:
+        self.problems: list[dict[str, Any]] = []
+        self.conflicts = False
+
+    def refuse(self, index: int, entry: FilingEntry, reason: str, conflict: bool = False) -> None:
+        """Record why entry ``index`` is refused (``conflict``: it clashes with rows)."""
+        self.conflicts = self.conflicts or conflict
+        self.problems.append(
+            {"index": index, "relative_path": entry.relative_path, "reason": reason}
+        )
+
+    def raise_if_any(self, batch_size: int) -> None:
+        """Raise FilingConflictError or FilingError listing every problem, if any."""
+        if self.problems:
+            self.problems.sort(key=lambda p: p["index"])
+            cls = FilingConflictError if self.conflicts else FilingError
+            raise cls(
+                f"{len(self.problems)} of {batch_size} files refused; nothing was filed",
+                self.problems,
+            )
+
+
+def _unique_entries(
+    batch: list[FilingEntry], refusals: _Refusals
+) -> dict[str, tuple[int, FilingEntry]]:
+    """Duplicates inside the batch: identical ones collapse, different ones are refused."""
     unique: dict[str, tuple[int, FilingEntry]] = {}
     for index, entry in enumerate(batch):
         seen = unique.get(entry.relative_path)
         if seen is None:
             unique[entry.relative_path] = (index, entry)
         elif _key(seen[1]) != _key(entry):
-            refuse(
+            refusals.refuse(
                 index, entry, f"filed twice in this batch with different values (entry {seen[0]})"
             )
+    return unique
 
+
+def _check_modules(
+    session: Session,
+    unique: dict[str, tuple[int, FilingEntry]],
+    location: m.DataLocation,
+    location_name: str,
+    refusals: _Refusals,
+) -> dict[tuple[str, str], m.InstrumentModule]:
+    """Each entry names a known module of the location's instrument; returns all modules."""
     # Instrument modules (a small table: read it whole).
     modules: dict[tuple[str, str], m.InstrumentModule] = {
         (mod.instrument.name, mod.name): mod
@@ -336,16 +403,21 @@ def file_raw_data_files(
         key = parse_instrument_module(entry.instrument_module)
         module = modules.get(key)
         if module is None:
-            refuse(index, entry, f"unknown instrument module {entry.instrument_module!r}")
+            refusals.refuse(index, entry, f"unknown instrument module {entry.instrument_module!r}")
         elif location.instrument_id is not None and module.instrument_id != location.instrument_id:
-            refuse(
+            refusals.refuse(
                 index,
                 entry,
                 f"module {entry.instrument_module!r} does not belong to the instrument of "
                 f"location {location_name!r}",
             )
+    return modules
 
-    # Executed obs units that already exist.
+
+def _existing_executed_obs_units(
+    session: Session, unique: dict[str, tuple[int, FilingEntry]]
+) -> dict[str, m.ExecutedObsUnit]:
+    """Executed obs units named by the batch that already exist, by name."""
     eou_names = sorted({e.executed_obs_unit for _, e in unique.values()})
     eous: dict[str, m.ExecutedObsUnit] = {}
     for chunk in _chunks(eou_names):
@@ -353,8 +425,13 @@ def file_raw_data_files(
             select(m.ExecutedObsUnit).where(m.ExecutedObsUnit.name.in_(chunk))
         ):
             eous[eou.name] = eou
+    return eous
 
-    # Files already filed under the same paths.
+
+def _existing_files(
+    session: Session, unique: dict[str, tuple[int, FilingEntry]], location: m.DataLocation
+) -> dict[str, m.RawDataFile]:
+    """Files already filed at the location under the batch's paths, by path."""
     paths = sorted(unique)
     existing: dict[str, m.RawDataFile] = {}
     for chunk in _chunks(paths):
@@ -365,12 +442,19 @@ def file_raw_data_files(
             )
         ):
             existing[f.relative_path] = f
+    return existing
 
-    try:
-        storage = storage_for_location(location)
-    except StorageError as exc:
-        raise FilingError(f"location {location_name!r} cannot be read: {exc}") from None
 
+def _check_against_rows_and_storage(
+    unique: dict[str, tuple[int, FilingEntry]],
+    existing: dict[str, m.RawDataFile],
+    eous: dict[str, m.ExecutedObsUnit],
+    storage: Storage,
+    location_name: str,
+    refusals: _Refusals,
+) -> list[tuple[int, FilingEntry]]:
+    """Compare each entry with its filed row, its obs unit and the file on storage;
+    returns the entries to create."""
     new: list[tuple[int, FilingEntry]] = []
     for index, entry in unique.values():
         old = existing.get(entry.relative_path)
@@ -384,7 +468,7 @@ def file_raw_data_files(
                 and f"{old_module.instrument.name}/{old_module.name}" == entry.instrument_module
             )
             if not same:
-                refuse(
+                refusals.refuse(
                     index,
                     entry,
                     "already filed with a different checksum, size, obs unit or module "
@@ -394,7 +478,7 @@ def file_raw_data_files(
             continue
         eou = eous.get(entry.executed_obs_unit)
         if eou is not None and eou.finished_at is not None:
-            refuse(
+            refusals.refuse(
                 index,
                 entry,
                 f"executed obs unit {entry.executed_obs_unit!r} is finished; "
@@ -405,23 +489,23 @@ def file_raw_data_files(
         try:
             info = storage.stat(entry.relative_path)
         except (StorageError, ValueError, OSError) as exc:
-            refuse(index, entry, f"cannot check the file at {location_name}: {exc}")
+            refusals.refuse(index, entry, f"cannot check the file at {location_name}: {exc}")
             continue
         if info is None:
-            refuse(index, entry, f"no such file at location {location_name!r}")
+            refusals.refuse(index, entry, f"no such file at location {location_name!r}")
         elif info.size != entry.size:
-            refuse(
+            refusals.refuse(
                 index, entry, f"file is {info.size} bytes at the location, filed as {entry.size}"
             )
         else:
             new.append((index, entry))
+    return new
 
-    if problems:
-        problems.sort(key=lambda p: p["index"])
-        cls = FilingConflictError if conflicts else FilingError
-        raise cls(f"{len(problems)} of {len(batch)} files refused; nothing was filed", problems)
 
-    # Everything checked: write.
+def _create_executed_obs_units(
+    session: Session, new: list[tuple[int, FilingEntry]], eous: dict[str, m.ExecutedObsUnit]
+) -> None:
+    """Write phase: create the obs units and executed obs units the new files name."""
     obs_units: dict[str, m.ObsUnit] = {}
     for _, entry in new:
         if entry.executed_obs_unit in eous:
@@ -444,6 +528,15 @@ def file_raw_data_files(
         session.add(eou)
         eous[entry.executed_obs_unit] = eou
 
+
+def _create_raw_files(
+    session: Session,
+    new: list[tuple[int, FilingEntry]],
+    modules: dict[tuple[str, str], m.InstrumentModule],
+    eous: dict[str, m.ExecutedObsUnit],
+    location: m.DataLocation,
+) -> dict[str, m.RawDataFile]:
+    """Write phase: one RawDataFile and its PRESENT source copy per new entry, flushed."""
     created: dict[str, m.RawDataFile] = {}
     for _, entry in new:
         rdf = m.RawDataFile(
@@ -476,7 +569,16 @@ def file_raw_data_files(
             "another filing registered some of these files at the same time; retry: "
             + str(exc.orig).splitlines()[0]
         ) from None
+    return created
 
+
+def _fill_result(
+    result: FilingResult,
+    unique: dict[str, tuple[int, FilingEntry]],
+    created: dict[str, m.RawDataFile],
+    existing: dict[str, m.RawDataFile],
+) -> None:
+    """List each path of the batch in ``result`` as created or unchanged, in batch order."""
     for _index, entry in sorted(unique.values(), key=lambda t: t[0]):
         if entry.relative_path in created:
             rdf = created[entry.relative_path]
@@ -490,14 +592,6 @@ def file_raw_data_files(
                 FiledFile(id=old.id, relative_path=old.relative_path, status="unchanged")
             )
             result.unchanged += 1
-    log.info(
-        "raw_data_files_filed",
-        location=location_name,
-        created=result.created,
-        unchanged=result.unchanged,
-        size_bytes=sum(e.size for _, e in new),
-    )
-    return result
 
 
 def _key(entry: FilingEntry) -> tuple[Any, ...]:

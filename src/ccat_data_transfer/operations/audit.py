@@ -39,7 +39,12 @@ from ccat_data_transfer.core.alerts import send_alert
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.errors import NotFoundError, ValidationError
 from ccat_data_transfer.core.logs import get_logger
-from ccat_data_transfer.core.storage import StorageError, is_temp_name, storage_for_location
+from ccat_data_transfer.core.storage import (
+    Storage,
+    StorageError,
+    is_temp_name,
+    storage_for_location,
+)
 from ccat_ops_db import models as m
 
 log = get_logger(__name__)
@@ -196,6 +201,41 @@ def audit_location(
 ) -> LocationAudit:
     """Audit one location; marks lost copies unless the discrepancies look systemic."""
     report = LocationAudit(location=location.name)
+    sample_fraction, max_fraction = _audit_fractions(full, sample_fraction, max_fraction)
+    rng = rng or random.Random()
+    read = _read_storage(location, report)
+    if read is None:
+        return report
+    storage, listing = read
+
+    expected, maybe = _expected_copies(session, location)
+    report.expected = len(expected)
+    known_paths = {e.path for e in expected} | maybe
+    # Metadata sidecars written next to archived packages are accounted for by them.
+    known_paths |= {f"{p}.json" for p in list(known_paths)}
+
+    lost_ids, found_again = _compare_copies(
+        expected, listing, storage, report, rng, sample_fraction, full
+    )
+
+    for path, size in sorted(listing.items()):
+        if path not in known_paths:
+            report.dark.append({"path": path, "size": size})
+
+    if _hold_if_systemic(session, location, report, max_fraction):
+        return report
+
+    if mark:
+        _mark_copies(session, report, lost_ids, found_again)
+    _log_findings(location, report)
+    return report
+
+
+def _audit_fractions(
+    full: bool, sample_fraction: float | None, max_fraction: float | None
+) -> tuple[float, float]:
+    """The checksum sample fraction (1.0 for a full audit) and the discrepancy limit,
+    from the arguments or else the settings."""
     sample_fraction = (
         1.0
         if full
@@ -210,7 +250,14 @@ def audit_location(
         if max_fraction is not None
         else settings.get("AUDIT_MAX_DISCREPANCY_FRACTION", 0.1)
     )
-    rng = rng or random.Random()
+    return sample_fraction, max_fraction
+
+
+def _read_storage(
+    location: m.DataLocation, report: LocationAudit
+) -> tuple[Storage, dict[str, int]] | None:
+    """Storage phase: the location's files by path (temporary names aside) and its
+    temporary leftovers; None (``report.error`` set) if the storage is unreachable."""
     try:
         storage = storage_for_location(location)
         listing = {
@@ -222,14 +269,21 @@ def audit_location(
     except StorageError as exc:
         report.error = f"storage unreachable: {exc}"
         log.error("audit_storage_unreachable", location=location.name, error=str(exc))
-        return report
+        return None
+    return storage, listing
 
-    expected, maybe = _expected_copies(session, location)
-    report.expected = len(expected)
-    known_paths = {e.path for e in expected} | maybe
-    # Metadata sidecars written next to archived packages are accounted for by them.
-    known_paths |= {f"{p}.json" for p in list(known_paths)}
 
+def _compare_copies(
+    expected: list[Expected],
+    listing: dict[str, int],
+    storage: Storage,
+    report: LocationAudit,
+    rng: random.Random,
+    sample_fraction: float,
+    full: bool,
+) -> tuple[list[int], list[int]]:
+    """Storage phase: each expected copy is found, lost or drifted (size, sampled checksum);
+    returns the copy ids to mark lost and those found again."""
     lost_ids: list[int] = []
     found_again: list[int] = []
     for exp in expected:
@@ -263,11 +317,14 @@ def audit_location(
             lost_ids.append(exp.copy_id)
         elif exp.lost:
             found_again.append(exp.copy_id)
+    return lost_ids, found_again
 
-    for path, size in sorted(listing.items()):
-        if path not in known_paths:
-            report.dark.append({"path": path, "size": size})
 
+def _hold_if_systemic(
+    session: Session, location: m.DataLocation, report: LocationAudit, max_fraction: float
+) -> bool:
+    """Too many discrepancies look like a storage or configuration fault: abort, put the
+    location on hold and return True (nothing is marked)."""
     denominator = max(report.expected, 1)
     if report.discrepancies and report.discrepancies / denominator > max_fraction:
         report.aborted = (
@@ -284,22 +341,29 @@ def audit_location(
             f"{len(report.dark)} dark of {report.expected} expected copies "
             f"(over AUDIT_MAX_DISCREPANCY_FRACTION={max_fraction})",
         )
-        return report
+        return True
+    return False
 
-    if mark:
-        now = m.utcnow()
-        if lost_ids:
-            report.marked_lost = session.execute(
-                update(m.PhysicalCopy)
-                .where(m.PhysicalCopy.id.in_(lost_ids), m.PhysicalCopy.lost_at.is_(None))
-                .values(lost_at=now, last_error="audit: missing or corrupt in storage")
-            ).rowcount
-        if found_again:
-            report.unmarked = session.execute(
-                update(m.PhysicalCopy)
-                .where(m.PhysicalCopy.id.in_(found_again))
-                .values(lost_at=None)
-            ).rowcount
+
+def _mark_copies(
+    session: Session, report: LocationAudit, lost_ids: list[int], found_again: list[int]
+) -> None:
+    """DB phase: mark the lost copies and clear the mark of those found again."""
+    now = m.utcnow()
+    if lost_ids:
+        report.marked_lost = session.execute(
+            update(m.PhysicalCopy)
+            .where(m.PhysicalCopy.id.in_(lost_ids), m.PhysicalCopy.lost_at.is_(None))
+            .values(lost_at=now, last_error="audit: missing or corrupt in storage")
+        ).rowcount
+    if found_again:
+        report.unmarked = session.execute(
+            update(m.PhysicalCopy).where(m.PhysicalCopy.id.in_(found_again)).values(lost_at=None)
+        ).rowcount
+
+
+def _log_findings(location: m.DataLocation, report: LocationAudit) -> None:
+    """Log every lost, drifted and dark item of the report."""
     for item in report.lost:
         log.error("audit_lost_copy", location=location.name, **item)
     for item in report.drift:
@@ -308,7 +372,6 @@ def audit_location(
         log.warning(
             "audit_dark_data", location=location.name, path=item["path"], size_bytes=item["size"]
         )
-    return report
 
 
 def run_audit(

@@ -30,6 +30,16 @@ log = get_logger(__name__)
 def collect_snapshot(session: Session) -> dict[str, Any]:
     """All dashboard numbers as a plain dict (also what the web dashboard shows)."""
     snap: dict[str, Any] = {}
+    _snap_files_and_packages(session, snap)
+    _snap_transfers(session, snap)
+    _snap_copies_and_deletions(session, snap)
+    _snap_operations(session, snap)
+    snap["stalled_work"] = stalled_work(session)
+    return snap
+
+
+def _snap_files_and_packages(session: Session, snap: dict[str, Any]) -> None:
+    """Raw files, blocked groups and the states of both kinds of package."""
     snap["raw_files"] = dict(
         zip(
             ("count", "bytes"),
@@ -62,6 +72,10 @@ def collect_snapshot(session: Session) -> dict[str, Any]:
             ).group_by(m.DataTransferPackage.status)
         )
     }
+
+
+def _snap_transfers(session: Session, snap: dict[str, Any]) -> None:
+    """Transfers, unpacks, the last hour's rate and the archive transfers."""
     snap["transfers"] = {
         f"{status.name}": {"count": count, "bytes": int(size or 0)}
         for status, count, size in session.execute(
@@ -98,6 +112,10 @@ def collect_snapshot(session: Session) -> dict[str, Any]:
             )
         )
     }
+
+
+def _snap_copies_and_deletions(session: Session, snap: dict[str, Any]) -> None:
+    """Physical copies per location, type and status; the last day's deletions."""
     snap["copies"] = [
         {
             "location": loc,
@@ -133,6 +151,10 @@ def collect_snapshot(session: Session) -> dict[str, Any]:
             m.PhysicalCopy.status == m.PhysicalCopyStatus.DELETION_FAILED
         )
     )
+
+
+def _snap_operations(session: Session, snap: dict[str, Any]) -> None:
+    """Staging jobs, buffers, queues, audit holds and frozen packages."""
     snap["staging_jobs"] = {
         status.name: count
         for status, count in session.execute(
@@ -157,8 +179,6 @@ def collect_snapshot(session: Session) -> dict[str, Any]:
     snap["frozen_packages"] = session.scalar(
         select(func.count(m.RawDataPackage.id)).where(m.RawDataPackage.frozen_at.is_not(None))
     )
-    snap["stalled_work"] = stalled_work(session)
-    return snap
 
 
 def _blocked_groups(session: Session) -> int:
@@ -311,6 +331,17 @@ def _counts_and_bytes(
 
 
 def snapshot_to_prometheus(snap: dict[str, Any]) -> list[GaugeMetricFamily]:
+    """The Prometheus gauges of a :func:`collect_snapshot` result."""
+    families = _work_families(snap)
+    families += _copy_families(snap)
+    families += _buffer_families(snap["buffers"])
+    families += _archive_truth_families(snap)
+    families += _queue_and_failure_families(snap)
+    return families
+
+
+def _work_families(snap: dict[str, Any]) -> list[GaugeMetricFamily]:
+    """Raw files, packages, transfers and their rate, checksum errors and blocked groups."""
     families = [
         _total("ccat_raw_files", "Filed raw data files", snap["raw_files"]["count"]),
         _total("ccat_raw_file_bytes", "Bytes of filed raw data files", snap["raw_files"]["bytes"]),
@@ -351,6 +382,12 @@ def snapshot_to_prometheus(snap: dict[str, Any]) -> list[GaugeMetricFamily]:
             snap["blocked_groups"],
         ),
     ]
+    return families
+
+
+def _copy_families(snap: dict[str, Any]) -> list[GaugeMetricFamily]:
+    """Physical copies by location, type and status; the last day's deletions."""
+    families: list[GaugeMetricFamily] = []
     g = GaugeMetricFamily(
         "ccat_physical_copies", "Physical copies", labels=["location", "type", "status"]
     )
@@ -377,8 +414,12 @@ def snapshot_to_prometheus(snap: dict[str, Any]) -> list[GaugeMetricFamily]:
         ),
         _total("ccat_deletion_failures", "Copies in DELETION_FAILED", snap["deletion_failures"]),
     ]
-    families += _buffer_families(snap["buffers"])
-    families += _archive_truth_families(snap)
+    return families
+
+
+def _queue_and_failure_families(snap: dict[str, Any]) -> list[GaugeMetricFamily]:
+    """Queue lengths, stalled work by kind and work items in FAILED by kind."""
+    families: list[GaugeMetricFamily] = []
     g = GaugeMetricFamily("ccat_queue_length", "Tasks waiting in a queue", labels=["queue"])
     for queue, length in snap["queues"].items():
         g.add_metric([queue], length)

@@ -115,47 +115,18 @@ def lifecycle_counts(session: Session) -> dict[str, int]:
             m.DataLocation.active.is_(True),
         )
     )
-    present = m.PhysicalCopyStatus.PRESENT
     files = session.scalar(select(func.count(m.RawDataFile.id))) or 0
     packaged = session.scalar(
         select(func.count(m.RawDataFile.id)).where(m.RawDataFile.raw_data_package_id.is_not(None))
     )
     packages = session.scalar(select(func.count(m.RawDataPackage.id))) or 0
-    lta_copies = (
-        select(
-            m.PhysicalCopy.raw_data_package_id.label("pkg"),
-            func.count(func.distinct(m.DataLocation.site_id)).label("sites"),
-        )
-        .join(m.DataLocation, m.DataLocation.id == m.PhysicalCopy.data_location_id)
-        .where(
-            m.PhysicalCopy.type == "raw_data_package",
-            m.PhysicalCopy.status == present,
-            m.DataLocation.location_type == m.LocationType.LONG_TERM_ARCHIVE,
-        )
-        .group_by(m.PhysicalCopy.raw_data_package_id)
-        .subquery()
-    )
-    archived_everywhere = session.scalar(
-        select(func.count()).select_from(lta_copies).where(lta_copies.c.sites >= lta_sites)
-    )
+    archived_everywhere = _archived_everywhere(session, lta_sites)
     in_transfer_pkgs = session.scalar(
         select(func.count(m.RawDataPackage.id)).where(
             m.RawDataPackage.data_transfer_package_id.is_not(None)
         )
     )
-    temporary = session.scalar(
-        select(func.count(m.PhysicalCopy.id))
-        .join(m.DataLocation, m.DataLocation.id == m.PhysicalCopy.data_location_id)
-        .where(
-            m.DataLocation.location_type.in_([m.LocationType.SOURCE, m.LocationType.BUFFER]),
-            m.PhysicalCopy.status != m.PhysicalCopyStatus.DELETED,
-        )
-    )
-    temporary_total = session.scalar(
-        select(func.count(m.PhysicalCopy.id))
-        .join(m.DataLocation, m.DataLocation.id == m.PhysicalCopy.data_location_id)
-        .where(m.DataLocation.location_type.in_([m.LocationType.SOURCE, m.LocationType.BUFFER]))
-    )
+    temporary, temporary_total = _temporary_copies(session)
     transfers_done = session.scalar(
         select(func.count(m.DataTransfer.id)).where(
             m.DataTransfer.status == m.Status.COMPLETED,
@@ -207,6 +178,47 @@ def lifecycle_counts(session: Session) -> dict[str, int]:
     }
 
 
+def _archived_everywhere(session: Session, lta_sites: int | None) -> int | None:
+    """Packages with a PRESENT copy at every one of the ``lta_sites`` archive sites."""
+    present = m.PhysicalCopyStatus.PRESENT
+    lta_copies = (
+        select(
+            m.PhysicalCopy.raw_data_package_id.label("pkg"),
+            func.count(func.distinct(m.DataLocation.site_id)).label("sites"),
+        )
+        .join(m.DataLocation, m.DataLocation.id == m.PhysicalCopy.data_location_id)
+        .where(
+            m.PhysicalCopy.type == "raw_data_package",
+            m.PhysicalCopy.status == present,
+            m.DataLocation.location_type == m.LocationType.LONG_TERM_ARCHIVE,
+        )
+        .group_by(m.PhysicalCopy.raw_data_package_id)
+        .subquery()
+    )
+    archived_everywhere = session.scalar(
+        select(func.count()).select_from(lta_copies).where(lta_copies.c.sites >= lta_sites)
+    )
+    return archived_everywhere
+
+
+def _temporary_copies(session: Session) -> tuple[int | None, int | None]:
+    """Copies at SOURCE and BUFFER locations: those not DELETED, and all of them."""
+    temporary = session.scalar(
+        select(func.count(m.PhysicalCopy.id))
+        .join(m.DataLocation, m.DataLocation.id == m.PhysicalCopy.data_location_id)
+        .where(
+            m.DataLocation.location_type.in_([m.LocationType.SOURCE, m.LocationType.BUFFER]),
+            m.PhysicalCopy.status != m.PhysicalCopyStatus.DELETED,
+        )
+    )
+    temporary_total = session.scalar(
+        select(func.count(m.PhysicalCopy.id))
+        .join(m.DataLocation, m.DataLocation.id == m.PhysicalCopy.data_location_id)
+        .where(m.DataLocation.location_type.in_([m.LocationType.SOURCE, m.LocationType.BUFFER]))
+    )
+    return temporary, temporary_total
+
+
 @dataclass
 class DemoResult:
     completed: bool
@@ -247,24 +259,10 @@ def run_demo(
     staging_status: str | None = None
     completed = False
 
-    progress = Progress(
-        TextColumn("{task.description:<24}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not show_progress,
-    )
+    progress = _demo_progress(console, show_progress)
     expected_files = None
     with progress:
-        bars = {
-            "filed": progress.add_task("instruments: filed", total=None),
-            "packaged": progress.add_task("packaged (files)", total=None),
-            "transferred": progress.add_task("transferred + unpacked", total=None),
-            "archived": progress.add_task("archived at all LTAs", total=None),
-            "cleaned": progress.add_task("temporary copies cleaned", total=None),
-            "staged": progress.add_task("staging job", total=3),
-        }
+        bars = _demo_bars(progress)
         while not stop_event.is_set():
             if time.monotonic() - started > timeout_seconds:
                 log.error("demo_timeout", seconds=timeout_seconds)
@@ -286,28 +284,16 @@ def run_demo(
                     _finish_staging_job(session, staging_job_id)
                     staging_done_marked = True
                 staging_cleaned = staging_done_marked and _staging_cleaned(session, staging_job_id)
-            progress.update(bars["filed"], completed=counts["files"], total=expected_files)
-            for bar, done, of in (
-                ("packaged", "packaged_files", "files"),
-                ("transferred", "transfers_done", "transfers"),
-                ("archived", "archived_everywhere", "packages"),
-                ("cleaned", "temporary_cleaned", "temporary_copies"),
-            ):
-                progress.update(bars[bar], completed=counts[done], total=max(counts[of], 1))
-            progress.update(
-                bars["staged"],
-                completed=(staging_job_id is not None)
-                + (staging_status == "COMPLETED")
-                + bool(staging_cleaned),
+            _update_bars(
+                progress,
+                bars,
+                counts,
+                expected_files,
+                staging_job_id,
+                staging_status,
+                staging_cleaned,
             )
-            if (
-                simulator.finished
-                and counts["files"] > 0
-                and counts["packaged_files"] == counts["files"]
-                and counts["archived_everywhere"] == counts["packages"]
-                and counts["temporary_cleaned"] == counts["temporary_copies"]
-                and staging_cleaned
-            ):
+            if _lifecycle_done(simulator.finished, counts, staging_cleaned):
                 completed = True
                 break
             if simulator.finished:
@@ -321,6 +307,70 @@ def run_demo(
         staging_job_id=staging_job_id,
         staging_status=staging_status,
         stages=orchestrator.stages,
+    )
+
+
+def _demo_progress(console: Console, show_progress: bool) -> Progress:
+    """The demo's progress display (disabled without ``show_progress``)."""
+    return Progress(
+        TextColumn("{task.description:<24}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not show_progress,
+    )
+
+
+def _demo_bars(progress: Progress) -> dict[str, Any]:
+    """One bar per lifecycle step, by name."""
+    return {
+        "filed": progress.add_task("instruments: filed", total=None),
+        "packaged": progress.add_task("packaged (files)", total=None),
+        "transferred": progress.add_task("transferred + unpacked", total=None),
+        "archived": progress.add_task("archived at all LTAs", total=None),
+        "cleaned": progress.add_task("temporary copies cleaned", total=None),
+        "staged": progress.add_task("staging job", total=3),
+    }
+
+
+def _update_bars(
+    progress: Progress,
+    bars: dict[str, Any],
+    counts: dict[str, int],
+    expected_files: int | None,
+    staging_job_id: int | None,
+    staging_status: str | None,
+    staging_cleaned: bool,
+) -> None:
+    """Move each bar to the counts of this round."""
+    progress.update(bars["filed"], completed=counts["files"], total=expected_files)
+    for bar, done, of in (
+        ("packaged", "packaged_files", "files"),
+        ("transferred", "transfers_done", "transfers"),
+        ("archived", "archived_everywhere", "packages"),
+        ("cleaned", "temporary_cleaned", "temporary_copies"),
+    ):
+        progress.update(bars[bar], completed=counts[done], total=max(counts[of], 1))
+    progress.update(
+        bars["staged"],
+        completed=(staging_job_id is not None)
+        + (staging_status == "COMPLETED")
+        + bool(staging_cleaned),
+    )
+
+
+def _lifecycle_done(
+    simulator_finished: bool, counts: dict[str, int], staging_cleaned: bool
+) -> bool:
+    """Everything filed is packaged, archived at every LTA, cleaned and staged once."""
+    return bool(
+        simulator_finished
+        and counts["files"] > 0
+        and counts["packaged_files"] == counts["files"]
+        and counts["archived_everywhere"] == counts["packages"]
+        and counts["temporary_cleaned"] == counts["temporary_copies"]
+        and staging_cleaned
     )
 
 

@@ -205,15 +205,7 @@ def plan_primary_transfers(session: Session, location_ids: list[int] | None = No
     sources = source_site_ids(session)
     if not sources:
         return []
-    waiting, loc_id = _waiting_for_primary()
-    rows = session.execute(
-        scope.restrict(waiting, loc_id, location_ids), {"sources": sorted(sources)}
-    ).all()
-    origins: dict[int, list[int]] = {}
-    sizes: dict[int, int] = {}
-    for dtp_id, loc_id, size in rows:
-        origins.setdefault(dtp_id, []).append(loc_id)
-        sizes[dtp_id] = int(size or 0)
+    origins, sizes = _waiting_packages(session, sources, location_ids)
     if not origins:
         return []
 
@@ -262,6 +254,29 @@ def plan_primary_transfers(session: Session, location_ids: list[int] | None = No
         if transfer is not None:
             created.append(transfer.id)
     session.commit()
+    _log_waiting(skipped, unable)
+    return created
+
+
+def _waiting_packages(
+    session: Session, sources: set[int], location_ids: list[int] | None
+) -> tuple[dict[int, list[int]], dict[int, int]]:
+    """DB phase: the PENDING DTPs present at a source-site buffer (in scope), with the
+    buffers holding each and its size."""
+    waiting, loc_id = _waiting_for_primary()
+    rows = session.execute(
+        scope.restrict(waiting, loc_id, location_ids), {"sources": sorted(sources)}
+    ).all()
+    origins: dict[int, list[int]] = {}
+    sizes: dict[int, int] = {}
+    for dtp_id, loc_id, size in rows:
+        origins.setdefault(dtp_id, []).append(loc_id)
+        sizes[dtp_id] = int(size or 0)
+    return origins, sizes
+
+
+def _log_waiting(skipped: dict[str, tuple[int, Verdict]], unable: dict[int, list[str]]) -> None:
+    """One line per skipped site, one for the packages no site could take this cycle."""
     for site_name, (dtp_id, verdict) in sorted(skipped.items()):
         log.info(  # once per site and cycle, not once per package
             "routing_skipped_site",
@@ -281,7 +296,6 @@ def plan_primary_transfers(session: Session, location_ids: list[int] | None = No
             reason="no LTA site's landing buffer can take these packages now; they stay "
             "PENDING (no retry charged) until one has room",
         )
-    return created
 
 
 def _first_site_with_room(

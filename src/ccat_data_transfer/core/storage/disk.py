@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from ccat_data_transfer.core.fileio import COPY_METHODS, copy_fd, fadvise_sequential
+from ccat_data_transfer.core.fileio import copy_fd, fadvise_sequential
 from ccat_data_transfer.core.storage.errors import (
     ObjectNotFound,
     StorageError,
@@ -209,23 +209,13 @@ class DiskStorage(Storage):
     def local_path(self, path: str) -> Path | None:
         return self._full(path)
 
-    def copy_in(
-        self,
-        local_file: str | os.PathLike[str],
-        path: str,
-        *,
-        methods: tuple[str, ...] = COPY_METHODS,
-    ) -> int:
-        """Copy a local file in, the bytes moved by the kernel where it can
-        (:func:`~ccat_data_transfer.core.fileio.copy_fd`: ``copy_file_range``, then
-        ``sendfile``, then one reused buffer; ``methods`` narrows the choice), into a
-        temporary name that is fsynced and renamed (:meth:`open_write`)."""
-        with open(local_file, "rb", buffering=0) as src:
-            fadvise_sequential(src.fileno())
-            with self.open_write(path) as dst:
-                dst.flush()  # nothing buffered may land after the kernel's bytes
-                n, _ = copy_fd(src.fileno(), dst.fileno(), methods)
-                return n
+    def _copy_open_file(self, src: BinaryIO, dst: BinaryIO, methods: tuple[str, ...]) -> int:
+        """The bytes moved by the kernel where it can (``fileio.copy_fd``: ``copy_file_range``,
+        then ``sendfile``, then one reused buffer; ``methods`` narrows the choice), into the
+        fsynced temporary name of :meth:`open_write`."""
+        dst.flush()  # nothing buffered may land after the kernel's bytes
+        n, _ = copy_fd(src.fileno(), dst.fileno(), methods)
+        return n
 
 
 def _tree_size_and_change(top: str) -> tuple[int, float]:

@@ -21,6 +21,7 @@ import os
 import tarfile
 import uuid
 from pathlib import Path
+from typing import BinaryIO
 
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.fileio import buffer_size, fadvise_sequential, fsync_dir
@@ -242,12 +243,32 @@ def safe_extract(
     dest = Path(dest_dir).absolute()
     infos = _read_infos(tar_path, max_members, max_total_bytes)
 
-    created_dirs: list[str] = []
-    temps: list[tuple[str, str]] = []  # (temp path, final path) not yet renamed
-    placed: list[str] = []  # final paths this call wrote
-    results: list[ExtractedMember] = []
+    state = _ExtractState()
+    try:
+        state.make_dirs(str(dest))
+        real_dest = os.path.realpath(dest)
+        plan = _validate(infos, real_dest)
+        if not overwrite:
+            _refuse_existing(plan, real_dest)
+        _write_temporaries(tar_path, plan, real_dest, bufsize, state)
+        _rename_into_place(state)
+        return state.results
+    except BaseException:
+        state.undo()
+        raise
 
-    def make_dirs(path: str) -> None:
+
+class _ExtractState:
+    """What one :func:`safe_extract` call created so far, so that a failure can undo it."""
+
+    def __init__(self) -> None:
+        self.created_dirs: list[str] = []
+        self.temps: list[tuple[str, str]] = []  # (temp path, final path) not yet renamed
+        self.placed: list[str] = []  # final paths this call wrote
+        self.results: list[ExtractedMember] = []
+
+    def make_dirs(self, path: str) -> None:
+        """Create ``path`` and its missing parents, remembering each one created."""
         missing = []
         p = path
         while not os.path.isdir(p):
@@ -258,78 +279,100 @@ def safe_extract(
             p = parent
         for d in reversed(missing):
             os.mkdir(d, 0o755)
-            created_dirs.append(d)
+            self.created_dirs.append(d)
 
-    try:
-        make_dirs(str(dest))
-        real_dest = os.path.realpath(dest)
-        plan = _validate(infos, real_dest)
-        if not overwrite:
-            for name, info in plan:
-                target = os.path.join(real_dest, name)
-                if info.isreg() and os.path.lexists(target):
-                    raise FileExistsError(f"{target} already exists (tar member {info.name!r})")
-
-        with open(tar_path, "rb", buffering=0) as src:
-            fadvise_sequential(src.fileno())
-            largest = max((info.size for _, info in plan if info.isreg()), default=0)
-            bufsize = buffer_size(largest, bufsize)
-            buf = memoryview(bytearray(bufsize))
-            for name, info in plan:
-                target = os.path.join(real_dest, name)
-                if info.isdir():
-                    make_dirs(target)
-                    continue
-                parent = os.path.dirname(target)
-                make_dirs(parent)
-                # Re-check right before writing: the tree may have changed meanwhile.
-                if not _within(os.path.realpath(parent), real_dest):
-                    raise UnsafeTarError(f"refusing tar member {info.name!r}: parent escapes")
-                base = os.path.basename(target)[:200]  # temp name within NAME_MAX
-                tmp = os.path.join(parent, f".{base}.tmp-{uuid.uuid4().hex}")
-                fd = os.open(
-                    tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-                )
-                temps.append((tmp, target))
-                h = hashlib.sha256()
-                try:
-                    src.seek(info.offset_data)
-                    remaining = info.size
-                    while remaining:
-                        n = src.readinto(buf[: min(bufsize, remaining)])
-                        if not n:
-                            raise CorruptTarError(
-                                f"{tar_path} is truncated inside member {info.name!r}"
-                            )
-                        chunk = buf[:n]
-                        while chunk:
-                            w = os.write(fd, chunk)
-                            h.update(chunk[:w])
-                            chunk = chunk[w:]
-                        remaining -= n
-                    os.fchmod(fd, (info.mode & 0o755) | 0o600)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.utime(tmp, (info.mtime, info.mtime))
-                results.append(ExtractedMember(name, Path(target), info.size, h.hexdigest()))
-
-        dirs_touched: set[str] = set()
-        for tmp, target in temps:
-            os.replace(tmp, target)
-            placed.append(target)
-            dirs_touched.add(os.path.dirname(target))
-        for d in dirs_touched:
-            fsync_dir(d)
-        return results
-    except BaseException:
-        for tmp, _ in temps[len(placed) :]:
+    def undo(self) -> None:
+        """Remove the temporaries, the files placed and the directories this call created."""
+        for tmp, _ in self.temps[len(self.placed) :]:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        for path in placed:
+        for path in self.placed:
             with contextlib.suppress(OSError):
                 os.unlink(path)
-        for d in reversed(created_dirs):
+        for d in reversed(self.created_dirs):
             with contextlib.suppress(OSError):
                 os.rmdir(d)
-        raise
+
+
+def _refuse_existing(plan: list[tuple[str, tarfile.TarInfo]], real_dest: str) -> None:
+    """With ``overwrite=False``: FileExistsError if any file member's target exists."""
+    for name, info in plan:
+        target = os.path.join(real_dest, name)
+        if info.isreg() and os.path.lexists(target):
+            raise FileExistsError(f"{target} already exists (tar member {info.name!r})")
+
+
+def _write_temporaries(
+    tar_path: Path,
+    plan: list[tuple[str, tarfile.TarInfo]],
+    real_dest: str,
+    bufsize: int,
+    state: _ExtractState,
+) -> None:
+    """Write phase: create the directories and write each file under a temporary name."""
+    with open(tar_path, "rb", buffering=0) as src:
+        fadvise_sequential(src.fileno())
+        largest = max((info.size for _, info in plan if info.isreg()), default=0)
+        bufsize = buffer_size(largest, bufsize)
+        buf = memoryview(bytearray(bufsize))
+        for name, info in plan:
+            target = os.path.join(real_dest, name)
+            if info.isdir():
+                state.make_dirs(target)
+                continue
+            parent = os.path.dirname(target)
+            state.make_dirs(parent)
+            # Re-check right before writing: the tree may have changed meanwhile.
+            if not _within(os.path.realpath(parent), real_dest):
+                raise UnsafeTarError(f"refusing tar member {info.name!r}: parent escapes")
+            base = os.path.basename(target)[:200]  # temp name within NAME_MAX
+            tmp = os.path.join(parent, f".{base}.tmp-{uuid.uuid4().hex}")
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
+            state.temps.append((tmp, target))
+            digest = _copy_member(src, fd, buf, bufsize, tar_path, info)
+            os.utime(tmp, (info.mtime, info.mtime))
+            state.results.append(ExtractedMember(name, Path(target), info.size, digest))
+
+
+def _copy_member(
+    src: BinaryIO,
+    fd: int,
+    buf: memoryview,
+    bufsize: int,
+    tar_path: Path,
+    info: tarfile.TarInfo,
+) -> str:
+    """Copy one member's bytes to ``fd`` (closed afterwards), hashing them, set its mode
+    and fsync it; returns the SHA-256."""
+    h = hashlib.sha256()
+    try:
+        src.seek(info.offset_data)
+        remaining = info.size
+        while remaining:
+            n = src.readinto(buf[: min(bufsize, remaining)])
+            if not n:
+                raise CorruptTarError(f"{tar_path} is truncated inside member {info.name!r}")
+            chunk = buf[:n]
+            while chunk:
+                w = os.write(fd, chunk)
+                h.update(chunk[:w])
+                chunk = chunk[w:]
+            remaining -= n
+        os.fchmod(fd, (info.mode & 0o755) | 0o600)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def _rename_into_place(state: _ExtractState) -> None:
+    """Place phase: every file complete, rename them all into place and fsync their dirs."""
+    dirs_touched: set[str] = set()
+    for tmp, target in state.temps:
+        os.replace(tmp, target)
+        state.placed.append(target)
+        dirs_touched.add(os.path.dirname(target))
+    for d in dirs_touched:
+        fsync_dir(d)

@@ -196,117 +196,150 @@ def write_tar_with_checksums(
         raise ValueError("bufsize must be at least 512")
     expected_norm = {_normalize_arcname(k): v.lower() for k, v in (expected or {}).items()}
 
-    tar_hash = hashlib.sha256()
-    digests: dict[str, str] = {}
     checks: list[tuple[str, str | None]] = []
     seen: set[str] = set()
-    total = 0
 
     if isinstance(members, Sequence):  # buffers no larger than the largest member
         bufsize = buffer_size(max((mem.size for mem in members), default=0), bufsize)
-    file_worker = _Hasher() if _layout in ("file_thread", "both_threads") else None
-    tar_worker = _Hasher() if _layout in ("tar_thread", "both_threads") else None
-    consumers = (file_worker is not None) + (tar_worker is not None)
-    pool = _BufferPool(_POOL_SIZE if consumers else 1, bufsize)
-
-    def emit_small(data: bytes) -> None:
-        # Headers and padding: written and hashed in stream order.
-        nonlocal total
-        _write_all(out, data)
-        total += len(data)
-        if tar_worker is not None:
-            tar_worker.update(tar_hash, data)
-        else:
-            tar_hash.update(data)
-
+    stream = _TarStream(out, bufsize, _layout)
     try:
         for member in members:
-            try:
-                arcname = _normalize_arcname(member.arcname)
-            except ValueError as exc:
-                raise ValueError(f"bad tar member name: {exc}") from None
-            if not arcname:
-                raise ValueError(f"empty tar member name for {member.source_path}")
-            if arcname in seen:
-                raise ValueError(f"duplicate tar member name {arcname!r}")
-            seen.add(arcname)
+            arcname = _member_arcname(member, seen)
             want = expected_norm.get(arcname) or (
                 member.expected_sha256.lower() if member.expected_sha256 else None
             )
             checks.append((arcname, want))
-
-            with open(member.source_path, "rb", buffering=0) as src:
-                fd = src.fileno()
-                before = os.fstat(fd)
-                if not stat.S_ISREG(before.st_mode):
-                    raise ValueError(f"{member.source_path} is not a regular file")
-                if before.st_size != member.size:
-                    raise TarSourceChangedError(
-                        f"{member.source_path} is {before.st_size} bytes, expected "
-                        f"{member.size} (file changed since it was registered?)"
-                    )
-                fadvise_sequential(fd)
-                emit_small(_header(arcname, member.size, int(before.st_mtime)))
-
-                file_hash = hashlib.sha256()
-                remaining = member.size
-                while remaining:
-                    idx = pool.acquire(consumers)
-                    view = pool.views[idx]
-                    n = src.readinto(view[: min(bufsize, remaining)])
-                    if not n:
-                        pool.release_now(idx)
-                        raise TarSourceChangedError(
-                            f"{member.source_path} shrank while being packaged "
-                            f"({member.size - remaining} of {member.size} bytes read)"
-                        )
-                    chunk = view[:n]
-                    _write_all(out, chunk)
-                    if tar_worker is None:
-                        tar_hash.update(chunk)
-                    if file_worker is None:
-                        file_hash.update(chunk)
-                    if consumers:
-                        release = pool.releaser(idx)
-                        if tar_worker is not None:
-                            tar_worker.update(tar_hash, chunk, release)
-                        if file_worker is not None:
-                            file_worker.update(file_hash, chunk, release)
-                    else:
-                        pool.release_now(idx)
-                    remaining -= n
-                    total += n
-
-                after = os.fstat(fd)
-                if (
-                    after.st_size != before.st_size
-                    or after.st_mtime_ns != before.st_mtime_ns
-                    or src.read(1)
-                ):
-                    raise TarSourceChangedError(
-                        f"{member.source_path} changed while being packaged"
-                    )
-
-            if file_worker is not None:
-                file_worker.call(_store_digest(digests, arcname, file_hash))
-            else:
-                digests[arcname] = file_hash.hexdigest()
-            pad = -member.size % BLOCKSIZE
-            if pad:
-                emit_small(_ZERO_BLOCK[:pad])
-
-        # End of archive: two zero blocks, then pad to a whole record like GNU tar.
-        end = 2 * BLOCKSIZE
-        end += -(total + end) % RECORDSIZE
-        emit_small(bytes(end))
+            stream.add_file(member, arcname)
+        stream.finish()
     finally:
-        for worker in (file_worker, tar_worker):
-            if worker is not None:
-                worker.close()
+        stream.close()
 
+    digests = stream.digests
     mismatches = [
         (name, want, digests[name]) for name, want in checks if want and want != digests[name]
     ]
     return TarResult(
-        sha256=tar_hash.hexdigest(), size=total, member_sha256=digests, mismatches=mismatches
+        sha256=stream.tar_hash.hexdigest(),
+        size=stream.total,
+        member_sha256=digests,
+        mismatches=mismatches,
     )
+
+
+def _member_arcname(member: TarMember, seen: set[str]) -> str:
+    """Validate phase: the member's normalised arcname, safe, non-empty and not in ``seen``
+    (it is added)."""
+    try:
+        arcname = _normalize_arcname(member.arcname)
+    except ValueError as exc:
+        raise ValueError(f"bad tar member name: {exc}") from None
+    if not arcname:
+        raise ValueError(f"empty tar member name for {member.source_path}")
+    if arcname in seen:
+        raise ValueError(f"duplicate tar member name {arcname!r}")
+    seen.add(arcname)
+    return arcname
+
+
+class _TarStream:
+    """The tar being written: its output, running SHA-256 and size, the per-file digests,
+    and the hashing threads and buffers of the chosen layout."""
+
+    def __init__(self, out: BinaryIO, bufsize: int, layout: str) -> None:
+        self.out = out
+        self.bufsize = bufsize
+        self.tar_hash = hashlib.sha256()
+        self.digests: dict[str, str] = {}
+        self.total = 0
+        self.file_worker = _Hasher() if layout in ("file_thread", "both_threads") else None
+        self.tar_worker = _Hasher() if layout in ("tar_thread", "both_threads") else None
+        self.consumers = (self.file_worker is not None) + (self.tar_worker is not None)
+        self.pool = _BufferPool(_POOL_SIZE if self.consumers else 1, bufsize)
+
+    def emit_small(self, data: bytes) -> None:
+        """Headers and padding: written and hashed in stream order."""
+        _write_all(self.out, data)
+        self.total += len(data)
+        if self.tar_worker is not None:
+            self.tar_worker.update(self.tar_hash, data)
+        else:
+            self.tar_hash.update(data)
+
+    def add_file(self, member: TarMember, arcname: str) -> None:
+        """Write one member (header, data, padding), checking the source did not change."""
+        file_worker = self.file_worker
+        with open(member.source_path, "rb", buffering=0) as src:
+            fd = src.fileno()
+            before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode):
+                raise ValueError(f"{member.source_path} is not a regular file")
+            if before.st_size != member.size:
+                raise TarSourceChangedError(
+                    f"{member.source_path} is {before.st_size} bytes, expected "
+                    f"{member.size} (file changed since it was registered?)"
+                )
+            fadvise_sequential(fd)
+            self.emit_small(_header(arcname, member.size, int(before.st_mtime)))
+
+            file_hash = hashlib.sha256()
+            self._copy_data(src, member, file_hash)
+
+            after = os.fstat(fd)
+            if (
+                after.st_size != before.st_size
+                or after.st_mtime_ns != before.st_mtime_ns
+                or src.read(1)
+            ):
+                raise TarSourceChangedError(f"{member.source_path} changed while being packaged")
+
+        if file_worker is not None:
+            file_worker.call(_store_digest(self.digests, arcname, file_hash))
+        else:
+            self.digests[arcname] = file_hash.hexdigest()
+        pad = -member.size % BLOCKSIZE
+        if pad:
+            self.emit_small(_ZERO_BLOCK[:pad])
+
+    def _copy_data(self, src: BinaryIO, member: TarMember, file_hash: Any) -> None:
+        """The read loop: each buffer is written once and hashed for the file and the tar."""
+        out, pool, bufsize, consumers = self.out, self.pool, self.bufsize, self.consumers
+        tar_hash, tar_worker, file_worker = self.tar_hash, self.tar_worker, self.file_worker
+        remaining = member.size
+        while remaining:
+            idx = pool.acquire(consumers)
+            view = pool.views[idx]
+            n = src.readinto(view[: min(bufsize, remaining)])
+            if not n:
+                pool.release_now(idx)
+                raise TarSourceChangedError(
+                    f"{member.source_path} shrank while being packaged "
+                    f"({member.size - remaining} of {member.size} bytes read)"
+                )
+            chunk = view[:n]
+            _write_all(out, chunk)
+            if tar_worker is None:
+                tar_hash.update(chunk)
+            if file_worker is None:
+                file_hash.update(chunk)
+            if consumers:
+                release = pool.releaser(idx)
+                if tar_worker is not None:
+                    tar_worker.update(tar_hash, chunk, release)
+                if file_worker is not None:
+                    file_worker.update(file_hash, chunk, release)
+            else:
+                pool.release_now(idx)
+            remaining -= n
+            self.total += n
+
+    def finish(self) -> None:
+        """End of archive: two zero blocks, then pad to a whole record like GNU tar."""
+        end = 2 * BLOCKSIZE
+        end += -(self.total + end) % RECORDSIZE
+        self.emit_small(bytes(end))
+
+    def close(self) -> None:
+        """Stop the hashing threads (all queued hashing done); re-raise a hashing error."""
+        for worker in (self.file_worker, self.tar_worker):
+            if worker is not None:
+                worker.close()
