@@ -141,3 +141,21 @@ def test_new_files_for_a_finished_obs_unit_are_refused(system):
 def test_finishing_an_unknown_obs_unit_is_not_found(system):
     with pytest.raises(NotFoundError), system.session() as s:
         finish_executed_obs_unit(s, "nope")
+
+
+@pytest.mark.parametrize(
+    "path, component",
+    [
+        (".scan.tmp-7/obs1.fits", ".scan.tmp-7"),
+        ("night/.unpack.tmp-x/a/obs1.fits", ".unpack.tmp-x"),
+        ("night/.obs1.fits.tmp-resume", ".obs1.fits.tmp-resume"),
+    ],
+)
+def test_a_path_with_a_temporary_component_anywhere_is_refused_naming_it(system, path, component):
+    entry = _write(system, path)
+    with pytest.raises(FilingError) as err, system.session() as s:
+        file_raw_data_files(s, SRC, [entry])
+    reason = err.value.problems[0]["reason"]
+    assert repr(component) in reason and "temporary" in reason
+    assert _counts(system) == (0, 0, 0, 0)
+    assert (system.location_path(SRC) / path).exists()

@@ -38,11 +38,11 @@ from sqlalchemy.orm import Session, contains_eager
 
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.errors import NotFoundError, ValidationError
+from ccat_data_transfer.core.fileio import temporary_component
 from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.core.shared_rows import present_copy
 from ccat_data_transfer.core.storage import (
     StorageError,
-    is_temp_name,
     normalize_path,
     storage_for_location,
 )
@@ -175,8 +175,7 @@ class FilingEntry(BaseModel):
             raise ValueError(str(exc)) from None
         if norm.startswith(RESERVED_PREFIX) or norm + "/" == RESERVED_PREFIX:
             raise ValueError(f"paths under {RESERVED_PREFIX} are reserved for packages")
-        if is_temp_name(norm):
-            raise ValueError("path names a temporary file of an unfinished write")
+        _refuse_temporary_component(norm)
         return norm
 
     @field_validator("metadata")
@@ -209,6 +208,17 @@ class FilingResult(BaseModel):
     created: int = 0
     unchanged: int = 0
     files: list[FiledFile] = Field(default_factory=list)
+
+
+def _refuse_temporary_component(path: str) -> None:
+    """A path with a component the storage treats as temporary (``.name.tmp-*``) is
+    refused: the storage hides everything under such a name and the janitor removes it."""
+    component = temporary_component(path)
+    if component is not None:
+        raise ValueError(
+            f"path component {component!r} is a temporary name (a hidden name holding "
+            "'.tmp-'): the storage hides it and cleans it up, so nothing under it is filed"
+        )
 
 
 def _check_text(value: str) -> None:

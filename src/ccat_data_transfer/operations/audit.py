@@ -38,8 +38,9 @@ from ccat_data_transfer.archive.proof import record_event
 from ccat_data_transfer.core.alerts import send_alert
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.errors import NotFoundError, ValidationError
+from ccat_data_transfer.core.fileio import temporary_component
 from ccat_data_transfer.core.logs import get_logger
-from ccat_data_transfer.core.storage import StorageError, is_temp_name, storage_for_location
+from ccat_data_transfer.core.storage import StorageError, storage_for_location
 from ccat_ops_db import models as m
 
 log = get_logger(__name__)
@@ -214,9 +215,7 @@ def audit_location(
     try:
         storage = storage_for_location(location)
         listing = {
-            info.path: info.size
-            for info in storage.list("")
-            if not is_temp_name(info.path.rsplit("/", 1)[-1])
+            info.path: info.size for info in storage.list("") if not temporary_component(info.path)
         }
         report.temporary = _temporary_leftovers(location.name, storage)
     except StorageError as exc:

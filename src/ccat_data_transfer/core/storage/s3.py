@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.core.fileio import temporary_component
 from ccat_data_transfer.core.storage import errors
 from ccat_data_transfer.core.storage.interface import (
     CHUNK_SIZE,
     ObjectInfo,
     Storage,
     Usage,
-    is_temp_name,
     normalize_path,
 )
 
@@ -281,7 +281,8 @@ class S3Storage(Storage):
             for page in paginator.paginate(Bucket=self.bucket, Prefix=base + norm):
                 for obj in page.get("Contents", ()):
                     rel = obj["Key"][len(base) :]
-                    if not rel or rel.endswith("/") or is_temp_name(rel):
+                    # As on disk: nothing under a temporary name is listed.
+                    if not rel or rel.endswith("/") or temporary_component(rel):
                         continue
                     yield ObjectInfo(rel, int(obj["Size"]), obj["LastModified"].timestamp())
 
