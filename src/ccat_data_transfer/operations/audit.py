@@ -176,13 +176,16 @@ def _expected_copies(session: Session, location: m.DataLocation) -> tuple[list[E
     return expected, maybe
 
 
-def _temporary_leftovers(location_name: str, storage: Any) -> list[dict[str, Any]]:
-    """The storage's temporary names (not dark data: no write finished there), logged."""
-    from ccat_data_transfer.buffers.janitor import leftovers
+def _temporary_leftovers(
+    session: Session, location: m.DataLocation, storage: Any
+) -> list[dict[str, Any]]:
+    """The storage's temporary names (not dark data: no write finished there), logged;
+    those the database keeps (a copy under them, live work) say why (``kept``)."""
+    from ccat_data_transfer.buffers.janitor import db_keeper, leftovers
 
-    found = leftovers(storage)
+    found = leftovers(storage, keep=db_keeper(session, location))
     for item in found:
-        log.warning("audit_temporary_leftover", location=location_name, **item)
+        log.warning("audit_temporary_leftover", location=location.name, **item)
     return found
 
 
@@ -217,7 +220,7 @@ def audit_location(
         listing = {
             info.path: info.size for info in storage.list("") if not temporary_component(info.path)
         }
-        report.temporary = _temporary_leftovers(location.name, storage)
+        report.temporary = _temporary_leftovers(session, location, storage)
     except StorageError as exc:
         report.error = f"storage unreachable: {exc}"
         log.error("audit_storage_unreachable", location=location.name, error=str(exc))

@@ -41,7 +41,7 @@ from ccat_data_transfer.core.storage.interface import (
     normalize_path,
 )
 
-__all__ = ["SHA256_METADATA_KEY", "S3Storage"]
+__all__ = ["SHA256_METADATA_KEY", "S3Storage", "upload_key"]
 
 # S3 error codes that mean "the server is out of space" (MinIO, Ceph RGW).
 _S3_FULL_CODES = {"XMinioStorageFull", "QuotaExceeded", "StorageFull", "InsufficientStorage"}
@@ -50,6 +50,14 @@ _S3_NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
 
 # How list_temporary names an unfinished multipart upload: ``<path>#upload=<id>``.
 _UPLOAD_MARK = "#upload="
+
+
+def upload_key(temporary: str) -> str:
+    """The object path an unfinished upload listed by :meth:`S3Storage.list_temporary`
+    (``<path>#upload=<id>``) was writing; any other name unchanged."""
+    return temporary.partition(_UPLOAD_MARK)[0]
+
+
 # First multipart part size; it doubles every 1000 parts so that an object of any size up
 # to several TB fits in S3's 10,000 part limit while small objects use little memory.
 _S3_PART_SIZE = 8 * 1024 * 1024
