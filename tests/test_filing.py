@@ -7,7 +7,7 @@ import hashlib
 import pytest
 from sqlalchemy import func, select
 
-from ccat_data_transfer.core.errors import NotFoundError
+from ccat_data_transfer.core.errors import NotFoundError, ValidationError
 from ccat_data_transfer.filing.register import (
     FilingConflictError,
     FilingError,
@@ -159,3 +159,26 @@ def test_a_path_with_a_temporary_component_anywhere_is_refused_naming_it(system,
     assert repr(component) in reason and "temporary" in reason
     assert _counts(system) == (0, 0, 0, 0)
     assert (system.location_path(SRC) / path).exists()
+
+
+def test_filing_into_another_instruments_obs_unit_is_refused_and_the_owner_still_finishes(
+    system,
+):
+    mine = _write(system, "p/1.fits")
+    with system.session() as s:
+        file_raw_data_files(s, SRC, [mine], instrument="primecam")
+    before = _counts(system)
+    theirs = _write(system, "c/1.fits", b"chai bytes", location="chai_raw_data")
+    theirs["instrument_module"] = "chai/LFA"
+    with pytest.raises(FilingConflictError) as err, system.session() as s:
+        file_raw_data_files(s, "chai_raw_data", [theirs], instrument="chai")
+    assert isinstance(err.value, ValidationError)
+    reason = err.value.problems[0]["reason"]
+    assert "'eou-f' belongs to instrument 'primecam'" in reason and "'chai'" in reason
+    assert _counts(system) == before
+    with system.session() as s:  # the owner's token can still finish its own unit
+        eou = finish_executed_obs_unit(s, "eou-f", instrument="primecam")
+        assert eou.finished_at is not None
+    with system.session() as s:  # and the other instrument files under a name of its own
+        theirs["executed_obs_unit"] = "eou-chai"
+        assert file_raw_data_files(s, "chai_raw_data", [theirs], instrument="chai").created == 1

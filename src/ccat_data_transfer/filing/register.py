@@ -376,6 +376,9 @@ def file_raw_data_files(
         ):
             existing[f.relative_path] = f
 
+    for index, entry, reason in _foreign_unit_entries(session, unique, eous, existing):
+        refuse(index, entry, reason, conflict=True)
+
     try:
         storage = storage_for_location(location)
     except StorageError as exc:
@@ -508,6 +511,52 @@ def file_raw_data_files(
         size_bytes=sum(e.size for _, e in new),
     )
     return result
+
+
+def _unit_owners(session: Session, eou_ids: Sequence[int]) -> dict[int, str]:
+    """The instrument owning each executed obs unit: that of its first filed file."""
+    owners: dict[int, str] = {}
+    for chunk in _chunks(list(eou_ids)):
+        for eou_id, instrument in session.execute(
+            select(m.RawDataFile.executed_obs_unit_id, m.Instrument.name)
+            .join(m.InstrumentModule, m.InstrumentModule.id == m.RawDataFile.instrument_module_id)
+            .join(m.Instrument, m.Instrument.id == m.InstrumentModule.instrument_id)
+            .where(m.RawDataFile.executed_obs_unit_id.in_(chunk))
+            .order_by(m.RawDataFile.created_at, m.RawDataFile.id)
+        ):
+            owners.setdefault(eou_id, instrument)
+    return owners
+
+
+def _foreign_unit_entries(
+    session: Session,
+    unique: Mapping[str, tuple[int, FilingEntry]],
+    eous: Mapping[str, m.ExecutedObsUnit],
+    existing: Mapping[str, m.RawDataFile],
+) -> list[tuple[int, FilingEntry, str]]:
+    """New entries naming an executed obs unit of another instrument: a unit belongs to
+    the instrument that first filed into it (its finishing, packaging and scope follow
+    that instrument), so another instrument's files never join it.  For a unit this batch
+    creates, its first entry's instrument owns it."""
+    owners = _unit_owners(session, [eou.id for eou in eous.values()])
+    owner_by_name = {name: owners[eou.id] for name, eou in eous.items() if eou.id in owners}
+    found: list[tuple[int, FilingEntry, str]] = []
+    for index, entry in sorted(unique.values(), key=lambda t: t[0]):
+        if entry.relative_path in existing:
+            continue  # a re-filing: judged with the file already filed
+        instrument = parse_instrument_module(entry.instrument_module)[0]
+        owner = owner_by_name.setdefault(entry.executed_obs_unit, instrument)
+        if owner != instrument:
+            found.append(
+                (
+                    index,
+                    entry,
+                    f"executed obs unit {entry.executed_obs_unit!r} belongs to instrument "
+                    f"{owner!r}; instrument {instrument!r} cannot file into it (use an obs "
+                    "unit name of its own)",
+                )
+            )
+    return found
 
 
 def _key(entry: FilingEntry) -> tuple[Any, ...]:
