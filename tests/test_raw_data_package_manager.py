@@ -567,3 +567,38 @@ def test_obs_unit_names_that_differ_only_in_replaced_characters_get_two_packages
     pkgs = _packages(system)
     assert [p.status for p in pkgs] == [m.Status.COMPLETED] * 2
     assert len({p.file_name for p in pkgs}) == 2
+
+
+def test_a_filed_file_under_a_temporary_folder_is_flagged_not_packaged(system):
+    """Rows built directly (an older filing let the path through): the packaging cycle
+    never puts a member under a temporary name into a tar; it flags the file."""
+    import hashlib
+
+    from helpers_lifecycle import _module, location, make_executed_obs_unit
+
+    rel = ".scan.tmp-7/obs1.fits"
+    data = b"raw bytes" * 50
+    path = system.location_path(SRC) / rel
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    with system.session() as s:
+        src = location(s, SRC)
+        rdf = m.RawDataFile(
+            relative_path=rel,
+            size=len(data),
+            checksum=hashlib.sha256(data).hexdigest(),
+            instrument_module_id=_module(s).id,
+            executed_obs_unit_id=make_executed_obs_unit(s).id,
+            source_location_id=src.id,
+        )
+        s.add(rdf)
+        s.flush()
+        file_id = rdf.id
+    summary = _run(system)
+    assert summary["packages_created"] == 0
+    with system.session() as s:
+        row = s.get(m.RawDataFile, file_id)
+        assert row.raw_data_package_id is None
+        assert "temporary name '.scan.tmp-7'" in (row.checksum_error or "")
+        assert s.scalar(select(func.count()).select_from(m.RawDataPackage)) == 0
+    assert path.read_bytes() == data
