@@ -36,11 +36,12 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sqlalchemy import literal, or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, object_session
 
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.database import DatabaseConnection
+from ccat_data_transfer.core.fileio import TEMP_MARK
 from ccat_data_transfer.core.liveness import stalled_before
 from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.core.storage import (
@@ -124,23 +125,22 @@ def live_work(session: Session) -> tuple[set[str], set[str]]:
     return {t for t in targets if t}, folders
 
 
-def _known_path(session: Session, location_id: int, path: str) -> bool:
-    """Is ``path`` (or anything under it) a copy at the location (any status but
-    DELETED) or a raw file filed there?  One indexed look-up per table."""
+def _known_temporary_paths(session: Session, location_id: int) -> set[str]:
+    """The paths at the location, of copies (any status but DELETED) and of raw files
+    filed there, that hold ``.tmp-``: the only ones that can be, or lie under, a
+    temporary name (filing refuses such paths now; older rows may hold them).  One pass
+    per sweep of a location, and only when it has leftovers."""
     pc, rdf = m.PhysicalCopy, m.RawDataFile
-    under = path + "/"
-    copy = select(literal(1)).where(
+    copies = select(pc.relative_path).where(
         pc.data_location_id == location_id,
         pc.status != m.PhysicalCopyStatus.DELETED,
-        or_(pc.relative_path == path, pc.relative_path.startswith(under, autoescape=True)),
+        pc.relative_path.contains(TEMP_MARK, autoescape=True),
     )
-    filed = select(literal(1)).where(
+    filed = select(rdf.relative_path).where(
         rdf.source_location_id == location_id,
-        or_(rdf.relative_path == path, rdf.relative_path.startswith(under, autoescape=True)),
+        rdf.relative_path.contains(TEMP_MARK, autoescape=True),
     )
-    return bool(
-        session.scalar(copy.limit(1)) is not None or session.scalar(filed.limit(1)) is not None
-    )
+    return {p for p in session.scalars(copies.union(filed)) if p}
 
 
 def db_keeper(session: Session, location: m.DataLocation) -> Keeper:
@@ -149,14 +149,19 @@ def db_keeper(session: Session, location: m.DataLocation) -> Keeper:
     targets, folders = live_work(session)
     prefixes = tuple(temporary_prefix(t) for t in targets)
     location_id = location.id
+    known: set[str] | None = None
 
     def keep(path: str) -> str | None:
+        nonlocal known
         final = upload_key(path)  # an S3 upload's object; a disk name as it is
         if final in targets or final.startswith(prefixes):
             return "live work: a row in progress with a fresh heartbeat writes it"
         if "/" not in path and path.startswith(tuple(folders)):
             return "live work: the work folder of an unpack in progress"
-        if _known_path(session, location_id, path):
+        if known is None:
+            known = _known_temporary_paths(session, location_id)
+        under = path + "/"
+        if any(k == path or k.startswith(under) for k in known):
             return "a copy or a filed raw file at this location lies there"
         return None
 
