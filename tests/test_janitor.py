@@ -180,6 +180,7 @@ def test_the_sweep_never_removes_a_filed_file_under_a_temporary_folder(system, o
         (report,) = run_audit(s, "primecam_raw_data", mark=False)
     (kept,) = report.temporary
     assert kept["path"] == ".scan.tmp-7" and kept["removable"] is False and kept["kept"]
+    assert report.lost == [] and report.found == 1  # looked at directly, not lost
 
 
 def _live_transfer_partial(system, heartbeat_age_seconds: float) -> tuple[int, object]:
