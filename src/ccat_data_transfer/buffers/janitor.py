@@ -42,7 +42,7 @@ from sqlalchemy.orm import Session, object_session
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.fileio import TEMP_MARK
-from ccat_data_transfer.core.liveness import stalled_before
+from ccat_data_transfer.core.liveness import stalled_before, stopped
 from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.core.storage import (
     StorageError,
@@ -78,7 +78,11 @@ def live_work(session: Session) -> tuple[set[str], set[str]]:
     """What the rows in progress with a fresh heartbeat are writing: the final paths
     whose temporary names they hold, and the name prefixes of their unpack work folders.
     A handful of rows (work running now), read in a few small queries."""
-    fresh = stalled_before()
+    fresh = stalled_before()  # the stall rule's bound, computed once
+
+    def beats(column: Any) -> Any:
+        return ~stopped(column, before=fresh)  # NULL (never started) is not live
+
     targets: set[str] = set()
     folders: set[str] = set()
     dt, dtp, rdp = m.DataTransfer, m.DataTransferPackage, m.RawDataPackage
@@ -86,13 +90,13 @@ def live_work(session: Session) -> tuple[set[str], set[str]]:
         session.scalars(
             select(dtp.relative_path)
             .join(dt, dt.data_transfer_package_id == dtp.id)
-            .where(dt.status == m.Status.IN_PROGRESS, dt.updated_at >= fresh)
+            .where(dt.status == m.Status.IN_PROGRESS, beats(dt.updated_at))
         )
     )
     for transfer_id, path in session.execute(
         select(dt.id, rdp.relative_path)
         .outerjoin(rdp, rdp.data_transfer_package_id == dt.data_transfer_package_id)
-        .where(dt.unpack_status == m.Status.IN_PROGRESS, dt.updated_at >= fresh)
+        .where(dt.unpack_status == m.Status.IN_PROGRESS, beats(dt.updated_at))
     ):
         folders.add(work_dir_prefix(f"dt{transfer_id}"))
         if path is not None:
@@ -102,14 +106,14 @@ def live_work(session: Session) -> tuple[set[str], set[str]]:
         session.scalars(
             select(rdp.relative_path)
             .join(lta, lta.raw_data_package_id == rdp.id)
-            .where(lta.status == m.Status.IN_PROGRESS, lta.updated_at >= fresh)
+            .where(lta.status == m.Status.IN_PROGRESS, beats(lta.updated_at))
         )
     )
     for model in (rdp, dtp):
         targets.update(
             session.scalars(
                 select(model.relative_path).where(
-                    model.status == m.Status.IN_PROGRESS, model.heartbeat_at >= fresh
+                    model.status == m.Status.IN_PROGRESS, beats(model.heartbeat_at)
                 )
             )
         )
@@ -118,7 +122,7 @@ def live_work(session: Session) -> tuple[set[str], set[str]]:
         select(rdp.id, rdp.relative_path)
         .join(link, link.c.raw_data_package_id == rdp.id)
         .join(sj, sj.id == link.c.staging_job_id)
-        .where(sj.status == m.Status.IN_PROGRESS, sj.heartbeat_at >= fresh)
+        .where(sj.status == m.Status.IN_PROGRESS, beats(sj.heartbeat_at))
     ):
         folders.add(work_dir_prefix(f"rdp{package_id}"))
         targets.add(path)
