@@ -130,7 +130,7 @@ def normalize_path(path: str, *, allow_empty: bool = False) -> str:
 
 def is_temp_name(name: str) -> bool:
     """True when the last component of ``name`` is temporary (the names that atomic
-    writes use, ``.name.tmp-<hex>``): :func:`~ccat_data_transfer.core.fileio.is_temporary_name`
+    writes use, ``.name.tmp-<hex>``): :func:`~ccat_ops_db.names.is_temporary_name`
     on it.  A path *under* a temporary folder: ``temporary_component``."""
     return is_temporary_name(name.rsplit("/", 1)[-1])
 
