@@ -5,9 +5,10 @@ Room in the house: core, at the bottom.  Imports the standard library and
 :mod:`ccat_ops_db.names` (the temporary-name rule, shared with the topology loader); every
 module may import it.  What is here: checking a relative POSIX path (no absolute paths, no
 ``..``, no NUL), the temporary-name rule (:func:`~ccat_ops_db.names.is_temporary_name`,
-:func:`~ccat_ops_db.names.temporary_component`, re-exported), names cut to a byte limit without losing their uniqueness
-(:func:`fit_name`), read-buffer sizing, the sequential-read hint, fsync of a directory and
-the in-kernel copy of one file's bytes into another (:func:`copy_fd`).
+:func:`~ccat_ops_db.names.temporary_component`, re-exported), names cut to a byte limit
+without losing their uniqueness (:func:`fit_name`), read-buffer sizing, the
+sequential-read hint, fsync of a directory and the in-kernel copy of one file's bytes into
+another (:func:`copy_fd`).
 """
 
 from __future__ import annotations
