@@ -280,3 +280,73 @@ def test_malformed_bytes_get_a_4xx(api, raw):
     )
     assert 400 <= r.status_code < 500
     assert _counts(api.system) == before
+
+
+def _kill_backends(url: str) -> int:
+    """Terminate every other connection to the test database (as a PostgreSQL restart
+    does to its clients); returns how many."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    side = create_engine(url, poolclass=NullPool)
+    try:
+        with side.connect() as conn:
+            killed = conn.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = :db AND pid <> pg_backend_pid()"
+                ),
+                {"db": make_url(url).database},
+            ).scalar()
+            conn.commit()
+    finally:
+        side.dispose()
+    return int(killed or 0)
+
+
+def test_a_lost_database_connection_during_a_filing_is_503_with_retry_after_and_nothing_filed(
+    api, monkeypatch
+):
+    if not api.system.url.startswith("postgresql"):
+        pytest.skip("a connection to lose needs a database server (PostgreSQL)")
+    from ccat_data_transfer.api import filing as filing_routes
+
+    real = filing_routes.file_raw_data_files
+    kills: list[int] = []
+
+    def file_then_lose_the_connection(*args, **kwargs):
+        result = real(*args, **kwargs)  # every row written (flushed), not committed
+        kills.append(_kill_backends(api.system.url))
+        return result
+
+    monkeypatch.setattr(filing_routes, "file_raw_data_files", file_then_lose_the_connection)
+    body = {
+        "location": SRC,
+        "files": [_entry(api.system, f"pg/{i}.fits", bytes([i]) * 9) for i in range(3)],
+    }
+    r = api.post("/api/v1/files", json=body, headers=_auth(api, "instrument"))
+    assert kills and kills[0] >= 1
+    assert r.status_code == 503, r.text
+    assert int(r.headers["retry-after"]) > 0
+    assert "database" in r.json()["detail"] and "retry" in r.json()["detail"]
+    assert _counts(api.system) == (0, 0, 0, 0)  # none of the batch
+    monkeypatch.setattr(filing_routes, "file_raw_data_files", real)
+    again = api.post("/api/v1/files", json=body, headers=_auth(api, "instrument"))
+    assert again.status_code == 201, again.text
+    assert again.json()["created"] == 3 and _counts(api.system)[0] == 3
+
+
+def test_an_unreachable_database_is_503_with_retry_after(api, tmp_path):
+    # SQLite: a file that cannot be opened; PostgreSQL: a port nobody listens on.
+    url = (
+        f"sqlite:///{tmp_path}/no/such/dir/ops.sqlite"
+        if api.system.url.startswith("sqlite")
+        else "postgresql+psycopg://postgres@127.0.0.1:9/ccat"
+    )
+    client = TestClient(create_app(database_url=url), raise_server_exceptions=False)
+    body = {"location": SRC, "files": [_entry(api.system, "u.fits")]}
+    r = client.post("/api/v1/files", json=body, headers=_auth(api, "instrument"))
+    assert r.status_code == 503, r.text
+    assert int(r.headers["retry-after"]) > 0 and "database" in r.json()["detail"]
+    client.close()

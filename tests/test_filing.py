@@ -7,7 +7,7 @@ import hashlib
 import pytest
 from sqlalchemy import func, select
 
-from ccat_data_transfer.core.errors import NotFoundError
+from ccat_data_transfer.core.errors import NotFoundError, ValidationError
 from ccat_data_transfer.filing.register import (
     FilingConflictError,
     FilingError,
@@ -141,3 +141,44 @@ def test_new_files_for_a_finished_obs_unit_are_refused(system):
 def test_finishing_an_unknown_obs_unit_is_not_found(system):
     with pytest.raises(NotFoundError), system.session() as s:
         finish_executed_obs_unit(s, "nope")
+
+
+@pytest.mark.parametrize(
+    "path, component",
+    [
+        (".scan.tmp-7/obs1.fits", ".scan.tmp-7"),
+        ("night/.unpack.tmp-x/a/obs1.fits", ".unpack.tmp-x"),
+        ("night/.obs1.fits.tmp-resume", ".obs1.fits.tmp-resume"),
+    ],
+)
+def test_a_path_with_a_temporary_component_anywhere_is_refused_naming_it(system, path, component):
+    entry = _write(system, path)
+    with pytest.raises(FilingError) as err, system.session() as s:
+        file_raw_data_files(s, SRC, [entry])
+    reason = err.value.problems[0]["reason"]
+    assert repr(component) in reason and "temporary" in reason
+    assert _counts(system) == (0, 0, 0, 0)
+    assert (system.location_path(SRC) / path).exists()
+
+
+def test_filing_into_another_instruments_obs_unit_is_refused_and_the_owner_still_finishes(
+    system,
+):
+    mine = _write(system, "p/1.fits")
+    with system.session() as s:
+        file_raw_data_files(s, SRC, [mine], instrument="primecam")
+    before = _counts(system)
+    theirs = _write(system, "c/1.fits", b"chai bytes", location="chai_raw_data")
+    theirs["instrument_module"] = "chai/LFA"
+    with pytest.raises(FilingConflictError) as err, system.session() as s:
+        file_raw_data_files(s, "chai_raw_data", [theirs], instrument="chai")
+    assert isinstance(err.value, ValidationError)
+    reason = err.value.problems[0]["reason"]
+    assert "'eou-f' belongs to instrument 'primecam'" in reason and "'chai'" in reason
+    assert _counts(system) == before
+    with system.session() as s:  # the owner's token can still finish its own unit
+        eou = finish_executed_obs_unit(s, "eou-f", instrument="primecam")
+        assert eou.finished_at is not None
+    with system.session() as s:  # and the other instrument files under a name of its own
+        theirs["executed_obs_unit"] = "eou-chai"
+        assert file_raw_data_files(s, "chai_raw_data", [theirs], instrument="chai").created == 1

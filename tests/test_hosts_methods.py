@@ -278,3 +278,21 @@ def test_resume_names_are_temporary_names():
     assert partial == "a/b/.pkg.tar.tmp-resume"
     assert is_temp_name(partial) and is_temp_name(partial + "-tail")
     assert not is_temp_name("a/b/pkg.tar")
+
+
+def test_two_long_names_sharing_a_head_never_share_a_resume_name():
+    """Resume names keep a hash of the whole name when they cut it: two parts of one
+    long-named obs unit (same first 200 characters) get two partials, each a valid name."""
+    from ccat_data_transfer.core.storage.interface import is_temp_name
+    from ccat_data_transfer.core.transfer_methods import _resume_name
+
+    head = "u" * 230
+    first, second = f"pkg/{head}__part001.tar", f"pkg/{head}__part002.tar"
+    a, b = _resume_name(first), _resume_name(second)
+    assert a != b
+    from ccat_data_transfer.core.storage.interface import temporary_prefix
+
+    for final, partial in ((first, a), (second, b)):
+        name = partial.rsplit("/", 1)[1]
+        assert len(name.encode()) <= 255 and is_temp_name(partial)
+        assert partial.startswith(temporary_prefix(final))  # the janitor knows whose it is

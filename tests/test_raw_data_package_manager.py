@@ -503,3 +503,102 @@ def test_a_killed_write_into_the_buffer_leaves_only_a_temporary_name_the_janitor
     assert leftover.path.startswith("raw_data_packages/.p.tar.tmp-") and leftover.size > 0
     result = janitor.sweep_storage("buffer", buf, now=time.time() + 10 * 86400)
     assert result["removed"] == 1 and list(buf.list_temporary()) == []
+
+
+def _file_plain(system, eou: str, count: int, size: int = 300) -> list[str]:
+    """Write and file ``count`` files of obs unit ``eou`` under short paths (a 256-char
+    obs unit name cannot be a folder name); returns their paths."""
+    import hashlib
+    import os
+    import uuid
+
+    root = system.location_path(SRC)
+    entries = []
+    for i in range(count):
+        rel = f"long/{uuid.uuid4().hex[:8]}_{i}.dat"
+        data = os.urandom(size)
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+        entries.append(
+            {
+                "relative_path": rel,
+                "size": size,
+                "checksum": hashlib.sha256(data).hexdigest(),
+                "executed_obs_unit": eou,
+                "instrument_module": "primecam/280GHz",
+            }
+        )
+    with system.session() as s:
+        filing.file_raw_data_files(s, SRC, entries)
+        filing.finish_executed_obs_unit(s, eou)
+    return [e["relative_path"] for e in entries]
+
+
+def test_obs_units_with_256_char_names_sharing_a_head_are_packaged_under_distinct_names(
+    system, override_settings
+):
+    override_settings(RAW_DATA_PACKAGE_MAX_SIZE_BYTES=700)  # two parts per unit
+    first, second = "a" * 256, "a" * 255 + "b"
+    paths = {eou: _file_plain(system, eou, 4) for eou in (first, second)}
+    summary = _run(system)
+    assert summary["packages_created"] == 4, summary
+    pkgs = _packages(system)
+    assert [p.status for p in pkgs] == [m.Status.COMPLETED] * 4
+    names = [p.file_name for p in pkgs]
+    assert len(set(names)) == 4
+    assert all(len(n.encode()) <= 255 and n.endswith(".tar") for n in names)
+    with system.session() as s:
+        for eou, expected in paths.items():
+            rows = s.scalars(
+                select(m.RawDataPackage)
+                .join(m.ExecutedObsUnit)
+                .where(m.ExecutedObsUnit.name == eou)
+                .order_by(m.RawDataPackage.part_number)
+            ).all()
+            assert [r.part_number for r in rows] == [1, 2]
+            members = sorted(sum((_tar_names(system, r) for r in rows), []))
+            assert members == sorted(expected)
+
+
+def test_obs_unit_names_that_differ_only_in_replaced_characters_get_two_packages(system):
+    _file_plain(system, "scan:1", 1)
+    _file_plain(system, "scan_1", 1)
+    assert _run(system)["packages_created"] == 2
+    pkgs = _packages(system)
+    assert [p.status for p in pkgs] == [m.Status.COMPLETED] * 2
+    assert len({p.file_name for p in pkgs}) == 2
+
+
+def test_a_filed_file_under_a_temporary_folder_is_flagged_not_packaged(system):
+    """Rows built directly (an older filing let the path through): the packaging cycle
+    never puts a member under a temporary name into a tar; it flags the file."""
+    import hashlib
+
+    from helpers_lifecycle import _module, location, make_executed_obs_unit
+
+    rel = ".scan.tmp-7/obs1.fits"
+    data = b"raw bytes" * 50
+    path = system.location_path(SRC) / rel
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    with system.session() as s:
+        src = location(s, SRC)
+        rdf = m.RawDataFile(
+            relative_path=rel,
+            size=len(data),
+            checksum=hashlib.sha256(data).hexdigest(),
+            instrument_module_id=_module(s).id,
+            executed_obs_unit_id=make_executed_obs_unit(s).id,
+            source_location_id=src.id,
+        )
+        s.add(rdf)
+        s.flush()
+        file_id = rdf.id
+    summary = _run(system)
+    assert summary["packages_created"] == 0
+    with system.session() as s:
+        row = s.get(m.RawDataFile, file_id)
+        assert row.raw_data_package_id is None
+        assert "temporary name '.scan.tmp-7'" in (row.checksum_error or "")
+        assert s.scalar(select(func.count()).select_from(m.RawDataPackage)) == 0
+    assert path.read_bytes() == data

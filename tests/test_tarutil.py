@@ -516,3 +516,22 @@ def test_extracted_modes_are_normalised_no_setuid_no_world_write(tmp_path):
         assert not mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX), (name, oct(mode))
         assert not mode & (stat.S_IWGRP | stat.S_IWOTH), (name, oct(mode))
         assert mode & stat.S_IRUSR and mode & stat.S_IWUSR, (name, oct(mode))
+
+
+@pytest.mark.parametrize("name", [".scan.tmp-7/obs1.fits", "a/.unpack.tmp-x/b", "a/.f.tmp-1"])
+def test_a_member_under_a_temporary_name_is_refused_when_writing(tmp_path: Path, name: str):
+    p = tmp_path / "f"
+    p.write_bytes(b"x")
+    component = next(c for c in name.split("/") if ".tmp-" in c)
+    with pytest.raises(ValueError, match=f"temporary name '{component}'"):
+        write_tar_with_checksums([TarMember(name, p, 1)], io.BytesIO())
+
+
+def test_a_member_under_a_temporary_name_is_refused_when_extracting(tmp_path: Path) -> None:
+    # Written by another tool (tarfile): the storage would hide the member and the
+    # janitor sweep it away, so it never reaches the destination.
+    tar = _hostile_tar(tmp_path / "t.tar", [_file("ok.txt"), _file(".scan.tmp-7/obs1.fits")])
+    dest = tmp_path / "dest"
+    with pytest.raises(UnsafeTarError, match=r"'\.scan\.tmp-7/obs1\.fits'.*temporary name"):
+        safe_extract(tar, dest)
+    assert not dest.exists() or list(dest.iterdir()) == []

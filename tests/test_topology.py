@@ -172,6 +172,17 @@ BAD_INPUTS = {
         ),
         "needs a 'bucket'",
     ),
+    "location path under a temporary name": (
+        lambda t: t.replace('path = "ccat/chai_raw_data"', 'path = "ccat/.chai.tmp-1/raw"'),
+        "holds '.chai.tmp-1', a temporary name",
+    ),
+    "s3 prefix under a temporary name": (
+        lambda t: (
+            t + '\n[[locations]]\nname = "s3x"\nsite = "us"\ntype = "long_term_archive"\n'
+            'storage = "s3"\nbucket = "b"\nprefix = "lta/.x.tmp-resume"\n'
+        ),
+        "prefix 'lta/.x.tmp-resume' holds '.x.tmp-resume', a temporary name",
+    ),
     "copy route to a site on its own host": (
         lambda t: _host_us(t, 'host = "127.0.0.3"\n'),
         "site 'us' is its own host (127.0.0.3); 'copy' cannot reach it",

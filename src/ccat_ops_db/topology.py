@@ -32,6 +32,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from ccat_ops_db import models as m
+from ccat_ops_db.names import temporary_component
 from ccat_ops_db.topology_sites import NAME_RE, check_route_reach, check_sites, reach_values
 
 _UNITS = {
@@ -198,6 +199,17 @@ def _check_unique(entries: list[dict[str, Any]], key: str, kind: str, problems: 
         if value in seen:
             problems.append(f"duplicate {kind} {key} {value!r}")
         seen.add(value)
+
+
+def _refuse_temporary(path: str, what: str, problems: list[str]) -> None:
+    """A location root under a name the storage treats as temporary would be hidden from
+    listings and swept away by the janitor of an enclosing location: refused."""
+    component = temporary_component(path)
+    if component is not None:
+        problems.append(
+            f"{what} {path!r} holds {component!r}, a temporary name (a hidden name holding "
+            "'.tmp-') that the storage hides and cleans up"
+        )
 
 
 def _table_list(raw: dict[str, Any], key: str, problems: list[str]) -> list[dict[str, Any]]:
@@ -394,9 +406,11 @@ def _check_location_storage(
             if not path.is_absolute():
                 path = data_dir / path
             entry["path"] = str(path)
+            _refuse_temporary(path.as_posix(), f"{what}: path", problems)
     elif stype == m.StorageType.S3:
         if not loc.get("bucket"):
             problems.append(f"{what}: an s3 location needs a 'bucket'")
+        _refuse_temporary(str(loc.get("prefix") or ""), f"{what}: prefix", problems)
         for secret in ("access_key", "secret_key", "aws_secret_access_key"):
             if secret in loc:
                 problems.append(f"{what}: credentials never go in the topology file")

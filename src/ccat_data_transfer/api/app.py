@@ -3,7 +3,10 @@
 ``create_app()`` is what ``uvicorn`` serves (``uvicorn --factory
 ccat_data_transfer.api.app:create_app``).  Bad input never produces a 5xx: validation
 errors are 422, refusals 400/409, unknown things 404, each with a ``detail`` reason;
-request bodies over API_MAX_BODY_BYTES are refused (413) before they are parsed.
+request bodies over API_MAX_BODY_BYTES are refused (413) before they are parsed.  A
+database that cannot be reached, or a connection lost during the request (PostgreSQL
+restarting), is 503 with ``Retry-After`` and a reason: the request's transaction was
+rolled back (nothing of it happened), and every write endpoint is safe to repeat.
 
 Room in the house: API layer (the HTTP face of filing, packages, staging, dashboard).
 """
@@ -17,7 +20,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DisconnectionError, IntegrityError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -26,12 +29,27 @@ from ccat_data_transfer.api.limits import BodyLimitMiddleware
 from ccat_data_transfer.api.login import LoginRequired, login_redirect
 from ccat_data_transfer.api.openapi import describe_api
 from ccat_data_transfer.core.database import DatabaseConnection
-from ccat_data_transfer.core.errors import NotFoundError, ValidationError
+from ccat_data_transfer.core.errors import (
+    DatabaseUnavailableError,
+    NotFoundError,
+    ValidationError,
+)
+from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.filing.register import FilingError
 
 #: Router modules of ``ccat_data_transfer.api``, one per area; each has a module-level
 #: ``router``.  An area not written yet is skipped (like the CLI's command modules).
 ROUTER_MODULES = ["filing", "packages", "staging", "dashboard", "login", "metrics_routes"]
+
+#: Seconds a client is asked to wait before repeating a request that met a lost or
+#: unreachable database (a PostgreSQL restart takes a few seconds).
+DB_RETRY_AFTER_SECONDS = 5
+
+#: What a lost or unreachable database raises: the connection refused, dropped or
+#: invalidated (psycopg and sqlite3 report these as OperationalError/InterfaceError).
+_DATABASE_LOST = (OperationalError, InterfaceError, DisconnectionError, DatabaseUnavailableError)
+
+log = get_logger(__name__)
 
 
 def _routers() -> list[Any]:
@@ -127,6 +145,29 @@ def create_app(database_url: str | None = None) -> FastAPI:
     async def _conflict(_request: Request, exc: IntegrityError) -> JSONResponse:
         reason = str(exc.orig).splitlines()[0] if exc.orig else "conflict"
         return _error(409, f"conflict: {reason}")
+
+    async def _database_lost(request: Request, exc: Exception) -> JSONResponse:
+        # The session was rolled back (or its connection died with the transaction):
+        # nothing of the request happened, so the client may simply repeat it.
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        log.warning(
+            "api_database_unavailable",
+            method=request.method,
+            path=request.url.path,
+            error=f"{type(exc).__name__}: {reason[0] if reason else ''}",
+        )
+        return JSONResponse(
+            {
+                "detail": "the database is unavailable (restarting or unreachable); nothing "
+                "of this request was done: retry after "
+                f"{DB_RETRY_AFTER_SECONDS} seconds"
+            },
+            503,
+            headers={"Retry-After": str(DB_RETRY_AFTER_SECONDS)},
+        )
+
+    for lost in _DATABASE_LOST:
+        app.add_exception_handler(lost, _database_lost)
 
     @app.get("/api/v1/health", tags=["meta"])
     def health() -> dict[str, str]:

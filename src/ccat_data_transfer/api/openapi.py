@@ -24,6 +24,8 @@ _MEANING = {
     "409": "Conflicts with what is already recorded.",
     "413": "The request body is larger than API_MAX_BODY_BYTES.",
     "422": "The request does not match this schema (each problem in detail).",
+    "503": "The database is unavailable (restarting or unreachable): nothing of the request "
+    "was done; repeat it after Retry-After seconds.",
 }
 _ERROR_REF = {"$ref": "#/components/schemas/Error"}
 _VIEWER_SECURITY = [{"HTTPBearer": []}, {"DashboardCookie": []}]
@@ -80,6 +82,7 @@ def _complete_responses(operation: dict[str, Any], limit: int) -> None:
         operation["requestBody"].setdefault("description", f"at most {limit} bytes")
     if operation.get("parameters"):
         responses.setdefault("422", {})
+    responses.setdefault("503", {})  # any operation may meet a lost database
     for code, meaning in _MEANING.items():
         response = responses.get(code)
         if response is None:

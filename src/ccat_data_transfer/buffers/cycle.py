@@ -92,7 +92,7 @@ class BufferManager:
         self.alerts_sent: list[dict[str, Any]] = []
         self._last_sweep: float | None = None
 
-    def _sweep_if_due(self, locations: list[m.DataLocation]) -> dict[str, Any]:
+    def _sweep_if_due(self, locations: list[m.DataLocation], session: Session) -> dict[str, Any]:
         """The janitor on ``locations`` if it has not run for JANITOR_MIN_AGE_SECONDS / 6."""
         now = time.monotonic()
         if self._last_sweep is not None and now - self._last_sweep < (
@@ -100,7 +100,7 @@ class BufferManager:
         ):
             return {}
         self._last_sweep = now
-        swept = janitor.sweep(locations)
+        swept = janitor.sweep(locations, session=session)
         return {name: r for name, r in swept.items() if r["removed"]}
 
     def _check_thresholds(
@@ -168,7 +168,7 @@ class BufferManager:
                 ids,
             )
         ).all()
-        swept = self._sweep_if_due(list(locations))
+        swept = self._sweep_if_due(list(locations), session)
         if swept:
             result["janitor"] = swept
         # The previous states in one read, the new ones published in one write (not

@@ -30,8 +30,8 @@ from ccat_data_transfer.cli.common import (
 )
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.errors import NotFoundError, ValidationError
-from ccat_data_transfer.core.fileio import COPY_BUFSIZE
-from ccat_data_transfer.core.storage import is_temp_name, storage_for_location
+from ccat_data_transfer.core.fileio import COPY_BUFSIZE, temporary_component
+from ccat_data_transfer.core.storage import storage_for_location
 from ccat_ops_db import models as m
 
 package_app = typer.Typer(help="Inspect packages.", no_args_is_help=True)
@@ -99,7 +99,8 @@ def _collect(paths: list[Path], root: Path) -> list[tuple[Path, str]]:
         files = [real] if real.is_file() else sorted(p for p in real.rglob("*") if p.is_file())
         for f in files:
             rel = f.relative_to(real_root).as_posix()
-            if is_temp_name(rel) or rel.startswith("raw_data_packages/"):
+            # Skipped as the storage's listing skips them (filing would refuse them).
+            if temporary_component(rel) or rel.startswith("raw_data_packages/"):
                 continue
             found[rel] = f
     if not found:

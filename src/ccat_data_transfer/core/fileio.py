@@ -1,34 +1,52 @@
 """Low-level helpers for local files and relative paths, shared by the storage backends
 (:mod:`ccat_data_transfer.core.storage`) and the tar code (:mod:`ccat_data_transfer.core.tarutil`).
 
-Room in the house: core, at the bottom.  Imports only the standard library; every module
-may import it.  What is here: checking a relative POSIX path (no absolute paths, no
-``..``, no NUL), read-buffer sizing, the sequential-read hint, fsync of a directory and
-the in-kernel copy of one file's bytes into another (:func:`copy_fd`).
+Room in the house: core, at the bottom.  Imports the standard library and
+:mod:`ccat_ops_db.names` (the temporary-name rule, shared with the topology loader); every
+module may import it.  What is here: checking a relative POSIX path (no absolute paths, no
+``..``, no NUL), the temporary-name rule (:func:`~ccat_ops_db.names.is_temporary_name`,
+:func:`~ccat_ops_db.names.temporary_component`, re-exported), names cut to a byte limit
+without losing their uniqueness (:func:`fit_name`), read-buffer sizing, the
+sequential-read hint, fsync of a directory and the in-kernel copy of one file's bytes into
+another (:func:`copy_fd`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ccat_ops_db.names import TEMP_MARK, is_temporary_name, temporary_component
+
 __all__ = [
     "COPY_BUFSIZE",
     "COPY_METHODS",
     "MIN_BUFSIZE",
+    "NAME_MAX",
     "PathErrors",
+    "TEMP_MARK",
     "buffer_size",
     "clean_relative_path",
     "copy_fd",
     "fadvise_sequential",
     "file_size",
+    "fit_name",
     "fsync_dir",
+    "is_temporary_name",
+    "temporary_component",
 ]
+
+#: The longest file name (one path component) the filesystems take, in bytes.
+NAME_MAX = 255
+
+#: Hex digits of the SHA-256 of the full name that :func:`fit_name` appends.
+_NAME_HASH_DIGITS = 16
 
 #: Smallest read buffer, and the step buffers grow in: small files are not read through
 #: a freshly zeroed buffer of several MiB.
@@ -63,6 +81,24 @@ class PathErrors:
     nul: str
     absolute: str
     dotdot: str
+
+
+def fit_name(name: str, limit: int, key: str | None = None, always: bool = False) -> str:
+    """``name`` if it fits ``limit`` bytes (UTF-8), else its longest head that leaves room
+    for ``-`` and 16 hex digits of the SHA-256 of ``key`` (default: the full ``name``),
+    followed by them.  Two names that differ anywhere (or two keys) give two results, so
+    a cut never makes two things share a name.  ``always`` adds the suffix even when the
+    name fits (for a name that was altered on the way, e.g. characters replaced)."""
+    encoded = name.encode("utf-8")
+    if len(encoded) <= limit and not always:
+        return name
+    suffix = "-" + hashlib.sha256((name if key is None else key).encode("utf-8")).hexdigest()
+    suffix = suffix[: 1 + _NAME_HASH_DIGITS]
+    room = limit - len(suffix)
+    if room < 0:
+        raise ValueError(f"a name limit of {limit} bytes leaves no room for its hash suffix")
+    head = encoded[:room].decode("utf-8", "ignore")  # never half a character
+    return head + suffix
 
 
 def clean_relative_path(path: str, errors: PathErrors) -> str:

@@ -47,6 +47,7 @@ from ccat_data_transfer.core.storage import (
     S3Storage,
     Storage,
     copy_stream,
+    temporary_name,
 )
 from ccat_ops_db import models as m
 
@@ -154,7 +155,7 @@ def _local_root_path(storage: Storage, path: str, method: str) -> str:
 
 def _tmp_sibling(path: str) -> str:
     head, tail = os.path.split(path)
-    return os.path.join(head, f".{tail}.tmp-{uuid.uuid4().hex}")
+    return os.path.join(head, temporary_name(tail, uuid.uuid4().hex))
 
 
 def _run(cmd: list[str], log_file: TextIO, what: str, reach: SiteReach | None = None) -> None:
@@ -166,9 +167,11 @@ def _run(cmd: list[str], log_file: TextIO, what: str, reach: SiteReach | None = 
 def _resume_name(path: str) -> str:
     """The fixed temporary name a resumable method writes to: a retry finds the bytes
     already there.  A temporary name (``.name.tmp-*``): hidden from listings, and the
-    janitor removes it once untouched for JANITOR_MIN_AGE_SECONDS."""
+    janitor removes it once untouched for JANITOR_MIN_AGE_SECONDS (and no live transfer
+    of ``path`` holds it).  A long name is cut with a hash of all of it, so two long
+    names sharing a head never share a partial."""
     head, tail = os.path.split(path)
-    return os.path.join(head, f".{tail[:200]}.tmp-resume")
+    return os.path.join(head, temporary_name(tail, "resume"))
 
 
 def _run_into_place(command: list[str], dst: str, log_file: TextIO, what: str) -> None:

@@ -38,12 +38,12 @@ from sqlalchemy.orm import Session, contains_eager
 
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.errors import NotFoundError, ValidationError
+from ccat_data_transfer.core.fileio import temporary_component
 from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.core.shared_rows import present_copy
 from ccat_data_transfer.core.storage import (
     Storage,
     StorageError,
-    is_temp_name,
     normalize_path,
     storage_for_location,
 )
@@ -176,8 +176,7 @@ class FilingEntry(BaseModel):
             raise ValueError(str(exc)) from None
         if norm.startswith(RESERVED_PREFIX) or norm + "/" == RESERVED_PREFIX:
             raise ValueError(f"paths under {RESERVED_PREFIX} are reserved for packages")
-        if is_temp_name(norm):
-            raise ValueError("path names a temporary file of an unfinished write")
+        _refuse_temporary_component(norm)
         return norm
 
     @field_validator("metadata")
@@ -210,6 +209,17 @@ class FilingResult(BaseModel):
     created: int = 0
     unchanged: int = 0
     files: list[FiledFile] = Field(default_factory=list)
+
+
+def _refuse_temporary_component(path: str) -> None:
+    """A path with a component the storage treats as temporary (``.name.tmp-*``) is
+    refused: the storage hides everything under such a name and the janitor removes it."""
+    component = temporary_component(path)
+    if component is not None:
+        raise ValueError(
+            f"path component {component!r} is a temporary name (a hidden name holding "
+            "'.tmp-'): the storage hides it and cleans it up, so nothing under it is filed"
+        )
 
 
 def _check_text(value: str) -> None:
@@ -291,6 +301,8 @@ def file_raw_data_files(
     modules = _check_modules(session, unique, location, location_name, refusals)
     eous = _existing_executed_obs_units(session, unique)
     existing = _existing_files(session, unique, location)
+    for index, entry, reason in _foreign_unit_entries(session, unique, eous, existing):
+        refusals.refuse(index, entry, reason, conflict=True)
 
     try:
         storage = storage_for_location(location)
@@ -592,6 +604,52 @@ def _fill_result(
                 FiledFile(id=old.id, relative_path=old.relative_path, status="unchanged")
             )
             result.unchanged += 1
+
+
+def _unit_owners(session: Session, eou_ids: Sequence[int]) -> dict[int, str]:
+    """The instrument owning each executed obs unit: that of its first filed file."""
+    owners: dict[int, str] = {}
+    for chunk in _chunks(list(eou_ids)):
+        for eou_id, instrument in session.execute(
+            select(m.RawDataFile.executed_obs_unit_id, m.Instrument.name)
+            .join(m.InstrumentModule, m.InstrumentModule.id == m.RawDataFile.instrument_module_id)
+            .join(m.Instrument, m.Instrument.id == m.InstrumentModule.instrument_id)
+            .where(m.RawDataFile.executed_obs_unit_id.in_(chunk))
+            .order_by(m.RawDataFile.created_at, m.RawDataFile.id)
+        ):
+            owners.setdefault(eou_id, instrument)
+    return owners
+
+
+def _foreign_unit_entries(
+    session: Session,
+    unique: Mapping[str, tuple[int, FilingEntry]],
+    eous: Mapping[str, m.ExecutedObsUnit],
+    existing: Mapping[str, m.RawDataFile],
+) -> list[tuple[int, FilingEntry, str]]:
+    """New entries naming an executed obs unit of another instrument: a unit belongs to
+    the instrument that first filed into it (its finishing, packaging and scope follow
+    that instrument), so another instrument's files never join it.  For a unit this batch
+    creates, its first entry's instrument owns it."""
+    owners = _unit_owners(session, [eou.id for eou in eous.values()])
+    owner_by_name = {name: owners[eou.id] for name, eou in eous.items() if eou.id in owners}
+    found: list[tuple[int, FilingEntry, str]] = []
+    for index, entry in sorted(unique.values(), key=lambda t: t[0]):
+        if entry.relative_path in existing:
+            continue  # a re-filing: judged with the file already filed
+        instrument = parse_instrument_module(entry.instrument_module)[0]
+        owner = owner_by_name.setdefault(entry.executed_obs_unit, instrument)
+        if owner != instrument:
+            found.append(
+                (
+                    index,
+                    entry,
+                    f"executed obs unit {entry.executed_obs_unit!r} belongs to instrument "
+                    f"{owner!r}; instrument {instrument!r} cannot file into it (use an obs "
+                    "unit name of its own)",
+                )
+            )
+    return found
 
 
 def _key(entry: FilingEntry) -> tuple[Any, ...]:

@@ -38,13 +38,9 @@ from ccat_data_transfer.archive.proof import record_event
 from ccat_data_transfer.core.alerts import send_alert
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.errors import NotFoundError, ValidationError
+from ccat_data_transfer.core.fileio import temporary_component
 from ccat_data_transfer.core.logs import get_logger
-from ccat_data_transfer.core.storage import (
-    Storage,
-    StorageError,
-    is_temp_name,
-    storage_for_location,
-)
+from ccat_data_transfer.core.storage import Storage, StorageError, storage_for_location
 from ccat_ops_db import models as m
 
 log = get_logger(__name__)
@@ -180,13 +176,16 @@ def _expected_copies(session: Session, location: m.DataLocation) -> tuple[list[E
     return expected, maybe
 
 
-def _temporary_leftovers(location_name: str, storage: Any) -> list[dict[str, Any]]:
-    """The storage's temporary names (not dark data: no write finished there), logged."""
-    from ccat_data_transfer.buffers.janitor import leftovers
+def _temporary_leftovers(
+    session: Session, location: m.DataLocation, storage: Any
+) -> list[dict[str, Any]]:
+    """The storage's temporary names (not dark data: no write finished there), logged;
+    those the database keeps (a copy under them, live work) say why (``kept``)."""
+    from ccat_data_transfer.buffers.janitor import db_keeper, leftovers
 
-    found = leftovers(storage)
+    found = leftovers(storage, keep=db_keeper(session, location))
     for item in found:
-        log.warning("audit_temporary_leftover", location=location_name, **item)
+        log.warning("audit_temporary_leftover", location=location.name, **item)
     return found
 
 
@@ -261,11 +260,9 @@ def _read_storage(
     try:
         storage = storage_for_location(location)
         listing = {
-            info.path: info.size
-            for info in storage.list("")
-            if not is_temp_name(info.path.rsplit("/", 1)[-1])
+            info.path: info.size for info in storage.list("") if not temporary_component(info.path)
         }
-        report.temporary = _temporary_leftovers(location.name, storage)
+        report.temporary = _temporary_leftovers(session, location, storage)
     except StorageError as exc:
         report.error = f"storage unreachable: {exc}"
         log.error("audit_storage_unreachable", location=location.name, error=str(exc))
@@ -288,6 +285,11 @@ def _compare_copies(
     found_again: list[int] = []
     for exp in expected:
         size = listing.get(exp.path)
+        if size is None and temporary_component(exp.path):
+            # Listings hide what lies under a temporary name; a row from before filing
+            # refused such paths is looked at directly, not reported lost.
+            info = storage.stat(exp.path)
+            size = info.size if info is not None else None
         if size is None:
             report.lost.append(
                 {"physical_copy_id": exp.copy_id, "copy_type": exp.copy_type, "path": exp.path}

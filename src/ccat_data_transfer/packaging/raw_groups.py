@@ -40,6 +40,7 @@ from sqlalchemy.orm import Session
 
 from ccat_data_transfer.core import buffer_status, scope
 from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.core.fileio import fit_name
 from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.core.shared_rows import active_site_buffers
 from ccat_ops_db import models as m
@@ -89,12 +90,34 @@ def group_is_complete(finished: bool, newest_filed_age_seconds: float, quiet: fl
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+=@-]")
 
+#: Longest package file name, in bytes: under the 255-byte file name limit with room for
+#: what is derived from it (``<name>.json`` sidecars, ``.<name>.tmp-*`` temporary names).
+PACKAGE_NAME_MAX = 200
+
 
 def package_file_name(eou_name: str, instrument: str, module: str, part: int) -> str:
+    """``<obs unit>__<instrument>_<module>__part<NNN>.tar``, characters outside
+    ``[A-Za-z0-9._+=@-]`` replaced by ``_``.  Unique for the full names and at most
+    PACKAGE_NAME_MAX bytes: when a character was replaced (``a:b`` and ``a_b`` would
+    meet) or the name is too long, the obs unit part is cut and followed by a hash of
+    all three full names (:func:`~ccat_data_transfer.core.fileio.fit_name`)."""
+
     def safe(text: str) -> str:
         return _UNSAFE.sub("_", text)
 
-    return f"{safe(eou_name)}__{safe(instrument)}_{safe(module)}__part{part:03d}.tar"
+    unit = safe(eou_name)
+    tail = f"__{safe(instrument)}_{safe(module)}__part{part:03d}.tar"
+    altered = unit != eou_name or safe(instrument) != instrument or safe(module) != module
+    if not altered and len((unit + tail).encode()) <= PACKAGE_NAME_MAX:
+        return unit + tail
+    key = "\0".join((eou_name, instrument, module))
+    room = PACKAGE_NAME_MAX - len(tail.encode())
+    if room < 24:  # instrument and module names too long themselves: hash the whole
+        return (
+            fit_name(unit + tail[:-4], PACKAGE_NAME_MAX - 4, key=f"{key}\0{part}", always=True)
+            + ".tar"
+        )
+    return fit_name(unit, room, key=key, always=True) + tail
 
 
 def package_relative_path(instrument: str, module: str, file_name: str) -> str:

@@ -45,6 +45,7 @@ from sqlalchemy.orm import Session
 from ccat_data_transfer.core import scope
 from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.errors import NotFoundError
+from ccat_data_transfer.core.fileio import temporary_component
 from ccat_data_transfer.core.liveness import beating, resend, stopped, waited_in_queue
 from ccat_data_transfer.core.operation_types import OperationType
 from ccat_data_transfer.core.queues import route_task_by_location
@@ -353,7 +354,11 @@ def load_work(
             if local is None:
                 raise StorageError(kind.not_local.format(location=location.name))
             info = storage.stat(row.relative_path)
-            if info is None:
+            if temporary_component(row.relative_path):
+                # Never a tar member: hidden by listings and swept by the janitor where
+                # the package is unpacked.  Flagged, so its group waits for a person.
+                missing.append((row.relative_path, _temporary_member(row.relative_path)))
+            elif info is None:
                 missing.append((row.relative_path, kind.missing.format(location=location.name)))
             elif info.size != row.size:
                 reason = kind.wrong_size.format(
@@ -369,6 +374,13 @@ def load_work(
     if missing:
         raise MemberMismatch(missing)
     return work
+
+
+def _temporary_member(path: str) -> str:
+    return (
+        f"path holds the temporary name {temporary_component(path)!r} (a hidden name holding "
+        "'.tmp-'); not packaged: move the file and file it again under another path"
+    )
 
 
 def write_tar(kind: PackageKind, storage: Storage, work: Work) -> TarResult:

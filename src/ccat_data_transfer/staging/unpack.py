@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 from ccat_data_transfer.core.errors import PermanentError, RetryableError
 from ccat_data_transfer.core.fileio import fsync_dir
 from ccat_data_transfer.core.logs import get_logger
-from ccat_data_transfer.core.storage import DiskStorage, Storage
+from ccat_data_transfer.core.storage import DiskStorage, Storage, work_dir_prefix
 from ccat_data_transfer.core.tarutil import ExtractedMember, TarUtilError, safe_extract, sha256_file
 from ccat_data_transfer.staging.finders import FileRecord, file_copies_at, package_copies_at
 from ccat_ops_db import models as m
@@ -58,7 +58,9 @@ def extract_and_verify(
     package with a clear error and leaves that file as it is."""
     local_tar = storage.local_path(tar_path)
     assert local_tar is not None
-    work = Path(tempfile.mkdtemp(prefix=".unpack.tmp-", dir=storage.root))
+    # Named after the package: the janitor keeps it while a staging job holding the
+    # package beats (.unpack.tmp-rdp<id>-*).
+    work = Path(tempfile.mkdtemp(prefix=work_dir_prefix(f"rdp{package_id}"), dir=storage.root))
     try:
         members = _extract(local_tar, work, package_id)
         pairs = _match_records(members, files, package_id)

@@ -27,6 +27,7 @@ from ccat_data_transfer.core.storage import (
     Storage,
     normalize_path,
     storage_for_location,
+    work_dir_prefix,
 )
 from ccat_data_transfer.core.tarutil import CorruptTarError, UnsafeTarError, safe_extract
 from ccat_data_transfer.transfer.claims import claim
@@ -61,13 +62,19 @@ def _unpack_root(storage: Storage) -> Path | None:
 
 
 def _unpack_into(
-    storage: Storage, dtp_path: str, packages: list[tuple[int, str, str | None]]
+    storage: Storage,
+    dtp_path: str,
+    packages: list[tuple[int, str, str | None]],
+    transfer_id: int | None = None,
 ) -> dict[int, tuple[int, str]]:
     """Extract the DTP safely, verify each RawDataPackage, then put each tar in place at
-    its ``relative_path``.  Nothing is placed unless every package verifies."""
+    its ``relative_path``.  Nothing is placed unless every package verifies.  The work
+    folder is named after ``transfer_id`` (``.unpack.tmp-dt<id>-*``): the janitor keeps it
+    while the unpack's heartbeat is fresh."""
     root = _unpack_root(storage)
     if root is not None:
-        work = Path(tempfile.mkdtemp(prefix=".unpack.tmp-", dir=root))
+        tag = f"dt{transfer_id}" if transfer_id is not None else "dt"
+        work = Path(tempfile.mkdtemp(prefix=work_dir_prefix(tag), dir=root))
         local_tar = storage.local_path(dtp_path)
     else:
         work = Path(tempfile.mkdtemp(prefix="ccat-unpack-"))
@@ -131,7 +138,7 @@ def execute_unpack(transfer_id: int) -> str:
         if not packages:
             raise PermanentError("the data transfer package lists no raw data packages")
         with heartbeat(transfer_id):
-            results = _unpack_into(storage_for_location(dest), dtp_path, packages)
+            results = _unpack_into(storage_for_location(dest), dtp_path, packages, transfer_id)
     except (UnsafeTarError, PermanentError, ConfigurationError) as exc:
         return _record_failure(transfer_id, f"{type(exc).__name__}: {exc}", True, fields)
     except (UnpackVerificationError, CorruptTarError) as exc:

@@ -15,7 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from ccat_data_transfer.core.fileio import copy_fd, fadvise_sequential
+from ccat_data_transfer.core.fileio import (
+    copy_fd,
+    fadvise_sequential,
+    is_temporary_name,
+)
 from ccat_data_transfer.core.storage.errors import (
     ObjectNotFound,
     StorageError,
@@ -131,12 +135,12 @@ class DiskStorage(Storage):
             for entry in entries:
                 rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
                 if entry.is_dir(follow_symlinks=False):
-                    if is_temp_name(entry.name):
+                    if is_temporary_name(entry.name):
                         continue  # work area of an unfinished write or unpack
                     if rel.startswith(norm) or norm.startswith(rel + "/"):
                         stack.append((entry.path, rel))
                     continue
-                if not entry.is_file(follow_symlinks=False) or is_temp_name(entry.name):
+                if not entry.is_file(follow_symlinks=False) or is_temporary_name(entry.name):
                     continue
                 if not rel.startswith(norm):
                     continue
@@ -156,14 +160,14 @@ class DiskStorage(Storage):
         for dirpath, dirnames, filenames in os.walk(real_root):
             rel_dir = os.path.relpath(dirpath, real_root)
             rel_dir = "" if rel_dir == "." else rel_dir + "/"
-            for name in sorted(d for d in dirnames if is_temp_name(d)):
+            for name in sorted(d for d in dirnames if is_temporary_name(d)):
                 dirnames.remove(name)
                 full = os.path.join(dirpath, name)
                 if os.path.islink(full):
                     continue
                 size, changed = _tree_size_and_change(full)
                 yield ObjectInfo(rel_dir + name, size, changed)
-            for name in sorted(f for f in filenames if is_temp_name(f)):
+            for name in sorted(f for f in filenames if is_temporary_name(f)):
                 try:
                     st = os.lstat(os.path.join(dirpath, name))
                 except FileNotFoundError:

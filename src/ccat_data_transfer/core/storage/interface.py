@@ -38,12 +38,15 @@ from typing import Any, BinaryIO
 from ccat_data_transfer.core.fileio import (
     COPY_BUFSIZE,
     COPY_METHODS,
+    TEMP_MARK,
     PathErrors,
     buffer_size,
     clean_relative_path,
     fadvise_sequential,
     file_size,
+    fit_name,
     fsync_dir,
+    is_temporary_name,
 )
 from ccat_data_transfer.core.storage.errors import StorageFullError, is_full
 
@@ -53,15 +56,21 @@ __all__ = [
     "Storage",
     "Usage",
     "copy_stream",
+    "TEMP_NAME_ROOM",
     "is_temp_name",
     "normalize_path",
     "read_chunks",
+    "temporary_name",
+    "temporary_prefix",
+    "work_dir_prefix",
 ]
 
 #: Read size for streaming copies and checksums (measured: bench/buffer_curve.py).
 CHUNK_SIZE = COPY_BUFSIZE
 
-_TEMP_MARK = ".tmp-"
+#: Bytes of a final name kept in its temporary names (``.<name>.tmp-<32 hex>`` must fit
+#: the 255-byte file name limit); longer names are cut with a hash suffix (``fit_name``).
+TEMP_NAME_ROOM = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,14 +129,34 @@ def normalize_path(path: str, *, allow_empty: bool = False) -> str:
 
 
 def is_temp_name(name: str) -> bool:
-    """True for the temporary names that atomic writes use (``.name.tmp-<hex>``)."""
-    base = name.rsplit("/", 1)[-1]
-    return base.startswith(".") and _TEMP_MARK in base
+    """True when the last component of ``name`` is temporary (the names that atomic
+    writes use, ``.name.tmp-<hex>``): :func:`~ccat_ops_db.names.is_temporary_name`
+    on it.  A path *under* a temporary folder: ``temporary_component``."""
+    return is_temporary_name(name.rsplit("/", 1)[-1])
+
+
+def temporary_name(final_name: str, suffix: str) -> str:
+    """The temporary sibling name ``.<final_name>.tmp-<suffix>`` of one file name, the
+    final name cut (with a hash of all of it) so the result fits the 255-byte limit."""
+    return f".{fit_name(final_name, TEMP_NAME_ROOM)}{TEMP_MARK}{suffix}"
+
+
+def temporary_prefix(final_path: str) -> str:
+    """What every temporary name of ``final_path`` (a relative path) starts with: the
+    janitor knows a write in progress of that path by it."""
+    head, _, tail = final_path.rpartition("/")
+    name = temporary_name(tail, "")
+    return f"{head}/{name}" if head else name
+
+
+def work_dir_prefix(tag: str) -> str:
+    """The name prefix of a work folder at a location's root (``.unpack.tmp-<tag>-``): the
+    tag names the row doing the work, so the janitor knows the folder of live work."""
+    return f".unpack{TEMP_MARK}{tag}-"
 
 
 def _temp_name(final_name: str) -> str:
-    # Shortened so the temp name stays within NAME_MAX (255) for long final names.
-    return f".{final_name[:200]}{_TEMP_MARK}{uuid.uuid4().hex}"
+    return temporary_name(final_name, uuid.uuid4().hex)
 
 
 def _buffer_size(f: Any, chunk: int) -> int:

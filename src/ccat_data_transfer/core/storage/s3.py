@@ -31,17 +31,17 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.core.fileio import temporary_component
 from ccat_data_transfer.core.storage import errors
 from ccat_data_transfer.core.storage.interface import (
     CHUNK_SIZE,
     ObjectInfo,
     Storage,
     Usage,
-    is_temp_name,
     normalize_path,
 )
 
-__all__ = ["SHA256_METADATA_KEY", "S3Storage"]
+__all__ = ["SHA256_METADATA_KEY", "S3Storage", "upload_key"]
 
 # S3 error codes that mean "the server is out of space" (MinIO, Ceph RGW).
 _S3_FULL_CODES = {"XMinioStorageFull", "QuotaExceeded", "StorageFull", "InsufficientStorage"}
@@ -50,6 +50,14 @@ _S3_NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
 
 # How list_temporary names an unfinished multipart upload: ``<path>#upload=<id>``.
 _UPLOAD_MARK = "#upload="
+
+
+def upload_key(temporary: str) -> str:
+    """The object path an unfinished upload listed by :meth:`S3Storage.list_temporary`
+    (``<path>#upload=<id>``) was writing; any other name unchanged."""
+    return temporary.partition(_UPLOAD_MARK)[0]
+
+
 # First multipart part size; it doubles every 1000 parts so that an object of any size up
 # to several TB fits in S3's 10,000 part limit while small objects use little memory.
 _S3_PART_SIZE = 8 * 1024 * 1024
@@ -281,7 +289,8 @@ class S3Storage(Storage):
             for page in paginator.paginate(Bucket=self.bucket, Prefix=base + norm):
                 for obj in page.get("Contents", ()):
                     rel = obj["Key"][len(base) :]
-                    if not rel or rel.endswith("/") or is_temp_name(rel):
+                    # As on disk: nothing under a temporary name is listed.
+                    if not rel or rel.endswith("/") or temporary_component(rel):
                         continue
                     yield ObjectInfo(rel, int(obj["Size"]), obj["LastModified"].timestamp())
 

@@ -24,6 +24,7 @@ from ccat_data_transfer.core.fileio import (
     clean_relative_path,
     fadvise_sequential,
     file_size,
+    temporary_component,
 )
 
 __all__ = [
@@ -124,8 +125,14 @@ _ARCNAME_ERRORS = PathErrors(
 
 
 def _normalize_arcname(name: str) -> str:
-    """Normalised member name, or ValueError for absolute paths and ``..``."""
-    return clean_relative_path(name, _ARCNAME_ERRORS)
+    """Normalised member name, or ValueError for absolute paths, ``..`` and a component
+    the storage treats as temporary (``.name.tmp-*``: hidden from listings, swept by the
+    janitor, so a member placed there would be lost)."""
+    norm = clean_relative_path(name, _ARCNAME_ERRORS)
+    component = temporary_component(norm)
+    if component is not None:
+        raise ValueError(f"temporary name {component!r} in {name!r}")
+    return norm
 
 
 # --- checksums ----------------------------------------------------------------------------
