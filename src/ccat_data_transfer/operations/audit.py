@@ -202,7 +202,7 @@ def audit_location(
     report = LocationAudit(location=location.name)
     sample_fraction, max_fraction = _audit_fractions(full, sample_fraction, max_fraction)
     rng = rng or random.Random()
-    read = _read_storage(location, report)
+    read = _read_storage(session, location, report)
     if read is None:
         return report
     storage, listing = read
@@ -253,7 +253,7 @@ def _audit_fractions(
 
 
 def _read_storage(
-    location: m.DataLocation, report: LocationAudit
+    session: Session, location: m.DataLocation, report: LocationAudit
 ) -> tuple[Storage, dict[str, int]] | None:
     """Storage phase: the location's files by path (temporary names aside) and its
     temporary leftovers; None (``report.error`` set) if the storage is unreachable."""
