@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ccat_data_transfer.core.errors import CcatError
+
 __all__ = [
     "COPY_BUFSIZE",
     "COPY_METHODS",
@@ -143,7 +145,7 @@ def copy_fd(
     raise OSError(errno.EOPNOTSUPP, f"none of the copy methods {list(methods)} works here")
 
 
-class _Unsupported(Exception):
+class _Unsupported(CcatError):
     def __init__(self, done: int) -> None:
         super().__init__(done)
         self.done = done

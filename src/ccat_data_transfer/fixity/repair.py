@@ -49,6 +49,7 @@ from ccat_data_transfer.archive.proof import FIXITY_OK, Finding, proof_cutoff, r
 from ccat_data_transfer.core.alerts import send_alert
 from ccat_data_transfer.core.celery_app import app
 from ccat_data_transfer.core.database import DatabaseConnection
+from ccat_data_transfer.core.errors import CcatError
 from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.core.operation_types import OperationType
 from ccat_data_transfer.core.queues import route_task_by_location
@@ -91,15 +92,15 @@ class _Target:
     size: int | None
 
 
-class _SourceBad(Exception):
+class _SourceBad(CcatError):
     """The source's bytes are not the package's (or it has none)."""
 
 
-class _SourceUnreachable(Exception):
+class _SourceUnreachable(CcatError):
     """The source could not be read now (storage error): not known bad."""
 
 
-class _DestinationBad(Exception):
+class _DestinationBad(CcatError):
     """The destination could not be written, or holds other bytes after the write."""
 
 

@@ -50,6 +50,7 @@ from sqlalchemy.orm import Session
 from ccat_data_transfer.core import scope
 from ccat_data_transfer.core.celery_app import app
 from ccat_data_transfer.core.database import DatabaseConnection
+from ccat_data_transfer.core.errors import CcatError
 from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.core.operation_types import OperationType
 from ccat_data_transfer.core.queues import route_task_by_location
@@ -309,7 +310,7 @@ def _build_into_buffer(
     raise StorageError("no buffer of the site accepted the package")
 
 
-class _SourceError(Exception):
+class _SourceError(CcatError):
     """A packaging failure that is the source's, not the target's: no failover."""
 
     def __init__(self, error: BaseException) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ccat_data_transfer.core.database import DatabaseConnection
-from ccat_data_transfer.core.errors import ConfigurationError, PermanentError
+from ccat_data_transfer.core.errors import CcatError, ConfigurationError, PermanentError
 from ccat_data_transfer.core.hosts import SiteReach, reach_of
 from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.core.row_tasks import start_scheduled
@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 
-class ChecksumMismatchError(Exception):
+class ChecksumMismatchError(CcatError):
     """What landed does not match the expected checksum (retryable)."""
 
 

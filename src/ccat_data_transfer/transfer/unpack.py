@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from ccat_data_transfer.core.database import DatabaseConnection
-from ccat_data_transfer.core.errors import ConfigurationError, PermanentError
+from ccat_data_transfer.core.errors import CcatError, ConfigurationError, PermanentError
 from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.core.storage import (
     DiskStorage,
@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 
-class UnpackVerificationError(Exception):
+class UnpackVerificationError(CcatError):
     """A RawDataPackage inside the DTP is missing or does not match its checksum."""
 
 
