@@ -3,7 +3,7 @@
 ``create_app()`` is what ``uvicorn`` serves (``uvicorn --factory
 ccat_data_transfer.api.app:create_app``).  Bad input never produces a 5xx: validation
 errors are 422, refusals 400/409, unknown things 404, each with a ``detail`` reason; any
-other error of the project's family (:class:`~ccat_data_transfer.core.errors.CcatError`)
+other error of the project's family (:class:`~ccat_ops_db.errors.CcatError`)
 503/507/500 with its message (:func:`status_for`);
 request bodies over API_MAX_BODY_BYTES are refused (413) before they are parsed.
 

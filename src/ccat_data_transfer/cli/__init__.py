@@ -19,6 +19,7 @@ from ccat_data_transfer.core.errors import CcatError
 
 COMMAND_MODULES = [
     "core",
+    "managers",
     "packaging",
     "transfer",
     "deletion",

@@ -2,7 +2,7 @@
 
 Room in the house: CLI layer.  Exit code ``2`` for every error, a usage error (unknown
 command or option, missing argument, invalid value) as for anything else: an error meant
-for an operator (any :class:`~ccat_data_transfer.core.errors.CcatError`: the whole family,
+for an operator (any :class:`~ccat_ops_db.errors.CcatError`: the whole family,
 topology and storage errors included, or a database problem) is its message; an
 unexpected exception is its class and message plus a hint to re-run with
 ``--verbose``, which shows the traceback.
@@ -68,7 +68,7 @@ def usage_error(exc: Any, prog: str) -> int:
 
 
 def operator_error(exc: BaseException, *, verbose: bool) -> int:
-    """An error of the project's family (:class:`~ccat_data_transfer.core.errors.CcatError`):
+    """An error of the project's family (:class:`~ccat_ops_db.errors.CcatError`):
     its message as one line; a storage error says so first (``storage: ...``), since its
     message names a path or a bucket, not the command.  ``verbose`` shows the traceback
     first, as for an unexpected error (a storage failure deep in a cycle is where it

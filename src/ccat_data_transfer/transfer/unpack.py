@@ -34,7 +34,6 @@ from ccat_data_transfer.transfer.worker import (
     heartbeat,
     record_failed_attempt,
     record_present_copy,
-    row_task,
 )
 from ccat_ops_db import models as m
 
@@ -48,7 +47,6 @@ _record_failure = functools.partial(
 __all__ = [
     "UnpackVerificationError",
     "execute_unpack",
-    "unpack_data_transfer_package",
 ]
 
 
@@ -163,10 +161,3 @@ def execute_unpack(transfer_id: int) -> str:
         t.next_attempt_at = None
     log.info("transfer_unpacked", **fields, packages=len(results))
     return "completed"
-
-
-unpack_data_transfer_package = row_task(
-    "ccat_data_transfer.transfer_manager.unpack_data_transfer_package",
-    execute_unpack,
-    "Celery task: run :func:`execute_unpack` on the destination buffer's queue.",
-)
