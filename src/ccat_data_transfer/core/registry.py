@@ -3,11 +3,11 @@
 Room in the house: core.  It names stage modules by their dotted path and imports none of
 them, so that core stays below the stages; the readers import what they need:
 
-- :mod:`ccat_data_transfer.core.celery_app` includes every entry's task modules (so that
+- ``ccat_data_transfer.core.celery_app`` includes every entry's task modules (so that
   every process that sends or re-sends a task knows every task);
 - the orchestrator (``ccat_data_transfer run``) calls every entry's cycle in this order;
 - the command line registers one ``<name>-manager`` command per entry
-  (:mod:`ccat_data_transfer.cli.managers`; its help, its pace between cycles and its
+  (``ccat_data_transfer.cli.managers``; its help, its pace between cycles and its
   ``--once`` report may be given there, keyed by the entry's name, else defaults apply);
 - health reports use the entry's ``name`` (``health:manager:<name>``), and ``health``
   lists the managers it expects from here (:func:`manager_health_keys`);

@@ -7,7 +7,7 @@ dead work), keep a per-row command log, and end by recording either a verified P
 copy or a failed attempt (retry with backoff, or FAILED).
 
 Room in the house: tasks side.  Imports :mod:`~ccat_data_transfer.transfer.recovery`
-(the retry policy), core (Celery app, config, database, logging) and ``ccat_ops_db``.
+(the retry policy), core (config, database, liveness, logging) and ``ccat_ops_db``.
 """
 
 from __future__ import annotations
