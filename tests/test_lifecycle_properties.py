@@ -107,7 +107,7 @@ from ccat_data_transfer.core.errors import CcatError
 from ccat_data_transfer.core.storage import StorageFullError
 from ccat_data_transfer.deletion import rule_sql, rules, worker
 from ccat_data_transfer.filing.register import file_raw_data_files, finish_executed_obs_unit
-from ccat_data_transfer.fixity import scan as fixity_scan
+from ccat_data_transfer.fixity import cycle as fixity_scan
 from ccat_data_transfer.operations import audit, recovery
 from ccat_data_transfer.packaging import raw_cycle, transfer_cycle
 from ccat_ops_db import models as m

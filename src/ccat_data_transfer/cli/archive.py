@@ -162,7 +162,7 @@ def fixity_status_command(
 ) -> None:
     """Per LTA: copies, bytes, oldest full check, copies never checked, and the period
     the budget achieves."""
-    from ccat_data_transfer.fixity import scan
+    from ccat_data_transfer.fixity import cycle as scan
 
     with get_db().session_scope() as session:
         rows = [scan.location_fixity(session, loc) for loc in scan.lta_locations(session, "")]

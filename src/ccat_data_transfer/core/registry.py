@@ -84,7 +84,7 @@ STAGES: tuple[StageEntry, ...] = (
     StageEntry("transfer_manager", "transfer + unpack", "transfer.cycle", ("transfer.tasks",)),
     StageEntry("archive_manager", "archive", "archive.cycle", ("archive.tasks",)),
     StageEntry("staging_manager", "staging", "staging.cycle", ("staging.tasks",)),
-    StageEntry("fixity_manager", "fixity", "fixity.scan", ("fixity.tasks",)),
+    StageEntry("fixity_manager", "fixity", "fixity.cycle", ("fixity.tasks",)),
     StageEntry("deletion_manager", "deletion", "deletion.cycle", ("deletion.tasks",)),
 )
 

@@ -42,7 +42,7 @@ from ccat_data_transfer.fixity import repair
 from ccat_data_transfer.fixity import tasks as repair_tasks
 from ccat_ops_db import models as m
 
-log = get_logger(__name__)
+log = get_logger("ccat_data_transfer.fixity.scan")  # the name its log records had
 
 PC = m.PhysicalCopy
 DAY_SECONDS = 86400.0
