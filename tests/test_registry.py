@@ -86,6 +86,25 @@ def test_every_registry_cycle_loads_and_has_run_once(entry):
     assert "site" in params
 
 
+def test_every_stage_keeps_its_run_once_in_a_module_named_for_its_cycle():
+    named_otherwise = [
+        entry.cycle
+        for entry in STAGES
+        if "cycle" not in entry.cycle_module.rsplit(".", 1)[-1]
+        or entry.cycle_module.rsplit(".", 1)[0] == "ccat_data_transfer"
+    ]
+    assert named_otherwise == []
+
+
+def test_every_stage_with_tasks_keeps_them_in_its_own_tasks_module():
+    for entry in STAGES:
+        stage_package = entry.cycle_module.rsplit(".", 1)[0]
+        assert all(f"ccat_data_transfer.{m}" == f"{stage_package}.tasks" for m in entry.tasks), (
+            entry.name,
+            entry.tasks,
+        )
+
+
 @pytest.mark.parametrize("module", task_modules())
 def test_every_task_module_of_the_registry_registers_a_task(module):
     from ccat_data_transfer.core.celery_app import app
