@@ -1,6 +1,7 @@
-"""The deletion worker: the Celery tasks that delete copies where the data is.
+"""The deletion worker: what the Celery tasks (:mod:`ccat_data_transfer.deletion.tasks`)
+run to delete copies where the data is, and their base class :class:`DeletionTask`.
 
-Every task runs :func:`_delete_physical_copies` in three phases:
+Every task runs :func:`delete_copies` in three phases:
 
 1. :func:`_recheck_and_claim` (DB): the rule is checked again against the database
    (``deletion.rules``, ``deletion.rule_sql``: the archive proof, audit holds, frozen
@@ -17,9 +18,9 @@ Every task runs :func:`_delete_physical_copies` in three phases:
    from the source site starts stage 1 for its raw files (``deletion.marking``).
 
 Task names are explicit strings under ``ccat_data_transfer.deletion_manager`` (the names
-workers and queued messages know).
+workers and queued messages know), in :mod:`ccat_data_transfer.deletion.tasks`.
 
-Room in the house: tasks; imports ``celery_app``, ``storage`` (at run time), ``database``,
+Room in the house: stage deletion (task bodies); imports ``storage`` (at run time), ``database``,
 ``exceptions`` and the ``deletion`` core modules (base, rules, rule_sql, trail, marking,
 candidates for loading copies), never the manager's steps.
 """
