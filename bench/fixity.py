@@ -49,7 +49,7 @@ from ccat_data_transfer.core.config import settings  # noqa: E402
 from ccat_data_transfer.core.database import DatabaseConnection  # noqa: E402
 from ccat_data_transfer.core.logs import configure_logging  # noqa: E402
 from ccat_data_transfer.core.storage import storage_for_location  # noqa: E402
-from ccat_data_transfer.fixity.scan import budget_bytes_per_day  # noqa: E402
+from ccat_data_transfer.fixity.cycle import budget_bytes_per_day  # noqa: E402
 from ccat_ops_db import models as m  # noqa: E402
 
 GB = 1e9

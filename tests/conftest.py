@@ -151,7 +151,10 @@ def system(db_url: str, tmp_path: Path, override_settings: Any) -> Iterator[Syst
 def without_archive_repair(monkeypatch: pytest.MonkeyPatch) -> None:
     """No repair (or freeze) runs after a verification finds a bad archive copy: for tests
     of what the verification and the deletion rules do on their own."""
-    import ccat_data_transfer.fixity.repair  # noqa: F401 - its hook is registered first
+    import ccat_data_transfer.fixity.tasks  # noqa: F401 - its hook is registered first
     from ccat_data_transfer.archive import proof as archive_proof
+    from ccat_data_transfer.archive import verification
 
-    monkeypatch.setattr(archive_proof, "on_bad_copies", [])
+    # The hooks are read where verify_copies runs (the verification module).
+    monkeypatch.setattr(verification, "on_bad_copies", [])
+    monkeypatch.setattr(archive_proof, "on_bad_copies", verification.on_bad_copies)

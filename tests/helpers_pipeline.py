@@ -71,13 +71,12 @@ def make_raw_files(
 
 def package_everything(system: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """One raw-data-package cycle, then one data-transfer-package cycle."""
-    from ccat_data_transfer.packaging import raw_packages as rdpm
-    from ccat_data_transfer.packaging import transfer_packages as dtpm
+    from ccat_data_transfer.packaging import raw_cycle, transfer_cycle
 
     with system.session() as session:
-        raw = rdpm.run_once(session)
+        raw = raw_cycle.run_once(session)
     with system.session() as session:
-        dtp = dtpm.run_once(session)
+        dtp = transfer_cycle.run_once(session)
     return raw, dtp
 
 

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 
 from ccat_data_transfer.api.app import create_app
 from ccat_data_transfer.api.auth import create_api_token
-from ccat_data_transfer.packaging import raw_packages as rdpm
+from ccat_data_transfer.packaging import raw_cycle
 from ccat_ops_db import models as m
 from helpers_pipeline import make_raw_files
 
@@ -128,7 +128,7 @@ def test_finish_endpoint_and_package_endpoint(api):
         == 403
     )
     with api.system.session() as s:
-        rdpm.run_once(s)
+        raw_cycle.run_once(s)
         pkg = s.scalars(select(m.RawDataPackage)).one()
     for ident in (str(pkg.id), pkg.file_name):
         got = api.get(f"/api/v1/packages/{ident}", headers=_auth(api, "viewer"))

@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from ccat_data_transfer import transfer_manager
 from ccat_data_transfer.archive import cycle as archive_manager
+from ccat_data_transfer.archive import execution as archive_execution
 from ccat_data_transfer.core.storage import S3Storage
 from ccat_data_transfer.core.transfer_methods import (
     CopyMethod,
@@ -163,8 +164,8 @@ def test_archive_task_delivered_twice_archives_once(system):
     with system.session() as s:
         archive_manager.plan_archive_transfers(s)
         (claimed,) = archive_manager.dispatch_archive_transfers(s, submit=False)
-    assert archive_manager.execute_archive_transfer(claimed) == "completed"
-    assert archive_manager.execute_archive_transfer(claimed) == "skipped"
+    assert archive_execution.execute_archive_transfer(claimed) == "completed"
+    assert archive_execution.execute_archive_transfer(claimed) == "skipped"
     with system.session() as s:
         # Nothing left to plan: the package has its LTA copy at that site.
         assert archive_manager.plan_archive_transfers(s) == []

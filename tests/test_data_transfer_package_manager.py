@@ -8,7 +8,7 @@ from datetime import timedelta
 from sqlalchemy import select, update
 
 from ccat_data_transfer.core.tarutil import sha256_file
-from ccat_data_transfer.packaging import raw_packages as rdpm
+from ccat_data_transfer.packaging import raw_cycle, transfer_cycle
 from ccat_data_transfer.packaging import transfer_packages as dtpm
 from ccat_ops_db import models as m
 from helpers_pipeline import build_started_and_died, make_raw_files
@@ -21,13 +21,13 @@ def _raw_packages(system, count, size=1000):
     for i in range(count):
         make_raw_files(system, SRC, f"eou-dtp-{i}", "primecam/280GHz", 1, size)
     with system.session() as s:
-        assert rdpm.run_once(s)["packages_created"] == count
+        assert raw_cycle.run_once(s)["packages_created"] == count
         return s.scalars(select(m.RawDataPackage).order_by(m.RawDataPackage.id)).all()
 
 
 def _run(system):
     with system.session() as s:
-        return dtpm.run_once(s)
+        return transfer_cycle.run_once(s)
 
 
 def _dtps(system):

@@ -29,9 +29,8 @@ from ccat_data_transfer.core.storage import S3Storage
 from ccat_data_transfer.core.storage import interface as storage_interface
 from ccat_data_transfer.filing.register import finish_executed_obs_unit
 from ccat_data_transfer.operations.audit import run_audit
-from ccat_data_transfer.packaging import raw_packages as raw_data_package_manager
-from ccat_data_transfer.packaging import transfer_packages as data_transfer_package_manager
-from ccat_data_transfer.staging import task as staging_task
+from ccat_data_transfer.packaging import raw_cycle, transfer_cycle
+from ccat_data_transfer.staging import tasks as staging_task
 from ccat_ops_db import models as m
 from ccat_ops_db.topology import load_topology
 from conftest import DEFAULT_TOPOLOGY
@@ -532,8 +531,8 @@ def test_two_managers_of_each_kind_at_once_do_every_piece_of_work_once(system, m
     errors: list[BaseException] = []
     try:
         kinds = [
-            raw_data_package_manager.run_once,
-            data_transfer_package_manager.run_once,
+            raw_cycle.run_once,
+            transfer_cycle.run_once,
             transfer_manager.run_once,
             transfer_manager.run_once,
             transfer_manager.run_once,

@@ -13,7 +13,7 @@ from ccat_data_transfer.archive.proof import CORRUPT, MISSING, verify_copies
 from ccat_data_transfer.cli import main
 from ccat_data_transfer.core.manager_state import put_state
 from ccat_data_transfer.core.storage import storage_for_location
-from ccat_data_transfer.fixity import scan
+from ccat_data_transfer.fixity import cycle as scan
 from ccat_data_transfer.fixity.repair import FROZEN, REPAIR_FAILED, REPAIR_STARTED, REPAIRED
 from ccat_ops_db import models as m
 from helpers_lifecycle import location, make_package_at, write_object

@@ -97,6 +97,7 @@ from sqlalchemy import bindparam, delete, func, select
 
 from ccat_data_transfer import deletion_manager, staging_manager, transfer_manager
 from ccat_data_transfer.archive import cycle as archive_manager
+from ccat_data_transfer.archive import execution as archive_execution
 from ccat_data_transfer.buffers import cycle as buffer_manager
 from ccat_data_transfer.core import buffer_status, transfer_methods
 from ccat_data_transfer.core import storage as storage_mod
@@ -106,10 +107,9 @@ from ccat_data_transfer.core.errors import CcatError
 from ccat_data_transfer.core.storage import StorageFullError
 from ccat_data_transfer.deletion import rule_sql, rules, worker
 from ccat_data_transfer.filing.register import file_raw_data_files, finish_executed_obs_unit
-from ccat_data_transfer.fixity import scan as fixity_scan
+from ccat_data_transfer.fixity import cycle as fixity_scan
 from ccat_data_transfer.operations import audit, recovery
-from ccat_data_transfer.packaging import raw_packages as raw_data_package_manager
-from ccat_data_transfer.packaging import transfer_packages as data_transfer_package_manager
+from ccat_data_transfer.packaging import raw_cycle, transfer_cycle
 from ccat_ops_db import models as m
 from ccat_ops_db.migrate import upgrade
 from ccat_ops_db.topology import load_topology
@@ -127,8 +127,8 @@ LTAS = ["cologne_lta", "us_lta"]
 ALL_DISK = [*SOURCES, *BUFFERS, *LTAS, "processing_scratch"]
 MANAGERS = {
     "buffer": buffer_manager.run_once,
-    "packaging": raw_data_package_manager.run_once,
-    "transfer_packaging": data_transfer_package_manager.run_once,
+    "packaging": raw_cycle.run_once,
+    "transfer_packaging": transfer_cycle.run_once,
     "transfer": transfer_manager.run_once,
     "archive": archive_manager.run_once,
     "staging": staging_manager.run_once,
@@ -463,9 +463,9 @@ class LifecycleMachine(RuleBasedStateMachine):
         if kind == "transfer":
             transfer_manager.execute_transfer(target)
         elif kind == "archive":
-            archive_manager.execute_archive_transfer(target)
+            archive_execution.execute_archive_transfer(target)
         else:
-            worker._delete_physical_copies([target])
+            worker.delete_copies([target])
 
     # -- storage faults and disk use --------------------------------------------------------
 

@@ -15,6 +15,7 @@ from ccat_data_transfer.deletion.cycle import resubmit_stalled_deletions
 from ccat_data_transfer.operations import recovery
 from ccat_data_transfer.packaging import raw_packages as rdpm
 from ccat_data_transfer.packaging import skeleton
+from ccat_data_transfer.packaging import tasks as packaging_tasks
 from ccat_ops_db import models as m
 from helpers_pipeline import make_raw_files
 from helpers_staging import make_archived_package
@@ -74,11 +75,11 @@ def test_build_beats_while_the_tar_is_written_and_survives_recovery_and_a_second
         with system.session() as s:
             seen["beats_moved"] = s.get(m.RawDataPackage, pkg_id).heartbeat_at > first
             seen["recovery"] = recovery.run_once(s)["raw_data_packages"]
-        seen["second_delivery"] = rdpm.create_raw_data_package.run(pkg_id)["status"]
+        seen["second_delivery"] = packaging_tasks.create_raw_data_package.run(pkg_id)["status"]
         return real(members, out)
 
     monkeypatch.setattr(skeleton, "write_tar_with_checksums", slow_tar)
-    assert rdpm.create_raw_data_package.run(pkg_id)["status"] == "completed"
+    assert packaging_tasks.create_raw_data_package.run(pkg_id)["status"] == "completed"
     assert seen == {"beats_moved": True, "recovery": 0, "second_delivery": "skipped"}
     with system.session() as s:
         assert s.get(m.RawDataPackage, pkg_id).status == m.Status.COMPLETED
@@ -165,7 +166,7 @@ def test_lost_staging_message_is_sent_again_without_a_retry_and_completes(system
 
 
 def test_second_delivery_of_a_started_staging_job_does_nothing(system):
-    from ccat_data_transfer.staging.task import stage_staging_job
+    from ccat_data_transfer.staging.tasks import stage_staging_job
 
     job_id = _claimed_staging_job(system)
     _set(system, m.StagingJob, job_id, heartbeat_at=m.utcnow())  # a worker runs it

@@ -24,8 +24,7 @@ from sqlalchemy import create_engine, event, text
 from ccat_data_transfer import deletion_manager, staging_manager, transfer_manager
 from ccat_data_transfer.archive import cycle as archive_manager
 from ccat_data_transfer.core.database import DatabaseConnection, dispose_engines
-from ccat_data_transfer.packaging import raw_packages as raw_data_package_manager
-from ccat_data_transfer.packaging import transfer_packages as data_transfer_package_manager
+from ccat_data_transfer.packaging import raw_cycle, transfer_cycle
 from ccat_ops_db.migrate import upgrade
 from ccat_ops_db.topology import load_topology
 from conftest import BACKENDS, DEFAULT_TOPOLOGY
@@ -50,8 +49,8 @@ MANAGERS = {
     "deletion_manager": deletion_manager.run_once,
     "transfer_manager": transfer_manager.run_once,
     "archive_manager": archive_manager.run_once,
-    "raw_data_package_manager": raw_data_package_manager.run_once,
-    "data_transfer_package_manager": data_transfer_package_manager.run_once,
+    "raw_data_package_manager": raw_cycle.run_once,
+    "data_transfer_package_manager": transfer_cycle.run_once,
     "staging_manager": staging_manager.run_once,
     # The trail of a copy of the history (the fill's copy 1: DELETED, with a batch row).
     "deletion_history": lambda session: deletion_manager.deletion_history(session, 1),

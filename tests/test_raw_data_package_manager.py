@@ -13,8 +13,8 @@ from ccat_data_transfer.core import buffer_status, tarutil
 from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.tarutil import writing as tar_writing
 from ccat_data_transfer.filing import register as filing
+from ccat_data_transfer.packaging import raw_cycle, skeleton
 from ccat_data_transfer.packaging import raw_packages as rdpm
-from ccat_data_transfer.packaging import skeleton
 from ccat_ops_db import models as m
 from helpers_pipeline import build_started_and_died, make_raw_files
 
@@ -24,7 +24,7 @@ BUF = "ccat_telescope_buffer"
 
 def _run(system):
     with system.session() as s:
-        return rdpm.run_once(s)
+        return raw_cycle.run_once(s)
 
 
 def _packages(system):
@@ -315,7 +315,7 @@ def test_two_managers_at_once_package_each_file_once(system):
         try:
             barrier.wait()
             with DatabaseConnection(system.url).session_scope() as s:
-                rdpm.run_once(s)
+                raw_cycle.run_once(s)
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 

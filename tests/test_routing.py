@@ -17,7 +17,7 @@ from sqlalchemy import select, update
 from ccat_data_transfer import transfer_manager
 from ccat_data_transfer.api.dashboard_queries import overview_data
 from ccat_data_transfer.core.buffer_status import publish_status
-from ccat_data_transfer.packaging import raw_packages as rdpm
+from ccat_data_transfer.packaging import raw_cycle, transfer_cycle
 from ccat_data_transfer.packaging import transfer_packages as dtpm
 from ccat_ops_db import models as m
 from helpers_pipeline import make_raw_files
@@ -173,7 +173,7 @@ def _raw_waiting(system, count, size):
     for i in range(count):
         make_raw_files(system, "primecam_raw_data", f"eou-route-{i}", "primecam/280GHz", 1, size)
     with system.session() as s:
-        assert rdpm.run_once(s)["packages_created"] == count
+        assert raw_cycle.run_once(s)["packages_created"] == count
         return [p.id for p in s.scalars(select(m.RawDataPackage).order_by(m.RawDataPackage.id))]
 
 
@@ -188,7 +188,7 @@ def test_raw_package_larger_than_every_lta_buffer_is_refused_at_packaging_and_st
             system.location(s, name).capacity_bytes = size - 1000
         s.commit()
     with system.session() as s:
-        summary = dtpm.run_once(s)
+        summary = transfer_cycle.run_once(s)
     assert summary["refused_too_large"] == [big]
     assert summary["packages_submitted"] == 0
     with system.session() as s:

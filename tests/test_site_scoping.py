@@ -24,8 +24,7 @@ from ccat_data_transfer.core.manager_loop import stop_event
 from ccat_data_transfer.core.scope import ALL_SITES, location_ids, scoped_name
 from ccat_data_transfer.operations import recovery
 from ccat_data_transfer.operations.orchestrator import lifecycle_counts
-from ccat_data_transfer.packaging import raw_packages as rdpm
-from ccat_data_transfer.packaging import transfer_packages as dtpm
+from ccat_data_transfer.packaging import raw_cycle, transfer_cycle
 from ccat_ops_db import models as m
 from helpers_lifecycle import make_dtp, make_package_at, make_staging_job, make_transfer
 from helpers_pipeline import make_raw_files
@@ -40,8 +39,8 @@ DELETED = m.PhysicalCopyStatus.DELETED
 #: Every manager's cycle, in the order of one round of ``run``, plus recovery.
 MANAGERS: dict[str, Callable[..., Any]] = {
     "buffer_manager": buffer_manager.run_once,
-    "raw_data_package_manager": rdpm.run_once,
-    "data_transfer_package_manager": dtpm.run_once,
+    "raw_data_package_manager": raw_cycle.run_once,
+    "data_transfer_package_manager": transfer_cycle.run_once,
     "transfer_manager": transfer_manager.run_once,
     "archive_manager": archive_manager.run_once,
     "staging_manager": staging_manager.run_once,

@@ -60,15 +60,14 @@ from ccat_data_transfer.deletion.steps import (
     delete_staged_raw_data_files_from_processing,
     process_deletion_possible_raw_data_files,
 )
-from ccat_data_transfer.deletion.trail import _add_deletion_log, deletion_history
-from ccat_data_transfer.deletion.worker import (
-    DeletionTask,
-    _delete_bulk_raw_data_files_internal,
+from ccat_data_transfer.deletion.tasks import (
     delete_bulk_data_transfer_packages,
     delete_bulk_raw_data_files,
     delete_bulk_raw_data_packages,
     delete_physical_copy,
 )
+from ccat_data_transfer.deletion.trail import _add_deletion_log, deletion_history
+from ccat_data_transfer.deletion.worker import DeletionTask, _delete_bulk_raw_data_files_internal
 
 __all__ = [
     "COPY_TYPE_DATA_TRANSFER_PACKAGE",

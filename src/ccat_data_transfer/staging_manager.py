@@ -20,7 +20,7 @@ from ccat_data_transfer.staging.retention import (
     expire_staging_jobs,
 )
 from ccat_data_transfer.staging.sources import select_lta_copies
-from ccat_data_transfer.staging.task import stage_staging_job
+from ccat_data_transfer.staging.tasks import stage_staging_job
 from ccat_data_transfer.staging.unpack import _mark_package_as_staged_and_cleanup
 
 __all__ = [

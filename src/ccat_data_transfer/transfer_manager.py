@@ -12,10 +12,7 @@ from ccat_data_transfer.transfer.cycle import (
     run_once,
     update_package_status,
 )
-from ccat_data_transfer.transfer.execution import (
-    execute_transfer,
-    transfer_data_transfer_package,
-)
+from ccat_data_transfer.transfer.execution import execute_transfer
 from ccat_data_transfer.transfer.planning import (
     ROUND_ROBIN_KEY,
     next_round_robin_site,
@@ -29,7 +26,11 @@ from ccat_data_transfer.transfer.routes import (
     lta_sites,
     resolve_destination,
 )
-from ccat_data_transfer.transfer.unpack import execute_unpack, unpack_data_transfer_package
+from ccat_data_transfer.transfer.tasks import (
+    transfer_data_transfer_package,
+    unpack_data_transfer_package,
+)
+from ccat_data_transfer.transfer.unpack import execute_unpack
 from ccat_data_transfer.transfer.worker import transfer_log_dir
 
 __all__ = [

@@ -32,6 +32,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from ccat_ops_db import models as m
+from ccat_ops_db.errors import TopologyError
 from ccat_ops_db.names import temporary_component
 from ccat_ops_db.topology_sites import NAME_RE, check_route_reach, check_sites, reach_values
 
@@ -93,19 +94,6 @@ HOLDING_STATES = (
     m.PhysicalCopyStatus.DELETION_IN_PROGRESS,
     m.PhysicalCopyStatus.DELETION_FAILED,
 )
-
-
-class TopologyError(ValueError):
-    """The topology is malformed or inconsistent.  ``problems`` lists every issue found."""
-
-    def __init__(self, source: str, problems: list[str]) -> None:
-        self.source = source
-        self.problems = problems
-        if len(problems) == 1:
-            msg = f"{source}: {problems[0]}"
-        else:
-            msg = f"{source}: {len(problems)} problems: " + "; ".join(problems)
-        super().__init__(msg)
 
 
 @dataclass

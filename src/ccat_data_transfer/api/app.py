@@ -2,9 +2,11 @@
 
 ``create_app()`` is what ``uvicorn`` serves (``uvicorn --factory
 ccat_data_transfer.api.app:create_app``).  Bad input never produces a 5xx: validation
-errors are 422, refusals 400/409, unknown things 404, each with a ``detail`` reason;
-request bodies over API_MAX_BODY_BYTES are refused (413) before they are parsed.  A
-database that cannot be reached, or a connection lost during the request (PostgreSQL
+errors are 422, refusals 400/409, unknown things 404, each with a ``detail`` reason; any
+other error of the project's family (:class:`~ccat_ops_db.errors.CcatError`)
+503/507/500 with its message (:func:`status_for`);
+request bodies over API_MAX_BODY_BYTES are refused (413) before they are parsed.
+A database that cannot be reached, or a connection lost during the request (PostgreSQL
 restarting), is 503 with ``Retry-After`` and a reason: the request's transaction was
 rolled back (nothing of it happened), and every write endpoint is safe to repeat.
 
@@ -30,11 +32,14 @@ from ccat_data_transfer.api.login import LoginRequired, login_redirect
 from ccat_data_transfer.api.openapi import describe_api
 from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.errors import (
+    CcatError,
     DatabaseUnavailableError,
     NotFoundError,
+    RetryableError,
     ValidationError,
 )
 from ccat_data_transfer.core.logs import get_logger
+from ccat_data_transfer.core.storage.errors import StorageFullError, StorageUnavailableError
 from ccat_data_transfer.filing.register import FilingError
 
 #: Router modules of ``ccat_data_transfer.api``, one per area; each has a module-level
@@ -95,6 +100,17 @@ def _error(status_code: int, detail: Any) -> JSONResponse:
     return JSONResponse(status_code=status_code, content={"detail": _safe(detail)})
 
 
+def status_for(exc: CcatError) -> int:
+    """The status code of an error of the project's family that no narrower handler
+    answers: 503 when trying again later may help (storage or database unreachable, a
+    retryable failure), 507 when a storage is full, else 500; the reason is its message."""
+    if isinstance(exc, StorageFullError):
+        return 507
+    if isinstance(exc, StorageUnavailableError | DatabaseUnavailableError | RetryableError):
+        return 503
+    return 500
+
+
 def create_app(database_url: str | None = None) -> FastAPI:
     """Build the API.  ``database_url`` overrides the DATABASE_URL setting."""
     app = FastAPI(
@@ -140,6 +156,12 @@ def create_app(database_url: str | None = None) -> FastAPI:
     @app.exception_handler(ValidationError)
     async def _invalid(_request: Request, exc: ValidationError) -> JSONResponse:
         return _error(400, str(exc))
+
+    @app.exception_handler(CcatError)
+    async def _operator_error(_request: Request, exc: CcatError) -> JSONResponse:
+        # Every other member of the family (storage, topology, configuration, ...): a
+        # status code and the message as the reason, never a bare 500 without one.
+        return _error(status_for(exc), f"{type(exc).__name__}: {exc}")
 
     @app.exception_handler(IntegrityError)
     async def _conflict(_request: Request, exc: IntegrityError) -> JSONResponse:

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from ccat_data_transfer.api.auth import Principal, principal_of, token_row
 from ccat_data_transfer.api.deps import get_session
 from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.core.errors import CcatError
 from ccat_data_transfer.core.logs import get_logger
 from ccat_ops_db import models as m
 
@@ -36,7 +37,7 @@ _MAX_TOKEN_CHARS = 256
 _PROCESS_SECRET = secrets.token_bytes(32)
 
 
-class LoginRequired(Exception):
+class LoginRequired(CcatError):
     """A browser asked for a dashboard page without a valid login: send it to log in."""
 
     def __init__(self, next_path: str) -> None:

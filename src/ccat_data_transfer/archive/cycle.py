@@ -7,13 +7,17 @@ package and LTA location), claims it atomically and submits a task on the buffer
 writes are atomic), checks the checksum of what landed, writes a JSON metadata sidecar at
 ``<relative_path>.json``, records the LTA copy PRESENT (verified) and marks the package
 ARCHIVED.  The buffer copy is left alone: the deletion manager removes it by its rules.
+
+This module is the manager's cycle (plan, claim, dispatch, reset stalled work); the task
+is :mod:`ccat_data_transfer.archive.tasks`, its body
+:mod:`ccat_data_transfer.archive.execution`.
+
+Room in the house: stage archive (cycle).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
 from datetime import timedelta
 from typing import Any
 
@@ -21,33 +25,15 @@ from sqlalchemy import bindparam, exists, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
+from ccat_data_transfer.archive.tasks import archive_raw_data_package
 from ccat_data_transfer.core import scope
-from ccat_data_transfer.core.database import DatabaseConnection
-from ccat_data_transfer.core.errors import ConfigurationError, PermanentError
 from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.core.operation_types import OperationType
-from ccat_data_transfer.core.row_tasks import start_scheduled
-from ccat_data_transfer.core.storage import storage_for_location
-from ccat_data_transfer.core.transfer_methods import get_transfer_method, method_for_storages
 from ccat_data_transfer.transfer.claims import claim, submit_claimed
 from ccat_data_transfer.transfer.recovery import StalledWork, reset_stalled
-from ccat_data_transfer.transfer.worker import (
-    heartbeat,
-    mark_completed,
-    record_failed_attempt,
-    record_present_copy,
-    row_task,
-    transfer_log_dir,
-    worker_name,
-)
 from ccat_ops_db import models as m
 
 log = get_logger(__name__)
-
-# (archive_transfer_id, reason, permanent, fields) -> "failed" / "retry" / "skipped"
-_record_failure = functools.partial(
-    record_failed_attempt, m.LongTermArchiveTransfer, logger=log, event="archive_transfer"
-)
 
 #: Archive transfers in flight, reset (or their task sent again) by the site of the LTA
 #: they go into; the task runs on the queue of the LTA-site buffer they come from.
@@ -61,20 +47,12 @@ STALLED_ARCHIVE_TRANSFERS = StalledWork(
 )
 
 __all__ = [
-    "archive_raw_data_package",
-    "build_metadata",
+    "STALLED_ARCHIVE_TRANSFERS",
     "dispatch_archive_transfers",
-    "execute_archive_transfer",
     "plan_archive_transfers",
     "reset_stalled_archive_transfers",
     "run_once",
-    "sidecar_path",
 ]
-
-
-def sidecar_path(relative_path: str) -> str:
-    """Where the metadata sidecar of a package lies in the LTA."""
-    return f"{relative_path}.json"
 
 
 @functools.cache
@@ -209,133 +187,3 @@ def reset_stalled_archive_transfers(
     reset = reset_stalled(session, (STALLED_ARCHIVE_TRANSFERS,), older_than, location_ids)
     session.commit()
     return reset
-
-
-def build_metadata(rdp: m.RawDataPackage, location: m.DataLocation) -> dict[str, Any]:
-    """The sidecar document: what a reader of the archive needs without the database."""
-    eou = rdp.executed_obs_unit
-    module = rdp.instrument_module
-    return {
-        "schema": "ccat_raw_data_package_metadata/1",
-        "raw_data_package": {
-            "id": rdp.id,
-            "file_name": rdp.file_name,
-            "relative_path": rdp.relative_path,
-            "size": rdp.size,
-            "checksum": rdp.checksum,
-            "checksum_algorithm": rdp.checksum_algorithm,
-            "part_number": rdp.part_number,
-            "created_at": rdp.created_at.isoformat() if rdp.created_at else None,
-        },
-        "obs_unit": {"id": eou.obs_unit.id, "name": eou.obs_unit.name},
-        "executed_obs_unit": {
-            "id": eou.id,
-            "name": eou.name,
-            "start_time": eou.start_time.isoformat() if eou.start_time else None,
-            "end_time": eou.end_time.isoformat() if eou.end_time else None,
-            "metadata": eou.obs_metadata,
-        },
-        "instrument": module.instrument.name,
-        "instrument_module": module.name,
-        "files": [
-            {
-                "relative_path": f.relative_path,
-                "size": f.size,
-                "checksum": f.checksum,
-                "checksum_algorithm": f.checksum_algorithm,
-                "metadata": f.file_metadata,
-            }
-            for f in sorted(rdp.raw_data_files, key=lambda f: f.relative_path)
-        ],
-        "archive_location": location.name,
-        "archived_at": m.utcnow().isoformat() + "Z",
-    }
-
-
-def execute_archive_transfer(archive_transfer_id: int) -> str:
-    """Copy one RawDataPackage into the LTA, verify it, write its sidecar and record the
-    archived copy.  Idempotent: only a SCHEDULED row is worked on."""
-    db = DatabaseConnection()
-    t = m.LongTermArchiveTransfer
-    with db.session_scope() as s:
-        if not start_scheduled(
-            s, t, archive_transfer_id, start_time=m.utcnow(), worker=worker_name()
-        ):
-            return "skipped"
-        row = s.get(t, archive_transfer_id)
-        rdp = row.raw_data_package
-        origin, dest = row.origin_location, row.destination_location
-        path, expected = rdp.relative_path, (rdp.checksum or "").lower()
-        metadata = build_metadata(rdp, dest)
-        rdp_id = rdp.id
-    fields = {
-        "archive_transfer_id": archive_transfer_id,
-        "raw_data_package_id": rdp_id,
-        "origin": origin.name,
-        "location": dest.name,
-    }
-    meta_path = sidecar_path(path)
-    try:
-        if not expected:
-            raise PermanentError(f"raw data package {rdp_id} has no checksum to verify against")
-        src_storage = storage_for_location(origin)
-        dst_storage = storage_for_location(dest)
-        method = get_transfer_method(method_for_storages(None, src_storage, dst_storage))
-        log_path = transfer_log_dir() / f"long_term_archive_transfer_{archive_transfer_id}.log"
-        with (
-            open(log_path, "a", encoding="utf-8") as lf,
-            heartbeat(archive_transfer_id, m.LongTermArchiveTransfer),
-        ):
-            stats = method.transfer(src_storage, path, dst_storage, path, lf)
-            actual = dst_storage.sha256(path)
-        if actual != expected:
-            with contextlib.suppress(Exception):
-                dst_storage.delete(path)
-            log.warning(
-                "archive_checksum_mismatch",
-                **fields,
-                expected=expected,
-                actual=actual,
-                reason="LTA copy differs from RawDataPackage.checksum; removed, will retry",
-            )
-            raise RuntimeError(
-                f"checksum mismatch in {dest.name}: expected {expected}, got {actual}"
-            )
-        with dst_storage.open_write(meta_path) as f:
-            f.write(json.dumps(metadata, indent=2, sort_keys=True, default=str).encode())
-    except (ConfigurationError, PermanentError) as exc:
-        return _record_failure(archive_transfer_id, str(exc), True, fields)
-    except Exception as exc:
-        return _record_failure(archive_transfer_id, f"{type(exc).__name__}: {exc}", False, fields)
-
-    with db.session_scope() as s:
-        row = s.get(t, archive_transfer_id)
-        if row.status != m.Status.IN_PROGRESS:
-            return "skipped"
-        now = m.utcnow()
-        mark_completed(row, stats, now)
-        row.metadata_path = meta_path
-        record_present_copy(
-            s,
-            m.RawDataPackagePhysicalCopy,
-            "raw_data_package_id",
-            rdp_id,
-            dest.id,
-            path,
-            size=stats.bytes,
-            checksum=expected,
-            verified_at=now,
-        )
-        pkg = s.get(m.RawDataPackage, rdp_id)
-        if pkg.state != m.PackageState.ARCHIVED:
-            pkg.state = m.PackageState.ARCHIVED
-            pkg.archived_at = now
-    log.info("raw_data_package_archived", **fields, size_bytes=stats.bytes)
-    return "completed"
-
-
-archive_raw_data_package = row_task(
-    "ccat_data_transfer.archive_manager.archive_raw_data_package",
-    execute_archive_transfer,
-    "Celery task: run :func:`execute_archive_transfer` on the LTA-site buffer's queue.",
-)

@@ -16,10 +16,10 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from ccat_data_transfer.cli import errors, helptext
 from ccat_data_transfer.cli.common import app, err_console, options
 from ccat_data_transfer.core.errors import CcatError
-from ccat_ops_db.topology import TopologyError
 
 COMMAND_MODULES = [
     "core",
+    "managers",
     "packaging",
     "transfer",
     "deletion",
@@ -60,9 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("interrupted")
         return errors.INTERRUPTED_EXIT
-    except (CcatError, TopologyError) as exc:
-        errors.say(str(exc))
-        return errors.ERROR_EXIT
+    except CcatError as exc:  # the project's family, TopologyError and StorageError included
+        return errors.operator_error(exc, verbose=options.verbose)
     except OperationalError as exc:
         reason = str(exc.orig).strip() if exc.orig else str(exc)
         errors.say(f"database: {reason}")

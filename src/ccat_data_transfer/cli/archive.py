@@ -1,10 +1,11 @@
 """Archive truth on the command line: the consistency audit and its holds, the fixity
-manager and its status, and a package's archive trail.
+status, and a package's archive trail.
 
 ``audit`` (with its options) runs the audit as before; ``audit hold list`` and ``audit
-hold clear LOCATION`` show and lift the holds a systematic fault leaves; ``fixity-manager``
-runs the fixity scan; ``fixity status`` shows per LTA how far re-verification got;
-``archive-events PACKAGE_ID`` prints the trail of one package.
+hold clear LOCATION`` show and lift the holds a systematic fault leaves (``fixity-manager``,
+which runs the fixity scan, comes from the registry: :mod:`.managers`); ``fixity status``
+shows per LTA how far re-verification got; ``archive-events PACKAGE_ID`` prints the trail
+of one package.
 
 Room in the house: CLI layer (thin: parse, call, print).
 """
@@ -18,16 +19,11 @@ from rich.table import Table
 from sqlalchemy import select
 
 from ccat_data_transfer.cli.common import (
-    ONCE_OPTION,
-    SITE_OPTION,
-    VERBOSE_OPTION,
     app,
     console,
     get_db,
     human_bytes,
     print_listing,
-    print_result_json,
-    run_manager_command,
 )
 from ccat_data_transfer.core.errors import NotFoundError
 from ccat_ops_db import models as m
@@ -160,28 +156,13 @@ def hold_clear_command(
     )
 
 
-@app.command("fixity-manager")
-def fixity_manager_command(
-    once: bool = ONCE_OPTION, verbose: bool = VERBOSE_OPTION, site: str | None = SITE_OPTION
-) -> None:
-    """Run the fixity manager: re-read archive copies in full within FIXITY_BYTES_PER_DAY
-    per LTA, oldest check first, and queue repairs of lost archive copies."""
-    from ccat_data_transfer.fixity import scan
-
-    result = run_manager_command(
-        "fixity_manager", scan.run_once, scan.sleep_time, once=once, verbose=verbose, site=site
-    )
-    if once:
-        print_result_json(result)
-
-
 @fixity_app.command("status")
 def fixity_status_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Per LTA: copies, bytes, oldest full check, copies never checked, and the period
     the budget achieves."""
-    from ccat_data_transfer.fixity import scan
+    from ccat_data_transfer.fixity import cycle as scan
 
     with get_db().session_scope() as session:
         rows = [scan.location_fixity(session, loc) for loc in scan.lta_locations(session, "")]

@@ -8,12 +8,11 @@ inside commands, so that ``--help`` stays fast), core and ccat_ops_db.
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any
 
 import typer
@@ -25,7 +24,7 @@ from ccat_data_transfer.core import formatting
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.logs import configure_logging
-from ccat_data_transfer.core.registry import stage
+from ccat_data_transfer.core.registry import StageEntry
 
 app = typer.Typer(
     name="ccat_data_transfer",
@@ -217,27 +216,30 @@ def print_result_json(result: Any) -> None:
 
 
 def add_manager_command(
-    command: str,
+    entry: StageEntry,
     doc: str,
-    sleep_seconds: Callable[[ModuleType], float],
+    sleep_seconds: Callable[[Any], float],
     report: Callable[[Any], None],
     *,
     beat_each_cycle: bool = False,
+    once_help: str | None = None,
 ) -> Callable[..., None]:
-    """Register ``command`` (``transfer-manager``; options ``--once``, ``-v``, ``--site``;
-    help ``doc``): it runs the registry entry's ``run_once`` in the manager
-    loop, ``sleep_seconds(module)`` between cycles, and with ``--once`` hands the result to
-    ``report``.  The manager module is imported when the command runs, not at start-up."""
-    manager = command.replace("-", "_")
+    """Register the command of registry entry ``entry`` (``transfer-manager``; options
+    ``--once``, ``-v``, ``--site``; help ``doc``): it runs the entry's ``run_once`` in the
+    manager loop as ``entry.name`` (its health name), ``sleep_seconds(owner)`` between
+    cycles (``owner``: the cycle module, or the instance the entry names), and with
+    ``--once`` hands the result to ``report``.  The stage is imported when the command
+    runs, not at start-up."""
+    once_option = typer.Option(False, "--once", help=once_help) if once_help else ONCE_OPTION
 
     def manager_command(
-        once: bool = ONCE_OPTION, verbose: bool = VERBOSE_OPTION, site: str | None = SITE_OPTION
+        once: bool = once_option, verbose: bool = VERBOSE_OPTION, site: str | None = SITE_OPTION
     ) -> None:
-        module = importlib.import_module(stage(manager).cycle_module)
+        owner = entry.load_owner()
         result = run_manager_command(
-            manager,
-            module.run_once,
-            lambda: sleep_seconds(module),
+            entry.name,
+            owner.run_once,
+            lambda: sleep_seconds(owner),
             once=once,
             verbose=verbose,
             site=site,
@@ -246,7 +248,7 @@ def add_manager_command(
         if once:
             report(result)
 
-    manager_command.__name__ = f"{manager}_command"
+    manager_command.__name__ = f"{entry.name}_command"
     manager_command.__doc__ = doc
-    app.command(command)(manager_command)
+    app.command(entry.command)(manager_command)
     return manager_command

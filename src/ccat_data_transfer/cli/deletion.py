@@ -1,5 +1,5 @@
-"""Deletion and buffer commands: deletion-manager, buffer-manager, disk-monitor,
-deletion-plan (dry run) and explain."""
+"""Deletion and buffer commands: disk-monitor, deletion-plan (dry run) and explain (the
+deletion and buffer managers' commands come from the registry: :mod:`.managers`)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,10 @@ from rich.table import Table
 from sqlalchemy import select
 
 from ccat_data_transfer.cli.common import (
-    ONCE_OPTION,
-    SITE_OPTION,
     app,
     console,
     get_db,
     human_bytes,
-    manager_site,
-    print_result_json,
-    run_manager_command,
 )
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.errors import NotFoundError, ValidationError
@@ -36,45 +31,6 @@ _STATE_STYLE = {
     "emergency": "bold red",
     "unknown": "dim",
 }
-
-
-@app.command("deletion-manager")
-def deletion_manager_command(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Verbose (debug) logging."),
-    once: bool = ONCE_OPTION,
-    site: str | None = SITE_OPTION,
-) -> None:
-    """Run the deletion manager (every DELETION_MANAGER_SLEEP_TIME seconds, shorter under
-    buffer pressure).  With ``--site``: copies at the site's locations only (the rules
-    still consult every site's copies)."""
-    from ccat_data_transfer.deletion import cycle
-
-    result = run_manager_command(
-        "deletion_manager",
-        cycle.run_once,
-        cycle.sleep_time,
-        once=once,
-        verbose=verbose,
-        site=site,
-    )
-    if once:
-        print_result_json(result)
-
-
-@app.command("buffer-manager")
-def buffer_manager_command(
-    once: bool = typer.Option(False, "--once", help="Measure once and exit."),
-    site: str | None = SITE_OPTION,
-) -> None:
-    """Run the buffer manager: measure every active location (of ``--site``), publish its
-    state, escalate."""
-    from ccat_data_transfer.buffers.cycle import BufferManager
-    from ccat_data_transfer.core.scope import ALL_SITES
-
-    site = manager_site(get_db(), site)
-    result = BufferManager().run(once=once, site=site or ALL_SITES)
-    if once:
-        print_result_json(result)
 
 
 @app.command("disk-monitor")

@@ -2,9 +2,9 @@
 
 Room in the house: CLI layer.  Exit code ``2`` for every error, a usage error (unknown
 command or option, missing argument, invalid value) as for anything else: an error meant
-for an operator
-(:class:`~ccat_data_transfer.core.errors.CcatError`, a topology or database problem) is its
-message; an unexpected exception is its class and message plus a hint to re-run with
+for an operator (any :class:`~ccat_ops_db.errors.CcatError`: the whole family,
+topology and storage errors included, or a database problem) is its message; an
+unexpected exception is its class and message plus a hint to re-run with
 ``--verbose``, which shows the traceback.
 
 Typer 0.29 and later ship their own copy of click (``typer._click``) whose exceptions are
@@ -65,6 +65,22 @@ def usage_error(exc: Any, prog: str) -> int:
     hint = f" (see `{command} --help`)" if getattr(exc, "exit_code", 1) == USAGE_EXIT else ""
     say(exc.format_message() + hint)
     return int(getattr(exc, "exit_code", ERROR_EXIT) or ERROR_EXIT)
+
+
+def operator_error(exc: BaseException, *, verbose: bool) -> int:
+    """An error of the project's family (:class:`~ccat_ops_db.errors.CcatError`):
+    its message as one line; a storage error says so first (``storage: ...``), since its
+    message names a path or a bucket, not the command.  ``verbose`` shows the traceback
+    first, as for an unexpected error (a storage failure deep in a cycle is where it
+    helps)."""
+    from ccat_data_transfer.core.storage.errors import StorageError
+
+    if verbose:
+        err_console.print(
+            escape("".join(traceback.format_exception(exc)).rstrip()), highlight=False
+        )
+    say(f"storage: {exc}" if isinstance(exc, StorageError) else str(exc))
+    return ERROR_EXIT
 
 
 def unexpected_error(exc: BaseException, *, verbose: bool) -> int:

@@ -1,10 +1,10 @@
-"""Packaging commands: file data, run the two packaging managers, show a package."""
+"""Packaging commands: file data, show a package (the packaging managers' commands come from
+the registry: :mod:`.managers`)."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +21,12 @@ from rich.table import Table
 from sqlalchemy import select
 
 from ccat_data_transfer.cli.common import (
-    add_manager_command,
     app,
     console,
     err_console,
     get_db,
     human_bytes,
 )
-from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.errors import NotFoundError, ValidationError
 from ccat_data_transfer.core.fileio import COPY_BUFSIZE, temporary_component
 from ccat_data_transfer.core.storage import storage_for_location
@@ -36,51 +34,6 @@ from ccat_ops_db import models as m
 
 package_app = typer.Typer(help="Inspect packages.", no_args_is_help=True)
 app.add_typer(package_app, name="package")
-
-
-def _print_summary(title: str, summary: dict[str, Any]) -> None:
-    parts = [f"{k}={v}" for k, v in summary.items() if not isinstance(v, list) or v]
-    console.print(f"{title}: " + ", ".join(parts), highlight=False)
-    for err in summary.get("checksum_errors", []):
-        err_console.print(
-            f"[bold red]checksum mismatch:[/] {err.get('relative_path')}: {err.get('reason')}",
-            highlight=False,
-        )
-
-
-def _summary(title: str) -> Callable[[Any], None]:
-    """``--once`` of a packaging manager: its summary as ``title``."""
-
-    def report(result: Any) -> None:
-        if isinstance(result, dict):
-            _print_summary(title, result)
-
-    return report
-
-
-def _setting(key: str) -> Callable[[Any], float]:
-    # Read each cycle, so that a changed setting applies.
-    return lambda _module: float(settings[key])
-
-
-for _command, _title, _doc in (
-    (
-        "raw-data-package-manager",
-        "raw data packages",
-        "Package filed raw files into RawDataPackages and move them to the site buffer.",
-    ),
-    (
-        "data-transfer-package-manager",
-        "data transfer packages",
-        "Bundle waiting RawDataPackages at source-site buffers into DataTransferPackages.",
-    ),
-):
-    add_manager_command(
-        _command,
-        _doc,
-        _setting(f"{_command.replace('-', '_').upper()}_SLEEP_TIME"),
-        _summary(_title),
-    )
 
 
 def _collect(paths: list[Path], root: Path) -> list[tuple[Path, str]]:

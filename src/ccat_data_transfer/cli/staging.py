@@ -2,8 +2,8 @@
 
 ``stage`` is a group: with options it creates a job (``stage --package 3``,
 ``stage --obs-unit NAME``, ``stage --instrument primecam --from ISO --to ISO``); its
-subcommands are ``stage list`` and ``stage done ID``.  ``staging-manager`` runs the
-staging manager (a loop, or one cycle with ``--once``).
+subcommands are ``stage list`` and ``stage done ID``.  ``staging-manager`` (a loop, or
+one cycle with ``--once``) comes from the registry (:mod:`.managers`).
 """
 
 from __future__ import annotations
@@ -13,14 +13,11 @@ import json
 import typer
 
 from ccat_data_transfer.cli.common import (
-    add_manager_command,
     app,
     console,
     get_db,
     print_listing,
-    print_result_json,
 )
-from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.errors import ValidationError
 from ccat_data_transfer.staging import jobs as staging_jobs
 from ccat_data_transfer.staging import retention as staging_retention
@@ -181,13 +178,3 @@ def stage_done(job_id: int = typer.Argument(..., help="Staging job ID.")) -> Non
         "the deletion manager will clean up its files",
         highlight=False,
     )
-
-
-add_manager_command(
-    "staging-manager",
-    """Run the staging manager: expire jobs, stage pending jobs from the archives
-    (every STAGING_MANAGER_SLEEP_TIME seconds).  With ``--site``: jobs whose destination
-    is at the site.""",
-    lambda _module: float(settings.get("STAGING_MANAGER_SLEEP_TIME", 5)),
-    print_result_json,
-)

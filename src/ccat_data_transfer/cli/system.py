@@ -18,7 +18,7 @@ from ccat_data_transfer.cli.common import (
     print_listing,
 )
 from ccat_data_transfer.core.config import settings
-from ccat_data_transfer.core.health import list_services
+from ccat_data_transfer.core.health import list_services, managers_not_reporting
 
 if TYPE_CHECKING:
     from ccat_data_transfer.core.database import DatabaseConnection
@@ -49,6 +49,13 @@ def health_command(
     )
     if as_json:
         return
+    silent = managers_not_reporting(services)
+    if silent:
+        console.print(
+            "managers of the registry with no heartbeat (none of their own, no `run`): "
+            + ", ".join(silent),
+            highlight=False,
+        )
     dead = [s for s in services if not s["alive"]]
     if dead:
         raise typer.Exit(1)

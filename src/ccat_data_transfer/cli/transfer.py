@@ -1,78 +1,18 @@
-"""Transfer commands: the transfer and archive managers, and operator views of transfers."""
+"""Transfer commands: operator views of transfers (the transfer and archive managers'
+commands come from the registry: :mod:`.managers`)."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from typing import Any
 
 import typer
 from rich.table import Table
 from sqlalchemy import select
 
-from ccat_data_transfer.cli.common import add_manager_command, app, console, get_db, human_bytes
-from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.cli.common import app, console, get_db, human_bytes
 from ccat_data_transfer.core.errors import ValidationError
 from ccat_ops_db import models as m
 
 transfers_app = typer.Typer(help="Inspect and retry data transfers.", no_args_is_help=True)
 app.add_typer(transfers_app, name="transfers")
-
-
-def _sleep_time(base_key: str) -> float:
-    """The manager's base cycle time, shortened when any buffer is under pressure."""
-    from ccat_data_transfer.core.buffer_status import manager_sleep_time, state_of
-    from ccat_data_transfer.core.database import DatabaseConnection
-
-    base = float(settings.get(base_key))
-    try:
-        session, _ = DatabaseConnection().get_connection()
-        try:
-            names = session.scalars(
-                select(m.DataLocation.name).where(
-                    m.DataLocation.location_type == m.LocationType.BUFFER,
-                    m.DataLocation.active.is_(True),
-                )
-            ).all()
-            states = [state_of(name, session) for name in names]
-        finally:
-            session.close()
-    except Exception:  # the DB hiccuped: keep the normal pace, the cycle will report it
-        return base
-    return manager_sleep_time(base, states)
-
-
-def _paced(key: str) -> Callable[[Any], float]:
-    return lambda _module: _sleep_time(key)
-
-
-def _report_as(name: str) -> Callable[[Any], None]:
-    """``--once`` of the transfer and archive managers: ``name: key=value, ...``."""
-
-    def report(result: Any) -> None:
-        if isinstance(result, dict):
-            console.print(
-                f"{name}: " + ", ".join(f"{k}={v}" for k, v in result.items()), highlight=False
-            )
-
-    return report
-
-
-for _command, _doc in (
-    (
-        "transfer-manager",
-        """Send DataTransferPackages to the LTA sites (round-robin primary, then secondary),
-        verify them at the destination and unpack them.  With ``--site``: transfers leaving
-        the site and unpacks arriving there.""",
-    ),
-    ("archive-manager", "Move RawDataPackages from LTA-site buffers into the long-term archives."),
-):
-    add_manager_command(
-        _command,
-        _doc,
-        _paced(f"{_command.replace('-', '_').upper()}_SLEEP_TIME"),
-        _report_as(_command.replace("-", " ")),
-        beat_each_cycle=True,
-    )
 
 
 def _parse_status(value: str | None) -> m.Status | None:

@@ -1,18 +1,30 @@
-"""Errors a person can act on.  The CLI prints their message as one line, no traceback."""
+"""Errors a person can act on: the project's one error family.
+
+Every exception class the project defines derives from
+:class:`~ccat_ops_db.errors.CcatError` (defined in :mod:`ccat_ops_db.errors`, the bottom
+floor, so that the topology's :class:`~ccat_ops_db.errors.TopologyError` is a member too;
+``tests/test_errors.py`` checks it).  Both, and
+:class:`~ccat_ops_db.errors.ConfigurationError`, are importable from here.  The CLI prints
+the message of any of them as one line, no traceback (``--verbose`` adds it); the API
+answers each with a status code and the message as its reason.
+
+Room in the house: core.
+"""
 
 from __future__ import annotations
 
+from ccat_ops_db.errors import CcatError, ConfigurationError, TopologyError
 
-class CcatError(Exception):
-    """Base of all errors with a message meant for an operator."""
-
-
-class ConfigurationError(CcatError):
-    """Settings or topology are wrong."""
-
-
-class TopologyError(ConfigurationError):
-    """The topology file is malformed or inconsistent; nothing was changed."""
+__all__ = [
+    "CcatError",
+    "ConfigurationError",
+    "DatabaseUnavailableError",
+    "NotFoundError",
+    "PermanentError",
+    "RetryableError",
+    "TopologyError",
+    "ValidationError",
+]
 
 
 class DatabaseUnavailableError(CcatError):

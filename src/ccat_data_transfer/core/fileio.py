@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ccat_data_transfer.core.errors import CcatError
 from ccat_ops_db.names import TEMP_MARK, is_temporary_name, temporary_component
 
 __all__ = [
@@ -179,7 +180,7 @@ def copy_fd(
     raise OSError(errno.EOPNOTSUPP, f"none of the copy methods {list(methods)} works here")
 
 
-class _Unsupported(Exception):
+class _Unsupported(CcatError):
     def __init__(self, done: int) -> None:
         super().__init__(done)
         self.done = done

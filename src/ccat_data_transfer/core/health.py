@@ -5,6 +5,10 @@ Distributed mode writes Redis keys ``health:{service_type}:{service_name}`` with
 key expired is dead.  The set ``health:known`` remembers every service ever seen so that
 ``ccat_data_transfer health`` can list the dead ones too.  The embedded mode keeps the
 same records in the ``manager_state`` table.
+
+A manager's service name is its entry's name in the stage registry
+(:mod:`ccat_data_transfer.core.registry`), ``<name>@<site>`` when scoped to a site; the
+managers ``health`` expects are the registry's (:func:`managers_not_reporting`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from sqlalchemy import select
 
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.logs import get_logger
+from ccat_data_transfer.core.registry import STAGES
 from ccat_ops_db import models as m
 
 log = get_logger(__name__)
@@ -180,3 +185,18 @@ def list_services() -> list[dict[str, Any]]:
     finally:
         session.close()
     return sorted(services, key=lambda s: s["key"])
+
+
+def managers_not_reporting(services: list[dict[str, Any]]) -> list[str]:
+    """Names of the registry's managers (``health:manager:<name>``) that no service in
+    ``services`` (from :func:`list_services`) stands for: no heartbeat under ``<name>`` or
+    ``<name>@<site>``, and no ``run`` (which runs every manager) has reported.  Said, not
+    counted as dead: a deployment may run only some managers against this database."""
+    seen = {
+        str(svc["service_name"]).partition("@")[0]
+        for svc in services
+        if svc.get("service_type") == "manager"
+    }
+    if "run" in seen:
+        return []
+    return [entry.name for entry in STAGES if entry.name not in seen]

@@ -3,13 +3,18 @@
 Room in the house: core.  It names stage modules by their dotted path and imports none of
 them, so that core stays below the stages; the readers import what they need:
 
-- :mod:`ccat_data_transfer.core.celery_app` includes every entry's task modules (so that
+- ``ccat_data_transfer.core.celery_app`` includes every entry's task modules (so that
   every process that sends or re-sends a task knows every task);
 - the orchestrator (``ccat_data_transfer run``) calls every entry's cycle in this order;
-- the command line registers one ``<name>-manager`` command per entry with a ``cli`` of
-  its own;
-- health reports use the entry's ``name`` (``health:manager:<name>``);
+- the command line registers one ``<name>-manager`` command per entry
+  (``ccat_data_transfer.cli.managers``; its help, its pace between cycles and its
+  ``--once`` report may be given there, keyed by the entry's name, else defaults apply);
+- health reports use the entry's ``name`` (``health:manager:<name>``), and ``health``
+  lists the managers it expects from here (:func:`manager_health_keys`);
 - the documentation's CLI reference is generated from the command line.
+
+Each stage package has the same shape: its cycle module (``run_once``), its rules and
+queries, and ``tasks.py`` with its Celery tasks.
 
 Adding a stage is one entry here.
 """
@@ -44,40 +49,43 @@ class StageEntry:
     def cycle_module(self) -> str:
         return f"{PACKAGE}.{self.cycle.partition(':')[0]}"
 
-    def load_cycle(self) -> Any:
-        """The callable ``run_once(session, site=...)`` of the stage (imports it)."""
+    @property
+    def health_key(self) -> str:
+        """The key its manager's heartbeat is written under (unscoped)."""
+        return f"health:manager:{self.name}"
+
+    def load_owner(self) -> Any:
+        """What holds the stage's ``run_once``: its cycle module, or a fresh instance of
+        the class the entry names (imports it)."""
         module, _, attribute = self.cycle.partition(":")
         target: Any = importlib.import_module(f"{PACKAGE}.{module}")
         if not attribute:
-            return target.run_once
+            return target
         target = getattr(target, attribute)
-        return target().run_once if isinstance(target, type) else target
+        return target() if isinstance(target, type) else target
+
+    def load_cycle(self) -> Any:
+        """The callable ``run_once(session, site=...)`` of the stage (imports it)."""
+        owner = self.load_owner()
+        return getattr(owner, "run_once", owner)
 
 
 STAGES: tuple[StageEntry, ...] = (
     StageEntry("buffer_manager", "buffer monitoring", "buffers.cycle:BufferManager"),
     StageEntry(
-        "raw_data_package_manager",
-        "packaging",
-        "packaging.raw_packages",
-        ("packaging.raw_packages",),
+        "raw_data_package_manager", "packaging", "packaging.raw_cycle", ("packaging.tasks",)
     ),
     StageEntry(
         "data_transfer_package_manager",
         "transfer packaging",
-        "packaging.transfer_packages",
-        ("packaging.transfer_packages",),
+        "packaging.transfer_cycle",
+        ("packaging.tasks",),
     ),
-    StageEntry(
-        "transfer_manager",
-        "transfer + unpack",
-        "transfer.cycle",
-        ("transfer.execution", "transfer.unpack"),
-    ),
-    StageEntry("archive_manager", "archive", "archive.cycle", ("archive.cycle", "archive.proof")),
-    StageEntry("staging_manager", "staging", "staging.cycle", ("staging.task",)),
-    StageEntry("fixity_manager", "fixity", "fixity.scan", ("fixity.repair",)),
-    StageEntry("deletion_manager", "deletion", "deletion.cycle", ("deletion.worker",)),
+    StageEntry("transfer_manager", "transfer + unpack", "transfer.cycle", ("transfer.tasks",)),
+    StageEntry("archive_manager", "archive", "archive.cycle", ("archive.tasks",)),
+    StageEntry("staging_manager", "staging", "staging.cycle", ("staging.tasks",)),
+    StageEntry("fixity_manager", "fixity", "fixity.cycle", ("fixity.tasks",)),
+    StageEntry("deletion_manager", "deletion", "deletion.cycle", ("deletion.tasks",)),
 )
 
 
@@ -88,6 +96,11 @@ def stage(name: str) -> StageEntry:
         if entry.name == key:
             return entry
     raise KeyError(name)
+
+
+def manager_health_keys() -> list[str]:
+    """``health:manager:<name>`` of every stage, in stage order."""
+    return [entry.health_key for entry in STAGES]
 
 
 def task_modules() -> list[str]:

@@ -104,7 +104,7 @@ class TransferMethodBase:
         :class:`~ccat_data_transfer.core.hosts.SiteReach` or a bare host name) for the network
         methods (rsync, xrootd, bbcp); ``None`` means the storage is reachable from here.  Raises
         :class:`~ccat_data_transfer.core.errors.RetryableError` for transient failures and
-        :class:`~ccat_data_transfer.core.errors.ConfigurationError`
+        :class:`~ccat_ops_db.errors.ConfigurationError`
         when the method cannot work at all with this setup.
         """
         raise NotImplementedError

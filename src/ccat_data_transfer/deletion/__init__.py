@@ -11,7 +11,8 @@ The user's lifecycle document turned into code, one room per concern:
 ``deletion.marking``      stage 1: raw files of a package gone from the source site
 ``deletion.steps``        the five steps of a cycle (``delete_*``, stage 2)
 ``deletion.cycle``        ``run_once``, ``delete_data_packages``, ``sleep_time``, retries
-``deletion.worker``       ``DeletionTask`` and the tasks: re-check, delete, record
+``deletion.worker``       ``DeletionTask`` and the task bodies: re-check, delete, record
+``deletion.tasks``        the Celery tasks (their names unchanged)
 ``deletion.trail``        ``deletion_log`` rows and ``deletion_history``
 ``deletion.plan``         the dry run: ``deletion_plan``, ``explain_copy``
 ``deletion.base``         shared names (states, tables, copy types, logger)

@@ -80,7 +80,7 @@ from ccat_data_transfer.deletion.steps import (
     delete_staged_raw_data_files_from_processing,
     process_deletion_possible_raw_data_files,
 )
-from ccat_data_transfer.deletion.worker import delete_bulk_raw_data_files
+from ccat_data_transfer.deletion.tasks import delete_bulk_raw_data_files
 from ccat_ops_db import models as m
 
 

@@ -57,16 +57,16 @@ from ccat_data_transfer.deletion.pressure import (
     should_delete_based_on_buffer_status,
 )
 from ccat_data_transfer.deletion.rules import _decide_dtp_copy, _decide_rdp_copy
+from ccat_data_transfer.deletion.tasks import (
+    delete_bulk_data_transfer_packages,
+    delete_bulk_raw_data_files,
+    delete_bulk_raw_data_packages,
+)
 from ccat_data_transfer.deletion.trail import (
     _add_deletion_log,
     _batch_row,
     _copy_size,
     _write_log_rows,
-)
-from ccat_data_transfer.deletion.worker import (
-    delete_bulk_data_transfer_packages,
-    delete_bulk_raw_data_files,
-    delete_bulk_raw_data_packages,
 )
 from ccat_ops_db import models as m
 

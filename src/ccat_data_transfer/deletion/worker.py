@@ -1,6 +1,7 @@
-"""The deletion worker: the Celery tasks that delete copies where the data is.
+"""The deletion worker: what the Celery tasks (:mod:`ccat_data_transfer.deletion.tasks`)
+run to delete copies where the data is, and their base class :class:`DeletionTask`.
 
-Every task runs :func:`_delete_physical_copies` in three phases:
+Every task runs :func:`delete_copies` in three phases:
 
 1. :func:`_recheck_and_claim` (DB): the rule is checked again against the database
    (``deletion.rules``, ``deletion.rule_sql``: the archive proof, audit holds, frozen
@@ -17,9 +18,9 @@ Every task runs :func:`_delete_physical_copies` in three phases:
    from the source site starts stage 1 for its raw files (``deletion.marking``).
 
 Task names are explicit strings under ``ccat_data_transfer.deletion_manager`` (the names
-workers and queued messages know).
+workers and queued messages know), in :mod:`ccat_data_transfer.deletion.tasks`.
 
-Room in the house: tasks; imports ``celery_app``, ``storage`` (at run time), ``database``,
+Room in the house: stage deletion (task bodies); imports ``storage`` (at run time), ``database``,
 ``exceptions`` and the ``deletion`` core modules (base, rules, rule_sql, trail, marking,
 candidates for loading copies), never the manager's steps.
 """
@@ -35,7 +36,6 @@ from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer.core.celery_app import app
 from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.errors import RetryableError
 from ccat_data_transfer.core.liveness import beating
@@ -325,7 +325,7 @@ def _record_outcomes(
         mark_raw_data_files_for_deletion(session, source_packages)
 
 
-def _delete_physical_copies(
+def delete_copies(
     physical_copy_ids: Sequence[int], actor: str = "deletion_worker"
 ) -> dict[str, int]:
     """Body of every deletion task: double-check, delete from storage, record."""
@@ -368,51 +368,4 @@ def _delete_bulk_raw_data_files_internal(
     PRESENT / DELETION_POSSIBLE with a SKIPPED log), move the rest to
     DELETION_IN_PROGRESS, delete from storage, then mark DELETED (``deleted_at``) or
     DELETION_FAILED (retry count + 1, error kept) and write the audit trail."""
-    return _delete_physical_copies(physical_copy_ids)
-
-
-@app.task(
-    bind=True, base=DeletionTask, name="ccat_data_transfer.deletion_manager.delete_physical_copy"
-)
-def delete_physical_copy(
-    self: Task, physical_copy_id: int, queue_name: str | None = None
-) -> dict[str, int]:
-    """Delete one physical copy that is DELETION_SCHEDULED (the rule is checked again here
-    before storage is touched; nothing happens if it no longer holds)."""
-    return _delete_physical_copies([physical_copy_id])
-
-
-@app.task(
-    bind=True,
-    base=DeletionTask,
-    name="ccat_data_transfer.deletion_manager.delete_bulk_raw_data_files",
-)
-def delete_bulk_raw_data_files(
-    self: Task, physical_copy_ids: list[int], queue_name: str | None = None
-) -> dict[str, int]:
-    """Delete a batch of raw-file copies at one location (one task per batch)."""
-    return _delete_bulk_raw_data_files_internal(physical_copy_ids, queue_name)
-
-
-@app.task(
-    bind=True,
-    base=DeletionTask,
-    name="ccat_data_transfer.deletion_manager.delete_bulk_raw_data_packages",
-)
-def delete_bulk_raw_data_packages(
-    self: Task, physical_copy_ids: list[int], queue_name: str | None = None
-) -> dict[str, int]:
-    """Delete a batch of RawDataPackage copies at one location."""
-    return _delete_physical_copies(physical_copy_ids)
-
-
-@app.task(
-    bind=True,
-    base=DeletionTask,
-    name="ccat_data_transfer.deletion_manager.delete_bulk_data_transfer_packages",
-)
-def delete_bulk_data_transfer_packages(
-    self: Task, physical_copy_ids: list[int], queue_name: str | None = None
-) -> dict[str, int]:
-    """Delete a batch of DataTransferPackage copies at one location."""
-    return _delete_physical_copies(physical_copy_ids)
+    return delete_copies(physical_copy_ids)

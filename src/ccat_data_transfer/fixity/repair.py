@@ -1,15 +1,17 @@
 """Repair of a bad archive copy from a good copy elsewhere; a freeze when none is left.
 
 A verification that finds an archive copy MISSING or CORRUPT marks it lost and calls the
-hooks of ``archive_proof.on_bad_copies``; :func:`on_bad_copies` (registered when this
-module is imported) queues :func:`repair_archive_copy` on the bad copy's own LTA
-``archive_verification`` queue, so the repair runs at the site that writes the bytes.
+hooks of ``archive_proof.on_bad_copies``;
+:func:`~ccat_data_transfer.fixity.tasks.on_bad_copies` (registered when
+:mod:`ccat_data_transfer.fixity.tasks` is imported) queues the task
+``repair_archive_copy`` on the bad copy's own LTA ``archive_verification`` queue, so the
+repair runs at the site that writes the bytes.
 
 The repair (:func:`repair_copy`) tries the good sources of the same package in turn:
 
 1. a copy at another LTA location: PRESENT, not lost, with the package's checksum; when
    its last full check is older than LTA_PROOF_MAX_AGE_SECONDS it is first re-read in
-   full (:func:`~ccat_data_transfer.archive.proof.verify_copies` with ``full=True``), and
+   full (:func:`~ccat_data_transfer.archive.verification.verify_copies` with ``full=True``), and
    one that fails that check is marked lost there (and is itself repaired or frozen);
 2. a PRESENT, not lost copy at a BUFFER location.
 
@@ -31,8 +33,9 @@ When every source was shown bad (or there is none), no good copy of the package 
 anywhere: the package is frozen (``frozen_at``/``frozen_reason``, archive_event FROZEN,
 an error log line and an alert); the deletion rules then keep every copy of it.
 
-Room in the house: tasks.  Imports the Celery app, core (config, database, storage,
-alerts, queue routing, archive_proof) and ccat_ops_db; never a manager.
+Room in the house: stage fixity (the repair task's body).  Imports core (config,
+database, storage, alerts, queue routing), the archive stage's public ``proof`` and
+ccat_ops_db; never a manager.
 """
 
 from __future__ import annotations
@@ -45,13 +48,11 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer.archive import proof as archive_proof
-from ccat_data_transfer.archive.proof import FIXITY_OK, Finding, proof_cutoff, record_event
+from ccat_data_transfer.archive.proof import FIXITY_OK, proof_cutoff, record_event
 from ccat_data_transfer.core.alerts import send_alert
-from ccat_data_transfer.core.celery_app import app
 from ccat_data_transfer.core.database import DatabaseConnection
+from ccat_data_transfer.core.errors import CcatError
 from ccat_data_transfer.core.logs import get_logger
-from ccat_data_transfer.core.operation_types import OperationType
-from ccat_data_transfer.core.queues import route_task_by_location
 from ccat_data_transfer.core.storage import (
     CHUNK_SIZE,
     ObjectNotFound,
@@ -91,57 +92,16 @@ class _Target:
     size: int | None
 
 
-class _SourceBad(Exception):
+class _SourceBad(CcatError):
     """The source's bytes are not the package's (or it has none)."""
 
 
-class _SourceUnreachable(Exception):
+class _SourceUnreachable(CcatError):
     """The source could not be read now (storage error): not known bad."""
 
 
-class _DestinationBad(Exception):
+class _DestinationBad(CcatError):
     """The destination could not be written, or holds other bytes after the write."""
-
-
-# ---------------------------------------------------------------------------------------
-# Hook and task
-# ---------------------------------------------------------------------------------------
-
-
-def queue_repair(session: Session, copy_id: int) -> None:
-    """Queue the repair of ``copy_id`` on its LTA's archive_verification queue."""
-    copy = session.get(m.PhysicalCopy, copy_id)
-    if copy is None:
-        return
-    queue = route_task_by_location(OperationType.ARCHIVE_VERIFICATION, copy.data_location)
-    repair_archive_copy.apply_async(args=[copy_id], queue=queue)
-
-
-def on_bad_copies(findings: list[Finding]) -> None:
-    """``archive_proof.on_bad_copies`` hook: queue a repair of every bad archive copy."""
-    db = DatabaseConnection()
-    with db.session_scope() as session:
-        lta_ids = [
-            f.copy_id
-            for f in findings
-            if f.package_id is not None
-            and session.get(m.DataLocation, f.location_id).location_type
-            == m.LocationType.LONG_TERM_ARCHIVE
-        ]
-    for copy_id in lta_ids:
-        with db.session_scope() as session:
-            queue_repair(session, copy_id)
-
-
-if on_bad_copies not in archive_proof.on_bad_copies:
-    archive_proof.on_bad_copies.append(on_bad_copies)
-
-
-@app.task(bind=True, acks_late=True, name="ccat_data_transfer.repair_archive_copy")
-def repair_archive_copy(self: Any, copy_id: int) -> str:
-    """Celery task: :func:`repair_copy` at the bad copy's site.  Idempotent: a copy that
-    is no longer lost is left alone."""
-    return repair_copy(copy_id)
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,8 +7,11 @@
 * :mod:`~ccat_data_transfer.packaging.raw_report` - everything about one raw data package
   as plain data (CLI ``package show``, the API).
 
-The managers themselves stay :mod:`ccat_data_transfer.packaging.raw_packages` and
-:mod:`ccat_data_transfer.packaging.transfer_packages` (cycle and Celery task).
+The two managers: stage 1's cycle is :mod:`ccat_data_transfer.packaging.raw_cycle`
+(claims and the task's body in :mod:`ccat_data_transfer.packaging.raw_packages`), stage
+2's :mod:`ccat_data_transfer.packaging.transfer_cycle` (aggregation rule, claims and the
+task's body in :mod:`ccat_data_transfer.packaging.transfer_packages`); both Celery tasks
+are in :mod:`ccat_data_transfer.packaging.tasks`.
 
 Room in the house: managers/tasks.  Imports core and :mod:`ccat_ops_db`.
 """

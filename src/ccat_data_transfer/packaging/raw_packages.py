@@ -5,7 +5,9 @@ The grouping rule (when a group of filed files is complete, how it is split into
 packages, when it is blocked) and the planning query live in
 :mod:`ccat_data_transfer.packaging.raw_groups`; the claim / build / release steps this
 stage shares with stage 2 in :mod:`ccat_data_transfer.packaging.skeleton`.  This module
-is the stage: its cycle and its Celery task, and what is its own in them.
+holds the stage's claims and its task body (what is its own in them); the cycle is
+:mod:`ccat_data_transfer.packaging.raw_cycle`, the Celery task
+:mod:`ccat_data_transfer.packaging.tasks`.
 
 What a cycle does
 -----------------
@@ -33,8 +35,8 @@ removed, so nothing half-done is recorded; the next cycle tries again.  Claims w
 started and whose heartbeat stopped (a killed worker, :mod:`ccat_data_transfer.core.liveness`)
 are released by the manager.
 
-Room in the house: managers (cycle) and tasks (``create_raw_data_package``).  Imports the
-packaging modules, core and :mod:`ccat_ops_db`.
+Room in the house: stage packaging (claims and the body of ``create_raw_data_package``).
+Imports the packaging modules, core and :mod:`ccat_ops_db`.
 """
 
 from __future__ import annotations
@@ -47,12 +49,10 @@ from typing import Any
 from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer.core import scope
-from ccat_data_transfer.core.celery_app import app
 from ccat_data_transfer.core.database import DatabaseConnection
+from ccat_data_transfer.core.errors import CcatError
 from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.core.operation_types import OperationType
-from ccat_data_transfer.core.queues import route_task_by_location
 from ccat_data_transfer.core.storage import StorageError, storage_for_location
 from ccat_data_transfer.core.tarutil import TarResult, TarSourceChangedError
 from ccat_data_transfer.packaging import skeleton
@@ -73,13 +73,12 @@ log = get_logger(__name__)
 __all__ = [
     "GroupPlan",
     "claim_package",
-    "create_raw_data_package",
+    "build_raw_data_package",
     "describe_raw_data_package",
     "group_is_complete",
     "package_file_name",
     "plan_packages",
     "release_stalled_claims",
-    "run_once",
     "split_by_size",
     "usable_buffers",
 ]
@@ -173,63 +172,13 @@ def release_stalled_claims(session: Session, location_ids: list[int] | None = No
 
 
 # ---------------------------------------------------------------------------------------
-# The manager cycle
+# The task body (the Celery task is packaging.tasks.create_raw_data_package)
 # ---------------------------------------------------------------------------------------
 
 
-def run_once(session: Session, site: str | None = None) -> dict[str, Any]:
-    """One cycle: release stalled claims, plan, claim, submit.  Returns a summary.
-
-    ``site`` scopes the cycle to raw files whose SOURCE location is at that site (default:
-    the setting ``MANAGER_SITE``; see :mod:`ccat_data_transfer.core.scope`)."""
-    location_ids = scope.location_ids(session, site)
-    summary: dict[str, Any] = {
-        "packages_submitted": 0,
-        "packages_created": 0,
-        "packages_failed": 0,
-        "files_packaged": 0,
-        "bytes_packaged": 0,
-        "claims_lost": 0,
-        "waiting_groups": 0,
-        "blocked_groups": 0,
-        "paused_sites": [],
-        "checksum_errors": [],
-        "released_stalled": release_stalled_claims(session, location_ids),
-    }
-    plans = plan_packages(session, summary, location_ids)
-    session.commit()
-    for plan in plans:
-        for part in plan.parts:
-            pkg_id = claim_package(session, plan, part)
-            if pkg_id is None:
-                summary["claims_lost"] += 1
-                continue
-            source = session.get(m.DataLocation, plan.source_location_id)
-            assert source is not None
-            queue = route_task_by_location(OperationType.RAW_DATA_PACKAGE_CREATION, source)
-            session.commit()
-            skeleton.submit(summary, create_raw_data_package, pkg_id, queue, _TOTALS)
-    if summary["checksum_errors"]:
-        log.error(
-            "raw_data_files_checksum_mismatch",
-            count=len(summary["checksum_errors"]),
-            files=[e["relative_path"] for e in summary["checksum_errors"]][:50],
-        )
-    return summary
-
-
-# Cycle summary key -> result key of a package built inline (embedded mode).
-_TOTALS = {"files_packaged": "files", "bytes_packaged": "size_bytes"}
-
-
-# ---------------------------------------------------------------------------------------
-# The task
-# ---------------------------------------------------------------------------------------
-
-
-@app.task(bind=True, acks_late=True, name="ccat_data_transfer.create_raw_data_package")
-def create_raw_data_package(self: Any, package_id: int) -> dict[str, Any]:
-    """Build, place and record one claimed RawDataPackage (idempotent)."""
+def build_raw_data_package(package_id: int) -> dict[str, Any]:
+    """Build, place and record one claimed RawDataPackage (idempotent): the body of the
+    Celery task :func:`ccat_data_transfer.packaging.tasks.create_raw_data_package`."""
     return skeleton.run_task(RAW_DATA_PACKAGE, package_id, _build_package, _flag_mismatch)
 
 
@@ -309,7 +258,7 @@ def _build_into_buffer(
     raise StorageError("no buffer of the site accepted the package")
 
 
-class _SourceError(Exception):
+class _SourceError(CcatError):
     """A packaging failure that is the source's, not the target's: no failover."""
 
     def __init__(self, error: BaseException) -> None:

@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session
 
 from ccat_data_transfer.core import scope
 from ccat_data_transfer.core.database import DatabaseConnection
-from ccat_data_transfer.core.errors import NotFoundError
+from ccat_data_transfer.core.errors import CcatError, NotFoundError
 from ccat_data_transfer.core.fileio import temporary_component
 from ccat_data_transfer.core.liveness import beating, resend, stopped, waited_in_queue
 from ccat_data_transfer.core.operation_types import OperationType
@@ -113,7 +113,7 @@ class PackageKind:
         return getattr(self.member_model, self.member_fk)
 
 
-class MemberMismatch(Exception):
+class MemberMismatch(CcatError):
     """Members whose bytes do not match their record: ``(relative_path, reason)``."""
 
     def __init__(self, mismatches: list[tuple[str, str]]) -> None:

@@ -35,8 +35,12 @@ The claim / build / release steps are shared with stage 1
 (:mod:`ccat_data_transfer.packaging.skeleton`); what is this stage's own is here: the
 aggregation rule, the bundle row, members going to TRANSFERRING, failing a member.
 
-Room in the house: managers (cycle) and tasks (``create_data_transfer_package``).
-Imports the packaging skeleton, core and :mod:`ccat_ops_db`.
+The cycle (``run_once``) is :mod:`ccat_data_transfer.packaging.transfer_cycle`, the Celery
+task :mod:`ccat_data_transfer.packaging.tasks`.
+
+Room in the house: stage packaging (the aggregation rule, claims, and the body of
+``create_data_transfer_package``).  Imports the packaging skeleton, core and
+:mod:`ccat_ops_db`.
 """
 
 from __future__ import annotations
@@ -51,13 +55,9 @@ from sqlalchemy import bindparam, exists, select, update
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer.core import scope
-from ccat_data_transfer.core.buffer_room import largest_landing_capacity
-from ccat_data_transfer.core.celery_app import app
-from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.core.operation_types import OperationType
-from ccat_data_transfer.core.queues import route_task_by_location
 from ccat_data_transfer.core.storage import storage_for_location
 from ccat_data_transfer.packaging import skeleton
 from ccat_ops_db import models as m
@@ -68,11 +68,11 @@ __all__ = [
     "Bundle",
     "bundle_packages",
     "claim_bundle",
-    "create_data_transfer_package",
+    "build_data_transfer_package",
     "find_waiting_packages",
     "refuse_too_large",
     "release_stalled_claims",
-    "run_once",
+    "source_site_buffers",
 ]
 
 
@@ -149,7 +149,7 @@ _STALLED_BUNDLES = select(m.DataTransferPackage.id).where(
 )
 
 
-def _source_site_buffers(
+def source_site_buffers(
     session: Session, location_ids: list[int] | None = None
 ) -> list[m.DataLocation]:
     return list(
@@ -274,58 +274,15 @@ def refuse_too_large(
     return kept, refused
 
 
-def run_once(session: Session, site: str | None = None) -> dict[str, Any]:
-    """One cycle: bundle waiting packages at every source-site buffer and submit tasks.
-
-    ``site`` scopes the cycle to the source-site buffers of that site (default: the
-    setting ``MANAGER_SITE``; see :mod:`ccat_data_transfer.core.scope`)."""
-    location_ids = scope.location_ids(session, site)
-    target = int(settings.DATA_TRANSFER_PACKAGE_TARGET_SIZE_BYTES)
-    max_wait = float(settings.DATA_TRANSFER_PACKAGE_MAX_WAIT_SECONDS)
-    summary: dict[str, Any] = {
-        "packages_submitted": 0,
-        "packages_created": 0,
-        "packages_failed": 0,
-        "raw_data_packages_bundled": 0,
-        "bytes_bundled": 0,
-        "claims_lost": 0,
-        "waiting_raw_data_packages": 0,
-        "checksum_errors": [],
-        "released_stalled": release_stalled_claims(session, location_ids),
-        "refused_too_large": [],
-    }
-    now = m.utcnow()
-    limit = largest_landing_capacity(session)
-    for buffer in _source_site_buffers(session, location_ids):
-        waiting, refused = refuse_too_large(
-            session, buffer, find_waiting_packages(session, buffer), limit
-        )
-        summary["refused_too_large"] += refused
-        bundles = bundle_packages(waiting, target, max_wait, now, limit[0] if limit else None)
-        summary["waiting_raw_data_packages"] += len(waiting) - sum(len(b) for b in bundles)
-        session.commit()
-        for ids in bundles:
-            dtp_id = claim_bundle(session, buffer, ids)
-            if dtp_id is None:
-                summary["claims_lost"] += 1
-                continue
-            queue = route_task_by_location(OperationType.DATA_TRANSFER_PACKAGE_CREATION, buffer)
-            skeleton.submit(summary, create_data_transfer_package, dtp_id, queue, _TOTALS)
-    return summary
-
-
-# Cycle summary key -> result key of a package built inline (embedded mode).
-_TOTALS = {"raw_data_packages_bundled": "members", "bytes_bundled": "size_bytes"}
-
-
 # ---------------------------------------------------------------------------------------
-# The task
+# The task body (the Celery task is packaging.tasks.create_data_transfer_package)
 # ---------------------------------------------------------------------------------------
 
 
-@app.task(bind=True, acks_late=True, name="ccat_data_transfer.create_data_transfer_package")
-def create_data_transfer_package(self: Any, dtp_id: int) -> dict[str, Any]:
-    """Build and record one claimed DataTransferPackage at its buffer (idempotent)."""
+def build_data_transfer_package(dtp_id: int) -> dict[str, Any]:
+    """Build and record one claimed DataTransferPackage at its buffer (idempotent): the
+    body of the Celery task
+    :func:`ccat_data_transfer.packaging.tasks.create_data_transfer_package`."""
     return skeleton.run_task(DATA_TRANSFER_PACKAGE, dtp_id, _build, _fail_member)
 
 

@@ -19,7 +19,7 @@ module                                                 holds
 :mod:`~ccat_data_transfer.staging.finders`             the set-based queries and the job
                                                        claim
 :mod:`~ccat_data_transfer.staging.cycle`               ``run_once``, ``sleep_time``
-:mod:`~ccat_data_transfer.staging.task`                the Celery task ``stage_staging_job``
+:mod:`~ccat_data_transfer.staging.tasks`               the Celery task ``stage_staging_job``
                                                        and the job's retries
 :mod:`~ccat_data_transfer.staging.package`             staging one package at one location
                                                        (lock, reuse, plan)

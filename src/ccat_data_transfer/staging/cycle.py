@@ -8,7 +8,7 @@ modules, scope, queue routing, config, logging, ``ccat_ops_db``.
 :func:`run_once` expires jobs, then claims each due PENDING active job with ``UPDATE
 staging_job SET status='IN_PROGRESS' WHERE id=:id AND status='PENDING'`` (row count 1 or
 someone else has it), commits, and submits
-:func:`~ccat_data_transfer.staging.task.stage_staging_job` on the
+:func:`~ccat_data_transfer.staging.tasks.stage_staging_job` on the
 ``{site}_{destination}_staging`` queue (in-process in embedded mode).
 """
 
@@ -26,7 +26,7 @@ from ccat_data_transfer.core.operation_types import OperationType
 from ccat_data_transfer.core.queues import route_task_by_location
 from ccat_data_transfer.staging.finders import claim_staging_job, due_staging_jobs
 from ccat_data_transfer.staging.retention import expire_staging_jobs
-from ccat_data_transfer.staging.task import stage_staging_job
+from ccat_data_transfer.staging.tasks import stage_staging_job
 from ccat_ops_db import models as m
 
 log = get_logger(__name__)

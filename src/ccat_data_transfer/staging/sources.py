@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.database import DatabaseConnection
-from ccat_data_transfer.core.errors import PermanentError, RetryableError
+from ccat_data_transfer.core.errors import CcatError, PermanentError, RetryableError
 from ccat_data_transfer.core.hosts import SiteReach, reach_of
 from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.core.storage import (
@@ -73,7 +73,7 @@ class Source:
     relative_path: str
 
 
-class CorruptCopy(Exception):
+class CorruptCopy(CcatError):
     """The bytes copied do not match the package's checksum or size."""
 
 

@@ -19,8 +19,10 @@ One file per concern (imports point down the list only, and to core and ``ccat_o
 * :mod:`~ccat_data_transfer.transfer.planning`: primary transfers (round-robin LTA site)
   and onward transfers (relay second hops, secondaries);
 * :mod:`~ccat_data_transfer.transfer.routes`: the LTA sites, routes and landing buffers;
-* :mod:`~ccat_data_transfer.transfer.execution`: the transfer task and its checksum check;
-* :mod:`~ccat_data_transfer.transfer.unpack`: the unpack task;
+* :mod:`~ccat_data_transfer.transfer.tasks`: the Celery tasks (transfer, unpack);
+* :mod:`~ccat_data_transfer.transfer.execution`: the transfer task's body and its
+  checksum check;
+* :mod:`~ccat_data_transfer.transfer.unpack`: the unpack task's body;
 * :mod:`~ccat_data_transfer.transfer.worker`: what the transfer, unpack and archive tasks
   share (worker name, heartbeat, log folder, recording a verified copy or a failure);
 * :mod:`~ccat_data_transfer.transfer.recovery`: the retry policy, stalled-work resets and

@@ -24,11 +24,13 @@ from ccat_data_transfer.core.buffer_status import state_of, transfer_limit
 from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.core.operation_types import OperationType
 from ccat_data_transfer.transfer.claims import claim, submit_claimed
-from ccat_data_transfer.transfer.execution import transfer_data_transfer_package
 from ccat_data_transfer.transfer.planning import plan_onward_transfers, plan_primary_transfers
 from ccat_data_transfer.transfer.recovery import IN_FLIGHT
 from ccat_data_transfer.transfer.routes import lta_sites
-from ccat_data_transfer.transfer.unpack import unpack_data_transfer_package
+from ccat_data_transfer.transfer.tasks import (
+    transfer_data_transfer_package,
+    unpack_data_transfer_package,
+)
 from ccat_ops_db import models as m
 
 log = get_logger("ccat_data_transfer.transfer_manager")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ccat_data_transfer.core.database import DatabaseConnection
-from ccat_data_transfer.core.errors import ConfigurationError, PermanentError
+from ccat_data_transfer.core.errors import CcatError, ConfigurationError, PermanentError
 from ccat_data_transfer.core.hosts import SiteReach, reach_of
 from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.core.row_tasks import start_scheduled
@@ -35,7 +35,6 @@ from ccat_data_transfer.transfer.worker import (
     mark_completed,
     record_failed_attempt,
     record_present_copy,
-    row_task,
     transfer_log_dir,
     worker_name,
 )
@@ -51,11 +50,10 @@ _record_failure = functools.partial(
 __all__ = [
     "ChecksumMismatchError",
     "execute_transfer",
-    "transfer_data_transfer_package",
 ]
 
 
-class ChecksumMismatchError(Exception):
+class ChecksumMismatchError(CcatError):
     """What landed does not match the expected checksum (retryable)."""
 
 
@@ -199,10 +197,3 @@ def _record_completed(job: _Transfer, stats: TransferStats) -> str:
         rate_mb_per_s=round(stats.rate_mb_per_s, 3),
     )
     return "completed"
-
-
-transfer_data_transfer_package = row_task(
-    "ccat_data_transfer.transfer_manager.transfer_data_transfer_package",
-    execute_transfer,
-    "Celery task: run :func:`execute_transfer` on the origin location's queue.",
-)

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from ccat_data_transfer.core.database import DatabaseConnection
-from ccat_data_transfer.core.errors import ConfigurationError, PermanentError
+from ccat_data_transfer.core.errors import CcatError, ConfigurationError, PermanentError
 from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.core.storage import (
     DiskStorage,
@@ -35,7 +35,6 @@ from ccat_data_transfer.transfer.worker import (
     heartbeat,
     record_failed_attempt,
     record_present_copy,
-    row_task,
 )
 from ccat_ops_db import models as m
 
@@ -49,11 +48,10 @@ _record_failure = functools.partial(
 __all__ = [
     "UnpackVerificationError",
     "execute_unpack",
-    "unpack_data_transfer_package",
 ]
 
 
-class UnpackVerificationError(Exception):
+class UnpackVerificationError(CcatError):
     """A RawDataPackage inside the DTP is missing or does not match its checksum."""
 
 
@@ -170,10 +168,3 @@ def execute_unpack(transfer_id: int) -> str:
         t.next_attempt_at = None
     log.info("transfer_unpacked", **fields, packages=len(results))
     return "completed"
-
-
-unpack_data_transfer_package = row_task(
-    "ccat_data_transfer.transfer_manager.unpack_data_transfer_package",
-    execute_unpack,
-    "Celery task: run :func:`execute_unpack` on the destination buffer's queue.",
-)

@@ -1,13 +1,13 @@
 """What the worker tasks of the transfer and archive stages share.
 
-The transfer task, the unpack task and the archive task (each a :func:`row_task`) take a
-row, run long
+The transfer task, the unpack task and the archive task (``transfer.tasks``,
+``archive.tasks``) each take a row, run long
 storage work under a heartbeat (so the recovery service does not take slow work for
 dead work), keep a per-row command log, and end by recording either a verified PRESENT
 copy or a failed attempt (retry with backoff, or FAILED).
 
 Room in the house: tasks side.  Imports :mod:`~ccat_data_transfer.transfer.recovery`
-(the retry policy), core (Celery app, config, database, logging) and ``ccat_ops_db``.
+(the retry policy), core (config, database, liveness, logging) and ``ccat_ops_db``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer.core.celery_app import app
 from ccat_data_transfer.core.config import data_dir, settings
 from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.liveness import beating
@@ -38,25 +36,9 @@ __all__ = [
     "mark_completed",
     "record_failed_attempt",
     "record_present_copy",
-    "row_task",
     "transfer_log_dir",
     "worker_name",
 ]
-
-
-def row_task(name: str, execute: Callable[[int], str], doc: str) -> Any:
-    """The Celery task ``name`` (late acknowledgement: a worker lost midway leaves it
-    queued) that runs ``execute`` on one row id; ``execute`` takes the row itself, so a
-    duplicate delivery does nothing."""
-
-    def run(self: Any, row_id: int) -> str:
-        return execute(int(row_id))
-
-    # The task belongs to the module of ``execute`` (where it is found and documented).
-    run.__doc__ = doc
-    run.__module__ = execute.__module__
-    run.__name__ = run.__qualname__ = name.rsplit(".", 1)[-1]
-    return app.task(bind=True, acks_late=True, name=name)(run)
 
 
 def transfer_log_dir() -> Path:

@@ -2,12 +2,14 @@
 later, maybe elsewhere) from "object missing".
 
 Room in the house: core, at the bottom of :mod:`ccat_data_transfer.core.storage`.  Imports the
-standard library only.
+standard library and the error family (:mod:`ccat_data_transfer.core.errors`) only.
 """
 
 from __future__ import annotations
 
 import errno
+
+from ccat_data_transfer.core.errors import CcatError
 
 __all__ = [
     "ObjectNotFound",
@@ -21,7 +23,7 @@ __all__ = [
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
-class StorageError(Exception):
+class StorageError(CcatError):
     """A storage operation failed."""
 
 

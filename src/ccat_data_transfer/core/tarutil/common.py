@@ -17,6 +17,7 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ccat_data_transfer.core.errors import CcatError
 from ccat_data_transfer.core.fileio import (
     COPY_BUFSIZE,
     PathErrors,
@@ -50,7 +51,7 @@ DEFAULT_BUFSIZE = COPY_BUFSIZE
 _ZERO_BLOCK = bytes(BLOCKSIZE)
 
 
-class TarUtilError(Exception):
+class TarUtilError(CcatError):
     """Base class of this module's errors."""
 
 

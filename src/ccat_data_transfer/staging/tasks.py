@@ -36,7 +36,7 @@ from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.staging.package import StagingBusy, stage_package
 from ccat_ops_db import models as m
 
-log = get_logger(__name__)
+log = get_logger("ccat_data_transfer.staging.task")  # the name its log records had
 
 __all__ = ["stage_staging_job"]
 

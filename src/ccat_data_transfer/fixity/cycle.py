@@ -39,9 +39,10 @@ from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.core.manager_state import get_state, put_state
 from ccat_data_transfer.fixity import repair
+from ccat_data_transfer.fixity import tasks as repair_tasks
 from ccat_ops_db import models as m
 
-log = get_logger(__name__)
+log = get_logger("ccat_data_transfer.fixity.scan")  # the name its log records had
 
 PC = m.PhysicalCopy
 DAY_SECONDS = 86400.0
@@ -242,7 +243,7 @@ def requeue_repairs(session: Session, location_ids: list[int], now: datetime) ->
         .limit(REPAIR_BATCH)
     ).all()
     for copy_id in ids:
-        repair.queue_repair(session, copy_id)
+        repair_tasks.queue_repair(session, copy_id)
     return len(ids)
 
 
