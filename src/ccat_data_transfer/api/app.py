@@ -111,6 +111,27 @@ def status_for(exc: CcatError) -> int:
     return 500
 
 
+async def _database_lost(request: Request, exc: Exception) -> JSONResponse:
+    # The session was rolled back (or its connection died with the transaction):
+    # nothing of the request happened, so the client may simply repeat it.
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    log.warning(
+        "api_database_unavailable",
+        method=request.method,
+        path=request.url.path,
+        error=f"{type(exc).__name__}: {reason[0] if reason else ''}",
+    )
+    return JSONResponse(
+        {
+            "detail": "the database is unavailable (restarting or unreachable); nothing "
+            "of this request was done: retry after "
+            f"{DB_RETRY_AFTER_SECONDS} seconds"
+        },
+        503,
+        headers={"Retry-After": str(DB_RETRY_AFTER_SECONDS)},
+    )
+
+
 def create_app(database_url: str | None = None) -> FastAPI:
     """Build the API.  ``database_url`` overrides the DATABASE_URL setting."""
     app = FastAPI(
@@ -167,26 +188,6 @@ def create_app(database_url: str | None = None) -> FastAPI:
     async def _conflict(_request: Request, exc: IntegrityError) -> JSONResponse:
         reason = str(exc.orig).splitlines()[0] if exc.orig else "conflict"
         return _error(409, f"conflict: {reason}")
-
-    async def _database_lost(request: Request, exc: Exception) -> JSONResponse:
-        # The session was rolled back (or its connection died with the transaction):
-        # nothing of the request happened, so the client may simply repeat it.
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-        log.warning(
-            "api_database_unavailable",
-            method=request.method,
-            path=request.url.path,
-            error=f"{type(exc).__name__}: {reason[0] if reason else ''}",
-        )
-        return JSONResponse(
-            {
-                "detail": "the database is unavailable (restarting or unreachable); nothing "
-                "of this request was done: retry after "
-                f"{DB_RETRY_AFTER_SECONDS} seconds"
-            },
-            503,
-            headers={"Retry-After": str(DB_RETRY_AFTER_SECONDS)},
-        )
 
     for lost in _DATABASE_LOST:
         app.add_exception_handler(lost, _database_lost)
