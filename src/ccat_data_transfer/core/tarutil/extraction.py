@@ -23,7 +23,14 @@ import uuid
 from pathlib import Path
 
 from ccat_data_transfer.core.config import settings
-from ccat_data_transfer.core.fileio import buffer_size, fadvise_sequential, fsync_dir
+from ccat_data_transfer.core.fileio import (
+    SymlinkInPathError,
+    buffer_size,
+    fadvise_sequential,
+    fsync_dir,
+    open_dir_beneath,
+    parent_beneath,
+)
 from ccat_data_transfer.core.tarutil.common import (
     _ZERO_BLOCK,
     BLOCKSIZE,
@@ -260,6 +267,14 @@ def safe_extract(
             os.mkdir(d, 0o755)
             created_dirs.append(d)
 
+    def open_dirs_beneath(rel: str) -> int:
+        # Folders under the destination are made and opened without following a symlink.
+        made: list[str] = []
+        try:
+            return open_dir_beneath(real_dest, rel, create=True, created=made)
+        finally:
+            created_dirs.extend(os.path.join(real_dest, d) for d in made)
+
     try:
         make_dirs(str(dest))
         real_dest = os.path.realpath(dest)
@@ -278,18 +293,22 @@ def safe_extract(
             for name, info in plan:
                 target = os.path.join(real_dest, name)
                 if info.isdir():
-                    make_dirs(target)
+                    os.close(open_dirs_beneath(name))
                     continue
                 parent = os.path.dirname(target)
-                make_dirs(parent)
-                # Re-check right before writing: the tree may have changed meanwhile.
-                if not _within(os.path.realpath(parent), real_dest):
-                    raise UnsafeTarError(f"refusing tar member {info.name!r}: parent escapes")
+                dir_fd = open_dirs_beneath(os.path.dirname(name))
                 base = os.path.basename(target)[:200]  # temp name within NAME_MAX
-                tmp = os.path.join(parent, f".{base}.tmp-{uuid.uuid4().hex}")
-                fd = os.open(
-                    tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-                )
+                tmp_name = f".{base}.tmp-{uuid.uuid4().hex}"
+                tmp = os.path.join(parent, tmp_name)
+                try:
+                    fd = os.open(
+                        tmp_name,
+                        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        0o600,
+                        dir_fd=dir_fd,
+                    )
+                finally:
+                    os.close(dir_fd)
                 temps.append((tmp, target))
                 h = hashlib.sha256()
                 try:
@@ -309,20 +328,21 @@ def safe_extract(
                         remaining -= n
                     os.fchmod(fd, (info.mode & 0o755) | 0o600)
                     os.fsync(fd)
+                    os.utime(fd, (info.mtime, info.mtime))
                 finally:
                     os.close(fd)
-                os.utime(tmp, (info.mtime, info.mtime))
                 results.append(ExtractedMember(name, Path(target), info.size, h.hexdigest()))
 
         dirs_touched: set[str] = set()
         for tmp, target in temps:
-            os.replace(tmp, target)
+            with parent_beneath(real_dest, os.path.relpath(target, real_dest)) as (dfd, base):
+                os.replace(os.path.basename(tmp), base, src_dir_fd=dfd, dst_dir_fd=dfd)
             placed.append(target)
             dirs_touched.add(os.path.dirname(target))
         for d in dirs_touched:
             fsync_dir(d)
         return results
-    except BaseException:
+    except BaseException as exc:
         for tmp, _ in temps[len(placed) :]:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -332,4 +352,6 @@ def safe_extract(
         for d in reversed(created_dirs):
             with contextlib.suppress(OSError):
                 os.rmdir(d)
+        if isinstance(exc, SymlinkInPathError):
+            raise UnsafeTarError(f"refusing to extract {tar_path}: {exc}") from exc
         raise
