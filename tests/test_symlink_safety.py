@@ -135,3 +135,26 @@ def test_open_dir_beneath_makes_missing_folders_and_refuses_a_symlink(tmp_path):
     assert not (tmp_path / "x").exists()
     with pytest.raises(FileNotFoundError):
         open_dir_beneath(root, "a/missing")
+
+
+def test_transfer_unpack_refuses_a_symlinked_folder_at_the_destination(system):
+    """The LTA-site buffer's ``raw_data_packages`` folder is a symlink to a folder outside
+    it: the unpack of a transferred package puts nothing there and is not recorded done."""
+    from ccat_data_transfer import transfer_manager
+    from helpers_transfer import drive, make_dtp_at_source_buffer
+
+    outside = system.data_dir / "outside_buffer"
+    outside.mkdir()
+    for name in ("cologne_buffer", "us_buffer"):
+        (system.location_path(name) / "raw_data_packages").symlink_to(
+            outside, target_is_directory=True
+        )
+    with system.session() as s:
+        make_dtp_at_source_buffer(system, s, n_packages=1)
+    drive(system.session, transfer_manager.run_once, cycles=1)
+    assert _tree(outside) == []
+    with system.session() as s:
+        unpacked = s.scalars(
+            select(m.DataTransfer).where(m.DataTransfer.unpack_status == m.Status.COMPLETED)
+        ).all()
+        assert unpacked == []
