@@ -146,7 +146,7 @@ def resend(task_name: str, row_id: Any, queue: str, **kwargs: Any) -> bool:
     its row with a conditional UPDATE and a second delivery does nothing.
 
     The task is looked up by name after importing every stage's task modules
-    (:func:`~ccat_data_transfer.core.celery_app.registered_task`): the recovery process
+    (``ccat_data_transfer.core.celery_app.registered_task``): the recovery process
     imports none of them itself.  A send that fails raises; the caller stamps the row as
     re-sent only when this returned True."""
     from ccat_data_transfer.core.celery_app import registered_task
