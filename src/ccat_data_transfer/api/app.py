@@ -134,6 +134,9 @@ async def _database_lost(request: Request, exc: Exception) -> JSONResponse:
 
 def create_app(database_url: str | None = None) -> FastAPI:
     """Build the API.  ``database_url`` overrides the DATABASE_URL setting."""
+    from ccat_data_transfer.core.celery_app import import_task_modules
+
+    import_task_modules()  # the API sends tasks (staging, retries): it knows them all
     app = FastAPI(
         title="CCAT Data Transfer System API",
         version=__version__,

@@ -7,6 +7,8 @@ workers consume the ``{site}_{location}_{operation}`` queues.  The task code is 
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 
 from ccat_data_transfer.core.config import settings
@@ -50,6 +52,21 @@ def configure_celery() -> Celery:
 
 
 configure_celery()
+
+
+def import_task_modules() -> None:
+    """Import every stage's task modules (the registry's list, Celery's ``include``), as
+    a worker does at start: a process that sends or re-sends a task by name (recovery,
+    the managers, the API) then knows every task.  Idempotent and cheap once done."""
+    app.loader.import_default_modules()
+
+
+def registered_task(name: str) -> Any:
+    """The task called ``name``, importing the task modules first if this process has
+    not yet; ``celery.exceptions.NotRegistered`` only for a name no stage defines."""
+    if name not in app.tasks:
+        import_task_modules()
+    return app.tasks[name]
 
 
 def _start_worker_health(sender: object = None, **_kwargs: object) -> None:

@@ -8,7 +8,17 @@ module may import it.  What is here: checking a relative POSIX path (no absolute
 :func:`~ccat_ops_db.names.temporary_component`, re-exported), names cut to a byte limit
 without losing their uniqueness (:func:`fit_name`), read-buffer sizing, the
 sequential-read hint, fsync of a directory and the in-kernel copy of one file's bytes into
-another (:func:`copy_fd`).
+another (:func:`copy_fd`), and the walk beneath a location root that never
+follows a symbolic link (:func:`open_dir_beneath`, :func:`parent_beneath`,
+:func:`unlink_beneath`, :func:`link_beneath`).
+
+Why the walk: every write, link and unlink inside a location root goes through directory
+file descriptors opened one component at a time with ``O_NOFOLLOW``, then acts on the
+last name relative to that descriptor (``openat``, ``mkdirat``, ``linkat``, ``renameat``,
+``unlinkat``).  A path checked first and used afterwards leaves a window in which a folder
+swapped for a symlink redirects the write or the unlink outside the root; a descriptor
+does not.
+
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ import errno
 import hashlib
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +42,7 @@ __all__ = [
     "NAME_MAX",
     "PathErrors",
     "TEMP_MARK",
+    "SymlinkInPathError",
     "buffer_size",
     "clean_relative_path",
     "copy_fd",
@@ -41,6 +52,10 @@ __all__ = [
     "fsync_dir",
     "is_temporary_name",
     "temporary_component",
+    "link_beneath",
+    "open_dir_beneath",
+    "parent_beneath",
+    "unlink_beneath",
 ]
 
 #: The longest file name (one path component) the filesystems take, in bytes.
@@ -219,3 +234,143 @@ def _buffer_copy(src_fd: int, dst_fd: int, bufsize: int) -> int:
             view = view[os.write(dst_fd, view) :]
         done += n
     return done
+
+
+# --- The walk beneath a root that never follows a symlink ---------------------------------
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class SymlinkInPathError(CcatError, OSError, ValueError):
+    """A folder on the way to a name beneath a location root is a symbolic link: the
+    write, link or unlink is refused.  Also a ``ValueError``, as a path that resolves
+    outside the root is for the storage."""
+
+
+def _components(relpath: str | os.PathLike[str]) -> list[str]:
+    parts = [p for p in os.fspath(relpath).split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ValueError(f"refusing path {os.fspath(relpath)!r}: it contains '..'")
+    return parts
+
+
+def _open_component(fd: int, name: str, root: str, walked: str, *, create: bool) -> int:
+    """``name`` under the directory ``fd`` opened without following a symlink (made
+    first when ``create``)."""
+    for _ in range(2):
+        try:
+            return os.open(name, _DIR_FLAGS, dir_fd=fd)
+        except FileNotFoundError:
+            if not create:
+                raise
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o755, dir_fd=fd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link_at(fd, name):
+                raise SymlinkInPathError(
+                    errno.ELOOP,
+                    f"refusing {walked!r} beneath {root}: it is a symbolic link "
+                    "(nothing is written, linked or removed through it)",
+                ) from None
+            raise
+    return os.open(name, _DIR_FLAGS, dir_fd=fd)
+
+
+def open_dir_beneath(
+    root: str | os.PathLike[str],
+    relpath: str | os.PathLike[str],
+    *,
+    create: bool = False,
+    created: list[str] | None = None,
+) -> int:
+    """A file descriptor of the directory ``root/relpath``, opened component by component
+    from ``root`` with ``O_DIRECTORY | O_NOFOLLOW``; the caller closes it.
+
+    The root itself may be a symlink (a configured mount point); nothing beneath it may:
+    :class:`SymlinkInPathError`.  ``create`` makes the missing folders (mode 0755); their
+    relative paths are appended to ``created`` when given, outermost first.  A missing
+    folder without ``create`` is ``FileNotFoundError``."""
+    parts = _components(relpath)
+    root_s = os.fspath(root)
+    fd = os.open(root_s, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    walked = ""
+    try:
+        for part in parts:
+            walked = f"{walked}/{part}" if walked else part
+            existed = created is None or _lexists_at(fd, part)
+            nxt = _open_component(fd, part, root_s, walked, create=create)
+            os.close(fd)
+            fd = nxt
+            if not existed:
+                created.append(walked)  # type: ignore[union-attr]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _is_link_at(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode)
+    except OSError:
+        return False
+
+
+def _lexists_at(dir_fd: int, name: str) -> bool:
+    try:
+        os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def parent_beneath(
+    root: str | os.PathLike[str],
+    relpath: str | os.PathLike[str],
+    *,
+    create: bool = False,
+    created: list[str] | None = None,
+) -> Iterator[tuple[int, str]]:
+    """``(fd of the parent folder, last name)`` of ``root/relpath``, the parent opened by
+    :func:`open_dir_beneath` (closed on exit): act on the name with ``dir_fd=fd``."""
+    parts = _components(relpath)
+    if not parts:
+        raise ValueError(f"{os.fspath(relpath)!r} names the root itself, not an entry in it")
+    fd = open_dir_beneath(root, "/".join(parts[:-1]), create=create, created=created)
+    try:
+        yield fd, parts[-1]
+    finally:
+        os.close(fd)
+
+
+def unlink_beneath(root: str | os.PathLike[str], relpath: str | os.PathLike[str]) -> bool:
+    """Unlink ``root/relpath`` without following a symlink on the way (a symlink as the
+    last name is itself removed, never its target); False if it was not there.
+    ``IsADirectoryError`` for a directory; :class:`SymlinkInPathError` for a symlinked
+    folder on the way."""
+    try:
+        with parent_beneath(root, relpath) as (fd, name):
+            st = os.lstat(name, dir_fd=fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(errno.EISDIR, f"{os.fspath(relpath)} is a directory")
+            os.unlink(name, dir_fd=fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return True
+
+
+def link_beneath(
+    src: str | os.PathLike[str],
+    root: str | os.PathLike[str],
+    relpath: str | os.PathLike[str],
+    *,
+    create: bool = True,
+) -> None:
+    """Hard-link the file ``src`` (never through a symlink as its last name) to
+    ``root/relpath``, making missing folders; refuses a symlink on the way
+    (:class:`SymlinkInPathError`); ``FileExistsError`` if the name is taken (never
+    replaced).  The folder is fsynced."""
+    with parent_beneath(root, relpath, create=create) as (fd, name):
+        os.link(src, name, dst_dir_fd=fd, follow_symlinks=False)
+        os.fsync(fd)

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import shlex
 import socket
-import subprocess
 import time
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 from ccat_data_transfer.core.config import child_environment, settings
 from ccat_data_transfer.core.errors import RetryableError
+from ccat_data_transfer.core.subprocesses import run_bounded
 from ccat_ops_db import models as m
 
 __all__ = [
@@ -189,11 +189,18 @@ def run_logged(
     reach: SiteReach | None = None,
     env: dict[str, str] | None = None,
     stdin: Any = None,
+    work_bytes: int = 0,
 ) -> str:
     """Run a command, its output appended to the transfer log; returns its stdout.  A
-    non-zero exit is retryable and, with ``reach``, names the host it was talking to."""
+    non-zero exit is retryable and, with ``reach``, names the host it was talking to.
+    The command has a deadline scaled to ``work_bytes`` (the bytes it moves or reads;
+    :func:`~ccat_data_transfer.core.subprocesses.run_bounded`)."""
     log_line(log_file, "$ " + shlex.join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, stdin=stdin, check=False)
+    try:
+        proc = run_bounded(cmd, work_bytes=work_bytes, env=env, stdin=stdin)
+    except RetryableError as exc:
+        log_line(log_file, f"# {exc}")
+        raise
     for stream in (proc.stdout, proc.stderr):
         if stream:
             log_file.write(stream if stream.endswith("\n") else stream + "\n")

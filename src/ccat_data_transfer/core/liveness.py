@@ -25,11 +25,12 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, update
+from sqlalchemy.orm import Session
 
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.database import DatabaseConnection
@@ -42,7 +43,9 @@ __all__ = [
     "beating",
     "heartbeat_seconds",
     "queued_resend_window",
+    "ResendFailed",
     "resend",
+    "resend_all",
     "resend_before",
     "stall_window",
     "stalled_before",
@@ -140,14 +143,64 @@ def resend(task_name: str, row_id: Any, queue: str, **kwargs: Any) -> bool:
     one duplicate per queued row every QUEUED_RESEND_SECONDS).  An empty queue with the
     row still queued means the message was lost (e.g. Redis restarted without
     persistence): the task is sent again.  A duplicate is harmless anyway: the task takes
-    its row with a conditional UPDATE and a second delivery does nothing."""
-    from ccat_data_transfer.core.celery_app import app
+    its row with a conditional UPDATE and a second delivery does nothing.
 
+    The task is looked up by name after importing every stage's task modules
+    (``ccat_data_transfer.core.celery_app.registered_task``): the recovery process
+    imports none of them itself.  A send that fails raises; the caller stamps the row as
+    re-sent only when this returned True."""
+    from ccat_data_transfer.core.celery_app import registered_task
+
+    task = registered_task(task_name)
     waiting = waiting_in_broker(queue)
     if waiting is None or waiting > 0:
         return False
-    app.tasks[task_name].apply_async(args=[row_id], kwargs=kwargs, queue=queue)
+    task.apply_async(args=[row_id], kwargs=kwargs, queue=queue)
     return True
+
+
+class ResendFailed(Exception):
+    """Some re-sends of a recovery step failed (each logged); the others went out."""
+
+    def __init__(self, what: str, counts: tuple[int, int, int], first: BaseException) -> None:
+        sent, failed, total = counts
+        super().__init__(f"{failed} of {total} re-send(s) of {what} failed; first: {first}")
+        self.sent, self.failed = sent, failed
+
+
+def resend_all(
+    session: Session,
+    what: str,
+    sends: Iterable[tuple[str, Any, str]],
+    stamp: Callable[[str, Any, str], Any],
+) -> int:
+    """Send again each ``(task name, row id, queue)`` (:func:`resend`); only after a send
+    went out is ``stamp(task_name, row_id, queue)`` called (it stamps the row's "sent" column with a
+    conditional UPDATE) and committed.  A failing send or stamp is logged and counted and
+    never stops the others, and its row stays unstamped (the next pass tries it again);
+    at the end :class:`ResendFailed` reports them.  Returns how many were sent."""
+    sent = total = failed = 0
+    first: BaseException | None = None
+    for task_name, row_id, queue in sends:
+        total += 1
+        try:
+            if not resend(task_name, row_id, queue):
+                continue
+            sent += 1
+            stamp(task_name, row_id, queue)
+            session.commit()
+        except Exception as exc:
+            failed += 1
+            first = first or exc
+            with contextlib.suppress(Exception):
+                session.rollback()
+            log.exception(
+                "resend_failed", what=what, task=task_name, row_id=row_id, queue=queue,
+                error=str(exc),
+            )  # fmt: skip
+    if first is not None:
+        raise ResendFailed(what, (sent, failed, total), first)
+    return sent
 
 
 @contextlib.contextmanager

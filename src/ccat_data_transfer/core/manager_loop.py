@@ -55,6 +55,11 @@ def run_manager(
     max_cycles: int | None = None,
 ) -> Any:
     """Run ``cycle`` once (``once=True``) or in a loop until a stop is requested."""
+    from ccat_data_transfer.core.celery_app import import_task_modules
+
+    # A manager or the recovery service sends and re-sends tasks by name: it must know
+    # every task (not only those of the modules it happened to import).
+    import_task_modules()
     db = db or DatabaseConnection()
     if once:
         return run_cycle(name, cycle, db)

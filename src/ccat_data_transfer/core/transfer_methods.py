@@ -25,7 +25,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import time
 import uuid
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from ccat_data_transfer.core.storage import (
     copy_stream,
     temporary_name,
 )
+from ccat_data_transfer.core.subprocesses import run_bounded
 from ccat_ops_db import models as m
 
 __all__ = [
@@ -110,14 +110,22 @@ class TransferMethodBase:
         raise NotImplementedError
 
     def checksum(
-        self, dst_storage: Storage, dst_path: str, *, dst_host: SiteReach | str | None = None
+        self,
+        dst_storage: Storage,
+        dst_path: str,
+        *,
+        dst_host: SiteReach | str | None = None,
+        size: int | None = None,
     ) -> str:
         """SHA-256 of what landed, computed where the bytes are: on the destination host
         over ssh for a disk location there, by the storage itself otherwise (a local
-        disk; S3, reachable from every site, answers with the checksum it holds)."""
+        disk; S3, reachable from every site, answers with the checksum it holds).
+        ``size`` (the bytes expected there) scales the remote command's deadline; when
+        unknown it is asked of the host first."""
         reach = as_reach(dst_host)
         if reach is not None and isinstance(dst_storage, DiskStorage):
-            return _remote_sha256(reach, _local_root_path(dst_storage, dst_path, "checksum"))
+            path = _local_root_path(dst_storage, dst_path, "checksum")
+            return _remote_sha256(reach, path, _remote_size(reach, path) if size is None else size)
         return dst_storage.sha256(dst_path)
 
     def discard(
@@ -129,7 +137,7 @@ class TransferMethodBase:
             dst_storage.delete(dst_path)
             return
         path = _local_root_path(dst_storage, dst_path, "discard")
-        subprocess.run(reach.ssh("rm", "-f", "--", path), capture_output=True, check=False)
+        run_bounded(reach.ssh("rm", "-f", "--", path))
 
 
 _log = log_line
@@ -158,10 +166,34 @@ def _tmp_sibling(path: str) -> str:
     return os.path.join(head, temporary_name(tail, uuid.uuid4().hex))
 
 
-def _run(cmd: list[str], log_file: TextIO, what: str, reach: SiteReach | None = None) -> None:
+def _run(
+    cmd: list[str],
+    log_file: TextIO,
+    what: str,
+    reach: SiteReach | None = None,
+    work_bytes: int = 0,
+) -> None:
     """Run a command, its output appended to the transfer log; non-zero exit is retryable
-    (naming the host of ``reach``)."""
-    run_logged(cmd, log_file, what, reach)
+    (naming the host of ``reach``); its deadline is scaled to ``work_bytes``."""
+    run_logged(cmd, log_file, what, reach, work_bytes=work_bytes)
+
+
+def _remote_size(reach: SiteReach, path: str) -> int:
+    """Size of ``path`` on the host of ``reach`` (0 when it cannot be told): the work
+    that scales the deadline of a command reading it there."""
+    proc = run_bounded(reach.ssh("stat", "-L", "-c", "%s", "--", path))
+    out = proc.stdout.strip()
+    return int(out) if proc.returncode == 0 and out.isdigit() else 0
+
+
+def _work_bytes(src: str, src_reach: SiteReach | None) -> int:
+    """Bytes a copy of ``src`` (on ``src_reach``, None: here) moves."""
+    if src_reach is not None:
+        return _remote_size(src_reach, src)
+    try:
+        return os.path.getsize(src)
+    except OSError:
+        return 0
 
 
 def _resume_name(path: str) -> str:
@@ -174,14 +206,16 @@ def _resume_name(path: str) -> str:
     return os.path.join(head, temporary_name(tail, "resume"))
 
 
-def _run_into_place(command: list[str], dst: str, log_file: TextIO, what: str) -> None:
+def _run_into_place(
+    command: list[str], dst: str, log_file: TextIO, what: str, work_bytes: int = 0
+) -> None:
     """Run a local copy ``command`` with a temporary sibling of ``dst`` appended as its
     target, then rename that into place: readers never see a partial ``dst``, and the
     temporary file is removed whatever happens.  Shared by the command-line methods."""
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     tmp = _tmp_sibling(dst)
     try:
-        _run([*command, tmp], log_file, what)
+        _run([*command, tmp], log_file, what, work_bytes=work_bytes)
         os.replace(tmp, dst)
     finally:
         if os.path.lexists(tmp):
@@ -199,7 +233,7 @@ def _command_stats(
     return stats
 
 
-def _remote_sha256(reach: SiteReach, path: str) -> str:
+def _remote_sha256(reach: SiteReach, path: str, size: int) -> str:
     """SHA-256 computed on the destination host itself: the bytes are hashed where they
     lie, not read back across the link.  ``openssl dgst`` where the host has it (about
     twice as fast as coreutils' ``sha256sum``), else ``sha256sum``."""
@@ -208,7 +242,7 @@ def _remote_sha256(reach: SiteReach, path: str) -> str:
         "if command -v openssl >/dev/null 2>&1; then exec openssl dgst -sha256 -r "
         f"{q}; else exec sha256sum -- {q}; fi"
     )
-    out = subprocess.run(reach.ssh_script(script), capture_output=True, text=True)
+    out = run_bounded(reach.ssh_script(script), work_bytes=size)
     if out.returncode != 0 or not out.stdout.strip():
         detail = (out.stderr.strip().splitlines() or ["no output"])[-1]
         raise RetryableError(f"cannot checksum {path} on {reach.label}: {detail}")
@@ -342,7 +376,8 @@ class RsyncMethod(CommandLineMethod):
             os.makedirs(os.path.dirname(dst), exist_ok=True)
         src_arg = f"{src_reach.target}:{src}" if src_reach else src
         dst_arg = f"{dst_reach.target}:{partial}" if dst_reach else partial
-        _run([*cmd, src_arg, dst_arg], log_file, "rsync", reach)
+        work = _work_bytes(src, src_reach)
+        _run([*cmd, src_arg, dst_arg], log_file, "rsync", reach, work_bytes=work)
         _rename_into_place(partial, dst, dst_reach, log_file)
 
 
@@ -391,6 +426,7 @@ class XrootdMethod(CommandLineMethod):
                 "xrdcp",
                 dst_reach,
                 env=xrootd_env(),
+                work_bytes=size,
             )
         else:
             tail = partial + "-tail"
@@ -404,6 +440,7 @@ class XrootdMethod(CommandLineMethod):
                     dst_reach,
                     env=xrootd_env(),
                     stdin=f,
+                    work_bytes=size - keep,
                 )
             q_partial, q_tail = shlex.quote(partial), shlex.quote(tail)
             _run(
@@ -414,6 +451,7 @@ class XrootdMethod(CommandLineMethod):
                 log_file,
                 "append",
                 dst_reach,
+                work_bytes=size,
             )
         _rename_into_place(partial, dst, dst_reach, log_file)
 
@@ -421,13 +459,7 @@ class XrootdMethod(CommandLineMethod):
     def _size_there(reach: SiteReach, path: str) -> int:
         """Size of ``path`` on the destination's XRootD server (0 when absent)."""
         xrdfs = shutil.which("xrdfs") or "xrdfs"
-        proc = subprocess.run(
-            [xrdfs, reach.xrootd_url or "", "stat", path],
-            capture_output=True,
-            text=True,
-            env=xrootd_env(),
-            check=False,
-        )
+        proc = run_bounded([xrdfs, reach.xrootd_url or "", "stat", path], env=xrootd_env())
         match = re.search(r"^Size:\s+(\d+)", proc.stdout, re.MULTILINE)
         return int(match.group(1)) if proc.returncode == 0 and match else 0
 
@@ -479,8 +511,9 @@ class BbcpMethod(CommandLineMethod):
 
     def copy(self, exe, src, src_reach, dst, dst_reach, log_file):
         src_arg = f"{src_reach.target}:{src}" if src_reach else src
+        work = _work_bytes(src, src_reach)
         if dst_reach is None:
-            _run_into_place(self.local_command(exe, src_arg), dst, log_file, "bbcp")
+            _run_into_place(self.local_command(exe, src_arg), dst, log_file, "bbcp", work)
             return
         tmp = _tmp_sibling(dst)
         _run(dst_reach.ssh("mkdir", "-p", "--", os.path.dirname(dst)), log_file, "mkdir", dst_reach)
@@ -489,7 +522,7 @@ class BbcpMethod(CommandLineMethod):
             "-T",
             shlex.join(dst_reach.ssh_base()) + " %I -l %U %H bbcp",
         ]
-        _run([*cmd, f"{dst_reach.target}:{tmp}"], log_file, "bbcp", dst_reach)
+        _run([*cmd, f"{dst_reach.target}:{tmp}"], log_file, "bbcp", dst_reach, work)
         _rename_into_place(tmp, dst, dst_reach, log_file)
 
 

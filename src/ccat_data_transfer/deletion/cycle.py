@@ -42,6 +42,7 @@ from ccat_data_transfer.core import scope
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.database import DatabaseConnection, is_postgresql
 from ccat_data_transfer.core.liveness import (
+    ResendFailed,
     resend_before,
     stalled_before,
     stopped,
@@ -57,6 +58,7 @@ from ccat_data_transfer.deletion.base import (
     DLT,
     LT,
     PCT,
+    WORKER_ACCEPTS,
     S,
     kept,
     log,
@@ -183,19 +185,32 @@ def resubmit_stalled_deletions(session: Session, location_ids: list[int] | None 
     rows = [r for r in rows if r[2] == S.DELETION_IN_PROGRESS or r[1] in lost]
     if not rows:
         return 0
-    session.execute(
-        update(PCT)
-        .where(PCT.c.id.in_([r[0] for r in rows]))
-        .values(deletion_scheduled_at=m.utcnow())
-    )
-    session.commit()
+    session.commit()  # end the read transaction before talking to the broker
     by_loc: dict[int, list[int]] = defaultdict(list)
     for cid, loc_id, _ in rows:
         by_loc[loc_id].append(cid)
+    # Each location's batch is sent, then (only then) its copies stamped as sent; one
+    # location's failing send does not stop the others.
+    sent, failed, first = 0, 0, None
     for loc_id, ids in by_loc.items():
-        _submit(delete_bulk_raw_data_files, locations[loc_id], [ids])
+        try:
+            _submit(delete_bulk_raw_data_files, locations[loc_id], [ids])
+            session.execute(
+                update(PCT)
+                .where(PCT.c.id.in_(ids), PCT.c.status.in_(list(WORKER_ACCEPTS)))
+                .values(deletion_scheduled_at=m.utcnow())
+            )
+            session.commit()
+            sent += len(ids)
+        except Exception as exc:
+            failed += len(ids)
+            first = first or exc
+            session.rollback()
+            log.exception("deletion_resubmit_failed", location_id=loc_id, error=str(exc))
     session.expire_all()
-    return len(rows)
+    if first is not None:
+        raise ResendFailed("stalled deletions", (sent, failed, len(rows)), first)
+    return sent
 
 
 #: Settings of the cycle's transactions on PostgreSQL (each ends with its transaction).

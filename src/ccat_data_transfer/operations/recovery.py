@@ -23,7 +23,13 @@ from sqlalchemy.orm import Session
 
 from ccat_data_transfer.core import scope
 from ccat_data_transfer.core.config import settings
-from ccat_data_transfer.core.liveness import resend, stall_window, stopped, waited_in_queue
+from ccat_data_transfer.core.liveness import (
+    ResendFailed,
+    resend_all,
+    stall_window,
+    stopped,
+    waited_in_queue,
+)
 from ccat_data_transfer.core.logs import get_logger
 from ccat_ops_db import models as m
 
@@ -126,7 +132,9 @@ def reset_stalled_staging_jobs(
 def resend_queued_staging_jobs(session: Session, location_ids: list[int] | None = None) -> int:
     """Claimed staging jobs still queued (IN_PROGRESS, no heartbeat) whose task was sent
     (``start_time``) longer than QUEUED_RESEND_SECONDS ago: the task is sent again, no
-    retry counted (the task takes the job with a conditional UPDATE).  Returns how many."""
+    retry counted (the task takes the job with a conditional UPDATE); ``start_time`` is
+    stamped only after the send went out, and a failing send does not stop the others
+    (:func:`~ccat_data_transfer.core.liveness.resend_all`).  Returns how many."""
     from ccat_data_transfer.core.operation_types import OperationType
     from ccat_data_transfer.core.queues import route_task_by_location
 
@@ -137,24 +145,30 @@ def resend_queued_staging_jobs(session: Session, location_ids: list[int] | None 
         waited_in_queue(func.coalesce(job.start_time, job.created_at)),
     )
     jobs = session.scalars(scope.restrict(queued, job.destination_location_id, location_ids)).all()
-    sends: list[tuple[int, str]] = []
-    for row in jobs:
-        sends.append(
-            (row.id, route_task_by_location(OperationType.STAGING, row.destination_location))
+    sends = [
+        (
+            STAGING_TASK,
+            row.id,
+            route_task_by_location(OperationType.STAGING, row.destination_location),
         )
+        for row in jobs
+    ]
+    session.commit()  # end the read transaction before talking to the broker
+
+    def stamp(_task: str, job_id: int, queue: str) -> None:
         session.execute(
             update(job)
-            .where(job.id == row.id, job.heartbeat_at.is_(None))
+            .where(job.id == job_id, job.heartbeat_at.is_(None))
             .values(start_time=m.utcnow())
             .execution_options(synchronize_session=False)
         )
-    session.commit()
-    resent = 0
-    for job_id, queue in sends:
-        if resend("ccat_data_transfer.stage_staging_job", job_id, queue):
-            log.warning("staging_job_resent", staging_job_id=job_id, queue=queue)
-            resent += 1
-    return resent
+        log.warning("staging_job_resent", staging_job_id=job_id, queue=queue)
+
+    return resend_all(session, "queued staging jobs", sends, stamp)
+
+
+#: The staging task's name (its message is sent again by name).
+STAGING_TASK = "ccat_data_transfer.stage_staging_job"
 
 
 def run_once(
@@ -169,7 +183,7 @@ def run_once(
     from ccat_data_transfer.deletion.cycle import resubmit_stalled_deletions
     from ccat_data_transfer.packaging import raw_packages as raw_data_package_manager
     from ccat_data_transfer.packaging import transfer_packages as data_transfer_package_manager
-    from ccat_data_transfer.packaging.skeleton import release_stalled_claims
+    from ccat_data_transfer.packaging.skeleton import release_stalled_claims, resend_queued_builds
     from ccat_data_transfer.transfer import recovery as transfer_manager
 
     ids = scope.location_ids(session, site)
@@ -180,10 +194,14 @@ def run_once(
     )
     steps = {
         "raw_data_packages": lambda: release_stalled_claims(
-            session, raw_data_package_manager.RAW_DATA_PACKAGE, ids, older_than
+            session, raw_data_package_manager.RAW_DATA_PACKAGE, ids, older_than, resend=False
         ),
         "data_transfer_packages": lambda: release_stalled_claims(
-            session, data_transfer_package_manager.DATA_TRANSFER_PACKAGE, ids, older_than
+            session,
+            data_transfer_package_manager.DATA_TRANSFER_PACKAGE,
+            ids,
+            older_than,
+            resend=False,
         ),
         "transfers": lambda: transfer_manager.reset_stalled_transfers(session, older_than, ids),
         "archive_transfers": lambda: archive_manager.reset_stalled_archive_transfers(
@@ -192,22 +210,35 @@ def run_once(
         "staging_jobs": lambda: reset_stalled_staging_jobs(session, older_than, ids),
         # The deletion manager also does this every cycle; the task re-checks the rule.
         "deletions": lambda: resubmit_stalled_deletions(session, location_ids=ids),
-        # Queued work whose message the broker may have lost: sent again, no retry charged
-        # (queued package builds are sent again by release_stalled_claims above).
-        "queued_resent": lambda: (
-            transfer_manager.resend_queued(session, queued_kinds, ids)
-            + resend_queued_staging_jobs(session, ids)
-        ),
     }
+    # Queued work whose message the broker may have lost: sent again, no retry charged;
+    # one step per kind, so that one kind's failure does not keep the others' lost.
+    for build in (
+        raw_data_package_manager.RAW_DATA_PACKAGE,
+        data_transfer_package_manager.DATA_TRANSFER_PACKAGE,
+    ):
+        steps[f"queued:{build.task}"] = lambda build=build: resend_queued_builds(
+            session, build, ids
+        )
+    for kind in queued_kinds:
+        steps[f"queued:{kind.task}"] = lambda kind=kind: transfer_manager.resend_queued(
+            session, (kind,), ids
+        )
+    steps[f"queued:{STAGING_TASK}"] = lambda: resend_queued_staging_jobs(session, ids)
     summary: dict[str, int] = {}
+    failed_steps = 0
     for name, step in steps.items():
-        # One stage's failure must not keep the others' stalled work stuck.
+        # One step's failure must not stop the others (each is its own transaction).
         try:
             summary[name] = int(step() or 0)
         except Exception as exc:
+            failed_steps += 1
             session.rollback()
-            summary[name] = 0
+            summary[name] = exc.sent if isinstance(exc, ResendFailed) else 0
             log.exception("recovery_step_failed", step=name, error=str(exc))
+    queued = [name for name in summary if name.startswith("queued:")]
+    summary["queued_resent"] = sum(summary.pop(name) for name in queued)
+    summary["failed_steps"] = failed_steps
     if any(summary.values()):
         log.warning("stalled_work_reset", **summary)
     return summary

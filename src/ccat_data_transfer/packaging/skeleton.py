@@ -46,7 +46,7 @@ from ccat_data_transfer.core import scope
 from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.errors import CcatError, NotFoundError
 from ccat_data_transfer.core.fileio import temporary_component
-from ccat_data_transfer.core.liveness import beating, resend, stopped, waited_in_queue
+from ccat_data_transfer.core.liveness import beating, resend_all, stopped, waited_in_queue
 from ccat_data_transfer.core.operation_types import OperationType
 from ccat_data_transfer.core.queues import route_task_by_location
 from ccat_data_transfer.core.row_tasks import merge_inline_package_result, start_scheduled
@@ -207,13 +207,15 @@ def release_stalled_claims(
     kind: PackageKind,
     location_ids: list[int] | None = None,
     older_than: timedelta | None = None,
+    resend: bool = True,
 ) -> int:
     """Release the claims of ``kind.stalled`` whose build STARTED and whose heartbeat
     stopped (:func:`ccat_data_transfer.core.liveness.stopped`; ``older_than`` overrides the
     window), within ``location_ids`` if given: a worker died.  A build still running is
     never released, however long it takes.  Claims still queued are not released either:
-    their task is sent again (:func:`resend_queued_builds`).  Commits; returns how many
-    were released."""
+    their task is sent again (:func:`resend_queued_builds`; ``resend=False`` leaves that
+    to the caller, the recovery service's own step).  Commits; returns how many were
+    released."""
     started = stalled_builds(kind, older_than)
     ids = session.scalars(scope.restrict(started, kind.stalled_scope, location_ids)).all()
     released = 0
@@ -224,7 +226,8 @@ def release_stalled_claims(
                 f"{kind.event}_claim_released", **{kind.id_key: package_id}, reason="stalled"
             )
     session.commit()
-    resend_queued_builds(session, kind, location_ids)
+    if resend:
+        resend_queued_builds(session, kind, location_ids)
     return released
 
 
@@ -232,34 +235,34 @@ def resend_queued_builds(
     session: Session, kind: PackageKind, location_ids: list[int] | None = None
 ) -> int:
     """Send the build task again for claims still queued (SCHEDULED) whose task was sent
-    longer than QUEUED_RESEND_SECONDS ago (the broker may have lost it), stamping
-    ``heartbeat_at`` (the time it was sent).  A duplicate delivery does nothing
-    (:func:`run_task` starts the build with a conditional UPDATE).  Commits; returns how
-    many were sent again."""
+    longer than QUEUED_RESEND_SECONDS ago (the broker may have lost it); ``heartbeat_at``
+    (the time it was sent) is stamped only after the send went out, and a failing send
+    does not stop the others (:func:`~ccat_data_transfer.core.liveness.resend_all`).  A
+    duplicate delivery does nothing (:func:`run_task` starts the build with a conditional
+    UPDATE).  Commits; returns how many were sent again."""
     model = kind.package_model
     queued = kind.stalled.where(
         model.status == m.Status.SCHEDULED,
         waited_in_queue(func.coalesce(model.heartbeat_at, model.created_at)),
     )
     ids = session.scalars(scope.restrict(queued, kind.stalled_scope, location_ids)).all()
-    sends: list[tuple[int, str]] = []
+    sends: list[tuple[str, int, str]] = []
     for package_id in ids:
-        stamped = session.execute(
+        location = getattr(session.get(model, package_id), kind.location_attr)
+        if location is not None:
+            sends.append((kind.task, package_id, route_task_by_location(kind.operation, location)))
+    session.commit()  # end the read transaction before talking to the broker
+
+    def stamp(_task: str, package_id: int, queue: str) -> None:
+        session.execute(
             update(model)
             .where(model.id == package_id, model.status == m.Status.SCHEDULED)
             .values(heartbeat_at=m.utcnow())
             .execution_options(synchronize_session=False)
-        ).rowcount
-        location = getattr(session.get(model, package_id), kind.location_attr)
-        if stamped and location is not None:
-            sends.append((package_id, route_task_by_location(kind.operation, location)))
-    session.commit()
-    resent = 0
-    for package_id, queue in sends:
-        if resend(kind.task, package_id, queue):
-            kind.log.warning(f"{kind.event}_task_resent", **{kind.id_key: package_id}, queue=queue)
-            resent += 1
-    return resent
+        )
+        kind.log.warning(f"{kind.event}_task_resent", **{kind.id_key: package_id}, queue=queue)
+
+    return resend_all(session, f"queued {kind.task}", sends, stamp)
 
 
 def submit(

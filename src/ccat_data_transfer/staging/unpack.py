@@ -20,8 +20,10 @@ and removed once unpacked; the STAGED package copy records that path.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -30,10 +32,10 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer.core.errors import PermanentError, RetryableError
-from ccat_data_transfer.core.fileio import fsync_dir
+from ccat_data_transfer.core.fileio import SymlinkInPathError, parent_beneath
 from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.core.storage import DiskStorage, Storage, work_dir_prefix
-from ccat_data_transfer.core.tarutil import ExtractedMember, TarUtilError, safe_extract, sha256_file
+from ccat_data_transfer.core.tarutil import ExtractedMember, TarUtilError, safe_extract
 from ccat_data_transfer.staging.finders import FileRecord, file_copies_at, package_copies_at
 from ccat_ops_db import models as m
 
@@ -116,23 +118,40 @@ def _move_into_place(
     member: ExtractedMember, work: Path, root: Path, package_id: int
 ) -> ExtractedMember:
     """Move one verified file from the work folder to its place under ``root``; never
-    replaces a file that is there (the same bytes are reused)."""
+    replaces a file that is there (the same bytes are reused).  The folders on the way are
+    opened (and made) without following a symlink: a symlinked folder in the location
+    never leads the file outside it (:func:`~ccat_data_transfer.core.fileio.link_beneath`)."""
     target = Path(root) / member.arcname
-    if os.path.lexists(target):
-        if target.is_file() and not target.is_symlink() and sha256_file(target) == member.sha256:
-            return ExtractedMember(member.arcname, target, member.size, member.sha256)
-        raise PermanentError(
-            f"package {package_id}: {member.arcname} already exists at the location with other "
-            "content; it was left as it is (move it away, then retry the job)"
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
+    placed = ExtractedMember(member.arcname, target, member.size, member.sha256)
     try:
-        # link, not rename: it fails if the place was taken meanwhile, never replaces it.
-        os.link(member.path, target)
-    except FileExistsError:
-        return _move_into_place(member, work, root, package_id)
-    fsync_dir(target.parent)
-    return ExtractedMember(member.arcname, target, member.size, member.sha256)
+        with parent_beneath(root, member.arcname, create=True) as (dir_fd, name):
+            try:
+                # link, not rename: it fails if the place is taken, never replaces it.
+                os.link(member.path, name, dst_dir_fd=dir_fd, follow_symlinks=False)
+            except FileExistsError:
+                if _same_file_at(dir_fd, name, member.sha256):
+                    return placed
+                raise PermanentError(
+                    f"package {package_id}: {member.arcname} already exists at the location "
+                    "with other content; it was left as it is (move it away, then retry the job)"
+                ) from None
+            os.fsync(dir_fd)
+    except SymlinkInPathError as exc:
+        raise PermanentError(f"package {package_id}: cannot place {member.arcname}: {exc}") from exc
+    return placed
+
+
+def _same_file_at(dir_fd: int, name: str, sha256: str) -> bool:
+    """Whether ``name`` in the folder ``dir_fd`` is a regular file (not a symlink) holding
+    the bytes with ``sha256``."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return False  # a symlink (ELOOP) or gone
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return False
+        return hashlib.file_digest(f, "sha256").hexdigest() == sha256
 
 
 def _verified_copy(

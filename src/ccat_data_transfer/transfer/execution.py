@@ -147,7 +147,9 @@ def _send_and_verify(job: _Transfer) -> TransferStats:
         )
         lf.flush()
         stats = method.transfer(src_storage, path, dst_storage, path, lf, dst_host=job.dst_reach)
-        actual = method.checksum(dst_storage, path, dst_host=job.dst_reach)
+        actual = method.checksum(
+            dst_storage, path, dst_host=job.dst_reach, size=stats.bytes or None
+        )
         if actual.lower() != expected:
             lf.write(f"# checksum mismatch: expected {expected}, got {actual}\n")
             with contextlib.suppress(Exception):

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from ccat_data_transfer.core import scope
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.errors import NotFoundError, ValidationError
-from ccat_data_transfer.core.liveness import resend, stopped, waited_in_queue
+from ccat_data_transfer.core.liveness import resend_all, stopped, waited_in_queue
 from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.core.operation_types import OperationType
 from ccat_data_transfer.core.queues import route_task_by_location
@@ -169,32 +169,37 @@ def resend_queued(
     session: Session, kinds: tuple[StalledWork, ...], location_ids: list[int] | None = None
 ) -> int:
     """Send again the task of every queued (SCHEDULED) row of ``kinds`` whose task was
-    sent longer than QUEUED_RESEND_SECONDS ago (the broker may have lost it), stamping
-    ``updated_at``; no retry is charged and the row is not reset.  Commits the stamps
-    before sending.  Returns how many were sent again."""
-    sent: list[tuple[StalledWork, int, str]] = []
+    sent longer than QUEUED_RESEND_SECONDS ago (the broker may have lost it); no retry is
+    charged and the row is not reset.  ``updated_at`` (when the task was sent) is stamped
+    only after the send went out, one row at a time
+    (:func:`~ccat_data_transfer.core.liveness.resend_all`): a failing send leaves its row
+    as it was and does not stop the others.  Returns how many were sent again."""
+    sends: list[tuple[str, int, str]] = []
+    by_task: dict[str, StalledWork] = {}
     for kind in kinds:
         model, prefix = kind.model, kind.prefix
         status = getattr(model, f"{prefix}status")
         waited = waited_in_queue(model.updated_at)
         queued = select(model).where(*kind.only, status == m.Status.SCHEDULED, waited)
         rows = session.scalars(scope.restrict(queued, kind.scope_column, location_ids)).all()
+        by_task[kind.task] = kind
         for row in rows:
             queue = route_task_by_location(kind.operation, getattr(row, kind.queue_location))
-            sent.append((kind, row.id, queue))
-            session.execute(
-                update(model)
-                .where(model.id == row.id, status == m.Status.SCHEDULED)
-                .values(updated_at=m.utcnow())
-                .execution_options(synchronize_session=False)
-            )
-    session.commit()
-    resent = 0
-    for kind, row_id, queue in sent:
-        if resend(kind.task, row_id, queue):
-            log.warning("queued_work_resent", task=kind.task, row_id=row_id, queue=queue)
-            resent += 1
-    return resent
+            sends.append((kind.task, row.id, queue))
+    session.commit()  # end the read transaction before talking to the broker
+
+    def stamp(task: str, row_id: int, queue: str) -> None:
+        kind = by_task[task]
+        status = getattr(kind.model, f"{kind.prefix}status")
+        session.execute(
+            update(kind.model)
+            .where(kind.model.id == row_id, status == m.Status.SCHEDULED)
+            .values(updated_at=m.utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        log.warning("queued_work_resent", task=kind.task, row_id=row_id, queue=queue)
+
+    return resend_all(session, "queued " + "/".join(k.task for k in kinds), sends, stamp)
 
 
 def reset_stalled_transfers(

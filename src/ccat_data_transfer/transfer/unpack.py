@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.errors import CcatError, ConfigurationError, PermanentError
+from ccat_data_transfer.core.fileio import parent_beneath
 from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.core.storage import (
     DiskStorage,
@@ -95,10 +96,10 @@ def _unpack_into(
             results[rdp_id] = (mem.size, mem.sha256)
         for _rdp_id, rel, _ in packages:
             mem = members[normalize_path(rel)]
-            final = storage.local_path(rel) if root is not None else None
-            if final is not None:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(mem.path, final)  # same filesystem: atomic
+            if root is not None:
+                # Folders opened without following a symlink: nothing lands outside root.
+                with parent_beneath(root, normalize_path(rel), create=True) as (dir_fd, base):
+                    os.replace(mem.path, base, dst_dir_fd=dir_fd)  # same filesystem: atomic
             else:
                 storage.copy_in(mem.path, rel)
         return results

@@ -19,6 +19,8 @@ from ccat_data_transfer.core.fileio import (
     copy_fd,
     fadvise_sequential,
     is_temporary_name,
+    parent_beneath,
+    unlink_beneath,
 )
 from ccat_data_transfer.core.storage.errors import (
     ObjectNotFound,
@@ -90,15 +92,19 @@ class DiskStorage(Storage):
     @contextlib.contextmanager
     def open_write(self, path: str) -> Iterator[BinaryIO]:
         full = self._full(path)
+        # The folders are made and the file written through descriptors opened without
+        # following symlinks: a folder swapped for a symlink after the check above cannot
+        # redirect the write outside the root.
+        parent = contextlib.ExitStack()
         try:
-            full.parent.mkdir(parents=True, exist_ok=True)
+            dir_fd, name = parent.enter_context(
+                parent_beneath(self.root, normalize_path(path), create=True)
+            )
         except OSError as exc:
             if is_full(exc):
                 raise StorageFullError(f"no space left creating {full.parent}: {exc}") from exc
             raise
-        # Re-check after mkdir: a directory component could be a symlink created meanwhile.
-        self._full(path)
-        with _atomic_file(full.parent, full.name) as f:
+        with parent, _atomic_file(full.parent, name, dir_fd=dir_fd) as f:
             yield f
 
     def stat(self, path: str) -> ObjectInfo | None:
@@ -183,27 +189,27 @@ class DiskStorage(Storage):
             raise ValueError(f"{path!r} is not a temporary name; the janitor never removes it")
         full = self._full(path)
         try:
-            st = os.lstat(full)
-        except FileNotFoundError:
+            with parent_beneath(self.root, normalize_path(path)) as (dir_fd, name):
+                st = os.lstat(name, dir_fd=dir_fd)
+                if stat_mod.S_ISDIR(st.st_mode):
+                    size, _ = _tree_size_and_change(str(full))
+                    shutil.rmtree(name, dir_fd=dir_fd)  # fd-based: never follows a symlink
+                    return size
+                if not stat_mod.S_ISREG(st.st_mode):
+                    raise ValueError(f"{path!r} is neither a file nor a directory")
+                os.unlink(name, dir_fd=dir_fd)
+                return st.st_size
+        except (FileNotFoundError, NotADirectoryError):
             return 0
-        if stat_mod.S_ISDIR(st.st_mode):
-            size, _ = _tree_size_and_change(str(full))
-            shutil.rmtree(full)
-            return size
-        if not stat_mod.S_ISREG(st.st_mode):
-            raise ValueError(f"{path!r} is neither a file nor a directory")
-        os.unlink(full)
-        return st.st_size
 
     def delete(self, path: str) -> bool:
-        full = self._full(path)
+        self._full(path)
+        # Unlinked relative to its folder, opened without following symlinks: a folder
+        # swapped for a symlink after the check above cannot redirect the unlink.
         try:
-            os.unlink(full)
-        except (FileNotFoundError, NotADirectoryError):
-            return False
+            return unlink_beneath(self.root, normalize_path(path))
         except IsADirectoryError as exc:
             raise StorageError(f"{path} is a directory, not an object") from exc
-        return True
 
     def usage(self) -> Usage:
         real_root = self._check_root()

@@ -209,9 +209,19 @@ def _atomic_local_write(target: Path) -> contextlib.AbstractContextManager[Binar
 
 
 @contextlib.contextmanager
-def _atomic_file(directory: Path, name: str) -> Iterator[BinaryIO]:
-    tmp = directory / _temp_name(name)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+def _atomic_file(directory: Path, name: str, *, dir_fd: int | None = None) -> Iterator[BinaryIO]:
+    """Write ``directory/name`` through a temporary name (fsync, rename, fsync the
+    folder).  With ``dir_fd`` (the folder opened without following symlinks, see
+    :func:`~ccat_data_transfer.core.fileio.open_dir_beneath`) every step is relative to
+    it; ``directory`` then only names the folder in messages."""
+    tmp_name = _temp_name(name)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    if dir_fd is None:
+        tmp: str | Path = directory / tmp_name
+        fd = os.open(tmp, flags, 0o644)
+    else:
+        tmp = tmp_name
+        fd = os.open(tmp, flags, 0o644, dir_fd=dir_fd)
     raw = _FdWriter(fd)
     f = io.BufferedWriter(raw, buffer_size=1024 * 1024)
     try:
@@ -225,11 +235,15 @@ def _atomic_file(directory: Path, name: str) -> Iterator[BinaryIO]:
                 f.close()
             if not raw.closed:
                 raw.close()
-        os.replace(tmp, directory / name)
-        fsync_dir(directory)
+        if dir_fd is None:
+            os.replace(tmp, directory / name)
+            fsync_dir(directory)
+        else:
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            os.fsync(dir_fd)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         if is_full(exc):
             raise StorageFullError(f"no space left writing {directory / name}: {exc}") from exc
         raise

@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ccat_data_transfer.core.config import settings
-from ccat_data_transfer.core.fileio import buffer_size, fadvise_sequential, fsync_dir
+from ccat_data_transfer.core.fileio import (
+    SymlinkInPathError,
+    buffer_size,
+    fadvise_sequential,
+    fsync_dir,
+    open_dir_beneath,
+    parent_beneath,
+)
 from ccat_data_transfer.core.tarutil.common import (
     _ZERO_BLOCK,
     BLOCKSIZE,
@@ -251,10 +258,12 @@ def safe_extract(
         if not overwrite:
             _refuse_existing(plan, real_dest)
         _write_temporaries(tar_path, plan, real_dest, bufsize, state)
-        _rename_into_place(state)
+        _rename_into_place(state, real_dest)
         return state.results
-    except BaseException:
+    except BaseException as exc:
         state.undo()
+        if isinstance(exc, SymlinkInPathError):
+            raise UnsafeTarError(f"refusing to extract {tar_path}: {exc}") from exc
         raise
 
 
@@ -280,6 +289,15 @@ class _ExtractState:
         for d in reversed(missing):
             os.mkdir(d, 0o755)
             self.created_dirs.append(d)
+
+    def open_dir_beneath(self, root: str, rel: str) -> int:
+        """The directory ``root/rel`` opened (made where missing) without following a
+        symbolic link on the way; each folder made is remembered."""
+        made: list[str] = []
+        try:
+            return open_dir_beneath(root, rel, create=True, created=made)
+        finally:
+            self.created_dirs.extend(os.path.join(root, d) for d in made)
 
     def undo(self) -> None:
         """Remove the temporaries, the files placed and the directories this call created."""
@@ -318,21 +336,25 @@ def _write_temporaries(
         for name, info in plan:
             target = os.path.join(real_dest, name)
             if info.isdir():
-                state.make_dirs(target)
+                os.close(state.open_dir_beneath(real_dest, name))
                 continue
-            parent = os.path.dirname(target)
-            state.make_dirs(parent)
-            # Re-check right before writing: the tree may have changed meanwhile.
-            if not _within(os.path.realpath(parent), real_dest):
-                raise UnsafeTarError(f"refusing tar member {info.name!r}: parent escapes")
+            # Folders are made and opened one by one without following a symlink, and the
+            # file is created relative to its folder's descriptor: a folder swapped for a
+            # link meanwhile cannot redirect the write outside the root.
+            dir_fd = state.open_dir_beneath(real_dest, os.path.dirname(name))
             base = os.path.basename(target)[:200]  # temp name within NAME_MAX
-            tmp = os.path.join(parent, f".{base}.tmp-{uuid.uuid4().hex}")
-            fd = os.open(
-                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-            )
-            state.temps.append((tmp, target))
+            tmp_name = f".{base}.tmp-{uuid.uuid4().hex}"
+            try:
+                fd = os.open(
+                    tmp_name,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                    dir_fd=dir_fd,
+                )
+            finally:
+                os.close(dir_fd)
+            state.temps.append((os.path.join(os.path.dirname(target), tmp_name), target))
             digest = _copy_member(src, fd, buf, bufsize, tar_path, info)
-            os.utime(tmp, (info.mtime, info.mtime))
             state.results.append(ExtractedMember(name, Path(target), info.size, digest))
 
 
@@ -362,16 +384,19 @@ def _copy_member(
             remaining -= n
         os.fchmod(fd, (info.mode & 0o755) | 0o600)
         os.fsync(fd)
+        os.utime(fd, (info.mtime, info.mtime))
     finally:
         os.close(fd)
     return h.hexdigest()
 
 
-def _rename_into_place(state: _ExtractState) -> None:
-    """Place phase: every file complete, rename them all into place and fsync their dirs."""
+def _rename_into_place(state: _ExtractState, real_dest: str) -> None:
+    """Place phase: every file complete, rename them all into place (relative to the
+    folder's descriptor, no symlink followed) and fsync their dirs."""
     dirs_touched: set[str] = set()
     for tmp, target in state.temps:
-        os.replace(tmp, target)
+        with parent_beneath(real_dest, os.path.relpath(target, real_dest)) as (dfd, base):
+            os.replace(os.path.basename(tmp), base, src_dir_fd=dfd, dst_dir_fd=dfd)
         state.placed.append(target)
         dirs_touched.add(os.path.dirname(target))
     for d in dirs_touched:
