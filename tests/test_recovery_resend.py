@@ -204,7 +204,7 @@ def test_a_failing_resend_stops_neither_the_other_rows_nor_the_other_steps(
     """The first transfer's send fails (broker down for it): the second transfer and the
     staging job are still sent (and run, embedded); the failed row is not stamped as
     sent, so the next pass sends it again; the pass counts the failed step."""
-    from ccat_data_transfer.transfer.execution import transfer_data_transfer_package
+    from ccat_data_transfer.transfer.tasks import transfer_data_transfer_package
 
     (first, second), job_id = _two_queued_transfers_and_a_staging_job(system, override_settings)
     with system.session() as s:

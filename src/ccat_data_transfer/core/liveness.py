@@ -33,6 +33,7 @@ from sqlalchemy import ColumnElement, update
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.core.errors import RetryableError
 from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.logs import get_logger
 from ccat_ops_db import models as m
@@ -159,7 +160,7 @@ def resend(task_name: str, row_id: Any, queue: str, **kwargs: Any) -> bool:
     return True
 
 
-class ResendFailed(Exception):
+class ResendFailed(RetryableError):
     """Some re-sends of a recovery step failed (each logged); the others went out."""
 
     def __init__(self, what: str, counts: tuple[int, int, int], first: BaseException) -> None:
