@@ -33,8 +33,8 @@ from sqlalchemy import ColumnElement, update
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer.core.config import settings
-from ccat_data_transfer.core.errors import RetryableError
 from ccat_data_transfer.core.database import DatabaseConnection
+from ccat_data_transfer.core.errors import RetryableError
 from ccat_data_transfer.core.logs import get_logger
 from ccat_ops_db import models as m
 
