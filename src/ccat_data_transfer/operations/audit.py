@@ -15,7 +15,8 @@ It reports and never deletes.  Copies found lost or corrupt get ``lost_at`` set,
 deletion rules stop counting them as safe copies; an archive copy found so is recorded as
 the fixity scan records it (``archive.proof.record_bad_bytes``: an ``archive_event``, its
 repair queued).  A copy marked lost is unmarked only when a full re-read of its bytes
-matches its checksum (never on the strength of a size or of stored metadata).  When the discrepancies exceed AUDIT_MAX_DISCREPANCY_FRACTION
+matches its checksum (never on the strength of a size or of stored metadata).
+When the discrepancies exceed AUDIT_MAX_DISCREPANCY_FRACTION
 of what was expected, the audit marks nothing (that pattern usually means an unmounted
 disk or a wrong bucket, not lost data) but puts the location on *hold*: a systematic
 fault is exactly when no copy elsewhere may be deleted on the strength of this location.
