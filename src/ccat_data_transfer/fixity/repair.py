@@ -41,7 +41,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import String, func, literal, select, update
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer.archive import proof as archive_proof
@@ -299,7 +299,13 @@ def _mark_repaired(db: DatabaseConnection, target: _Target, source: _Copy) -> No
             )
             .values(
                 lost_at=None,
-                last_error=None,
+                # What was found stays readable on the copy (and in the archive trail).
+                last_error=func.substr(
+                    literal(f"repaired from copy {source.copy_id} after: ", String)
+                    + func.coalesce(m.PhysicalCopy.last_error, ""),
+                    1,
+                    2000,
+                ),
                 checksum=target.checksum,
                 verified_at=now,
                 fixity_checked_at=now,
