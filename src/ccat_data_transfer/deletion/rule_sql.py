@@ -256,7 +256,11 @@ def lta_copies_awaiting_proof(waiting: Any) -> Any:
         .where(
             or_(lpc.c.raw_data_package_id.in_(select(pkgs.c.pkg)), own_site),
             *_lta_copy_could_prove(lpc, lloc, lpc.c.raw_data_package_id),
-            ~and_(*_counts_now(lpc)),
+            or_(
+                lpc.c.verified_at.is_(None),
+                lpc.c.verified_at < _proof_cutoff(),
+                ~read_back_sql(lpc),
+            ),
         )
         .distinct()
     )
