@@ -291,3 +291,21 @@ def test_audit_on_s3_does_not_clear_a_fixity_finding_from_metadata_and_repair_st
     body = client.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
     assert hashlib.sha256(body).hexdigest() == GOOD_SUM
     assert copy_row(system, us_id).lost_at is None
+
+
+# --- One finding, cleared only by a full re-read -----------------------------------------
+
+
+def test_only_a_full_reread_clears_a_finding_of_bad_bytes(system, repairs_queued):
+    from ccat_data_transfer.archive.proof import record_bad_bytes
+
+    fx = _package(system, ["cologne_lta"], files=0)
+    lta_id = fx.copy_ids["cologne_lta"]
+    with system.session() as s:
+        record_bad_bytes(s, lta_id, "unpack", "member sha256 differs")
+    assert ("CORRUPT", "unpack") in _events(system, lta_id)
+    assert [f.copy_id for f in repairs_queued] == [lta_id]
+    [stat] = verify_copies([lta_id])
+    assert stat.outcome == "VERIFIED" and copy_row(system, lta_id).lost_at is not None
+    [full] = verify_copies([lta_id], full=True)
+    assert full.outcome == "FIXITY_OK" and copy_row(system, lta_id).lost_at is None

@@ -293,8 +293,8 @@ def _record(session: Session, findings: list[Finding], actor: str, now: datetime
     ``fixity_checked_at`` after a full read: ``now`` is when the look began, so a proof
     never claims a moment after its look); bad ones are recorded by :func:`_mark_bad`;
     unreachable storage changes nothing but the outstanding request, so it is asked again
-    later.  Only a full re-read (FIXITY_OK) clears a lost mark, and only :mod:`.repair`
-    and the audit's full re-read do that - a stat never does."""
+    later.  Only a full re-read clears a lost mark (FIXITY_OK here, a repair's verified
+    write, the audit's full re-read) - a stat never does."""
     for f in findings:
         if f.outcome in (MISSING, CORRUPT):
             _mark_bad(session, f, actor, now)
@@ -303,7 +303,9 @@ def _record(session: Session, findings: list[Finding], actor: str, now: datetime
         if f.outcome in (VERIFIED, FIXITY_OK):
             values["verified_at"] = now
             if f.outcome == FIXITY_OK:
-                values["fixity_checked_at"] = now
+                # A full re-read that matches the package's checksum: the one thing that
+                # clears a finding of bad bytes.
+                values.update(fixity_checked_at=now, lost_at=None)
         else:
             log.warning("archive_copy_unreachable", copy_id=f.copy_id, reason=f.message)
         if f.outcome == FIXITY_OK:  # routine stats leave no trail row
