@@ -309,3 +309,14 @@ def test_only_a_full_reread_clears_a_finding_of_bad_bytes(system, repairs_queued
     assert stat.outcome == "VERIFIED" and copy_row(system, lta_id).lost_at is not None
     [full] = verify_copies([lta_id], full=True)
     assert full.outcome == "FIXITY_OK" and copy_row(system, lta_id).lost_at is None
+
+
+def test_a_repair_that_reads_bad_source_bytes_records_the_finding_itself(system):
+    fx = _package(system, ["cologne_lta", "us_lta"], files=0)
+    for name in ("cologne_lta", "us_lta"):
+        _overwrite(system, name, fx.relative_path, BAD)
+    [finding] = verify_copies([fx.copy_ids["cologne_lta"]], full=True)
+    assert finding.outcome == "CORRUPT"
+    source = fx.copy_ids["us_lta"]
+    assert ("CORRUPT", "repair") in _events(system, source)
+    assert copy_row(system, source).lost_at is not None
