@@ -33,7 +33,7 @@ from __future__ import annotations
 import itertools
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
@@ -118,11 +118,16 @@ def make_package_at(
     source: str = "primecam_raw_data",
     package_size: int = 1000,
     lost: tuple[str, ...] = (),
+    read_back: bool = True,
 ) -> PackageFixture:
     """A RawDataPackage with a copy at each location (``{name: status}`` or a list of names
     for PRESENT), ``files`` raw files at ``source`` (their copies in ``file_status``), and
     real bytes for every copy that is not DELETED.  ``lost`` names locations whose copy is
-    marked lost (``lost_at`` set, no bytes written)."""
+    marked lost (``lost_at`` set, no bytes written).  Every copy was verified at its site
+    just now; with ``read_back`` (the default) the archive copies were also read back in
+    full once since they were written (their first fixity read: ``fixity_checked_at``
+    after ``created_at``), which the last copies outside the archives need before they
+    go."""
     if not isinstance(locations, dict):
         locations = dict.fromkeys(locations, PRESENT)
     eou = make_executed_obs_unit(session)
@@ -178,6 +183,8 @@ def make_package_at(
         fx.file_copy_ids.append(fc.id)
     for name, status in locations.items():
         loc = location(session, name)
+        now = m.utcnow()
+        checked = read_back and loc.location_type == m.LocationType.LONG_TERM_ARCHIVE
         copy = m.RawDataPackagePhysicalCopy(
             raw_data_package_id=package.id,
             data_location_id=loc.id,
@@ -185,7 +192,9 @@ def make_package_at(
             relative_path=rel,
             size=package_size,
             checksum="0" * 64,
-            verified_at=m.utcnow(),
+            created_at=now - timedelta(seconds=1),
+            fixity_checked_at=now if checked else None,
+            verified_at=now,
             lost_at=m.utcnow() if name in lost else None,
             deleted_at=m.utcnow() if status == m.PhysicalCopyStatus.DELETED else None,
         )

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("without_archive_repair")
 def _archived(system, locations=("cologne_lta", "us_lta")):
     """A package at both LTAs whose copies hold real bytes with the package's checksum."""
     with system.session() as s:
-        fx = make_package_at(system, s, list(locations), package_size=len(CONTENT))
+        fx = make_package_at(system, s, list(locations), package_size=len(CONTENT), read_back=False)
         package = s.get(m.RawDataPackage, fx.package_id)
         package.checksum = hashlib.sha256(CONTENT).hexdigest()
         for name, copy_id in fx.copy_ids.items():

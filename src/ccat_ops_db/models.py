@@ -654,6 +654,10 @@ class PhysicalCopy(Base):
     # When the deletion task was (last) sent while DELETION_SCHEDULED; the worker's
     # heartbeat while DELETION_IN_PROGRESS (see ccat_data_transfer.core.liveness).
     deletion_scheduled_at: Mapped[datetime | None]
+    # When the deletion of the copy was decided (claimed DELETION_SCHEDULED; a re-send
+    # keeps it): a copy that may be the last outside the archives goes only on proof
+    # taken at the archives' sites after this moment.
+    deletion_decided_at: Mapped[datetime | None]
     deleted_at: Mapped[datetime | None]
     deletion_retry_count: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)

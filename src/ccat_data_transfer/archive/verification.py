@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer.core.database import DatabaseConnection
@@ -51,6 +51,9 @@ __all__ = [
     "VERIFIED",
     "Finding",
     "on_bad_copies",
+    "read_back",
+    "read_back_sql",
+    "record_bad_bytes",
     "record_event",
     "verify_copies",
 ]
@@ -167,28 +170,61 @@ def _look(expected: _Expected, full: bool) -> Finding:
     return finding(FIXITY_OK)
 
 
+def _mark_bad(session: Session, f: Finding, actor: str, now: datetime) -> None:
+    """The finding of bad bytes (MISSING or CORRUPT), as every reader records it: the copy
+    is marked lost (no rule counts it any more; only a full re-read clears the mark), with
+    the reason in ``last_error``, and an ``archive_event`` says what was found.  The repair
+    is queued by the caller once this is committed (:func:`_queue_repairs`)."""
+    log.error(
+        "archive_copy_bad",
+        copy_id=f.copy_id,
+        package_id=f.package_id,
+        outcome=f.outcome,
+        reason=f.message,
+        actor=actor,
+    )
+    record_event(
+        session,
+        f.outcome,
+        copy_id=f.copy_id,
+        package_id=f.package_id,
+        location_id=f.location_id,
+        actor=actor,
+        message=f.message or None,
+    )
+    # A mark already there is kept (its time says when the copy was first found bad).
+    session.execute(
+        update(PCT)
+        .where(PCT.c.id == f.copy_id, PCT.c.status == m.PhysicalCopyStatus.PRESENT)
+        .values(
+            lost_at=func.coalesce(PCT.c.lost_at, now),
+            last_error=f.message[:2000] if f.message else f.outcome,
+            verification_requested_at=None,
+        )
+    )
+
+
 def _record(session: Session, findings: list[Finding], actor: str, now: datetime) -> None:
-    """Phase 3: record every finding.  Good copies get their proof; bad ones are marked
-    lost (no rule counts them) and leave a trail row; unreachable storage changes
-    nothing but the outstanding request, so it is asked again later."""
+    """Phase 3: record every finding.  Good copies get their proof (``verified_at``, and
+    ``fixity_checked_at`` after a full read: ``now`` is when the look began, so a proof
+    never claims a moment after its look); bad ones are recorded by :func:`_mark_bad`;
+    unreachable storage changes nothing but the outstanding request, so it is asked again
+    later.  Only a full re-read clears a lost mark (FIXITY_OK here, a repair's verified
+    write, the audit's full re-read) - a stat never does."""
     for f in findings:
+        if f.outcome in (MISSING, CORRUPT):
+            _mark_bad(session, f, actor, now)
+            continue
         values: dict[str, Any] = {"verification_requested_at": None}
         if f.outcome in (VERIFIED, FIXITY_OK):
             values["verified_at"] = now
             if f.outcome == FIXITY_OK:
-                values["fixity_checked_at"] = now
-        elif f.outcome in (MISSING, CORRUPT):
-            values.update(lost_at=now, last_error=f.message)
-            log.error(
-                "archive_copy_bad",
-                copy_id=f.copy_id,
-                package_id=f.package_id,
-                outcome=f.outcome,
-                reason=f.message,
-            )
+                # A full re-read that matches the package's checksum: the one thing that
+                # clears a finding of bad bytes.
+                values.update(fixity_checked_at=now, lost_at=None)
         else:
             log.warning("archive_copy_unreachable", copy_id=f.copy_id, reason=f.message)
-        if f.outcome in (FIXITY_OK, MISSING, CORRUPT):  # routine stats leave no trail row
+        if f.outcome == FIXITY_OK:  # routine stats leave no trail row
             record_event(
                 session,
                 f.outcome,
@@ -217,20 +253,73 @@ on_bad_copies: list[Callable[[list[Finding]], None]] = []
 REPAIR_HOOK_MODULE = "ccat_data_transfer.fixity.tasks"
 
 
+def _queue_repairs(bad: list[Finding]) -> None:
+    """Run the ``on_bad_copies`` hooks (the repair) on committed bad findings."""
+    if not bad:
+        return
+    importlib.import_module(REPAIR_HOOK_MODULE)
+    for hook in list(on_bad_copies):
+        hook(bad)
+
+
 def verify_copies(
     copy_ids: Sequence[int], *, full: bool = False, actor: str = "archive_verifier"
 ) -> list[Finding]:
-    """Verify archive copies where they are; returns one finding per copy still PRESENT."""
+    """Verify archive copies where they are; returns one finding per copy still PRESENT.
+    The proof is stamped with the time the look began (a deletion decided before that
+    moment may rely on it; one decided during the look may not)."""
     db = DatabaseConnection()
     with db.session_scope() as session:
         expected = _expected(session, [int(i) for i in copy_ids])
-    findings = [_look(e, full) for e in expected]
     now = m.utcnow()
+    findings = [_look(e, full) for e in expected]
     with db.session_scope() as session:
         _record(session, findings, actor, now)
-    bad = [f for f in findings if f.outcome in (MISSING, CORRUPT)]
-    if bad:
-        importlib.import_module(REPAIR_HOOK_MODULE)
-        for hook in list(on_bad_copies):
-            hook(bad)
+    _queue_repairs([f for f in findings if f.outcome in (MISSING, CORRUPT)])
     return findings
+
+
+def record_bad_bytes(
+    session: Session,
+    copy: m.PhysicalCopy | int,
+    finder: str,
+    detail: str,
+    *,
+    outcome: str = CORRUPT,
+) -> Finding | None:
+    """Public, for every stage that reads archive bytes (staging, repair, the audit, a
+    transfer from an archive): record that ``copy`` holds bad bytes (``outcome`` CORRUPT,
+    or MISSING when the object is gone) exactly as the fixity scan records its own
+    finding - the copy is marked lost, an ``archive_event`` names ``finder`` and
+    ``detail``, and the copy's repair is queued.  Commits the session (the repair runs in
+    its own session, in embedded mode at once) and returns the finding (None: no such
+    copy).  Only a full re-read clears the mark."""
+    row = copy if isinstance(copy, m.PhysicalCopy) else session.get(m.PhysicalCopy, int(copy))
+    if row is None:
+        return None
+    finding = Finding(
+        copy_id=row.id,
+        package_id=row.raw_data_package_id,
+        location_id=row.data_location_id,
+        outcome=outcome,
+        message=f"{finder}: {detail}",
+    )
+    _mark_bad(session, finding, finder, m.utcnow())
+    session.commit()
+    _queue_repairs([finding])
+    return finding
+
+
+def read_back(copy: Any) -> bool:
+    """The copy's bytes were read back in full at its site at least once since they were
+    written: a full re-read (``fixity_checked_at``, the first fixity read after archiving,
+    or a repair's re-read) at or after the copy's ``created_at``.  Python form of
+    :func:`read_back_sql`."""
+    checked = getattr(copy, "fixity_checked_at", None)
+    created = getattr(copy, "created_at", None)
+    return checked is not None and (created is None or checked >= created)
+
+
+def read_back_sql(pc: Any) -> Any:
+    """SQL of :func:`read_back` for a ``physical_copy`` table or alias."""
+    return pc.c.fixity_checked_at.is_not(None) & (pc.c.fixity_checked_at >= pc.c.created_at)

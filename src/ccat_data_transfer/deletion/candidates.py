@@ -24,7 +24,19 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import DateTime, and_, bindparam, or_, select, union_all
+from sqlalchemy import (
+    DateTime,
+    Integer,
+    and_,
+    bindparam,
+    case,
+    cast,
+    exists,
+    null,
+    or_,
+    select,
+    union_all,
+)
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer.core import scope
@@ -339,11 +351,13 @@ def _deletion_possible_selection(
 
 def lta_copies_to_verify(
     session: Session, statuses: Any, location_ids: list[int] | None = None
-) -> list[int]:
+) -> list[tuple[int, bool]]:
     """The LTA copies whose verification would let waiting deletions go, in one query
-    (``rule_sql.lta_copies_awaiting_proof``): those of the packages whose PRESENT copies at
-    SOURCE and BUFFER locations, or whose DELETION_POSSIBLE raw-file copies past their
-    retention (all of them at a location under pressure), wait only for a fresh proof.
+    (``rule_sql.lta_copies_awaiting_proof``), each with whether it needs a full read
+    (never read back since written) or a stat: those of the packages whose PRESENT copies
+    at SOURCE and BUFFER locations, or whose DELETION_POSSIBLE raw-file copies past their
+    retention (all of them at a location under pressure), wait only for proof - and an
+    LTA-site buffer's own site's archive copy, whatever the other archives hold.
     Locations under an audit hold, frozen packages and lost copies ask for nothing."""
     locations = [
         loc
@@ -358,7 +372,7 @@ def lta_copies_to_verify(
         if not pressed:
             params[f"cutoff_{x.id}"] = _retention_cutoff(x)
     stmt = _to_verify_statement(tuple(x.id for x in locations), pressure)
-    return list(run(session, stmt, params).scalars())
+    return [(int(i), bool(full)) for i, full in run(session, stmt, params)]
 
 
 @kept
@@ -371,10 +385,29 @@ def _to_verify_statement(location_ids: tuple[int, ...], pressure: tuple[bool, ..
     pc = _alias(PCT, "w_pc")
     loc = _alias(DLT, "w_loc")
 
-    def waiting(pkg: Any, copy_type: str, status: m.PhysicalCopyStatus) -> Any:
-        """(package, its proofs needed) of the copies of one kind in one state."""
+    lta_here = _alias(DLT, "w_lta_here")
+    # An LTA-site buffer's package copy also needs its own site's archive proof.
+    own_site = case(
+        (
+            and_(
+                loc.c.location_type == LT.BUFFER,
+                exists()
+                .where(
+                    lta_here.c.site_id == loc.c.site_id,
+                    lta_here.c.location_type == LT.LONG_TERM_ARCHIVE,
+                )
+                .correlate_except(lta_here),
+            ),
+            loc.c.site_id,
+        ),
+        else_=null(),
+    )
+
+    def waiting(pkg: Any, copy_type: str, status: m.PhysicalCopyStatus, site: Any) -> Any:
+        """(package, its proofs needed, the site whose own archive must prove it) of the
+        copies of one kind in one state."""
         return (
-            select(pkg.label("pkg"), _proof_needed(loc).label("need"))
+            select(pkg.label("pkg"), _proof_needed(loc).label("need"), site.label("site"))
             .select_from(pc)
             .join(loc, loc.c.id == pc.c.data_location_id)
             .where(pc.c.type == copy_type, pc.c.status == status, pc.c.lost_at.is_(None))
@@ -384,9 +417,9 @@ def _to_verify_statement(location_ids: tuple[int, ...], pressure: tuple[bool, ..
     frozen = _per_row(
         [rdp.c.id == pc.c.raw_data_package_id, rdp.c.frozen_at.is_not(None)], rdp, per_row=True
     )
-    packages = waiting(pc.c.raw_data_package_id, base.COPY_TYPE_RAW_DATA_PACKAGE, S.PRESENT).where(
-        pc.c.data_location_id.in_(list(location_ids)), ~frozen
-    )
+    packages = waiting(
+        pc.c.raw_data_package_id, base.COPY_TYPE_RAW_DATA_PACKAGE, S.PRESENT, own_site
+    ).where(pc.c.data_location_id.in_(list(location_ids)), ~frozen)
     windows = [
         pc.c.data_location_id == loc_id
         if pressed
@@ -397,7 +430,12 @@ def _to_verify_statement(location_ids: tuple[int, ...], pressure: tuple[bool, ..
         for loc_id, pressed in zip(location_ids, pressure, strict=True)
     ]
     files = (
-        waiting(rdf.c.raw_data_package_id, base.COPY_TYPE_RAW_DATA_FILE, S.DELETION_POSSIBLE)
+        waiting(
+            rdf.c.raw_data_package_id,
+            base.COPY_TYPE_RAW_DATA_FILE,
+            S.DELETION_POSSIBLE,
+            cast(null(), Integer),
+        )
         .join(rdf, rdf.c.id == pc.c.raw_data_file_id)
         .join(rdp, rdp.c.id == rdf.c.raw_data_package_id)
         .where(

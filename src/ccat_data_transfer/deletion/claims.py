@@ -31,6 +31,7 @@ from ccat_data_transfer.core.database import is_postgresql
 from ccat_data_transfer.core.operation_types import OperationType
 from ccat_data_transfer.core.queues import route_task_by_location
 from ccat_data_transfer.deletion.base import DLT, LT, PCT, S
+from ccat_data_transfer.deletion.proof import request_post_decision_proof
 from ccat_data_transfer.deletion.rule_sql import copy_bytes, deletion_possible_candidates
 from ccat_data_transfer.deletion.trail import (
     _batch_row,
@@ -50,6 +51,18 @@ class _Candidate:
     size: int | None
     reason: str
     code: str
+
+
+def _decided() -> dict[str, Any]:
+    """The values of a claim: DELETION_SCHEDULED, sent now, decided now (the moment after
+    which the archives' proof must be taken for a copy that may be the last one outside
+    them; ``deletion.rules``)."""
+    now = m.utcnow()
+    return {
+        "status": S.DELETION_SCHEDULED,
+        "deletion_scheduled_at": now,
+        "deletion_decided_at": now,
+    }
 
 
 def claim_for_deletion(
@@ -72,7 +85,7 @@ def claim_for_deletion(
             PCT.c.lost_at.is_(None),
             PCT.c.data_location_id.not_in(lta_ids),
         )
-        .values(status=S.DELETION_SCHEDULED, deletion_scheduled_at=m.utcnow())
+        .values(**_decided())
         .returning(PCT.c.id)
     )
     return sorted(session.execute(stmt).scalars().all())
@@ -87,7 +100,7 @@ _CLAIM_AND_LOG_SQL = text(
         ) AS c(id, copy_type, size, code, reason)
     ), claimed AS (
         UPDATE physical_copy pc
-        SET status = :scheduled, deletion_scheduled_at = :now
+        SET status = :scheduled, deletion_scheduled_at = :now, deletion_decided_at = :now
         WHERE pc.id = ANY(CAST(:ids AS bigint[]))
           AND pc.status = ANY(CAST(:expected AS text[]))
           AND pc.lost_at IS NULL
@@ -195,10 +208,17 @@ def _claim_and_audit(
     return claimed
 
 
-def _submit(task: Any, location: m.DataLocation, batches: Iterable[list[int]]) -> None:
-    """One task per batch on the location's deletion queue."""
+def _submit(
+    task: Any, location: m.DataLocation, batches: Iterable[list[int]], session: Session
+) -> None:
+    """One task per batch on the location's deletion queue, after asking the archives'
+    sites for the proof that the batch's deletion needs, now that it is decided
+    (``deletion.proof.request_post_decision_proof``; the decision is committed: in
+    embedded mode the proof is taken before the task runs, elsewhere the worker keeps a
+    copy whose proof has not arrived and a re-send finds it)."""
     queue = route_task_by_location(OperationType.DELETION, location)
     for ids in batches:
+        request_post_decision_proof(session, ids)
         task.apply_async(args=[ids], kwargs={"queue_name": queue}, queue=queue)
 
 
@@ -220,7 +240,7 @@ def _schedule(
         claimed = _claim_and_audit(session, location, chunk, expected, audit_per_batch)
         session.commit()  # before submitting: in embedded mode the task runs inline
         if claimed:
-            _submit(task, location, [claimed])
+            _submit(task, location, [claimed], session)
             scheduled += len(claimed)
         session.expire_all()
     return scheduled
@@ -270,7 +290,7 @@ def _claim_expired(
             PCT.c.status == S.DELETION_POSSIBLE,
             PCT.c.lost_at.is_(None),
         )
-        .values(status=S.DELETION_SCHEDULED, deletion_scheduled_at=m.utcnow())
+        .values(**_decided())
         .returning(PCT.c.id, size)
     )
     # The oldest-first sort of a large backlog should not spill to disk (4 MB default);

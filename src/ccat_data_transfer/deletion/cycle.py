@@ -36,7 +36,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer.archive.proof import request_verification
 from ccat_data_transfer.core import buffer_status as bs
 from ccat_data_transfer.core import scope
 from ccat_data_transfer.core.config import settings
@@ -75,6 +74,7 @@ from ccat_data_transfer.deletion.pressure import (
     _state_from,
     _Statuses,
 )
+from ccat_data_transfer.deletion.proof import request_proofs
 from ccat_data_transfer.deletion.steps import (
     delete_data_transfer_packages,
     delete_processing_raw_data_files,
@@ -194,7 +194,7 @@ def resubmit_stalled_deletions(session: Session, location_ids: list[int] | None 
     sent, failed, first = 0, 0, None
     for loc_id, ids in by_loc.items():
         try:
-            _submit(delete_bulk_raw_data_files, locations[loc_id], [ids])
+            _submit(delete_bulk_raw_data_files, locations[loc_id], [ids], session)
             session.execute(
                 update(PCT)
                 .where(PCT.c.id.in_(ids), PCT.c.status.in_(list(WORKER_ACCEPTS)))
@@ -288,15 +288,17 @@ def _run_once(session: Session, site: str | None) -> dict[str, Any]:
 
 
 def ask_for_proof(session: Session, statuses: _Statuses, location_ids: list[int] | None) -> int:
-    """Copies that wait only for a fresh proof of their archive copies: ask each archive's
-    site to verify them (``archive_proof.request_verification``, which queues each copy
-    once while a request is outstanding).  A later cycle decides on the answer; in
-    embedded mode the verification runs at once, so the next cycle does."""
-    copy_ids = lta_copies_to_verify(session, statuses, location_ids)
-    if not copy_ids:
+    """Copies that wait only for proof of their archive copies: ask each archive's site
+    for exactly the proof each needs (``deletion.proof.request_proofs``: a full read of an
+    archive copy never read back since it was written, else a stat; an LTA-site buffer's
+    own site's archive copy even when other archives hold proof).  A later cycle decides
+    on the answer; in embedded mode the verification runs at once, so the next cycle
+    does."""
+    wanted = lta_copies_to_verify(session, statuses, location_ids)
+    if not wanted:
         return 0
     session.commit()  # the verification may run inline, in its own session
-    asked = request_verification(session, copy_ids)
+    asked = request_proofs(session, wanted)
     session.expire_all()
     return asked
 

@@ -5,8 +5,12 @@ a copy or the lack of one is described in a Decision's reason.  The decision tha
 them (``rules._proof_of``, with the proof's age from ``archive_proof.proof_cutoff``) is in
 ``deletion.rules``.
 
-Room in the house: core of the deletion stage; imports ``deletion.base`` and
-``ccat_ops_db`` only.
+:func:`request_proofs` and :func:`request_post_decision_proof` ask the archives' sites
+for the proofs a deletion needs (before its decision, and after it).
+
+Room in the house: core of the deletion stage; imports ``deletion.base``,
+``deletion.rule_sql``, ``archive.proof`` (public: the request, the read-back rule) and
+``ccat_ops_db``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer.deletion.base import LT, S
+from ccat_data_transfer.archive.proof import read_back, request_verification
+from ccat_data_transfer.deletion.base import LT, S, run
+from ccat_data_transfer.deletion.rule_sql import lta_copies_for_decided
 from ccat_ops_db import models as m
 
 
@@ -55,10 +61,39 @@ def _could_prove(copy: m.PhysicalCopy, package: m.RawDataPackage) -> bool:
 
 def _counts_as_proof(copy: m.PhysicalCopy, package: m.RawDataPackage, cutoff: datetime) -> bool:
     """The proof rule for one LTA copy (SQL: ``rule_sql._lta_present_exists``): it could
-    prove the package and was verified at its site at or after ``cutoff``."""
+    prove the package, was verified at its site at or after ``cutoff`` and was read back
+    in full at least once since it was written (``archive_proof.read_back``)."""
     return (
-        _could_prove(copy, package) and copy.verified_at is not None and copy.verified_at >= cutoff
+        _could_prove(copy, package)
+        and copy.verified_at is not None
+        and copy.verified_at >= cutoff
+        and read_back(copy)
     )
+
+
+def request_proofs(session: Session, wanted: list[tuple[int, bool]]) -> int:
+    """Ask the archives' sites for exactly these proofs: (LTA copy id, full) - a full
+    read for a copy never read back since it was written, a stat for the others
+    (``archive_proof.request_verification`` on each copy's own site's queue; a copy with
+    a request outstanding is not asked twice).  Commits; returns how many were queued."""
+    full = sorted({i for i, f in wanted if f})
+    stat = sorted({i for i, f in wanted if not f} - set(full))
+    asked = request_verification(session, full, full=True) if full else 0
+    if stat:
+        asked += request_verification(session, stat)
+    return asked
+
+
+def request_post_decision_proof(session: Session, copy_ids: list[int]) -> int:
+    """After the decision to delete these copies (committed): ask the archives' sites for
+    the proof their deletion now needs (``rule_sql.lta_copies_for_decided``), taken after
+    the decision.  In embedded mode it is taken before this returns; elsewhere the
+    worker finds it, or keeps the copy and asks again."""
+    if not copy_ids:
+        return 0
+    wanted = [(int(i), bool(f)) for i, f in run(session, lta_copies_for_decided(copy_ids))]
+    session.commit()
+    return request_proofs(session, wanted) if wanted else 0
 
 
 def _ago(when: datetime | None) -> str:
@@ -84,6 +119,8 @@ def _describe_copy(copy: m.PhysicalCopy, package: m.RawDataPackage | None = None
         text += " with another checksum than the package's"
     elif copy.status == S.PRESENT:
         text += f", {_ago(copy.verified_at)}"
+        if not read_back(copy):
+            text += ", not yet read back in full since written"
     return text
 
 

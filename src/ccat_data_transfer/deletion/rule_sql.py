@@ -46,10 +46,11 @@ from sqlalchemy import (
     or_,
     select,
     true,
+    union_all,
 )
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer.archive.proof import proof_cutoff
+from ccat_data_transfer.archive.proof import proof_cutoff, read_back_sql
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.deletion.base import (
     COPY_TYPE_RAW_DATA_FILE,
@@ -143,6 +144,23 @@ def _lta_copy_could_prove(lpc: Any, lloc: Any, package_id_col: Any) -> list[Any]
     ]
 
 
+def _counts_now(lpc: Any, decided_at: Any = None) -> list[Any]:
+    """SQL, what makes a copy that could prove the package count as proof: verified at
+    its site at or after ``archive_proof.proof_cutoff()`` (and, with ``decided_at``, at or
+    after that moment: the worker's post-decision proof), and read back in full at least
+    once since it was written (``archive_proof.read_back_sql``)."""
+    conds = [lpc.c.verified_at >= _proof_cutoff(), read_back_sql(lpc)]
+    if decided_at is not None:
+        conds.append(lpc.c.verified_at >= decided_at)
+    return conds
+
+
+def _decided_at(file_pc: Any) -> Any:
+    """SQL: when the deletion of ``file_pc`` was decided (a row claimed before the column
+    existed: when it was last sent)."""
+    return func.coalesce(file_pc.c.deletion_decided_at, file_pc.c.deletion_scheduled_at)
+
+
 def _lta_present_exists(
     package_id_col: Any,
     need: Any = 1,
@@ -150,20 +168,24 @@ def _lta_present_exists(
     fresh: bool = True,
     same_site_id: Any = None,
     per_row: bool = False,
+    decided_at: Any = None,
 ) -> Any:
     """SQL, the proof rule (stated once; :func:`proof._counts_as_proof` is its Python
     form): at least ``need`` (an int or SQL) copies of the package count as proof - each
-    one passes :func:`_lta_copy_could_prove` and was verified at its site at or after
-    ``archive_proof.proof_cutoff()``.  ``fresh=False`` leaves the age out (the copy could
-    prove once verified: stage 1's marking and the PROCESSING rule, which delete nothing
-    that the archive's proof must cover, and the pre-filters).  ``same_site_id``: only
-    copies at that site count.  ``per_row``: see :func:`_per_row` (a count is evaluated
-    per outer row anyway)."""
+    one passes :func:`_lta_copy_could_prove`, was verified at its site at or after
+    ``archive_proof.proof_cutoff()`` and was read back in full since it was written
+    (:func:`_counts_now`).  ``decided_at`` (SQL): the verification must also be at or
+    after that moment (the worker: proof taken after the decision to delete).
+    ``fresh=False`` leaves the age and the read-back out (the copy could prove once
+    verified: stage 1's marking and the PROCESSING rule, which delete nothing that the
+    archive's proof must cover, and the pre-filters).  ``same_site_id``: only copies at
+    that site count.  ``per_row``: see :func:`_per_row` (a count is evaluated per outer
+    row anyway)."""
     lpc = _alias(PCT, "lta_pc")
     lloc = _alias(DLT, "lta_loc")
     conds = _lta_copy_could_prove(lpc, lloc, package_id_col)
     if fresh:
-        conds.append(lpc.c.verified_at >= _proof_cutoff())
+        conds.extend(_counts_now(lpc, decided_at))
     if same_site_id is not None:
         conds.append(lloc.c.site_id == same_site_id)
     prdp = _alias(m.RawDataPackage.__table__, "proof_rdp")
@@ -184,23 +206,31 @@ def _location_not_held(location_id_col: Any) -> Any:
     return ~exists().where(hloc.c.id == location_id_col, hloc.c.audit_hold_at.is_not(None))
 
 
-def _archived_in_lta(rdp: Any, need: Any = 1, fresh: bool = True) -> list[Any]:
+def _archived_in_lta(
+    rdp: Any, need: Any = 1, fresh: bool = True, decided_at: Any = None
+) -> list[Any]:
     """SQL, the package half of the source-site raw-file rule (stages 1 and 2): the package
     (a ``raw_data_package`` table or alias) is ARCHIVED, not frozen, and the proof rule
-    holds (:func:`_lta_present_exists`; stage 1 asks ``fresh=False``)."""
+    holds (:func:`_lta_present_exists`; stage 1 asks ``fresh=False``; the worker passes
+    ``decided_at``)."""
     return [
         rdp.c.state == m.PackageState.ARCHIVED,
         _not_frozen(rdp),
-        _lta_present_exists(rdp.c.id, need, fresh=fresh),
+        _lta_present_exists(rdp.c.id, need, fresh=fresh, decided_at=decided_at),
     ]
 
 
 def lta_copies_awaiting_proof(waiting: Any) -> Any:
-    """SQL, ``SELECT id`` of the LTA copies to verify for candidates that wait only for
-    proof.  ``waiting`` is a selectable of candidate copies with columns ``pkg`` (their
-    package) and ``need`` (their location's :func:`_proof_needed`); a package waits when
-    fewer than ``need`` of its LTA copies count as proof but at least ``need`` could, once
-    verified.  Those copies whose proof is missing or stale are returned."""
+    """SQL, ``SELECT id, full`` of the LTA copies to verify for candidates that wait only
+    for proof, and whether each needs a full read (it was never read back in full since
+    it was written) or a stat.  ``waiting`` is a selectable of candidate copies with
+    columns ``pkg`` (their package), ``need`` (their location's :func:`_proof_needed`) and
+    ``site`` (an LTA-site buffer's site, whose own archive must prove the package; else
+    NULL).  A package waits when fewer than ``need`` of its LTA copies count as proof but
+    at least ``need`` could, once verified; an LTA-site buffer's copy also waits for its
+    own site's archive copy, whatever the other archives hold.  The copies that could
+    prove but do not count now are returned: exactly the proof each waiting copy
+    needs."""
     cand = waiting.cte("awaiting").prefix_with("MATERIALIZED")
     pkgs = (
         select(cand.c.pkg)
@@ -213,12 +243,64 @@ def lta_copies_awaiting_proof(waiting: Any) -> Any:
     )
     lpc = _alias(PCT, "verify_pc")
     lloc = _alias(DLT, "verify_loc")
-    return (
-        select(lpc.c.id)
+    own_site = (
+        exists()
         .where(
-            lpc.c.raw_data_package_id.in_(select(pkgs.c.pkg)),
+            cand.c.pkg == lpc.c.raw_data_package_id,
+            cand.c.site == lloc.c.site_id,
+        )
+        .correlate_except(cand)
+    )
+    return (
+        select(lpc.c.id, (~read_back_sql(lpc)).label("full"))
+        .where(
+            or_(lpc.c.raw_data_package_id.in_(select(pkgs.c.pkg)), own_site),
             *_lta_copy_could_prove(lpc, lloc, lpc.c.raw_data_package_id),
-            or_(lpc.c.verified_at.is_(None), lpc.c.verified_at < _proof_cutoff()),
+            or_(
+                lpc.c.verified_at.is_(None),
+                lpc.c.verified_at < _proof_cutoff(),
+                ~read_back_sql(lpc),
+            ),
+        )
+        .distinct()
+    )
+
+
+def lta_copies_for_decided(copy_ids: Sequence[int]) -> Any:
+    """SQL, ``SELECT id, full`` of the LTA copies whose proof the deletion of these copies
+    needs after its decision (:func:`_lta_present_exists` with ``decided_at``): every LTA
+    copy that could prove the package of a package copy at a SOURCE or BUFFER location, or
+    of a raw-file copy there that went through stage 1; ``full`` when it was never read
+    back in full since it was written.  Copies at PROCESSING locations and transfer
+    packages need no archive proof (they are never the last copies)."""
+    pc = _alias(PCT, "dec_pc")
+    ploc = _alias(DLT, "dec_loc")
+    rdf = _alias(m.RawDataFile.__table__, "dec_rdf")
+    at_source_or_buffer = [
+        pc.c.id.in_(list(copy_ids)),
+        ploc.c.id == pc.c.data_location_id,
+        ploc.c.location_type.in_([LT.SOURCE, LT.BUFFER]),
+    ]
+    packages = select(pc.c.raw_data_package_id).where(
+        *at_source_or_buffer, pc.c.type == COPY_TYPE_RAW_DATA_PACKAGE
+    )
+    files = (
+        select(rdf.c.raw_data_package_id)
+        .select_from(pc)
+        .join(rdf, rdf.c.id == pc.c.raw_data_file_id)
+        .where(
+            *at_source_or_buffer,
+            pc.c.type == COPY_TYPE_RAW_DATA_FILE,
+            pc.c.deletion_possible_at.is_not(None),
+        )
+    )
+    lpc = _alias(PCT, "decv_pc")
+    lloc = _alias(DLT, "decv_loc")
+    return (
+        select(lpc.c.id, (~read_back_sql(lpc)).label("full"))
+        .where(
+            lpc.c.raw_data_package_id.in_(union_all(packages, files)),
+            *_lta_copy_could_prove(lpc, lloc, lpc.c.raw_data_package_id),
         )
         .distinct()
     )
@@ -338,20 +420,22 @@ def oldest_marked(location_id: Any) -> Any:
     )
 
 
-def _raw_file_source_safe(file_pc: Any, need: Any = 1) -> Any:
+def _raw_file_source_safe(file_pc: Any, need: Any = 1, post_decision: bool = False) -> Any:
     """SQL, per copy: the file copy went through stage 1 (``deletion_possible_at`` is set)
     and its parent package passes :func:`_archived_in_lta` with ``need`` proofs (the copy's
     location's) - the rule of :func:`deletion_possible_candidates`, for copies the worker
-    re-checks."""
+    re-checks; with ``post_decision`` the proofs must be taken after the copy's deletion
+    was decided (:func:`_decided_at`)."""
     rdf = _alias(m.RawDataFile.__table__, "safe_rdf")
     rdp = _alias(m.RawDataPackage.__table__, "safe_rdp")
+    decided = _decided_at(file_pc) if post_decision else None
     return and_(
         file_pc.c.deletion_possible_at.is_not(None),
         exists()
         .where(
             rdf.c.id == file_pc.c.raw_data_file_id,
             rdp.c.id == rdf.c.raw_data_package_id,
-            *_archived_in_lta(rdp, need),
+            *_archived_in_lta(rdp, need, decided_at=decided),
         )
         .correlate_except(rdf, rdp),
     )
@@ -378,8 +462,12 @@ def _raw_file_processing_safe(file_pc: Any) -> Any:
     )
 
 
-def _file_copies_still_deletable(session: Session, ids: Sequence[int]) -> set[int]:
-    """Of these raw-file copy ids, those whose rule holds now (one query per rule)."""
+def _file_copies_still_deletable(
+    session: Session, ids: Sequence[int], post_decision: bool = False
+) -> set[int]:
+    """Of these raw-file copy ids, those whose rule holds now (one query per rule); with
+    ``post_decision`` (the worker) the source-site rule needs proof taken after each
+    copy's deletion was decided."""
     if not ids:
         return set()
     pc = _alias(PCT, "f_pc")
@@ -396,7 +484,7 @@ def _file_copies_still_deletable(session: Session, ids: Sequence[int]) -> set[in
     )
     source = [
         loc.c.location_type.in_([LT.SOURCE, LT.BUFFER]),
-        _raw_file_source_safe(pc, _proof_needed(loc)),
+        _raw_file_source_safe(pc, _proof_needed(loc), post_decision),
     ]
     ok = set(session.scalars(base.where(*source)))
     ok |= set(

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -68,6 +68,9 @@ def _keep(reason: str, code: str = "kept") -> Decision:
 
 #: Code of a copy kept only because the archive copies' proof is missing or stale.
 WAITING_FOR_PROOF = "waiting_for_proof"
+#: Code of a copy whose deletion was decided on proof taken before the decision, and
+#: that waits (as it was: scheduled) for the archives' proof taken after it (the worker).
+WAITING_FOR_PROOF_AFTER_DECISION = "waiting_for_proof_after_decision"
 
 
 def _delete(reason: str, code: str) -> Decision:
@@ -165,15 +168,20 @@ def _proof_of(
     missing: Callable[[str], Decision],
     need: int | None = None,
     site_id: int | None = None,
+    decided_at: datetime | None = None,
 ) -> tuple[Decision | None, list[Any]]:
     """The proof rule for deleting the copy at ``location`` (SQL:
     ``rule_sql._lta_present_exists``), over the package's LTA copies ``lta``: at least
-    ``need`` (default :func:`min_verified_lta_copies` of ``location``) count as proof.
+    ``need`` (default :func:`min_verified_lta_copies` of ``location``) count as proof -
+    verified within LTA_PROOF_MAX_AGE_SECONDS (and, with ``decided_at``, the worker's
+    re-check, at or after the decision to delete) and read back in full since written.
     Returns (None, the proving copies) when it holds; else the Decision that keeps the
     copy: WAITING_FOR_PROOF (naming the copies to verify) when enough copies could prove
     it once verified, else ``missing(detail)``."""
     need = min_verified_lta_copies(location) if need is None else need
     cutoff = proof_cutoff()
+    if decided_at is not None:
+        cutoff = max(cutoff, decided_at)
     proven = [c for c in lta if _counts_as_proof(c, package, cutoff)]
     if len(proven) >= need:
         return None, proven
@@ -183,10 +191,17 @@ def _proof_of(
         return missing(detail), proven
     stale = [c for c in could if c not in proven]
     minutes = int(proof_max_age().total_seconds() // 60)
+    when = (
+        f"verified within {minutes} min"
+        if decided_at is None
+        else f"verified after the deletion was decided ({decided_at.isoformat(timespec='seconds')})"
+    )
     reason = (
         f"waiting for proof: {need} LONG_TERM_ARCHIVE cop{'y' if need == 1 else 'ies'} "
-        f"verified within {minutes} min needed, {len(proven)} so ({detail}); a verification "
-        "of " + ", ".join(c.data_location.name for c in stale) + " at its site is asked for"
+        f"{when} and read back in full since written needed, {len(proven)} so ({detail}); "
+        "a verification of "
+        + ", ".join(c.data_location.name for c in stale)
+        + " at its site is asked for"
     )
     return _keep(reason, WAITING_FOR_PROOF), proven
 
@@ -203,13 +218,17 @@ def _too_few(need: int, what: str, code: str = "no_lta_copy") -> Callable[[str],
 
 
 def _decide_rdp_source(
-    session: Session, package: m.RawDataPackage, location: m.DataLocation, roles: SiteRoles
+    session: Session,
+    package: m.RawDataPackage,
+    location: m.DataLocation,
+    roles: SiteRoles,
+    decided_at: datetime | None = None,
 ) -> Decision:
     if not _is_source_site_location(location, roles):
         return _keep(f"{location.name} is not a BUFFER (or SOURCE) at a source site")
     lta = _lta_copies_of_package(session, package.id)
     missing = _too_few(min_verified_lta_copies(location), "a LONG_TERM_ARCHIVE location")
-    kept, proven = _proof_of(session, package, location, lta, missing)
+    kept, proven = _proof_of(session, package, location, lta, missing, decided_at=decided_at)
     if kept is not None and kept.code != WAITING_FOR_PROOF:
         return kept
     if package.state != m.PackageState.ARCHIVED:
@@ -225,7 +244,11 @@ def _decide_rdp_source(
 
 
 def _decide_rdp_lta_buffer(
-    session: Session, package: m.RawDataPackage, location: m.DataLocation, roles: SiteRoles
+    session: Session,
+    package: m.RawDataPackage,
+    location: m.DataLocation,
+    roles: SiteRoles,
+    decided_at: datetime | None = None,
 ) -> Decision:
     if not _is_lta_site_buffer(location, roles):
         return _keep(f"{location.name} is not a BUFFER at an LTA site")
@@ -235,11 +258,18 @@ def _decide_rdp_lta_buffer(
     missing = _too_few(1, f"the LONG_TERM_ARCHIVE of the same site {site}", "no_same_site_lta_copy")
     # The same site's archive holds it (with proof), and as many proofs as any deletion.
     kept, proven = _proof_of(
-        session, package, location, here, missing, need=1, site_id=location.site_id
+        session,
+        package,
+        location,
+        here,
+        missing,
+        need=1,
+        site_id=location.site_id,
+        decided_at=decided_at,
     )
     if kept is None:
         missing = _too_few(min_verified_lta_copies(location), "a LONG_TERM_ARCHIVE location")
-        kept, _ = _proof_of(session, package, location, lta, missing)
+        kept, _ = _proof_of(session, package, location, lta, missing, decided_at=decided_at)
     if kept is not None:
         return kept
     names = ", ".join(f"{c.data_location.name} ({_ago(c.verified_at)})" for c in proven)
@@ -251,8 +281,10 @@ def decide_raw_data_package(
     package: m.RawDataPackage,
     location: m.DataLocation,
     roles: SiteRoles | None = None,
+    decided_at: datetime | None = None,
 ) -> Decision:
-    """The deletion rule for a RawDataPackage copy at ``location``."""
+    """The deletion rule for a RawDataPackage copy at ``location``; ``decided_at`` (the
+    worker's re-check): the archives' proof must be taken at or after it."""
     roles = roles or site_roles(session)
     ltype = location.location_type
     if ltype == LT.LONG_TERM_ARCHIVE:
@@ -266,9 +298,9 @@ def decide_raw_data_package(
         location,
         [package],
         _is_source_site_location(location, roles)
-        and (lambda: _decide_rdp_source(session, package, location, roles)),
+        and (lambda: _decide_rdp_source(session, package, location, roles, decided_at)),
         _is_lta_site_buffer(location, roles)
-        and (lambda: _decide_rdp_lta_buffer(session, package, location, roles)),
+        and (lambda: _decide_rdp_lta_buffer(session, package, location, roles, decided_at)),
     )
 
 
@@ -533,14 +565,19 @@ def decide_copy(
     copy: m.PhysicalCopy,
     roles: SiteRoles | None = None,
     buffer_status: dict | None = None,
+    decided_at: datetime | None = None,
 ) -> Decision:
-    """The rule for any physical copy (used by the worker's double-check, plan and explain)."""
+    """The rule for any physical copy (used by the worker's double-check, plan and
+    explain); ``decided_at`` (the worker's double-check of a package copy): the archives'
+    proof must be taken at or after the decision to delete."""
     if copy.data_location.location_type == LT.LONG_TERM_ARCHIVE:
         return _keep_archive(copy.data_location)
     if copy.lost_at is not None:
         return _keep("the copy is marked lost (nothing to delete)", "lost")
     if isinstance(copy, m.RawDataPackagePhysicalCopy):
-        return decide_raw_data_package(session, copy.raw_data_package, copy.data_location, roles)
+        return decide_raw_data_package(
+            session, copy.raw_data_package, copy.data_location, roles, decided_at
+        )
     if isinstance(copy, m.DataTransferPackagePhysicalCopy):
         return decide_data_transfer_package(
             session, copy.data_transfer_package, copy.data_location, roles

@@ -288,7 +288,7 @@ def _schedule_deletion_possible_bulk(
         ]
         _write_log_rows(session, rows)
         session.commit()  # before submitting: in embedded mode the task runs inline
-        _submit(delete_bulk_raw_data_files, location, chunks)
+        _submit(delete_bulk_raw_data_files, location, chunks, session)
         session.expire_all()
     scheduled = len(ids)
     if not pressure:

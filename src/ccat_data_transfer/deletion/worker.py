@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from celery import Task
-from sqlalchemy import update
+from sqlalchemy import func, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -49,8 +50,11 @@ from ccat_data_transfer.deletion.base import (
 )
 from ccat_data_transfer.deletion.candidates import _load_copies
 from ccat_data_transfer.deletion.marking import mark_raw_data_files_for_deletion
+from ccat_data_transfer.deletion.proof import request_post_decision_proof
 from ccat_data_transfer.deletion.rule_sql import _file_copies_still_deletable
 from ccat_data_transfer.deletion.rules import (
+    WAITING_FOR_PROOF,
+    WAITING_FOR_PROOF_AFTER_DECISION,
     Decision,
     SiteRoles,
     _delete,
@@ -99,26 +103,51 @@ def _revert_status(copy: m.PhysicalCopy) -> m.PhysicalCopyStatus:
     return S.PRESENT
 
 
+def _decided_at(copy: m.PhysicalCopy) -> datetime:
+    """When the deletion of ``copy`` was decided (a row without the mark: when it was last
+    sent; neither: now, so that only a proof taken from now on counts)."""
+    return copy.deletion_decided_at or copy.deletion_scheduled_at or m.utcnow()
+
+
 def _recheck(
-    session: Session, copy: m.PhysicalCopy, roles: SiteRoles, file_ok: set[int]
+    session: Session,
+    copy: m.PhysicalCopy,
+    roles: SiteRoles,
+    file_ok: set[int],
+    file_before: set[int],
 ) -> Decision:
-    """The rule, checked again at execution time (``file_ok``: the raw-file copies whose
-    set-based rule holds now)."""
+    """The rule, checked again at execution time, with the archives' proof taken after
+    the decision to delete (``file_ok``: the raw-file copies whose set-based rule holds
+    so; ``file_before``: those whose rule holds on a proof taken before the decision -
+    they wait for the proof after it)."""
     loc = copy.data_location
     if loc.location_type == LT.LONG_TERM_ARCHIVE:
         return _keep("never delete from a LONG_TERM_ARCHIVE (worker guard)", "long_term_archive")
     if copy.lost_at is not None:
         return _keep("the copy is marked lost", "lost")
     if isinstance(copy, m.RawDataFilePhysicalCopy):
-        if copy.id not in file_ok:
-            return _keep("rule no longer holds at execution time", "rule_no_longer_holds")
-        return _delete(
-            "rule re-checked by the worker",
-            "no_active_staging_job"
-            if loc.location_type == LT.PROCESSING
-            else "parent_package_archived",
-        )
-    return decide_copy(session, copy, roles)
+        if copy.id in file_ok:
+            return _delete(
+                "rule re-checked by the worker",
+                "no_active_staging_job"
+                if loc.location_type == LT.PROCESSING
+                else "parent_package_archived",
+            )
+        if copy.id in file_before:
+            return _keep(
+                "waiting for proof: the archive copies of its package were not verified at "
+                "their sites (and read back in full since written) after the deletion was "
+                f"decided ({_decided_at(copy).isoformat(timespec='seconds')}); asked for",
+                WAITING_FOR_PROOF_AFTER_DECISION,
+            )
+        return _keep("rule no longer holds at execution time", "rule_no_longer_holds")
+    after = decide_copy(session, copy, roles, decided_at=_decided_at(copy))
+    if after.deletable or after.code != WAITING_FOR_PROOF:
+        return after
+    before = decide_copy(session, copy, roles)
+    if before.deletable:  # it holds on the proof taken before the decision only
+        return _keep(after.reason.removeprefix("kept: "), WAITING_FOR_PROOF_AFTER_DECISION)
+    return before
 
 
 def _target(copy: m.PhysicalCopy, reason: str, back: m.PhysicalCopyStatus | None = None) -> dict:
@@ -137,28 +166,54 @@ def _target(copy: m.PhysicalCopy, reason: str, back: m.PhysicalCopyStatus | None
 
 
 def _recheck_and_claim(
-    session: Session, ids: list[int], actor: str, summary: dict[str, int]
+    session: Session,
+    ids: list[int],
+    actor: str,
+    summary: dict[str, int],
+    waiting: list[int],
+    log_waiting: bool = True,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Phase 1 (DB): re-check every copy; move those whose rule holds to
-    DELETION_IN_PROGRESS.  Of the others, a copy at a LONG_TERM_ARCHIVE stays as found (the
-    deletion path never changes an archive copy: SKIPPED, nothing else); every other one is
-    left for the storage phase to look at before it goes back (:func:`_settle_refused`).
-    Returns (what to delete, what to look at), as plain data."""
+    DELETION_IN_PROGRESS.  A copy whose rule holds but for the archives' proof taken
+    after the decision to delete stays as found (SKIPPED; its id goes to ``waiting``, for
+    which the proof is asked: a re-send of the task finds it).  Of the others, a copy at a
+    LONG_TERM_ARCHIVE stays as found (the deletion path never changes an archive copy:
+    SKIPPED, nothing else); every other one is left for the storage phase to look at
+    before it goes back (:func:`_settle_refused`).  Returns (what to delete, what to look
+    at), as plain data."""
     copies = [c for c in _load_copies(session, ids) if c.status in WORKER_ACCEPTS]
     roles = site_roles(session)
-    file_ok = _file_copies_still_deletable(
-        session, [c.id for c in copies if isinstance(c, m.RawDataFilePhysicalCopy)]
-    )
+    file_ids = [c.id for c in copies if isinstance(c, m.RawDataFilePhysicalCopy)]
+    file_ok = _file_copies_still_deletable(session, file_ids, post_decision=True)
+    file_before = _file_copies_still_deletable(session, file_ids) - file_ok
     go: dict[int, m.PhysicalCopy] = {}
     why: dict[int, str] = {}  # the rule that allows each deletion, for the audit trail
     logs: list[dict[str, Any]] = []
     unsure: list[dict[str, Any]] = []
     for c in copies:
-        decision = _recheck(session, c, roles, file_ok)
+        decision = _recheck(session, c, roles, file_ok, file_before)
         code = decision.code or "rule_no_longer_holds"
         if decision.deletable:
             go[c.id] = c
             why[c.id] = decision.code or "rule_holds"
+            continue
+        if code == WAITING_FOR_PROOF_AFTER_DECISION:
+            waiting.append(c.id)
+            if not log_waiting:
+                continue
+            logs.append(
+                _log_row(
+                    c.id,
+                    c.type,
+                    c.data_location,
+                    _copy_size(c),
+                    code,
+                    m.DeletionOutcome.SKIPPED,
+                    f"{decision.reason}; left {c.status.name} as found",
+                    actor,
+                )
+            )
+            summary["skipped"] += 1
             continue
         if c.data_location.location_type != LT.LONG_TERM_ARCHIVE:
             unsure.append(
@@ -334,8 +389,31 @@ def delete_copies(
     if not ids:
         return summary
     db = DatabaseConnection()
+    waiting: list[int] = []
     with db.session_scope() as session:
-        targets, unsure = _recheck_and_claim(session, ids, actor, summary)
+        # A copy scheduled by hand (not through a claim) is taken as decided when it was
+        # last sent, else now: the archives' proof must be taken after that.
+        session.execute(
+            update(PCT)
+            .where(
+                PCT.c.id.in_(ids),
+                PCT.c.status.in_(list(WORKER_ACCEPTS)),
+                PCT.c.deletion_decided_at.is_(None),
+            )
+            .values(deletion_decided_at=func.coalesce(PCT.c.deletion_scheduled_at, m.utcnow()))
+        )
+        targets, unsure = _recheck_and_claim(session, ids, actor, summary, waiting, False)
+    if waiting:
+        # The archives' sites are asked for the proof after the decision (a copy whose
+        # archive file vanished meanwhile: the proof finds it, and the copy here stays);
+        # in embedded mode it is taken now, so the copies are checked once more.  A copy
+        # still waiting stays as it was, for a re-send of the task.
+        with db.session_scope() as session:
+            request_post_decision_proof(session, waiting)
+        with db.session_scope() as session:
+            more, more_unsure = _recheck_and_claim(session, waiting, actor, summary, [])
+        targets += more
+        unsure += more_unsure
     if not targets and not unsure:
         return summary
     # The batch's heartbeat: recovery leaves it alone while its copies keep beating.

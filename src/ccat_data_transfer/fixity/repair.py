@@ -21,8 +21,9 @@ bytes stay until the new ones are complete), and commits the write only when the
 source's bytes hash to the package checksum.  Then it re-reads what was written; only
 when that, too, hashes to the package checksum does the copy become PRESENT again, not
 lost, with fresh ``verified_at`` / ``fixity_checked_at`` (REPAIRED).  Any failure is a
-REPAIR_FAILED with its reason; a source found bad is sent for a verification at its own
-site and the next source is tried.  A failure at the destination (unwritable, or the
+REPAIR_FAILED with its reason; an archive source found bad is recorded as the fixity scan
+records a bad copy (``archive_proof.record_bad_bytes``: marked lost, an archive_event, its
+own repair queued) and the next source is tried.  A failure at the destination (unwritable, or the
 written bytes differ) ends the attempt: a good copy exists, so nothing is frozen, and
 the fixity manager queues the repair again later.
 
@@ -44,11 +45,17 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import String, func, literal, select, update
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer.archive import proof as archive_proof
-from ccat_data_transfer.archive.proof import FIXITY_OK, proof_cutoff, record_event
+from ccat_data_transfer.archive.proof import (
+    CORRUPT,
+    FIXITY_OK,
+    MISSING,
+    proof_cutoff,
+    record_event,
+)
 from ccat_data_transfer.core.alerts import send_alert
 from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.errors import CcatError
@@ -94,6 +101,10 @@ class _Target:
 
 class _SourceBad(CcatError):
     """The source's bytes are not the package's (or it has none)."""
+
+
+class _SourceMissing(_SourceBad):
+    """The source has no such object."""
 
 
 class _SourceUnreachable(CcatError):
@@ -176,7 +187,7 @@ def _copy_bytes(source: _Copy, target: _Target) -> None:
     try:
         reader = storage_for_location(source.location).open_read(source.path)
     except ObjectNotFound as exc:
-        raise _SourceBad(f"no object {source.path} at {source.location.name}") from exc
+        raise _SourceMissing(f"no object {source.path} at {source.location.name}") from exc
     except StorageError as exc:
         raise _SourceUnreachable(f"cannot read {source.location.name}: {exc}") from exc
     destination = storage_for_location(target.copy.location)
@@ -259,7 +270,13 @@ def _mark_repaired(db: DatabaseConnection, target: _Target, source: _Copy) -> No
             )
             .values(
                 lost_at=None,
-                last_error=None,
+                # What was found stays readable on the copy (and in the archive trail).
+                last_error=func.substr(
+                    literal(f"repaired from copy {source.copy_id} after: ", String)
+                    + func.coalesce(m.PhysicalCopy.last_error, ""),
+                    1,
+                    2000,
+                ),
                 checksum=target.checksum,
                 verified_at=now,
                 fixity_checked_at=now,
@@ -318,8 +335,16 @@ def repair_copy(copy_id: int) -> str:
             _event(db, REPAIR_FAILED, target, f"source {where} is bad: {exc}")
             log.error("archive_repair_source_bad", copy_id=copy_id, source=where, reason=str(exc))
             if source.kind == "lta":
+                # The same finding as the fixity scan's (marked lost, an archive_event,
+                # its own repair queued), made by the reader that found it.
                 with db.session_scope() as session:
-                    archive_proof.request_verification(session, [source.copy_id], full=True)
+                    archive_proof.record_bad_bytes(
+                        session,
+                        source.copy_id,
+                        ACTOR,
+                        f"read as a repair source for copy {copy_id}: {exc}",
+                        outcome=MISSING if isinstance(exc, _SourceMissing) else CORRUPT,
+                    )
             continue
         except _SourceUnreachable as exc:
             _event(db, REPAIR_FAILED, target, f"source {where} unreachable: {exc}")

@@ -12,8 +12,11 @@ listing of the storage, and finds
   unfinished S3 uploads) with their size and age; the janitor removes the old ones.
 
 It reports and never deletes.  Copies found lost or corrupt get ``lost_at`` set, so the
-deletion rules stop counting them as safe copies; a copy marked lost that is found
-intact again is unmarked.  When the discrepancies exceed AUDIT_MAX_DISCREPANCY_FRACTION
+deletion rules stop counting them as safe copies; an archive copy found so is recorded as
+the fixity scan records it (``archive.proof.record_bad_bytes``: an ``archive_event``, its
+repair queued).  A copy marked lost is unmarked only when a full re-read of its bytes
+matches its checksum (never on the strength of a size or of stored metadata).
+When the discrepancies exceed AUDIT_MAX_DISCREPANCY_FRACTION
 of what was expected, the audit marks nothing (that pattern usually means an unmounted
 disk or a wrong bucket, not lost data) but puts the location on *hold*: a systematic
 fault is exactly when no copy elsewhere may be deleted on the strength of this location.
@@ -34,7 +37,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer.archive.proof import record_event
+from ccat_data_transfer.archive.proof import CORRUPT, MISSING, record_bad_bytes, record_event
 from ccat_data_transfer.core.alerts import send_alert
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.errors import NotFoundError, ValidationError
@@ -225,7 +228,7 @@ def audit_location(
         return report
 
     if mark:
-        _mark_copies(session, report, lost_ids, found_again)
+        _mark_copies(session, location, report, lost_ids, found_again)
     _log_findings(location, report)
     return report
 
@@ -303,8 +306,10 @@ def _compare_copies(
         elif exp.checksum and (exp.lost or rng.random() < sample_fraction):
             report.checksums_checked += 1
             # The sampled check trusts a SHA-256 stored with the object (S3 metadata: one
-            # HEAD, no bytes read); a full audit re-reads every byte.
-            actual = storage.sha256(exp.path, reread=full)
+            # HEAD, no bytes read); a full audit re-reads every byte, and so does the check
+            # of a copy marked lost: only a full re-read clears a finding of bad bytes (the
+            # metadata survives a same-size overwrite of the bytes).
+            actual = storage.sha256(exp.path, reread=full or exp.lost)
             if actual.lower() != exp.checksum.lower():
                 problem = f"sha256 {actual[:12]}... != recorded {exp.checksum[:12]}..."
         if problem:
@@ -348,7 +353,11 @@ def _hold_if_systemic(
 
 
 def _mark_copies(
-    session: Session, report: LocationAudit, lost_ids: list[int], found_again: list[int]
+    session: Session,
+    location: m.DataLocation,
+    report: LocationAudit,
+    lost_ids: list[int],
+    found_again: list[int],
 ) -> None:
     """DB phase: mark the lost copies and clear the mark of those found again."""
     now = m.utcnow()
@@ -358,6 +367,18 @@ def _mark_copies(
             .where(m.PhysicalCopy.id.in_(lost_ids), m.PhysicalCopy.lost_at.is_(None))
             .values(lost_at=now, last_error="audit: missing or corrupt in storage")
         ).rowcount
+    if location.location_type == m.LocationType.LONG_TERM_ARCHIVE:
+        # An archive copy found bad: the same finding as the fixity scan's (an
+        # archive_event, its repair queued), whatever reader found it.
+        drifted = {d["physical_copy_id"]: d["problem"] for d in report.drift}
+        for copy_id in lost_ids:
+            record_bad_bytes(
+                session,
+                copy_id,
+                "audit",
+                drifted.get(copy_id, "no such object in storage"),
+                outcome=CORRUPT if copy_id in drifted else MISSING,
+            )
     if found_again:
         report.unmarked = session.execute(
             update(m.PhysicalCopy).where(m.PhysicalCopy.id.in_(found_again)).values(lost_at=None)

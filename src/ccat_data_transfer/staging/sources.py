@@ -16,8 +16,10 @@ ordered by: 1. the destination's own site first, 2. the order of the setting
 3. ``DataLocation.priority`` (lower first), 4. location name.  Reachability is found out by
 trying: the next candidate is used when one is down, lacks the object or is corrupt.
 
-A checksum mismatch is logged as ``staging_source_corrupt`` and noted on the copy's
-``last_error``; a missing object likewise (``staging_source_missing``).  Every candidate
+A checksum mismatch is logged as ``staging_source_corrupt`` and recorded as the fixity
+scan records a bad copy (``archive.proof.record_bad_bytes``: the copy is marked lost, an
+``archive_event`` CORRUPT, its repair queued); a missing object likewise
+(``staging_source_missing``, MISSING).  Every candidate
 unreachable is retryable; every candidate missing or corrupt is permanent.
 """
 
@@ -29,9 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ccat_data_transfer.archive.proof import CORRUPT, MISSING, record_bad_bytes
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.errors import CcatError, PermanentError, RetryableError
@@ -185,12 +188,15 @@ def _source_problem(
     )
     if noted_as is None:
         return
+    # The same finding as the fixity scan's: the copy is marked lost (no deletion rule
+    # counts it any more), an archive_event says so, and its repair is queued.
     with db.session_scope() as s:
-        s.execute(
-            update(m.PhysicalCopy)
-            .where(m.PhysicalCopy.id == src.copy_id)
-            .values(last_error=f"{m.utcnow().isoformat()} {noted_as} when staging: {exc}"[:2000])
-            .execution_options(synchronize_session=False)
+        record_bad_bytes(
+            s,
+            src.copy_id,
+            "staging",
+            f"{noted_as} when staging from {src.location_name}: {exc}",
+            outcome=CORRUPT if noted_as == "corrupt" else MISSING,
         )
 
 

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-12-02 09:43:49.422157
+Create Date: 2026-12-06 23:37:19.151093
 """
 
 from collections.abc import Sequence
@@ -844,6 +844,7 @@ def upgrade() -> None:
         sa.Column("verification_requested_at", sa.DateTime(), nullable=True),
         sa.Column("deletion_possible_at", sa.DateTime(), nullable=True),
         sa.Column("deletion_scheduled_at", sa.DateTime(), nullable=True),
+        sa.Column("deletion_decided_at", sa.DateTime(), nullable=True),
         sa.Column("deleted_at", sa.DateTime(), nullable=True),
         sa.Column("deletion_retry_count", sa.Integer(), nullable=False),
         sa.Column("last_error", sa.Text(), nullable=True),
