@@ -91,10 +91,11 @@ def _events(system, copy_id):
 def repairs_queued(monkeypatch):
     """The findings handed to the repair (``archive_proof.on_bad_copies``), recorded
     instead of repaired."""
-    import ccat_data_transfer.fixity.repair  # noqa: F401 - its hook is registered first
+    import ccat_data_transfer.fixity.tasks  # noqa: F401 - its hook is registered first
+    from ccat_data_transfer.archive import verification
 
     found: list[archive_proof.Finding] = []
-    monkeypatch.setattr(archive_proof, "on_bad_copies", [found.extend])
+    monkeypatch.setattr(verification, "on_bad_copies", [found.extend])
     return found
 
 
