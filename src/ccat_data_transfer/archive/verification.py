@@ -170,6 +170,19 @@ def _look(expected: _Expected, full: bool) -> Finding:
     return finding(FIXITY_OK)
 
 
+def _trail(session: Session, f: Finding, actor: str) -> None:
+    """The archive trail row of one finding (what was found, by whom)."""
+    record_event(
+        session,
+        f.outcome,
+        copy_id=f.copy_id,
+        package_id=f.package_id,
+        location_id=f.location_id,
+        actor=actor,
+        message=f.message or None,
+    )
+
+
 def _mark_bad(session: Session, f: Finding, actor: str, now: datetime) -> None:
     """The finding of bad bytes (MISSING or CORRUPT), as every reader records it: the copy
     is marked lost (no rule counts it any more; only a full re-read clears the mark), with
@@ -183,15 +196,7 @@ def _mark_bad(session: Session, f: Finding, actor: str, now: datetime) -> None:
         reason=f.message,
         actor=actor,
     )
-    record_event(
-        session,
-        f.outcome,
-        copy_id=f.copy_id,
-        package_id=f.package_id,
-        location_id=f.location_id,
-        actor=actor,
-        message=f.message or None,
-    )
+    _trail(session, f, actor)
     # A mark already there is kept (its time says when the copy was first found bad).
     session.execute(
         update(PCT)
@@ -225,15 +230,7 @@ def _record(session: Session, findings: list[Finding], actor: str, now: datetime
         else:
             log.warning("archive_copy_unreachable", copy_id=f.copy_id, reason=f.message)
         if f.outcome == FIXITY_OK:  # routine stats leave no trail row
-            record_event(
-                session,
-                f.outcome,
-                copy_id=f.copy_id,
-                package_id=f.package_id,
-                location_id=f.location_id,
-                actor=actor,
-                message=f.message or None,
-            )
+            _trail(session, f, actor)
         # Only a copy still PRESENT is changed: a deletion or another verification that
         # got there first wins.
         session.execute(
