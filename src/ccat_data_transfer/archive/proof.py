@@ -37,9 +37,16 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from ccat_data_transfer.core.attempts import (
+    beat_copies,
+    claim_copies,
+    new_attempt,
+    release_copies,
+)
 from ccat_data_transfer.core.celery_app import app
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.database import DatabaseConnection
+from ccat_data_transfer.core.liveness import beating
 from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.core.operation_types import OperationType
 from ccat_data_transfer.core.queues import route_task_by_location
@@ -48,6 +55,7 @@ from ccat_ops_db import models as m
 log = get_logger(__name__)
 
 PCT = m.PhysicalCopy.__table__
+CopyClaim = m.CopyClaim
 
 #: Outcomes of one copy's verification, also the ``archive_event.event`` written for it.
 VERIFIED = "VERIFIED"
@@ -294,14 +302,47 @@ REPAIR_HOOK_MODULE = "ccat_data_transfer.fixity.repair"
 def verify_copies(
     copy_ids: Sequence[int], *, full: bool = False, actor: str = "archive_verifier"
 ) -> list[Finding]:
-    """Verify archive copies where they are; returns one finding per copy still PRESENT."""
+    """Verify archive copies where they are; returns one finding per copy still PRESENT
+    that this attempt could take.
+
+    Each copy is taken first (a ``copy_claim``,
+    :func:`~ccat_data_transfer.core.attempts.claim_copies`):
+    a copy that a live verification or repair holds is left to it (a redelivered or
+    concurrent task does nothing for it).  The claims beat while the storage is read,
+    the findings are recorded only for the claims still held, and released with them."""
     db = DatabaseConnection()
+    attempt = new_attempt()
     with db.session_scope() as session:
-        expected = _expected(session, [int(i) for i in copy_ids])
-    findings = [_look(e, full) for e in expected]
-    now = m.utcnow()
-    with db.session_scope() as session:
-        _record(session, findings, actor, now)
+        taken = claim_copies(session, [int(i) for i in copy_ids], "verification", attempt)
+    if not taken:
+        return []
+    try:
+        with db.session_scope() as session:
+            expected = _expected(session, taken)
+        with beating(
+            CopyClaim,
+            CopyClaim.physical_copy_id.in_(taken),
+            CopyClaim.attempt_id == attempt,
+            label="copy_claim-verification",
+        ):
+            findings = [_look(e, full) for e in expected]
+        now = m.utcnow()
+        with db.session_scope() as session:
+            owned = beat_copies(session, taken, attempt)
+            if len(owned) < len(taken):
+                log.warning(
+                    "attempt_superseded",
+                    work="verification",
+                    copies=sorted(set(taken) - owned),
+                    attempt=attempt,
+                )
+            findings = [f for f in findings if f.copy_id in owned]
+            _record(session, findings, actor, now)
+            release_copies(session, taken, attempt)
+    except BaseException:
+        with db.session_scope() as session:
+            release_copies(session, taken, attempt)
+        raise
     bad = [f for f in findings if f.outcome in (MISSING, CORRUPT)]
     if bad:
         importlib.import_module(REPAIR_HOOK_MODULE)

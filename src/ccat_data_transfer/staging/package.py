@@ -74,8 +74,9 @@ class StagingBusy(RetryableError):
 
 
 @contextmanager
-def _package_lock(db: DatabaseConnection, package_id: int, location_id: int) -> Iterator[None]:
-    """Exclusive right to stage one package into one location (a ``manager_state`` row).
+def _package_lock(db: DatabaseConnection, package_id: int, location_id: int) -> Iterator[str]:
+    """Exclusive right to stage one package into one location (a ``manager_state`` row);
+    yields the holder's token, the attempt that names its temporary files.
 
     The holder beats the lock's ``updated_at``; a lock whose beats stopped (a killed
     worker, :func:`ccat_data_transfer.core.liveness.stall_window`) is taken over."""
@@ -105,7 +106,7 @@ def _package_lock(db: DatabaseConnection, package_id: int, location_id: int) -> 
     MS = m.ManagerState
     try:
         with beating(MS, MS.key == key, MS.value == token, column="updated_at", label=key):
-            yield
+            yield token
     finally:
         with db.session_scope() as s:
             s.execute(
@@ -215,13 +216,22 @@ def stage_package(db: DatabaseConnection, package_id: int, location_id: int) -> 
     destination full) or :class:`~ccat_data_transfer.core.errors.PermanentError` (no good
     copy, records inconsistent).
     """
-    with _package_lock(db, package_id, location_id):
+    with _package_lock(db, package_id, location_id) as attempt:
         plan = _plan_package(db, package_id, location_id)
         if plan is None:
             return "reused"
         files, dest_storage, dest_name, sources, tar_path, checksum, size = plan
         source = copy_from_best_lta(
-            db, package_id, sources, dest_storage, tar_path, checksum, size, dest_name, location_id
+            db,
+            package_id,
+            sources,
+            dest_storage,
+            tar_path,
+            checksum,
+            size,
+            dest_name,
+            location_id,
+            attempt=attempt,
         )
         try:
             extracted = extract_and_verify(dest_storage, tar_path, files, package_id)
