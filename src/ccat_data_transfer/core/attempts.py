@@ -44,6 +44,7 @@ __all__ = [
     "AttemptSuperseded",
     "beat_copies",
     "claim_copies",
+    "exit_owned",
     "new_attempt",
     "owned_step",
     "release_copies",
@@ -190,3 +191,24 @@ def release_copies(session: Session, copy_ids: Sequence[int], attempt: str) -> N
             .where(CC.physical_copy_id.in_(ids), CC.attempt_id == attempt)
             .execution_options(synchronize_session=False)
         )
+
+
+def exit_owned(
+    writer: contextlib.AbstractContextManager[Any],
+    model: Any,
+    row_id: Any,
+    attempt: str,
+    step: str,
+    *,
+    db: DatabaseConnection | None = None,
+) -> None:
+    """Leave the atomic write ``writer`` (an entered ``Storage.open_write``: leaving it
+    renames the temporary file into place) inside :func:`owned_step`, so the rename
+    happens only while ``attempt`` owns its row; a superseded attempt leaves it with
+    :class:`AttemptSuperseded` instead (its temporary file is removed) and re-raises."""
+    try:
+        with owned_step(model, row_id, attempt, step, db=db):
+            writer.__exit__(None, None, None)
+    except AttemptSuperseded as exc:
+        writer.__exit__(type(exc), exc, exc.__traceback__)
+        raise
