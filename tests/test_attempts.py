@@ -160,9 +160,9 @@ def test_a_superseded_transfer_attempt_neither_discards_renames_nor_records(
     pause.resume.set()
     first.join(WAIT)
     assert "error" not in out, out
+    assert final.is_file() and _sha(final) == checksum  # the verified file stayed
     assert out["result"] == "superseded"
     assert any("attempt_superseded" in str(r.msg) for r in caplog.records)
-    assert final.is_file() and _sha(final) == checksum  # the verified file stayed
     with system.session() as s:
         t = s.get(m.DataTransfer, tid)
         assert t.status == m.Status.COMPLETED and t.retry_count == 1
@@ -185,13 +185,19 @@ def test_a_superseded_transfer_attempt_does_not_charge_a_failure_to_the_next_one
     second_may_finish = threading.Event()
 
     class FirstFailsLate(CopyMethod):
-        def land(self, *args, **kw):
+        def step(self, move, *args, **kw):
             if pause.first():
                 pause.hold()
                 raise OSError("the first attempt's link dropped")
             second_running.set()
             assert second_may_finish.wait(WAIT)
-            return super().land(*args, **kw)
+            return move(*args, **kw)
+
+        def land(self, *args, **kw):
+            return self.step(super().land, *args, **kw)
+
+        def transfer(self, *args, **kw):  # the one call of a method before attempts
+            return self.step(super().transfer, *args, **kw)
 
     copy_method(FirstFailsLate())
     tid, _dtp_id, _rel, _checksum = _scheduled_transfer(system)
@@ -375,8 +381,8 @@ def test_a_stalled_build_whose_claim_was_released_leaves_the_next_builds_copy_al
 
     pause.resume.set()
     first.join(WAIT)
-    assert out.get("result", {}).get("status") == "superseded", out
     assert tar.is_file() and _sha(tar) == b_sum  # B's recorded copy is still there
+    assert out.get("result", {}).get("status") == "superseded", out
     with system.session() as s:
         (copy,) = s.scalars(
             select(m.RawDataPackagePhysicalCopy).where(
