@@ -365,7 +365,7 @@ def test_a_stalled_build_whose_claim_was_released_leaves_the_next_builds_copy_al
         return result
 
     monkeypatch.setattr(skeleton, "write_tar_with_checksums", write_then_stall)
-    first, out = _run_in_thread(lambda: rdpm.create_raw_data_package.apply(args=[a_id]).get())
+    first, out = _run_in_thread(lambda: rdpm.create_raw_data_package.apply(args=[a_id]).result)
     assert pause.reached.wait(WAIT)
 
     build_started_and_died(system, m.RawDataPackage, a_id)  # its beats look stopped
@@ -435,7 +435,7 @@ def test_a_redelivered_verification_does_nothing_while_the_first_is_live(
     first, out = _run_in_thread(proof.verify_copies, [copy_id])
     assert pause.reached.wait(WAIT)
     # The broker delivers the task again while the first run still reads the bytes.
-    again = proof.verify_archive_copies.apply(args=[[copy_id]], kwargs={"full": True}).get()
+    again = proof.verify_archive_copies.apply(args=[[copy_id]], kwargs={"full": True}).result
     assert again == {}
     assert pause.calls == 1  # the second run did not look at the copy at all
     with system.session() as s:
@@ -467,7 +467,7 @@ def test_a_concurrent_repair_of_the_same_copy_does_nothing_while_the_first_is_li
     monkeypatch.setattr(repair, "_copy_bytes", slow_copy)
     first, out = _run_in_thread(repair.repair_copy, bad)
     assert pause.reached.wait(WAIT)
-    assert repair.repair_archive_copy.apply(args=[bad]).get() == "busy"
+    assert repair.repair_archive_copy.apply(args=[bad]).result == "busy"
     assert _events(system, bad) == [repair.REPAIR_STARTED]  # the first attempt's only
     pause.resume.set()
     first.join(WAIT)

@@ -552,7 +552,7 @@ class XrootdMethod(CommandLineMethod):
     the destination site's XRootD server (the site's ``xrootd_url``).
 
     The file goes to the attempt's temporary name (renamed into place over ssh once
-    verified, :meth:`place`).  Resumable, though xrdcp 5.5 refuses ``--continue``
+    verified, :meth:`TransferMethodBase.place`).  Resumable, though xrdcp 5.5 refuses ``--continue``
     towards a server: a retry that finds ``P`` bytes there keeps the first
     ``P - 2 * XROOTD_IN_FLIGHT`` (the chunks xrdcp had in flight when it was stopped
     may have left holes above that; ``XROOTD_IN_FLIGHT`` of :mod:`ccat_data_transfer.core.hosts`),

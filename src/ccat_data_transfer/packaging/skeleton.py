@@ -516,7 +516,8 @@ def fail_members(
     attempt: str,
 ) -> list[dict[str, Any]]:
     """Flag every mismatching member and release the claim, in one transaction owned by
-    ``attempt`` (:class:`AttemptSuperseded` when it no longer owns the row).
+    ``attempt`` (:class:`~ccat_data_transfer.core.attempts.AttemptSuperseded` when it
+    no longer owns the row).
     ``flag_member(session, package_id, package, path, reason)`` flags one and returns
     the error to report, or None if there is no such member.  Returns the errors."""
     errors: list[dict[str, Any]] = []

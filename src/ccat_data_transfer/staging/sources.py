@@ -26,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import uuid
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,6 +121,7 @@ def copy_from_best_lta(
     dest_location_id: int | None = None,
     *,
     attempt: str | None = None,
+    holding: Callable[[], AbstractContextManager[Any]] = nullcontext,
 ) -> Source:
     """Copy the tar from the first LTA copy that is reachable, present and correct.  An
     LTA on another host (its site declares a ``host``) is pulled over ssh by rsync, as
@@ -147,6 +150,7 @@ def copy_from_best_lta(
                     checksum,
                     size,
                     attempt=attempt or uuid.uuid4().hex,
+                    holding=holding,
                 )
             return src
         except RetryableError as exc:  # the other host did not answer or rsync failed
@@ -214,24 +218,29 @@ def pull_verified(
     size: int,
     *,
     attempt: str,
+    holding: Callable[[], AbstractContextManager[Any]] = nullcontext,
 ) -> None:
     """rsync ``src_path`` from the host of ``reach`` to the temporary name of ``attempt``
     (the holder of the package's staging lock), resuming from an earlier partial it
     adopts (one as long as the source or longer is dropped: it is stale), then hash it
     here, at the temporary name; only verified bytes are renamed to ``dst_path``, a
-    mismatch removes them."""
+    mismatch removes them.  ``holding()`` wraps the irreversible steps (adopting an
+    earlier partial, the rename into place): they run only while the attempt holds the
+    package's staging lock."""
     log_dir = Path(str(settings.get("TRANSFER_LOG_DIR", "") or "") or tempfile.gettempdir())
     log_dir.mkdir(parents=True, exist_ok=True)
     method = get_transfer_method(m.TransferMethod.RSYNC)
     temp = method.temp_name(dst, dst_path, attempt)
     with open(log_dir / "staging_pulls.log", "a", encoding="utf-8") as lf:
-        method.adopt(dst, dst_path, attempt, lf)
+        with holding():
+            method.adopt(dst, dst_path, attempt, lf)
         method.land(src, src_path, dst, dst_path, lf, attempt=attempt, size=size, src_host=reach)
         digest = dst.sha256(temp)
         info = dst.stat(temp)
         written = info.size if info else 0
         if digest == checksum and (not size or written == size):
-            method.place(dst, dst_path, attempt, lf)
+            with holding():
+                method.place(dst, dst_path, attempt, lf)
             return
     dst.delete(temp)
     raise CorruptCopy(
