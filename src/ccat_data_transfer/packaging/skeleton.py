@@ -40,6 +40,8 @@ Room in the house: tasks/core.  Imports core (storage, tarutil, config, scope) a
 from __future__ import annotations
 
 import enum
+import io
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -433,6 +435,7 @@ def write_tar(kind: PackageKind, storage: Storage, work: Work) -> TarResult:
             writer.__exit__(type(exc), exc, exc.__traceback__)
             raise
         if work.attempt:
+            _sync(out)
             exit_owned(
                 writer, kind.package_model, work.package_id, work.attempt, "rename tar into place"
             )
@@ -443,6 +446,20 @@ def write_tar(kind: PackageKind, storage: Storage, work: Work) -> TarResult:
             raise
         raise StorageError(kind.source_changed.format(exc=exc)) from exc
     return result
+
+
+def _sync(out: Any) -> None:
+    """Flush and fsync a written local file before its owned rename: the rename step
+    holds the package row, and a long fsync there (gigabytes) would hold it while the
+    heartbeat cannot beat, so recovery would take the build for a stalled one."""
+    fileno = getattr(out, "fileno", None)
+    try:
+        fd = fileno() if fileno is not None else None
+    except (io.UnsupportedOperation, ValueError):  # not a local file (S3)
+        fd = None
+    if fd is not None:
+        out.flush()
+        os.fsync(fd)
 
 
 def record_built(
