@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.logs import get_logger
+from ccat_data_transfer.core.storage import StorageError, storage_for_location
 from ccat_ops_db import models as m
 
 log = get_logger("ccat_data_transfer.archive.proof")
@@ -140,7 +141,6 @@ def _expected(session: Session, copy_ids: Sequence[int]) -> list[_Expected]:
 
 def _look(expected: _Expected, full: bool) -> Finding:
     """Phase 2: look at the object itself (no DB transaction is open meanwhile)."""
-    from ccat_data_transfer.core.storage import StorageError, storage_for_location
 
     def finding(outcome: str, message: str = "") -> Finding:
         return Finding(
