@@ -127,11 +127,12 @@ def test_archive_copy_that_lands_corrupt_is_removed_and_retried(system):
     calls: list[str] = []
 
     class FlipOnce(CopyMethod):
-        def transfer(self, src_storage, src_path, dst_storage, dst_path, log_file, **kw):
-            stats = super().transfer(src_storage, src_path, dst_storage, dst_path, log_file)
+        def land(self, src_storage, src_path, dst_storage, dst_path, log_file, **kw):
+            stats = super().land(src_storage, src_path, dst_storage, dst_path, log_file, **kw)
             calls.append(dst_path)
             if len(calls) == 1:
-                p = dst_storage.local_path(dst_path)
+                # Corrupted in transit: the bytes at the attempt's temporary name.
+                p = dst_storage.local_path(self.temp_name(dst_storage, dst_path, kw["attempt"]))
                 data = bytearray(p.read_bytes())
                 data[-1] ^= 1
                 p.write_bytes(bytes(data))

@@ -494,10 +494,10 @@ class _CountingCopy(transfer_methods.CopyMethod):
         self.sent: Counter[tuple[str, str]] = Counter()
         self.lock = threading.Lock()
 
-    def transfer(self, src_storage, src_path, dst_storage, dst_path, log_file, **hosts):
+    def land(self, src_storage, src_path, dst_storage, dst_path, log_file, **kw):
         with self.lock:
             self.sent[(repr(dst_storage), dst_path)] += 1
-        return super().transfer(src_storage, src_path, dst_storage, dst_path, log_file, **hosts)
+        return super().land(src_storage, src_path, dst_storage, dst_path, log_file, **kw)
 
 
 def test_two_managers_of_each_kind_at_once_do_every_piece_of_work_once(system, monkeypatch):

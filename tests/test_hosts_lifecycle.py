@@ -140,7 +140,8 @@ def cluster(tmp_path: Path) -> Iterator[HostCluster]:
 
 
 def _partials(root: Path) -> list[Path]:
-    return [p for p in root.rglob(".*.tmp-resume") if p.is_file()]
+    # The parked resume name and the per-attempt ones (.name.tmp-resume-<attempt>).
+    return [p for p in root.rglob(".*.tmp-resume*") if p.is_file()]
 
 
 def _wait_new_data_done(cluster, db: DatabaseConnection, before: int, what: str) -> None:

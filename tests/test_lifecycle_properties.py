@@ -263,21 +263,23 @@ class _Environment:
 
 
 class _CrashingMethod(transfer_methods.CopyMethod):
-    def transfer(self, *args: Any, **kwargs: Any) -> Any:
+    def land(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("injected crash in the transfer method")
 
 
 class _FullDiskMethod(transfer_methods.CopyMethod):
-    def transfer(self, *args: Any, **kwargs: Any) -> Any:
+    def land(self, *args: Any, **kwargs: Any) -> Any:
         raise StorageFullError("injected: no space left on device")
 
 
 class _CorruptingMethod(transfer_methods.CopyMethod):
     """Copies, then flips one byte of what landed (corruption in transit)."""
 
-    def transfer(self, src_storage, src_path, dst_storage, dst_path, log_file, **hosts):
-        stats = super().transfer(src_storage, src_path, dst_storage, dst_path, log_file, **hosts)
-        _flip_byte(dst_storage.local_path(dst_path))
+    def land(self, src_storage, src_path, dst_storage, dst_path, log_file, **kw):
+        stats = super().land(src_storage, src_path, dst_storage, dst_path, log_file, **kw)
+        # Corrupted in transit: the bytes at the attempt's temporary name.
+        temp = self.temp_name(dst_storage, dst_path, kw.get("attempt"))
+        _flip_byte(dst_storage.local_path(temp))
         return stats
 
 

@@ -104,11 +104,13 @@ def test_destination_checksum_mismatch_removes_copy_logs_event_and_retries(
     calls: list[int] = []
 
     class FlipFirstByteOnce(CopyMethod):
-        def transfer(self, src_storage, src_path, dst_storage, dst_path, log_file, **kw):
-            stats = super().transfer(src_storage, src_path, dst_storage, dst_path, log_file)
+        def land(self, src_storage, src_path, dst_storage, dst_path, log_file, **kw):
+            stats = super().land(src_storage, src_path, dst_storage, dst_path, log_file, **kw)
             calls.append(1)
             if len(calls) == 1:
-                path = dst_storage.local_path(dst_path)
+                # Corrupted in transit: the bytes at the attempt's temporary name.
+                temp = self.temp_name(dst_storage, dst_path, kw.get("attempt"))
+                path = dst_storage.local_path(temp)
                 data = bytearray(path.read_bytes())
                 data[700] ^= 0xFF
                 path.write_bytes(bytes(data))
@@ -140,7 +142,7 @@ def test_transfer_killed_midway_leaves_no_file_and_no_completed_row_then_retries
     system, copy_method
 ):
     class DiesHalfway(CopyMethod):
-        def transfer(self, src_storage, src_path, dst_storage, dst_path, log_file, **kw):
+        def land(self, src_storage, src_path, dst_storage, dst_path, log_file, **kw):
             with src_storage.open_read(src_path) as src:
                 data = src.read()
             with dst_storage.open_write(dst_path) as out:
@@ -195,7 +197,7 @@ def test_transfer_fails_with_reason_after_max_retries(system, copy_method, overr
     override_settings(TRANSFER_MAX_RETRIES=2)
 
     class AlwaysBroken(CopyMethod):
-        def transfer(self, *args, **kw):
+        def land(self, *args, **kw):
             raise OSError("no route to host")
 
     copy_method(AlwaysBroken())
@@ -218,7 +220,7 @@ def test_retry_backoff_is_exponential(system, copy_method, override_settings):
     override_settings(TRANSFER_RETRY_BASE_SECONDS=30)
 
     class Broken(CopyMethod):
-        def transfer(self, *args, **kw):
+        def land(self, *args, **kw):
             raise OSError("boom")
 
     copy_method(Broken())

@@ -425,6 +425,9 @@ class RawDataPackage(_PackageFile, Base):
     # Last sign of life of the build: when its task was (last) sent while SCHEDULED, the
     # latest heartbeat of the worker while IN_PROGRESS (see ccat_data_transfer.core.liveness).
     heartbeat_at: Mapped[datetime | None]
+    # The attempt that owns this work now (a fresh token per claim, see
+    # ccat_data_transfer.core.attempts): checked before every irreversible step.
+    attempt_id: Mapped[str | None] = mapped_column(String(36))
     archived_at: Mapped[datetime | None]
     # Frozen: no good copy of the package is known anywhere (every archive copy corrupt or
     # missing and nothing to repair from).  No copy of a frozen package is deleted.
@@ -455,6 +458,9 @@ class DataTransferPackage(_PackageFile, Base):
     # Last sign of life of the build: when its task was (last) sent while SCHEDULED, the
     # latest heartbeat of the worker while IN_PROGRESS (see ccat_data_transfer.core.liveness).
     heartbeat_at: Mapped[datetime | None]
+    # The attempt that owns this work now (a fresh token per claim, see
+    # ccat_data_transfer.core.attempts): checked before every irreversible step.
+    attempt_id: Mapped[str | None] = mapped_column(String(36))
 
     origin_location: Mapped[DataLocation | None] = relationship()
     raw_data_packages: Mapped[list[RawDataPackage]] = relationship(
@@ -508,6 +514,9 @@ class DataTransfer(Base):
     unpack_failure_reason: Mapped[str | None] = mapped_column(Text)
     log_path: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(256))
+    # The attempt that owns this work now (a fresh token per claim, see
+    # ccat_data_transfer.core.attempts): checked before every irreversible step.
+    attempt_id: Mapped[str | None] = mapped_column(String(36))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -539,6 +548,9 @@ class LongTermArchiveTransfer(Base):
     failure_reason: Mapped[str | None] = mapped_column(Text)
     metadata_path: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(256))
+    # The attempt that owns this work now (a fresh token per claim, see
+    # ccat_data_transfer.core.attempts): checked before every irreversible step.
+    attempt_id: Mapped[str | None] = mapped_column(String(36))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -581,6 +593,9 @@ class StagingJob(Base):
     # NULL while the claimed job waits in the queue; the worker's latest heartbeat once
     # its task has taken the job (see ccat_data_transfer.core.liveness).
     heartbeat_at: Mapped[datetime | None]
+    # The attempt that owns this work now (a fresh token per claim, see
+    # ccat_data_transfer.core.attempts): checked before every irreversible step.
+    attempt_id: Mapped[str | None] = mapped_column(String(36))
     completed_at: Mapped[datetime | None]
     deactivated_at: Mapped[datetime | None]
     expires_at: Mapped[datetime | None]
@@ -738,6 +753,26 @@ class DeletionLogCopy(Base):
     physical_copy_id: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True
     )
+
+
+class CopyClaim(Base):
+    """The attempt that is verifying or repairing one physical copy now: one row per copy
+    while the work runs (taken with an insert, or taken over once its heartbeat stopped),
+    removed when the attempt ends.  A redelivered or concurrent verification or repair of
+    the same copy finds the row held by a live attempt and leaves the copy alone (see
+    ccat_data_transfer.core.attempts)."""
+
+    __tablename__ = "copy_claim"
+
+    physical_copy_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"),
+        ForeignKey("physical_copy.id"),
+        primary_key=True,
+    )
+    #: What the attempt does: "verification" or "repair".
+    work: Mapped[str] = mapped_column(String(32))
+    attempt_id: Mapped[str] = mapped_column(String(36))
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class ArchiveEvent(Base):

@@ -14,6 +14,9 @@ import functools
 import json
 from typing import Any
 
+from sqlalchemy.orm import Session
+
+from ccat_data_transfer.core.attempts import AttemptSuperseded, new_attempt, owned_step
 from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.errors import ConfigurationError, PermanentError
 from ccat_data_transfer.core.logs import get_logger
@@ -92,9 +95,15 @@ def execute_archive_transfer(archive_transfer_id: int) -> str:
     archived copy.  Idempotent: only a SCHEDULED row is worked on."""
     db = DatabaseConnection()
     t = m.LongTermArchiveTransfer
+    attempt = new_attempt()
     with db.session_scope() as s:
         if not start_scheduled(
-            s, t, archive_transfer_id, start_time=m.utcnow(), worker=worker_name()
+            s,
+            t,
+            archive_transfer_id,
+            start_time=m.utcnow(),
+            worker=worker_name(),
+            attempt_id=attempt,
         ):
             return "skipped"
         row = s.get(t, archive_transfer_id)
@@ -110,63 +119,89 @@ def execute_archive_transfer(archive_transfer_id: int) -> str:
         "location": dest.name,
     }
     meta_path = sidecar_path(path)
+    failure = functools.partial(_record_failure, attempt=attempt)
     try:
         if not expected:
             raise PermanentError(f"raw data package {rdp_id} has no checksum to verify against")
         src_storage = storage_for_location(origin)
         dst_storage = storage_for_location(dest)
         method = get_transfer_method(method_for_storages(None, src_storage, dst_storage))
+        temp = method.temp_name(dst_storage, path, attempt)
         log_path = transfer_log_dir() / f"long_term_archive_transfer_{archive_transfer_id}.log"
+
+        def owned(step: str) -> Any:
+            return owned_step(t, archive_transfer_id, attempt, step, db=db)
+
         with (
             open(log_path, "a", encoding="utf-8") as lf,
-            heartbeat(archive_transfer_id, m.LongTermArchiveTransfer),
+            heartbeat(archive_transfer_id, m.LongTermArchiveTransfer, attempt=attempt),
         ):
-            stats = method.transfer(src_storage, path, dst_storage, path, lf)
-            actual = dst_storage.sha256(path)
-        if actual != expected:
-            with contextlib.suppress(Exception):
-                dst_storage.delete(path)
-            log.warning(
-                "archive_checksum_mismatch",
-                **fields,
-                expected=expected,
-                actual=actual,
-                reason="LTA copy differs from RawDataPackage.checksum; removed, will retry",
-            )
-            raise RuntimeError(
-                f"checksum mismatch in {dest.name}: expected {expected}, got {actual}"
-            )
-        with dst_storage.open_write(meta_path) as f:
-            f.write(json.dumps(metadata, indent=2, sort_keys=True, default=str).encode())
+            with owned("adopt partial"):
+                method.adopt(dst_storage, path, attempt, lf)
+            stats = method.land(src_storage, path, dst_storage, path, lf, attempt=attempt)
+            actual = dst_storage.sha256(temp)
+            if actual != expected:
+                with owned("discard"), contextlib.suppress(Exception):
+                    dst_storage.delete(temp)
+                log.warning(
+                    "archive_checksum_mismatch",
+                    **fields,
+                    expected=expected,
+                    actual=actual,
+                    reason="LTA copy differs from RawDataPackage.checksum at its temporary "
+                    "name; removed, will retry",
+                )
+                raise RuntimeError(
+                    f"checksum mismatch in {dest.name}: expected {expected}, got {actual}"
+                )
+            with owned("sidecar, rename into place and record") as s:
+                with dst_storage.open_write(meta_path) as f:
+                    f.write(json.dumps(metadata, indent=2, sort_keys=True, default=str).encode())
+                method.place(dst_storage, path, attempt, lf)
+                _record_archived(
+                    s, archive_transfer_id, rdp_id, dest.id, path, meta_path, stats, expected
+                )
+    except AttemptSuperseded:
+        return "superseded"
     except (ConfigurationError, PermanentError) as exc:
-        return _record_failure(archive_transfer_id, str(exc), True, fields)
+        return failure(archive_transfer_id, str(exc), True, fields)
     except Exception as exc:
-        return _record_failure(archive_transfer_id, f"{type(exc).__name__}: {exc}", False, fields)
-
-    with db.session_scope() as s:
-        row = s.get(t, archive_transfer_id)
-        if row.status != m.Status.IN_PROGRESS:
-            return "skipped"
-        now = m.utcnow()
-        mark_completed(row, stats, now)
-        row.metadata_path = meta_path
-        copy = record_present_copy(
-            s,
-            m.RawDataPackagePhysicalCopy,
-            "raw_data_package_id",
-            rdp_id,
-            dest.id,
-            path,
-            size=stats.bytes,
-            checksum=expected,
-            verified_at=now,
-        )
-        # Bytes just (re)written: no read back since (the first fixity read gives it,
-        # before the last copies outside the archives may go; see archive.proof).
-        copy.fixity_checked_at = None
-        pkg = s.get(m.RawDataPackage, rdp_id)
-        if pkg.state != m.PackageState.ARCHIVED:
-            pkg.state = m.PackageState.ARCHIVED
-            pkg.archived_at = now
+        return failure(archive_transfer_id, f"{type(exc).__name__}: {exc}", False, fields)
     log.info("raw_data_package_archived", **fields, size_bytes=stats.bytes)
     return "completed"
+
+
+def _record_archived(
+    s: Session,
+    archive_transfer_id: int,
+    rdp_id: int,
+    location_id: int,
+    path: str,
+    meta_path: str,
+    stats: Any,
+    checksum: str,
+) -> None:
+    """The archive transfer COMPLETED, the verified PRESENT copy in the LTA and the
+    package ARCHIVED (in the attempt's owned transaction)."""
+    now = m.utcnow()
+    row = s.get(m.LongTermArchiveTransfer, archive_transfer_id)
+    mark_completed(row, stats, now)
+    row.metadata_path = meta_path
+    copy = record_present_copy(
+        s,
+        m.RawDataPackagePhysicalCopy,
+        "raw_data_package_id",
+        rdp_id,
+        location_id,
+        path,
+        size=stats.bytes,
+        checksum=checksum,
+        verified_at=now,
+    )
+    # Bytes just (re)written: no read back since (the first fixity read gives it,
+    # before the last copies outside the archives may go; see archive.proof).
+    copy.fixity_checked_at = None
+    pkg = s.get(m.RawDataPackage, rdp_id)
+    if pkg.state != m.PackageState.ARCHIVED:
+        pkg.state = m.PackageState.ARCHIVED
+        pkg.archived_at = now

@@ -26,7 +26,14 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from ccat_data_transfer.core.attempts import (
+    beat_copies,
+    claim_copies,
+    new_attempt,
+    release_copies,
+)
 from ccat_data_transfer.core.database import DatabaseConnection
+from ccat_data_transfer.core.liveness import beating
 from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.core.storage import StorageError, storage_for_location
 from ccat_ops_db import models as m
@@ -34,6 +41,7 @@ from ccat_ops_db import models as m
 log = get_logger("ccat_data_transfer.archive.proof")
 
 PCT = m.PhysicalCopy.__table__
+CopyClaim = m.CopyClaim
 
 #: Outcomes of one copy's verification, also the ``archive_event.event`` written for it.
 VERIFIED = "VERIFIED"
@@ -170,6 +178,19 @@ def _look(expected: _Expected, full: bool) -> Finding:
     return finding(FIXITY_OK)
 
 
+def _trail(session: Session, f: Finding, actor: str) -> None:
+    """The archive trail row of one finding (what was found, by whom)."""
+    record_event(
+        session,
+        f.outcome,
+        copy_id=f.copy_id,
+        package_id=f.package_id,
+        location_id=f.location_id,
+        actor=actor,
+        message=f.message or None,
+    )
+
+
 def _mark_bad(session: Session, f: Finding, actor: str, now: datetime) -> None:
     """The finding of bad bytes (MISSING or CORRUPT), as every reader records it: the copy
     is marked lost (no rule counts it any more; only a full re-read clears the mark), with
@@ -183,15 +204,7 @@ def _mark_bad(session: Session, f: Finding, actor: str, now: datetime) -> None:
         reason=f.message,
         actor=actor,
     )
-    record_event(
-        session,
-        f.outcome,
-        copy_id=f.copy_id,
-        package_id=f.package_id,
-        location_id=f.location_id,
-        actor=actor,
-        message=f.message or None,
-    )
+    _trail(session, f, actor)
     # A mark already there is kept (its time says when the copy was first found bad).
     session.execute(
         update(PCT)
@@ -225,15 +238,7 @@ def _record(session: Session, findings: list[Finding], actor: str, now: datetime
         else:
             log.warning("archive_copy_unreachable", copy_id=f.copy_id, reason=f.message)
         if f.outcome == FIXITY_OK:  # routine stats leave no trail row
-            record_event(
-                session,
-                f.outcome,
-                copy_id=f.copy_id,
-                package_id=f.package_id,
-                location_id=f.location_id,
-                actor=actor,
-                message=f.message or None,
-            )
+            _trail(session, f, actor)
         # Only a copy still PRESENT is changed: a deletion or another verification that
         # got there first wins.
         session.execute(
@@ -265,16 +270,49 @@ def _queue_repairs(bad: list[Finding]) -> None:
 def verify_copies(
     copy_ids: Sequence[int], *, full: bool = False, actor: str = "archive_verifier"
 ) -> list[Finding]:
-    """Verify archive copies where they are; returns one finding per copy still PRESENT.
-    The proof is stamped with the time the look began (a deletion decided before that
-    moment may rely on it; one decided during the look may not)."""
+    """Verify archive copies where they are; returns one finding per copy still PRESENT
+    that this attempt could take.
+
+    Each copy is taken first (a ``copy_claim``,
+    :func:`~ccat_data_transfer.core.attempts.claim_copies`): a copy that a live
+    verification or repair holds is left to it (a redelivered or concurrent task does
+    nothing for it).  The claims beat while the storage is read, the findings are recorded
+    only for the claims still held, and released with them.  The proof is stamped with the
+    time the look began (a deletion decided before that moment may rely on it; one decided
+    during the look may not)."""
     db = DatabaseConnection()
+    attempt = new_attempt()
     with db.session_scope() as session:
-        expected = _expected(session, [int(i) for i in copy_ids])
-    now = m.utcnow()
-    findings = [_look(e, full) for e in expected]
-    with db.session_scope() as session:
-        _record(session, findings, actor, now)
+        taken = claim_copies(session, [int(i) for i in copy_ids], "verification", attempt)
+    if not taken:
+        return []
+    try:
+        with db.session_scope() as session:
+            expected = _expected(session, taken)
+        now = m.utcnow()
+        with beating(
+            CopyClaim,
+            CopyClaim.physical_copy_id.in_(taken),
+            CopyClaim.attempt_id == attempt,
+            label="copy_claim-verification",
+        ):
+            findings = [_look(e, full) for e in expected]
+        with db.session_scope() as session:
+            owned = beat_copies(session, taken, attempt)
+            if len(owned) < len(taken):
+                log.warning(
+                    "attempt_superseded",
+                    work="verification",
+                    copies=sorted(set(taken) - owned),
+                    attempt=attempt,
+                )
+            findings = [f for f in findings if f.copy_id in owned]
+            _record(session, findings, actor, now)
+            release_copies(session, taken, attempt)
+    except BaseException:
+        with db.session_scope() as session:
+            release_copies(session, taken, attempt)
+        raise
     _queue_repairs([f for f in findings if f.outcome in (MISSING, CORRUPT)])
     return findings
 

@@ -5,17 +5,28 @@ under a :class:`ccat_ops_db.models.TransferMethod` member.  Adding a method touc
 this module: write the class, register it.  Routes (``DataTransferRoute.transfer_method``)
 name the method a transfer uses.
 
-Every method writes the destination atomically: the bytes land under a temporary name and
-are renamed into place only when complete, so a transfer killed midway never leaves an
-object under its final name.  Verification (checksum of what landed) is the caller's job
-(:mod:`ccat_data_transfer.transfer.execution`); methods only move bytes and log the commands
-they ran into the per-transfer log file.
+Every method writes the destination atomically, in two calls: :meth:`~TransferMethodBase.land`
+puts the bytes under a temporary name of the attempt (:meth:`~TransferMethodBase.temp_name`),
+the caller computes the checksum *there* (:meth:`~TransferMethodBase.checksum`) and only
+verified bytes are renamed into place (:meth:`~TransferMethodBase.place`); bytes that fail
+are removed (:meth:`~TransferMethodBase.discard`).  So a transfer killed midway, or one
+whose bytes are wrong, never leaves anything under the final name.  ``transfer`` (land
+and place, no verification) stays for callers that verify afterwards.  Methods only move
+bytes and log the commands they ran into the per-transfer log file.
+
+Attempts never share a temporary file: an attempt (a token, see
+:mod:`ccat_data_transfer.core.attempts`) writes to ``.name.tmp-resume-<attempt>``.  To
+resume after a lost attempt, the next owner first *adopts* (:meth:`~TransferMethodBase.adopt`)
+the longest earlier partial (``.name.tmp-resume`` or another attempt's) by renaming it to
+its own name and removes the others; the caller does that only while it owns the row, so
+the previous attempt has lost its ownership by then.  A partial as long as the source or
+longer (left by another version of the file) is dropped, never resumed.
 
 Across hosts (sites on their own machines, :mod:`ccat_data_transfer.core.hosts`) the pushing
 worker is the origin's, ``dst_host`` is the destination site's
-:class:`~ccat_data_transfer.core.hosts.SiteReach`, and the network methods write to a fixed
-temporary name (``.name.tmp-resume``), renamed into place on the destination host when whole;
-a retry resumes from the bytes already there.  The checksum
+:class:`~ccat_data_transfer.core.hosts.SiteReach`, and the network methods write to the
+attempt's temporary name there, renamed into place on the destination host when verified;
+a retry resumes from the bytes already there (adopted as above).  The checksum
 of what landed is computed on the destination host (:meth:`TransferMethodBase.checksum`).
 """
 
@@ -61,6 +72,7 @@ __all__ = [
     "TransferMethodBase",
     "TransferStats",
     "XrootdMethod",
+    "attempt_name",
     "get_transfer_method",
     "method_for_storages",
     "register_transfer_method",
@@ -99,7 +111,10 @@ class TransferMethodBase:
         src_host: SiteReach | str | None = None,
         dst_host: SiteReach | str | None = None,
     ) -> TransferStats:
-        """Move ``src_path`` of ``src_storage`` to ``dst_path`` of ``dst_storage``.
+        """Move ``src_path`` of ``src_storage`` to ``dst_path`` of ``dst_storage``: land
+        the bytes at the parked resume name and rename them into place, unverified (the
+        caller checks the final name).  Transfer tasks use :meth:`land`, :meth:`checksum`
+        at the temporary name and :meth:`place` instead.
 
         ``src_host``/``dst_host`` say how to reach an end on another machine (a
         :class:`~ccat_data_transfer.core.hosts.SiteReach` or a bare host name) for the network
@@ -108,7 +123,101 @@ class TransferMethodBase:
         :class:`~ccat_ops_db.errors.ConfigurationError`
         when the method cannot work at all with this setup.
         """
+        stats = self.land(
+            src_storage,
+            src_path,
+            dst_storage,
+            dst_path,
+            log_file,
+            src_host=src_host,
+            dst_host=dst_host,
+        )
+        self.place(dst_storage, dst_path, None, log_file, dst_host=dst_host)
+        return stats
+
+    def temp_name(self, dst_storage: Storage, dst_path: str, attempt: str | None) -> str:
+        """Where :meth:`land` puts the bytes of ``attempt`` (``None``: the parked resume
+        name ``.name.tmp-resume``): ``.name.tmp-resume-<attempt>`` beside the final name
+        on a disk location; the final name itself on S3 (an object appears there only
+        when whole, and S3 has no rename)."""
+        if not isinstance(dst_storage, DiskStorage):
+            return dst_path
+        return attempt_name(dst_path, attempt)
+
+    def land(
+        self,
+        src_storage: Storage,
+        src_path: str,
+        dst_storage: Storage,
+        dst_path: str,
+        log_file: TextIO,
+        *,
+        attempt: str | None = None,
+        size: int | None = None,
+        src_host: SiteReach | str | None = None,
+        dst_host: SiteReach | str | None = None,
+    ) -> TransferStats:
+        """Move the bytes of ``src_path`` to :meth:`temp_name` of ``dst_path`` for
+        ``attempt``; nothing is renamed into place.  ``size`` is the source's size when
+        the caller knows it (a source on another host), for the stale-partial rule."""
         raise NotImplementedError
+
+    def place(
+        self,
+        dst_storage: Storage,
+        dst_path: str,
+        attempt: str | None,
+        log_file: TextIO,
+        *,
+        dst_host: SiteReach | str | None = None,
+    ) -> None:
+        """Rename the landed (and verified) bytes of ``attempt`` to ``dst_path``, on the
+        host where they lie.  Irreversible: the caller checks it still owns its row."""
+        temp = self.temp_name(dst_storage, dst_path, attempt)
+        if temp == dst_path:
+            return
+        reach = as_reach(dst_host)
+        src = _local_root_path(dst_storage, temp, "place")
+        dst = _local_root_path(dst_storage, dst_path, "place")
+        _rename_into_place(src, dst, reach, log_file)
+
+    def adopt(
+        self,
+        dst_storage: Storage,
+        dst_path: str,
+        attempt: str,
+        log_file: TextIO,
+        *,
+        dst_host: SiteReach | str | None = None,
+    ) -> None:
+        """Make the longest earlier partial of ``dst_path`` (the parked
+        ``.name.tmp-resume`` or an earlier attempt's ``.name.tmp-resume-*``) this
+        attempt's, by renaming it to :meth:`temp_name`, and remove the other ones (and
+        their xrootd ``-tail`` pieces).  Irreversible for the earlier attempts: the
+        caller runs it only while it owns its row, i.e. after they lost theirs."""
+        if not isinstance(dst_storage, DiskStorage):
+            return
+        own = _local_root_path(dst_storage, attempt_name(dst_path, attempt), "adopt")
+        parked = _local_root_path(dst_storage, attempt_name(dst_path, None), "adopt")
+        reach = as_reach(dst_host)
+        if reach is None:
+            _adopt_here(parked, own, log_file)
+            return
+        q_parked, q_own = shlex.quote(os.path.basename(parked)), shlex.quote(os.path.basename(own))
+        script = (
+            f"cd {shlex.quote(os.path.dirname(parked))} 2>/dev/null || exit 0; "
+            f"best=; bs=-1; for f in {q_parked} {q_parked}-*; do "
+            '[ -f "$f" ] || continue; '
+            f'[ "$f" = {q_own} ] && continue; '
+            'case "$f" in *-tail) rm -f -- "$f"; continue;; esac; '
+            's=$(stat -c %s -- "$f") || continue; '
+            'if [ "$s" -gt "$bs" ]; then [ -n "$best" ] && rm -f -- "$best"; best=$f; bs=$s; '
+            'else rm -f -- "$f"; fi; done; '
+            f'if [ -n "$best" ]; then mv -f -- "$best" {q_own} '
+            '&& echo "adopted $best ($bs bytes)"; fi; '
+            "exit 0"
+        )
+        _run(reach.ssh_script(script), log_file, "adopt", reach)
 
     def checksum(
         self,
@@ -196,6 +305,78 @@ def _work_bytes(src: str, src_reach: SiteReach | None) -> int:
         return 0
 
 
+def attempt_name(path: str, attempt: str | None) -> str:
+    """The temporary name of ``attempt`` beside ``path``: ``.name.tmp-resume-<attempt>``,
+    or the parked resume name ``.name.tmp-resume`` (``attempt`` None)."""
+    base = _resume_name(path)
+    return base if attempt is None else f"{base}-{attempt}"
+
+
+def _adopt_here(parked: str, own: str, log_file: TextIO) -> None:
+    """:meth:`TransferMethodBase.adopt` on this machine's filesystem."""
+    head, parked_name = os.path.split(parked)
+    try:
+        names = os.listdir(head)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    own_name = os.path.basename(own)
+    candidates: list[tuple[int, str]] = []
+    for name in names:
+        if name == own_name or not (name == parked_name or name.startswith(parked_name + "-")):
+            continue
+        full = os.path.join(head, name)
+        if not os.path.isfile(full):
+            continue
+        if name.endswith("-tail"):
+            _unlink_quietly(full)
+            continue
+        candidates.append((os.path.getsize(full), full))
+    if not candidates:
+        return
+    candidates.sort(reverse=True)
+    size, best = candidates[0]
+    for _, other in candidates[1:]:
+        _unlink_quietly(other)
+    os.replace(best, own)
+    _log(log_file, f"adopted {os.path.basename(best)} ({size} bytes)")
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _drop_stale_partial(
+    partial: str, size: int | None, reach: SiteReach | None, log_file: TextIO
+) -> None:
+    """A partial as long as the source or longer was left by another version of the
+    file (or is whole but unverified): neither rsync's ``--append-verify`` nor a resume
+    would rewrite it, so it is removed and the bytes are sent again."""
+    if size is None:
+        return
+    if reach is None:
+        try:
+            there = os.path.getsize(partial)
+        except OSError:
+            return
+        if there >= size:
+            _log(log_file, f"dropping a stale partial of {there} bytes (source {size})")
+            _unlink_quietly(partial)
+        return
+    q = shlex.quote(partial)
+    _run(
+        reach.ssh_script(
+            f'if [ -f {q} ] && [ "$(stat -c %s -- {q})" -ge {int(size)} ]; then '
+            f'echo "dropping a stale partial"; rm -f -- {q}; fi'
+        ),
+        log_file,
+        "drop stale partial",
+        reach,
+    )
+
+
 def _resume_name(path: str) -> str:
     """The fixed temporary name a resumable method writes to: a retry finds the bytes
     already there.  A temporary name (``.name.tmp-*``): hidden from listings, and the
@@ -274,16 +455,28 @@ class CopyMethod(TransferMethodBase):
 
     kind = m.TransferMethod.COPY
 
-    def transfer(self, src_storage, src_path, dst_storage, dst_path, log_file, **hosts):
+    def land(
+        self,
+        src_storage,
+        src_path,
+        dst_storage,
+        dst_path,
+        log_file,
+        *,
+        attempt=None,
+        size=None,
+        **hosts,
+    ):
         for key, host in hosts.items():
             if not _is_local_host(host):
                 raise ConfigurationError(
                     f"the 'copy' method needs a shared filesystem but {key}={host!r}; "
                     "use 'rsync', 'xrootd' or 'bbcp' for a remote host"
                 )
-        _log(log_file, f"copy {src_storage!r}:{src_path} -> {dst_storage!r}:{dst_path}")
+        temp = self.temp_name(dst_storage, dst_path, attempt)
+        _log(log_file, f"copy {src_storage!r}:{src_path} -> {dst_storage!r}:{temp}")
         start = time.monotonic()
-        n = _stream_copy(src_storage, src_path, dst_storage, dst_path)
+        n = _stream_copy(src_storage, src_path, dst_storage, temp)
         stats = TransferStats(n, time.monotonic() - start)
         _log(log_file, f"copied {n} bytes in {stats.seconds:.3f} s")
         return stats
@@ -299,7 +492,7 @@ class CommandLineMethod(TransferMethodBase):
     #: The configuration error's message when ``binary`` is not on PATH.
     missing_binary: str
 
-    def transfer(
+    def land(
         self,
         src_storage,
         src_path,
@@ -307,6 +500,8 @@ class CommandLineMethod(TransferMethodBase):
         dst_path,
         log_file,
         *,
+        attempt=None,
+        size=None,
         src_host=None,
         dst_host=None,
     ):
@@ -314,15 +509,20 @@ class CommandLineMethod(TransferMethodBase):
         if exe is None:
             raise ConfigurationError(self.missing_binary)
         src = _local_root_path(src_storage, src_path, self.binary)
-        dst = _local_root_path(dst_storage, dst_path, self.binary)
+        _local_root_path(dst_storage, dst_path, self.binary)
+        dst = _local_root_path(
+            dst_storage, self.temp_name(dst_storage, dst_path, attempt), self.binary
+        )
         src_reach, dst_reach = as_reach(src_host), as_reach(dst_host)
         if src_reach is not None and dst_reach is not None:
             raise ConfigurationError(
                 f"'{self.binary}' cannot copy between two other hosts "
                 f"({src_reach.label} -> {dst_reach.label}); the origin site's worker pushes"
             )
+        if size is None and src_reach is None:
+            size = os.path.getsize(src)
         start = time.monotonic()
-        self.copy(exe, src, src_reach, dst, dst_reach, log_file)
+        self.copy(exe, src, src_reach, dst, dst_reach, log_file, size)
         return _command_stats(self.binary, src, src_host, start, log_file)
 
     def copy(
@@ -333,8 +533,11 @@ class CommandLineMethod(TransferMethodBase):
         dst: str,
         dst_reach: SiteReach | None,
         log_file: TextIO,
+        size: int | None,
     ) -> None:
-        """Copy ``src`` (on ``src_reach``, None: here) to ``dst`` (on ``dst_reach``)."""
+        """Copy ``src`` (on ``src_reach``, None: here; ``size`` bytes when known) to the
+        temporary name ``dst`` (on ``dst_reach``), resuming from what is there where the
+        tool can; never renamed into place here."""
         raise NotImplementedError
 
 
@@ -349,10 +552,11 @@ def _rename_into_place(partial: str, dst: str, reach: SiteReach | None, log_file
 class RsyncMethod(CommandLineMethod):
     """rsync between disk locations, locally or with one end over ssh (``user@host:path``).
 
-    Resumable: rsync writes to the fixed temporary name (``.name.tmp-resume``) with
-    ``--append-verify``, so a retry after an interruption sends only the bytes not
-    already there (and rsync re-sends the whole file if the whole-file checksum of the
-    result does not match).  The complete file is then renamed into place.
+    Resumable: rsync writes to the attempt's temporary name with ``--append-verify``, so
+    a retry (which adopted the earlier partial) sends only the bytes not already there
+    (and rsync re-sends the whole file if the whole-file checksum of the result does not
+    match).  A partial as long as the source or longer is dropped first: rsync would
+    take it as done.
     TRANSFER_BANDWIDTH_LIMIT_MB_PER_S paces it (``--bwlimit``).
     """
 
@@ -360,8 +564,9 @@ class RsyncMethod(CommandLineMethod):
     binary = "rsync"
     missing_binary = "rsync is not installed on this worker; install it or use 'copy'"
 
-    def copy(self, exe, src, src_reach, dst, dst_reach, log_file):
-        partial = _resume_name(dst)
+    def copy(self, exe, src, src_reach, dst, dst_reach, log_file, size):
+        partial = dst
+        _drop_stale_partial(partial, size, dst_reach, log_file)
         cmd = [exe, "--append-verify", "--mkpath", "-s", "--stats"]  # -s: no remote word splitting
         choice = str(settings.get("TRANSFER_RSYNC_CHECKSUM_CHOICE", "") or "")
         if choice:
@@ -376,17 +581,16 @@ class RsyncMethod(CommandLineMethod):
             os.makedirs(os.path.dirname(dst), exist_ok=True)
         src_arg = f"{src_reach.target}:{src}" if src_reach else src
         dst_arg = f"{dst_reach.target}:{partial}" if dst_reach else partial
-        work = _work_bytes(src, src_reach)
+        work = size or _work_bytes(src, src_reach)
         _run([*cmd, src_arg, dst_arg], log_file, "rsync", reach, work_bytes=work)
-        _rename_into_place(partial, dst, dst_reach, log_file)
 
 
 class XrootdMethod(CommandLineMethod):
     """``xrdcp --streams N`` (parallel TCP streams, for long fat links) from this host to
     the destination site's XRootD server (the site's ``xrootd_url``).
 
-    The file goes to the fixed temporary name ``.name.tmp-resume`` and is renamed into
-    place over ssh when complete.  Resumable, though xrdcp 5.5 refuses ``--continue``
+    The file goes to the attempt's temporary name (renamed into place over ssh once
+    verified, :meth:`TransferMethodBase.place`).  Resumable, though xrdcp 5.5 refuses ``--continue``
     towards a server: a retry that finds ``P`` bytes there keeps the first
     ``P - 2 * XROOTD_IN_FLIGHT`` (the chunks xrdcp had in flight when it was stopped
     may have left holes above that; ``XROOTD_IN_FLIGHT`` of :mod:`ccat_data_transfer.core.hosts`),
@@ -405,20 +609,22 @@ class XrootdMethod(CommandLineMethod):
         "install the xrootd client (Debian: xrootd-client) or change the route's method"
     )
 
-    def copy(self, exe, src, src_reach, dst, dst_reach, log_file):
+    def copy(self, exe, src, src_reach, dst, dst_reach, log_file, size):
         if src_reach is not None or dst_reach is None or not dst_reach.xrootd_url:
             raise ConfigurationError(
                 "the 'xrootd' method pushes a local file to the destination site's XRootD "
                 "server: the destination site needs 'host' and 'xrootd_url' in the topology"
             )
-        partial = _resume_name(dst)
+        partial = dst
         streams = max(1, int(settings.get("TRANSFER_XROOTD_STREAMS", 4)))
         cmd = [exe, "--nopbar", "--path", "--force", "--streams", str(streams)]
         limit = float(settings.get("TRANSFER_BANDWIDTH_LIMIT_MB_PER_S", 0) or 0)
         if limit > 0:
             cmd += ["--xrate", str(max(1, int(limit * 1e6)))]  # bytes per second
         size = os.path.getsize(src)
-        keep = min(self._size_there(dst_reach, partial), size) - 2 * XROOTD_IN_FLIGHT
+        there = self._size_there(dst_reach, partial)
+        # A partial as long as the source or longer is stale: everything is sent again.
+        keep = 0 if there >= size else there - 2 * XROOTD_IN_FLIGHT
         if keep <= 0:
             run_logged(
                 [*cmd, src, dst_reach.xrootd_path(partial)],
@@ -453,7 +659,6 @@ class XrootdMethod(CommandLineMethod):
                 dst_reach,
                 work_bytes=size,
             )
-        _rename_into_place(partial, dst, dst_reach, log_file)
 
     @staticmethod
     def _size_there(reach: SiteReach, path: str) -> int:
@@ -471,7 +676,19 @@ class S3Method(TransferMethodBase):
 
     kind = m.TransferMethod.S3
 
-    def transfer(self, src_storage, src_path, dst_storage, dst_path, log_file, **hosts):
+    def land(
+        self,
+        src_storage,
+        src_path,
+        dst_storage,
+        dst_path,
+        log_file,
+        *,
+        attempt=None,
+        size=None,
+        **hosts,
+    ):
+        dst_path = self.temp_name(dst_storage, dst_path, attempt)
         if not isinstance(src_storage, S3Storage) and not isinstance(dst_storage, S3Storage):
             raise ConfigurationError(
                 "the 's3' transfer method needs an S3 location at one end; "
@@ -509,7 +726,7 @@ class BbcpMethod(CommandLineMethod):
     def local_command(self, exe: str, src_arg: str) -> list[str]:
         return [exe, "-P", "10", "-s", str(self.streams), src_arg]
 
-    def copy(self, exe, src, src_reach, dst, dst_reach, log_file):
+    def copy(self, exe, src, src_reach, dst, dst_reach, log_file, size):
         src_arg = f"{src_reach.target}:{src}" if src_reach else src
         work = _work_bytes(src, src_reach)
         if dst_reach is None:

@@ -168,6 +168,23 @@ def _target(copy: m.PhysicalCopy, reason: str, back: m.PhysicalCopyStatus | None
     }
 
 
+def _skipped_row(
+    c: m.PhysicalCopy, code: str, reason: str, actor: str, summary: dict[str, int]
+) -> dict[str, Any]:
+    """The audit row of a copy the worker leaves as it found it (SKIPPED), counted."""
+    summary["skipped"] += 1
+    return log_row(
+        c.id,
+        c.type,
+        c.data_location,
+        copy_size(c),
+        code,
+        m.DeletionOutcome.SKIPPED,
+        f"{reason}; left {c.status.name} as found",
+        actor,
+    )
+
+
 def _recheck_and_claim(
     session: Session,
     ids: list[int],
@@ -199,44 +216,16 @@ def _recheck_and_claim(
         if decision.deletable:
             go[c.id] = c
             why[c.id] = decision.code or "rule_holds"
-            continue
-        if code == WAITING_FOR_PROOF_AFTER_DECISION:
+        elif code == WAITING_FOR_PROOF_AFTER_DECISION:
             waiting.append(c.id)
-            if not log_waiting:
-                continue
-            logs.append(
-                log_row(
-                    c.id,
-                    c.type,
-                    c.data_location,
-                    copy_size(c),
-                    code,
-                    m.DeletionOutcome.SKIPPED,
-                    f"{decision.reason}; left {c.status.name} as found",
-                    actor,
-                )
-            )
-            summary["skipped"] += 1
-            continue
-        if c.data_location.location_type != LT.LONG_TERM_ARCHIVE:
+            if log_waiting:
+                logs.append(_skipped_row(c, code, decision.reason, actor, summary))
+        elif c.data_location.location_type != LT.LONG_TERM_ARCHIVE:
             unsure.append(
                 _target(c, code, _revert_status(c)) | {"why": decision.reason, "was": c.status}
             )
-            continue
-        outcome = f"{decision.reason}; left {c.status.name} as found"
-        logs.append(
-            log_row(
-                c.id,
-                c.type,
-                c.data_location,
-                copy_size(c),
-                code,
-                m.DeletionOutcome.SKIPPED,
-                outcome,
-                actor,
-            )
-        )
-        summary["skipped"] += 1
+        else:
+            logs.append(_skipped_row(c, code, decision.reason, actor, summary))
     claimed: set[int] = set()
     if go:
         claimed = set(

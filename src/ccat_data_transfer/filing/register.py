@@ -592,17 +592,13 @@ def _fill_result(
 ) -> None:
     """List each path of the batch in ``result`` as created or unchanged, in batch order."""
     for _index, entry in sorted(unique.values(), key=lambda t: t[0]):
-        if entry.relative_path in created:
-            rdf = created[entry.relative_path]
-            result.files.append(
-                FiledFile(id=rdf.id, relative_path=rdf.relative_path, status="created")
-            )
+        is_new = entry.relative_path in created
+        rdf = created[entry.relative_path] if is_new else existing[entry.relative_path]
+        status = "created" if is_new else "unchanged"
+        result.files.append(FiledFile(id=rdf.id, relative_path=rdf.relative_path, status=status))
+        if is_new:
             result.created += 1
         else:
-            old = existing[entry.relative_path]
-            result.files.append(
-                FiledFile(id=old.id, relative_path=old.relative_path, status="unchanged")
-            )
             result.unchanged += 1
 
 

@@ -42,6 +42,7 @@ ccat_ops_db; never a manager.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,8 +58,16 @@ from ccat_data_transfer.archive.proof import (
     record_event,
 )
 from ccat_data_transfer.core.alerts import send_alert
+from ccat_data_transfer.core.attempts import (
+    AttemptSuperseded,
+    beat_copies,
+    claim_copies,
+    new_attempt,
+    release_copies,
+)
 from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.errors import CcatError
+from ccat_data_transfer.core.liveness import beating
 from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.core.storage import (
     CHUNK_SIZE,
@@ -181,9 +190,11 @@ def _next_source(session: Session, target: _Target, tried: set[int]) -> _Copy | 
     )
 
 
-def _copy_bytes(source: _Copy, target: _Target) -> None:
+def _copy_bytes(source: _Copy, target: _Target, owns: Callable[[], bool]) -> None:
     """Stream the source over the target (atomic); the write is committed only when the
-    source's bytes hash to the package checksum.  Then re-read what was written."""
+    source's bytes hash to the package checksum and this attempt still holds the copy's
+    claim (``owns``; else :class:`AttemptSuperseded`, and the temporary file goes).  Then
+    re-read what was written."""
     try:
         reader = storage_for_location(source.location).open_read(source.path)
     except ObjectNotFound as exc:
@@ -214,6 +225,8 @@ def _copy_bytes(source: _Copy, target: _Target) -> None:
                 raise _SourceBad(
                     f"source at {source.location.name} has {size} bytes, expected {target.size}"
                 )
+            if not owns():  # the rename into place is irreversible
+                raise AttemptSuperseded(f"repair of copy {target.copy.copy_id} superseded")
     except (OSError, StorageError) as exc:
         raise _DestinationBad(f"writing {target.copy.location.name}: {exc}") from exc
     try:
@@ -259,9 +272,11 @@ def _usable(source: _Copy) -> bool:
     return bool(findings) and findings[0].outcome == FIXITY_OK
 
 
-def _mark_repaired(db: DatabaseConnection, target: _Target, source: _Copy) -> None:
+def _mark_repaired(db: DatabaseConnection, target: _Target, source: _Copy, attempt: str) -> None:
     now = m.utcnow()
     with db.session_scope() as session:
+        if target.copy.copy_id not in beat_copies(session, [target.copy.copy_id], attempt):
+            raise AttemptSuperseded(f"repair of copy {target.copy.copy_id} superseded")
         session.execute(
             update(m.PhysicalCopy)
             .where(
@@ -299,10 +314,41 @@ def _mark_repaired(db: DatabaseConnection, target: _Target, source: _Copy) -> No
 
 def repair_copy(copy_id: int) -> str:
     """Repair one bad archive copy; returns ``repaired``, ``failed``, ``frozen``,
-    ``held`` (its location is on audit hold: repaired once the hold is cleared) or
-    ``not_needed``.  Every step is an archive_event; no transaction stays open while
-    bytes move."""
+    ``held`` (its location is on audit hold: repaired once the hold is cleared),
+    ``not_needed``, ``busy`` (a live verification or repair holds the copy: a
+    redelivered or concurrent repair does nothing) or ``superseded`` (this attempt lost
+    the copy's claim midway: it renamed and recorded nothing).  Every step is an
+    archive_event; no transaction stays open while bytes move."""
     db = DatabaseConnection()
+    attempt = new_attempt()
+    with db.session_scope() as session:
+        if not claim_copies(session, [copy_id], "repair", attempt):
+            log.info("archive_repair_busy", copy_id=copy_id, reason="a live attempt has the copy")
+            return "busy"
+    CC = m.CopyClaim
+    try:
+        with beating(
+            CC,
+            CC.physical_copy_id == copy_id,
+            CC.attempt_id == attempt,
+            label=f"copy_claim-repair-{copy_id}",
+        ):
+            return _repair_owned(db, copy_id, attempt)
+    except AttemptSuperseded:
+        log.warning("attempt_superseded", work="repair", copy_id=copy_id, attempt=attempt)
+        return "superseded"
+    finally:
+        with db.session_scope() as session:
+            release_copies(session, [copy_id], attempt)
+
+
+def _repair_owned(db: DatabaseConnection, copy_id: int, attempt: str) -> str:
+    """:func:`repair_copy` once the copy's claim is this attempt's."""
+
+    def owns() -> bool:
+        with db.session_scope() as session:
+            return copy_id in beat_copies(session, [copy_id], attempt)
+
     with db.session_scope() as session:
         target = _target(session, copy_id)
         if target is not None and not target.checksum:
@@ -330,7 +376,7 @@ def repair_copy(copy_id: int) -> str:
         where = f"copy {source.copy_id} at {source.location.name} ({source.kind})"
         _event(db, REPAIR_STARTED, target, f"source: {where}")
         try:
-            _copy_bytes(source, target)
+            _copy_bytes(source, target, owns)
         except _SourceBad as exc:
             _event(db, REPAIR_FAILED, target, f"source {where} is bad: {exc}")
             log.error("archive_repair_source_bad", copy_id=copy_id, source=where, reason=str(exc))
@@ -354,7 +400,7 @@ def repair_copy(copy_id: int) -> str:
             _event(db, REPAIR_FAILED, target, str(exc))
             log.error("archive_repair_failed", copy_id=copy_id, reason=str(exc))
             return "failed"
-        _mark_repaired(db, target, source)
+        _mark_repaired(db, target, source, attempt)
         return "repaired"
     if unreachable:
         _event(

@@ -49,6 +49,7 @@ from typing import Any
 from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
+from ccat_data_transfer.core.attempts import owned_step
 from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.errors import CcatError
 from ccat_data_transfer.core.logs import get_logger
@@ -182,19 +183,26 @@ def build_raw_data_package(package_id: int) -> dict[str, Any]:
     return skeleton.run_task(RAW_DATA_PACKAGE, package_id, _build_package, _flag_mismatch)
 
 
-def _build_package(db: DatabaseConnection, package_id: int) -> dict[str, Any]:
+def _build_package(db: DatabaseConnection, package_id: int, attempt: str) -> dict[str, Any]:
     """Tar into the best buffer that takes it and record; the buffer copy is removed if
-    recording fails, and no tar is left at SOURCE whatever happens."""
+    recording fails, and no tar is left at SOURCE whatever happens -- every rename,
+    record and removal only while ``attempt`` owns the package row: once its claim was
+    released, the package's path may be another build's recorded copy."""
     work = skeleton.load_work(
-        db, RAW_DATA_PACKAGE, package_id, lambda s, source: usable_buffers(s, source.site_id)
+        db,
+        RAW_DATA_PACKAGE,
+        package_id,
+        lambda s, source: usable_buffers(s, source.site_id),
+        attempt=attempt,
     )
     if not work.extra:
         raise StorageError(f"no usable buffer at the site of {work.location.name}")
     src_storage = storage_for_location(work.location)
     placed: m.DataLocation | None = None
+    model = m.RawDataPackage
     try:
         placed, result = _build_into_buffer(src_storage, work, package_id)
-        with db.session_scope() as session:
+        with owned_step(model, package_id, attempt, "record", db=db) as session:
             skeleton.record_built(
                 session,
                 RAW_DATA_PACKAGE,
@@ -206,18 +214,24 @@ def _build_package(db: DatabaseConnection, package_id: int) -> dict[str, Any]:
                 state=m.PackageState.WAITING,
             )
     except BaseException:
-        if placed is not None:
-            try:
-                storage_for_location(placed).delete(work.relative_path)
-            except Exception as exc:  # leave dark data rather than hide the first error
-                log.warning("buffer_cleanup_failed", location=placed.name, reason=str(exc))
+        try:
+            with owned_step(model, package_id, attempt, "clean up", db=db):
+                if placed is not None:
+                    _remove_quietly(storage_for_location(placed), work.relative_path, placed.name)
+                _remove_quietly(src_storage, work.relative_path, work.location.name)
+        except Exception as exc:  # superseded or DB gone: leave dark data, never a loss
+            log.warning("package_cleanup_skipped", package_id=package_id, reason=str(exc))
         raise
-    finally:
-        try:  # a tar written at SOURCE for a buffer out of reach (idempotent otherwise)
-            src_storage.delete(work.relative_path)
-        except Exception as exc:
-            log.warning("source_tar_cleanup_failed", location=work.location.name, reason=str(exc))
+    # Recorded by this attempt: a tar written at SOURCE for a buffer out of reach goes.
+    _remove_quietly(src_storage, work.relative_path, work.location.name)
     return skeleton.report_built(RAW_DATA_PACKAGE, package_id, work, placed.name, result)
+
+
+def _remove_quietly(storage: Any, path: str, where: str) -> None:
+    try:  # leave dark data rather than hide the first error
+        storage.delete(path)
+    except Exception as exc:
+        log.warning("package_tar_cleanup_failed", location=where, reason=str(exc))
 
 
 def _build_into_buffer(
@@ -241,7 +255,10 @@ def _build_into_buffer(
                 if at_source is None:
                     at_source = _write_tar(src_storage, work)
                 result = at_source
-                buf_storage.copy_in(src_storage.local_path(work.relative_path), work.relative_path)
+                with owned_step(m.RawDataPackage, package_id, work.attempt, "copy tar into place"):
+                    buf_storage.copy_in(
+                        src_storage.local_path(work.relative_path), work.relative_path
+                    )
             info = buf_storage.stat(work.relative_path)
             if info is None or info.size != result.size:
                 raise StorageError(f"copy at {buf.name} has the wrong size")

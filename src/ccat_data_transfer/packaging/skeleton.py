@@ -15,6 +15,13 @@ and described for each stage by a :class:`PackageKind`:
    every member's checksum verified on the way; a mismatch writes nothing;
 4. **record** (:func:`record_built`): the package row becomes built (only if still
    IN_PROGRESS) and gets a PRESENT physical copy;
+
+   The start writes a fresh attempt token on the row (``attempt_id``); the rename of the
+   tar into place, the record and any cleanup of the package's path run only while that
+   attempt still owns the row (:mod:`ccat_data_transfer.core.attempts`).  A released
+   claim frees the package's part number and path for another build: a stalled-but-alive
+   build that wakes up then renames, records and removes nothing, so it cannot clean up
+   what is by then another build's recorded copy;
 5. **release** (:func:`release_claim`): on a mismatch the bad members are flagged
    (:func:`fail_members`, what "flagged" means is the stage's), on any other failure, and
    for started builds whose heartbeat stopped (:func:`release_stalled_claims`; a build
@@ -33,6 +40,8 @@ Room in the house: tasks/core.  Imports core (storage, tarutil, config, scope) a
 from __future__ import annotations
 
 import enum
+import io
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -43,6 +52,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer.core import scope
+from ccat_data_transfer.core.attempts import (
+    AttemptSuperseded,
+    exit_owned,
+    new_attempt,
+    owned_step,
+)
 from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.errors import CcatError, NotFoundError
 from ccat_data_transfer.core.fileio import temporary_component
@@ -289,11 +304,15 @@ def run_task(
 ) -> dict[str, Any]:
     """The body of a packaging task: start the claimed package, ``build`` it, and on
     failure flag mismatching members (``flag_member``, see :func:`fail_members`) or
-    release the claim.  Returns the task result."""
+    release the claim.  Returns the task result.  ``build(db, package_id, attempt)``
+    renames, records and cleans up only while ``attempt`` owns the row."""
     db = DatabaseConnection()
     model = kind.package_model
+    attempt = new_attempt()
     with db.session_scope() as session:
-        started = start_scheduled(session, model, package_id, heartbeat_at=m.utcnow())
+        started = start_scheduled(
+            session, model, package_id, heartbeat_at=m.utcnow(), attempt_id=attempt
+        )
     if not started:
         if kind.log_skips:
             kind.log.info(
@@ -303,16 +322,29 @@ def run_task(
     try:
         # A duplicate delivery (broker visibility timeout) finds the row IN_PROGRESS and
         # skips above; recovery sees the beats and leaves the running build alone.
-        with beating(model, model.id == package_id, label=f"{kind.event}-{package_id}"):
-            return build(db, package_id)
+        with beating(
+            model,
+            model.id == package_id,
+            model.attempt_id == attempt,
+            label=f"{kind.event}-{package_id}",
+        ):
+            return build(db, package_id, attempt)
+    except AttemptSuperseded:
+        return {"status": "superseded", kind.id_key: package_id}
     except MemberMismatch as exc:
-        errors = fail_members(db, kind, package_id, exc.mismatches, flag_member)
+        try:
+            errors = fail_members(db, kind, package_id, exc.mismatches, flag_member, attempt)
+        except AttemptSuperseded:
+            return {"status": "superseded", kind.id_key: package_id}
         return {"status": "failed", kind.id_key: package_id, "checksum_errors": errors}
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}"
         kind.log.error(f"{kind.event}_failed", **{kind.id_key: package_id}, reason=reason)
-        with db.session_scope() as session:
-            release_claim(session, kind, package_id)
+        try:
+            with owned_step(model, package_id, attempt, "release claim", db=db) as session:
+                release_claim(session, kind, package_id)
+        except AttemptSuperseded:
+            return {"status": "superseded", kind.id_key: package_id}
         return {"status": "failed", kind.id_key: package_id, "reason": reason}
 
 
@@ -325,6 +357,9 @@ class Work:
     location: m.DataLocation
     members: list[TarMember]
     extra: Any = None
+    package_id: int = 0
+    #: The attempt that builds it ("" outside a task: no ownership check).
+    attempt: str = ""
 
 
 def load_work(
@@ -332,6 +367,7 @@ def load_work(
     kind: PackageKind,
     package_id: int,
     extra: Callable[[Session, m.DataLocation], Any] | None = None,
+    attempt: str = "",
 ) -> Work:
     """The package's members, each checked where the package is built (a local file of
     the recorded size).  ``extra(session, location)`` adds what the stage needs from the
@@ -373,7 +409,7 @@ def load_work(
             )
         more = extra(session, location) if extra is not None else None
         session.expunge_all()
-        work = Work(pkg.file_name, pkg.relative_path, location, members, more)
+        work = Work(pkg.file_name, pkg.relative_path, location, members, more, package_id, attempt)
     if missing:
         raise MemberMismatch(missing)
     return work
@@ -388,12 +424,17 @@ def _temporary_member(path: str) -> str:
 
 def write_tar(kind: PackageKind, storage: Storage, work: Work) -> TarResult:
     """Write the tar of ``work`` atomically at ``work.relative_path`` of ``storage``;
-    on a checksum mismatch nothing appears and :class:`MemberMismatch` is raised."""
+    on a checksum mismatch nothing appears and :class:`MemberMismatch` is raised.  The
+    rename into place happens only while ``work.attempt`` owns the package row
+    (:func:`~ccat_data_transfer.core.attempts.exit_owned`); a superseded build raises
+    :class:`~ccat_data_transfer.core.attempts.AttemptSuperseded` and nothing appears."""
     try:
-        with storage.open_write(work.relative_path) as out:
+        writer = storage.open_write(work.relative_path)
+        out = writer.__enter__()
+        try:
             result = write_tar_with_checksums(work.members, out)
             if result.mismatches:
-                # Raising inside the block discards the temporary file: nothing appears.
+                # Raising inside the write discards the temporary file: nothing appears.
                 raise MemberMismatch(
                     [
                         (
@@ -405,11 +446,35 @@ def write_tar(kind: PackageKind, storage: Storage, work: Work) -> TarResult:
                         for path, expected, actual in result.mismatches
                     ]
                 )
+        except BaseException as exc:
+            writer.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        if work.attempt:
+            _sync(out)
+            exit_owned(
+                writer, kind.package_model, work.package_id, work.attempt, "rename tar into place"
+            )
+        else:
+            writer.__exit__(None, None, None)
     except TarSourceChangedError as exc:
         if kind.source_changed is None:
             raise
         raise StorageError(kind.source_changed.format(exc=exc)) from exc
     return result
+
+
+def _sync(out: Any) -> None:
+    """Flush and fsync a written local file before its owned rename: the rename step
+    holds the package row, and a long fsync there (gigabytes) would hold it while the
+    heartbeat cannot beat, so recovery would take the build for a stalled one."""
+    fileno = getattr(out, "fileno", None)
+    try:
+        fd = fileno() if fileno is not None else None
+    except (io.UnsupportedOperation, ValueError):  # not a local file (S3)
+        fd = None
+    if fd is not None:
+        out.flush()
+        os.fsync(fd)
 
 
 def record_built(
@@ -480,12 +545,15 @@ def fail_members(
     package_id: int,
     mismatches: list[tuple[str, str]],
     flag_member: Callable[[Session, int, Any, str, str], dict[str, Any] | None],
+    attempt: str,
 ) -> list[dict[str, Any]]:
-    """Flag every mismatching member and release the claim, in one transaction.
+    """Flag every mismatching member and release the claim, in one transaction owned by
+    ``attempt`` (:class:`~ccat_data_transfer.core.attempts.AttemptSuperseded` when it
+    no longer owns the row).
     ``flag_member(session, package_id, package, path, reason)`` flags one and returns
     the error to report, or None if there is no such member.  Returns the errors."""
     errors: list[dict[str, Any]] = []
-    with db.session_scope() as session:
+    with owned_step(kind.package_model, package_id, attempt, "flag members", db=db) as session:
         pkg = session.get(kind.package_model, package_id)
         for path, reason in mismatches:
             error = flag_member(session, package_id, pkg, path, reason)

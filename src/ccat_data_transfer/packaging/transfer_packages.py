@@ -55,6 +55,7 @@ from sqlalchemy import bindparam, exists, select, update
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer.core import scope
+from ccat_data_transfer.core.attempts import owned_step
 from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.core.operation_types import OperationType
@@ -286,14 +287,16 @@ def build_data_transfer_package(dtp_id: int) -> dict[str, Any]:
     return skeleton.run_task(DATA_TRANSFER_PACKAGE, dtp_id, _build, _fail_member)
 
 
-def _build(db: DatabaseConnection, dtp_id: int) -> dict[str, Any]:
-    """Tar at the buffer and record; the members go to TRANSFERRING."""
-    work = skeleton.load_work(db, DATA_TRANSFER_PACKAGE, dtp_id)
+def _build(db: DatabaseConnection, dtp_id: int, attempt: str) -> dict[str, Any]:
+    """Tar at the buffer and record; the members go to TRANSFERRING.  The rename, the
+    record and a cleanup happen only while ``attempt`` owns the package row."""
+    work = skeleton.load_work(db, DATA_TRANSFER_PACKAGE, dtp_id, attempt=attempt)
     buffer = work.location
     storage = storage_for_location(buffer)
     result = skeleton.write_tar(DATA_TRANSFER_PACKAGE, storage, work)
+    model = m.DataTransferPackage
     try:
-        with db.session_scope() as session:
+        with owned_step(model, dtp_id, attempt, "record", db=db) as session:
             skeleton.record_built(
                 session,
                 DATA_TRANSFER_PACKAGE,
@@ -310,7 +313,11 @@ def _build(db: DatabaseConnection, dtp_id: int) -> dict[str, Any]:
                 .execution_options(synchronize_session=False)
             )
     except BaseException:
-        storage.delete(work.relative_path)
+        try:
+            with owned_step(model, dtp_id, attempt, "clean up", db=db):
+                storage.delete(work.relative_path)
+        except Exception as exc:  # superseded or DB gone: leave dark data, never a loss
+            log.warning("package_cleanup_skipped", data_transfer_package_id=dtp_id, reason=str(exc))
         raise
     return skeleton.report_built(DATA_TRANSFER_PACKAGE, dtp_id, work, buffer.name, result)
 

@@ -37,6 +37,7 @@ from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ccat_data_transfer.core.attempts import AttemptSuperseded
 from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.errors import PermanentError, RetryableError
 from ccat_data_transfer.core.liveness import beating, stall_window
@@ -74,8 +75,9 @@ class StagingBusy(RetryableError):
 
 
 @contextmanager
-def _package_lock(db: DatabaseConnection, package_id: int, location_id: int) -> Iterator[None]:
-    """Exclusive right to stage one package into one location (a ``manager_state`` row).
+def _package_lock(db: DatabaseConnection, package_id: int, location_id: int) -> Iterator[str]:
+    """Exclusive right to stage one package into one location (a ``manager_state`` row);
+    yields the holder's token, the attempt that names its temporary files.
 
     The holder beats the lock's ``updated_at``; a lock whose beats stopped (a killed
     worker, :func:`ccat_data_transfer.core.liveness.stall_window`) is taken over."""
@@ -105,7 +107,7 @@ def _package_lock(db: DatabaseConnection, package_id: int, location_id: int) -> 
     MS = m.ManagerState
     try:
         with beating(MS, MS.key == key, MS.value == token, column="updated_at", label=key):
-            yield
+            yield token
     finally:
         with db.session_scope() as s:
             s.execute(
@@ -113,6 +115,36 @@ def _package_lock(db: DatabaseConnection, package_id: int, location_id: int) -> 
                     m.ManagerState.key == key, m.ManagerState.value == token
                 )
             )
+
+
+def _lock_held(session: Session, package_id: int, location_id: int, token: str) -> bool:
+    """Whether ``token`` still holds the package's staging lock (a conditional UPDATE
+    that also beats it; the row stays locked until the caller's transaction ends): the
+    check before an irreversible step of the holder's attempt.  Does not commit."""
+    key = f"staging_lock:{package_id}:{location_id}"
+    return (
+        session.execute(
+            update(m.ManagerState)
+            .where(m.ManagerState.key == key, m.ManagerState.value == token)
+            .values(updated_at=m.utcnow())
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        == 1
+    )
+
+
+@contextmanager
+def _holding(
+    db: DatabaseConnection, package_id: int, location_id: int, token: str
+) -> Iterator[None]:
+    """Run an irreversible step of the lock holder ``token`` while it still holds the
+    package's staging lock (checked and held in one transaction); AttemptSuperseded if
+    not (not a RetryableError: no other source is tried for it)."""
+    with db.session_scope() as s:
+        if not _lock_held(s, package_id, location_id, token):
+            log.warning("attempt_superseded", work="staging", raw_data_package_id=package_id)
+            raise AttemptSuperseded(f"package {package_id}: another stager took it over")
+        yield
 
 
 def _staged_copy_intact(
@@ -215,20 +247,43 @@ def stage_package(db: DatabaseConnection, package_id: int, location_id: int) -> 
     destination full) or :class:`~ccat_data_transfer.core.errors.PermanentError` (no good
     copy, records inconsistent).
     """
-    with _package_lock(db, package_id, location_id):
+    with _package_lock(db, package_id, location_id) as attempt:
         plan = _plan_package(db, package_id, location_id)
         if plan is None:
             return "reused"
         files, dest_storage, dest_name, sources, tar_path, checksum, size = plan
-        source = copy_from_best_lta(
-            db, package_id, sources, dest_storage, tar_path, checksum, size, dest_name, location_id
-        )
+        try:
+            source = copy_from_best_lta(
+                db,
+                package_id,
+                sources,
+                dest_storage,
+                tar_path,
+                checksum,
+                size,
+                dest_name,
+                location_id,
+                attempt=attempt,
+                holding=lambda: _holding(db, package_id, location_id, attempt),
+            )
+        except AttemptSuperseded as exc:
+            raise StagingBusy(str(exc)) from exc
         try:
             extracted = extract_and_verify(dest_storage, tar_path, files, package_id)
         except BaseException:
-            dest_storage.delete(tar_path)
+            with db.session_scope() as s:  # only the lock's holder removes the tar
+                if _lock_held(s, package_id, location_id, attempt):
+                    dest_storage.delete(tar_path)
             raise
         with db.session_scope() as s:
+            if not _lock_held(s, package_id, location_id, attempt):
+                log.warning(
+                    "attempt_superseded",
+                    work="staging",
+                    raw_data_package_id=package_id,
+                    reason="the package's staging lock was taken over; nothing recorded",
+                )
+                raise StagingBusy(f"package {package_id}: another stager took it over")
             mark_package_as_staged_and_cleanup(
                 s,
                 package=s.get(m.RawDataPackage, package_id),

@@ -27,6 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+import uuid
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,6 +122,9 @@ def copy_from_best_lta(
     size: int,
     dest_name: str,
     dest_location_id: int | None = None,
+    *,
+    attempt: str | None = None,
+    holding: Callable[[], AbstractContextManager[Any]] = nullcontext,
 ) -> Source:
     """Copy the tar from the first LTA copy that is reachable, present and correct.  An
     LTA on another host (its site declares a ``host``) is pulled over ssh by rsync, as
@@ -139,7 +145,15 @@ def copy_from_best_lta(
                 )
             else:
                 pull_verified(
-                    reach, src_storage, src.relative_path, dest_storage, tar_path, checksum, size
+                    reach,
+                    src_storage,
+                    src.relative_path,
+                    dest_storage,
+                    tar_path,
+                    checksum,
+                    size,
+                    attempt=attempt or uuid.uuid4().hex,
+                    holding=holding,
                 )
             return src
         except RetryableError as exc:  # the other host did not answer or rsync failed
@@ -208,24 +222,37 @@ def pull_verified(
     dst_path: str,
     checksum: str,
     size: int,
+    *,
+    attempt: str,
+    holding: Callable[[], AbstractContextManager[Any]] = nullcontext,
 ) -> None:
-    """rsync ``src_path`` from the host of ``reach`` (resumable; renamed into place when
-    whole), then hash it here; a mismatch removes the copy."""
+    """rsync ``src_path`` from the host of ``reach`` to the temporary name of ``attempt``
+    (the holder of the package's staging lock), resuming from an earlier partial it
+    adopts (one as long as the source or longer is dropped: it is stale), then hash it
+    here, at the temporary name; only verified bytes are renamed to ``dst_path``, a
+    mismatch removes them.  ``holding()`` wraps the irreversible steps (adopting an
+    earlier partial, the rename into place): they run only while the attempt holds the
+    package's staging lock."""
     log_dir = Path(str(settings.get("TRANSFER_LOG_DIR", "") or "") or tempfile.gettempdir())
     log_dir.mkdir(parents=True, exist_ok=True)
+    method = get_transfer_method(m.TransferMethod.RSYNC)
+    temp = method.temp_name(dst, dst_path, attempt)
     with open(log_dir / "staging_pulls.log", "a", encoding="utf-8") as lf:
-        get_transfer_method(m.TransferMethod.RSYNC).transfer(
-            src, src_path, dst, dst_path, lf, src_host=reach
-        )
-    digest = dst.sha256(dst_path)
-    info = dst.stat(dst_path)
-    written = info.size if info else 0
-    if digest != checksum or (size and written != size):
-        dst.delete(dst_path)
-        raise CorruptCopy(
-            f"checksum mismatch after pulling from {reach.label} ({written} bytes, "
-            f"sha256 {digest[:16]}..., expected {checksum[:16]}... / {size} bytes)"
-        )
+        with holding():
+            method.adopt(dst, dst_path, attempt, lf)
+        method.land(src, src_path, dst, dst_path, lf, attempt=attempt, size=size, src_host=reach)
+        digest = dst.sha256(temp)
+        info = dst.stat(temp)
+        written = info.size if info else 0
+        if digest == checksum and (not size or written == size):
+            with holding():
+                method.place(dst, dst_path, attempt, lf)
+            return
+    dst.delete(temp)
+    raise CorruptCopy(
+        f"checksum mismatch after pulling from {reach.label} ({written} bytes, "
+        f"sha256 {digest[:16]}..., expected {checksum[:16]}... / {size} bytes)"
+    )
 
 
 def copy_verified(

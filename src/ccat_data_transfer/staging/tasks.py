@@ -27,6 +27,7 @@ from typing import Any
 
 from sqlalchemy import update
 
+from ccat_data_transfer.core.attempts import new_attempt
 from ccat_data_transfer.core.celery_app import app
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.database import DatabaseConnection
@@ -47,27 +48,38 @@ def stage_staging_job(self: Any, job_id: int) -> dict[str, Any]:
     return _run_job(DatabaseConnection(), job_id)
 
 
-def _job_state(db: DatabaseConnection, job_id: int) -> tuple[bool, bool]:
+def _job_state(db: DatabaseConnection, job_id: int, attempt: str) -> tuple[bool, bool]:
+    """(the job is IN_PROGRESS and still this attempt's, the job is active)."""
     with db.session_scope() as s:
         job = s.get(m.StagingJob, job_id)
         if job is None:
             return False, False
-        return job.status == m.Status.IN_PROGRESS, job.active
+        return job.status == m.Status.IN_PROGRESS and job.attempt_id == attempt, job.active
 
 
-def _set_job(db: DatabaseConnection, job_id: int, **values: Any) -> None:
+def _set_job(db: DatabaseConnection, job_id: int, attempt: str, **values: Any) -> bool:
+    """Record ``values`` on the job if ``attempt`` still owns it (IN_PROGRESS with its
+    ``attempt_id``): one conditional UPDATE; a superseded attempt records nothing."""
     with db.session_scope() as s:
-        s.execute(
+        changed = s.execute(
             update(m.StagingJob)
-            .where(m.StagingJob.id == job_id, m.StagingJob.status == m.Status.IN_PROGRESS)
+            .where(
+                m.StagingJob.id == job_id,
+                m.StagingJob.status == m.Status.IN_PROGRESS,
+                m.StagingJob.attempt_id == attempt,
+            )
             .values(**values)
             .execution_options(synchronize_session=False)
-        )
+        ).rowcount
+    if not changed:
+        log.warning("attempt_superseded", work="staging_job", row_id=job_id, attempt=attempt)
+    return bool(changed)
 
 
-def _take(db: DatabaseConnection, job_id: int) -> bool:
-    """Start the claimed job: its first heartbeat, in one conditional UPDATE (claimed and
-    not started yet), so a second delivery of the task does nothing."""
+def _take(db: DatabaseConnection, job_id: int, attempt: str) -> bool:
+    """Start the claimed job: its first heartbeat and this attempt's token, in one
+    conditional UPDATE (claimed and not started yet), so a second delivery of the task
+    does nothing."""
     SJ = m.StagingJob
     with db.session_scope() as s:
         return bool(
@@ -76,22 +88,23 @@ def _take(db: DatabaseConnection, job_id: int) -> bool:
                 .where(
                     SJ.id == job_id, SJ.status == m.Status.IN_PROGRESS, SJ.heartbeat_at.is_(None)
                 )
-                .values(heartbeat_at=m.utcnow())
+                .values(heartbeat_at=m.utcnow(), attempt_id=attempt)
                 .execution_options(synchronize_session=False)
             ).rowcount
         )
 
 
 def _run_job(db: DatabaseConnection, job_id: int) -> dict[str, Any]:
-    if not _take(db, job_id):
+    attempt = new_attempt()
+    if not _take(db, job_id, attempt):
         log.info("staging_job_skipped", staging_job_id=job_id, reason="not claimed or started")
         return {"status": "skipped", "staging_job_id": job_id}
     SJ = m.StagingJob
-    with beating(SJ, SJ.id == job_id, label=f"staging_job-{job_id}"):
-        return _stage_job(db, job_id)
+    with beating(SJ, SJ.id == job_id, SJ.attempt_id == attempt, label=f"staging_job-{job_id}"):
+        return _stage_job(db, job_id, attempt)
 
 
-def _stage_job(db: DatabaseConnection, job_id: int) -> dict[str, Any]:
+def _stage_job(db: DatabaseConnection, job_id: int, attempt: str) -> dict[str, Any]:
     with db.session_scope() as s:
         job = s.get(m.StagingJob, job_id)
         if job is None or job.status != m.Status.IN_PROGRESS:
@@ -104,25 +117,28 @@ def _stage_job(db: DatabaseConnection, job_id: int) -> dict[str, Any]:
     outcomes: dict[int, str] = {}
     try:
         for done, package_id in enumerate(package_ids):
-            in_progress, active = _job_state(db, job_id)
+            in_progress, active = _job_state(db, job_id, attempt)
             if not in_progress:
                 return {"status": "skipped", "staging_job_id": job_id}
             if not active:
                 _set_job(
                     db,
                     job_id,
+                    attempt,
                     status=m.Status.FAILED,
                     failure_reason="deactivated before staging completed",
                 )
                 log.info("staging_job_cancelled", staging_job_id=job_id, reason="deactivated")
                 return {"status": "cancelled", "staging_job_id": job_id}
             outcomes[package_id] = stage_package(db, package_id, dest_id)
-            _set_job(db, job_id, packages_done=done + 1)
+            if not _set_job(db, job_id, attempt, packages_done=done + 1):
+                return {"status": "skipped", "staging_job_id": job_id}
     except StagingBusy as exc:
         # Not the job's fault: try again soon without counting a retry.
         _set_job(
             db,
             job_id,
+            attempt,
             status=m.Status.PENDING,
             failure_reason=str(exc),
             next_attempt_at=m.utcnow() + timedelta(seconds=_backoff(0)),
@@ -130,18 +146,19 @@ def _stage_job(db: DatabaseConnection, job_id: int) -> dict[str, Any]:
         log.info("staging_job_waiting", staging_job_id=job_id, reason=str(exc))
         return {"status": "waiting", "staging_job_id": job_id, "reason": str(exc)}
     except PermanentError as exc:
-        _fail(db, job_id, str(exc))
+        _fail(db, job_id, attempt, str(exc))
         return {"status": "failed", "staging_job_id": job_id, "reason": str(exc)}
     except Exception as exc:  # retryable, or unexpected: retry up to the limit
         reason = str(exc) if isinstance(exc, RetryableError) else f"{type(exc).__name__}: {exc}"
         if not isinstance(exc, RetryableError):
             log.exception("staging_job_error", staging_job_id=job_id, reason=reason)
         if retries + 1 >= int(settings.get("STAGING_MAX_RETRIES", 5)):
-            _fail(db, job_id, f"gave up after {retries + 1} attempts: {reason}")
+            _fail(db, job_id, attempt, f"gave up after {retries + 1} attempts: {reason}")
             return {"status": "failed", "staging_job_id": job_id, "reason": reason}
         _set_job(
             db,
             job_id,
+            attempt,
             status=m.Status.PENDING,
             retry_count=retries + 1,
             failure_reason=reason,
@@ -153,6 +170,7 @@ def _stage_job(db: DatabaseConnection, job_id: int) -> dict[str, Any]:
     _set_job(
         db,
         job_id,
+        attempt,
         status=m.Status.COMPLETED,
         completed_at=now,
         packages_done=len(package_ids),
@@ -175,6 +193,8 @@ def _backoff(retries: int) -> float:
     return min(base * (2**retries), 86400.0)
 
 
-def _fail(db: DatabaseConnection, job_id: int, reason: str) -> None:
-    _set_job(db, job_id, status=m.Status.FAILED, failure_reason=reason, next_attempt_at=None)
+def _fail(db: DatabaseConnection, job_id: int, attempt: str, reason: str) -> None:
+    _set_job(
+        db, job_id, attempt, status=m.Status.FAILED, failure_reason=reason, next_attempt_at=None
+    )
     log.error("staging_job_failed", staging_job_id=job_id, reason=reason)

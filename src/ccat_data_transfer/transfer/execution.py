@@ -1,10 +1,15 @@
 """Execution of one transfer: the task that sends a DataTransferPackage from its origin
 to one destination location and verifies the checksum of what landed.
 
-Three phases: take the SCHEDULED row (a duplicate delivery does nothing), move the bytes
-with the route's transfer method and check the destination's checksum (a mismatch
-removes the corrupt copy and counts as a failed attempt), then record the transfer
-COMPLETED and the DTP's verified PRESENT copy at the destination.
+Three phases: take the SCHEDULED row with a fresh attempt token (a duplicate delivery
+does nothing), move the bytes with the route's transfer method to the attempt's
+temporary name and check the checksum there (a mismatch removes those bytes and counts
+as a failed attempt), then rename the verified bytes into place and record the transfer
+COMPLETED and the DTP's verified PRESENT copy at the destination, in one transaction
+that checks the attempt still owns the row.  Every irreversible step (adopting an
+earlier partial, discarding, renaming into place, recording) runs in
+:func:`~ccat_data_transfer.core.attempts.owned_step`: an attempt whose row was reset by
+recovery and taken by another stops without touching anything.
 
 Room in the house: tasks side; runs on the origin location's queue.  Imports
 :mod:`~ccat_data_transfer.transfer.worker`, core (storage, transfer methods, database,
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ccat_data_transfer.core.attempts import AttemptSuperseded, new_attempt, owned_step
 from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.errors import CcatError, ConfigurationError, PermanentError
 from ccat_data_transfer.core.hosts import SiteReach, reach_of
@@ -73,6 +79,8 @@ class _Transfer:
     # How this worker (the origin site's: it pushes) reaches the destination; None when
     # the destination shares this worker's filesystem.
     dst_reach: SiteReach | None = None
+    # This attempt's token (the row's attempt_id while it owns the row).
+    attempt_id: str = ""
 
     @property
     def fields(self) -> dict[str, Any]:
@@ -92,24 +100,26 @@ def execute_transfer(transfer_id: int) -> str:
     if job is None:
         return "skipped"
     try:
-        stats = _send_and_verify(job)
+        return _send_verify_and_record(job)
+    except AttemptSuperseded:
+        return "superseded"
     except (ConfigurationError, PermanentError) as exc:
-        return _record_failure(transfer_id, str(exc), True, job.fields)
+        return _record_failure(transfer_id, str(exc), True, job.fields, attempt=job.attempt_id)
     except Exception as exc:
         reason = (
             str(exc) if isinstance(exc, ChecksumMismatchError) else f"{type(exc).__name__}: {exc}"
         )
-        return _record_failure(transfer_id, reason, False, job.fields)
-    return _record_completed(job, stats)
+        return _record_failure(transfer_id, reason, False, job.fields, attempt=job.attempt_id)
 
 
 def _take(transfer_id: int) -> _Transfer | None:
     """DB phase: SCHEDULED -> IN_PROGRESS (None when another worker or recovery has the
     row), and what the transfer needs."""
     now = m.utcnow()
+    attempt = new_attempt()
     with DatabaseConnection().session_scope() as s:
         if not start_scheduled(
-            s, m.DataTransfer, transfer_id, start_time=now, worker=worker_name()
+            s, m.DataTransfer, transfer_id, start_time=now, worker=worker_name(), attempt_id=attempt
         ):
             return None
         t = s.get(m.DataTransfer, transfer_id)
@@ -127,70 +137,66 @@ def _take(transfer_id: int) -> _Transfer | None:
             attempt=t.retry_count + 1,
             log_path=log_path,
             dst_reach=reach_of(t.destination_location, t.origin_location.site_id),
+            attempt_id=attempt,
         )
 
 
-def _send_and_verify(job: _Transfer) -> TransferStats:
-    """Storage phase: this worker (the origin site's) pushes the bytes with the route's
-    method, then the checksum is computed where they landed (on the destination host
-    when it is another machine); a mismatch removes the copy there and raises
-    :class:`ChecksumMismatchError`.  The command log goes to ``job.log_path``."""
+def _owned(job: _Transfer, step: str) -> Any:
+    return owned_step(m.DataTransfer, job.id, job.attempt_id, step)
+
+
+def _send_verify_and_record(job: _Transfer) -> str:
+    """Storage phase, then the owned rename and record: this worker (the origin site's)
+    adopts an earlier partial (owned), pushes the bytes with the route's method to the
+    attempt's temporary name, computes the checksum there (on the destination host when
+    it is another machine); a mismatch discards those bytes (owned) and raises
+    :class:`ChecksumMismatchError`.  Verified bytes are renamed into place and recorded
+    in one owned transaction.  The command log goes to ``job.log_path``."""
     origin, dest, path, expected = job.origin, job.dest, job.path, job.expected
     src_storage = storage_for_location(origin)
     dst_storage = storage_for_location(dest)
     method = get_transfer_method(method_for_storages(job.method_kind, src_storage, dst_storage))
-    with open(job.log_path, "a", encoding="utf-8") as lf, heartbeat(job.id):
-        where = f" on {job.dst_reach.label}" if job.dst_reach else ""
+    reach = job.dst_reach
+    temp = method.temp_name(dst_storage, path, job.attempt_id)
+    with (
+        open(job.log_path, "a", encoding="utf-8") as lf,
+        heartbeat(job.id, attempt=job.attempt_id),
+    ):
+        where = f" on {reach.label}" if reach else ""
         lf.write(
-            f"# transfer {job.id} attempt {job.attempt}: {origin.name}:{path} -> "
-            f"{dest.name}:{path}{where} ({type(method).__name__}) at {m.utcnow().isoformat()}Z\n"
+            f"# transfer {job.id} attempt {job.attempt} ({job.attempt_id}): "
+            f"{origin.name}:{path} -> {dest.name}:{temp}{where} ({type(method).__name__}) "
+            f"at {m.utcnow().isoformat()}Z\n"
         )
         lf.flush()
-        stats = method.transfer(src_storage, path, dst_storage, path, lf, dst_host=job.dst_reach)
-        actual = method.checksum(
-            dst_storage, path, dst_host=job.dst_reach, size=stats.bytes or None
+        with _owned(job, "adopt partial"):
+            method.adopt(dst_storage, path, job.attempt_id, lf, dst_host=reach)
+        stats = method.land(
+            src_storage, path, dst_storage, path, lf, attempt=job.attempt_id, dst_host=reach
         )
+        actual = method.checksum(dst_storage, temp, dst_host=reach, size=stats.bytes or None)
         if actual.lower() != expected:
             lf.write(f"# checksum mismatch: expected {expected}, got {actual}\n")
-            with contextlib.suppress(Exception):
-                method.discard(dst_storage, path, dst_host=job.dst_reach)
+            with _owned(job, "discard"), contextlib.suppress(Exception):
+                method.discard(dst_storage, temp, dst_host=reach)
             log.warning(
                 "transfer_checksum_mismatch",
                 **job.fields,
                 expected=expected,
                 actual=actual,
                 attempt=job.attempt,
-                reason="destination checksum differs from DataTransferPackage.checksum; "
-                "corrupt copy removed, will retry",
+                reason="checksum at the temporary name differs from "
+                "DataTransferPackage.checksum; those bytes removed, will retry",
             )
             raise ChecksumMismatchError(
                 f"checksum mismatch at {dest.name}: expected {expected}, got {actual}"
             )
-        lf.write(f"# verified sha256 {actual}\n")
-    return stats
-
-
-def _record_completed(job: _Transfer, stats: TransferStats) -> str:
-    """DB phase: the transfer COMPLETED and the DTP's verified PRESENT copy at the
-    destination, unless recovery reset the row meanwhile (then its retry redoes it)."""
-    with DatabaseConnection().session_scope() as s:
-        t = s.get(m.DataTransfer, job.id)
-        if t.status != m.Status.IN_PROGRESS:
-            return "skipped"
-        end = m.utcnow()
-        mark_completed(t, stats, end)
-        t.rate_mb_per_s = stats.rate_mb_per_s
-        record_present_copy(
-            s,
-            m.DataTransferPackagePhysicalCopy,
-            "data_transfer_package_id",
-            job.dtp_id,
-            job.dest.id,
-            job.path,
-            size=stats.bytes,
-            checksum=job.expected,
-            verified_at=end,
-        )
+        lf.write(f"# verified sha256 {actual} at {temp}\n")
+        lf.flush()
+        with _owned(job, "rename into place and record") as s:
+            method.place(dst_storage, path, job.attempt_id, lf, dst_host=reach)
+            lf.write(f"# renamed into place: {path}\n")
+            _record_completed(s, job, stats)
     log.info(
         "transfer_completed",
         **job.fields,
@@ -199,3 +205,23 @@ def _record_completed(job: _Transfer, stats: TransferStats) -> str:
         rate_mb_per_s=round(stats.rate_mb_per_s, 3),
     )
     return "completed"
+
+
+def _record_completed(s: Any, job: _Transfer, stats: TransferStats) -> None:
+    """DB phase (in the owned transaction): the transfer COMPLETED and the DTP's verified
+    PRESENT copy at the destination."""
+    t = s.get(m.DataTransfer, job.id)
+    end = m.utcnow()
+    mark_completed(t, stats, end)
+    t.rate_mb_per_s = stats.rate_mb_per_s
+    record_present_copy(
+        s,
+        m.DataTransferPackagePhysicalCopy,
+        "data_transfer_package_id",
+        job.dtp_id,
+        job.dest.id,
+        job.path,
+        size=stats.bytes,
+        checksum=job.expected,
+        verified_at=end,
+    )

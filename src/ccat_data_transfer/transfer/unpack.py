@@ -13,12 +13,17 @@ core (storage, tar, database, logging) and ``ccat_ops_db``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+from sqlalchemy.orm import Session
+
+from ccat_data_transfer.core.attempts import AttemptSuperseded, new_attempt, owned_step
 from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.errors import CcatError, ConfigurationError, PermanentError
 from ccat_data_transfer.core.fileio import parent_beneath
@@ -64,12 +69,16 @@ def _unpack_into(
     storage: Storage,
     dtp_path: str,
     packages: list[tuple[int, str, str | None]],
+    owned: Callable[[], contextlib.AbstractContextManager[Session]],
+    record: Callable[[Session, dict[int, tuple[int, str]]], None],
     transfer_id: int | None = None,
 ) -> dict[int, tuple[int, str]]:
-    """Extract the DTP safely, verify each RawDataPackage, then put each tar in place at
-    its ``relative_path``.  Nothing is placed unless every package verifies.  The work
-    folder is named after ``transfer_id`` (``.unpack.tmp-dt<id>-*``): the janitor keeps it
-    while the unpack's heartbeat is fresh."""
+    """Extract the DTP safely into a work folder of this attempt, verify each
+    RawDataPackage, then -- inside ``owned()`` (the attempt still owns the row, and holds
+    it) -- put each tar in place at its ``relative_path`` and ``record`` the result with
+    that session.  Nothing is placed unless every package verifies.  The work folder is
+    named after ``transfer_id`` (``.unpack.tmp-dt<id>-*``): the janitor keeps it while the
+    unpack's heartbeat is fresh."""
     root = _unpack_root(storage)
     if root is not None:
         tag = f"dt{transfer_id}" if transfer_id is not None else "dt"
@@ -94,14 +103,17 @@ def _unpack_into(
                     f"got {mem.sha256}"
                 )
             results[rdp_id] = (mem.size, mem.sha256)
-        for _rdp_id, rel, _ in packages:
-            mem = members[normalize_path(rel)]
-            if root is not None:
-                # Folders opened without following a symlink: nothing lands outside root.
-                with parent_beneath(root, normalize_path(rel), create=True) as (dir_fd, base):
-                    os.replace(mem.path, base, dst_dir_fd=dir_fd)  # same filesystem: atomic
-            else:
-                storage.copy_in(mem.path, rel)
+        with owned() as session:
+            for _rdp_id, rel, _ in packages:
+                mem = members[normalize_path(rel)]
+                if root is not None:
+                    # Folders opened without following a symlink: nothing lands outside.
+                    rel_norm = normalize_path(rel)
+                    with parent_beneath(root, rel_norm, create=True) as (dir_fd, base):
+                        os.replace(mem.path, base, dst_dir_fd=dir_fd)  # same fs: atomic
+                else:
+                    storage.copy_in(mem.path, rel)
+            record(session, results)
         return results
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -111,6 +123,7 @@ def execute_unpack(transfer_id: int) -> str:
     """Unpack a verified DTP at its destination buffer and record a PRESENT copy of each
     RawDataPackage there.  Retryable without sending again."""
     db = DatabaseConnection()
+    attempt = new_attempt()
     with db.session_scope() as s:
         if not claim(
             s,
@@ -120,6 +133,7 @@ def execute_unpack(transfer_id: int) -> str:
             m.DataTransfer.unpack_status == m.Status.SCHEDULED,
             unpack_status=m.Status.IN_PROGRESS,
             unpack_start_time=m.utcnow(),
+            attempt_id=attempt,
         ):
             return "skipped"
         t = s.get(m.DataTransfer, transfer_id)
@@ -133,23 +147,8 @@ def execute_unpack(transfer_id: int) -> str:
             "data_transfer_package_id": dtp.id,
             "location": dest.name,
         }
-    try:
-        if not packages:
-            raise PermanentError("the data transfer package lists no raw data packages")
-        with heartbeat(transfer_id):
-            results = _unpack_into(storage_for_location(dest), dtp_path, packages, transfer_id)
-    except (UnsafeTarError, PermanentError, ConfigurationError) as exc:
-        return _record_failure(transfer_id, f"{type(exc).__name__}: {exc}", True, fields)
-    except (UnpackVerificationError, CorruptTarError) as exc:
-        log.warning("unpack_checksum_mismatch", **fields, reason=str(exc))
-        return _record_failure(transfer_id, str(exc), False, fields)
-    except Exception as exc:
-        return _record_failure(transfer_id, f"{type(exc).__name__}: {exc}", False, fields)
 
-    with db.session_scope() as s:
-        t = s.get(m.DataTransfer, transfer_id)
-        if t.unpack_status != m.Status.IN_PROGRESS:
-            return "skipped"
+    def record(s: Session, results: dict[int, tuple[int, str]]) -> None:
         now = m.utcnow()
         for rdp_id, (size, sha) in results.items():
             record_present_copy(
@@ -163,9 +162,33 @@ def execute_unpack(transfer_id: int) -> str:
                 checksum=sha,
                 verified_at=now,
             )
+        t = s.get(m.DataTransfer, transfer_id)
         t.unpack_status = m.Status.COMPLETED
         t.unpack_end_time = now
         t.unpack_failure_reason = None
         t.next_attempt_at = None
+
+    def owned() -> contextlib.AbstractContextManager[Session]:
+        return owned_step(
+            m.DataTransfer, transfer_id, attempt, "place and record", status="unpack_status"
+        )
+
+    failure = functools.partial(_record_failure, attempt=attempt)
+    try:
+        if not packages:
+            raise PermanentError("the data transfer package lists no raw data packages")
+        with heartbeat(transfer_id, attempt=attempt):
+            results = _unpack_into(
+                storage_for_location(dest), dtp_path, packages, owned, record, transfer_id
+            )
+    except AttemptSuperseded:
+        return "superseded"
+    except (UnsafeTarError, PermanentError, ConfigurationError) as exc:
+        return failure(transfer_id, f"{type(exc).__name__}: {exc}", True, fields)
+    except (UnpackVerificationError, CorruptTarError) as exc:
+        log.warning("unpack_checksum_mismatch", **fields, reason=str(exc))
+        return failure(transfer_id, str(exc), False, fields)
+    except Exception as exc:
+        return failure(transfer_id, f"{type(exc).__name__}: {exc}", False, fields)
     log.info("transfer_unpacked", **fields, packages=len(results))
     return "completed"

@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ccat_data_transfer.core.attempts import still_owns
 from ccat_data_transfer.core.config import data_dir, settings
 from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.liveness import beating
@@ -55,13 +56,18 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def heartbeat(row_id: int, model: Any = m.DataTransfer) -> contextlib.AbstractContextManager[None]:
+def heartbeat(
+    row_id: int, model: Any = m.DataTransfer, attempt: str | None = None
+) -> contextlib.AbstractContextManager[None]:
     """Refresh the row's ``updated_at`` (the heartbeat of transfers, unpacks and archive
     transfers) every HEARTBEAT_SECONDS while long work runs, so the recovery service does
-    not take slow work for dead work (:func:`ccat_data_transfer.core.liveness.beating`)."""
-    return beating(
-        model, model.id == row_id, column="updated_at", label=f"{model.__tablename__}-{row_id}"
-    )
+    not take slow work for dead work (:func:`ccat_data_transfer.core.liveness.beating`).
+    With ``attempt`` only while that attempt owns the row: a superseded attempt must not
+    keep its successor's row looking alive."""
+    where = [model.id == row_id]
+    if attempt is not None:
+        where.append(model.attempt_id == attempt)
+    return beating(model, *where, column="updated_at", label=f"{model.__tablename__}-{row_id}")
 
 
 def mark_completed(row: Any, stats: Any, now: datetime) -> None:
@@ -124,14 +130,28 @@ def record_failed_attempt(
     event: str,
     prefix: str = "",
     log_retry_count: bool = False,
+    attempt: str | None = None,
 ) -> str:
     """Record a failed attempt of the IN_PROGRESS work of row ``row_id`` (its ``status``,
     or ``<prefix>status``) in its own transaction: retry with backoff, or FAILED when out
     of retries or ``permanent``; then log ``<event>_failed`` or
     ``<event>_retry_scheduled`` with ``fields`` (and the retry count with
     ``log_retry_count``).  Returns the outcome: "failed", "retry", or "skipped" (nothing
-    logged) when the row is no longer IN_PROGRESS."""
+    logged) when the row is no longer IN_PROGRESS, or (with ``attempt``) no longer owned
+    by that attempt (:func:`~ccat_data_transfer.core.attempts.still_owns`: a superseded
+    attempt never records)."""
     with DatabaseConnection().session_scope() as s:
+        if attempt is not None and not still_owns(
+            s, model, row_id, attempt, status=f"{prefix}status"
+        ):
+            log.warning(
+                "attempt_superseded",
+                work=model.__tablename__,
+                row_id=row_id,
+                attempt=attempt,
+                step="record failure",
+            )
+            return "skipped"
         row = s.get(model, row_id)
         if row is None or getattr(row, f"{prefix}status") != m.Status.IN_PROGRESS:
             return "skipped"

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-12-06 23:37:19.151093
+Create Date: 2026-12-07 00:45:48.336099
 """
 
 from collections.abc import Sequence
@@ -347,6 +347,7 @@ def upgrade() -> None:
         sa.Column("failure_reason", sa.Text(), nullable=True),
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("heartbeat_at", sa.DateTime(), nullable=True),
+        sa.Column("attempt_id", sa.String(length=36), nullable=True),
         sa.ForeignKeyConstraint(
             ["origin_location_id"],
             ["data_location.id"],
@@ -454,6 +455,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("start_time", sa.DateTime(), nullable=True),
         sa.Column("heartbeat_at", sa.DateTime(), nullable=True),
+        sa.Column("attempt_id", sa.String(length=36), nullable=True),
         sa.Column("completed_at", sa.DateTime(), nullable=True),
         sa.Column("deactivated_at", sa.DateTime(), nullable=True),
         sa.Column("expires_at", sa.DateTime(), nullable=True),
@@ -538,6 +540,7 @@ def upgrade() -> None:
         sa.Column("unpack_failure_reason", sa.Text(), nullable=True),
         sa.Column("log_path", sa.Text(), nullable=True),
         sa.Column("worker", sa.String(length=256), nullable=True),
+        sa.Column("attempt_id", sa.String(length=36), nullable=True),
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("updated_at", sa.DateTime(), nullable=False),
         sa.ForeignKeyConstraint(
@@ -626,6 +629,7 @@ def upgrade() -> None:
         sa.Column("failure_reason", sa.Text(), nullable=True),
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("heartbeat_at", sa.DateTime(), nullable=True),
+        sa.Column("attempt_id", sa.String(length=36), nullable=True),
         sa.Column("archived_at", sa.DateTime(), nullable=True),
         sa.Column("frozen_at", sa.DateTime(), nullable=True),
         sa.Column("frozen_reason", sa.Text(), nullable=True),
@@ -694,6 +698,7 @@ def upgrade() -> None:
         sa.Column("failure_reason", sa.Text(), nullable=True),
         sa.Column("metadata_path", sa.Text(), nullable=True),
         sa.Column("worker", sa.String(length=256), nullable=True),
+        sa.Column("attempt_id", sa.String(length=36), nullable=True),
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("updated_at", sa.DateTime(), nullable=False),
         sa.ForeignKeyConstraint(
@@ -953,6 +958,21 @@ def upgrade() -> None:
         )
 
     op.create_table(
+        "copy_claim",
+        sa.Column(
+            "physical_copy_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False
+        ),
+        sa.Column("work", sa.String(length=32), nullable=False),
+        sa.Column("attempt_id", sa.String(length=36), nullable=False),
+        sa.Column("heartbeat_at", sa.DateTime(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["physical_copy_id"],
+            ["physical_copy.id"],
+            name=op.f("fk_copy_claim_physical_copy_id_physical_copy"),
+        ),
+        sa.PrimaryKeyConstraint("physical_copy_id", name=op.f("pk_copy_claim")),
+    )
+    op.create_table(
         "deletion_log",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("created_at", sa.DateTime(), nullable=False),
@@ -1015,6 +1035,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_deletion_log_created_at"))
 
     op.drop_table("deletion_log")
+    op.drop_table("copy_claim")
     with op.batch_alter_table("archive_event", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_archive_event_physical_copy_id"))
         batch_op.drop_index("ix_archive_event_package_time")
