@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import select, update
 
 from ccat_data_transfer import transfer_manager
-from ccat_data_transfer.archive import proof
+from ccat_data_transfer.archive import proof, verification
 from ccat_data_transfer.core.storage import DiskStorage
 from ccat_data_transfer.core.transfer_methods import (
     CopyMethod,
@@ -28,8 +28,10 @@ from ccat_data_transfer.core.transfer_methods import (
     register_transfer_method,
 )
 from ccat_data_transfer.fixity import repair
+from ccat_data_transfer.fixity import tasks as fixity_tasks
+from ccat_data_transfer.packaging import raw_cycle, skeleton
 from ccat_data_transfer.packaging import raw_packages as rdpm
-from ccat_data_transfer.packaging import skeleton
+from ccat_data_transfer.packaging import tasks as packaging_tasks
 from ccat_data_transfer.staging_manager import create_staging_job
 from ccat_data_transfer.transfer.execution import execute_transfer
 from ccat_ops_db import models as m
@@ -365,12 +367,14 @@ def test_a_stalled_build_whose_claim_was_released_leaves_the_next_builds_copy_al
         return result
 
     monkeypatch.setattr(skeleton, "write_tar_with_checksums", write_then_stall)
-    first, out = _run_in_thread(lambda: rdpm.create_raw_data_package.apply(args=[a_id]).result)
+    first, out = _run_in_thread(
+        lambda: packaging_tasks.create_raw_data_package.apply(args=[a_id]).result
+    )
     assert pause.reached.wait(WAIT)
 
     build_started_and_died(system, m.RawDataPackage, a_id)  # its beats look stopped
     with system.session() as s:
-        summary = rdpm.run_once(s)
+        summary = raw_cycle.run_once(s)
     assert summary["released_stalled"] == 1 and summary["packages_created"] == 1
     with system.session() as s:
         (b,) = s.scalars(select(m.RawDataPackage)).all()
@@ -424,14 +428,14 @@ def test_a_redelivered_verification_does_nothing_while_the_first_is_live(
     copy_id = fx.copy_ids["cologne_lta"]
     with system.session() as s:
         s.get(m.PhysicalCopy, copy_id).verified_at = None
-    real_look = proof._look
+    real_look = verification._look
 
     def slow_look(expected, full):
         if pause.first():
             pause.hold()
         return real_look(expected, full)
 
-    monkeypatch.setattr(proof, "_look", slow_look)
+    monkeypatch.setattr(verification, "_look", slow_look)
     first, out = _run_in_thread(proof.verify_copies, [copy_id])
     assert pause.reached.wait(WAIT)
     # The broker delivers the task again while the first run still reads the bytes.
@@ -467,7 +471,7 @@ def test_a_concurrent_repair_of_the_same_copy_does_nothing_while_the_first_is_li
     monkeypatch.setattr(repair, "_copy_bytes", slow_copy)
     first, out = _run_in_thread(repair.repair_copy, bad)
     assert pause.reached.wait(WAIT)
-    assert repair.repair_archive_copy.apply(args=[bad]).result == "busy"
+    assert fixity_tasks.repair_archive_copy.apply(args=[bad]).result == "busy"
     assert _events(system, bad) == [repair.REPAIR_STARTED]  # the first attempt's only
     pause.resume.set()
     first.join(WAIT)

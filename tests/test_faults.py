@@ -606,6 +606,14 @@ def test_two_deletion_managers_schedule_each_expired_raw_file_once(system, overr
             ids += pkg.file_copy_ids
     errors = _twice_at_once(system, deletion_manager.process_deletion_possible_raw_data_files)
     assert errors == [], errors
+    # A batch whose post-decision proof was being taken by the other manager's
+    # verification (its copy claim) stays DELETION_SCHEDULED for the re-send that
+    # recovery makes; make it now.
+    from ccat_data_transfer.deletion.cycle import resubmit_stalled_deletions
+
+    override_settings(QUEUED_RESEND_SECONDS=0)
+    with system.session() as s:
+        resubmit_stalled_deletions(s)
     with system.session() as s:
         statuses = Counter(
             s.scalars(select(m.PhysicalCopy.status).where(m.PhysicalCopy.id.in_(ids)))

@@ -113,9 +113,16 @@ def test_copy_in_fsyncs_the_temporary_name_then_renames_it_then_fsyncs_the_direc
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
         return real_fsync(fd)
 
-    def replace(a, b):
-        events.append(("rename", f"{os.fspath(a)} -> {os.fspath(b)}"))
-        return real_replace(a, b)
+    def replace(a, b, **dir_fds):
+        # Names relative to their folder's descriptor (no symlink followed): shown whole.
+        full = [
+            os.path.join(os.readlink(f"/proc/self/fd/{dir_fds[k]}"), os.fspath(p))
+            if k in dir_fds
+            else os.fspath(p)
+            for k, p in (("src_dir_fd", a), ("dst_dir_fd", b))
+        ]
+        events.append(("rename", f"{full[0]} -> {full[1]}"))
+        return real_replace(a, b, **dir_fds)
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)

@@ -34,6 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer.core.database import DatabaseConnection
+from ccat_data_transfer.core.errors import CcatError
 from ccat_data_transfer.core.liveness import stopped
 from ccat_data_transfer.core.logs import get_logger
 from ccat_ops_db import models as m
@@ -52,7 +53,7 @@ __all__ = [
 ]
 
 
-class AttemptSuperseded(Exception):
+class AttemptSuperseded(CcatError):
     """This attempt no longer owns its row (recovery reset it, another attempt took it):
     it must stop without renaming, discarding or recording anything."""
 

@@ -149,23 +149,7 @@ def _stage_job(db: DatabaseConnection, job_id: int, attempt: str) -> dict[str, A
         _fail(db, job_id, attempt, str(exc))
         return {"status": "failed", "staging_job_id": job_id, "reason": str(exc)}
     except Exception as exc:  # retryable, or unexpected: retry up to the limit
-        reason = str(exc) if isinstance(exc, RetryableError) else f"{type(exc).__name__}: {exc}"
-        if not isinstance(exc, RetryableError):
-            log.exception("staging_job_error", staging_job_id=job_id, reason=reason)
-        if retries + 1 >= int(settings.get("STAGING_MAX_RETRIES", 5)):
-            _fail(db, job_id, attempt, f"gave up after {retries + 1} attempts: {reason}")
-            return {"status": "failed", "staging_job_id": job_id, "reason": reason}
-        _set_job(
-            db,
-            job_id,
-            attempt,
-            status=m.Status.PENDING,
-            retry_count=retries + 1,
-            failure_reason=reason,
-            next_attempt_at=m.utcnow() + timedelta(seconds=_backoff(retries)),
-        )
-        log.warning("staging_job_retry", staging_job_id=job_id, reason=reason, attempt=retries + 1)
-        return {"status": "retry", "staging_job_id": job_id, "reason": reason}
+        return _retry_or_fail(db, job_id, attempt, retries, exc)
     now = m.utcnow()
     _set_job(
         db,
@@ -186,6 +170,30 @@ def _stage_job(db: DatabaseConnection, job_id: int, attempt: str) -> dict[str, A
         reused=sum(1 for o in outcomes.values() if o == "reused"),
     )
     return {"status": "completed", "staging_job_id": job_id, "packages": outcomes}
+
+
+def _retry_or_fail(
+    db: DatabaseConnection, job_id: int, attempt: str, retries: int, exc: Exception
+) -> dict[str, Any]:
+    """A retryable or unexpected error of one attempt: PENDING again with backoff, or
+    FAILED once STAGING_MAX_RETRIES attempts were made."""
+    reason = str(exc) if isinstance(exc, RetryableError) else f"{type(exc).__name__}: {exc}"
+    if not isinstance(exc, RetryableError):
+        log.exception("staging_job_error", staging_job_id=job_id, reason=reason)
+    if retries + 1 >= int(settings.get("STAGING_MAX_RETRIES", 5)):
+        _fail(db, job_id, attempt, f"gave up after {retries + 1} attempts: {reason}")
+        return {"status": "failed", "staging_job_id": job_id, "reason": reason}
+    _set_job(
+        db,
+        job_id,
+        attempt,
+        status=m.Status.PENDING,
+        retry_count=retries + 1,
+        failure_reason=reason,
+        next_attempt_at=m.utcnow() + timedelta(seconds=_backoff(retries)),
+    )
+    log.warning("staging_job_retry", staging_job_id=job_id, reason=reason, attempt=retries + 1)
+    return {"status": "retry", "staging_job_id": job_id, "reason": reason}
 
 
 def _backoff(retries: int) -> float:
