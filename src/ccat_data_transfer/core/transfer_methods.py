@@ -266,7 +266,6 @@ def _local_root_path(storage: Storage, path: str, method: str) -> str:
         )
     # Paths are checked by the storage (relative, no '..'); the root may not exist on a
     # remote host, so build the string without resolving it here.
-
     return str(storage.root / normalize_path(path))
 
 
