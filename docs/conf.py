@@ -116,7 +116,7 @@ nitpick_ignore_regex = [
         r"Popen|CompletedProcess|StreamingBody|T|P|R|_T)",
     ),
     # Private helpers (leading underscore) that public signatures mention but that are
-    # deliberately not part of the reference, e.g. deletion_manager._Statuses.
+    # deliberately not part of the reference, e.g. deletion.base._LOAD_CHUNK.
     (r"py:.*", r"ccat_(data_transfer|ops_db)(\.\w+)*\._\w+"),
     # autodoc splits string annotations of dataclass fields into pieces ('list[dict[str').
     (r"py:.*", r"'.*"),

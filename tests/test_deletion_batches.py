@@ -60,7 +60,7 @@ def test_emergency_deletes_in_batches_what_may_go_and_keeps_the_rest(
     that is not ARCHIVED, or frozen, stay whatever the pressure."""
     _emergency(system, override_settings)
     asked: list[int | None] = []
-    for name in ("_claim_expired", "_deletion_possible_selection"):
+    for name in ("claim_expired", "deletion_possible_selection"):
         real = getattr(steps, name)
 
         def spy(*args, _real=real):

@@ -849,7 +849,7 @@ def test_the_machine_finds_a_broken_source_deletion_rule(
     monkeypatch.setattr(
         rules,
         "_decide_rdp_source",
-        lambda *a, **k: rules._delete("rule broken on purpose", "broken"),
+        lambda *a, **k: rules.delete_because("rule broken on purpose", "broken"),
     )
     # Statements built once and kept hold the rule they were built with: build them anew
     # with the broken rule, and forget those when the test ends, so that no later test

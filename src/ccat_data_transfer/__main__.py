@@ -1,5 +1,5 @@
 """``python -m ccat_data_transfer`` runs the command line."""
 
-from ccat_data_transfer.cli import _console_script
+from ccat_data_transfer.cli import console_script
 
-_console_script()
+console_script()

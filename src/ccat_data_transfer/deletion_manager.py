@@ -66,8 +66,14 @@ from ccat_data_transfer.deletion.tasks import (
     delete_bulk_raw_data_packages,
     delete_physical_copy,
 )
-from ccat_data_transfer.deletion.trail import _add_deletion_log, deletion_history
-from ccat_data_transfer.deletion.worker import DeletionTask, _delete_bulk_raw_data_files_internal
+
+# The document's two underscore names, kept as aliases of the public ones.
+from ccat_data_transfer.deletion.trail import add_deletion_log as _add_deletion_log
+from ccat_data_transfer.deletion.trail import deletion_history
+from ccat_data_transfer.deletion.worker import DeletionTask
+from ccat_data_transfer.deletion.worker import (
+    delete_bulk_raw_data_files_internal as _delete_bulk_raw_data_files_internal,
+)
 
 __all__ = [
     "COPY_TYPE_DATA_TRANSFER_PACKAGE",

@@ -21,7 +21,11 @@ from ccat_data_transfer.staging.retention import (
 )
 from ccat_data_transfer.staging.sources import select_lta_copies
 from ccat_data_transfer.staging.tasks import stage_staging_job
-from ccat_data_transfer.staging.unpack import _mark_package_as_staged_and_cleanup
+
+# The document's underscore name, kept as an alias of the public one.
+from ccat_data_transfer.staging.unpack import (
+    mark_package_as_staged_and_cleanup as _mark_package_as_staged_and_cleanup,
+)
 
 __all__ = [
     "StagingBusy",

@@ -16,14 +16,12 @@ formatting) and ccat_ops_db; nothing here writes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi import Path as FastPath
 from fastapi.responses import FileResponse, HTMLResponse
-from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer.api.dashboard_queries import (
@@ -36,12 +34,11 @@ from ccat_data_transfer.api.dashboard_queries import (
 from ccat_data_transfer.api.dashboard_trends import buffer_usage_data, throughput_data
 from ccat_data_transfer.api.deps import MAX_ID, get_session
 from ccat_data_transfer.api.login import dashboard_is_public, dashboard_viewer
-from ccat_data_transfer.core.formatting import human_bytes
+from ccat_data_transfer.api.rendering import templates
 from ccat_ops_db import models as m
 
 _HERE = Path(__file__).resolve().parent
 STATIC_DIR = _HERE / "static"
-TEMPLATE_DIR = _HERE / "templates"
 
 # Bounds of the query parameters (the queries bound their own row counts).
 MAX_PER_PAGE = 500
@@ -65,39 +62,6 @@ router = APIRouter(
 # ---------------------------------------------------------------------------------------
 # Rendering
 # ---------------------------------------------------------------------------------------
-
-
-def _fmt_dt(value: datetime | str | None) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value.strftime("%Y-%m-%d %H:%M UTC")
-
-
-def _ago(value: datetime | str | None) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    seconds = (m.utcnow() - value).total_seconds()
-    future = seconds < 0
-    seconds = abs(seconds)
-    if seconds < 90:
-        text = f"{int(seconds)} s"
-    elif seconds < 90 * 60:
-        text = f"{int(seconds // 60)} min"
-    elif seconds < 48 * 3600:
-        text = f"{seconds / 3600:.0f} h"
-    else:
-        text = f"{seconds / 86400:.0f} d"
-    return f"in {text}" if future else f"{text} ago"
-
-
-templates = Jinja2Templates(directory=str(TEMPLATE_DIR))
-templates.env.filters["bytes"] = human_bytes
-templates.env.filters["dt"] = _fmt_dt
-templates.env.filters["ago"] = _ago
 
 
 def _render(request: Request, name: str, context: dict[str, Any]) -> HTMLResponse:

@@ -33,11 +33,11 @@ MAX_LIST_ROWS = 500
 MAX_CHART_POINTS = 300
 
 
-def _iso(value: datetime | None) -> str | None:
+def iso_time(value: datetime | None) -> str | None:
     return value.isoformat(timespec="seconds") if value is not None else None
 
 
-def _window(hours: int) -> datetime:
+def window_bounds(hours: int) -> datetime:
     return m.utcnow() - timedelta(hours=hours)
 
 
@@ -96,7 +96,7 @@ def overview_data(session: Session) -> dict[str, Any]:
     banner = banner_items(snap, next_package)
 
     return {
-        "generated_at": _iso(m.utcnow()),
+        "generated_at": iso_time(m.utcnow()),
         "sites": sites,
         "package_states": package_states,
         "transfers": transfers,
@@ -284,8 +284,8 @@ def _package_items(rows: Sequence[Any], where_held: dict[int, list[str]]) -> lis
             "state": r[2].name,
             "status": r[3].name,
             "size": r[4],
-            "created_at": _iso(r[5]),
-            "archived_at": _iso(r[6]),
+            "created_at": iso_time(r[5]),
+            "archived_at": iso_time(r[6]),
             "executed_obs_unit": r[7],
             "obs_unit": r[8],
             "instrument_module": r[9],
@@ -327,8 +327,8 @@ def package_detail(session: Session, package_id: int) -> dict[str, Any]:
         "checksum": pkg.checksum,
         "checksum_algorithm": pkg.checksum_algorithm,
         "part_number": pkg.part_number,
-        "created_at": _iso(pkg.created_at),
-        "archived_at": _iso(pkg.archived_at),
+        "created_at": iso_time(pkg.created_at),
+        "archived_at": iso_time(pkg.archived_at),
         "failure_reason": pkg.failure_reason,
         "executed_obs_unit": eou.name,
         "obs_unit": eou.obs_unit.name,
@@ -349,9 +349,9 @@ def package_detail(session: Session, package_id: int) -> dict[str, Any]:
                 "status": c.status.name,
                 "size": c.size,
                 "relative_path": c.relative_path,
-                "created_at": _iso(c.created_at),
-                "verified_at": _iso(c.verified_at),
-                "deleted_at": _iso(c.deleted_at),
+                "created_at": iso_time(c.created_at),
+                "verified_at": iso_time(c.verified_at),
+                "deleted_at": iso_time(c.deleted_at),
                 "last_error": c.last_error,
             }
             for c in copies
@@ -382,8 +382,8 @@ def _package_transfers(session: Session, dtp: m.DataTransferPackage | None) -> l
                     "bytes_transferred": t.bytes_transferred,
                     "rate_mb_per_s": t.rate_mb_per_s,
                     "retry_count": t.retry_count,
-                    "start_time": _iso(t.start_time),
-                    "end_time": _iso(t.end_time),
+                    "start_time": iso_time(t.start_time),
+                    "end_time": iso_time(t.end_time),
                     "failure_reason": t.failure_reason or t.unpack_failure_reason,
                 }
             )
@@ -400,8 +400,8 @@ def _package_archive_transfers(session: Session, pkg: m.RawDataPackage) -> list[
             "status": a.status.name,
             "bytes_transferred": a.bytes_transferred,
             "retry_count": a.retry_count,
-            "start_time": _iso(a.start_time),
-            "end_time": _iso(a.end_time),
+            "start_time": iso_time(a.start_time),
+            "end_time": iso_time(a.end_time),
             "metadata_path": a.metadata_path,
             "failure_reason": a.failure_reason,
         }
@@ -422,7 +422,7 @@ def deletions_data(
     session: Session, location: str | None = None, hours: int = 24, limit: int = MAX_LIST_ROWS
 ) -> dict[str, Any]:
     """The deletion audit trail in a time window: log entries and DELETED copies."""
-    since = _window(hours)
+    since = window_bounds(hours)
     loc_id = None
     if location:
         loc_id = session.scalar(select(m.DataLocation.id).where(m.DataLocation.name == location))
@@ -442,7 +442,7 @@ def deletions_data(
     log_rows = [
         {
             "id": r.id,
-            "created_at": _iso(r.created_at),
+            "created_at": iso_time(r.created_at),
             "location": r.location_name,
             "physical_copy_id": r.physical_copy_id,
             "copy_type": r.copy_type,
@@ -474,7 +474,7 @@ def deletions_data(
             "location": loc_name,
             "relative_path": rel,
             "size": size,
-            "deleted_at": _iso(deleted_at),
+            "deleted_at": iso_time(deleted_at),
         }
         for cid, ctype, loc_name, rel, size, deleted_at in session.execute(
             select(pc.id, pc.type, m.DataLocation.name, pc.relative_path, pc.size, pc.deleted_at)
@@ -487,7 +487,7 @@ def deletions_data(
     return {
         "location": location or "",
         "hours": hours,
-        "since": _iso(since),
+        "since": iso_time(since),
         "log": {"total": log_total, "outcomes": log_outcomes, "items": log_rows},
         "deleted_copies": {"total": copy_count, "bytes": int(copy_bytes), "items": copy_rows},
         "locations": _location_names(session),
@@ -519,10 +519,10 @@ def staging_data(session: Session, active: bool | None = None) -> dict[str, Any]
                 "packages_done": j.packages_done,
                 "packages_total": total,
                 "progress_percent": round(100.0 * j.packages_done / total, 1) if total else 0.0,
-                "created_at": _iso(j.created_at),
-                "start_time": _iso(j.start_time),
-                "completed_at": _iso(j.completed_at),
-                "expires_at": _iso(j.expires_at),
+                "created_at": iso_time(j.created_at),
+                "start_time": iso_time(j.start_time),
+                "completed_at": iso_time(j.completed_at),
+                "expires_at": iso_time(j.expires_at),
                 "expired": j.expires_at is not None and j.expires_at < now,
                 "failure_reason": j.failure_reason,
             }

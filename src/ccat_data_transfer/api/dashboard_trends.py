@@ -15,7 +15,7 @@ from fastapi import HTTPException
 from sqlalchemy import Date, Integer, cast, func, select
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer.api.dashboard_queries import MAX_CHART_POINTS, _iso, _window
+from ccat_data_transfer.api.dashboard_queries import MAX_CHART_POINTS, iso_time, window_bounds
 from ccat_data_transfer.core.buffer_status import thresholds_for
 from ccat_data_transfer.core.database import is_postgresql
 from ccat_ops_db import models as m
@@ -46,7 +46,7 @@ def buffer_usage_data(
         raise HTTPException(
             status_code=400, detail=f"unknown kind {kind!r}; use one of {', '.join(USAGE_KINDS)}"
         )
-    since = _window(hours)
+    since = window_bounds(hours)
     bucket_seconds = max(60, math.ceil(hours * 3600 / MAX_CHART_POINTS))
     sample = m.BufferUsageSample
     bucket = func.floor(_epoch_seconds(session, sample.measured_at) / bucket_seconds)
@@ -80,7 +80,7 @@ def buffer_usage_data(
         t = datetime.fromtimestamp(int(b) * bucket_seconds, UTC).replace(tzinfo=None)
         points.setdefault(loc_id, []).append(
             {
-                "t": _iso(t),
+                "t": iso_time(t),
                 "percent": round(float(peak), 2),
                 "mean_percent": round(float(mean), 2),
                 "used_bytes": int(used or 0),
@@ -106,7 +106,7 @@ def buffer_usage_data(
     return {
         "hours": hours,
         "kind": kind,
-        "since": _iso(since),
+        "since": iso_time(since),
         "bucket_seconds": bucket_seconds,
         "thresholds": {"warning": th.warning, "critical": th.critical, "emergency": th.emergency},
         "series": series,

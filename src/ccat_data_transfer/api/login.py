@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from ccat_data_transfer.api.auth import Principal, principal_of, token_row
 from ccat_data_transfer.api.deps import get_session
+from ccat_data_transfer.api.rendering import templates
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.errors import CcatError
 from ccat_data_transfer.core.logs import get_logger
@@ -148,8 +149,6 @@ router = APIRouter(prefix="/dashboard", include_in_schema=False)
 
 
 def _render_login(request: Request, next_path: str, error: str = "", code: int = 200) -> Any:
-    from ccat_data_transfer.api.dashboard import templates
-
     context = {"next": next_path, "error": error, "public": dashboard_is_public()}
     return templates.TemplateResponse(request, "login.html", context, status_code=code)
 

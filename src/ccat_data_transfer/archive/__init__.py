@@ -8,3 +8,9 @@ archive, and prove archive copies.
 * ``proof`` - public to the deletion and fixity stages and the operations: request a
   verification, how fresh a proof must be, and the verification's names re-exported.
 """
+
+#: The modules other stages may import (tests/test_import_contract.py checks it).
+# ``proof``: the deletion stage waits for fresh archive proofs before it deletes a
+# copy that relies on the archives, the staging stage reads only proven archive copies,
+# and the fixity stage asks for full re-reads and repairs what a proof found bad.
+PUBLIC: tuple[str, ...] = ("proof",)

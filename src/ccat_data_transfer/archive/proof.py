@@ -20,14 +20,15 @@ This module is that look, and the request for it:
   ``lost_at``, so no rule counts it any more, and an ``archive_event`` says what was
   found.  What happens next to a bad copy (repair from another site, or a freeze) is
   :mod:`ccat_data_transfer.fixity`'s concern, called through ``on_bad_copies``;
-* :func:`record_bad_bytes` (public, for every stage that reads archive bytes: staging,
-  repair, the audit, a transfer from an archive) records a finding of bad bytes exactly
-  as the verification does: marked lost, an ``archive_event``, the repair queued.  Only a
-  full re-read clears such a mark;
-* :func:`read_back` / :func:`read_back_sql`: the copy was read back in full at least once
-  since it was written, which the deletion rules ask of every archive copy that is to
-  prove the last copies outside the archives (with a verification taken after the
-  decision to delete them; ``deletion.rules``).
+* :func:`~ccat_data_transfer.archive.verification.record_bad_bytes` (public, for every
+  stage that reads archive bytes: staging, repair, the audit, a transfer from an
+  archive) records a finding of bad bytes exactly as the verification does: marked lost,
+  an ``archive_event``, the repair queued.  Only a full re-read clears such a mark;
+* :func:`~ccat_data_transfer.archive.verification.read_back` /
+  :func:`~ccat_data_transfer.archive.verification.read_back_sql`: the copy was read back
+  in full at least once since it was written, which the deletion rules ask of every
+  archive copy that is to prove the last copies outside the archives (with a
+  verification taken after the decision to delete them; ``deletion.rules``).
 
 The expected checksum is the *package's*, not the copy row's own: a copy row that
 records another checksum than its package is itself a discrepancy.

@@ -35,6 +35,7 @@ from ccat_data_transfer.core.attempts import (
 from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.liveness import beating
 from ccat_data_transfer.core.logs import get_logger
+from ccat_data_transfer.core.storage import StorageError, storage_for_location
 from ccat_ops_db import models as m
 
 log = get_logger("ccat_data_transfer.archive.proof")
@@ -148,7 +149,6 @@ def _expected(session: Session, copy_ids: Sequence[int]) -> list[_Expected]:
 
 def _look(expected: _Expected, full: bool) -> Finding:
     """Phase 2: look at the object itself (no DB transaction is open meanwhile)."""
-    from ccat_data_transfer.core.storage import StorageError, storage_for_location
 
     def finding(outcome: str, message: str = "") -> Finding:
         return Finding(

@@ -37,7 +37,11 @@ from ccat_data_transfer.core import buffer_status as bs
 from ccat_data_transfer.core import scope
 from ccat_data_transfer.core.alerts import send_alert
 from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.logs import get_logger
+from ccat_data_transfer.core.manager_loop import run_manager
+from ccat_data_transfer.core.storage import storage_for_location
+from ccat_data_transfer.deletion import cycle as deletion_cycle
 from ccat_ops_db import models as m
 from ccat_ops_db.topology import HOLDING_STATES
 
@@ -46,8 +50,6 @@ log = get_logger(__name__)
 
 def measure_location(session: Session, location: m.DataLocation) -> dict[str, Any] | None:
     """Measure one location now; None when it cannot be measured (tape, unreachable)."""
-    from ccat_data_transfer.core.storage import storage_for_location
-
     if location.storage_type == m.StorageType.S3:
         used = int(
             session.scalar(
@@ -208,17 +210,13 @@ class BufferManager:
             log.error("buffer_status_publish_failed", location=name, error=str(exc))
         session.commit()
         if emergency and bool(settings.get("BUFFER_EMERGENCY_TRIGGERS_DELETION", True)):
-            from ccat_data_transfer.deletion.cycle import run_once
-
-            result["deletion"] = run_once(session, site=site)
+            result["deletion"] = deletion_cycle.run_once(session, site=site)
         return result
 
     def sleep_time(self) -> float:
         return bs.manager_sleep_time(float(settings.BUFFER_MANAGER_SLEEP_TIME), self._states())
 
     def _states(self) -> list[bs.BufferState]:
-        from ccat_data_transfer.core.database import DatabaseConnection
-
         try:
             with DatabaseConnection().session_scope() as session:
                 names = session.scalars(
@@ -232,8 +230,6 @@ class BufferManager:
     def run(self, once: bool = False, site: str | None = None) -> Any:
         """The loop (or one cycle); ``site`` as in :meth:`run_once`.  A scoped manager
         reports health as ``buffer_manager@<site>``."""
-        from ccat_data_transfer.core.manager_loop import run_manager
-
         return run_manager(
             scope.scoped_name("buffer_manager", scope.resolve_site(site)),
             lambda session: self.run_once(session, site=site),

@@ -77,8 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _console_script() -> None:
+def console_script() -> None:
     sys.exit(main())
+
+
+# The name the console-script entry point of installs made before it was public uses.
+_console_script = console_script
 
 
 __all__ = ["app", "main", "typer"]

@@ -18,8 +18,8 @@ when none of these exists (no capacity known, never measured) is the room unknow
 an unknown room takes the package: it must not stall every transfer, and a write that
 does not fit fails with "no space" and is retried elsewhere later.
 
-Room in the house: core.  Imports :mod:`~ccat_data_transfer.core.buffer_status`,
-:mod:`~ccat_data_transfer.operations.metrics` (the last samples), config and ``ccat_ops_db``.
+Room in the house: core.  Imports :mod:`~ccat_data_transfer.core.buffer_status` (live
+statuses and the last samples), config and ``ccat_ops_db``.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer.core import buffer_status as bs
+from ccat_data_transfer.core.buffer_status import last_samples
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.formatting import human_bytes
-from ccat_data_transfer.operations.metrics import _last_samples as last_samples
 from ccat_ops_db import models as m
 from ccat_ops_db.topology import HOLDING_STATES
 
@@ -119,7 +119,7 @@ def room_from_status(
     total = status.get("total_bytes") or location.capacity_bytes
     used = status.get("used_bytes")
     free = int(total) - int(used) - int(on_the_way) if total and used is not None else None
-    state = bs._state(status)
+    state = bs.state_in(status)
     if state == bs.BufferState.UNKNOWN and total and used is not None:
         state = bs.classify(100.0 * int(used) / int(total), bs.thresholds_for(location))
     return Room(location.name, int(total) if total else None, free, state, source)

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.exc import NoResultFound
+from sqlalchemy.orm import Session
 
 from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.logs import get_logger
 from ccat_ops_db import models as m
 
@@ -154,8 +156,6 @@ def _publish_db(status: dict[str, Any], session: Any) -> None:
 
 
 def _publish_many_db(statuses: list[dict[str, Any]], session: Any) -> dict[str, Exception]:
-    from ccat_data_transfer.core.database import DatabaseConnection
-
     def write(s: Any) -> dict[str, Exception]:
         names = [status["location"] for status in statuses]
         ids = dict(s.execute(_LOCATION_IDS, {"names": names}).all())
@@ -234,8 +234,6 @@ def _status_dict(row: Any, oldest: Any) -> dict[str, Any] | None:
 
 
 def _with_session(session: Any, read: Any) -> Any:
-    from ccat_data_transfer.core.database import DatabaseConnection
-
     if session is not None:
         return read(session)
     session_, _ = DatabaseConnection().get_connection()
@@ -282,7 +280,8 @@ def read_statuses(
     return _with_session(session, read)
 
 
-def _state(status: dict[str, Any] | None) -> BufferState:
+def state_in(status: dict[str, Any] | None) -> BufferState:
+    """The state a status dict records (UNKNOWN when there is none or it is unreadable)."""
     if not status:
         return BufferState.UNKNOWN
     try:
@@ -292,9 +291,27 @@ def _state(status: dict[str, Any] | None) -> BufferState:
 
 
 def state_of(location_name: str, session: Any = None) -> BufferState:
-    return _state(read_status(location_name, session))
+    return state_in(read_status(location_name, session))
 
 
 def states_of(location_names: Iterable[str], session: Any = None) -> dict[str, BufferState]:
     """:func:`state_of` of several locations at once: ``{name: state}``."""
-    return {n: _state(st) for n, st in read_statuses(location_names, session).items()}
+    return {n: state_in(st) for n, st in read_statuses(location_names, session).items()}
+
+
+def last_samples(session: Session) -> dict[int, m.BufferUsageSample]:
+    """The latest usage sample of every location (one query, by the (location, time)
+    index): what was last measured, kept in the DB after a live status expires."""
+    s = m.BufferUsageSample
+    latest = (
+        select(s.data_location_id, func.max(s.measured_at).label("at"))
+        .group_by(s.data_location_id)
+        .subquery()
+    )
+    rows = session.scalars(
+        select(s).join(
+            latest,
+            (latest.c.data_location_id == s.data_location_id) & (latest.c.at == s.measured_at),
+        )
+    )
+    return {row.data_location_id: row for row in rows}

@@ -12,6 +12,7 @@ from typing import Any
 from celery import Celery
 
 from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.core.health import HealthReporter
 from ccat_data_transfer.core.registry import task_modules
 
 TASK_MODULES = task_modules()
@@ -71,8 +72,6 @@ def registered_task(name: str) -> Any:
 
 def _start_worker_health(sender: object = None, **_kwargs: object) -> None:
     """A worker says it is alive (health:worker:{hostname}) for as long as it runs."""
-    from ccat_data_transfer.core.health import HealthReporter
-
     hostname = getattr(sender, "hostname", None) or "worker"
     reporter = HealthReporter("worker", str(hostname)).start()
     app.conf.ccat_health_reporter = reporter

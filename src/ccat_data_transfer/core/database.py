@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ccat_data_transfer.core.config import database_url, normalise_database_url
 from ccat_data_transfer.core.errors import DatabaseUnavailableError
+from ccat_ops_db.migrate import upgrade
 
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
@@ -193,8 +194,6 @@ def _redact(url: str) -> str:
 def init_database(url: str | None = None) -> DatabaseConnection:
     """Create or migrate the schema (Alembic upgrade head) and return the connection.  The
     one place that creates the embedded database's folder and file."""
-    from ccat_ops_db.migrate import upgrade
-
     db = DatabaseConnection(url)
     path = sqlite_file(db.url)
     if path is not None:

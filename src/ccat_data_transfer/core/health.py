@@ -22,8 +22,11 @@ from typing import Any
 
 from sqlalchemy import select
 
+from ccat_data_transfer.core.buffer_status import redis_client
 from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.logs import get_logger
+from ccat_data_transfer.core.manager_state import put_state
 from ccat_data_transfer.core.registry import STAGES
 from ccat_ops_db import models as m
 
@@ -41,8 +44,6 @@ def _use_redis() -> bool:
 
 
 def _redis() -> Any:
-    from ccat_data_transfer.core.buffer_status import redis_client
-
     return redis_client()
 
 
@@ -108,16 +109,11 @@ class HealthReporter:
 
 
 def _beat_db(key: str, payload: dict[str, Any]) -> None:
-    from ccat_data_transfer.core.database import DatabaseConnection
-    from ccat_data_transfer.core.manager_state import put_state
-
     with DatabaseConnection().session_scope() as s:
         put_state(s, key, json.dumps(payload))
 
 
 def _delete_db(key: str) -> None:
-    from ccat_data_transfer.core.database import DatabaseConnection
-
     with DatabaseConnection().session_scope() as s:
         row = s.get(m.ManagerState, key)
         if row is not None:
@@ -131,7 +127,6 @@ def is_alive(service_type: str, service_name: str) -> bool | None:
     try:
         if _use_redis():
             return bool(_redis().exists(key))
-        from ccat_data_transfer.core.database import DatabaseConnection
 
         session, _ = DatabaseConnection().get_connection()
         try:
@@ -163,7 +158,6 @@ def list_services() -> list[dict[str, Any]]:
                 }
             )
         return services
-    from ccat_data_transfer.core.database import DatabaseConnection
 
     session, _ = DatabaseConnection().get_connection()
     try:

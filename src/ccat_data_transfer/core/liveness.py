@@ -32,6 +32,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, update
 from sqlalchemy.orm import Session
 
+from ccat_data_transfer.core.celery_app import app, is_embedded, registered_task
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.errors import RetryableError
@@ -106,8 +107,6 @@ def waiting_in_broker(queue: str) -> int | None:
     for a queue the broker does not know (Redis drops an empty list), None when the broker
     cannot be asked.  Looked up at most once per few seconds per queue (a recovery pass
     asks for every queued row of a backlog)."""
-    from ccat_data_transfer.core.celery_app import app, is_embedded
-
     if is_embedded():
         return 0
     now = time.monotonic()
@@ -150,8 +149,6 @@ def resend(task_name: str, row_id: Any, queue: str, **kwargs: Any) -> bool:
     (``ccat_data_transfer.core.celery_app.registered_task``): the recovery process
     imports none of them itself.  A send that fails raises; the caller stamps the row as
     re-sent only when this returned True."""
-    from ccat_data_transfer.core.celery_app import registered_task
-
     task = registered_task(task_name)
     waiting = waiting_in_broker(queue)
     if waiting is None or waiting > 0:

@@ -18,7 +18,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from ccat_data_transfer.core.celery_app import import_task_modules
 from ccat_data_transfer.core.database import DatabaseConnection
+from ccat_data_transfer.core.health import HealthReporter
 from ccat_data_transfer.core.logs import get_logger
 
 log = get_logger(__name__)
@@ -55,8 +57,6 @@ def run_manager(
     max_cycles: int | None = None,
 ) -> Any:
     """Run ``cycle`` once (``once=True``) or in a loop until a stop is requested."""
-    from ccat_data_transfer.core.celery_app import import_task_modules
-
     # A manager or the recovery service sends and re-sends tasks by name: it must know
     # every task (not only those of the modules it happened to import).
     import_task_modules()
@@ -66,8 +66,6 @@ def run_manager(
     install_signal_handlers()
     reporter = None
     if heartbeat is None:
-        from ccat_data_transfer.core.health import HealthReporter
-
         reporter = HealthReporter("manager", name).start()
     log.info("manager_started", manager=name)
     cycles = 0

@@ -57,6 +57,7 @@ from ccat_data_transfer.core.storage import (
     S3Storage,
     Storage,
     copy_stream,
+    normalize_path,
     temporary_name,
 )
 from ccat_data_transfer.core.subprocesses import run_bounded
@@ -265,8 +266,6 @@ def _local_root_path(storage: Storage, path: str, method: str) -> str:
         )
     # Paths are checked by the storage (relative, no '..'); the root may not exist on a
     # remote host, so build the string without resolving it here.
-    from ccat_data_transfer.core.storage import normalize_path
-
     return str(storage.root / normalize_path(path))
 
 

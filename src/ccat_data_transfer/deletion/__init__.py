@@ -33,3 +33,8 @@ The document's names stay importable from ``ccat_data_transfer.deletion_manager`
 Room in the house: a manager (cli/api -> managers -> tasks/core -> ops_db); this package
 imports nothing from cli or api.  Import the modules themselves; this file imports none.
 """
+
+#: The modules other stages may import (tests/test_import_contract.py checks it).
+# ``cycle``: the buffer stage runs one deletion cycle at once when a buffer reaches
+# its emergency state (BUFFER_EMERGENCY_TRIGGERS_DELETION).
+PUBLIC: tuple[str, ...] = ("cycle",)

@@ -26,7 +26,7 @@ DLT = m.DataLocation.__table__
 
 
 @functools.cache
-def _alias(table: Any, name: str) -> Any:
+def table_alias(table: Any, name: str) -> Any:
     """A named alias of a table, built once: building an alias proxies every column, which
     cost about as much as the SQL of an idle cycle when done anew in every query."""
     return table.alias(name)
@@ -83,7 +83,7 @@ def forget_kept() -> None:
 IN_FLIGHT = (S.DELETION_SCHEDULED, S.DELETION_IN_PROGRESS)
 #: States the worker accepts: scheduled (normal), in progress (redelivered after a crash).
 WORKER_ACCEPTS = (S.DELETION_SCHEDULED, S.DELETION_IN_PROGRESS)
-_MAX_BATCHES_PER_CYCLE = 10
+MAX_BATCHES_PER_CYCLE = 10
 
 COPY_TYPE_RAW_DATA_FILE = "raw_data_file"
 COPY_TYPE_RAW_DATA_PACKAGE = "raw_data_package"

@@ -8,7 +8,7 @@ location, oldest first.
   :func:`find_deletable_staged_raw_data_files_by_location`);
 * stage 2, DELETION_POSSIBLE raw-file copies at SOURCE and BUFFER locations: those past
   their retention, then under pressure the oldest others until the bytes needed are freed
-  (:func:`_deletion_possible_selection`, :func:`_oldest_under_pressure`).
+  (:func:`deletion_possible_selection`, :func:`oldest_under_pressure`).
 
 The SQL of each rule is in ``deletion.rule_sql``; nothing here changes the database.
 
@@ -41,37 +41,37 @@ from sqlalchemy.orm import Session
 
 from ccat_data_transfer.core import scope
 from ccat_data_transfer.deletion import base
-from ccat_data_transfer.deletion.base import DLT, LT, PCT, S, _alias, kept, load_in_order, run
-from ccat_data_transfer.deletion.claims import _Candidate
+from ccat_data_transfer.deletion.base import DLT, LT, PCT, S, kept, load_in_order, run, table_alias
+from ccat_data_transfer.deletion.claims import Candidate
 from ccat_data_transfer.deletion.pressure import (
-    _Statuses,
+    Statuses,
     bytes_to_free,
     should_delete_based_on_buffer_status,
 )
 from ccat_data_transfer.deletion.rule_sql import (
-    _active_staging_job,
-    _package_copy_may_be_deletable,
-    _per_row,
-    _proof_needed,
-    _raw_file_processing_safe,
+    active_staging_job,
     copy_bytes,
     deletion_possible_candidates,
+    exists_per_row,
     lta_copies_awaiting_proof,
     oldest_marked,
+    package_copy_may_be_deletable,
+    proof_needed,
+    raw_file_processing_safe,
     rule_params,
 )
 from ccat_data_transfer.deletion.rules import (
     Decision,
-    _decide_dtp_copy,
-    _decide_rdp_copy,
-    _retention_minutes,
+    decide_dtp_copy,
+    decide_rdp_copy,
+    retention_minutes,
     site_roles,
     site_roles_from,
 )
 from ccat_ops_db import models as m
 
 
-def _active_locations(
+def active_locations(
     session: Session, types: Iterable[m.LocationType], location_ids: list[int] | None = None
 ) -> list[m.DataLocation]:
     """Active locations of ``types``; with ``location_ids`` only those (a site's scope)."""
@@ -97,7 +97,7 @@ def _package_copies_statement(copy_cls: type[m.PhysicalCopy], named: bool, scope
             m.DataLocation.active.is_(True),
             m.DataLocation.audit_hold_at.is_(None),
             m.DataLocation.location_type.in_([LT.SOURCE, LT.BUFFER]),
-            _package_copy_may_be_deletable(copy_cls),
+            package_copy_may_be_deletable(copy_cls),
         )
         .order_by(copy_cls.created_at, copy_cls.id)
     )
@@ -108,7 +108,7 @@ def _package_copies_statement(copy_cls: type[m.PhysicalCopy], named: bool, scope
     return stmt
 
 
-def _roles(session: Session, statuses: _Statuses | None) -> Any:
+def cycle_roles(session: Session, statuses: Statuses | None) -> Any:
     """The site roles, read once per cycle when the cycle's ``statuses`` are given."""
     if statuses is None:
         return site_roles(session)
@@ -117,15 +117,15 @@ def _roles(session: Session, statuses: _Statuses | None) -> Any:
     return statuses.roles
 
 
-def _deletable_package_copies(
+def deletable_package_copies(
     session: Session,
     copy_cls: type[m.PhysicalCopy],
     decide: Any,
     location_name: str | None = None,
     location_ids: list[int] | None = None,
-    statuses: _Statuses | None = None,
+    statuses: Statuses | None = None,
 ) -> dict[m.DataLocation, list[tuple[m.PhysicalCopy, Decision]]]:
-    roles = _roles(session, statuses)
+    roles = cycle_roles(session, statuses)
     # A site's scope narrows the copies acted on; the rule still sees every site's copies.
     params: dict[str, Any] = {}
     if location_name is not None:
@@ -149,7 +149,7 @@ def find_deletable_raw_data_packages_by_location(
 ) -> dict[m.DataLocation, list[m.RawDataPackage]]:
     """RawDataPackages that may be deleted now, by location (SOURCE-site and LTA-site
     buffers; never a LONG_TERM_ARCHIVE)."""
-    found = _deletable_package_copies(session, m.RawDataPackagePhysicalCopy, _decide_rdp_copy)
+    found = deletable_package_copies(session, m.RawDataPackagePhysicalCopy, decide_rdp_copy)
     return {loc: [c.raw_data_package for c, _ in items] for loc, items in found.items()}
 
 
@@ -157,7 +157,7 @@ def find_deletable_data_transfer_packages(
     session: Session,
 ) -> list[tuple[m.DataTransferPackage, m.DataLocation]]:
     """(DataTransferPackage, DataLocation) pairs that may be deleted now."""
-    found = _deletable_package_copies(session, m.DataTransferPackagePhysicalCopy, _decide_dtp_copy)
+    found = deletable_package_copies(session, m.DataTransferPackagePhysicalCopy, decide_dtp_copy)
     return [(c.data_transfer_package, loc) for loc, items in found.items() for c, _ in items]
 
 
@@ -165,9 +165,9 @@ def find_deletable_data_transfer_packages(
 def _processing_files_statement(
     statuses: tuple[m.PhysicalCopyStatus, ...], limited: bool, of_packages: bool
 ) -> Any:
-    """The statement of :func:`_processing_file_ids` (parameters ``location_id``, and
+    """The statement of :func:`processing_file_ids` (parameters ``location_id``, and
     ``limit`` / ``package_ids`` when ``limited`` / ``of_packages``)."""
-    pc = _alias(PCT, "f_pc")
+    pc = table_alias(PCT, "f_pc")
     rdf = m.RawDataFile.__table__
     stmt = (
         select(pc.c.id, copy_bytes(pc, rdf))
@@ -182,14 +182,14 @@ def _processing_files_statement(
                 if of_packages
                 else []
             ),
-            _raw_file_processing_safe(pc),
+            raw_file_processing_safe(pc),
         )
         .order_by(pc.c.created_at, pc.c.id)
     )
     return stmt.limit(bindparam("limit")) if limited else stmt
 
 
-def _processing_file_ids(
+def processing_file_ids(
     session: Session,
     location: m.DataLocation,
     statuses: Iterable[m.PhysicalCopyStatus],
@@ -197,7 +197,7 @@ def _processing_file_ids(
     package_ids: Sequence[int] | None = None,
 ) -> list[tuple[int, int | None]]:
     """(id, size) of the raw-file copies at a PROCESSING location in ``statuses`` that the
-    PROCESSING rule allows (:func:`_raw_file_processing_safe`), oldest first; with
+    PROCESSING rule allows (:func:`raw_file_processing_safe`), oldest first; with
     ``package_ids`` only files of those packages."""
     params: dict[str, Any] = {"location_id": location.id}
     if limit is not None:
@@ -213,14 +213,14 @@ def find_deletable_processing_raw_data_files(
 ) -> dict[m.DataLocation, list[m.RawDataFilePhysicalCopy]]:
     """PRESENT raw-file copies at PROCESSING locations that no active StagingJob uses."""
     result: dict[m.DataLocation, list[m.RawDataFilePhysicalCopy]] = {}
-    for loc in _active_locations(session, [LT.PROCESSING]):
-        ids = [i for i, _ in _processing_file_ids(session, loc, [S.PRESENT], limit)]
+    for loc in active_locations(session, [LT.PROCESSING]):
+        ids = [i for i, _ in processing_file_ids(session, loc, [S.PRESENT], limit)]
         if ids:
-            result[loc] = _load_copies(session, ids)
+            result[loc] = load_copies(session, ids)
     return result
 
 
-def _load_copies(session: Session, ids: Sequence[int]) -> list[Any]:
+def load_copies(session: Session, ids: Sequence[int]) -> list[Any]:
     copies = session.scalars(select(m.PhysicalCopy).where(m.PhysicalCopy.id.in_(list(ids)))).all()
     order = {i: n for n, i in enumerate(ids)}
     return sorted(copies, key=lambda c: order[c.id])
@@ -228,17 +228,17 @@ def _load_copies(session: Session, ids: Sequence[int]) -> list[Any]:
 
 @kept
 def _staged_copies_statement() -> Any:
-    """The ids of :func:`_staged_package_copies` (parameter ``location_id``)."""
+    """The ids of :func:`staged_package_copies` (parameter ``location_id``)."""
     copy = m.RawDataPackagePhysicalCopy
     location_id = bindparam("location_id")
     return select(copy.id).where(
         copy.data_location_id == location_id,
         copy.status == S.STAGED,
-        ~_active_staging_job(copy.raw_data_package_id, location_id),
+        ~active_staging_job(copy.raw_data_package_id, location_id),
     )
 
 
-def _staged_package_copies(
+def staged_package_copies(
     session: Session, location: m.DataLocation
 ) -> list[m.RawDataPackagePhysicalCopy]:
     """STAGED package copies at a PROCESSING location whose staging jobs are all inactive."""
@@ -246,13 +246,13 @@ def _staged_package_copies(
     return load_in_order(session, m.RawDataPackagePhysicalCopy, ids)
 
 
-def _staged_file_ids(
+def staged_file_ids(
     session: Session, location: m.DataLocation, package_ids: Sequence[int], limit: int | None
 ) -> list[tuple[int, int | None]]:
     """(id, size) of the PRESENT or STAGED raw-file copies of these STAGED packages."""
     if not package_ids:
         return []
-    return _processing_file_ids(session, location, [S.PRESENT, S.STAGED], limit, package_ids)
+    return processing_file_ids(session, location, [S.PRESENT, S.STAGED], limit, package_ids)
 
 
 def find_deletable_staged_raw_data_files_by_location(
@@ -262,16 +262,16 @@ def find_deletable_staged_raw_data_files_by_location(
     inactive (``active=False``): 1. find STAGED package copies, 2. check every staging job
     for them at that location is inactive, 3. collect their file copies for bulk deletion."""
     result: dict[m.DataLocation, list[m.RawDataFilePhysicalCopy]] = {}
-    for loc in _active_locations(session, [LT.PROCESSING]):
-        staged = _staged_package_copies(session, loc)
+    for loc in active_locations(session, [LT.PROCESSING]):
+        staged = staged_package_copies(session, loc)
         ids = [
             i
-            for i, _ in _staged_file_ids(
+            for i, _ in staged_file_ids(
                 session, loc, [c.raw_data_package_id for c in staged], limit
             )
         ]
         if ids:
-            result[loc] = _load_copies(session, ids)
+            result[loc] = load_copies(session, ids)
     return result
 
 
@@ -279,9 +279,9 @@ def find_deletable_staged_raw_data_files_by_location(
 EXPIRED = ("parent package archived; retention expired", "parent_package_archived")
 
 
-def _retention_cutoff(location: m.DataLocation) -> datetime:
+def retention_cutoff(location: m.DataLocation) -> datetime:
     """Copies marked DELETION_POSSIBLE at or before this time are past their retention."""
-    return m.utcnow() - timedelta(minutes=_retention_minutes(location))
+    return m.utcnow() - timedelta(minutes=retention_minutes(location))
 
 
 @kept
@@ -289,7 +289,7 @@ def _oldest_marked_statement(n: int) -> Any:
     return select(*(oldest_marked(bindparam(f"location_{i}")) for i in range(n)))
 
 
-def _locations_with_expired(session: Session, cutoffs: dict[int, datetime]) -> set[int]:
+def locations_with_expired(session: Session, cutoffs: dict[int, datetime]) -> set[int]:
     """Of these locations (id: retention cutoff), those holding a DELETION_POSSIBLE raw-file
     copy marked at or before their cutoff: one statement, one index probe per location
     (:func:`~ccat_data_transfer.deletion.rule_sql.oldest_marked`)."""
@@ -301,13 +301,13 @@ def _locations_with_expired(session: Session, cutoffs: dict[int, datetime]) -> s
     return {i for i, t in zip(ids, oldest, strict=True) if t is not None and t <= cutoffs[i]}
 
 
-def _oldest_under_pressure(
+def oldest_under_pressure(
     session: Session, location: m.DataLocation, cutoff: datetime, needed: int, room: int | None
-) -> list[_Candidate]:
+) -> list[Candidate]:
     """Under pressure: the DELETION_POSSIBLE copies still in retention (marked after
     ``cutoff``), oldest first, until ``needed`` bytes are covered or ``room`` copies (None:
     no cap) are taken."""
-    others: list[_Candidate] = []
+    others: list[Candidate] = []
     if needed <= 0 or (room is not None and room <= 0):
         return others
     others_stmt = deletion_possible_candidates(location.id, retained_after=cutoff)
@@ -317,7 +317,7 @@ def _oldest_under_pressure(
         if needed <= 0 or (room is not None and len(others) >= room):
             break
         others.append(
-            _Candidate(
+            Candidate(
                 r.id,
                 base.COPY_TYPE_RAW_DATA_FILE,
                 r.size,
@@ -329,24 +329,24 @@ def _oldest_under_pressure(
     return others
 
 
-def _deletion_possible_selection(
+def deletion_possible_selection(
     session: Session, location: m.DataLocation, status: dict[str, Any], limit: int | None
-) -> list[_Candidate]:
+) -> list[Candidate]:
     """DELETION_POSSIBLE raw-file copies at ``location`` to delete now: those past their
     retention, then - under pressure - the oldest others until the bytes needed are freed."""
-    cutoff = _retention_cutoff(location)
+    cutoff = retention_cutoff(location)
     expired = deletion_possible_candidates(location.id, expired_before=cutoff)
     if limit is not None:
         expired = expired.limit(limit)
     chosen = [
-        _Candidate(r.id, base.COPY_TYPE_RAW_DATA_FILE, r.size, *EXPIRED)
+        Candidate(r.id, base.COPY_TYPE_RAW_DATA_FILE, r.size, *EXPIRED)
         for r in session.execute(expired)
     ]
     if not should_delete_based_on_buffer_status(location, status):
         return chosen
     needed = bytes_to_free(session, location, status) - sum(c.size or 0 for c in chosen)
     room = None if limit is None else limit - len(chosen)
-    return chosen + _oldest_under_pressure(session, location, cutoff, needed, room)
+    return chosen + oldest_under_pressure(session, location, cutoff, needed, room)
 
 
 def lta_copies_to_verify(
@@ -370,7 +370,7 @@ def lta_copies_to_verify(
     params = rule_params()
     for x, pressed in zip(locations, pressure, strict=True):
         if not pressed:
-            params[f"cutoff_{x.id}"] = _retention_cutoff(x)
+            params[f"cutoff_{x.id}"] = retention_cutoff(x)
     stmt = _to_verify_statement(tuple(x.id for x in locations), pressure)
     return [(int(i), bool(full)) for i, full in run(session, stmt, params)]
 
@@ -380,12 +380,12 @@ def _to_verify_statement(location_ids: tuple[int, ...], pressure: tuple[bool, ..
     """The statement of :func:`lta_copies_to_verify` for these SOURCE and BUFFER locations,
     each under pressure or not (parameters: ``rule_params`` and ``cutoff_<id>`` of each
     location not under pressure)."""
-    rdp = _alias(m.RawDataPackage.__table__, "w_rdp")
-    rdf = _alias(m.RawDataFile.__table__, "w_rdf")
-    pc = _alias(PCT, "w_pc")
-    loc = _alias(DLT, "w_loc")
+    rdp = table_alias(m.RawDataPackage.__table__, "w_rdp")
+    rdf = table_alias(m.RawDataFile.__table__, "w_rdf")
+    pc = table_alias(PCT, "w_pc")
+    loc = table_alias(DLT, "w_loc")
 
-    lta_here = _alias(DLT, "w_lta_here")
+    lta_here = table_alias(DLT, "w_lta_here")
     # An LTA-site buffer's package copy also needs its own site's archive proof.
     own_site = case(
         (
@@ -407,14 +407,14 @@ def _to_verify_statement(location_ids: tuple[int, ...], pressure: tuple[bool, ..
         """(package, its proofs needed, the site whose own archive must prove it) of the
         copies of one kind in one state."""
         return (
-            select(pkg.label("pkg"), _proof_needed(loc).label("need"), site.label("site"))
+            select(pkg.label("pkg"), proof_needed(loc).label("need"), site.label("site"))
             .select_from(pc)
             .join(loc, loc.c.id == pc.c.data_location_id)
             .where(pc.c.type == copy_type, pc.c.status == status, pc.c.lost_at.is_(None))
         )
 
     # Frozen is checked per copy (by key): a join may hash every package (the history).
-    frozen = _per_row(
+    frozen = exists_per_row(
         [rdp.c.id == pc.c.raw_data_package_id, rdp.c.frozen_at.is_not(None)], rdp, per_row=True
     )
     packages = waiting(

@@ -34,16 +34,16 @@ from ccat_data_transfer.deletion.base import DLT, LT, PCT, S
 from ccat_data_transfer.deletion.proof import request_post_decision_proof
 from ccat_data_transfer.deletion.rule_sql import copy_bytes, deletion_possible_candidates
 from ccat_data_transfer.deletion.trail import (
-    _batch_row,
-    _log_batch_scheduled,
-    _log_row,
-    _write_log_rows,
+    batch_row,
+    log_batch_scheduled,
+    log_row,
+    write_log_rows,
 )
 from ccat_ops_db import models as m
 
 
 @dataclass
-class _Candidate:
+class Candidate:
     """A copy chosen for deletion, with the rule (code and words) that allows it."""
 
     copy_id: int
@@ -123,7 +123,7 @@ _CLAIM_AND_LOG_SQL = text(
 def _claim_and_log_bulk(
     session: Session,
     location: m.DataLocation,
-    chunk: list[_Candidate],
+    chunk: list[Candidate],
     expected: tuple[m.PhysicalCopyStatus, ...],
 ) -> list[int]:
     """PostgreSQL: :func:`claim_for_deletion` and the per-copy SCHEDULED audit rows in one
@@ -153,7 +153,7 @@ def _claim_and_log_bulk(
     )
     if claimed:
         by_id = {c.copy_id: c for c in chunk}
-        _log_batch_scheduled(
+        log_batch_scheduled(
             location,
             chunk[0].copy_type,
             claimed,
@@ -166,7 +166,7 @@ def _claim_and_log_bulk(
 def _claim_and_audit(
     session: Session,
     location: m.DataLocation,
-    chunk: list[_Candidate],
+    chunk: list[Candidate],
     expected: tuple[m.PhysicalCopyStatus, ...],
     audit_per_batch: bool,
 ) -> list[int]:
@@ -186,14 +186,14 @@ def _claim_and_audit(
             c = by_id[cid]
             groups[(c.copy_type, c.code, c.reason)].append(cid)
         rows = [
-            _batch_row(
+            batch_row(
                 location, copy_type, ids, sum(int(by_id[i].size or 0) for i in ids), code, reason
             )
             for (copy_type, code, reason), ids in groups.items()
         ]
     else:
         rows = [
-            _log_row(
+            log_row(
                 cid,
                 by_id[cid].copy_type,
                 location,
@@ -204,11 +204,11 @@ def _claim_and_audit(
             )
             for cid in claimed
         ]
-    _write_log_rows(session, rows)
+    write_log_rows(session, rows)
     return claimed
 
 
-def _submit(
+def submit_batches(
     task: Any, location: m.DataLocation, batches: Iterable[list[int]], session: Session
 ) -> None:
     """One task per batch on the location's deletion queue, after asking the archives'
@@ -222,10 +222,10 @@ def _submit(
         task.apply_async(args=[ids], kwargs={"queue_name": queue}, queue=queue)
 
 
-def _schedule(
+def schedule_candidates(
     session: Session,
     location: m.DataLocation,
-    candidates: list[_Candidate],
+    candidates: list[Candidate],
     task: Any,
     expected: Iterable[m.PhysicalCopyStatus],
     batch_size: int,
@@ -240,13 +240,13 @@ def _schedule(
         claimed = _claim_and_audit(session, location, chunk, expected, audit_per_batch)
         session.commit()  # before submitting: in embedded mode the task runs inline
         if claimed:
-            _submit(task, location, [claimed], session)
+            submit_batches(task, location, [claimed], session)
             scheduled += len(claimed)
         session.expire_all()
     return scheduled
 
 
-class _ArrayOfSelect(ColumnElement[Any]):
+class ArrayOfSelect(ColumnElement[Any]):
     """PostgreSQL ``ARRAY(SELECT ...)``: the rows a SELECT picks, as one array value.
     ``id = ANY(ARRAY(SELECT ...))`` makes the claim a primary-key lookup per picked copy,
     where a join with the same SELECT may scan the whole table."""
@@ -259,12 +259,12 @@ class _ArrayOfSelect(ColumnElement[Any]):
         self.type = ARRAY(BigInteger())
 
 
-@compiles(_ArrayOfSelect, "postgresql")
-def _compile_array_of_select(element: _ArrayOfSelect, compiler: Any, **kw: Any) -> str:
+@compiles(ArrayOfSelect, "postgresql")
+def _compile_array_of_select(element: ArrayOfSelect, compiler: Any, **kw: Any) -> str:
     return f"ARRAY({compiler.process(element.stmt, **kw)})"
 
 
-def _claim_expired(
+def claim_expired(
     session: Session, location: m.DataLocation, cutoff: datetime, limit: int | None
 ) -> list[tuple[int, int | None]]:
     """PostgreSQL, one statement: claim (``DELETION_POSSIBLE -> DELETION_SCHEDULED``) the
@@ -285,7 +285,7 @@ def _claim_expired(
     claim = (
         update(PCT)
         .where(
-            PCT.c.id == any_(_ArrayOfSelect(picked)),
+            PCT.c.id == any_(ArrayOfSelect(picked)),
             PCT.c.data_location_id == location.id,
             PCT.c.status == S.DELETION_POSSIBLE,
             PCT.c.lost_at.is_(None),

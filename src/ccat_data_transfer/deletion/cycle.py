@@ -64,15 +64,15 @@ from ccat_data_transfer.deletion.base import (
     run,
 )
 from ccat_data_transfer.deletion.candidates import (
-    _roles,
+    cycle_roles,
     lta_copies_to_verify,
 )
-from ccat_data_transfer.deletion.claims import _submit
+from ccat_data_transfer.deletion.claims import submit_batches
 from ccat_data_transfer.deletion.marking import mark_raw_data_files_for_deletion
 from ccat_data_transfer.deletion.pressure import (
     PRESSURE_TYPES,
-    _state_from,
-    _Statuses,
+    Statuses,
+    state_from,
 )
 from ccat_data_transfer.deletion.proof import request_proofs
 from ccat_data_transfer.deletion.steps import (
@@ -194,7 +194,7 @@ def resubmit_stalled_deletions(session: Session, location_ids: list[int] | None 
     sent, failed, first = 0, 0, None
     for loc_id, ids in by_loc.items():
         try:
-            _submit(delete_bulk_raw_data_files, locations[loc_id], [ids], session)
+            submit_batches(delete_bulk_raw_data_files, locations[loc_id], [ids], session)
             session.execute(
                 update(PCT)
                 .where(PCT.c.id.in_(ids), PCT.c.status.in_(list(WORKER_ACCEPTS)))
@@ -266,7 +266,7 @@ def run_once(session: Session, site: str | None = None) -> dict[str, Any]:
 
 def _run_once(session: Session, site: str | None) -> dict[str, Any]:
     ids = scope.location_ids(session, site)
-    statuses = _Statuses(session)
+    statuses = Statuses(session)
     summary: dict[str, Any] = {}
     summary["failed_rescheduled"] = reschedule_failed_deletions(session, ids)
     summary["stalled_resubmitted"] = resubmit_stalled_deletions(session, ids)
@@ -283,11 +283,11 @@ def _run_once(session: Session, site: str | None) -> dict[str, Any]:
         session, statuses, ids
     )
     summary["verifications_requested"] = ask_for_proof(session, statuses, ids)
-    summary["buffer_states"] = {name: _state_from(st).value for name, st in statuses._cache.items()}
+    summary["buffer_states"] = {name: state_from(st).value for name, st in statuses._cache.items()}
     return summary
 
 
-def ask_for_proof(session: Session, statuses: _Statuses, location_ids: list[int] | None) -> int:
+def ask_for_proof(session: Session, statuses: Statuses, location_ids: list[int] | None) -> int:
     """Copies that wait only for proof of their archive copies: ask each archive's site
     for exactly the proof each needs (``deletion.proof.request_proofs``: a full read of an
     archive copy never read back since it was written, else a stat; an LTA-site buffer's
@@ -304,7 +304,7 @@ def ask_for_proof(session: Session, statuses: _Statuses, location_ids: list[int]
 
 
 def mark_catch_up(
-    session: Session, location_ids: list[int] | None = None, statuses: _Statuses | None = None
+    session: Session, location_ids: list[int] | None = None, statuses: Statuses | None = None
 ) -> int:
     """The catch-up of stage 1 (:func:`mark_raw_data_files_for_deletion` over every
     package), at most once per ``DELETION_MARK_CATCHUP_SECONDS`` (0: every cycle).
@@ -326,7 +326,7 @@ def mark_catch_up(
     last = state_updated_at(session, key) if interval > 0 else None
     if last is not None and last > now - timedelta(seconds=interval):
         return 0
-    roles = _roles(session, statuses)
+    roles = cycle_roles(session, statuses)
     marked = mark_raw_data_files_for_deletion(session, location_ids=location_ids, roles=roles)
     if interval > 0:
         # An upsert: another manager of the same scope may have written the row since.
@@ -357,7 +357,7 @@ def sleep_time() -> float:
     try:
         db = DatabaseConnection()
         with db.session_scope() as session:
-            statuses = _Statuses(session)  # one read of the locations, one of the statuses
+            statuses = Statuses(session)  # one read of the locations, one of the statuses
             states = [statuses.state(loc) for loc in statuses.locations(PRESSURE_TYPES)]
     except Exception as exc:  # the loop must go on even if the DB hiccups
         log.warning("sleep_time_status_unavailable", error=str(exc))

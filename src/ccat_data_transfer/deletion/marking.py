@@ -7,7 +7,7 @@ stage 2 starts.
 
 The worker calls :func:`mark_raw_data_files_for_deletion` in the transaction that records a
 package's last source-site copy DELETED; the cycle's catch-up calls it over every package.
-The rule's SQL is ``deletion.rule_sql._archived_in_lta`` and ``_left_source_site``.
+The rule's SQL is ``deletion.rule_sql.package_archived_in_lta`` and ``left_source_site``.
 
 Room in the house: core of the deletion stage (used by the worker and the cycle); imports
 ``deletion.base``, ``deletion.claims`` (the ``ARRAY(SELECT ...)`` form),
@@ -28,10 +28,10 @@ from sqlalchemy.orm import Session
 from ccat_data_transfer.core import scope
 from ccat_data_transfer.core.database import is_postgresql
 from ccat_data_transfer.deletion.base import COPY_TYPE_RAW_DATA_FILE, DLT, LT, PCT, S, kept, run
-from ccat_data_transfer.deletion.claims import _ArrayOfSelect
-from ccat_data_transfer.deletion.rule_sql import _archived_in_lta, _left_source_site
+from ccat_data_transfer.deletion.claims import ArrayOfSelect
+from ccat_data_transfer.deletion.rule_sql import left_source_site, package_archived_in_lta
 from ccat_data_transfer.deletion.rules import site_roles
-from ccat_data_transfer.deletion.trail import _log_row, _write_log_rows
+from ccat_data_transfer.deletion.trail import log_row, write_log_rows
 from ccat_ops_db import models as m
 
 RDF = m.RawDataFile.__table__
@@ -96,8 +96,8 @@ def _stage1_rules(
     with an LTA copy that could prove it (its age is stage 2's and the worker's concern:
     marking deletes nothing), gone from the source site."""
     package_rule = [
-        *_archived_in_lta(RDP, fresh=False),
-        _left_source_site(RDP, source_site_ids),
+        *package_archived_in_lta(RDP, fresh=False),
+        left_source_site(RDP, source_site_ids),
     ]
     file_locations = scope.restrict(
         select(DLT.c.id).where(DLT.c.location_type.in_([LT.SOURCE, LT.BUFFER])),
@@ -143,7 +143,7 @@ def _qualifying_statement(
         select(PCT.c.raw_data_file_id.label("id")).where(*copy_rule).cte("present")
     ).prefix_with("MATERIALIZED")
     not_archived = [st for st in m.PackageState if st != m.PackageState.ARCHIVED]
-    in_flight = _ArrayOfSelect(select(RDP.c.id).where(RDP.c.state.in_(not_archived)))
+    in_flight = ArrayOfSelect(select(RDP.c.id).where(RDP.c.state.in_(not_archived)))
     failing = (
         union_all(
             select(RDF.c.id).where(RDF.c.raw_data_package_id == any_(in_flight)),
@@ -157,7 +157,7 @@ def _qualifying_statement(
     )
     candidates = select(RDF.c.raw_data_package_id).join(rest, rest.c.id == RDF.c.id)
     # The package rule per candidate (by key): a semi-join may start from the packages.
-    return select(RDP.c.id).where(RDP.c.id == any_(_ArrayOfSelect(candidates)), *package_rule)
+    return select(RDP.c.id).where(RDP.c.id == any_(ArrayOfSelect(candidates)), *package_rule)
 
 
 def _mark_and_group(session: Session, stmt: Any) -> list[tuple[Any, Any, Any, Any]]:
@@ -202,7 +202,7 @@ def _audit_marked(session: Session, groups: list[tuple[Any, Any, Any, Any]]) -> 
     """One MARKED_POSSIBLE row per package and location."""
     locations = {loc.id: loc for loc in session.scalars(select(m.DataLocation))}
     rows = [
-        _log_row(
+        log_row(
             None,
             COPY_TYPE_RAW_DATA_FILE,
             locations.get(loc_id),
@@ -213,4 +213,4 @@ def _audit_marked(session: Session, groups: list[tuple[Any, Any, Any, Any]]) -> 
         )
         for pkg_id, loc_id, n, size in groups
     ]
-    _write_log_rows(session, rows)
+    write_log_rows(session, rows)

@@ -19,26 +19,26 @@ from sqlalchemy.orm import Session
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.deletion.base import IN_FLIGHT, LT, S
 from ccat_data_transfer.deletion.candidates import (
-    _active_locations,
-    _deletable_package_copies,
-    _deletion_possible_selection,
-    _load_copies,
+    active_locations,
+    deletable_package_copies,
+    deletion_possible_selection,
     find_deletable_processing_raw_data_files,
     find_deletable_staged_raw_data_files_by_location,
+    load_copies,
 )
 from ccat_data_transfer.deletion.pressure import (
-    _cycle_limit,
-    _state_from,
-    _Statuses,
+    Statuses,
+    cycle_limit,
     get_buffer_status_for_location,
+    state_from,
 )
 from ccat_data_transfer.deletion.rules import (
-    _decide_dtp_copy,
-    _decide_rdp_copy,
     decide_copy,
+    decide_dtp_copy,
+    decide_rdp_copy,
     site_roles,
 )
-from ccat_data_transfer.deletion.trail import _copy_size, _thing_of
+from ccat_data_transfer.deletion.trail import copy_size, thing_of_copy
 from ccat_ops_db import models as m
 
 
@@ -59,7 +59,7 @@ class PlanItem:
 
 
 def _item(copy: m.PhysicalCopy, deletable: bool, reason: str) -> PlanItem:
-    thing = _thing_of(copy)
+    thing = thing_of_copy(copy)
     name = (
         getattr(thing, "file_name", None) or getattr(thing, "relative_path", None) or str(copy.id)
     )
@@ -69,7 +69,7 @@ def _item(copy: m.PhysicalCopy, deletable: bool, reason: str) -> PlanItem:
         location=copy.data_location.name,
         location_type=copy.data_location.location_type.name,
         name=str(name),
-        size_bytes=_copy_size(copy),
+        size_bytes=copy_size(copy),
         status=copy.status.name,
         deletable=deletable,
         reason=reason,
@@ -81,7 +81,7 @@ def deletion_plan(
 ) -> list[PlanItem]:
     """Dry run: every copy the next cycle would schedule (with the rule that allows it) and,
     for copies kept, the rule that keeps them.  Nothing is changed."""
-    statuses = _Statuses(session)
+    statuses = Statuses(session)
     roles = site_roles(session)
     items: list[PlanItem] = []
     chosen: set[int] = set()
@@ -94,10 +94,10 @@ def deletion_plan(
             items.append(_item(copy, True, reason))
 
     for cls, decide in (
-        (m.DataTransferPackagePhysicalCopy, _decide_dtp_copy),
-        (m.RawDataPackagePhysicalCopy, _decide_rdp_copy),
+        (m.DataTransferPackagePhysicalCopy, decide_dtp_copy),
+        (m.RawDataPackagePhysicalCopy, decide_rdp_copy),
     ):
-        for _loc, pairs in _deletable_package_copies(session, cls, decide, location_name).items():
+        for _loc, pairs in deletable_package_copies(session, cls, decide, location_name).items():
             for c, d in pairs:
                 add(c, d.reason)
     for _loc, copies in find_deletable_processing_raw_data_files(session).items():
@@ -106,14 +106,12 @@ def deletion_plan(
     for _loc, copies in find_deletable_staged_raw_data_files_by_location(session).items():
         for c in copies:
             add(c, "deletable: STAGED package, all staging jobs inactive")
-    for loc in _active_locations(session, [LT.SOURCE, LT.BUFFER]):
+    for loc in active_locations(session, [LT.SOURCE, LT.BUFFER]):
         if location_name is not None and loc.name != location_name:
             continue
         status = statuses.get(loc)
-        cands = _deletion_possible_selection(
-            session, loc, status, _cycle_limit(_state_from(status))
-        )
-        for copy in _load_copies(session, [c.copy_id for c in cands]):
+        cands = deletion_possible_selection(session, loc, status, cycle_limit(state_from(status)))
+        for copy in load_copies(session, [c.copy_id for c in cands]):
             reason = next(c.reason for c in cands if c.copy_id == copy.id)
             add(copy, f"deletable: {reason}")
 

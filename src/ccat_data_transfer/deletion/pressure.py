@@ -23,9 +23,9 @@ from sqlalchemy.orm import Session
 from ccat_data_transfer.core import buffer_status as bs
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.deletion.base import (
-    _MAX_BATCHES_PER_CYCLE,
     IN_FLIGHT,
     LT,
+    MAX_BATCHES_PER_CYCLE,
     PCT,
     S,
     kept,
@@ -78,26 +78,26 @@ def should_delete_based_on_buffer_status(
     return float(percent) >= threshold
 
 
-def _state_from(status: dict[str, Any]) -> bs.BufferState:
+def state_from(status: dict[str, Any]) -> bs.BufferState:
     try:
         return bs.BufferState(status.get("state", "unknown")) if status else bs.BufferState.UNKNOWN
     except ValueError:
         return bs.BufferState.UNKNOWN
 
 
-def _batch_size(state: bs.BufferState) -> int:
+def batch_size_for(state: bs.BufferState) -> int:
     size = max(1, int(settings.DELETION_BATCH_SIZE))
     if state.under_pressure:
         size *= max(1, int(settings.get("DELETION_CRITICAL_BATCH_MULTIPLIER", 4)))
     return size
 
 
-def _cycle_limit(state: bs.BufferState) -> int | None:
+def cycle_limit(state: bs.BufferState) -> int | None:
     """How many copies per location and step one cycle schedules; None (all) in emergency,
     which the steps then schedule one batch per pass (``deletion.steps._in_batches``)."""
     if state == bs.BufferState.EMERGENCY:
         return None
-    return _batch_size(state) * _MAX_BATCHES_PER_CYCLE
+    return batch_size_for(state) * MAX_BATCHES_PER_CYCLE
 
 
 #: Location types whose buffer status a cycle reads (the ones pressure may act on).
@@ -115,7 +115,7 @@ def _locations_statement() -> Any:
     )
 
 
-class _Statuses:
+class Statuses:
     """What one cycle reads once: the locations with their sites (one query, on first use:
     the active ones, and the site roles), and the buffer statuses of the active ones (one
     query or one Redis MGET for all of them, on first use)."""
@@ -174,7 +174,7 @@ class _Statuses:
         return self._cache[location.name]
 
     def state(self, location: m.DataLocation) -> bs.BufferState:
-        return _state_from(self.get(location))
+        return state_from(self.get(location))
 
 
 def bytes_to_free(session: Session, location: m.DataLocation, status: dict[str, Any]) -> int:

@@ -1,6 +1,6 @@
 """The archive-proof rule in Python, for one package's LONG_TERM_ARCHIVE copies: which
-copies could prove the package (:func:`_could_prove`), which count as proof now
-(:func:`_counts_as_proof`, the Python form of ``rule_sql._lta_present_exists``), and how
+copies could prove the package (:func:`could_prove`), which count as proof now
+(:func:`counts_as_proof`, the Python form of ``rule_sql._lta_present_exists``), and how
 a copy or the lack of one is described in a Decision's reason.  The decision that uses
 them (``rules._proof_of``, with the proof's age from ``archive_proof.proof_cutoff``) is in
 ``deletion.rules``.
@@ -27,7 +27,7 @@ from ccat_data_transfer.deletion.rule_sql import lta_copies_for_decided
 from ccat_ops_db import models as m
 
 
-def _lta_copies_of_package(session: Session, package_id: int) -> list[m.RawDataPackagePhysicalCopy]:
+def lta_copies_of_package(session: Session, package_id: int) -> list[m.RawDataPackagePhysicalCopy]:
     return list(
         session.scalars(
             select(m.RawDataPackagePhysicalCopy)
@@ -43,7 +43,7 @@ def _lta_copies_of_package(session: Session, package_id: int) -> list[m.RawDataP
     )
 
 
-def _could_prove(copy: m.PhysicalCopy, package: m.RawDataPackage) -> bool:
+def could_prove(copy: m.PhysicalCopy, package: m.RawDataPackage) -> bool:
     """The proof rule but for its age (SQL: ``rule_sql._lta_copy_could_prove``): PRESENT,
     not lost, at an active LONG_TERM_ARCHIVE without an audit hold, the package's
     checksum."""
@@ -59,12 +59,12 @@ def _could_prove(copy: m.PhysicalCopy, package: m.RawDataPackage) -> bool:
     )
 
 
-def _counts_as_proof(copy: m.PhysicalCopy, package: m.RawDataPackage, cutoff: datetime) -> bool:
+def counts_as_proof(copy: m.PhysicalCopy, package: m.RawDataPackage, cutoff: datetime) -> bool:
     """The proof rule for one LTA copy (SQL: ``rule_sql._lta_present_exists``): it could
     prove the package, was verified at its site at or after ``cutoff`` and was read back
     in full at least once since it was written (``archive_proof.read_back``)."""
     return (
-        _could_prove(copy, package)
+        could_prove(copy, package)
         and copy.verified_at is not None
         and copy.verified_at >= cutoff
         and read_back(copy)
@@ -96,7 +96,7 @@ def request_post_decision_proof(session: Session, copy_ids: list[int]) -> int:
     return request_proofs(session, wanted) if wanted else 0
 
 
-def _ago(when: datetime | None) -> str:
+def verified_ago(when: datetime | None) -> str:
     if when is None:
         return "never verified"
     seconds = max(0.0, (m.utcnow() - when).total_seconds())
@@ -118,13 +118,13 @@ def _describe_copy(copy: m.PhysicalCopy, package: m.RawDataPackage | None = None
     elif package is not None and (copy.checksum is None or copy.checksum != package.checksum):
         text += " with another checksum than the package's"
     elif copy.status == S.PRESENT:
-        text += f", {_ago(copy.verified_at)}"
+        text += f", {verified_ago(copy.verified_at)}"
         if not read_back(copy):
             text += ", not yet read back in full since written"
     return text
 
 
-def _no_lta_detail(
+def no_lta_detail(
     session: Session, package: m.RawDataPackage, lta_copies: list[Any], site_id: int | None
 ) -> str:
     if lta_copies:

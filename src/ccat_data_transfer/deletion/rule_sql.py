@@ -8,20 +8,20 @@ double-check and stage 1 all build on.
   :func:`min_verified_lta_copies` of the location whose copy would go;
 * :func:`lta_copies_awaiting_proof`: the LTA copies to verify for candidates that wait
   only for a fresh proof;
-* :func:`_archived_in_lta`: the package half of the source-site raw-file rule (stages 1
+* :func:`package_archived_in_lta`: the package half of the source-site raw-file rule (stages 1
   and 2): ARCHIVED, not frozen, and the proof rule;
 * :func:`_not_frozen`, :func:`_location_not_held`: nothing of a frozen package, nothing
   at a location under an audit hold is deleted;
 * :func:`copy_bytes`: the bytes of a copy (its size, else its raw file's), for the
   selection and for ``bytes_to_free`` alike;
-* :func:`_left_source_site`: stage 1's "the package's copies at the source site are all
+* :func:`left_source_site`: stage 1's "the package's copies at the source site are all
   DELETED";
 * :func:`deletion_possible_candidates`: stage 2, the DELETION_POSSIBLE raw-file copies
   that may go, oldest first - the one statement both the SQLite selection and the
   PostgreSQL claim use;
-* :func:`_raw_file_source_safe` / :func:`_raw_file_processing_safe`: the per-copy form the
-  worker re-checks (:func:`_file_copies_still_deletable`);
-* :func:`_package_copy_may_be_deletable`: the pre-filter of the package rules.
+* :func:`_raw_file_source_safe` / :func:`raw_file_processing_safe`: the per-copy form the
+  worker re-checks (:func:`file_copies_still_deletable`);
+* :func:`package_copy_may_be_deletable`: the pre-filter of the package rules.
 
 Room in the house: core of the deletion stage; imports ``deletion.base``, config,
 ``archive_proof`` (the proof's age) and ``ccat_ops_db`` only.  SQLite and PostgreSQL may
@@ -59,12 +59,12 @@ from ccat_data_transfer.deletion.base import (
     LT,
     PCT,
     S,
-    _alias,
+    table_alias,
 )
 from ccat_ops_db import models as m
 
 
-def _per_row(conds: list[Any], *own: Any, per_row: bool = False) -> Any:
+def exists_per_row(conds: list[Any], *own: Any, per_row: bool = False) -> Any:
     """``EXISTS (SELECT 1 WHERE conds)``, correlated to everything but ``own``.  With
     ``per_row``, ``OFFSET 0`` keeps PostgreSQL from flattening it into a join that starts
     from the other side (every LTA copy, every transfer: the history); it is then checked
@@ -105,7 +105,7 @@ def rule_params() -> dict[str, Any]:
     return {"min_lta_copies": min_verified_lta_copies(), "proof_cutoff": proof_cutoff()}
 
 
-def _proof_needed(loc: Any) -> Any:
+def proof_needed(loc: Any) -> Any:
     """SQL form of :func:`min_verified_lta_copies` for a location table or alias."""
     own = loc.c.min_verified_lta_copies
     return func.coalesce(case((own >= 1, own)), _min_copies())
@@ -129,7 +129,7 @@ def _lta_copy_could_prove(lpc: Any, lloc: Any, package_id_col: Any) -> list[Any]
     """SQL, the proof rule but for its age: ``lpc`` (at ``lloc``) is a copy of the package
     that is PRESENT, not lost, at an active LONG_TERM_ARCHIVE without an audit hold (an
     LTA-site BUFFER does not count) and holds the package's checksum."""
-    prdp = _alias(m.RawDataPackage.__table__, "proof_rdp")
+    prdp = table_alias(m.RawDataPackage.__table__, "proof_rdp")
     return [
         lpc.c.raw_data_package_id == package_id_col,
         lpc.c.type == COPY_TYPE_RAW_DATA_PACKAGE,
@@ -170,7 +170,7 @@ def _lta_present_exists(
     per_row: bool = False,
     decided_at: Any = None,
 ) -> Any:
-    """SQL, the proof rule (stated once; :func:`proof._counts_as_proof` is its Python
+    """SQL, the proof rule (stated once; :func:`proof.counts_as_proof` is its Python
     form): at least ``need`` (an int or SQL) copies of the package count as proof - each
     one passes :func:`_lta_copy_could_prove`, was verified at its site at or after
     ``archive_proof.proof_cutoff()`` and was read back in full since it was written
@@ -179,18 +179,18 @@ def _lta_present_exists(
     ``fresh=False`` leaves the age and the read-back out (the copy could prove once
     verified: stage 1's marking and the PROCESSING rule, which delete nothing that the
     archive's proof must cover, and the pre-filters).  ``same_site_id``: only copies at
-    that site count.  ``per_row``: see :func:`_per_row` (a count is evaluated per outer
+    that site count.  ``per_row``: see :func:`exists_per_row` (a count is evaluated per outer
     row anyway)."""
-    lpc = _alias(PCT, "lta_pc")
-    lloc = _alias(DLT, "lta_loc")
+    lpc = table_alias(PCT, "lta_pc")
+    lloc = table_alias(DLT, "lta_loc")
     conds = _lta_copy_could_prove(lpc, lloc, package_id_col)
     if fresh:
         conds.extend(_counts_now(lpc, decided_at))
     if same_site_id is not None:
         conds.append(lloc.c.site_id == same_site_id)
-    prdp = _alias(m.RawDataPackage.__table__, "proof_rdp")
+    prdp = table_alias(m.RawDataPackage.__table__, "proof_rdp")
     if isinstance(need, int) and need <= 1:
-        return _per_row(conds, lpc, lloc, prdp, per_row=per_row)
+        return exists_per_row(conds, lpc, lloc, prdp, per_row=per_row)
     count = select(func.count()).where(*conds).correlate_except(lpc, lloc, prdp)
     return count.scalar_subquery() >= need
 
@@ -202,11 +202,11 @@ def _not_frozen(rdp: Any) -> Any:
 
 def _location_not_held(location_id_col: Any) -> Any:
     """SQL: the location has no audit hold (nothing is deleted at a held location)."""
-    hloc = _alias(DLT, "held_loc")
+    hloc = table_alias(DLT, "held_loc")
     return ~exists().where(hloc.c.id == location_id_col, hloc.c.audit_hold_at.is_not(None))
 
 
-def _archived_in_lta(
+def package_archived_in_lta(
     rdp: Any, need: Any = 1, fresh: bool = True, decided_at: Any = None
 ) -> list[Any]:
     """SQL, the package half of the source-site raw-file rule (stages 1 and 2): the package
@@ -224,7 +224,7 @@ def lta_copies_awaiting_proof(waiting: Any) -> Any:
     """SQL, ``SELECT id, full`` of the LTA copies to verify for candidates that wait only
     for proof, and whether each needs a full read (it was never read back in full since
     it was written) or a stat.  ``waiting`` is a selectable of candidate copies with
-    columns ``pkg`` (their package), ``need`` (their location's :func:`_proof_needed`) and
+    columns ``pkg`` (their package), ``need`` (their location's :func:`proof_needed`) and
     ``site`` (an LTA-site buffer's site, whose own archive must prove the package; else
     NULL).  A package waits when fewer than ``need`` of its LTA copies count as proof but
     at least ``need`` could, once verified; an LTA-site buffer's copy also waits for its
@@ -241,8 +241,8 @@ def lta_copies_awaiting_proof(waiting: Any) -> Any:
         .cte("awaiting_pkg")
         .prefix_with("MATERIALIZED")
     )
-    lpc = _alias(PCT, "verify_pc")
-    lloc = _alias(DLT, "verify_loc")
+    lpc = table_alias(PCT, "verify_pc")
+    lloc = table_alias(DLT, "verify_loc")
     own_site = (
         exists()
         .where(
@@ -273,9 +273,9 @@ def lta_copies_for_decided(copy_ids: Sequence[int]) -> Any:
     of a raw-file copy there that went through stage 1; ``full`` when it was never read
     back in full since it was written.  Copies at PROCESSING locations and transfer
     packages need no archive proof (they are never the last copies)."""
-    pc = _alias(PCT, "dec_pc")
-    ploc = _alias(DLT, "dec_loc")
-    rdf = _alias(m.RawDataFile.__table__, "dec_rdf")
+    pc = table_alias(PCT, "dec_pc")
+    ploc = table_alias(DLT, "dec_loc")
+    rdf = table_alias(m.RawDataFile.__table__, "dec_rdf")
     at_source_or_buffer = [
         pc.c.id.in_(list(copy_ids)),
         ploc.c.id == pc.c.data_location_id,
@@ -294,8 +294,8 @@ def lta_copies_for_decided(copy_ids: Sequence[int]) -> Any:
             pc.c.deletion_possible_at.is_not(None),
         )
     )
-    lpc = _alias(PCT, "decv_pc")
-    lloc = _alias(DLT, "decv_loc")
+    lpc = table_alias(PCT, "decv_pc")
+    lloc = table_alias(DLT, "decv_loc")
     return (
         select(lpc.c.id, (~read_back_sql(lpc)).label("full"))
         .where(
@@ -306,11 +306,11 @@ def lta_copies_for_decided(copy_ids: Sequence[int]) -> Any:
     )
 
 
-def _left_source_site(rdp: Any, source_site_ids: Iterable[int]) -> Any:
+def left_source_site(rdp: Any, source_site_ids: Iterable[int]) -> Any:
     """SQL, stage 1: the package had a copy at a SOURCE or BUFFER location of a source site,
     and every such copy is DELETED."""
-    spc = _alias(PCT, "src_pc")
-    sloc = _alias(DLT, "src_loc")
+    spc = table_alias(PCT, "src_pc")
+    sloc = table_alias(DLT, "src_loc")
     at_source_site = [
         spc.c.raw_data_package_id == rdp.c.id,
         spc.c.type == COPY_TYPE_RAW_DATA_PACKAGE,
@@ -324,7 +324,7 @@ def _left_source_site(rdp: Any, source_site_ids: Iterable[int]) -> Any:
     )
 
 
-def _active_staging_job(package_id: Any, location_id: Any) -> Any:
+def active_staging_job(package_id: Any, location_id: Any) -> Any:
     """SQL: an active StagingJob to ``location_id`` (a PROCESSING location) uses the
     package."""
     sj = m.StagingJob.__table__
@@ -348,7 +348,7 @@ def deletion_possible_candidates(
     retained_after: datetime | None = None,
 ) -> Any:
     """Stage 2, stated once: the DELETION_POSSIBLE, not-lost raw-file copies at the location
-    whose package is ARCHIVED, not frozen and proven (:func:`_archived_in_lta`, with the
+    whose package is ARCHIVED, not frozen and proven (:func:`package_archived_in_lta`, with the
     location's :func:`min_verified_lta_copies`), at a location not under an audit hold, as a
     ``SELECT id, size`` oldest first (``deletion_possible_at`` - the start of the retention
     clock - then ``created_at``, ``id``).  ``expired_before`` / ``retained_after`` keep the
@@ -359,11 +359,11 @@ def deletion_possible_candidates(
     of their packages that pass the package rule, each checked once, not once per file.
     An empty location costs one index probe.  The SQLite path runs it as it is; the
     PostgreSQL claim takes its ids (``with_only_columns``) into one UPDATE."""
-    pc = _alias(PCT, "f_pc")
-    rdf = _alias(m.RawDataFile.__table__, "safe_rdf")
-    rdp = _alias(m.RawDataPackage.__table__, "safe_rdp")
-    nloc = _alias(DLT, "need_loc")
-    need = select(_proof_needed(nloc)).where(nloc.c.id == location_id).scalar_subquery()
+    pc = table_alias(PCT, "f_pc")
+    rdf = table_alias(m.RawDataFile.__table__, "safe_rdf")
+    rdp = table_alias(m.RawDataPackage.__table__, "safe_rdp")
+    nloc = table_alias(DLT, "need_loc")
+    need = select(proof_needed(nloc)).where(nloc.c.id == location_id).scalar_subquery()
     since = pc.c.deletion_possible_at
     window = [since.is_not(None)]
     if expired_before is not None:
@@ -392,7 +392,7 @@ def deletion_possible_candidates(
     )
     ok = (
         select(rdp.c.id)
-        .where(rdp.c.id.in_(select(cand.c.pkg)), *_archived_in_lta(rdp, need))
+        .where(rdp.c.id.in_(select(cand.c.pkg)), *package_archived_in_lta(rdp, need))
         .cte("ok")
         .prefix_with("MATERIALIZED")
     )
@@ -408,7 +408,7 @@ def oldest_marked(location_id: Any) -> Any:
     marked (NULL: none).  The first entry of ix_physical_copy_deletion_possible, whatever
     the plan: a location whose oldest mark is after its retention cutoff has nothing that
     :func:`deletion_possible_candidates` with ``expired_before`` could pick."""
-    pc = _alias(PCT, "x_pc")
+    pc = table_alias(PCT, "x_pc")
     return (
         select(func.min(pc.c.deletion_possible_at))
         .where(
@@ -422,12 +422,12 @@ def oldest_marked(location_id: Any) -> Any:
 
 def _raw_file_source_safe(file_pc: Any, need: Any = 1, post_decision: bool = False) -> Any:
     """SQL, per copy: the file copy went through stage 1 (``deletion_possible_at`` is set)
-    and its parent package passes :func:`_archived_in_lta` with ``need`` proofs (the copy's
+    and its parent package passes :func:`package_archived_in_lta` with ``need`` proofs (the copy's
     location's) - the rule of :func:`deletion_possible_candidates`, for copies the worker
     re-checks; with ``post_decision`` the proofs must be taken after the copy's deletion
     was decided (:func:`_decided_at`)."""
-    rdf = _alias(m.RawDataFile.__table__, "safe_rdf")
-    rdp = _alias(m.RawDataPackage.__table__, "safe_rdp")
+    rdf = table_alias(m.RawDataFile.__table__, "safe_rdf")
+    rdp = table_alias(m.RawDataPackage.__table__, "safe_rdp")
     decided = _decided_at(file_pc) if post_decision else None
     return and_(
         file_pc.c.deletion_possible_at.is_not(None),
@@ -435,19 +435,19 @@ def _raw_file_source_safe(file_pc: Any, need: Any = 1, post_decision: bool = Fal
         .where(
             rdf.c.id == file_pc.c.raw_data_file_id,
             rdp.c.id == rdf.c.raw_data_package_id,
-            *_archived_in_lta(rdp, need, decided_at=decided),
+            *package_archived_in_lta(rdp, need, decided_at=decided),
         )
         .correlate_except(rdf, rdp),
     )
 
 
-def _raw_file_processing_safe(file_pc: Any) -> Any:
+def raw_file_processing_safe(file_pc: Any) -> Any:
     """SQL: the PROCESSING location has no audit hold, no active StagingJob for it
     references the file's package, the package is not frozen and still has an LTA copy
     that could prove it (:func:`_lta_present_exists` with ``fresh=False``: this copy is
     never the last one; a copy staged from the archive needs no fresh proof to go)."""
-    rdf = _alias(m.RawDataFile.__table__, "safe_rdf")
-    rdp = _alias(m.RawDataPackage.__table__, "safe_rdp")
+    rdf = table_alias(m.RawDataFile.__table__, "safe_rdf")
+    rdp = table_alias(m.RawDataPackage.__table__, "safe_rdp")
     return and_(
         _location_not_held(file_pc.c.data_location_id),
         exists()
@@ -455,14 +455,14 @@ def _raw_file_processing_safe(file_pc: Any) -> Any:
             rdf.c.id == file_pc.c.raw_data_file_id,
             rdp.c.id == rdf.c.raw_data_package_id,
             _not_frozen(rdp),
-            ~_active_staging_job(rdf.c.raw_data_package_id, file_pc.c.data_location_id),
+            ~active_staging_job(rdf.c.raw_data_package_id, file_pc.c.data_location_id),
             _lta_present_exists(rdf.c.raw_data_package_id, fresh=False),
         )
         .correlate_except(rdf, rdp),
     )
 
 
-def _file_copies_still_deletable(
+def file_copies_still_deletable(
     session: Session, ids: Sequence[int], post_decision: bool = False
 ) -> set[int]:
     """Of these raw-file copy ids, those whose rule holds now (one query per rule); with
@@ -470,8 +470,8 @@ def _file_copies_still_deletable(
     copy's deletion was decided."""
     if not ids:
         return set()
-    pc = _alias(PCT, "f_pc")
-    loc = _alias(DLT, "f_loc")
+    pc = table_alias(PCT, "f_pc")
+    loc = table_alias(DLT, "f_loc")
     base = (
         select(pc.c.id)
         .join(loc, loc.c.id == pc.c.data_location_id)
@@ -484,18 +484,18 @@ def _file_copies_still_deletable(
     )
     source = [
         loc.c.location_type.in_([LT.SOURCE, LT.BUFFER]),
-        _raw_file_source_safe(pc, _proof_needed(loc), post_decision),
+        _raw_file_source_safe(pc, proof_needed(loc), post_decision),
     ]
     ok = set(session.scalars(base.where(*source)))
     ok |= set(
         session.scalars(
-            base.where(loc.c.location_type == LT.PROCESSING, _raw_file_processing_safe(pc))
+            base.where(loc.c.location_type == LT.PROCESSING, raw_file_processing_safe(pc))
         )
     )
     return ok
 
 
-def _package_copy_may_be_deletable(copy_cls: type[m.PhysicalCopy]) -> Any:
+def package_copy_may_be_deletable(copy_cls: type[m.PhysicalCopy]) -> Any:
     """SQL for a condition every deletable package copy meets (each rule of the matrix
     requires it), so that the per-copy rule runs only on the few copies that may pass it
     instead of on every copy in the buffers.  It never admits a copy: the rule decides.
@@ -509,7 +509,7 @@ def _package_copy_may_be_deletable(copy_cls: type[m.PhysicalCopy]) -> Any:
     backlog, while the LTA copies and transfers they are checked against are the history.
     """
     if copy_cls is m.RawDataPackagePhysicalCopy:
-        rdp = _alias(m.RawDataPackage.__table__, "pre_rdp")
+        rdp = table_alias(m.RawDataPackage.__table__, "pre_rdp")
         return and_(
             _lta_present_exists(copy_cls.raw_data_package_id, fresh=False, per_row=True),
             ~exists()
@@ -518,7 +518,7 @@ def _package_copy_may_be_deletable(copy_cls: type[m.PhysicalCopy]) -> Any:
         )
     if copy_cls is m.DataTransferPackagePhysicalCopy:
         dt = m.DataTransfer.__table__
-        return _per_row(
+        return exists_per_row(
             [
                 dt.c.data_transfer_package_id == copy_cls.data_transfer_package_id,
                 dt.c.status == m.Status.COMPLETED,

@@ -37,14 +37,14 @@ from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.deletion.base import LT, S
 from ccat_data_transfer.deletion.pressure import should_delete_based_on_buffer_status
 from ccat_data_transfer.deletion.proof import (
-    _ago,
-    _could_prove,
-    _counts_as_proof,
-    _lta_copies_of_package,
-    _no_lta_detail,
+    could_prove,
+    counts_as_proof,
+    lta_copies_of_package,
+    no_lta_detail,
+    verified_ago,
 )
 from ccat_data_transfer.deletion.rule_sql import (
-    _file_copies_still_deletable,
+    file_copies_still_deletable,
     min_verified_lta_copies,
 )
 from ccat_ops_db import models as m
@@ -62,7 +62,7 @@ class Decision:
         return self.deletable
 
 
-def _keep(reason: str, code: str = "kept") -> Decision:
+def keep_because(reason: str, code: str = "kept") -> Decision:
     return Decision(False, f"kept: {reason}", code)
 
 
@@ -73,7 +73,7 @@ WAITING_FOR_PROOF = "waiting_for_proof"
 WAITING_FOR_PROOF_AFTER_DECISION = "waiting_for_proof_after_decision"
 
 
-def _delete(reason: str, code: str) -> Decision:
+def delete_because(reason: str, code: str) -> Decision:
     return Decision(True, f"deletable: {reason}", code)
 
 
@@ -81,7 +81,7 @@ def _keep_archive(
     location: m.DataLocation, why: str = "permanent storage, never deleted automatically"
 ) -> Decision:
     """The first rule of every row: nothing is deleted automatically from an LTA."""
-    return _keep(f"{location.name} is a LONG_TERM_ARCHIVE: {why}", "long_term_archive")
+    return keep_because(f"{location.name} is a LONG_TERM_ARCHIVE: {why}", "long_term_archive")
 
 
 @dataclass
@@ -123,7 +123,7 @@ def site_roles_from(rows: Any) -> SiteRoles:
     return roles
 
 
-def _is_source_site_location(location: m.DataLocation, roles: SiteRoles) -> bool:
+def is_source_site_location(location: m.DataLocation, roles: SiteRoles) -> bool:
     return (
         location.location_type in (LT.SOURCE, LT.BUFFER)
         and location.site_id in roles.source_site_ids
@@ -140,7 +140,7 @@ def _held_or_frozen(
     """Nothing is deleted at a location under an audit hold, nor any copy of a frozen
     package (the audit and fixity set them; an operator lifts them)."""
     if location.audit_hold_at is not None:
-        return _keep(
+        return keep_because(
             f"{location.name} is under an audit hold since "
             f"{location.audit_hold_at.isoformat(timespec='seconds')} "
             f"({location.audit_hold_reason or 'no reason given'}); nothing is deleted there "
@@ -149,7 +149,7 @@ def _held_or_frozen(
         )
     frozen = [p for p in packages if p is not None and p.frozen_at is not None]
     if frozen:
-        return _keep(
+        return keep_because(
             "package "
             + ", ".join(
                 f"{p.file_name} is frozen ({p.frozen_reason or 'no reason given'})" for p in frozen
@@ -182,11 +182,11 @@ def _proof_of(
     cutoff = proof_cutoff()
     if decided_at is not None:
         cutoff = max(cutoff, decided_at)
-    proven = [c for c in lta if _counts_as_proof(c, package, cutoff)]
+    proven = [c for c in lta if counts_as_proof(c, package, cutoff)]
     if len(proven) >= need:
         return None, proven
-    detail = _no_lta_detail(session, package, lta, site_id)
-    could = [c for c in lta if _could_prove(c, package)]
+    detail = no_lta_detail(session, package, lta, site_id)
+    could = [c for c in lta if could_prove(c, package)]
     if len(could) < need:
         return missing(detail), proven
     stale = [c for c in could if c not in proven]
@@ -203,7 +203,7 @@ def _proof_of(
         + ", ".join(c.data_location.name for c in stale)
         + " at its site is asked for"
     )
-    return _keep(reason, WAITING_FOR_PROOF), proven
+    return keep_because(reason, WAITING_FOR_PROOF), proven
 
 
 def _too_few(need: int, what: str, code: str = "no_lta_copy") -> Callable[[str], Decision]:
@@ -211,8 +211,8 @@ def _too_few(need: int, what: str, code: str = "no_lta_copy") -> Callable[[str],
 
     def missing(detail: str) -> Decision:
         if need <= 1:
-            return _keep(f"no PRESENT copy at {what} ({detail})", code)
-        return _keep(f"{need} verified copies at {what} needed ({detail})", code)
+            return keep_because(f"no PRESENT copy at {what} ({detail})", code)
+        return keep_because(f"{need} verified copies at {what} needed ({detail})", code)
 
     return missing
 
@@ -224,23 +224,23 @@ def _decide_rdp_source(
     roles: SiteRoles,
     decided_at: datetime | None = None,
 ) -> Decision:
-    if not _is_source_site_location(location, roles):
-        return _keep(f"{location.name} is not a BUFFER (or SOURCE) at a source site")
-    lta = _lta_copies_of_package(session, package.id)
+    if not is_source_site_location(location, roles):
+        return keep_because(f"{location.name} is not a BUFFER (or SOURCE) at a source site")
+    lta = lta_copies_of_package(session, package.id)
     missing = _too_few(min_verified_lta_copies(location), "a LONG_TERM_ARCHIVE location")
     kept, proven = _proof_of(session, package, location, lta, missing, decided_at=decided_at)
     if kept is not None and kept.code != WAITING_FOR_PROOF:
         return kept
     if package.state != m.PackageState.ARCHIVED:
-        return _keep(
+        return keep_because(
             f"package state is {package.state.name}, not ARCHIVED (source data is deleted "
             "only when ARCHIVED)",
             "not_archived",
         )
     if kept is not None:
         return kept
-    names = ", ".join(f"{c.data_location.name} ({_ago(c.verified_at)})" for c in proven)
-    return _delete(f"ARCHIVED and PRESENT at LONG_TERM_ARCHIVE {names}", "archived_in_lta")
+    names = ", ".join(f"{c.data_location.name} ({verified_ago(c.verified_at)})" for c in proven)
+    return delete_because(f"ARCHIVED and PRESENT at LONG_TERM_ARCHIVE {names}", "archived_in_lta")
 
 
 def _decide_rdp_lta_buffer(
@@ -251,8 +251,8 @@ def _decide_rdp_lta_buffer(
     decided_at: datetime | None = None,
 ) -> Decision:
     if not _is_lta_site_buffer(location, roles):
-        return _keep(f"{location.name} is not a BUFFER at an LTA site")
-    lta = _lta_copies_of_package(session, package.id)
+        return keep_because(f"{location.name} is not a BUFFER at an LTA site")
+    lta = lta_copies_of_package(session, package.id)
     here = [c for c in lta if c.data_location.site_id == location.site_id]
     site = roles.site_names.get(location.site_id, "?")
     missing = _too_few(1, f"the LONG_TERM_ARCHIVE of the same site {site}", "no_same_site_lta_copy")
@@ -272,8 +272,10 @@ def _decide_rdp_lta_buffer(
         kept, _ = _proof_of(session, package, location, lta, missing, decided_at=decided_at)
     if kept is not None:
         return kept
-    names = ", ".join(f"{c.data_location.name} ({_ago(c.verified_at)})" for c in proven)
-    return _delete(f"PRESENT at the same site's LONG_TERM_ARCHIVE {names}", "same_site_lta_present")
+    names = ", ".join(f"{c.data_location.name} ({verified_ago(c.verified_at)})" for c in proven)
+    return delete_because(
+        f"PRESENT at the same site's LONG_TERM_ARCHIVE {names}", "same_site_lta_present"
+    )
 
 
 def decide_raw_data_package(
@@ -290,14 +292,14 @@ def decide_raw_data_package(
     if ltype == LT.LONG_TERM_ARCHIVE:
         return _keep_archive(location)
     if ltype == LT.PROCESSING:
-        return _keep(
+        return keep_because(
             "RawDataPackages at a PROCESSING location are cleaned up through the STAGED rule",
             "processing_package",
         )
     return _site_rules(
         location,
         [package],
-        _is_source_site_location(location, roles)
+        is_source_site_location(location, roles)
         and (lambda: _decide_rdp_source(session, package, location, roles, decided_at)),
         _is_lta_site_buffer(location, roles)
         and (lambda: _decide_rdp_lta_buffer(session, package, location, roles, decided_at)),
@@ -320,7 +322,7 @@ def _site_rules(
         return guard
     rules = [rule for rule in (source_rule, lta_rule) if rule]
     if not rules:
-        return _keep(
+        return keep_because(
             f"no rule deletes from {location.name} (neither a source-site nor an LTA-site buffer)"
         )
     decisions = []
@@ -378,7 +380,7 @@ def _decide_dtp_source(
     session: Session, dtp: m.DataTransferPackage, location: m.DataLocation, roles: SiteRoles
 ) -> Decision:
     if not (location.location_type == LT.BUFFER and location.site_id in roles.source_site_ids):
-        return _keep(f"{location.name} is not a BUFFER at a source site")
+        return keep_because(f"{location.name} is not a BUFFER at a source site")
     transfers = [
         t
         for t in _completed_transfers(session, dtp.id)
@@ -387,13 +389,13 @@ def _decide_dtp_source(
     done = [t for t in transfers if _transfer_done(t)]
     if not done:
         detail = "; ".join(_describe_transfer(t) for t in transfers) or "no transfer to an LTA site"
-        return _keep(
+        return keep_because(
             "no DataTransfer to an LTA site with status COMPLETED and unpack_status COMPLETED "
             f"({detail})",
             "not_unpacked_at_lta_site",
         )
     names = ", ".join(t.destination_location.name for t in done)
-    return _delete(
+    return delete_because(
         f"transferred and unpacked at LTA-site buffer {names}", "transfer_and_unpack_completed"
     )
 
@@ -402,7 +404,7 @@ def _decide_dtp_lta_buffer(
     session: Session, dtp: m.DataTransferPackage, location: m.DataLocation, roles: SiteRoles
 ) -> Decision:
     if not _is_lta_site_buffer(location, roles):
-        return _keep(f"{location.name} is not a BUFFER at an LTA site")
+        return keep_because(f"{location.name} is not a BUFFER at an LTA site")
     transfers = _completed_transfers(session, dtp.id)
     # Every active LTA site, this one included: the copy here is the one unpacked here and
     # the origin of the secondary transfers to the other sites.
@@ -413,11 +415,13 @@ def _decide_dtp_lta_buffer(
             detail = "; ".join(_describe_transfer(t) for t in to_site) or "no transfer"
             missing.append(f"{roles.site_names.get(site_id, site_id)} ({detail})")
     if missing:
-        return _keep(
+        return keep_because(
             "not yet transferred and unpacked at every LTA site: missing " + ", ".join(missing),
             "not_replicated_to_all_lta_sites",
         )
-    return _delete("transferred and unpacked at every LTA site", "replicated_to_all_lta_sites")
+    return delete_because(
+        "transferred and unpacked at every LTA site", "replicated_to_all_lta_sites"
+    )
 
 
 def decide_data_transfer_package(
@@ -434,7 +438,7 @@ def decide_data_transfer_package(
             "DataTransferPackages are not stored there and nothing is deleted automatically",
         )
     if location.location_type != LT.BUFFER:
-        return _keep(
+        return keep_because(
             f"no rule deletes a DataTransferPackage from a {location.location_type.name} location"
         )
     # A transfer package holds the bytes of its raw data packages: kept while one is frozen.
@@ -472,7 +476,7 @@ def can_delete_data_transfer_package_from_lta_buffer(
     return _decide_dtp_lta_buffer(session, dtp, location, site_roles(session)).deletable
 
 
-def _retention_minutes(location: m.DataLocation) -> int:
+def retention_minutes(location: m.DataLocation) -> int:
     if location.retention_period_minutes is not None:
         return int(location.retention_period_minutes)
     return int(settings.RETENTION_PERIOD_MINUTES)
@@ -492,7 +496,7 @@ def decide_raw_data_file_copy(
         return guard
     if loc.location_type == LT.PROCESSING:
         if package is None:
-            return _keep("the file belongs to no RawDataPackage")
+            return keep_because("the file belongs to no RawDataPackage")
         jobs = session.scalars(
             select(m.StagingJob)
             .join(m.staging_job_raw_data_package)
@@ -503,42 +507,44 @@ def decide_raw_data_file_copy(
             )
         ).all()
         if jobs:
-            return _keep(
+            return keep_because(
                 "active StagingJob(s) "
                 + ", ".join(str(j.id) for j in jobs)
                 + f" use package {package.file_name}",
                 "active_staging_job",
             )
-        if copy.id not in _file_copies_still_deletable(session, [copy.id]):
-            return _keep(
+        if copy.id not in file_copies_still_deletable(session, [copy.id]):
+            return keep_because(
                 f"package {package.file_name} has no PRESENT copy at a LONG_TERM_ARCHIVE; this "
                 "copy may be the last one",
                 "no_lta_copy",
             )
-        return _delete("no active StagingJob references it", "no_active_staging_job")
+        return delete_because("no active StagingJob references it", "no_active_staging_job")
     if loc.location_type not in (LT.SOURCE, LT.BUFFER):
-        return _keep(f"no rule deletes raw files from a {loc.location_type.name} location")
+        return keep_because(f"no rule deletes raw files from a {loc.location_type.name} location")
     if copy.status == S.PRESENT or copy.deletion_possible_at is None:
         where = package.file_name if package else "no package yet"
-        return _keep(
+        return keep_because(
             f"parent package ({where}) has not left the source-site buffer; files become "
             "DELETION_POSSIBLE then",
             "parent_package_not_deleted",
         )
-    if copy.id not in _file_copies_still_deletable(session, [copy.id]):
+    if copy.id not in file_copies_still_deletable(session, [copy.id]):
         return _raw_file_kept_for_its_package(session, package, loc)
-    until = copy.deletion_possible_at + timedelta(minutes=_retention_minutes(loc))
+    until = copy.deletion_possible_at + timedelta(minutes=retention_minutes(loc))
     if until <= m.utcnow():
-        return _delete("DELETION_POSSIBLE and retention period expired", "parent_package_archived")
+        return delete_because(
+            "DELETION_POSSIBLE and retention period expired", "parent_package_archived"
+        )
     if should_delete_based_on_buffer_status(loc, buffer_status):
-        return _delete(
+        return delete_because(
             f"DELETION_POSSIBLE; {loc.name} is under pressure (oldest first until below threshold)",
             "buffer_pressure",
         )
-    return _keep(
+    return keep_because(
         f"retention until {until.isoformat(timespec='seconds')} (DELETION_POSSIBLE since "
         f"{copy.deletion_possible_at.isoformat(timespec='seconds')}, retention "
-        f"{_retention_minutes(loc)} min) and {loc.name} is not under pressure",
+        f"{retention_minutes(loc)} min) and {loc.name} is not under pressure",
         "retention",
     )
 
@@ -547,14 +553,14 @@ def _raw_file_kept_for_its_package(
     session: Session, package: m.RawDataPackage | None, location: m.DataLocation
 ) -> Decision:
     """Why a DELETION_POSSIBLE raw-file copy at ``location`` fails the package half of its
-    rule (``rule_sql._archived_in_lta``), in words: not ARCHIVED, or the proof rule."""
+    rule (``rule_sql.package_archived_in_lta``), in words: not ARCHIVED, or the proof rule."""
     missing = _too_few(min_verified_lta_copies(location), "a LONG_TERM_ARCHIVE location")
     if package is not None and package.state == m.PackageState.ARCHIVED:
-        lta = _lta_copies_of_package(session, package.id)
+        lta = lta_copies_of_package(session, package.id)
         kept, _ = _proof_of(session, package, location, lta, missing)
         if kept is not None:
             return kept
-    return _keep(
+    return keep_because(
         "parent package is not ARCHIVED with a PRESENT copy at a LONG_TERM_ARCHIVE",
         "no_lta_copy",
     )
@@ -573,7 +579,7 @@ def decide_copy(
     if copy.data_location.location_type == LT.LONG_TERM_ARCHIVE:
         return _keep_archive(copy.data_location)
     if copy.lost_at is not None:
-        return _keep("the copy is marked lost (nothing to delete)", "lost")
+        return keep_because("the copy is marked lost (nothing to delete)", "lost")
     if isinstance(copy, m.RawDataPackagePhysicalCopy):
         return decide_raw_data_package(
             session, copy.raw_data_package, copy.data_location, roles, decided_at
@@ -584,14 +590,14 @@ def decide_copy(
         )
     if isinstance(copy, m.RawDataFilePhysicalCopy):
         return decide_raw_data_file_copy(session, copy, buffer_status)
-    return _keep(f"unknown copy type {copy.type}")
+    return keep_because(f"unknown copy type {copy.type}")
 
 
-def _decide_rdp_copy(session: Session, copy: Any, roles: SiteRoles) -> Decision:
+def decide_rdp_copy(session: Session, copy: Any, roles: SiteRoles) -> Decision:
     return decide_raw_data_package(session, copy.raw_data_package, copy.data_location, roles)
 
 
-def _decide_dtp_copy(session: Session, copy: Any, roles: SiteRoles) -> Decision:
+def decide_dtp_copy(session: Session, copy: Any, roles: SiteRoles) -> Decision:
     return decide_data_transfer_package(
         session, copy.data_transfer_package, copy.data_location, roles
     )

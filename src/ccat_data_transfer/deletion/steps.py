@@ -33,40 +33,40 @@ from ccat_data_transfer.deletion.base import (
 )
 from ccat_data_transfer.deletion.candidates import (
     EXPIRED,
-    _deletable_package_copies,
-    _deletion_possible_selection,
-    _locations_with_expired,
-    _oldest_under_pressure,
-    _processing_file_ids,
-    _retention_cutoff,
-    _staged_file_ids,
-    _staged_package_copies,
+    deletable_package_copies,
+    deletion_possible_selection,
+    locations_with_expired,
+    oldest_under_pressure,
+    processing_file_ids,
+    retention_cutoff,
+    staged_file_ids,
+    staged_package_copies,
 )
 from ccat_data_transfer.deletion.claims import (
-    _Candidate,
-    _claim_expired,
-    _schedule,
-    _submit,
+    Candidate,
+    claim_expired,
+    schedule_candidates,
+    submit_batches,
 )
 from ccat_data_transfer.deletion.pressure import (
-    _batch_size,
-    _cycle_limit,
-    _state_from,
-    _Statuses,
+    Statuses,
+    batch_size_for,
     bytes_to_free,
+    cycle_limit,
     should_delete_based_on_buffer_status,
+    state_from,
 )
-from ccat_data_transfer.deletion.rules import _decide_dtp_copy, _decide_rdp_copy
+from ccat_data_transfer.deletion.rules import decide_dtp_copy, decide_rdp_copy
 from ccat_data_transfer.deletion.tasks import (
     delete_bulk_data_transfer_packages,
     delete_bulk_raw_data_files,
     delete_bulk_raw_data_packages,
 )
 from ccat_data_transfer.deletion.trail import (
-    _add_deletion_log,
-    _batch_row,
-    _copy_size,
-    _write_log_rows,
+    add_deletion_log,
+    batch_row,
+    copy_size,
+    write_log_rows,
 )
 from ccat_ops_db import models as m
 
@@ -77,32 +77,32 @@ def _schedule_package_copies(
     decide: Any,
     copy_type: str,
     task: Any,
-    statuses: _Statuses,
+    statuses: Statuses,
     location_ids: list[int] | None = None,
 ) -> int:
-    found = _deletable_package_copies(
+    found = deletable_package_copies(
         session, copy_cls, decide, location_ids=location_ids, statuses=statuses
     )
     total = 0
     for loc, items in found.items():
         state = statuses.state(loc)
-        candidates = [
-            _Candidate(c.id, copy_type, _copy_size(c), d.reason, d.code) for c, d in items
-        ]
-        total += _schedule(session, loc, candidates, task, (S.PRESENT,), _batch_size(state))
+        candidates = [Candidate(c.id, copy_type, copy_size(c), d.reason, d.code) for c, d in items]
+        total += schedule_candidates(
+            session, loc, candidates, task, (S.PRESENT,), batch_size_for(state)
+        )
     return total
 
 
 def delete_data_transfer_packages(
-    session: Session, statuses: _Statuses | None = None, location_ids: list[int] | None = None
+    session: Session, statuses: Statuses | None = None, location_ids: list[int] | None = None
 ) -> int:
     """Step 1: schedule deletion of DataTransferPackages from buffers (matrix rows
     "DataTransferPackage / SOURCE buffer" and "/ LTA site buffer")."""
-    statuses = statuses or _Statuses(session)
+    statuses = statuses or Statuses(session)
     return _schedule_package_copies(
         session,
         m.DataTransferPackagePhysicalCopy,
-        _decide_dtp_copy,
+        decide_dtp_copy,
         COPY_TYPE_DATA_TRANSFER_PACKAGE,
         delete_bulk_data_transfer_packages,
         statuses,
@@ -111,17 +111,17 @@ def delete_data_transfer_packages(
 
 
 def delete_raw_data_packages_bulk(
-    session: Session, statuses: _Statuses | None = None, location_ids: list[int] | None = None
+    session: Session, statuses: Statuses | None = None, location_ids: list[int] | None = None
 ) -> int:
     """Step 2: schedule deletion of RawDataPackages from SOURCE-site and LTA-site buffers in
     bulk: find (rule per copy), claim PRESENT -> DELETION_SCHEDULED per batch with one
     UPDATE, commit, one task per batch per location.  When a copy leaves the source site
     the worker marks the package's raw files DELETION_POSSIBLE."""
-    statuses = statuses or _Statuses(session)
+    statuses = statuses or Statuses(session)
     return _schedule_package_copies(
         session,
         m.RawDataPackagePhysicalCopy,
-        _decide_rdp_copy,
+        decide_rdp_copy,
         COPY_TYPE_RAW_DATA_PACKAGE,
         delete_bulk_raw_data_packages,
         statuses,
@@ -130,32 +130,34 @@ def delete_raw_data_packages_bulk(
 
 
 def delete_processing_raw_data_files(
-    session: Session, statuses: _Statuses | None = None, location_ids: list[int] | None = None
+    session: Session, statuses: Statuses | None = None, location_ids: list[int] | None = None
 ) -> int:
     """Step 3: schedule deletion of PRESENT raw-file copies at PROCESSING locations that no
     active StagingJob references (all jobs using them have ``active=False``)."""
-    statuses = statuses or _Statuses(session)
+    statuses = statuses or Statuses(session)
     total = 0
     for loc in statuses.locations([LT.PROCESSING], location_ids):
         state = statuses.state(loc)
-        size = _batch_size(state)
-        total += _in_batches(_cycle_limit(state), size, _processing_pass, session, loc, size)
+        size = batch_size_for(state)
+        total += _in_batches(cycle_limit(state), size, _processing_pass, session, loc, size)
     return total
 
 
 def _processing_pass(session: Session, loc: m.DataLocation, size: int, take: int) -> int:
     """One pass of step 3 at one location: at most ``take`` copies."""
     candidates = [
-        _Candidate(
+        Candidate(
             i,
             COPY_TYPE_RAW_DATA_FILE,
             nbytes,
             "no active StagingJob references it",
             "no_active_staging_job",
         )
-        for i, nbytes in _processing_file_ids(session, loc, [S.PRESENT], take)
+        for i, nbytes in processing_file_ids(session, loc, [S.PRESENT], take)
     ]
-    return _schedule(session, loc, candidates, delete_bulk_raw_data_files, (S.PRESENT,), size)
+    return schedule_candidates(
+        session, loc, candidates, delete_bulk_raw_data_files, (S.PRESENT,), size
+    )
 
 
 def _in_batches(limit: int | None, batch_size: int, one_pass: Any, *args: Any) -> int:
@@ -176,22 +178,22 @@ def _in_batches(limit: int | None, batch_size: int, one_pass: Any, *args: Any) -
 
 
 def delete_staged_raw_data_files_from_processing(
-    session: Session, statuses: _Statuses | None = None, location_ids: list[int] | None = None
+    session: Session, statuses: Statuses | None = None, location_ids: list[int] | None = None
 ) -> int:
     """Step 4: for STAGED package copies at PROCESSING locations whose staging jobs are all
     inactive, schedule bulk deletion of their raw-file copies; a package copy whose files
     are all gone becomes DELETED."""
-    statuses = statuses or _Statuses(session)
+    statuses = statuses or Statuses(session)
     total = 0
     for loc in statuses.locations([LT.PROCESSING], location_ids):
         state = statuses.state(loc)
-        staged = _staged_package_copies(session, loc)
+        staged = staged_package_copies(session, loc)
         if not staged:
             continue
-        size = _batch_size(state)
+        size = batch_size_for(state)
         package_ids = [c.raw_data_package_id for c in staged]
         total += _in_batches(
-            _cycle_limit(state), size, _staged_pass, session, loc, package_ids, size
+            cycle_limit(state), size, _staged_pass, session, loc, package_ids, size
         )
         _finish_staged_packages(session, loc)
     return total
@@ -202,16 +204,16 @@ def _staged_pass(
 ) -> int:
     """One pass of step 4 at one location: at most ``take`` copies."""
     candidates = [
-        _Candidate(
+        Candidate(
             i,
             COPY_TYPE_RAW_DATA_FILE,
             nbytes,
             "staging jobs inactive (STAGED package cleanup)",
             "staging_job_inactive",
         )
-        for i, nbytes in _staged_file_ids(session, loc, package_ids, take)
+        for i, nbytes in staged_file_ids(session, loc, package_ids, take)
     ]
-    return _schedule(
+    return schedule_candidates(
         session, loc, candidates, delete_bulk_raw_data_files, (S.PRESENT, S.STAGED), size
     )
 
@@ -221,7 +223,7 @@ def _finish_staged_packages(session: Session, location: m.DataLocation) -> int:
     -> DELETED (the tar was already removed when staging finished)."""
     done = 0
     rdf = m.RawDataFile.__table__
-    for copy in _staged_package_copies(session, location):
+    for copy in staged_package_copies(session, location):
         remaining = session.scalar(
             select(func.count())
             .select_from(PCT)
@@ -241,7 +243,7 @@ def _finish_staged_packages(session: Session, location: m.DataLocation) -> int:
             .values(status=S.DELETED, deleted_at=m.utcnow())
         )
         if res.rowcount:
-            _add_deletion_log(
+            add_deletion_log(
                 session,
                 copy,
                 "all raw files of the STAGED package deleted; staging jobs inactive",
@@ -261,22 +263,22 @@ def _schedule_deletion_possible_bulk(
     limit: int | None,
     batch_size: int,
 ) -> int:
-    """PostgreSQL form of :func:`_deletion_possible_selection` + :func:`_schedule`, with
+    """PostgreSQL form of :func:`deletion_possible_selection` + :func:`schedule_candidates`, with
     the same result: the expired copies are claimed straight from the rule's selectable
-    (:func:`_claim_expired`), without a Python object per copy, and audited with one
+    (:func:`claim_expired`), without a Python object per copy, and audited with one
     SCHEDULED row per batch (as the other path does for stage 2).  Under pressure, the
-    oldest others follow through :func:`_schedule`, which needs a running sum of bytes."""
-    cutoff = _retention_cutoff(location)
+    oldest others follow through :func:`schedule_candidates`, which needs a running sum of bytes."""
+    cutoff = retention_cutoff(location)
     pressure = should_delete_based_on_buffer_status(location, status)
     # Computed before the claim, as in the other path: bytes_to_free subtracts what is
     # already scheduled, and the expired copies are subtracted below.
     needed = bytes_to_free(session, location, status) if pressure else 0
-    sizes = dict(_claim_expired(session, location, cutoff, limit))
+    sizes = dict(claim_expired(session, location, cutoff, limit))
     ids = sorted(sizes)
     chunks = [ids[start : start + batch_size] for start in range(0, len(ids), batch_size)]
     if chunks:
         rows = [
-            _batch_row(
+            batch_row(
                 location,
                 COPY_TYPE_RAW_DATA_FILE,
                 chunk,
@@ -286,17 +288,17 @@ def _schedule_deletion_possible_bulk(
             )
             for chunk in chunks
         ]
-        _write_log_rows(session, rows)
+        write_log_rows(session, rows)
         session.commit()  # before submitting: in embedded mode the task runs inline
-        _submit(delete_bulk_raw_data_files, location, chunks, session)
+        submit_batches(delete_bulk_raw_data_files, location, chunks, session)
         session.expire_all()
     scheduled = len(ids)
     if not pressure:
         return scheduled
     needed -= sum(int(size or 0) for size in sizes.values())
     room = None if limit is None else limit - scheduled
-    others = _oldest_under_pressure(session, location, cutoff, needed, room)
-    return scheduled + _schedule(
+    others = oldest_under_pressure(session, location, cutoff, needed, room)
+    return scheduled + schedule_candidates(
         session,
         location,
         others,
@@ -308,31 +310,29 @@ def _schedule_deletion_possible_bulk(
 
 
 def process_deletion_possible_raw_data_files(
-    session: Session, statuses: _Statuses | None = None, location_ids: list[int] | None = None
+    session: Session, statuses: Statuses | None = None, location_ids: list[int] | None = None
 ) -> int:
     """Stage 2 (step 5): DELETION_POSSIBLE raw-file copies whose retention has expired
     (``retention_period_minutes`` of the location, else RETENTION_PERIOD_MINUTES) are
     scheduled; under disk pressure the oldest others too, until exactly the bytes needed
     are freed.  Safety (package ARCHIVED, not frozen, with fresh proof from the archives;
     no audit hold here) is part of the query."""
-    statuses = statuses or _Statuses(session)
+    statuses = statuses or Statuses(session)
     total = 0
     # One statement asks every location whether it has a copy past its retention (one
     # probe of the partial index ix_physical_copy_deletion_possible each); a location
     # without one and without pressure has nothing this step could schedule.
     bulk = is_postgresql(session)
     locations = statuses.locations([LT.SOURCE, LT.BUFFER], location_ids)
-    expired = _locations_with_expired(
-        session, {loc.id: _retention_cutoff(loc) for loc in locations}
-    )
+    expired = locations_with_expired(session, {loc.id: retention_cutoff(loc) for loc in locations})
     for loc in locations:
         status = statuses.get(loc)
         if loc.id not in expired and not should_delete_based_on_buffer_status(loc, status):
             continue
-        state = _state_from(status)
-        size = _batch_size(state)
+        state = state_from(status)
+        size = batch_size_for(state)
         total += _in_batches(
-            _cycle_limit(state), size, _stage_two_pass, session, loc, status, size, bulk
+            cycle_limit(state), size, _stage_two_pass, session, loc, status, size, bulk
         )
     return total
 
@@ -349,8 +349,8 @@ def _stage_two_pass(
     them straight from the rule, elsewhere they are selected and then claimed)."""
     if bulk:
         return _schedule_deletion_possible_bulk(session, loc, status, take, size)
-    candidates = _deletion_possible_selection(session, loc, status, take)
-    return _schedule(
+    candidates = deletion_possible_selection(session, loc, status, take)
+    return schedule_candidates(
         session,
         loc,
         candidates,

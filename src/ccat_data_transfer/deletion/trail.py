@@ -24,14 +24,14 @@ from ccat_data_transfer.deletion.base import log
 from ccat_ops_db import models as m
 
 
-def _copy_size(copy: m.PhysicalCopy) -> int | None:
+def copy_size(copy: m.PhysicalCopy) -> int | None:
     if copy.size is not None:
         return int(copy.size)
-    thing = _thing_of(copy)
+    thing = thing_of_copy(copy)
     return int(thing.size) if thing is not None and thing.size is not None else None
 
 
-def _thing_of(copy: m.PhysicalCopy) -> Any:
+def thing_of_copy(copy: m.PhysicalCopy) -> Any:
     if isinstance(copy, m.RawDataFilePhysicalCopy):
         return copy.raw_data_file
     if isinstance(copy, m.RawDataPackagePhysicalCopy):
@@ -41,10 +41,10 @@ def _thing_of(copy: m.PhysicalCopy) -> Any:
     return None
 
 
-def _copy_path(copy: m.PhysicalCopy) -> str | None:
+def copy_path(copy: m.PhysicalCopy) -> str | None:
     if copy.relative_path:
         return copy.relative_path
-    thing = _thing_of(copy)
+    thing = thing_of_copy(copy)
     return getattr(thing, "relative_path", None)
 
 
@@ -57,7 +57,7 @@ _EVENTS = {
 }
 
 
-def _log_row(
+def log_row(
     copy_id: int | None,
     copy_type: str | None,
     location: m.DataLocation | None,
@@ -91,8 +91,8 @@ def _log_row(
     }
 
 
-def _write_log_rows(session: Session, rows: list[dict[str, Any]]) -> None:
-    """Insert audit rows; a batch row (:func:`_batch_row`) also gets one
+def write_log_rows(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Insert audit rows; a batch row (:func:`batch_row`) also gets one
     ``deletion_log_copy`` row per copy it covers, by which :func:`deletion_history` finds
     it."""
     single = [r for r in rows if not r.get("copy_ids")]
@@ -124,11 +124,11 @@ _MEMBERS_SQL = text(
 )
 
 
-def _log_batch_scheduled(
+def log_batch_scheduled(
     location: m.DataLocation, copy_type: str, ids: Sequence[int], size: int, code: str
 ) -> None:
     """The one JSON log line for copies scheduled together (the ``deletion_log`` rows are
-    written per batch by :func:`_batch_row`, or per copy by the PostgreSQL claim)."""
+    written per batch by :func:`batch_row`, or per copy by the PostgreSQL claim)."""
     log.info(
         _EVENTS[m.DeletionOutcome.SCHEDULED],
         copies=len(ids),
@@ -142,7 +142,7 @@ def _log_batch_scheduled(
     )
 
 
-def _batch_row(
+def batch_row(
     location: m.DataLocation,
     copy_type: str,
     ids: list[int],
@@ -153,7 +153,7 @@ def _batch_row(
 ) -> dict[str, Any]:
     """One SCHEDULED audit row (and one JSON log line) for a batch of copies scheduled
     together for the same reason; ``copy_ids`` lists them."""
-    _log_batch_scheduled(location, copy_type, ids, size, code)
+    log_batch_scheduled(location, copy_type, ids, size, code)
     return {
         "created_at": m.utcnow(),
         "physical_copy_id": None,
@@ -187,7 +187,7 @@ def deletion_history(session: Session, copy_id: int) -> list[m.DeletionLog]:
     return sorted({r.id: r for r in own + batches}.values(), key=lambda r: r.id)
 
 
-def _add_deletion_log(
+def add_deletion_log(
     session: Session,
     physical_copy: m.PhysicalCopy,
     message: str,
@@ -199,14 +199,14 @@ def _add_deletion_log(
     """Add deletion log entry for audit trail: a ``deletion_log`` row (time, copy id and
     type, location, size, reason, outcome, actor, message) and one JSON log line with the
     fields of the document's example."""
-    row = _log_row(
+    row = log_row(
         physical_copy.id,
         physical_copy.type,
         physical_copy.data_location,
-        _copy_size(physical_copy),
+        copy_size(physical_copy),
         reason or message,
         outcome,
         message,
         actor,
     )
-    _write_log_rows(session, [row])
+    write_log_rows(session, [row])

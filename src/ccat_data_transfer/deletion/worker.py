@@ -40,6 +40,7 @@ from sqlalchemy.orm import Session
 from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.errors import RetryableError
 from ccat_data_transfer.core.liveness import beating
+from ccat_data_transfer.core.storage import storage_for_location
 from ccat_data_transfer.deletion.base import (
     COPY_TYPE_RAW_DATA_PACKAGE,
     LT,
@@ -48,22 +49,22 @@ from ccat_data_transfer.deletion.base import (
     S,
     log,
 )
-from ccat_data_transfer.deletion.candidates import _load_copies
+from ccat_data_transfer.deletion.candidates import load_copies
 from ccat_data_transfer.deletion.marking import mark_raw_data_files_for_deletion
 from ccat_data_transfer.deletion.proof import request_post_decision_proof
-from ccat_data_transfer.deletion.rule_sql import _file_copies_still_deletable
+from ccat_data_transfer.deletion.rule_sql import file_copies_still_deletable
 from ccat_data_transfer.deletion.rules import (
     WAITING_FOR_PROOF,
     WAITING_FOR_PROOF_AFTER_DECISION,
     Decision,
     SiteRoles,
-    _delete,
-    _is_source_site_location,
-    _keep,
     decide_copy,
+    delete_because,
+    is_source_site_location,
+    keep_because,
     site_roles,
 )
-from ccat_data_transfer.deletion.trail import _copy_path, _copy_size, _log_row, _write_log_rows
+from ccat_data_transfer.deletion.trail import copy_path, copy_size, log_row, write_log_rows
 from ccat_ops_db import models as m
 
 
@@ -122,31 +123,33 @@ def _recheck(
     they wait for the proof after it)."""
     loc = copy.data_location
     if loc.location_type == LT.LONG_TERM_ARCHIVE:
-        return _keep("never delete from a LONG_TERM_ARCHIVE (worker guard)", "long_term_archive")
+        return keep_because(
+            "never delete from a LONG_TERM_ARCHIVE (worker guard)", "long_term_archive"
+        )
     if copy.lost_at is not None:
-        return _keep("the copy is marked lost", "lost")
+        return keep_because("the copy is marked lost", "lost")
     if isinstance(copy, m.RawDataFilePhysicalCopy):
         if copy.id in file_ok:
-            return _delete(
+            return delete_because(
                 "rule re-checked by the worker",
                 "no_active_staging_job"
                 if loc.location_type == LT.PROCESSING
                 else "parent_package_archived",
             )
         if copy.id in file_before:
-            return _keep(
+            return keep_because(
                 "waiting for proof: the archive copies of its package were not verified at "
                 "their sites (and read back in full since written) after the deletion was "
                 f"decided ({_decided_at(copy).isoformat(timespec='seconds')}); asked for",
                 WAITING_FOR_PROOF_AFTER_DECISION,
             )
-        return _keep("rule no longer holds at execution time", "rule_no_longer_holds")
+        return keep_because("rule no longer holds at execution time", "rule_no_longer_holds")
     after = decide_copy(session, copy, roles, decided_at=_decided_at(copy))
     if after.deletable or after.code != WAITING_FOR_PROOF:
         return after
     before = decide_copy(session, copy, roles)
     if before.deletable:  # it holds on the proof taken before the decision only
-        return _keep(after.reason.removeprefix("kept: "), WAITING_FOR_PROOF_AFTER_DECISION)
+        return keep_because(after.reason.removeprefix("kept: "), WAITING_FOR_PROOF_AFTER_DECISION)
     return before
 
 
@@ -157,8 +160,8 @@ def _target(copy: m.PhysicalCopy, reason: str, back: m.PhysicalCopyStatus | None
         "type": copy.type,
         "location_id": copy.data_location_id,
         "location": copy.data_location,
-        "path": _copy_path(copy),
-        "size": _copy_size(copy),
+        "path": copy_path(copy),
+        "size": copy_size(copy),
         "package_id": getattr(copy, "raw_data_package_id", None),
         "reason": reason,
         "back": back,
@@ -170,11 +173,11 @@ def _skipped_row(
 ) -> dict[str, Any]:
     """The audit row of a copy the worker leaves as it found it (SKIPPED), counted."""
     summary["skipped"] += 1
-    return _log_row(
+    return log_row(
         c.id,
         c.type,
         c.data_location,
-        _copy_size(c),
+        copy_size(c),
         code,
         m.DeletionOutcome.SKIPPED,
         f"{reason}; left {c.status.name} as found",
@@ -198,11 +201,11 @@ def _recheck_and_claim(
     SKIPPED, nothing else); every other one is left for the storage phase to look at
     before it goes back (:func:`_settle_refused`).  Returns (what to delete, what to look
     at), as plain data."""
-    copies = [c for c in _load_copies(session, ids) if c.status in WORKER_ACCEPTS]
+    copies = [c for c in load_copies(session, ids) if c.status in WORKER_ACCEPTS]
     roles = site_roles(session)
     file_ids = [c.id for c in copies if isinstance(c, m.RawDataFilePhysicalCopy)]
-    file_ok = _file_copies_still_deletable(session, file_ids, post_decision=True)
-    file_before = _file_copies_still_deletable(session, file_ids) - file_ok
+    file_ok = file_copies_still_deletable(session, file_ids, post_decision=True)
+    file_before = file_copies_still_deletable(session, file_ids) - file_ok
     go: dict[int, m.PhysicalCopy] = {}
     why: dict[int, str] = {}  # the rule that allows each deletion, for the audit trail
     logs: list[dict[str, Any]] = []
@@ -234,7 +237,7 @@ def _recheck_and_claim(
             ).scalars()
         )
     targets = [_target(go[cid], why.get(cid, "rule_holds")) for cid in sorted(claimed)]
-    _write_log_rows(session, logs)
+    write_log_rows(session, logs)
     return targets, unsure
 
 
@@ -242,8 +245,6 @@ def _delete_from_storage(
     targets: list[dict[str, Any]],
 ) -> list[tuple[dict[str, Any], bool, str]]:
     """Phase 2 (storage): delete each target's bytes; (target, ok, message) each."""
-    from ccat_data_transfer.core.storage import storage_for_location
-
     storages: dict[int, Any] = {}
     outcomes: list[tuple[dict[str, Any], bool, str]] = []
     for t in targets:
@@ -264,8 +265,6 @@ def _delete_from_storage(
 def _look_at(unsure: list[dict[str, Any]]) -> list[tuple[dict[str, Any], bool | None]]:
     """Phase 2 (storage), for the copies the re-check refused: are their bytes there?
     (None: the storage could not tell.)"""
-    from ccat_data_transfer.core.storage import storage_for_location
-
     looked: list[tuple[dict[str, Any], bool | None]] = []
     for t in unsure:
         try:
@@ -308,7 +307,7 @@ def _settle_refused(
             .values(**values)
         )
         logs.append(
-            _log_row(
+            log_row(
                 t["id"],
                 t["type"],
                 t["location"],
@@ -320,7 +319,7 @@ def _settle_refused(
             )
         )
         summary["skipped"] += 1
-    _write_log_rows(session, logs)
+    write_log_rows(session, logs)
     return gone
 
 
@@ -347,7 +346,7 @@ def _record_outcomes(
         if ok:
             summary["deleted"] += 1
             reason, outcome = t.get("reason", "rule_holds"), m.DeletionOutcome.DELETED
-            if t["type"] == COPY_TYPE_RAW_DATA_PACKAGE and _is_source_site_location(loc, roles):
+            if t["type"] == COPY_TYPE_RAW_DATA_PACKAGE and is_source_site_location(loc, roles):
                 source_packages.append(t["package_id"])
         else:
             summary["failed"] += 1
@@ -361,8 +360,8 @@ def _record_outcomes(
                     last_error=message[:2000],
                 )
             )
-        logs.append(_log_row(t["id"], t["type"], loc, t["size"], reason, outcome, message, actor))
-    _write_log_rows(session, logs)
+        logs.append(log_row(t["id"], t["type"], loc, t["size"], reason, outcome, message, actor))
+    write_log_rows(session, logs)
     if source_packages:
         # Side effect of the document: a package gone from the source site makes its
         # raw files DELETION_POSSIBLE (stage 1), in one bulk UPDATE.
@@ -427,7 +426,7 @@ def delete_copies(
     return summary
 
 
-def _delete_bulk_raw_data_files_internal(
+def delete_bulk_raw_data_files_internal(
     physical_copy_ids: Sequence[int], queue_name: str | None = None
 ) -> dict[str, int]:
     """The actual work of a bulk deletion: load the batch, re-check every rule against the

@@ -10,4 +10,8 @@ from ccat_data_transfer.filing.register import (
     parse_instrument_module,
 )
 
+#: The modules other stages may import (tests/test_import_contract.py checks it).
+# No other stage imports filing (the API, the CLI and the simulator call it).
+PUBLIC: tuple[str, ...] = ()
+
 __all__ = ["file_raw_data_files", "finish_executed_obs_unit", "parse_instrument_module"]

@@ -17,3 +17,8 @@ Room in the house: stage fixity: its cycle (the scan), its task (tasks) and the 
 (repair).  This ``__init__`` imports nothing, so importing :mod:`.tasks` from a worker
 does not pull in the manager.
 """
+
+#: The modules other stages may import (tests/test_import_contract.py checks it).
+# No other stage imports fixity statically (archive.proof loads the repair hook
+# by name, REPAIR_HOOK_MODULE).
+PUBLIC: tuple[str, ...] = ()

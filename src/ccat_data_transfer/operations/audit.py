@@ -38,6 +38,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from ccat_data_transfer.archive.proof import CORRUPT, MISSING, record_bad_bytes, record_event
+from ccat_data_transfer.buffers.janitor import db_keeper, leftovers
 from ccat_data_transfer.core.alerts import send_alert
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.errors import NotFoundError, ValidationError
@@ -184,8 +185,6 @@ def _temporary_leftovers(
 ) -> list[dict[str, Any]]:
     """The storage's temporary names (not dark data: no write finished there), logged;
     those the database keeps (a copy under them, live work) say why (``kept``)."""
-    from ccat_data_transfer.buffers.janitor import db_keeper, leftovers
-
     found = leftovers(storage, keep=db_keeper(session, location))
     for item in found:
         log.warning("audit_temporary_leftover", location=location.name, **item)

@@ -18,9 +18,17 @@ from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ccat_data_transfer.core.buffer_status import BufferState, read_statuses, thresholds_for
+from ccat_data_transfer.core.buffer_status import (
+    BufferState,
+    last_samples,
+    read_statuses,
+    thresholds_for,
+)
+from ccat_data_transfer.core.celery_app import is_embedded
 from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.logs import get_logger
+from ccat_data_transfer.core.queues import discover_queues
 from ccat_data_transfer.operations.recovery import stalled_work
 from ccat_ops_db import models as m
 
@@ -194,24 +202,6 @@ def _blocked_groups(session: Session) -> int:
     return int(session.scalar(select(func.count()).select_from(groups)) or 0)
 
 
-def _last_samples(session: Session) -> dict[int, m.BufferUsageSample]:
-    """The latest usage sample of every location (one query, by the (location, time)
-    index): what was last measured, kept in the DB after a live status expires."""
-    s = m.BufferUsageSample
-    latest = (
-        select(s.data_location_id, func.max(s.measured_at).label("at"))
-        .group_by(s.data_location_id)
-        .subquery()
-    )
-    rows = session.scalars(
-        select(s).join(
-            latest,
-            (latest.c.data_location_id == s.data_location_id) & (latest.c.at == s.measured_at),
-        )
-    )
-    return {row.data_location_id: row for row in rows}
-
-
 def _buffers(session: Session) -> list[dict[str, Any]]:
     """Every active location's use and state.
 
@@ -222,7 +212,7 @@ def _buffers(session: Session) -> list[dict[str, Any]]:
     """
     locations = list(session.scalars(select(m.DataLocation).where(m.DataLocation.active.is_(True))))
     live = read_statuses([loc.name for loc in locations], session)
-    samples = _last_samples(session)
+    samples = last_samples(session)
     now = m.utcnow()
     out = []
     for loc in locations:
@@ -264,12 +254,9 @@ def _parse_time(value: Any) -> Any:
 
 def _queue_lengths(session: Session) -> dict[str, int]:
     """Messages waiting per queue (distributed mode with a Redis broker only)."""
-    from ccat_data_transfer.core.celery_app import is_embedded
-
     broker = str(settings.BROKER_URL)
     if is_embedded() or not broker.startswith("redis"):
         return {}
-    from ccat_data_transfer.core.queues import discover_queues
 
     try:
         import redis
@@ -296,8 +283,6 @@ class DatabaseCollector:
         if self._session_factory is not None:
             session = self._session_factory()
         else:
-            from ccat_data_transfer.core.database import DatabaseConnection
-
             session, _ = DatabaseConnection().get_connection()
         try:
             return collect_snapshot(session)

@@ -29,11 +29,16 @@ from rich.table import Table
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.database import DatabaseConnection
 from ccat_data_transfer.core.logs import get_logger
 from ccat_data_transfer.core.manager_loop import install_signal_handlers, stop_event
 from ccat_data_transfer.core.registry import STAGES, StageEntry
 from ccat_data_transfer.core.scope import ALL_SITES
+from ccat_data_transfer.operations.metrics import push_metrics
+from ccat_data_transfer.operations.simulator import InstrumentSimulator
+from ccat_data_transfer.staging.jobs import create_staging_job
+from ccat_data_transfer.staging.retention import deactivate_staging_job
 from ccat_ops_db import models as m
 
 log = get_logger(__name__)
@@ -86,9 +91,6 @@ class Orchestrator:
 
     def _push_metrics(self) -> None:
         """InfluxDB push once per METRICS_PUSH_INTERVAL_SECONDS, when enabled."""
-        from ccat_data_transfer.core.config import settings
-        from ccat_data_transfer.operations.metrics import push_metrics
-
         if not settings.get("INFLUXDB_ENABLED", False):
             return
         now = time.monotonic()
@@ -240,8 +242,6 @@ def run_demo(
     show_progress: bool = True,
 ) -> DemoResult:
     """Simulate instruments and run every manager until the whole lifecycle is done."""
-    from ccat_data_transfer.operations.simulator import InstrumentSimulator
-
     db = db or DatabaseConnection()
     console = console or Console(stderr=True)
     install_signal_handlers()
@@ -376,8 +376,6 @@ def _lifecycle_done(
 
 def _start_staging_job(session: Session) -> int | None:
     """A scientist asks for the first archived observation at the processing site."""
-    from ccat_data_transfer.staging.jobs import create_staging_job
-
     pkg = session.scalars(
         select(m.RawDataPackage)
         .where(m.RawDataPackage.state == m.PackageState.ARCHIVED)
@@ -406,8 +404,6 @@ def _staging_progress(session: Session, job_id: int | None) -> str | None:
 
 
 def _finish_staging_job(session: Session, job_id: int | None) -> None:
-    from ccat_data_transfer.staging.retention import deactivate_staging_job
-
     if job_id is not None:
         deactivate_staging_job(session, job_id)
 

@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
+from ccat_data_transfer.archive import cycle as archive_manager
 from ccat_data_transfer.core import scope
 from ccat_data_transfer.core.config import settings
 from ccat_data_transfer.core.liveness import (
@@ -31,6 +32,18 @@ from ccat_data_transfer.core.liveness import (
     waited_in_queue,
 )
 from ccat_data_transfer.core.logs import get_logger
+from ccat_data_transfer.core.operation_types import OperationType
+from ccat_data_transfer.core.queues import route_task_by_location
+from ccat_data_transfer.deletion.base import PCT
+from ccat_data_transfer.deletion.cycle import deletion_stalled, resubmit_stalled_deletions
+from ccat_data_transfer.packaging import raw_packages as raw_data_package_manager
+from ccat_data_transfer.packaging import transfer_packages as data_transfer_package_manager
+from ccat_data_transfer.packaging.skeleton import (
+    release_stalled_claims,
+    resend_queued_builds,
+    stalled_builds,
+)
+from ccat_data_transfer.transfer import recovery as transfer_recovery
 from ccat_ops_db import models as m
 
 log = get_logger(__name__)
@@ -54,14 +67,6 @@ def stalled_work(session: Session, older_than: timedelta | None = None) -> dict[
     (default: the stall window plus two recovery passes, i.e. work the recovery service
     should already have reset: is it running?).  Read only; the same conditions as the
     resets of :func:`run_once`."""
-    from ccat_data_transfer.archive import cycle as archive_manager
-    from ccat_data_transfer.deletion.base import PCT
-    from ccat_data_transfer.deletion.cycle import deletion_stalled
-    from ccat_data_transfer.packaging import raw_packages as raw_data_package_manager
-    from ccat_data_transfer.packaging import transfer_packages as data_transfer_package_manager
-    from ccat_data_transfer.packaging.skeleton import stalled_builds
-    from ccat_data_transfer.transfer import recovery as transfer_recovery
-
     if older_than is None:
         passes = 2 * float(settings.get("RECOVERY_SERVICE_SLEEP_TIME", 30))
         older_than = stalled_timeout() + timedelta(seconds=passes)
@@ -135,9 +140,6 @@ def resend_queued_staging_jobs(session: Session, location_ids: list[int] | None 
     retry counted (the task takes the job with a conditional UPDATE); ``start_time`` is
     stamped only after the send went out, and a failing send does not stop the others
     (:func:`~ccat_data_transfer.core.liveness.resend_all`).  Returns how many."""
-    from ccat_data_transfer.core.operation_types import OperationType
-    from ccat_data_transfer.core.queues import route_task_by_location
-
     job = m.StagingJob
     queued = select(job).where(
         job.status == m.Status.IN_PROGRESS,
@@ -179,17 +181,10 @@ def run_once(
     ``site`` scopes the pass to stalled work whose location is at that site, the owner
     of each kind being the one of its manager (default: the setting ``MANAGER_SITE``;
     see :mod:`ccat_data_transfer.core.scope`)."""
-    from ccat_data_transfer.archive import cycle as archive_manager
-    from ccat_data_transfer.deletion.cycle import resubmit_stalled_deletions
-    from ccat_data_transfer.packaging import raw_packages as raw_data_package_manager
-    from ccat_data_transfer.packaging import transfer_packages as data_transfer_package_manager
-    from ccat_data_transfer.packaging.skeleton import release_stalled_claims, resend_queued_builds
-    from ccat_data_transfer.transfer import recovery as transfer_manager
-
     ids = scope.location_ids(session, site)
     queued_kinds = (
-        transfer_manager.STALLED_TRANSFERS,
-        transfer_manager.STALLED_UNPACKS,
+        transfer_recovery.STALLED_TRANSFERS,
+        transfer_recovery.STALLED_UNPACKS,
         archive_manager.STALLED_ARCHIVE_TRANSFERS,
     )
     steps = {
@@ -203,7 +198,7 @@ def run_once(
             older_than,
             resend=False,
         ),
-        "transfers": lambda: transfer_manager.reset_stalled_transfers(session, older_than, ids),
+        "transfers": lambda: transfer_recovery.reset_stalled_transfers(session, older_than, ids),
         "archive_transfers": lambda: archive_manager.reset_stalled_archive_transfers(
             session, older_than, ids
         ),
@@ -221,7 +216,7 @@ def run_once(
             session, build, ids
         )
     for kind in queued_kinds:
-        steps[f"queued:{kind.task}"] = lambda kind=kind: transfer_manager.resend_queued(
+        steps[f"queued:{kind.task}"] = lambda kind=kind: transfer_recovery.resend_queued(
             session, (kind,), ids
         )
     steps[f"queued:{STAGING_TASK}"] = lambda: resend_queued_staging_jobs(session, ids)

@@ -15,3 +15,7 @@ are in :mod:`ccat_data_transfer.packaging.tasks`.
 
 Room in the house: managers/tasks.  Imports core and :mod:`ccat_ops_db`.
 """
+
+#: The modules other stages may import (tests/test_import_contract.py checks it).
+# No other stage imports packaging (operations.recovery does, from above).
+PUBLIC: tuple[str, ...] = ()

@@ -32,3 +32,7 @@ module                                                 holds
 :mod:`ccat_data_transfer.staging_manager` keeps the old name importable (the user's
 document and the CLI use it) and re-exports the public names from here.
 """
+
+#: The modules other stages may import (tests/test_import_contract.py checks it).
+# None: no other stage imports staging (the orchestrator and the CLI are above the stages).
+PUBLIC: tuple[str, ...] = ()

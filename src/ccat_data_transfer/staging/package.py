@@ -58,8 +58,8 @@ from ccat_data_transfer.staging.finders import (
 )
 from ccat_data_transfer.staging.sources import Source, copy_from_best_lta, select_lta_copies
 from ccat_data_transfer.staging.unpack import (
-    _mark_package_as_staged_and_cleanup,
     extract_and_verify,
+    mark_package_as_staged_and_cleanup,
 )
 from ccat_ops_db import models as m
 
@@ -284,7 +284,7 @@ def stage_package(db: DatabaseConnection, package_id: int, location_id: int) -> 
                     reason="the package's staging lock was taken over; nothing recorded",
                 )
                 raise StagingBusy(f"package {package_id}: another stager took it over")
-            _mark_package_as_staged_and_cleanup(
+            mark_package_as_staged_and_cleanup(
                 s,
                 package=s.get(m.RawDataPackage, package_id),
                 location=s.get(m.DataLocation, location_id),

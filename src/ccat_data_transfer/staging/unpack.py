@@ -3,7 +3,7 @@
 Room in the house: staging's last two steps for one package.  :func:`extract_and_verify`
 unpacks the tar with :func:`~ccat_data_transfer.core.tarutil.safe_extract` and checks every
 file's SHA-256 and size against its RawDataFile;
-:func:`_mark_package_as_staged_and_cleanup` then writes one RawDataFilePhysicalCopy
+:func:`mark_package_as_staged_and_cleanup` then writes one RawDataFilePhysicalCopy
 PRESENT per file, deletes the tar and marks the RawDataPackagePhysicalCopy at the
 location STAGED.  Physical copy rows are never deleted; re-staging after a deletion adds
 new rows.  May import: the staging finders, storage, tarutil, exceptions, logging,
@@ -43,7 +43,7 @@ log = get_logger(__name__)
 
 S = m.PhysicalCopyStatus
 
-__all__ = ["_mark_package_as_staged_and_cleanup", "extract_and_verify"]
+__all__ = ["mark_package_as_staged_and_cleanup", "extract_and_verify"]
 
 
 def extract_and_verify(
@@ -171,7 +171,7 @@ def _verified_copy(
     return row
 
 
-def _mark_package_as_staged_and_cleanup(
+def mark_package_as_staged_and_cleanup(
     session: Session,
     package: m.RawDataPackage,
     location: m.DataLocation,

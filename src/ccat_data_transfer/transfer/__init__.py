@@ -31,3 +31,9 @@ One file per concern (imports point down the list only, and to core and ``ccat_o
 ``ccat_data_transfer.transfer_manager`` re-exports the public names under the old module
 name; the Celery task names and the log records (logger name) keep that name too.
 """
+
+#: The modules other stages may import (tests/test_import_contract.py checks it).
+# ``claims``, ``worker``, ``recovery``: the archive stage runs its row tasks the way the
+# transfer stage does (claim and submit, the worker side of a row task, the retry policy
+# and stalled-work resets), so it reuses these three rather than a copy of them.
+PUBLIC: tuple[str, ...] = ("claims", "recovery", "worker")

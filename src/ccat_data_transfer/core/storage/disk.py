@@ -34,7 +34,7 @@ from ccat_data_transfer.core.storage.interface import (
     ObjectInfo,
     Storage,
     Usage,
-    _atomic_file,
+    atomic_file,
     is_temp_name,
     normalize_path,
 )
@@ -104,7 +104,7 @@ class DiskStorage(Storage):
             if is_full(exc):
                 raise StorageFullError(f"no space left creating {full.parent}: {exc}") from exc
             raise
-        with parent, _atomic_file(full.parent, name, dir_fd=dir_fd) as f:
+        with parent, atomic_file(full.parent, name, dir_fd=dir_fd) as f:
             yield f
 
     def stat(self, path: str) -> ObjectInfo | None:

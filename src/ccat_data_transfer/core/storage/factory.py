@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ccat_data_transfer.core.config import data_dir
 from ccat_data_transfer.core.storage.disk import DiskStorage
 from ccat_data_transfer.core.storage.errors import StorageError
 from ccat_data_transfer.core.storage.interface import Storage
@@ -42,8 +43,6 @@ def storage_for_location(location: Any) -> Storage:
             raise StorageError(f"disk location {label!r} has no path")
         root = Path(str(path)).expanduser()
         if not root.is_absolute():
-            from ccat_data_transfer.core.config import data_dir
-
             root = data_dir() / root
         return DiskStorage(root)
     if kind == "S3":

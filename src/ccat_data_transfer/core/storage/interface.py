@@ -205,11 +205,11 @@ def copy_stream(
 
 def _atomic_local_write(target: Path) -> contextlib.AbstractContextManager[BinaryIO]:
     """Atomic write to a local file (temp name in the same dir, fsync, rename, fsync dir)."""
-    return _atomic_file(target.parent, target.name)
+    return atomic_file(target.parent, target.name)
 
 
 @contextlib.contextmanager
-def _atomic_file(directory: Path, name: str, *, dir_fd: int | None = None) -> Iterator[BinaryIO]:
+def atomic_file(directory: Path, name: str, *, dir_fd: int | None = None) -> Iterator[BinaryIO]:
     """Write ``directory/name`` through a temporary name (fsync, rename, fsync the
     folder).  With ``dir_fd`` (the folder opened without following symlinks, see
     :func:`~ccat_data_transfer.core.fileio.open_dir_beneath`) every step is relative to

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ccat_data_transfer.core.config import settings
+from ccat_data_transfer.core.errors import ConfigurationError
 from ccat_data_transfer.core.fileio import temporary_component
 from ccat_data_transfer.core.storage import errors
 from ccat_data_transfer.core.storage.interface import (
@@ -152,8 +153,6 @@ class S3Storage(Storage):
         if region is None:
             region = str(settings.get("S3_REGION", "") or "") or None
         if bool(access_key) != bool(secret_key):
-            from ccat_data_transfer.core.errors import ConfigurationError
-
             given, missing = (
                 ("S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY")
                 if access_key

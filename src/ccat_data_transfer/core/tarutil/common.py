@@ -48,7 +48,7 @@ RECORDSIZE = tarfile.RECORDSIZE  # 10240: archives are padded to whole records, 
 #: Read size of the packaging loop (measured in bench/packaging.py and
 #: bench/buffer_curve.py: see ``fileio.COPY_BUFSIZE``).
 DEFAULT_BUFSIZE = COPY_BUFSIZE
-_ZERO_BLOCK = bytes(BLOCKSIZE)
+ZERO_BLOCK = bytes(BLOCKSIZE)
 
 
 class TarUtilError(CcatError):
@@ -125,7 +125,7 @@ _ARCNAME_ERRORS = PathErrors(
 )
 
 
-def _normalize_arcname(name: str) -> str:
+def normalize_arcname(name: str) -> str:
     """Normalised member name, or ValueError for absolute paths, ``..`` and a component
     the storage treats as temporary (``.name.tmp-*``: hidden from listings, swept by the
     janitor, so a member placed there would be lost)."""

@@ -33,14 +33,14 @@ from ccat_data_transfer.core.fileio import (
     parent_beneath,
 )
 from ccat_data_transfer.core.tarutil.common import (
-    _ZERO_BLOCK,
     BLOCKSIZE,
     DEFAULT_BUFSIZE,
+    ZERO_BLOCK,
     CorruptTarError,
     ExtractedMember,
     TarEntry,
     UnsafeTarError,
-    _normalize_arcname,
+    normalize_arcname,
 )
 
 __all__ = ["list_tar_members", "safe_extract"]
@@ -137,7 +137,7 @@ def _read_infos(
     with open(tar_path, "rb") as f:
         f.seek(end)
         marker = f.read(BLOCKSIZE)
-    if marker != _ZERO_BLOCK:
+    if marker != ZERO_BLOCK:
         after = f"after member {infos[-1].name!r} " if infos else ""
         what = "truncated" if len(marker) < BLOCKSIZE else "corrupt (unreadable header)"
         raise CorruptTarError(
@@ -182,7 +182,7 @@ def _validate(infos: list[tarfile.TarInfo], real_dest: str) -> list[tuple[str, t
                 f"{target}; only regular files and directories may be extracted"
             )
         try:
-            name = _normalize_arcname(info.name)
+            name = normalize_arcname(info.name)
         except ValueError as exc:
             raise UnsafeTarError(f"refusing tar member {info.name!r}: {exc}") from None
         if not name:

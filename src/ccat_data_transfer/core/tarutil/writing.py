@@ -27,14 +27,14 @@ from typing import Any, BinaryIO
 
 from ccat_data_transfer.core.fileio import buffer_size, fadvise_sequential
 from ccat_data_transfer.core.tarutil.common import (
-    _ZERO_BLOCK,
     BLOCKSIZE,
     DEFAULT_BUFSIZE,
     RECORDSIZE,
+    ZERO_BLOCK,
     TarMember,
     TarResult,
     TarSourceChangedError,
-    _normalize_arcname,
+    normalize_arcname,
 )
 
 __all__ = ["write_tar_with_checksums"]
@@ -194,7 +194,7 @@ def write_tar_with_checksums(
         raise ValueError(f"unknown layout {_layout!r}")
     if bufsize < BLOCKSIZE:
         raise ValueError("bufsize must be at least 512")
-    expected_norm = {_normalize_arcname(k): v.lower() for k, v in (expected or {}).items()}
+    expected_norm = {normalize_arcname(k): v.lower() for k, v in (expected or {}).items()}
 
     checks: list[tuple[str, str | None]] = []
     seen: set[str] = set()
@@ -230,7 +230,7 @@ def _member_arcname(member: TarMember, seen: set[str]) -> str:
     """Validate phase: the member's normalised arcname, safe, non-empty and not in ``seen``
     (it is added)."""
     try:
-        arcname = _normalize_arcname(member.arcname)
+        arcname = normalize_arcname(member.arcname)
     except ValueError as exc:
         raise ValueError(f"bad tar member name: {exc}") from None
     if not arcname:
@@ -298,7 +298,7 @@ class _TarStream:
             self.digests[arcname] = file_hash.hexdigest()
         pad = -member.size % BLOCKSIZE
         if pad:
-            self.emit_small(_ZERO_BLOCK[:pad])
+            self.emit_small(ZERO_BLOCK[:pad])
 
     def _copy_data(self, src: BinaryIO, member: TarMember, file_hash: Any) -> None:
         """The read loop: each buffer is written once and hashed for the file and the tar."""
