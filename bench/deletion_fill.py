@@ -1,6 +1,6 @@
 """The idle state of the deletion benchmarks with its history, loaded set-based
 (``INSERT ... SELECT generate_series``): :func:`fill`.  Used by ``bench/deletion_scale.py``
-and by ``tests/test_query_plans.py``."""
+and by ``tests/deletion/test_query_plans.py``."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ settings (HEARTBEAT_SECONDS 30 x HEARTBEAT_MISSED_BEATS 4, RECOVERY_SERVICE_SLEE
 30, TRANSFER_RETRY_BASE_SECONDS 30, QUEUED_RESEND_SECONDS and
 BROKER_VISIBILITY_TIMEOUT_SECONDS 300).
 
-A real cluster as in tests/test_distributed_faults.py (PostgreSQL, Redis, one worker per
+A real cluster as in tests/operations/test_distributed_faults.py (PostgreSQL, Redis, one worker per
 site at its default concurrency, ``run --no-init``, ``recovery``): one observation is
 filed, the telescope site's worker is killed (SIGKILL, its whole process group) while the
 package's primary transfer runs on a slow link, and started again at once.  Printed: the

@@ -3,7 +3,7 @@
 Every exception class the project defines derives from
 :class:`~ccat_ops_db.errors.CcatError` (defined in :mod:`ccat_ops_db.errors`, the bottom
 floor, so that the topology's :class:`~ccat_ops_db.errors.TopologyError` is a member too;
-``tests/test_errors.py`` checks it).  Both, and
+``tests/core/test_errors.py`` checks it).  Both, and
 :class:`~ccat_ops_db.errors.ConfigurationError`, are importable from here.  The CLI prints
 the message of any of them as one line, no traceback (``--verbose`` adds it); the API
 answers each with a status code and the message as its reason.

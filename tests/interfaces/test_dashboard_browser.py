@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 import uvicorn
 from sqlalchemy import delete, func, select
+from test_banner import _filed_file, all_fresh
 
 from ccat_ops_db import models as m
 from helpers_dashboard import BUFFER_USE, make_app, populate_dashboard
-from test_banner import _filed_file, all_fresh
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -36,7 +36,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
 def _browser_missing() -> str | None:
@@ -317,7 +317,7 @@ def test_banner_in_a_browser_stale_stalled_failed_hold_and_emergency(system, bro
     """Each further state of the banner rule, as a person sees it: every new item is
     shown with its words and a link that lands on the rows concerned."""
     from helpers_lifecycle import location, make_dtp, make_transfer, set_buffer_status
-    from test_metrics import _stale_buffer_with_a_sample
+    from operations.test_metrics import _stale_buffer_with_a_sample
 
     all_fresh(system)
     _stale_buffer_with_a_sample(system, "us_buffer")  # measured an hour ago, then nothing

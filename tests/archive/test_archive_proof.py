@@ -24,7 +24,7 @@ CONTENT = b"archived package bytes " * 40
 
 
 # These tests look at the verification alone: no repair runs after a bad finding (repair
-# and freeze are tests/test_fixity.py's).
+# and freeze are tests/fixity/test_fixity.py's).
 pytestmark = pytest.mark.usefixtures("without_archive_repair")
 
 

@@ -50,11 +50,7 @@ from helpers_cluster import (
 )
 
 DEFAULT_TOPOLOGY = (
-    Path(__file__).resolve().parent.parent
-    / "src"
-    / "ccat_data_transfer"
-    / "topology"
-    / "default.toml"
+    Path(__file__).resolve().parents[2] / "src" / "ccat_data_transfer" / "topology" / "default.toml"
 )
 
 

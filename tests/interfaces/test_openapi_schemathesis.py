@@ -16,7 +16,7 @@ from helpers_api_server import api_server
 pytestmark = pytest.mark.slow
 
 SCHEMATHESIS = str(Path(sys.executable).with_name("schemathesis"))
-CONFIG = Path(__file__).parent / "data" / "schemathesis.toml"
+CONFIG = Path(__file__).parent.parent / "data" / "schemathesis.toml"
 
 
 @pytest.mark.parametrize("public", ["true", "false"])

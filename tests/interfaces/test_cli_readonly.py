@@ -12,8 +12,8 @@ import pytest
 from sqlalchemy import create_engine, inspect
 
 from conftest import BACKENDS
+from helpers_cli import assert_one_line_error, run_script
 from helpers_postgres import fresh_database
-from test_cli_errors import assert_one_line_error, run_script
 
 READ_ONLY = [
     ["list-locations"],

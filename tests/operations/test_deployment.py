@@ -15,7 +15,7 @@ import yaml
 
 from ccat_data_transfer.cli import app
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 TOPOLOGY = tomllib.loads(
     (ROOT / "src" / "ccat_data_transfer" / "topology" / "default.toml").read_text()

@@ -117,7 +117,7 @@ from helpers_lifecycle import lta_package_copies
 
 EXAMPLES = int(os.environ.get("CCAT_PROPERTY_EXAMPLES", "2000"))
 STEPS = int(os.environ.get("CCAT_PROPERTY_STEPS", "10"))
-TOPOLOGY = Path(__file__).resolve().parent.parent / "src/ccat_data_transfer/topology/default.toml"
+TOPOLOGY = Path(__file__).resolve().parents[2] / "src/ccat_data_transfer/topology/default.toml"
 
 S = m.PhysicalCopyStatus
 LT = m.LocationType

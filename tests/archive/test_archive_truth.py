@@ -33,7 +33,7 @@ from helpers_lifecycle import (
     set_buffer_status,
 )
 
-# Repair of a bad archive copy is tests/test_fixity.py's; here the rules act alone.
+# Repair of a bad archive copy is tests/fixity/test_fixity.py's; here the rules act alone.
 pytestmark = pytest.mark.usefixtures("without_archive_repair")
 
 S = m.PhysicalCopyStatus

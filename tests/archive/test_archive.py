@@ -24,11 +24,7 @@ from ccat_ops_db.topology import load_topology
 from helpers_transfer import drive, make_dtp_at_source_buffer
 
 DEFAULT_TOPOLOGY = (
-    Path(__file__).resolve().parent.parent
-    / "src"
-    / "ccat_data_transfer"
-    / "topology"
-    / "default.toml"
+    Path(__file__).resolve().parents[2] / "src" / "ccat_data_transfer" / "topology" / "default.toml"
 )
 
 

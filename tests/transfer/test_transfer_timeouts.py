@@ -16,7 +16,7 @@ from ccat_data_transfer import transfer_manager
 from ccat_ops_db import models as m
 from helpers_transfer import drive, make_dtp_at_source_buffer
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 HELPER = SRC / "ccat_data_transfer" / "core" / "subprocesses.py"
 
 # Calls that start a process, by module.

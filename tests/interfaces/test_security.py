@@ -2,9 +2,9 @@
 the logs or the transfer logs.
 
 Covered elsewhere: REST authentication (401 without / with a revoked token, 403 without
-the role, hostile filings) in tests/test_api_filing.py; hostile tars (absolute paths,
-``..``, symlinks, hard links, devices, fifos, duplicates) in tests/test_tarutil.py and
-tests/test_unpack.py.
+the role, hostile filings) in tests/filing/test_api_filing.py; hostile tars (absolute paths,
+``..``, symlinks, hard links, devices, fifos, duplicates) in tests/core/test_tarutil.py and
+tests/transfer/test_unpack.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from ccat_ops_db import models as m
 from ccat_ops_db.topology import load_topology
 from helpers_transfer import drive, make_dtp_at_source_buffer
 
-SRC = Path(__file__).resolve().parent.parent / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 CONFIG = SRC / "ccat_data_transfer" / "core" / "config.py"
 DEFAULT_TOPOLOGY = SRC / "ccat_data_transfer" / "topology" / "default.toml"
 ENV_READ = re.compile(

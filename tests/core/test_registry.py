@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from ccat_data_transfer.core.registry import STAGES, manager_health_keys, task_modules
-from test_cli_errors import SCRIPT
+from helpers_cli import SCRIPT
 
 #: Every Celery task name deployed workers and queued work know today.  Never change one.
 KNOWN_TASK_NAMES = [

@@ -241,7 +241,7 @@ def test_lta_site_buffer_copy_gets_its_own_sites_proof_requested_in_the_same_cyc
 
 def _us_lta_on_s3(system, endpoint_url, bucket):
     topology = (
-        Path(__file__).resolve().parent.parent
+        Path(__file__).resolve().parents[2]
         / "src"
         / "ccat_data_transfer"
         / "topology"

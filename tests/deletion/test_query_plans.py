@@ -58,7 +58,7 @@ MANAGERS = {
 
 
 def _bench_fill():
-    path = Path(__file__).resolve().parent.parent / "bench" / "deletion_fill.py"
+    path = Path(__file__).resolve().parents[2] / "bench" / "deletion_fill.py"
     spec = importlib.util.spec_from_file_location("_bench_deletion_fill", path)
     mod = importlib.util.module_from_spec(spec)
     assert spec.loader is not None

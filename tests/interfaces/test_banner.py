@@ -22,7 +22,7 @@ from helpers_lifecycle import (
     make_transfer,
     set_buffer_status,
 )
-from test_metrics import _stale_buffer_with_a_sample
+from operations.test_metrics import _stale_buffer_with_a_sample
 
 GB = 1_000_000_000
 

@@ -18,7 +18,7 @@ import ccat_data_transfer
 import ccat_ops_db
 from ccat_data_transfer.core.errors import CcatError
 from conftest import DEFAULT_TOPOLOGY
-from test_cli_errors import assert_one_line_error, run_script
+from helpers_cli import assert_one_line_error, run_script
 
 SRC = Path(ccat_data_transfer.__file__).resolve().parent.parent
 
