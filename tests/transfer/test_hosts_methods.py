@@ -211,7 +211,7 @@ def test_xrootd_resumes_after_kill_9_of_the_pushing_process(hosts):
     k = _kill_paced_push(hosts, "xrootd", "xk/killed.tar", size, 112 * 1024 * 1024, mb_per_s=40)
     assert "--xrate 40000000" in k.log.read_text()  # the pacing reached xrdcp
     result = hosts.push(k.spec)
-    assert result.get("sha256") == _sha(k.data), result
+    assert result.get("sha256") == _sha(k.data), (result, k.log.read_text()[-4000:])
     assert k.final.read_bytes() == k.data and not k.partial.exists()
     kept = int(re.findall(r"resuming: (\d+) of \d+ bytes kept", k.log.read_text())[-1])
     assert kept == k.had - 2 * XROOTD_IN_FLIGHT > 0  # only the rest was sent again

@@ -117,3 +117,37 @@ def test_deadline_grows_with_the_work(override_settings):
     override_settings(SUBPROCESS_TIMEOUT_BASE_SECONDS=60, SUBPROCESS_FLOOR_RATE_MB_PER_S=2.0)
     assert command_timeout(0) == 60
     assert command_timeout(10 * 10**9) == pytest.approx(60 + 5000)
+
+
+def test_a_command_dies_with_the_worker_that_started_it(tmp_path):
+    """Each command runs in its own session (so its deadline kills its whole group), which
+    a kill of the worker's group no longer reaches: the parent-death signal does.  A
+    command left running would keep writing into a partial the next attempt adopts."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    marker = tmp_path / "child.pid"
+    code = (
+        "import os, sys\n"
+        "from ccat_data_transfer.core.subprocesses import run_bounded\n"
+        f"run_bounded(['sh', '-c', 'echo $$ > {marker}; exec sleep 120'])\n"
+    )
+    worker = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not (marker.exists() and marker.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int(marker.read_text())
+    os.kill(child, 0)  # running
+    os.killpg(worker.pid, signal.SIGKILL)  # the worker's group, as a supervisor does
+    worker.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the command outlived the worker that started it")

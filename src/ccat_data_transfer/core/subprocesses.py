@@ -8,14 +8,22 @@ it runs in its own process group (session), so that on the deadline the whole gr
 and what it started, rsync and its receiver) is killed, and
 :class:`~ccat_data_transfer.core.errors.RetryableError` sends the attempt to its retry.
 
+Its own session also means that killing the worker's process group (``kill -9`` of a
+worker, a supervisor stopping it) no longer reaches the command.  A command that outlived
+its worker would keep writing into a partial that the next attempt adopts, so each
+command is started through ``setpriv --pdeathsig KILL`` (util-linux): the kernel kills it
+when the worker that started it dies.
+
 Room in the house: core.  Imports config and errors only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -40,6 +48,14 @@ def command_timeout(work_bytes: int) -> float:
     return base + max(0, work_bytes) * per_byte
 
 
+@functools.cache
+def _dies_with_parent() -> list[str]:
+    """The prefix that makes a command die with the process that started it (the
+    parent-death signal), where ``setpriv`` exists; empty elsewhere."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+
+
 def run_bounded(
     cmd: Sequence[str],
     *,
@@ -56,7 +72,7 @@ def run_bounded(
     timeout = command_timeout(work_bytes)
     argv = [os.fspath(a) for a in cmd]
     proc = subprocess.Popen(
-        argv,
+        [*_dies_with_parent(), *argv],
         stdin=stdin if stdin is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
