@@ -293,7 +293,7 @@ def verify_copies(
         with beating(
             CopyClaim,
             CopyClaim.physical_copy_id.in_(taken),
-            CopyClaim.attempt_id == attempt,
+            attempt=attempt,
             label="copy_claim-verification",
         ):
             findings = [_look(e, full) for e in expected]

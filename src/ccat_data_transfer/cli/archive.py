@@ -19,6 +19,7 @@ from rich.table import Table
 from sqlalchemy import select
 
 from ccat_data_transfer.cli.common import (
+    JSON_OPTION,
     app,
     console,
     get_db,
@@ -122,7 +123,7 @@ def audit_command(
 
 @hold_app.command("list")
 def hold_list_command(
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Locations on hold: no deletion relies on their copies until an operator clears it."""
     from ccat_data_transfer.operations.audit import list_holds
@@ -158,7 +159,7 @@ def hold_clear_command(
 
 @fixity_app.command("status")
 def fixity_status_command(
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Per LTA: copies, bytes, oldest full check, copies never checked, and the period
     the budget achieves."""
@@ -190,7 +191,7 @@ def fixity_status_command(
 @app.command("archive-events")
 def archive_events_command(
     package_id: int = typer.Argument(..., help="Raw data package id."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """The archive trail of a package: verifications, corruption found, repairs, freezes."""
     with get_db().session_scope() as session:

@@ -173,6 +173,8 @@ VERBOSE_OPTION = typer.Option(
     help="Debug logging, and the traceback of an unexpected error.",
 )
 SITE_OPTION = typer.Option(None, "--site", help=SITE_HELP)
+#: The ``--json`` option of the commands that otherwise print a table.
+JSON_OPTION = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
 
 def run_manager_command(

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 from sqlalchemy import select
 
-from ccat_data_transfer.cli.common import app, console, get_db, human_bytes
+from ccat_data_transfer.cli.common import JSON_OPTION, app, console, get_db, human_bytes
 from ccat_data_transfer.core.config import data_dir, settings
 from ccat_data_transfer.core.database import init_database
 from ccat_ops_db import models as m
@@ -55,7 +55,7 @@ def init_command(
 
 @app.command("list-locations")
 def list_locations(
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = JSON_OPTION,
     include_inactive: bool = typer.Option(False, "--all", help="Include inactive locations."),
 ) -> None:
     """Show all configured sites and their data locations."""

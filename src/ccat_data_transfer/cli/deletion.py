@@ -12,6 +12,7 @@ from rich.table import Table
 from sqlalchemy import select
 
 from ccat_data_transfer.cli.common import (
+    JSON_OPTION,
     app,
     console,
     get_db,
@@ -38,7 +39,7 @@ def disk_monitor_command(
     all_locations: bool = typer.Option(False, "--all", help="Every active location."),
     location_name: str | None = typer.Option(None, "--location-name", help="One location."),
     site: str | None = typer.Option(None, "--site", help="Every active location of a site."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Measure disk use now and show use, state and thresholds; for an LTA-site buffer,
     whether it can take the next package waiting to be sent (else it says "cannot take
@@ -145,7 +146,7 @@ def _print_disk_use(rows: list[dict[str, Any]]) -> None:
 @app.command("deletion-plan")
 def deletion_plan_command(
     location: str | None = typer.Option(None, "--location", help="Only this location."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = JSON_OPTION,
     max_kept: int = typer.Option(1000, "--max-kept", help="List at most this many kept copies."),
 ) -> None:
     """Dry run: what the deletion manager would delete now and, for each copy kept, the

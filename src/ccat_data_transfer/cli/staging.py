@@ -13,6 +13,7 @@ import json
 import typer
 
 from ccat_data_transfer.cli.common import (
+    JSON_OPTION,
     app,
     console,
     get_db,
@@ -125,7 +126,7 @@ def stage_command(
 def stage_list(
     active_only: bool = typer.Option(False, "--active", help="Only active jobs."),
     limit: int = typer.Option(50, "--limit", "-n", min=1, help="Show at most this many."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """List staging jobs, newest first."""
     db = get_db()

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from ccat_data_transfer.cli.common import (
+    JSON_OPTION,
     SITE_HELP,
     VERBOSE_OPTION,
     app,
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 @app.command("health")
 def health_command(
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """List the services that are alive and those that are dead."""
     if str(settings.get("EXECUTION_MODE", "embedded")).lower() == "embedded":

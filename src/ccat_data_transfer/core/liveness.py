@@ -203,13 +203,20 @@ def resend_all(
 
 @contextlib.contextmanager
 def beating(
-    target: Any, *where: ColumnElement[bool], column: str = "heartbeat_at", label: str = ""
+    target: Any,
+    *where: ColumnElement[bool],
+    attempt: str | None = None,
+    column: str = "heartbeat_at",
+    label: str = "",
 ) -> Iterator[None]:
     """Stamp ``column`` of the rows of ``target`` (a model or a table) matching ``where``
     with the current time, at once and then every HEARTBEAT_SECONDS, in a thread of its
     own, while the ``with`` block runs.  A failing beat is logged, never raised: the
-    heartbeat must not break the work."""
+    heartbeat must not break the work.  With ``attempt``, only the rows whose
+    ``attempt_id`` is still that attempt beat (a superseded attempt keeps no row alive)."""
     table = getattr(target, "__table__", target)
+    if attempt is not None:
+        where = (*where, table.c.attempt_id == attempt)
     statement = update(table).where(*where)
     interval = heartbeat_seconds()
     stop = threading.Event()

@@ -330,7 +330,7 @@ def repair_copy(copy_id: int) -> str:
         with beating(
             CC,
             CC.physical_copy_id == copy_id,
-            CC.attempt_id == attempt,
+            attempt=attempt,
             label=f"copy_claim-repair-{copy_id}",
         ):
             return _repair_owned(db, copy_id, attempt)

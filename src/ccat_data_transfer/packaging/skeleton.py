@@ -323,10 +323,7 @@ def run_task(
         # A duplicate delivery (broker visibility timeout) finds the row IN_PROGRESS and
         # skips above; recovery sees the beats and leaves the running build alone.
         with beating(
-            model,
-            model.id == package_id,
-            model.attempt_id == attempt,
-            label=f"{kind.event}-{package_id}",
+            model, model.id == package_id, attempt=attempt, label=f"{kind.event}-{package_id}"
         ):
             return build(db, package_id, attempt)
     except AttemptSuperseded:

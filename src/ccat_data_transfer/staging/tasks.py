@@ -100,7 +100,7 @@ def _run_job(db: DatabaseConnection, job_id: int) -> dict[str, Any]:
         log.info("staging_job_skipped", staging_job_id=job_id, reason="not claimed or started")
         return {"status": "skipped", "staging_job_id": job_id}
     SJ = m.StagingJob
-    with beating(SJ, SJ.id == job_id, SJ.attempt_id == attempt, label=f"staging_job-{job_id}"):
+    with beating(SJ, SJ.id == job_id, attempt=attempt, label=f"staging_job-{job_id}"):
         return _stage_job(db, job_id, attempt)
 
 
